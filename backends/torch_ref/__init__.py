@@ -1,0 +1,1 @@
+"""The PyTorch reference backend: every key, CPU and CUDA, simple and obviously right."""

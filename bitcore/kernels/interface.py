@@ -1,0 +1,170 @@
+"""The kernel interface every backend implements.
+
+A kernel computes ``y = epilogue(dequant(x) @ dequant(W).T * scales + bias)``
+for the keys it declares, exactly as ``backends/torch_ref`` does (the
+reference), from the canonical packed weight (:mod:`bitcore.packing`) and the
+quantizers' definitions (:mod:`bitcore.quantize`).
+
+A kernel declares:
+
+* ``keys``: the :class:`KernelKey` s it serves (weight bits, activation dtype,
+  weight granularity, activation granularity);
+* ``devices``: device types (``"cpu"``, ``"cuda"``);
+* ``priority``: higher wins among eligible kernels; ties break by name;
+* ``check_shape``: shape limits (return a reason string to refuse);
+* ``availability``: whether it can run on this machine, with the reason.
+
+The call sequence is ``prepared = kernel.prepare(packed, config)`` once, then
+``kernel.forward(x, prepared, bias, activation)`` per call, where ``x`` is
+``[tokens, in_features]`` in a floating dtype, ``bias`` is ``[out_features]``
+or None, and ``activation`` is one of :data:`EPILOGUES` (``relu2`` is
+squared ReLU), applied after the bias.  The output has ``x``'s dtype.
+
+Example (a third-party kernel)::
+
+    class MyTernaryKernel(BitKernel):
+        backend = "my_backend"
+        keys = keys_product(weight_bits=[1.58], activation_dtypes=["float32"])
+        devices = frozenset({"cpu"})
+        priority = 50
+
+        def forward(self, x, prepared, bias=None, activation="none"):
+            ...
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Union
+
+import torch
+
+from bitcore.config import (
+    ACTIVATION_DTYPES,
+    ACTIVATION_GRANULARITIES,
+    WEIGHT_BITS,
+    WEIGHT_GRANULARITIES,
+    BitQuantConfig,
+)
+from bitcore.packing import PackedWeight
+
+EPILOGUES = ("none", "relu", "relu2")
+NO_GRANULARITY = "none"  # activation granularity of float-activation keys
+
+
+@dataclass(frozen=True, order=True)
+class KernelKey:
+    """What a kernel computes: (weight bits, activation dtype, weight / activation granularity)."""
+
+    weight_bits: float
+    activation_dtype: str
+    weight_granularity: str
+    activation_granularity: str
+
+    @classmethod
+    def from_config(cls, cfg: BitQuantConfig) -> "KernelKey":
+        act_gran = NO_GRANULARITY if cfg.float_activations else cfg.activation_granularity
+        return cls(float(cfg.weight_bits), cfg.activation_dtype, cfg.weight_granularity, act_gran)
+
+    def __str__(self) -> str:
+        bits = "1.58" if self.weight_bits == 1.58 else str(int(self.weight_bits))
+        return f"w{bits}/{self.activation_dtype}/{self.weight_granularity}/{self.activation_granularity}"
+
+
+def keys_product(
+    weight_bits: Iterable = WEIGHT_BITS,
+    activation_dtypes: Iterable[str] = ACTIVATION_DTYPES,
+    weight_granularities: Iterable[str] = WEIGHT_GRANULARITIES,
+    activation_granularities: Iterable[str] = ACTIVATION_GRANULARITIES,
+) -> frozenset:
+    """All keys in the product of the given choices (float activations get granularity "none")."""
+    keys = set()
+    for bits, act, wg, ag in itertools.product(
+        weight_bits, activation_dtypes, weight_granularities, activation_granularities
+    ):
+        float_act = act in ("float32", "float16", "bfloat16")
+        keys.add(KernelKey(float(bits), act, wg, NO_GRANULARITY if float_act else ag))
+    return frozenset(keys)
+
+
+ALL_KEYS = keys_product()
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a kernel or backend can run here; ``reason`` says why not (or what it runs on)."""
+
+    available: bool
+    reason: str = ""
+
+    @classmethod
+    def yes(cls, detail: str = "") -> "Availability":
+        return cls(True, detail)
+
+    @classmethod
+    def no(cls, reason: str) -> "Availability":
+        return cls(False, reason)
+
+    def __bool__(self) -> bool:
+        return self.available
+
+
+class BitKernel:
+    """Base class of kernels.  Subclasses set the class attributes and implement ``forward``."""
+
+    backend: str = "unnamed"
+    keys: frozenset = frozenset()
+    devices: frozenset = frozenset({"cpu"})
+    priority: int = 0
+    has_cpp_backend: bool = False
+    epilogues: frozenset = frozenset(EPILOGUES)
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend}.{type(self).__name__}"
+
+    def serves(self, key: KernelKey) -> bool:
+        return key in self.keys
+
+    def availability(self) -> Availability:
+        """Override to report a missing extension, driver or device (with the reason)."""
+        return Availability.yes()
+
+    def check_shape(self, in_features: int, out_features: int) -> Optional[str]:
+        """Return a reason string when this kernel cannot serve the shape, else None."""
+        return None
+
+    def self_check(self) -> Optional[str]:
+        """Optional quick correctness probe run once before first use; return a failure reason or None."""
+        return None
+
+    def prepare(self, packed: PackedWeight, config: BitQuantConfig) -> Any:
+        """Re-layout the canonical packed weight once for this kernel; keep what ``forward`` needs.
+
+        ``config`` says how activations are treated (its key is one this kernel serves).
+        Called once per (layer, kernel, device); ``forward`` then runs with no re-layout.
+        """
+        raise NotImplementedError
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        prepared: Any,
+        bias: Optional[torch.Tensor] = None,
+        activation: str = "none",
+    ) -> torch.Tensor:
+        """``x [tokens, in_features]`` (float, contiguous or strided) -> ``[tokens, out_features]`` in x.dtype."""
+        raise NotImplementedError
+
+    def route(self, batch: int) -> str:
+        """Which internal path serves ``batch`` rows (for explain / logs)."""
+        return type(self).__name__
+
+    def __repr__(self) -> str:
+        return f"<{self.name} priority={self.priority} devices={sorted(self.devices)}>"
+
+
+def device_type(device: Union[str, torch.device, None]) -> str:
+    if device is None:
+        return "cpu"
+    return torch.device(device).type

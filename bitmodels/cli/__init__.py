@@ -1,0 +1,2 @@
+"""The ``bitlab`` command.  Each subcommand is a module ``cmd_<name>.py`` in this package
+defining ``register(subparsers)``; new commands need no edit elsewhere."""
