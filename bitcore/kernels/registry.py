@@ -25,14 +25,16 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from bitcore.config import BitQuantConfig
 from bitcore.errors import BackendUnavailableError, NoKernelError
-from bitcore.hookspecs import BackendSpec
 from bitcore.kernels.interface import ALL_KEYS, Availability, BitKernel, KernelKey, device_type
+
+if TYPE_CHECKING:  # hookspecs imports the kernel interface; import it lazily to avoid a cycle
+    from bitcore.hookspecs import BackendSpec
 
 log = logging.getLogger("bitlab.dispatch")
 
