@@ -44,6 +44,9 @@ class ExtensionSpec:
     extra_include_paths: Sequence[str] = ()
     cuda: bool = False
     requirements: Sequence[str] = field(default_factory=tuple)  # executables that must be on PATH
+    # False for a library that only registers torch.library ops (no PyInit_): it is loaded
+    # with torch.ops.load_library and load_extension returns its path.
+    python_module: bool = True
 
 
 def cache_root() -> Path:
@@ -136,6 +139,7 @@ def _compile_and_load(spec: ExtensionSpec, directory: Path, verbose: bool):
         extra_include_paths=list(spec.extra_include_paths),
         build_directory=str(directory),
         with_cuda=spec.cuda,
+        is_python_module=spec.python_module,
         verbose=verbose,
     )
 
