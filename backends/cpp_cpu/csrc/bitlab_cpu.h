@@ -1,0 +1,103 @@
+// Shared declarations of the cpp_cpu kernels: ISA dispatch, activation buffers, epilogue.
+//
+// The kernel translation units (lowbit_gemm.cpp, int8_gemm.cpp, xnor_gemm.cpp,
+// activations.cpp) include only this header and <immintrin.h>, never torch: they
+// compile in a second or two.  ops.cpp binds them to torch.library ops.
+//
+// Every kernel runs the same loop nest (see for_row_blocks below): OpenMP over
+// blocks of kRowBlock output rows; inside a block, tokens in groups of up to
+// kTokenGroup, and for each row of the block one micro-kernel call that reads
+// the row's prepared weights once and produces that row's dot products with
+// every token of the group.  Batch 1 (GEMV) is the same code with groups of one
+// token.  The micro-kernels exist in an AVX2 version (compiled with
+// __attribute__((target(...))), chosen at run time) and a scalar version; the
+// ISA is detected once (see active_isa) and can be pinned with
+// BITLAB_CPU_ISA=scalar|avx2 for testing.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace bitlab_cpu {
+
+enum class Isa : int { Scalar = 0, Avx2 = 1 };
+
+Isa active_isa();                  // best supported ISA, or BITLAB_CPU_ISA if set and supported
+void set_isa_override(int isa);    // -1: automatic; 0: scalar; 1: avx2 (clamped to what the CPU has)
+const char* cpu_features();        // e.g. "avx2 fma popcnt (active: avx2)"
+
+enum Epilogue : int { kEpiNone = 0, kEpiRelu = 1, kEpiRelu2 = 2 };
+
+constexpr int kRowBlock = 16;    // rows per OpenMP work item
+constexpr int kTokenGroup = 4;   // tokens per micro-kernel call (accumulators stay in registers)
+
+// Where results go and how accumulators become outputs:
+// y[t, r] = epilogue(acc * x_scale[t] * w_scale[r or 0] + bias[r]).
+struct OutputSpec {
+  float* y;                // [M, N] row-major
+  int64_t ldy;             // row stride of y
+  const float* w_scale;    // [1] or [N]
+  bool w_per_channel;
+  const float* bias;       // [N] or nullptr
+  int epilogue;
+};
+
+// Integer activations, zero-padded to the kernel's Kp: q[t * ldq + k].
+struct Int8Activations {
+  const int8_t* q;
+  int64_t ldq;
+  const int32_t* qsum;     // [M] sum over k of q (for the code-offset correction)
+  const float* scale;      // [M] dequantization scale (amax / 127)
+};
+
+inline float finish(float acc, float x_scale, const OutputSpec& o, int64_t r) {
+  // Same operation order as the reference: (acc * x_scale) * w_scale, + bias, epilogue.
+  float y = acc * x_scale * o.w_scale[o.w_per_channel ? r : 0];
+  if (o.bias) y += o.bias[r];
+  if (o.epilogue != kEpiNone) {
+    y = y > 0.0f ? y : 0.0f;
+    if (o.epilogue == kEpiRelu2) y = y * y;
+  }
+  return y;
+}
+
+// ---- activations.cpp: fill padded activation buffers (rows of x may be strided) ----
+// int8 absmax quantization exactly as bitcore.quantize.quantize_activation_int8.
+void quantize_int8(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, bool per_token,
+                   int8_t* q, int32_t* qsum, float* scale);
+// float32 copy, zero-padded to Kp.
+void pad_float(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, float* out);
+// sign bits (x >= 0 -> 1) packed 64 per word, zero-padded to Kw words; scale = mean|x|.
+void pack_signs(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kw, bool per_token,
+                uint64_t* bits, float* scale);
+
+// ---- lowbit_gemm.cpp: binary / ternary / int2 / int4 weights in the interleaved layout ----
+void lowbit_int8_gemm(int nbits, int alpha, int beta, const uint8_t* w, int64_t N, int64_t Kp,
+                      const Int8Activations& a, int64_t M, const OutputSpec& o, int threads);
+void lowbit_float_gemm(int nbits, int alpha, int beta, const uint8_t* w, int64_t N, int64_t Kp,
+                       const float* x, int64_t M, const OutputSpec& o, int threads);
+
+// ---- int8_gemm.cpp: int8 weights, row-major, zero-padded to Kp ----
+void int8_int8_gemm(const int8_t* w, int64_t N, int64_t Kp, const Int8Activations& a, int64_t M,
+                    const OutputSpec& o, int threads);
+
+// ---- xnor_gemm.cpp: binary weights and binary activations, 64 signs per word ----
+void xnor_gemm(const uint64_t* w, int64_t N, int64_t Kw, int64_t K, const uint64_t* xbits,
+               const float* x_scale, int64_t M, const OutputSpec& o, int threads);
+
+// The shared loop nest: body(r0, r1, t0, t1) over row blocks (parallel) and token groups.
+template <typename Body>
+inline void for_row_blocks(int64_t N, int64_t M, int threads, Body body) {
+  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t r0 = b * kRowBlock;
+    const int64_t r1 = r0 + kRowBlock < N ? r0 + kRowBlock : N;
+    for (int64_t t0 = 0; t0 < M; t0 += kTokenGroup) {
+      const int64_t t1 = t0 + kTokenGroup < M ? t0 + kTokenGroup : M;
+      body(r0, r1, t0, t1);
+    }
+  }
+}
+
+}  // namespace bitlab_cpu

@@ -1,0 +1,91 @@
+// int8 weights with int8 activations.
+//
+// Prepared weight layout
+// ----------------------
+// Row-major int8 values w[r * Kp + k] (the canonical code minus 128), each row zero-padded
+// from in_features to Kp = a multiple of 32.  No re-coding: 8-bit weights are already
+// bytes; the padding lets every row be read in whole 32-byte vectors.
+//
+// Product: _mm256_maddubs_epi16 needs one unsigned operand, so it gets |w| and the
+// activation takes w's sign (_mm256_sign_epi8(x, w)).  With |w| <= 128 and |x| <= 127 a
+// pair sums to at most 2 * 128 * 127 = 32512 < 2^15: no saturation, exact int16, widened
+// to int32 at once with _mm256_madd_epi16.
+#include <immintrin.h>
+
+#include "bitlab_cpu.h"
+
+namespace bitlab_cpu {
+namespace {
+
+template <int T>
+__attribute__((target("avx2,fma"))) void dot_avx2(const int8_t* w, int64_t Kp, const int8_t* const* x,
+                                                   int32_t* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < Kp; k += 32) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+    const __m256i aw = _mm256_abs_epi8(wv);
+    for (int t = 0; t < T; ++t) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t] + k));
+      const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
+      acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(p, ones));
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc[t]), _mm256_extracti128_si256(acc[t], 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    out[t] = _mm_cvtsi128_si32(s);
+  }
+}
+
+template <int T>
+void dot_scalar(const int8_t* w, int64_t Kp, const int8_t* const* x, int32_t* out) {
+  for (int t = 0; t < T; ++t) {
+    int32_t sum = 0;
+    for (int64_t k = 0; k < Kp; ++k) sum += static_cast<int32_t>(w[k]) * x[t][k];
+    out[t] = sum;
+  }
+}
+
+template <bool AVX2>
+void run(const int8_t* w, int64_t N, int64_t Kp, const Int8Activations& a, int64_t M, const OutputSpec& o,
+         int threads) {
+  for_row_blocks(N, M, threads, [&](int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+    const int8_t* xs[kTokenGroup];
+    const int T = static_cast<int>(t1 - t0);
+    for (int t = 0; t < T; ++t) xs[t] = a.q + (t0 + t) * a.ldq;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int8_t* wr = w + r * Kp;
+      int32_t dots[kTokenGroup];
+      if (AVX2) {
+        switch (T) {
+          case 1: dot_avx2<1>(wr, Kp, xs, dots); break;
+          case 2: dot_avx2<2>(wr, Kp, xs, dots); break;
+          case 3: dot_avx2<3>(wr, Kp, xs, dots); break;
+          default: dot_avx2<4>(wr, Kp, xs, dots); break;
+        }
+      } else {
+        switch (T) {
+          case 1: dot_scalar<1>(wr, Kp, xs, dots); break;
+          case 2: dot_scalar<2>(wr, Kp, xs, dots); break;
+          case 3: dot_scalar<3>(wr, Kp, xs, dots); break;
+          default: dot_scalar<4>(wr, Kp, xs, dots); break;
+        }
+      }
+      for (int t = 0; t < T; ++t)
+        o.y[(t0 + t) * o.ldy + r] = finish(static_cast<float>(dots[t]), a.scale[t0 + t], o, r);
+    }
+  });
+}
+
+}  // namespace
+
+void int8_int8_gemm(const int8_t* w, int64_t N, int64_t Kp, const Int8Activations& a, int64_t M,
+                    const OutputSpec& o, int threads) {
+  if (active_isa() == Isa::Avx2) return run<true>(w, N, Kp, a, M, o, threads);
+  return run<false>(w, N, Kp, a, M, o, threads);
+}
+
+}  // namespace bitlab_cpu

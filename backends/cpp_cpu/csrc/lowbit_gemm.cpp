@@ -1,0 +1,243 @@
+// Binary / ternary / int2 / int4 weights with int8 or float32 activations.
+//
+// Prepared weight layout ("interleaved", n = bits per code, PER = 8 / n codes per byte)
+// -------------------------------------------------------------------------------
+// Each row is padded to Kp = a multiple of 32 * PER inputs and stored as Kp / (32 * PER)
+// blocks of 32 bytes.  Byte j of block b holds PER codes; bits [n*s, n*s + n) of it hold
+// the code u of input k = b * 32 * PER + 32 * s + j.  So one 32-byte load, a shift by n*s
+// and a mask give 32 codes of 32 *consecutive* inputs, lined up with a plain 32-byte load
+// of int8 activations (the bitnet.cpp I2_S idea of decoding in registers, not memory).
+//
+//   format   n  code u      value w = alpha * u - beta
+//   binary   1  c in {0,1}  2u - 1          (alpha 2, beta 1)
+//   ternary  2  w + 1       u - 1           (alpha 1, beta 1)
+//   int2     2  (w + 3)/2   2u - 3          (alpha 2, beta 3)
+//   int4     4  w + 8       u - 8           (alpha 1, beta 8)
+//
+// Padding codes are 0 and padded activations are 0, so padding never contributes.
+//
+// int8 activations: u is unsigned, so _mm256_maddubs_epi16(u, x) multiplies and adds
+// adjacent pairs without saturation (|pair| <= 2 * 15 * 127); int16 partial sums are
+// widened to int32 every few blocks, well before they could overflow.  Then
+//   sum_k w_k x_k = alpha * sum_k u_k x_k - beta * sum_k x_k      (exact integers)
+// with sum_k x_k computed once per token when the activation is quantized.
+//
+// float32 activations: the codes of 32 inputs become w in int8 (u + u - 1 etc.), then
+// 4 x (sign-extend 8 -> int32 -> float) and FMAs against the activations.
+#include <immintrin.h>
+
+#include "bitlab_cpu.h"
+
+namespace bitlab_cpu {
+namespace {
+
+template <int NB>
+constexpr int codes_per_byte() { return 8 / NB; }
+
+// ------------------------------------------------------------------ int8 activations
+template <int NB, int T>
+__attribute__((target("avx2,fma"))) void dot_int8_avx2(const uint8_t* w, int64_t nblocks,
+                                                        const int8_t* const* x, int32_t* out) {
+  constexpr int PER = codes_per_byte<NB>();
+  // Blocks summed in int16 before widening: |lane| <= blocks * PER * 2 * (2^NB - 1) * 127 < 2^15.
+  constexpr int64_t kWiden = NB == 4 ? 4 : 8;
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << NB) - 1));
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_si256();
+  for (int64_t b0 = 0; b0 < nblocks; b0 += kWiden) {
+    const int64_t b1 = b0 + kWiden < nblocks ? b0 + kWiden : nblocks;
+    __m256i s16[T];
+    for (int t = 0; t < T; ++t) s16[t] = _mm256_setzero_si256();
+    for (int64_t b = b0; b < b1; ++b) {
+      __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * b));
+      const int64_t k0 = b * 32 * PER;
+#pragma GCC unroll 8
+      for (int s = 0; s < PER; ++s) {
+        const __m256i u = _mm256_and_si256(v, mask);
+        v = _mm256_srli_epi16(v, NB);
+        for (int t = 0; t < T; ++t) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t] + k0 + 32 * s));
+          s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(u, xv));
+        }
+      }
+    }
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(s16[t], ones));
+  }
+  for (int t = 0; t < T; ++t) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc[t]), _mm256_extracti128_si256(acc[t], 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    out[t] = _mm_cvtsi128_si32(s);
+  }
+}
+
+template <int NB, int T>
+void dot_int8_scalar(const uint8_t* w, int64_t nblocks, const int8_t* const* x, int32_t* out) {
+  constexpr int PER = codes_per_byte<NB>();
+  for (int t = 0; t < T; ++t) {
+    int32_t sum = 0;
+    for (int64_t b = 0; b < nblocks; ++b)
+      for (int s = 0; s < PER; ++s)
+        for (int j = 0; j < 32; ++j) {
+          const int u = (w[32 * b + j] >> (NB * s)) & ((1 << NB) - 1);
+          sum += u * x[t][b * 32 * PER + 32 * s + j];
+        }
+    out[t] = sum;
+  }
+}
+
+template <int NB, bool AVX2>
+void run_int8(int alpha, int beta, const uint8_t* w, int64_t N, int64_t Kp, const Int8Activations& a,
+              int64_t M, const OutputSpec& o, int threads) {
+  constexpr int PER = codes_per_byte<NB>();
+  const int64_t row_bytes = Kp / PER;
+  const int64_t nblocks = Kp / (32 * PER);
+  for_row_blocks(N, M, threads, [&](int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+    const int8_t* xs[kTokenGroup];
+    const int T = static_cast<int>(t1 - t0);
+    for (int t = 0; t < T; ++t) xs[t] = a.q + (t0 + t) * a.ldq;
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* wr = w + r * row_bytes;
+      int32_t dots[kTokenGroup];
+      if (AVX2) {
+        switch (T) {
+          case 1: dot_int8_avx2<NB, 1>(wr, nblocks, xs, dots); break;
+          case 2: dot_int8_avx2<NB, 2>(wr, nblocks, xs, dots); break;
+          case 3: dot_int8_avx2<NB, 3>(wr, nblocks, xs, dots); break;
+          default: dot_int8_avx2<NB, 4>(wr, nblocks, xs, dots); break;
+        }
+      } else {
+        switch (T) {
+          case 1: dot_int8_scalar<NB, 1>(wr, nblocks, xs, dots); break;
+          case 2: dot_int8_scalar<NB, 2>(wr, nblocks, xs, dots); break;
+          case 3: dot_int8_scalar<NB, 3>(wr, nblocks, xs, dots); break;
+          default: dot_int8_scalar<NB, 4>(wr, nblocks, xs, dots); break;
+        }
+      }
+      for (int t = 0; t < T; ++t) {
+        const int32_t d = alpha * dots[t] - beta * a.qsum[t0 + t];
+        o.y[(t0 + t) * o.ldy + r] = finish(static_cast<float>(d), a.scale[t0 + t], o, r);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- float activations
+template <int NB, int ALPHA, int T>
+__attribute__((target("avx2,fma"))) void dot_float_avx2(const uint8_t* w, int64_t nblocks, int beta,
+                                                         const float* const* x, float* out) {
+  constexpr int PER = codes_per_byte<NB>();
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << NB) - 1));
+  const __m256i vbeta = _mm256_set1_epi8(static_cast<char>(beta));
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nblocks; ++b) {
+    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * b));
+    const int64_t k0 = b * 32 * PER;
+#pragma GCC unroll 8
+    for (int s = 0; s < PER; ++s) {
+      __m256i u = _mm256_and_si256(v, mask);
+      v = _mm256_srli_epi16(v, NB);
+      if (ALPHA == 2) u = _mm256_add_epi8(u, u);
+      const __m256i w8 = _mm256_sub_epi8(u, vbeta);
+      const __m128i lo = _mm256_castsi256_si128(w8), hi = _mm256_extracti128_si256(w8, 1);
+      const __m256 f[4] = {
+          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)),
+          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(lo, lo))),
+          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)),
+          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi))),
+      };
+      const int64_t k = k0 + 32 * s;
+      for (int i = 0; i < 4; ++i)
+        for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(f[i], _mm256_loadu_ps(x[t] + k + 8 * i), acc[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    out[t] = _mm_cvtss_f32(s);
+  }
+}
+
+template <int NB, int ALPHA, int T>
+void dot_float_scalar(const uint8_t* w, int64_t nblocks, int beta, const float* const* x, float* out) {
+  constexpr int PER = codes_per_byte<NB>();
+  for (int t = 0; t < T; ++t) {
+    float sum = 0.0f;
+    for (int64_t b = 0; b < nblocks; ++b)
+      for (int s = 0; s < PER; ++s)
+        for (int j = 0; j < 32; ++j) {
+          const int u = (w[32 * b + j] >> (NB * s)) & ((1 << NB) - 1);
+          sum += static_cast<float>(ALPHA * u - beta) * x[t][b * 32 * PER + 32 * s + j];
+        }
+    out[t] = sum;
+  }
+}
+
+template <int NB, int ALPHA, bool AVX2>
+void run_float(int beta, const uint8_t* w, int64_t N, int64_t Kp, const float* x, int64_t M,
+               const OutputSpec& o, int threads) {
+  constexpr int PER = codes_per_byte<NB>();
+  const int64_t row_bytes = Kp / PER;
+  const int64_t nblocks = Kp / (32 * PER);
+  for_row_blocks(N, M, threads, [&](int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+    const float* xs[kTokenGroup];
+    const int T = static_cast<int>(t1 - t0);
+    for (int t = 0; t < T; ++t) xs[t] = x + (t0 + t) * Kp;
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* wr = w + r * row_bytes;
+      float dots[kTokenGroup];
+      if (AVX2) {
+        switch (T) {
+          case 1: dot_float_avx2<NB, ALPHA, 1>(wr, nblocks, beta, xs, dots); break;
+          case 2: dot_float_avx2<NB, ALPHA, 2>(wr, nblocks, beta, xs, dots); break;
+          case 3: dot_float_avx2<NB, ALPHA, 3>(wr, nblocks, beta, xs, dots); break;
+          default: dot_float_avx2<NB, ALPHA, 4>(wr, nblocks, beta, xs, dots); break;
+        }
+      } else {
+        switch (T) {
+          case 1: dot_float_scalar<NB, ALPHA, 1>(wr, nblocks, beta, xs, dots); break;
+          case 2: dot_float_scalar<NB, ALPHA, 2>(wr, nblocks, beta, xs, dots); break;
+          case 3: dot_float_scalar<NB, ALPHA, 3>(wr, nblocks, beta, xs, dots); break;
+          default: dot_float_scalar<NB, ALPHA, 4>(wr, nblocks, beta, xs, dots); break;
+        }
+      }
+      for (int t = 0; t < T; ++t) o.y[(t0 + t) * o.ldy + r] = finish(dots[t], 1.0f, o, r);
+    }
+  });
+}
+
+}  // namespace
+
+void lowbit_int8_gemm(int nbits, int alpha, int beta, const uint8_t* w, int64_t N, int64_t Kp,
+                      const Int8Activations& a, int64_t M, const OutputSpec& o, int threads) {
+  const bool avx2 = active_isa() == Isa::Avx2;
+  switch (nbits) {
+    case 1: return avx2 ? run_int8<1, true>(alpha, beta, w, N, Kp, a, M, o, threads)
+                        : run_int8<1, false>(alpha, beta, w, N, Kp, a, M, o, threads);
+    case 2: return avx2 ? run_int8<2, true>(alpha, beta, w, N, Kp, a, M, o, threads)
+                        : run_int8<2, false>(alpha, beta, w, N, Kp, a, M, o, threads);
+    default: return avx2 ? run_int8<4, true>(alpha, beta, w, N, Kp, a, M, o, threads)
+                         : run_int8<4, false>(alpha, beta, w, N, Kp, a, M, o, threads);
+  }
+}
+
+void lowbit_float_gemm(int nbits, int alpha, int beta, const uint8_t* w, int64_t N, int64_t Kp,
+                       const float* x, int64_t M, const OutputSpec& o, int threads) {
+  const bool avx2 = active_isa() == Isa::Avx2;
+  if (nbits == 1)
+    return avx2 ? run_float<1, 2, true>(beta, w, N, Kp, x, M, o, threads)
+                : run_float<1, 2, false>(beta, w, N, Kp, x, M, o, threads);
+  if (nbits == 2 && alpha == 2)
+    return avx2 ? run_float<2, 2, true>(beta, w, N, Kp, x, M, o, threads)
+                : run_float<2, 2, false>(beta, w, N, Kp, x, M, o, threads);
+  if (nbits == 2)
+    return avx2 ? run_float<2, 1, true>(beta, w, N, Kp, x, M, o, threads)
+                : run_float<2, 1, false>(beta, w, N, Kp, x, M, o, threads);
+  return avx2 ? run_float<4, 1, true>(beta, w, N, Kp, x, M, o, threads)
+              : run_float<4, 1, false>(beta, w, N, Kp, x, M, o, threads);
+}
+
+}  // namespace bitlab_cpu

@@ -1,0 +1,219 @@
+// torch.library bindings of the cpp_cpu kernels (namespace "bitlab", names prefixed cpu_).
+//
+//   cpu_linear_a8(x, weight, w_scale, bias, weight_format, per_token, epilogue)
+//       int8 activations quantized here (per token or per tensor); weight_format is
+//       "binary" | "ternary" | "int2" | "int4" (interleaved layout, lowbit_gemm.cpp) or
+//       "int8" (int8_gemm.cpp)
+//   cpu_linear_float(x, weight, w_scale, bias, weight_format, epilogue)
+//       float32 activations; binary / ternary / int2 / int4 interleaved weights
+//   cpu_linear_a1(x, weight, w_scale, bias, per_token, epilogue)
+//       binary activations, XNOR + popcount (xnor_gemm.cpp); weight is int64 words
+//   cpu_quantize_int8(x, per_token) -> (q, scale)      the activation quantizer, for tests
+//   cpu_features() -> str;  cpu_set_isa(isa)          ISA report / override (-1 auto, 0 scalar, 1 avx2)
+//
+// x is [tokens, in_features] in any float dtype with unit inner stride (other inputs are
+// made so); the output is [tokens, out_features] in x's dtype.  Activation buffers are
+// thread-local and reused: the only per-call allocation is the output.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "bitlab_cpu.h"
+
+namespace bitlab_cpu {
+namespace {
+
+struct Format {
+  int nbits;   // bits per code in the prepared layout (8: plain int8 rows)
+  int alpha;   // value = alpha * code - beta (interleaved formats)
+  int beta;
+};
+
+Format parse_format(const std::string& name) {
+  if (name == "binary") return {1, 2, 1};
+  if (name == "ternary") return {2, 1, 1};
+  if (name == "int2") return {2, 2, 3};
+  if (name == "int4") return {4, 1, 8};
+  if (name == "int8") return {8, 1, 0};
+  TORCH_CHECK(false, "weight_format: got '", name, "'; allowed values are binary, ternary, int2, int4, int8");
+}
+
+int parse_epilogue(const std::string& name) {
+  if (name == "none") return kEpiNone;
+  if (name == "relu") return kEpiRelu;
+  if (name == "relu2") return kEpiRelu2;
+  TORCH_CHECK(false, "epilogue: got '", name, "'; allowed values are none, relu, relu2");
+}
+
+// Inputs padded to the next multiple of this many values per weight row.
+int64_t padded_k(int64_t K, int nbits) {
+  const int64_t block = nbits == 8 ? 32 : 32 * (8 / nbits);
+  return (K + block - 1) / block * block;
+}
+
+at::Tensor as_float_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D [tokens, in_features], got shape ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU, got ", x.device());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating point, got ", x.scalar_type());
+  at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  if (xf.size(1) > 1 && xf.stride(1) != 1) xf = xf.contiguous();  // rows may be strided
+  return xf;
+}
+
+struct Prepared {
+  at::Tensor out;      // float32 [M, N]
+  at::Tensor bias;     // float32 or undefined
+  at::Tensor w_scale;  // float32 contiguous
+  OutputSpec spec;
+};
+
+Prepared prepare_output(int64_t M, int64_t N, const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias,
+                        const std::string& epilogue) {
+  Prepared p;
+  p.w_scale = w_scale.to(at::kFloat).contiguous();
+  TORCH_CHECK(p.w_scale.numel() == 1 || p.w_scale.numel() == N, "w_scale must have 1 or out_features=", N,
+              " elements, got ", p.w_scale.numel());
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "bias must have out_features=", N, " elements, got ", bias->numel());
+    p.bias = bias->to(at::kFloat).contiguous();
+  }
+  p.out = at::empty({M, N}, at::TensorOptions().dtype(at::kFloat));
+  p.spec = OutputSpec{p.out.data_ptr<float>(), N, p.w_scale.data_ptr<float>(), p.w_scale.numel() == N,
+                      p.bias.defined() ? p.bias.data_ptr<float>() : nullptr, parse_epilogue(epilogue)};
+  return p;
+}
+
+at::Tensor finish_output(const at::Tensor& out, const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+template <typename T>
+T* scratch(std::vector<T>& buf, int64_t n) {
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+  return buf.data();
+}
+
+struct Int8Scratch {
+  std::vector<int8_t> q;
+  std::vector<int32_t> qsum;
+  std::vector<float> scale;
+};
+
+Int8Activations quantize_into(Int8Scratch& s, const at::Tensor& xf, int64_t Kp, bool per_token) {
+  const int64_t M = xf.size(0), K = xf.size(1);
+  int8_t* q = scratch(s.q, M * Kp);
+  int32_t* qsum = scratch(s.qsum, M);
+  float* scale = scratch(s.scale, M);
+  quantize_int8(xf.data_ptr<float>(), xf.stride(0), M, K, Kp, per_token, q, qsum, scale);
+  return Int8Activations{q, Kp, qsum, scale};
+}
+
+at::Tensor linear_a8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w_scale,
+                     const c10::optional<at::Tensor>& bias, std::string weight_format, bool per_token,
+                     std::string epilogue) {
+  const Format f = parse_format(weight_format);
+  at::Tensor xf = as_float_rows(x);
+  const int64_t M = xf.size(0), K = xf.size(1), N = weight.size(0);
+  const int64_t Kp = padded_k(K, f.nbits);
+  const int64_t row_bytes = f.nbits == 8 ? Kp : Kp / (8 / f.nbits);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == row_bytes && weight.is_contiguous(),
+              "prepared ", weight_format, " weight for in_features=", K, " must be contiguous [out_features, ",
+              row_bytes, "], got shape ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == (f.nbits == 8 ? at::kChar : at::kByte), "prepared ", weight_format,
+              " weight has dtype ", weight.scalar_type(), ", expected ", f.nbits == 8 ? "int8" : "uint8");
+  Prepared p = prepare_output(M, N, w_scale, bias, epilogue);
+  if (M == 0 || N == 0) return finish_output(p.out, x);
+  static thread_local Int8Scratch s;
+  const Int8Activations a = quantize_into(s, xf, Kp, per_token);
+  const int threads = at::get_num_threads();
+  if (f.nbits == 8)
+    int8_int8_gemm(weight.data_ptr<int8_t>(), N, Kp, a, M, p.spec, threads);
+  else
+    lowbit_int8_gemm(f.nbits, f.alpha, f.beta, weight.data_ptr<uint8_t>(), N, Kp, a, M, p.spec, threads);
+  return finish_output(p.out, x);
+}
+
+at::Tensor linear_float(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w_scale,
+                        const c10::optional<at::Tensor>& bias, std::string weight_format, std::string epilogue) {
+  const Format f = parse_format(weight_format);
+  TORCH_CHECK(f.nbits != 8, "cpu_linear_float serves binary, ternary, int2 and int4 weights, got ", weight_format);
+  at::Tensor xf = as_float_rows(x);
+  const int64_t M = xf.size(0), K = xf.size(1), N = weight.size(0);
+  const int64_t Kp = padded_k(K, f.nbits);
+  const int64_t row_bytes = Kp / (8 / f.nbits);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == row_bytes && weight.is_contiguous() &&
+                  weight.scalar_type() == at::kByte,
+              "prepared ", weight_format, " weight for in_features=", K, " must be contiguous uint8 [out_features, ",
+              row_bytes, "], got ", weight.scalar_type(), " ", weight.sizes());
+  Prepared p = prepare_output(M, N, w_scale, bias, epilogue);
+  if (M == 0 || N == 0) return finish_output(p.out, x);
+  static thread_local std::vector<float> buf;
+  float* xp = scratch(buf, M * Kp);
+  pad_float(xf.data_ptr<float>(), xf.stride(0), M, K, Kp, xp);
+  lowbit_float_gemm(f.nbits, f.alpha, f.beta, weight.data_ptr<uint8_t>(), N, Kp, xp, M, p.spec,
+                    at::get_num_threads());
+  return finish_output(p.out, x);
+}
+
+at::Tensor linear_a1(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w_scale,
+                     const c10::optional<at::Tensor>& bias, bool per_token, std::string epilogue) {
+  at::Tensor xf = as_float_rows(x);
+  const int64_t M = xf.size(0), K = xf.size(1), N = weight.size(0);
+  const int64_t Kw = (K + 255) / 256 * 4;
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == Kw && weight.is_contiguous() &&
+                  weight.scalar_type() == at::kLong,
+              "prepared binary sign words for in_features=", K, " must be contiguous int64 [out_features, ", Kw,
+              "], got ", weight.scalar_type(), " ", weight.sizes());
+  Prepared p = prepare_output(M, N, w_scale, bias, epilogue);
+  if (M == 0 || N == 0) return finish_output(p.out, x);
+  static thread_local std::vector<uint64_t> bits;
+  static thread_local std::vector<float> scale;
+  uint64_t* xb = scratch(bits, M * Kw);
+  float* xs = scratch(scale, M);
+  pack_signs(xf.data_ptr<float>(), xf.stride(0), M, K, Kw, per_token, xb, xs);
+  xnor_gemm(reinterpret_cast<const uint64_t*>(weight.data_ptr<int64_t>()), N, Kw, K, xb, xs, M, p.spec,
+            at::get_num_threads());
+  return finish_output(p.out, x);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_int8_op(const at::Tensor& x, bool per_token) {
+  at::Tensor xf = as_float_rows(x);
+  const int64_t M = xf.size(0), K = xf.size(1);
+  at::Tensor q = at::empty({M, K}, at::TensorOptions().dtype(at::kChar));
+  at::Tensor scale = at::empty({M, 1}, at::TensorOptions().dtype(at::kFloat));
+  if (M == 0) return {q, scale.fill_(1.0f)};
+  std::vector<int32_t> qsum(static_cast<size_t>(M));
+  quantize_int8(xf.data_ptr<float>(), xf.stride(0), M, K, K, per_token, q.data_ptr<int8_t>(), qsum.data(),
+                scale.data_ptr<float>());
+  return {q, scale};
+}
+
+std::string features_op() { return cpu_features(); }
+
+void set_isa_op(int64_t isa) { set_isa_override(static_cast<int>(isa)); }
+
+}  // namespace
+}  // namespace bitlab_cpu
+
+TORCH_LIBRARY_FRAGMENT(bitlab, m) {
+  m.def("cpu_linear_a8(Tensor x, Tensor weight, Tensor w_scale, Tensor? bias, str weight_format, "
+        "bool per_token, str epilogue) -> Tensor");
+  m.def("cpu_linear_float(Tensor x, Tensor weight, Tensor w_scale, Tensor? bias, str weight_format, "
+        "str epilogue) -> Tensor");
+  m.def("cpu_linear_a1(Tensor x, Tensor weight, Tensor w_scale, Tensor? bias, bool per_token, "
+        "str epilogue) -> Tensor");
+  m.def("cpu_quantize_int8(Tensor x, bool per_token) -> (Tensor, Tensor)");
+  m.def("cpu_features() -> str", &bitlab_cpu::features_op);
+  m.def("cpu_set_isa(int isa) -> ()", &bitlab_cpu::set_isa_op);
+}
+
+TORCH_LIBRARY_IMPL(bitlab, CPU, m) {
+  m.impl("cpu_linear_a8", &bitlab_cpu::linear_a8);
+  m.impl("cpu_linear_float", &bitlab_cpu::linear_float);
+  m.impl("cpu_linear_a1", &bitlab_cpu::linear_a1);
+  m.impl("cpu_quantize_int8", &bitlab_cpu::quantize_int8_op);
+}

@@ -1,0 +1,241 @@
+"""cpp_cpu kernels: weight re-layout (``prepare``) and calls into the ``bitlab::cpu_*`` ops.
+
+Three kernel families, one C++ file each (the prepared layouts are documented at the top
+of those files):
+
+* :class:`CppInt8ActivationKernel` -- binary / ternary / int2 / int4 / int8 weights with
+  int8 activations (``csrc/lowbit_gemm.cpp``, ``csrc/int8_gemm.cpp``); the activation is
+  quantized in C++ exactly as :func:`bitcore.quantize.quantize_activation_int8` does.
+* :class:`CppFloatActivationKernel` -- binary / ternary / int2 / int4 weights with float
+  activations (``csrc/lowbit_gemm.cpp``).
+* :class:`CppXnorKernel` -- binary weights with binary activations, XNOR + popcount
+  (``csrc/xnor_gemm.cpp``).
+
+Nothing here compiles at import: the extension is built (or loaded from the cache) the
+first time the registry asks a kernel for its availability.
+
+Example::
+
+    kernel = CppInt8ActivationKernel()
+    prepared = kernel.prepare(packed, BitQuantConfig(weight_bits=1.58))
+    y = kernel.forward(torch.randn(8, packed.in_features), prepared, activation="relu")
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from bitcore.config import BitQuantConfig
+from bitcore.errors import BackendUnavailableError
+from bitcore.extensions import extension_status, load_extension
+from bitcore.kernels.interface import Availability, BitKernel, keys_product
+from bitcore.packing import PackedWeight, unpack_values
+
+from backends.cpp_cpu.build import SPEC
+
+# weight_bits -> (format name of the C++ ops, bits per code in the prepared layout, alpha, beta);
+# value = alpha * code - beta (see the table in csrc/lowbit_gemm.cpp).
+FORMATS = {
+    1: ("binary", 1, 2, 1),
+    1.58: ("ternary", 2, 1, 1),
+    2: ("int2", 2, 2, 3),
+    4: ("int4", 4, 1, 8),
+    8: ("int8", 8, 1, 0),
+}
+WEIGHT_GRANULARITIES = ("per_tensor", "per_channel")
+ACTIVATION_GRANULARITIES = ("per_tensor", "per_token")
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+_fakes_lock = threading.Lock()
+_fakes_registered = False
+
+
+def load_ops() -> None:
+    """Build or load the extension (raises BackendUnavailableError with the reason)."""
+    load_extension(SPEC)
+    _register_fakes()
+
+
+def backend_availability() -> Availability:
+    try:
+        load_ops()
+    except BackendUnavailableError as exc:
+        return Availability.no(str(exc))
+    return Availability.yes(f"CPU features: {torch.ops.bitlab.cpu_features()}")
+
+
+def status() -> str:
+    """One line for ``bitlab info``: loaded / cached / not built / why it cannot build."""
+    return extension_status(SPEC)
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations so torch.compile / export can trace through the ops."""
+    global _fakes_registered
+    with _fakes_lock:
+        if _fakes_registered:
+            return
+
+        def _out(x, weight):
+            return x.new_empty((x.shape[0], weight.shape[0]))
+
+        @torch.library.register_fake("bitlab::cpu_linear_a8")
+        def _fake_a8(x, weight, w_scale, bias, weight_format, per_token, epilogue):
+            return _out(x, weight)
+
+        @torch.library.register_fake("bitlab::cpu_linear_float")
+        def _fake_float(x, weight, w_scale, bias, weight_format, epilogue):
+            return _out(x, weight)
+
+        @torch.library.register_fake("bitlab::cpu_linear_a1")
+        def _fake_a1(x, weight, w_scale, bias, per_token, epilogue):
+            return _out(x, weight)
+
+        _fakes_registered = True
+
+
+# ------------------------------------------------------------------ re-layout
+def interleave_codes(values: torch.Tensor, weight_bits) -> torch.Tensor:
+    """int8 values ``[out, in]`` -> uint8 ``[out, Kp * bits / 8]`` in the interleaved layout.
+
+    Byte j of 32-byte block b holds, at bits ``[n*s, n*s + n)``, the code of input
+    ``b * 32 * (8 // n) + 32 * s + j`` (code = (value + beta) / alpha); see csrc/lowbit_gemm.cpp.
+    """
+    _, nbits, alpha, beta = FORMATS[weight_bits]
+    per = 8 // nbits
+    block = 32 * per
+    out_f, in_f = values.shape
+    kp = -(-in_f // block) * block
+    codes = torch.zeros(out_f, kp, dtype=torch.int32)
+    codes[:, :in_f] = (values.to(torch.int32) + beta) // alpha
+    codes = codes.view(out_f, kp // block, per, 32)
+    shifts = (torch.arange(per, dtype=torch.int32) * nbits).view(1, 1, per, 1)
+    return (codes << shifts).sum(dim=2).to(torch.uint8).reshape(out_f, kp // per).contiguous()
+
+
+def padded_int8_rows(values: torch.Tensor) -> torch.Tensor:
+    """int8 values ``[out, in]`` -> int8 ``[out, Kp]``, rows zero-padded to a multiple of 32."""
+    out_f, in_f = values.shape
+    rows = torch.zeros(out_f, -(-in_f // 32) * 32, dtype=torch.int8)
+    rows[:, :in_f] = values
+    return rows
+
+
+def sign_words(packed: PackedWeight) -> torch.Tensor:
+    """Canonical binary packing ``[out, row_bytes]`` -> int64 words ``[out, Kw]``, Kw a multiple of 4.
+
+    The canonical format is little-endian along in_features, so 8 consecutive bytes are
+    one 64-bit word with input ``64 * i + j`` at bit j (x86 is little-endian).
+    """
+    out_f, in_f = packed.out_features, packed.in_features
+    kw = -(-in_f // 256) * 4
+    data = torch.zeros(out_f, kw * 8, dtype=torch.uint8)
+    data[:, : packed.data.shape[1]] = packed.data.cpu()
+    return data.view(torch.int64).contiguous()
+
+
+@dataclass
+class CppPrepared:
+    """A weight re-laid out for one cpp_cpu kernel plus what its op needs per call."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor  # float32 [1] or [out_features]
+    weight_format: str
+    in_features: int
+    out_features: int
+    activation_dtype: str
+    per_token: bool
+
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size() + self.scale.numel() * 4
+
+
+# -------------------------------------------------------------------- kernels
+class _CppKernel(BitKernel):
+    backend = "cpp_cpu"
+    devices = frozenset({"cpu"})
+    priority = 100
+    has_cpp_backend = True
+
+    def availability(self) -> Availability:
+        return backend_availability()
+
+    def route(self, batch: int) -> str:
+        path = "gemv" if batch <= 1 else "gemm (4-token groups)"
+        return f"{type(self).__name__}: {path}"
+
+    def _prepared(self, weight: torch.Tensor, packed: PackedWeight, config: BitQuantConfig) -> CppPrepared:
+        return CppPrepared(
+            weight=weight,
+            scale=packed.scale.detach().to("cpu", torch.float32).reshape(-1).contiguous(),
+            weight_format=FORMATS[packed.weight_bits][0],
+            in_features=packed.in_features,
+            out_features=packed.out_features,
+            activation_dtype=config.activation_dtype,
+            per_token=config.activation_granularity == "per_token",
+        )
+
+
+def _check_input(x: torch.Tensor, prepared: CppPrepared) -> None:
+    if x.dim() != 2 or x.shape[1] != prepared.in_features:
+        raise ValueError(
+            f"x must be [tokens, in_features={prepared.in_features}], got shape {tuple(x.shape)}"
+        )
+
+
+class CppInt8ActivationKernel(_CppKernel):
+    """Binary / ternary / int2 / int4 / int8 weights x int8 activations (exact integer accumulation)."""
+
+    keys = keys_product(FORMATS, ["int8"], WEIGHT_GRANULARITIES, ACTIVATION_GRANULARITIES)
+
+    def prepare(self, packed: PackedWeight, config: BitQuantConfig) -> CppPrepared:
+        values = unpack_values(packed).cpu()
+        weight = padded_int8_rows(values) if packed.weight_bits == 8 else interleave_codes(values, packed.weight_bits)
+        return self._prepared(weight, packed, config)
+
+    def forward(self, x, prepared: CppPrepared, bias: Optional[torch.Tensor] = None, activation: str = "none"):
+        _check_input(x, prepared)
+        return torch.ops.bitlab.cpu_linear_a8(
+            x, prepared.weight, prepared.scale, bias, prepared.weight_format, prepared.per_token, activation
+        )
+
+
+class CppFloatActivationKernel(_CppKernel):
+    """Binary / ternary / int2 / int4 weights x float activations (float32 accumulation)."""
+
+    keys = keys_product([1, 1.58, 2, 4], list(FLOAT_DTYPES), WEIGHT_GRANULARITIES, ["none"])
+
+    def prepare(self, packed: PackedWeight, config: BitQuantConfig) -> CppPrepared:
+        weight = interleave_codes(unpack_values(packed).cpu(), packed.weight_bits)
+        return self._prepared(weight, packed, config)
+
+    def forward(self, x, prepared: CppPrepared, bias: Optional[torch.Tensor] = None, activation: str = "none"):
+        _check_input(x, prepared)
+        act = FLOAT_DTYPES[prepared.activation_dtype]
+        # Round to the activation dtype as the reference does; the op then computes in float32.
+        xin = x if act == torch.float32 else x.to(act).to(torch.float32)
+        y = torch.ops.bitlab.cpu_linear_float(
+            xin, prepared.weight, prepared.scale, bias, prepared.weight_format, activation
+        )
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+class CppXnorKernel(_CppKernel):
+    """Binary weights x binary activations: XNOR + popcount."""
+
+    keys = keys_product([1], ["binary"], WEIGHT_GRANULARITIES, ACTIVATION_GRANULARITIES)
+
+    def prepare(self, packed: PackedWeight, config: BitQuantConfig) -> CppPrepared:
+        return self._prepared(sign_words(packed), packed, config)
+
+    def forward(self, x, prepared: CppPrepared, bias: Optional[torch.Tensor] = None, activation: str = "none"):
+        _check_input(x, prepared)
+        return torch.ops.bitlab.cpu_linear_a1(
+            x, prepared.weight, prepared.scale, bias, prepared.per_token, activation
+        )
+
+
+KERNELS = (CppInt8ActivationKernel, CppFloatActivationKernel, CppXnorKernel)
