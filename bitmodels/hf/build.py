@@ -60,6 +60,8 @@ def build_model(config, architecture: Optional[str] = None, dtype: Optional[torc
     cls = model_class_for(config, architecture)
     with _no_init_weights():
         model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
+    if callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()  # skipping init skipped the tying too; tied tensors are stored once
     return model.eval()
 
 
