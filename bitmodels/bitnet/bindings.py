@@ -1,0 +1,193 @@
+"""Inference bindings: a BitLinear's kernel and prepared weight, resolved once per device.
+
+``BitLinear.forward`` asks the registry for a kernel and looks up its prepared
+weight on every call; a decoder that runs hundreds of projections per token
+resolves them once instead (:class:`PreparedLinear`), which also keeps the
+Python work out of CUDA-graph capture.  The registry still decides the kernel
+(``BitLinear.kernel``), exactly as the layer would.
+
+Fusion: projections that read the same input (q/k/v, gate/up) can run as one
+matrix.  Per-token activation quantization of a shared input is the same for
+every part, and a per-channel scale holds each part's per-tensor scale, so the
+fused matrix computes exactly what the parts do (canonical packing is
+row-major along in_features, so fusing is a concatenation of rows).  It is
+used only when the registry's kernel for the fused (per-channel) key has at
+least the priority of the parts' kernel.
+
+Memory: with ``offload_packed`` the canonical packed copy of each projection
+goes to the CPU once its kernel has prepared its own layout on the device, so
+the device holds one copy of each weight (the prepared one); ``save_pretrained``
+still finds the canonical copy.
+
+Example::
+
+    binding = bind_linear(model.model.layers[0].self_attn.o_proj, torch.device("cuda"))
+    y = binding(x)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+from bitcore.errors import ConfigError
+from bitcore.kernels import KernelRegistry
+from bitcore.kernels.interface import BitKernel
+from bitcore.packing import PackedWeight
+from bitlayers.bitlinear import BitLinear
+
+
+class PreparedLinear:
+    """``y = kernel.forward(x, prepared, bias)``; ``splits`` cuts a fused output back into its parts."""
+
+    def __init__(
+        self,
+        kernel: BitKernel,
+        prepared: Any,
+        in_features: int,
+        out_features: int,
+        bias: Optional[torch.Tensor] = None,
+        splits: Optional[Sequence[int]] = None,
+    ) -> None:
+        self.kernel, self.prepared, self.bias = kernel, prepared, bias
+        self.in_features, self.out_features = in_features, out_features
+        self.splits = list(splits) if splits else None
+
+    def __call__(self, x: torch.Tensor):
+        y = self.kernel.forward(x.reshape(-1, self.in_features), self.prepared, self.bias, "none")
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y.split(self.splits, dim=-1) if self.splits else y
+
+    def __repr__(self) -> str:
+        parts = f", splits={self.splits}" if self.splits else ""
+        return f"PreparedLinear({self.in_features} -> {self.out_features}, kernel={self.kernel.name}{parts})"
+
+
+def _on(packed: PackedWeight, device: torch.device) -> PackedWeight:
+    if packed.device == device:
+        return packed
+    return dataclasses.replace(packed, data=packed.data.to(device), scale=packed.scale.to(device))
+
+
+def fuse_packed(layers: Sequence[BitLinear]) -> PackedWeight:
+    """One per-channel PackedWeight whose rows are the layers' rows, in order (same math as the parts)."""
+    first = layers[0]
+    for layer in layers[1:]:
+        if layer.in_features != first.in_features or layer.quant_config != first.quant_config:
+            raise ConfigError(
+                f"cannot fuse BitLinear({layer.in_features}, {layer.quant_config.describe()}) with "
+                f"BitLinear({first.in_features}, {first.quant_config.describe()}): inputs and configs must match"
+            )
+    if first.quant_config.weight_granularity not in ("per_tensor", "per_channel"):
+        raise ConfigError(
+            f"weight_granularity: got {first.quant_config.weight_granularity!r}; "
+            "fusion supports 'per_tensor' and 'per_channel'"
+        )
+    parts = [layer.packed_weight() for layer in layers]
+    scales = [p.scale.expand(p.out_features) if p.granularity == "per_tensor" else p.scale for p in parts]
+    return PackedWeight(
+        data=torch.cat([p.data for p in parts]),
+        scale=torch.cat(scales).contiguous(),
+        weight_bits=first.quant_config.weight_bits,
+        in_features=first.in_features,
+        out_features=sum(p.out_features for p in parts),
+        granularity="per_channel",
+    )
+
+
+def bind_linear(layer: BitLinear, device: torch.device) -> PreparedLinear:
+    """The layer's registry-chosen kernel on ``device`` with its weight prepared there."""
+    kernel = layer.kernel(device)
+    prepared = kernel.prepare(_on(layer.packed_weight(), device), layer.quant_config)
+    bias = None if layer.bias is None else layer.bias.detach().to(device)
+    return PreparedLinear(kernel, prepared, layer.in_features, layer.out_features, bias)
+
+
+def bind_fused(layers: Sequence[BitLinear], device: torch.device) -> Optional[PreparedLinear]:
+    """One binding for ``layers`` fused, or None when no kernel serves the fused key as well as the parts'."""
+    first = layers[0]
+    if first.quant_config.weight_granularity not in ("per_tensor", "per_channel"):
+        return None
+    cfg = dataclasses.replace(first.quant_config, weight_granularity="per_channel")
+    out_features = sum(layer.out_features for layer in layers)
+    try:
+        fused_kernel = KernelRegistry.get_kernel_for_config(
+            cfg, device, backend=first.backend, in_features=first.in_features, out_features=out_features
+        )
+    except Exception:
+        return None
+    if fused_kernel.priority < max(layer.kernel(device).priority for layer in layers):
+        return None
+    packed = _on(fuse_packed(layers), device)
+    prepared = fused_kernel.prepare(packed, cfg)
+    biases = [layer.bias for layer in layers]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([
+            b.detach() if b is not None else torch.zeros(layer.out_features) for b, layer in zip(biases, layers)
+        ]).to(device)
+    return PreparedLinear(fused_kernel, prepared, first.in_features, out_features, bias,
+                          splits=[layer.out_features for layer in layers])
+
+
+def bind_group(
+    modules: Dict[str, BitLinear],
+    groups: Dict[str, Sequence[str]],
+    device: torch.device,
+    *,
+    fuse: bool = True,
+    offload_packed: bool = False,
+) -> Dict[str, PreparedLinear]:
+    """Bindings for one block: fused groups where possible (keyed by group name), else one per module."""
+    bound: Dict[str, PreparedLinear] = {}
+    grouped = set()
+    if fuse:
+        for group, names in groups.items():
+            fused = bind_fused([modules[n] for n in names], device)
+            if fused is not None:
+                bound[group] = fused
+                grouped.update(names)
+    for name, layer in modules.items():
+        if name not in grouped:
+            bound[name] = bind_linear(layer, device)
+    if offload_packed:
+        for layer in modules.values():
+            layer.qweight = layer.qweight.cpu()
+            layer.weight_scale = layer.weight_scale.cpu()
+    return bound
+
+
+def tensors_in(obj: Any, seen: Optional[set] = None) -> Iterable[torch.Tensor]:
+    """Every tensor reachable from a prepared-weight object (dataclasses, tuples, lists, dicts, attributes)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, PackedWeight) or dataclasses.is_dataclass(obj):
+        children = [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    elif isinstance(obj, (list, tuple)):
+        children = list(obj)
+    elif isinstance(obj, dict):
+        children = list(obj.values())
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        children = list(vars(obj).values())
+    else:
+        return []
+    out: List[torch.Tensor] = []
+    for child in children:
+        out.extend(tensors_in(child, seen))
+    return out
+
+
+def device_bytes(bindings: Iterable[PreparedLinear], device_type: str) -> int:
+    """Bytes of distinct storages on ``device_type`` held by the bindings' prepared weights and biases."""
+    storages = {}
+    for b in bindings:
+        for t in tensors_in((b.prepared, b.bias)):
+            if t.device.type == device_type:
+                s = t.untyped_storage()
+                storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values())

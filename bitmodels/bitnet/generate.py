@@ -1,0 +1,267 @@
+"""Generation engine for BitNetForCausalLM: static KV cache, prefill then decode, CUDA-graph decode step.
+
+A call ``generate(prompts, max_new_tokens)``:
+
+1. **allocates** (or reuses) a KV cache of exactly ``[batch, kv_heads, seq, head_dim]`` per layer
+   in the model's float dtype, ``seq = longest prompt + max_new_tokens`` rounded up to 64;
+2. **prefills**: prompts are left-padded to the longest; rotary positions start at each prompt's
+   first real token, a mask hides the padding, and one forward writes every prompt's K/V and
+   samples the first new token from the last position's logits;
+3. **decodes**: one step reads the current tokens and the cache position from device buffers,
+   runs the model on one token per row, samples, writes the token into the output buffer, marks
+   rows that produced a stop token as done (their later tokens are ``pad_token_id``) and advances
+   the position -- all on the device.  On CUDA the step is captured once in a CUDA graph and
+   replayed, so a token costs one graph launch and no allocation, no host sync.  The host looks
+   at the ``done`` flags (one sync) only every ``sync_every`` steps, which is also when the
+   ``stream`` callback gets the new tokens.
+
+``compile=True`` runs the model's float operations through ``torch.compile`` (fused RMSNorm,
+rotary, residual adds) in the decode step; the BitLinear kernels are the registry's.
+
+Example::
+
+    gen = Generator(model)                       # model on its device, in its dtype
+    out = gen.generate([[1, 5, 9], [1, 7]], max_new_tokens=20, sampling=SamplingConfig(temperature=0.7, top_p=0.9))
+    out.tokens                                   # list of new-token lists, stop token included
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from bitmodels.bitnet.model import BitNetForCausalLM
+from bitmodels.bitnet.ops import CompiledOps, Ops
+from bitmodels.bitnet.sampling import SamplingConfig, sample
+
+WARMUP_STEPS = 2  # eager steps before capture: compile, cuBLAS handles, allocator pools
+
+
+@dataclass
+class KVCache:
+    """Per-layer key and value caches ``[batch, kv_heads, seq, head_dim]``, allocated once."""
+
+    k: List[torch.Tensor]
+    v: List[torch.Tensor]
+
+    @classmethod
+    def allocate(cls, model: BitNetForCausalLM, batch: int, seq: int, dtype: torch.dtype, device) -> "KVCache":
+        c = model.config
+        shape = (batch, c.num_key_value_heads, seq, c.head_dim)
+        make = lambda: [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_hidden_layers)]  # noqa: E731
+        return cls(make(), make())
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.k[0].shape)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+@dataclass
+class GenerationOutput:
+    tokens: List[List[int]]  # new tokens per prompt, up to and including a stop token
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    stats: Dict[str, float] = field(default_factory=dict)
+
+
+class _DecodeState:
+    """Device buffers a decode step reads and writes; a captured graph is bound to them."""
+
+    def __init__(self, cache: KVCache, prompt_len: int, max_new: int, stop_ids: Sequence[int], pad_id: int, device) -> None:
+        batch, _, seq, _ = cache.shape
+        self.cache = cache
+        self.prompt_len = prompt_len
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # cache slot the next token is written to
+        self.pad = torch.zeros(batch, dtype=torch.long, device=device)  # left padding of each row
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.out = torch.zeros(batch, max_new + WARMUP_STEPS + 1, dtype=torch.long, device=device)
+        self.key_index = torch.arange(seq, device=device)
+        self.stop_ids = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+        self.pad_id = torch.tensor(pad_id, dtype=torch.long, device=device)
+
+
+class Generator:
+    """Batched generation for a :class:`BitNetForCausalLM`; see the module docstring."""
+
+    def __init__(
+        self,
+        model: BitNetForCausalLM,
+        *,
+        cuda_graph: Optional[bool] = None,
+        compile: bool = False,
+        fuse: bool = True,
+        offload_packed: bool = False,
+    ) -> None:
+        self.model = model.eval()
+        self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
+        self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
+        if self.cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {self.device}")
+        self.decode_ops = CompiledOps() if compile else model.ops
+        self.prefill_ops = Ops()
+        self.kernels = model.prepare_for_inference(self.device, fuse=fuse, offload_packed=offload_packed)
+        self._cache: Optional[KVCache] = None
+        self._decoders: Dict[tuple, tuple] = {}  # key -> (state, graph or None)
+
+    # ------------------------------------------------------------ buffers
+    def _cache_for(self, batch: int, seq: int) -> KVCache:
+        if self._cache is None or self._cache.shape[0] != batch or self._cache.shape[2] != seq:
+            self._decoders.clear()  # graphs point into the old cache
+            self._cache = None
+            self._cache = KVCache.allocate(self.model, batch, seq, self.dtype, self.device)
+        return self._cache
+
+    # ------------------------------------------------------------- steps
+    def _decode_step(self, st: _DecodeState, sampling: SamplingConfig) -> None:
+        """One token for every row, entirely from and into ``st``'s device buffers."""
+        batch = st.tokens.shape[0]
+        positions = (st.pos - st.pad).unsqueeze(1)
+        mask = (st.key_index[None, :] >= st.pad[:, None]) & (st.key_index[None, :] <= st.pos)
+        logits = self.model(
+            st.tokens.view(batch, 1), positions, st.cache, st.pos.view(1), mask.view(batch, 1, 1, -1),
+            ops=self.decode_ops,
+        )[:, -1]
+        nxt = torch.where(st.done, st.pad_id, sample(logits, sampling))
+        st.out.index_copy_(1, (st.pos - st.prompt_len + 1).view(1), nxt.view(batch, 1))
+        st.done.logical_or_((nxt[:, None] == st.stop_ids[None, :]).any(dim=-1))
+        st.tokens.copy_(nxt)
+        st.pos.add_(1)
+
+    def _capture(self, st: _DecodeState, sampling: SamplingConfig) -> torch.cuda.CUDAGraph:
+        saved = [t.clone() for t in (st.tokens, st.pos, st.done)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self._decode_step(st, sampling)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._decode_step(st, sampling)
+        for t, s in zip((st.tokens, st.pos, st.done), saved):
+            t.copy_(s)  # capture does not run the step; undo the warm-up steps' state
+        return graph
+
+    def _prefill(self, prompts: List[List[int]], st: _DecodeState, sampling: SamplingConfig) -> None:
+        batch, t_len = len(prompts), st.prompt_len
+        ids = torch.full((batch, t_len), int(st.pad_id), dtype=torch.long)
+        pad = torch.empty(batch, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, t_len - len(p):] = torch.tensor(p, dtype=torch.long)
+            pad[i] = t_len - len(p)
+        ids, pad = ids.to(self.device), pad.to(self.device)
+        q_index = torch.arange(t_len, device=self.device)
+        key = st.key_index[None, None, :]
+        # causal over real tokens; a padding query sees only itself (its output is never used)
+        mask = (key <= q_index[None, :, None]) & ((key >= pad[:, None, None]) | (key == q_index[None, :, None]))
+        positions = (q_index[None, :] - pad[:, None]).clamp(min=0)
+        logits = self.model(ids, positions, st.cache, q_index, mask.unsqueeze(1), last_only=True,
+                            ops=self.prefill_ops)[:, -1]
+        first = sample(logits, sampling)
+        st.pad.copy_(pad)
+        st.tokens.copy_(first)
+        st.out[:, 0].copy_(first)
+        st.done.copy_((first[:, None] == st.stop_ids[None, :]).any(dim=-1))
+        st.pos.fill_(t_len)
+
+    # ------------------------------------------------------------ public
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: SamplingConfig = SamplingConfig(),
+        stop_token_ids: Optional[Sequence[int]] = None,
+        pad_token_id: Optional[int] = None,
+        seed: Optional[int] = None,
+        stream: Optional[Callable[[List[List[int]]], None]] = None,
+        sync_every: int = 16,
+    ) -> GenerationOutput:
+        """New tokens for each prompt (token-id lists); see the module docstring.
+
+        ``stop_token_ids`` defaults to the config's eos ids (``[]`` disables stopping);
+        ``stream`` receives, every ``sync_every`` steps, the new tokens of each row since its last call.
+        """
+        prompts = [list(map(int, p)) for p in prompts]
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: got {max_new_tokens!r}; expected a positive integer")
+        vocab = self.model.config.vocab_size
+        bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        cfg = self.model.config
+        stops = cfg.stop_token_ids if stop_token_ids is None else list(stop_token_ids)
+        pad_id = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+        t_len = max(len(p) for p in prompts)
+        needed = t_len + max_new_tokens + WARMUP_STEPS
+        if needed > cfg.max_position_embeddings:
+            raise ValueError(
+                f"longest prompt ({t_len}) + max_new_tokens ({max_new_tokens}) exceeds "
+                f"max_position_embeddings={cfg.max_position_embeddings}"
+            )
+        seq = min(-(-needed // 64) * 64, cfg.max_position_embeddings)
+        if seed is not None:
+            torch.manual_seed(seed)
+        batch = len(prompts)
+        cache = self._cache_for(batch, seq)
+        key = (t_len, max_new_tokens, tuple(stops), pad_id, sampling)
+        if key not in self._decoders:
+            self._decoders[key] = (_DecodeState(cache, t_len, max_new_tokens, stops, pad_id, self.device), None)
+        st, graph = self._decoders[key]
+
+        sync = self._sync
+        sync()
+        t0 = time.perf_counter()
+        self._prefill(prompts, st, sampling)
+        sync()
+        prefill_s = time.perf_counter() - t0
+        capture_s = 0.0
+        if self.cuda_graph and graph is None and max_new_tokens > 1:
+            t_cap = time.perf_counter()
+            graph = self._capture(st, sampling)
+            self._decoders[key] = (st, graph)
+            sync()
+            capture_s = time.perf_counter() - t_cap
+        t1 = time.perf_counter()
+        emitted = streamed = 1
+        steps = 0
+        if stream is not None:
+            stream(st.out[:, :1].tolist())
+        while emitted < max_new_tokens:
+            if graph is not None:
+                graph.replay()
+            else:
+                self._decode_step(st, sampling)
+            emitted += 1
+            steps += 1
+            if steps % sync_every == 0 or emitted == max_new_tokens:
+                if stream is not None:
+                    stream(st.out[:, streamed:emitted].tolist())
+                    streamed = emitted
+                if bool(st.done.all()):
+                    break
+        sync()
+        decode_s = time.perf_counter() - t1
+        tokens = [_until_stop(row, stops) for row in st.out[:, :emitted].tolist()]
+        return GenerationOutput(tokens, prefill_s, decode_s, steps, {"capture_s": capture_s})
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _until_stop(row: List[int], stops: Sequence[int]) -> List[int]:
+    for i, t in enumerate(row):
+        if t in stops:
+            return row[: i + 1]
+    return row

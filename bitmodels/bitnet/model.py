@@ -1,0 +1,247 @@
+"""BitNet b1.58 decoder built from BitLinear layers (the architecture of transformers' BitNetForCausalLM).
+
+Per layer::
+
+    x = input_layernorm(h)
+    a = attn_sub_norm(attention(rotary(q_proj(x)), rotary(k_proj(x)), v_proj(x)))    # GQA
+    h = h + o_proj(a)
+    x = post_attention_layernorm(h)
+    h = h + down_proj(ffn_sub_norm(relu(gate_proj(x))**2 * up_proj(x)))
+
+then ``norm`` and a dense ``lm_head`` (tied to ``embed_tokens`` when the config says so).  The seven
+projections are BitLinear (W1.58A8: ternary weights, int8 per-token activations); module and
+parameter names are transformers', so checkpoints map one to one.
+
+``prepare_for_inference(device)`` resolves each projection's kernel through the registry once,
+fuses q/k/v and gate/up into single matrices when a kernel serves them (per-channel scales hold
+each part's scale, so the math is unchanged), and can move the canonical packed copies off the GPU
+so that only the kernels' prepared weights stay there.
+
+Example::
+
+    model = AutoBitModel.from_config(BitNetConfig(vocab_size=1000, hidden_size=128, intermediate_size=384,
+                                                  num_hidden_layers=2, num_attention_heads=4,
+                                                  num_key_value_heads=2)).eval()
+    logits = model(torch.randint(0, 1000, (1, 12)))      # [1, 12, 1000]
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from bitlayers.bitlinear import BitLinear
+from bitmodels.bitnet.bindings import PreparedLinear, bind_group, device_bytes
+from bitmodels.bitnet.config import BitNetConfig
+from bitmodels.bitnet.ops import CompiledOps, Ops, rms_norm, rotary_table
+from bitmodels.configs import register_model
+from bitmodels.hf.build import empty_frozen_bitlinear
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+
+
+def make_bitlinear(in_features: int, out_features: int, bias: bool, config: BitNetConfig, packed_only: bool) -> BitLinear:
+    """A trainable BitLinear, or with ``packed_only`` a frozen one with empty packed buffers (to be loaded)."""
+    if packed_only:
+        return empty_frozen_bitlinear(in_features, out_features, bias, config.quant_config)
+    return BitLinear(in_features, out_features, bias=bias, quant_config=config.quant_config)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class BitNetAttention(nn.Module):
+    def __init__(self, config: BitNetConfig, packed_only: bool = False) -> None:
+        super().__init__()
+        c = config
+        self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        self.q_proj = make_bitlinear(c.hidden_size, q_dim, c.attention_bias, c, packed_only)
+        self.k_proj = make_bitlinear(c.hidden_size, kv_dim, c.attention_bias, c, packed_only)
+        self.v_proj = make_bitlinear(c.hidden_size, kv_dim, c.attention_bias, c, packed_only)
+        self.o_proj = make_bitlinear(q_dim, c.hidden_size, c.attention_bias, c, packed_only)
+        self.attn_sub_norm = RMSNorm(q_dim, c.rms_norm_eps)
+        self.split = (q_dim, kv_dim, kv_dim)
+
+
+class BitNetMLP(nn.Module):
+    def __init__(self, config: BitNetConfig, packed_only: bool = False) -> None:
+        super().__init__()
+        c = config
+        self.gate_proj = make_bitlinear(c.hidden_size, c.intermediate_size, False, c, packed_only)
+        self.up_proj = make_bitlinear(c.hidden_size, c.intermediate_size, False, c, packed_only)
+        self.down_proj = make_bitlinear(c.intermediate_size, c.hidden_size, False, c, packed_only)
+        self.ffn_sub_norm = RMSNorm(c.intermediate_size, c.rms_norm_eps)
+
+
+class BitNetDecoderLayer(nn.Module):
+    def __init__(self, config: BitNetConfig, packed_only: bool = False) -> None:
+        super().__init__()
+        self.self_attn = BitNetAttention(config, packed_only)
+        self.mlp = BitNetMLP(config, packed_only)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eps = config.rms_norm_eps
+        # Filled by BitNetForCausalLM.prepare_for_inference: name -> PreparedLinear ("qkv", "gate_up", ...).
+        self.bound: Dict[str, PreparedLinear] = {}
+
+    def _project(self, fused: str, names: tuple, module: nn.Module, x: torch.Tensor) -> tuple:
+        if fused in self.bound:
+            return self.bound[fused](x)
+        if all(n in self.bound for n in names):
+            return tuple(self.bound[n](x) for n in names)
+        return tuple(getattr(module, n)(x) for n in names)
+
+    def _linear(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        bound = self.bound.get(name)
+        return bound(x) if bound is not None else getattr(module, name)(x)
+
+    def forward(self, h, x, next_norm: torch.Tensor, ops, cos, sin, k_cache=None, v_cache=None, slots=None, mask=None):
+        """``h`` is the residual stream, ``x = input_layernorm(h)``; returns ``(h', next_norm(h'))``."""
+        attn, mlp = self.self_attn, self.mlp
+        B, T, _ = x.shape
+        q, k, v = self._project("qkv", ("q_proj", "k_proj", "v_proj"), attn, x)
+        a = ops.attention(
+            q.view(B, T, attn.n_heads, attn.head_dim),
+            k.view(B, T, attn.n_kv_heads, attn.head_dim),
+            v.view(B, T, attn.n_kv_heads, attn.head_dim),
+            cos, sin, k_cache, v_cache, slots, mask, attn.attn_sub_norm.weight, self.eps,
+        )
+        h, x = ops.add_rms_norm(h, self._linear("o_proj", attn, a), self.post_attention_layernorm.weight, self.eps)
+        gate, up = self._project("gate_up", ("gate_proj", "up_proj"), mlp, x)
+        m = ops.relu2_gate_norm(gate, up, mlp.ffn_sub_norm.weight, self.eps)
+        return ops.add_rms_norm(h, self._linear("down_proj", mlp, m), next_norm, self.eps)
+
+
+class BitNetModel(nn.Module):
+    def __init__(self, config: BitNetConfig, packed_only: bool = False) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(BitNetDecoderLayer(config, packed_only) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class BitNetForCausalLM(nn.Module):
+    """BitNet b1.58 causal LM; see the module docstring.
+
+    ``packed_only=True`` builds the projections without float latent weights (for loading
+    checkpoints of any size cheaply); the default builds trainable BitLinear layers.
+    """
+
+    def __init__(self, config: BitNetConfig, packed_only: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.model = BitNetModel(config, packed_only)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rotary_table(config.head_dim, config.rope_theta, config.max_position_embeddings)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.ops = Ops()
+
+    # ---------------------------------------------------------------- forward
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin ``[B, T, 1, D]`` in ``dtype`` for integer ``positions [B, T]``."""
+        if not positions.is_cuda and positions.numel() and int(positions.max()) >= self.rope_cos.shape[0]:
+            raise ValueError(
+                f"position {int(positions.max())} is beyond max_position_embeddings={self.rope_cos.shape[0]}"
+            )
+        return self.rope_cos[positions].unsqueeze(2).to(dtype), self.rope_sin[positions].unsqueeze(2).to(dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: Optional[torch.Tensor] = None,
+        cache=None,
+        slots: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+        last_only: bool = False,
+        ops: Optional[Ops] = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, T, vocab]`` (``[B, 1, vocab]`` with ``last_only``) for ``input_ids [B, T]``.
+
+        Without arguments beyond ``input_ids`` this is plain causal attention over the sequence.
+        The generation engine passes rotary ``positions [B, T]``, a :class:`KVCache`, the cache
+        ``slots [T]`` this chunk writes and the attention ``mask [B, 1, T, S]``; ``ops`` overrides
+        the model's float operations (eager or compiled) for this call.
+        """
+        ops = self.ops if ops is None else ops
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, h.dtype)
+        layers = self.model.layers
+        x = ops.rms_norm(h, layers[0].input_layernorm.weight, self.config.rms_norm_eps)
+        for i, layer in enumerate(layers):
+            nxt = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else self.model.norm.weight
+            kc, vc = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
+            h, x = layer(h, x, nxt, ops, cos, sin, kc, vc, slots, mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)
+
+    # ------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(cls, path, *, dtype: Optional[torch.dtype] = None) -> "BitNetForCausalLM":
+        """Load a transformers BitNet checkpoint or a BitLab one (see :mod:`bitmodels.bitnet.checkpoint`)."""
+        from bitmodels.bitnet.checkpoint import load_bitnet
+
+        return load_bitnet(path, dtype=dtype)
+
+    def save_pretrained(self, directory):
+        """Save in BitLab's packed format (loadable here and by ``AutoBitModel.from_pretrained``)."""
+        from bitmodels.bitnet.checkpoint import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    # -------------------------------------------------------------- inference
+    def bitlinears(self):
+        """(name, BitLinear) for every projection."""
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, BitLinear)]
+
+    def prepare_for_inference(self, device=None, *, fuse: bool = True, offload_packed: bool = False) -> Dict[str, str]:
+        """Resolve every projection's kernel and prepared weight once for ``device`` (see bindings).
+
+        Returns ``{binding name: kernel name}`` for layer 0, e.g. ``{"qkv": "cuda_ext.Ternary...", ...}``.
+        """
+        device = torch.device(device) if device is not None else self.lm_head.weight.device
+        self.eval()
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            modules = {n: getattr(attn, n) for n in PROJECTIONS[:4]}
+            modules.update({n: getattr(mlp, n) for n in PROJECTIONS[4:]})
+            layer.bound = bind_group(modules, FUSED_GROUPS, device, fuse=fuse, offload_packed=offload_packed)
+        return {name: b.kernel.name for name, b in self.model.layers[0].bound.items()}
+
+    def release_bindings(self) -> None:
+        """Drop the prepared weights; projections dispatch through ``BitLinear.forward`` again."""
+        for layer in self.model.layers:
+            layer.bound = {}
+
+    def use_compiled_ops(self, enabled: bool = True, **compile_kwargs) -> None:
+        """Run the float operations through ``torch.compile`` (fused kernels) or eagerly."""
+        self.ops = CompiledOps(**compile_kwargs) if enabled else Ops()
+
+    def weight_memory(self) -> Dict[str, int]:
+        """Bytes of the weights: canonical packed projections (wherever they are), the kernels' prepared
+        projections on the GPU, and float parameters (embeddings, lm_head, norms; a tied matrix once)."""
+        bindings = [b for layer in self.model.layers for b in layer.bound.values()]
+        packed = sum(m.packed_weight().nbytes() for _, m in self.bitlinears())
+        floats = {p.data_ptr(): p.numel() * p.element_size() for p in self.parameters()}
+        return {"packed": packed, "prepared_gpu": device_bytes(bindings, "cuda"), "float": sum(floats.values())}
+
+
+register_model(BitNetConfig, BitNetForCausalLM)

@@ -1,0 +1,122 @@
+"""The float operations of the BitNet decoder between its BitLinear layers.
+
+Each function is pure tensor code with the exact math of transformers'
+``modeling_bitnet`` (RMSNorm in float32 then cast back before the weight,
+rotary ``x * cos + rotate_half(x) * sin``, float32 softmax), written so that
+``torch.compile`` can fuse each one into a kernel or two.  ``CompiledOps``
+holds compiled copies; the model calls whichever ``Ops`` object it holds.
+
+Example::
+
+    h, x = add_rms_norm(h, delta, weight, 1e-5)   # residual add, then the next layer's norm
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' BitNetRMSNorm: normalize in float32, cast to x.dtype, then scale."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm(
+    residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``h = residual + delta`` and ``rms_norm(h)``: the end of one sub-block and the start of the next."""
+    h = residual + delta
+    return h, rms_norm(h, weight, eps)
+
+
+def relu2_gate_norm(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """BitNet's MLP middle: ``ffn_sub_norm(relu(gate)**2 * up)``."""
+    return rms_norm(torch.relu(gate).square() * up, weight, eps)
+
+
+def rotary_table(head_dim: int, theta: float, n_positions: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``cos, sin [n_positions, head_dim]`` computed as transformers' default RoPE does."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = torch.arange(n_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x [B, T, heads, D]`` rotated; ``cos, sin [B, T, 1, D]`` already in x.dtype."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: Optional[torch.Tensor],
+    v_cache: Optional[torch.Tensor],
+    slots: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    sub_norm_weight: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """Rotary, KV-cache write, grouped-query attention and ``attn_sub_norm``.
+
+    ``q [B, T, H, D]``, ``k, v [B, T, KVH, D]``.  With a cache
+    (``[B, KVH, S, D]``), ``k, v`` are written at cache positions ``slots [T]``
+    and the queries attend over the whole cache under ``mask [B, 1, T, S]``
+    (True = attend).  Without one, attention is causal over the chunk (and
+    ``mask``, when given, is ``[B, 1, T, T]``).  Returns ``[B, T, H * D]``.
+    """
+    B, T, H, D = q.shape
+    kvh = k.shape[2]
+    q = apply_rotary(q, cos, sin).transpose(1, 2)  # [B, H, T, D]
+    k = apply_rotary(k, cos, sin).transpose(1, 2)  # [B, KVH, T, D]
+    v = v.transpose(1, 2)
+    if k_cache is not None:
+        k_cache.index_copy_(2, slots, k)
+        v_cache.index_copy_(2, slots, v)
+        k, v = k_cache, v_cache
+    scale = 1.0 / math.sqrt(D)
+    if T == 1 and k_cache is not None:
+        # Decode: group the H query heads by KV head so each cached K/V is read once (no repeat).
+        g = H // kvh
+        qg = q.reshape(B, kvh, g, D)
+        scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, KVH, G, S]
+        scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs, v).reshape(B, 1, H * D)
+    else:
+        if kvh != H:  # prefill: expand K/V heads for SDPA's fused kernels
+            k = k[:, :, None].expand(B, kvh, H // kvh, k.shape[2], D).reshape(B, H, k.shape[2], D)
+            v = v[:, :, None].expand(B, kvh, H // kvh, v.shape[2], D).reshape(B, H, v.shape[2], D)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        out = out.transpose(1, 2).reshape(B, T, H * D)
+    return rms_norm(out, sub_norm_weight, eps)
+
+
+class Ops:
+    """The decoder's float operations, eager."""
+
+    rms_norm = staticmethod(rms_norm)
+    add_rms_norm = staticmethod(add_rms_norm)
+    relu2_gate_norm = staticmethod(relu2_gate_norm)
+    attention = staticmethod(attention)
+
+
+class CompiledOps(Ops):
+    """The same operations through ``torch.compile`` (fused elementwise kernels)."""
+
+    def __init__(self, **compile_kwargs) -> None:
+        for name in ("rms_norm", "add_rms_norm", "relu2_gate_norm", "attention"):
+            setattr(self, name, torch.compile(getattr(Ops, name), **compile_kwargs))

@@ -1,0 +1,64 @@
+"""Next-token choice: greedy, or sampling with temperature, top-k and top-p.
+
+Everything runs on the device without a host sync, so it can sit inside the
+CUDA graph of a decode step.  Sampling draws ``argmax(p / e)`` with ``e`` i.i.d.
+Exponential(1), which picks index ``i`` with probability ``p_i`` (the
+exponential-race form of categorical sampling, no ``multinomial`` sync).
+
+Example::
+
+    next_ids = sample(logits, SamplingConfig(temperature=0.8, top_k=50, top_p=0.95))
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bitcore.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` switch those filters off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not float(self.temperature) >= 0:
+            raise ConfigError(f"temperature: got {self.temperature!r}; expected a number >= 0 (0 = greedy)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"top_k: got {self.top_k!r}; expected an integer >= 0 (0 = off)")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise ConfigError(f"top_p: got {self.top_p!r}; expected a number in (0, 1] (1 = off)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """float32 logits ``[B, V]`` with everything outside the top-k / nucleus set to -inf."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass (the first always stays)
+        drop = (torch.cumsum(probs, dim=-1) - probs) > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return logits
+
+
+def sample(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """Token ids ``[B]`` (int64) from logits ``[B, V]``."""
+    if config.greedy:
+        return torch.argmax(logits, dim=-1)
+    scaled = filter_logits(logits.float() / config.temperature, config.top_k, config.top_p)
+    probs = torch.softmax(scaled, dim=-1)
+    race = torch.empty_like(probs).exponential_()
+    return torch.argmax(probs / race, dim=-1)
