@@ -280,6 +280,11 @@ class Registry:
         self._backend_availability[name] = result
         return result
 
+    def kernel_availability(self, kernel: BitKernel) -> Availability:
+        """Whether ``kernel`` (and its backend) can run here, with the reason when not."""
+        self._ensure_loaded()
+        return self._kernel_available(kernel)
+
     def _kernel_available(self, kernel: BitKernel) -> Availability:
         cached = self._kernel_availability.get(kernel.name)
         if cached is not None:
