@@ -1,0 +1,191 @@
+"""The generation engine: cached decoding equals full recomputation, sampling, stop tokens, batching, streaming."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bitcore.errors import ConfigError
+from bitmodels.bitnet import BitNetConfig, BitNetForCausalLM
+from bitmodels.bitnet.generate import Generator
+from bitmodels.bitnet.sampling import SamplingConfig, filter_logits, sample
+
+
+def _model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=71, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=3, max_position_embeddings=192, tie_word_embeddings=False,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    fields.update(overrides)
+    model = BitNetForCausalLM(BitNetConfig(**fields))
+    with torch.no_grad():  # transformers' init scale: small embeddings, so the layers matter
+        model.model.embed_tokens.weight.normal_(0, 0.02)
+        model.lm_head.weight.normal_(0, 0.02)
+    return model.eval()
+
+
+def _greedy_by_recomputation(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def _prompts(seed, lengths, vocab=71):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def test_cached_greedy_decoding_equals_full_recomputation_for_a_padded_batch():
+    model = _model(seed=1)
+    prompts = _prompts(1, (7, 3, 12))
+    out = Generator(model).generate(prompts, max_new_tokens=9, stop_token_ids=[])
+    assert out.decode_steps == 8
+    for prompt, tokens in zip(prompts, out.tokens):
+        assert tokens == _greedy_by_recomputation(model, prompt, 9)
+
+
+def test_decode_logits_equal_a_full_forward():
+    """The KV-cache path (prefill + one-token steps) computes the same logits as one causal forward."""
+    model = _model(seed=2)
+    model.prepare_for_inference("cpu")
+    gen = Generator(model)
+    prompt = _prompts(2, (10,))[0]
+    tokens = gen.generate([prompt], max_new_tokens=5, stop_token_ids=[]).tokens[0]
+    full = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logits = model(full)[0]
+    assert logits[len(prompt) - 1:-1].argmax(-1).tolist() == tokens
+
+
+def test_fused_and_unfused_projections_compute_the_same_logits():
+    model = _model(seed=3)
+    ids = torch.randint(3, 71, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain = model(ids)
+        model.prepare_for_inference("cpu", fuse=True)
+        assert "qkv" in model.model.layers[0].bound and "gate_up" in model.model.layers[0].bound
+        fused = model(ids)
+        model.prepare_for_inference("cpu", fuse=False)
+        assert "qkv" not in model.model.layers[0].bound
+        unfused = model(ids)
+    assert torch.equal(plain, unfused)
+    assert torch.equal(fused, unfused)
+
+
+def test_stop_token_ends_a_row_and_pads_the_rest():
+    model = _model(seed=4)
+    prompts = _prompts(4, (5, 8))
+    free = Generator(model).generate(prompts, max_new_tokens=10, stop_token_ids=[])
+    stop = free.tokens[0][3]  # the 4th token of row 0 becomes a stop token
+    out = Generator(model).generate(prompts, max_new_tokens=10, stop_token_ids=[stop], sync_every=2)
+    first = free.tokens[0].index(stop)
+    assert out.tokens[0] == free.tokens[0][: first + 1]
+    expected_1 = free.tokens[1][: free.tokens[1].index(stop) + 1] if stop in free.tokens[1] else free.tokens[1]
+    assert out.tokens[1] == expected_1
+
+
+def test_all_rows_stopped_ends_decoding_early():
+    model = _model(seed=5)
+    prompt = _prompts(5, (6,))
+    first = Generator(model).generate(prompt, max_new_tokens=1, stop_token_ids=[]).tokens[0][0]
+    out = Generator(model).generate(prompt, max_new_tokens=50, stop_token_ids=[first], sync_every=4)
+    assert out.tokens == [[first]]
+    assert out.decode_steps <= 4
+
+
+def test_streaming_delivers_every_token_in_order():
+    model = _model(seed=6)
+    prompts = _prompts(6, (4, 9))
+    chunks = []
+    out = Generator(model).generate(prompts, max_new_tokens=11, stop_token_ids=[], stream=chunks.append, sync_every=3)
+    streamed = [sum((c[i] for c in chunks), []) for i in range(2)]
+    assert streamed == out.tokens
+    assert len(chunks) == 1 + math.ceil(10 / 3)
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    model = _model(seed=7)
+    prompts = _prompts(7, (5, 5))
+    cfg = SamplingConfig(temperature=1.5, top_k=3)
+    gen = Generator(model)
+    a = gen.generate(prompts, max_new_tokens=8, sampling=cfg, seed=11, stop_token_ids=[])
+    b = gen.generate(prompts, max_new_tokens=8, sampling=cfg, seed=11, stop_token_ids=[])
+    assert a.tokens == b.tokens
+    # every sampled token is among the 3 most likely next tokens
+    for prompt, tokens in zip(prompts, a.tokens):
+        ids = prompt + tokens
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))[0, len(prompt) - 1:-1]
+        top3 = logits.topk(3, dim=-1).indices
+        assert all(t in top3[i].tolist() for i, t in enumerate(tokens))
+
+
+def test_sample_matches_the_softmax_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
+    n = 40000
+    torch.manual_seed(0)
+    draws = sample(logits.expand(n, -1).clone(), SamplingConfig(temperature=1.0))
+    freq = torch.bincount(draws, minlength=5).float() / n
+    expected = torch.softmax(logits, -1)
+    assert torch.allclose(freq, expected, atol=0.01), (freq, expected)
+    torch.manual_seed(1)
+    hot = sample(logits.expand(n, -1).clone(), SamplingConfig(temperature=2.0))
+    freq_hot = torch.bincount(hot, minlength=5).float() / n
+    assert torch.allclose(freq_hot, torch.softmax(logits / 2, -1), atol=0.01)
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 0.0, -1.0]])
+    k2 = filter_logits(logits, top_k=2, top_p=1.0)
+    assert torch.isfinite(k2).tolist() == [[True, False, True, False, False]]
+    probs = torch.softmax(logits, -1)[0]  # ~[0.64, 0.09, 0.24, 0.03, 0.01]
+    p = filter_logits(logits, top_k=0, top_p=0.8)  # 0.64 < 0.8, so the second (0.24) stays; then the mass is 0.88
+    assert torch.isfinite(p).tolist() == [[True, False, True, False, False]]
+    assert float(probs[0]) < 0.8 < float(probs[0] + probs[2])
+    tiny = filter_logits(logits, top_k=0, top_p=0.1)  # the most likely token always stays
+    assert torch.isfinite(tiny).tolist() == [[True, False, False, False, False]]
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(4, 33, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(sample(logits, SamplingConfig()), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("temperature", -0.5, "temperature"), ("top_k", -1, "top_k"), ("top_p", 0.0, "top_p"), ("top_p", 1.5, "top_p"),
+])
+def test_sampling_config_names_bad_values(field, value, match):
+    with pytest.raises(ConfigError, match=match):
+        SamplingConfig(**{field: value})
+
+
+def test_generate_rejects_bad_requests():
+    model = _model(seed=9, max_position_embeddings=64)
+    gen = Generator(model)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        gen.generate([[3, 4]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        gen.generate([[3, 400]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_position_embeddings=64"):
+        gen.generate([[3] * 40], max_new_tokens=30)
+    with pytest.raises(ValueError, match="at least one token"):
+        gen.generate([[]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="cuda_graph=True"):
+        Generator(model, cuda_graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_decode_equals_eager_decode(cuda_device, compile):
+    model = _model(seed=10).to(cuda_device, torch.bfloat16)
+    prompts = _prompts(10, (6, 11, 2))
+    eager = Generator(model, cuda_graph=False).generate(prompts, max_new_tokens=12, stop_token_ids=[])
+    fast = Generator(model, cuda_graph=True, compile=compile)
+    graph = fast.generate(prompts, max_new_tokens=12, stop_token_ids=[])
+    again = fast.generate(prompts, max_new_tokens=12, stop_token_ids=[])  # replays the captured graph
+    assert graph.tokens == eager.tokens == again.tokens
+    sampled = fast.generate(prompts, 12, SamplingConfig(temperature=0.9, top_p=0.9), seed=3, stop_token_ids=[])
+    assert all(len(t) == 12 for t in sampled.tokens)
