@@ -1,0 +1,378 @@
+"""numba.cuda kernels of the numba_cuda backend: low-bit GEMV/GEMM for 1 to 64 tokens.
+
+Weight layouts are described in :mod:`backends.numba_cuda.layout`; in short,
+each warp owns ``ROWS`` output rows and walks along the input in chunks of 32
+``int64`` words, lane ``l`` holding the codes of inputs ``c*chunk + j*32 + l``.
+
+Work split
+----------
+* A block is ``WARPS`` warps; warp ``w`` of block ``bx`` owns rows
+  ``(bx * WARPS + w) * ROWS + r`` for ``r < ROWS`` and batch rows
+  ``by * TOKENS + t`` for ``t < TOKENS`` (``by`` = blockIdx.y).
+* Per chunk a lane loads one word per row, then for every code ``j`` loads the
+  activation ``x[t, k]`` once and applies it to all ``ROWS`` rows, so the
+  activation traffic is shared by the rows and the weights are read once per
+  token tile.  Lanes then sum their partials with warp shuffles and lane 0
+  writes the epilogue.
+* Rows past ``out_features`` and tokens past ``tokens`` are clamped onto the
+  last valid one for loading (so no thread reads out of bounds and no branch
+  splits the warp) and are never written.
+
+Arithmetic (see ``bitcore.quantize`` and ``backends/torch_ref`` for the definition)
+------------------------------------------------------------------------------
+* float activations: each code becomes the float32 ``0.5 + u/4`` built from its
+  bits (``0x3F000000 | u << 22``: 0.5, 0.75, 1.0); ``acc = sum(x * (0.5 + u/4))``
+  and ``s = sum(x)`` are float32, and ``sum(x * v) = 4 acc - 3 s``.
+* int8 activations: ``acc = sum(xq * u) - sum(xq)`` in int32 (exact), then
+  ``acc * x_scale[t] * w_scale``; the quantization itself is done beforehand by
+  :func:`bitcore.quantize.quantize_activation_int8` so it matches bit for bit.
+* binary activations x binary weights (XNOR): lane words of packed signs,
+  ``dot = in_features - 2 * popcount(w ^ x)``, exact.
+* epilogue: ``y = dot * x_scale * w_scale (+ bias)``, then relu / relu2, cast to
+  the output dtype (bfloat16 by round-to-nearest-even on the bits, as torch).
+
+Everything here takes numba device arrays (``numba.cuda.as_cuda_array`` views of
+torch tensors) or, under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``), NumPy
+arrays: the same kernels run in CI without a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from numba import config as numba_config
+from numba import cuda, float32, int32, int64, uint64
+
+from backends.numba_cuda.layout import LANES, codes_per_word
+
+SIMULATOR = bool(numba_config.ENABLE_CUDASIM)
+WARPS = 4  # warps per block
+FULL_MASK = 0xFFFFFFFF
+EPILOGUE_CODES = {"none": 0, "relu": 1, "relu2": 2}
+X_KINDS = ("float", "bf16bits", "int8")  # how activations are read
+OUT_KINDS = ("float", "bf16bits")  # how outputs (and biases) are written / read
+
+# ----------------------------------------------------------------------------- bit casts
+if SIMULATOR:
+
+    def _int_as_float(i):
+        return np.int32(i).view(np.float32)
+
+    def _float_as_int(f):
+        return np.float32(f).view(np.int32)
+
+    def _popc64(v):  # the simulator's popc counts the bits of Python's signed repr
+        return bin(int(v) & 0xFFFFFFFFFFFFFFFF).count("1")
+
+    int_as_float = cuda.jit(device=True)(_int_as_float)
+    float_as_int = cuda.jit(device=True)(_float_as_int)
+    popc64 = cuda.jit(device=True)(_popc64)
+else:
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True, inline=True)
+    def int_as_float(i):
+        return libdevice.int_as_float(int32(i))
+
+    @cuda.jit(device=True, inline=True)
+    def float_as_int(f):
+        return libdevice.float_as_int(f)
+
+    @cuda.jit(device=True, inline=True)
+    def popc64(v):
+        return cuda.popc(v)
+
+
+@cuda.jit(device=True, inline=True)
+def bf16_bits_to_float(b):
+    """bfloat16 bits (read as int16) -> float32: the bf16 bits are the high half of the float."""
+    return int_as_float(int32((int32(b) & 0xFFFF) << 16))
+
+
+@cuda.jit(device=True, inline=True)
+def float_to_bf16_bits(f):
+    """float32 -> bfloat16 bits as a signed int16 value, round-to-nearest-even, NaN -> 0x7FC0 (as torch)."""
+    if f != f:
+        return int32(0x7FC0)
+    u = int64(float_as_int(f)) & 0xFFFFFFFF
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    r = r & 0xFFFF
+    if r >= 0x8000:
+        r -= 0x10000
+    return int32(r)
+
+
+@cuda.jit(device=True, inline=True)
+def apply_epilogue(y, bias_n, epilogue):
+    y += bias_n
+    if epilogue >= 1:
+        if y < float32(0.0):  # NaN stays NaN, as torch.relu
+            y = float32(0.0)
+        if epilogue == 2:
+            y = y * y
+    return y
+
+
+# Hot loads index with unsigned integers: numba then skips its negative-index wraparound.
+@cuda.jit(device=True, inline=True)
+def read_float(x, t, k):
+    return float32(x[uint64(t), uint64(k)])
+
+
+@cuda.jit(device=True, inline=True)
+def read_bf16_bits(x, t, k):
+    return bf16_bits_to_float(x[uint64(t), uint64(k)])
+
+
+@cuda.jit(device=True, inline=True)
+def read_int(x, t, k):
+    return int32(x[uint64(t), uint64(k)])
+
+
+@cuda.jit(device=True, inline=True)
+def read_bias_float(bias, has_bias, n):
+    if has_bias:
+        return float32(bias[n])
+    return float32(0.0)
+
+
+@cuda.jit(device=True, inline=True)
+def read_bias_bf16_bits(bias, has_bias, n):
+    if has_bias:
+        return bf16_bits_to_float(bias[n])
+    return float32(0.0)
+
+
+
+@cuda.jit(device=True, inline=True)
+def store_float(out, t, n, y):
+    out[t, n] = y
+
+
+@cuda.jit(device=True, inline=True)
+def store_bf16_bits(out, t, n, y):
+    out[t, n] = float_to_bf16_bits(y)
+
+
+@cuda.jit(device=True, inline=True)
+def clamp_to(i, last):
+    """min(i, last) (numba's builtin min does not compile as a CUDA device call everywhere)."""
+    return i if i < last else last
+
+
+READ_BIAS = {"float": read_bias_float, "bf16bits": read_bias_bf16_bits}
+STORE = {"float": store_float, "bf16bits": store_bf16_bits}
+
+
+if SIMULATOR:
+    # The simulator has no warp shuffles: sum through a per-block shared buffer instead.
+    # Every thread of the block reaches this call once, so the barriers match.
+    def _simulated_warp_reduce(a):
+        buf = cuda.shared.array((WARPS * LANES, 64), np.float64)
+        tid = cuda.threadIdx.x
+        start = tid - tid % LANES
+        cuda.syncthreads()
+        buf[tid, : a.size] = a.ravel()
+        cuda.syncthreads()
+        a[...] = buf[start:start + LANES, : a.size].sum(axis=0).reshape(a.shape)
+        cuda.syncthreads()
+
+    warp_reduce = cuda.jit(device=True)(_simulated_warp_reduce)
+else:
+
+    @cuda.jit(device=True, inline=True)
+    def warp_sum(v):
+        for offset in (16, 8, 4, 2, 1):
+            v += cuda.shfl_xor_sync(FULL_MASK, v, offset)
+        return v
+
+    @cuda.jit(device=True, inline=True)
+    def warp_reduce(a):
+        """Sum a small 2-D local array over the 32 lanes of the warp, in place (every lane gets the sums)."""
+        for i in range(a.shape[0]):
+            for t in range(a.shape[1]):
+                a[i, t] = warp_sum(a[i, t])
+
+
+# ---------------------------------------------------------------- offset-code GEMV family
+def unrolled_chunk(step, codes: int, tail: bool):
+    """Device function ``accumulate(acc, w, x, k0, tok0, n_tok, n_in)``: ``step`` for j = 0 .. codes-1, unrolled.
+
+    numba has no unroll pragma, and a loop over ``j`` leaves each bit extraction a
+    variable 64-bit shift; writing the calls out with a literal ``j`` makes every
+    shift a constant.  The ``tail`` variant stops at the first input >= n_in.
+    """
+    lines = ["def accumulate(acc, w, x, k0, tok0, n_tok, n_in):"]
+    for j in range(codes):
+        if tail:
+            lines += [f"    if k0 + {j * LANES} >= n_in:", "        return"]
+        lines.append(f"    step(acc, w, x, k0 + {j * LANES}, {j}, tok0, n_tok)")
+    namespace = {"step": step}
+    exec("\n".join(lines), namespace)
+    return cuda.jit(device=True, inline=True)(namespace["accumulate"])
+
+
+@functools.lru_cache(maxsize=None)
+def offset_code_kernel(bits: int, x_kind: str, out_kind: str, bias_kind: str, rows: int, tokens: int):
+    """Kernel for ternary (bits=2) / binary (bits=1) offset codes; one compiled variant per argument set.
+
+    Signature: ``(out, x, words, w_scale, scale_stride, x_scale, bias, has_bias, epilogue, n_out, n_in, n_tok)``
+    with ``x`` ``[n_tok, n_in]``, ``words`` ``[n_out, chunks * 32]``, ``w_scale[n * scale_stride]``,
+    ``x_scale`` ``[n_tok, 1]`` (used for int8 activations only) and ``out`` ``[n_tok, n_out]``.
+    """
+    if bits not in (1, 2) or x_kind not in X_KINDS or out_kind not in OUT_KINDS or bias_kind not in OUT_KINDS:
+        raise ValueError(
+            f"offset_code_kernel: unsupported variant bits={bits}, x={x_kind}, out={out_kind}, bias={bias_kind}"
+        )
+    CODES = codes_per_word(bits)
+    MASK = (1 << bits) - 1
+    FLOAT_SHIFT = 24 - bits  # u at bits 22-23 of 0.5f: the float 0.5 + u/4
+    INT_SHIFT = 2 - bits  # binary's 1-bit field b stands for u = 2b
+    INTEGER = x_kind == "int8"
+    ROWS, TOKENS = rows, tokens
+    ACC_ROWS = ROWS + 1  # the extra row holds sum(x)
+    acc_type = int32 if INTEGER else float32
+    read_x = {"float": read_float, "bf16bits": read_bf16_bits, "int8": read_int}[x_kind]
+    store = STORE[out_kind]
+    read_bias = READ_BIAS[bias_kind]
+
+    if INTEGER:
+
+        @cuda.jit(device=True, inline=True)
+        def weight_of(word, j):
+            return int32(((word >> (bits * j)) & MASK) << INT_SHIFT)
+
+    else:
+
+        @cuda.jit(device=True, inline=True)
+        def weight_of(word, j):
+            return int_as_float((((word >> (bits * j)) & MASK) << FLOAT_SHIFT) | 0x3F000000)
+
+    @cuda.jit(device=True, inline=True)
+    def step(acc, w, x, k, j, tok0, n_tok):
+        """Apply activation(s) x[:, k] to code j of every row's word."""
+        for t in range(TOKENS):
+            xv = read_x(x, clamp_to(tok0 + t, n_tok - 1), k)
+            acc[ROWS, t] += xv
+            for r in range(ROWS):
+                acc[r, t] += xv * weight_of(w[r], j)
+
+    accumulate_full = unrolled_chunk(step, CODES, tail=False)
+    accumulate_tail = unrolled_chunk(step, CODES, tail=True)
+
+    @cuda.jit
+    def kernel(out, x, words, w_scale, scale_stride, x_scale, bias, has_bias, epilogue, n_out, n_in, n_tok):
+        lane = cuda.threadIdx.x % LANES
+        warp = cuda.blockIdx.x * (cuda.blockDim.x // LANES) + cuda.threadIdx.x // LANES
+        row0 = warp * ROWS
+        tok0 = cuda.blockIdx.y * TOKENS
+        # acc[r, t] = sum of x * weight code for row r, token t; acc[ROWS, t] = sum of x
+        acc = cuda.local.array((ACC_ROWS, TOKENS), acc_type)
+        for t in range(TOKENS):
+            for r in range(ACC_ROWS):
+                acc[r, t] = acc_type(0)
+        w = cuda.local.array(ROWS, int64)
+        chunk = LANES * CODES
+        n_full = n_in // chunk
+        for c in range(n_full):
+            for r in range(ROWS):
+                w[r] = words[uint64(clamp_to(row0 + r, n_out - 1)), uint64(c * LANES + lane)]
+            accumulate_full(acc, w, x, c * chunk + lane, tok0, n_tok, n_in)
+        if n_full * chunk < n_in:
+            for r in range(ROWS):
+                w[r] = words[uint64(clamp_to(row0 + r, n_out - 1)), uint64(n_full * LANES + lane)]
+            accumulate_tail(acc, w, x, n_full * chunk + lane, tok0, n_tok, n_in)
+        warp_reduce(acc)
+        for t in range(TOKENS):
+            s = acc[ROWS, t]
+            for r in range(ROWS):
+                total = acc[r, t]
+                n = row0 + r
+                tok = tok0 + t
+                if lane == 0 and n < n_out and tok < n_tok:
+                    if INTEGER:
+                        y = float32(total - s) * float32(x_scale[tok, 0]) * float32(w_scale[n * scale_stride])
+                    else:
+                        y = (float32(4.0) * total - float32(3.0) * s) * float32(w_scale[n * scale_stride])
+                    store(out, tok, n, apply_epilogue(y, read_bias(bias, has_bias, n), epilogue))
+
+    return kernel
+
+
+# ------------------------------------------------------------------------- XNOR family
+@functools.lru_cache(maxsize=None)
+def xnor_kernel(out_kind: str, bias_kind: str, rows: int, tokens: int):
+    """Binary weights x binary activations.
+
+    Signature: ``(out, signs, words, w_scale, scale_stride, x_scale, bias, has_bias, epilogue, n_out, n_in, n_tok)``
+    with ``signs`` int8 ``[n_tok, n_in]`` in {-1, +1} and ``words`` the sign words ``[n_out, ceil(n_in / 64)]``.
+    Lane ``l`` packs the signs of inputs ``64 q + j`` of its words ``q = l, l + 32, ...`` itself, once per
+    token, and reuses them for all ``ROWS`` rows.
+    """
+    if out_kind not in OUT_KINDS or bias_kind not in OUT_KINDS:
+        raise ValueError(f"xnor_kernel: unsupported variant out={out_kind!r}, bias={bias_kind!r}; kinds are {OUT_KINDS}")
+    ROWS, TOKENS = rows, tokens
+    store = STORE[out_kind]
+    read_bias = READ_BIAS[bias_kind]
+
+    @cuda.jit
+    def kernel(out, signs, words, w_scale, scale_stride, x_scale, bias, has_bias, epilogue, n_out, n_in, n_tok):
+        lane = cuda.threadIdx.x % LANES
+        warp = cuda.blockIdx.x * (cuda.blockDim.x // LANES) + cuda.threadIdx.x // LANES
+        row0 = warp * ROWS
+        tok0 = cuda.blockIdx.y * TOKENS
+        differ = cuda.local.array((ROWS, TOKENS), int32)
+        for t in range(TOKENS):
+            for r in range(ROWS):
+                differ[r, t] = 0
+        w = cuda.local.array(ROWS, int64)
+        for q in range(lane, words.shape[1], LANES):
+            for r in range(ROWS):
+                w[r] = words[clamp_to(row0 + r, n_out - 1), q]
+            for t in range(TOKENS):
+                tok = clamp_to(tok0 + t, n_tok - 1)
+                xw = int64(0)
+                for j in range(64):
+                    k = q * 64 + j
+                    if k >= n_in:
+                        break
+                    if signs[tok, k] > 0:
+                        xw |= int64(1) << j
+                for r in range(ROWS):
+                    differ[r, t] += popc64(w[r] ^ xw)
+        warp_reduce(differ)
+        for t in range(TOKENS):
+            for r in range(ROWS):
+                total = differ[r, t]
+                n = row0 + r
+                tok = tok0 + t
+                if lane == 0 and n < n_out and tok < n_tok:
+                    dot = n_in - 2 * total
+                    y = float32(dot) * float32(x_scale[tok, 0]) * float32(w_scale[n * scale_stride])
+                    store(out, tok, n, apply_epilogue(y, read_bias(bias, has_bias, n), epilogue))
+
+    return kernel
+
+
+# ------------------------------------------------------------------------------ launch
+def launch_shape(n_out: int, n_tok: int) -> tuple:
+    """(rows per warp, tokens per block): the one place the launch heuristics live.
+
+    Batch 1 is memory bound: 4 rows per warp keep four independent 256-byte loads in
+    flight per lane while sharing each activation load across four rows.  More
+    tokens reuse each decoded weight for up to 4 tokens before re-reading it.
+    """
+    rows = 4
+    tokens = 1 if n_tok == 1 else (2 if n_tok == 2 else 4)
+    return rows, tokens
+
+
+def grid_for(n_out: int, n_tok: int, rows: int, tokens: int) -> tuple:
+    rows_per_block = WARPS * rows
+    return (math.ceil(n_out / rows_per_block), math.ceil(n_tok / tokens)), (WARPS * LANES,)
+
+
+def launch(kernel, grid, block, stream, *args):
+    """Launch on ``stream`` (a numba stream; 0 under the simulator)."""
+    kernel[grid, block, stream](*args)
