@@ -14,8 +14,7 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SPEC = ExtensionSpec(
     name="bitlab_cpp_cpu",
     sources=tuple(sorted(CSRC.glob("*.cpp"))),
-    extra_cflags=("-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"),
-    extra_ldflags=("-fopenmp",),
+    extra_cflags=("-O3", "-ffp-contract=off", "-fno-math-errno"),
     python_module=False,
 )
 

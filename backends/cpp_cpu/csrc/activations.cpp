@@ -134,7 +134,6 @@ void quantize_int8(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp
   if (!per_token) {
     for (int64_t t = 0; t < M; ++t) tensor_amax = std::max(tensor_amax, absmax(x + t * ldx));
   }
-#pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
   for (int64_t t = 0; t < M; ++t) {
     const float* row = x + t * ldx;
     float a = std::max(per_token ? absmax(row) : tensor_amax, 1e-5f);
@@ -148,7 +147,6 @@ void quantize_int8(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp
 }
 
 void pad_float(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, float* out) {
-#pragma omp parallel for schedule(static) if (M * K >= (1 << 18))
   for (int64_t t = 0; t < M; ++t) {
     std::memcpy(out + t * Kp, x + t * ldx, sizeof(float) * static_cast<size_t>(K));
     std::memset(out + t * Kp + K, 0, sizeof(float) * static_cast<size_t>(Kp - K));
@@ -158,7 +156,6 @@ void pad_float(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, fl
 void pack_signs(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kw, bool per_token,
                 uint64_t* bits, float* scale) {
   double total = 0.0;
-#pragma omp parallel for schedule(static) reduction(+ : total) if (M * K >= (1 << 16))
   for (int64_t t = 0; t < M; ++t) {
     const float* row = x + t * ldx;
     uint64_t* out = bits + t * Kw;

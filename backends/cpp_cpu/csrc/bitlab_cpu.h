@@ -4,13 +4,14 @@
 // activations.cpp) include only this header and <immintrin.h>, never torch: they
 // compile in a second or two.  ops.cpp binds them to torch.library ops.
 //
-// Every kernel runs the same loop nest (see for_row_blocks below): OpenMP over
+// Every kernel runs the same loop nest (see for_row_blocks below): threads over
 // blocks of kRowBlock output rows; inside a block, tokens in groups of up to
 // kTokenGroup, and for each row of the block one micro-kernel call that reads
 // the row's prepared weights once and produces that row's dot products with
 // every token of the group.  Batch 1 (GEMV) is the same code with groups of one
-// token.  The micro-kernels exist in an AVX2 version (compiled with
-// __attribute__((target(...))), chosen at run time) and a scalar version; the
+// token.  Row blocks are spread over threads by thread_pool.cpp.  The micro-kernels
+// exist in an AVX2 version (compiled with __attribute__((target(...))), chosen at run
+// time) and a scalar version; the
 // ISA is detected once (see active_isa) and can be pinned with
 // BITLAB_CPU_ISA=scalar|avx2 for testing.
 #pragma once
@@ -85,19 +86,27 @@ void int8_int8_gemm(const int8_t* w, int64_t N, int64_t Kp, const Int8Activation
 void xnor_gemm(const uint64_t* w, int64_t N, int64_t Kw, int64_t K, const uint64_t* xbits,
                const float* x_scale, int64_t M, const OutputSpec& o, int threads);
 
-// The shared loop nest: body(r0, r1, t0, t1) over row blocks (parallel) and token groups.
+// thread_pool.cpp: run fn(ctx, i) for i in [0, items) on up to `threads` threads (caller included).
+void parallel_items(int64_t items, int threads, void (*fn)(void*, int64_t), void* ctx);
+
+// The shared loop nest: body(r0, r1, t0, t1) over row blocks (in parallel) and token groups.
 template <typename Body>
 inline void for_row_blocks(int64_t N, int64_t M, int threads, Body body) {
-  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && blocks > 1)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t r0 = b * kRowBlock;
-    const int64_t r1 = r0 + kRowBlock < N ? r0 + kRowBlock : N;
-    for (int64_t t0 = 0; t0 < M; t0 += kTokenGroup) {
-      const int64_t t1 = t0 + kTokenGroup < M ? t0 + kTokenGroup : M;
-      body(r0, r1, t0, t1);
+  struct Job {
+    int64_t N, M;
+    Body* body;
+    static void run(void* ctx, int64_t b) {
+      const Job& j = *static_cast<Job*>(ctx);
+      const int64_t r0 = b * kRowBlock;
+      const int64_t r1 = r0 + kRowBlock < j.N ? r0 + kRowBlock : j.N;
+      for (int64_t t0 = 0; t0 < j.M; t0 += kTokenGroup) {
+        const int64_t t1 = t0 + kTokenGroup < j.M ? t0 + kTokenGroup : j.M;
+        (*j.body)(r0, r1, t0, t1);
+      }
     }
-  }
+  };
+  Job job{N, M, &body};
+  parallel_items((N + kRowBlock - 1) / kRowBlock, threads, &Job::run, &job);
 }
 
 }  // namespace bitlab_cpu
