@@ -26,6 +26,7 @@ Example::
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -33,8 +34,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from bitmodels.bitnet.model import BitNetForCausalLM
-from bitmodels.bitnet.ops import CompiledOps, Ops
+from bitmodels.bitnet.ops import Ops, compiled_ops
 from bitmodels.bitnet.sampling import SamplingConfig, sample
+
+log = logging.getLogger("bitlab.bitnet.generate")
 
 WARMUP_STEPS = 2  # eager steps before capture: compile, cuBLAS handles, allocator pools
 
@@ -98,6 +101,7 @@ class Generator:
         compile: bool = False,
         fuse: bool = True,
         offload_packed: bool = False,
+        bind: bool = True,
     ) -> None:
         self.model = model.eval()
         self.device = model.lm_head.weight.device
@@ -105,9 +109,14 @@ class Generator:
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {self.device}")
-        self.decode_ops = CompiledOps() if compile else model.ops
+        self.decode_ops = compiled_ops() if compile else model.ops
         self.prefill_ops = Ops()
-        self.kernels = model.prepare_for_inference(self.device, fuse=fuse, offload_packed=offload_packed)
+        if bind:  # resolve kernels and prepared weights once (see BitNetForCausalLM.prepare_for_inference)
+            model.prepare_for_inference(self.device, fuse=fuse, offload_packed=offload_packed)
+        self.kernels = {
+            name: getattr(getattr(b, "kernel", None), "name", type(b).__name__)
+            for name, b in model.model.layers[0].bound.items()
+        }
         self._cache: Optional[KVCache] = None
         self._decoders: Dict[tuple, tuple] = {}  # key -> (state, graph or None)
 
@@ -228,7 +237,13 @@ class Generator:
         capture_s = 0.0
         if self.cuda_graph and graph is None and max_new_tokens > 1:
             t_cap = time.perf_counter()
-            graph = self._capture(st, sampling)
+            try:
+                graph = self._capture(st, sampling)
+            except Exception as exc:  # a kernel that cannot be captured: say so, decode eagerly
+                log.warning("CUDA-graph capture of the decode step failed (%s: %s); decoding eagerly",
+                            type(exc).__name__, exc)
+                self.cuda_graph = False
+                self._prefill(prompts, st, sampling)  # the failed capture may have left state half-written
             self._decoders[key] = (st, graph)
             sync()
             capture_s = time.perf_counter() - t_cap
@@ -253,7 +268,8 @@ class Generator:
         sync()
         decode_s = time.perf_counter() - t1
         tokens = [_until_stop(row, stops) for row in st.out[:, :emitted].tolist()]
-        return GenerationOutput(tokens, prefill_s, decode_s, steps, {"capture_s": capture_s})
+        stats = {"capture_s": capture_s, "cuda_graph": graph is not None}
+        return GenerationOutput(tokens, prefill_s, decode_s, steps, stats)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -34,7 +34,7 @@ from torch import nn
 from bitlayers.bitlinear import BitLinear
 from bitmodels.bitnet.bindings import PreparedLinear, bind_group, device_bytes
 from bitmodels.bitnet.config import BitNetConfig
-from bitmodels.bitnet.ops import CompiledOps, Ops, rms_norm, rotary_table
+from bitmodels.bitnet.ops import CompiledOps, Ops, compiled_ops, rms_norm, rotary_table
 from bitmodels.configs import register_model
 from bitmodels.hf.build import empty_frozen_bitlinear
 
@@ -233,7 +233,7 @@ class BitNetForCausalLM(nn.Module):
 
     def use_compiled_ops(self, enabled: bool = True, **compile_kwargs) -> None:
         """Run the float operations through ``torch.compile`` (fused kernels) or eagerly."""
-        self.ops = CompiledOps(**compile_kwargs) if enabled else Ops()
+        self.ops = (CompiledOps(**compile_kwargs) if compile_kwargs else compiled_ops()) if enabled else Ops()
 
     def weight_memory(self) -> Dict[str, int]:
         """Bytes of the weights: canonical packed projections (wherever they are), the kernels' prepared

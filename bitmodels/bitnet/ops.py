@@ -115,8 +115,22 @@ class Ops:
 
 
 class CompiledOps(Ops):
-    """The same operations through ``torch.compile`` (fused elementwise kernels)."""
+    """The same operations through ``torch.compile`` (fused elementwise kernels).
+
+    Use :func:`compiled_ops` to share one set (and its compiled code) across models and engines.
+    """
 
     def __init__(self, **compile_kwargs) -> None:
         for name in ("rms_norm", "add_rms_norm", "relu2_gate_norm", "attention"):
             setattr(self, name, torch.compile(getattr(Ops, name), **compile_kwargs))
+
+
+_COMPILED: Optional[CompiledOps] = None
+
+
+def compiled_ops() -> CompiledOps:
+    """The process-wide :class:`CompiledOps` (default ``torch.compile`` settings)."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = CompiledOps()
+    return _COMPILED

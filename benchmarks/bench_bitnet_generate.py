@@ -1,0 +1,351 @@
+"""BitNet b1.58 generation speed at the 2B4T shape with random ternary weights.
+
+Measured in one run, on one GPU:
+
+* **bitlab**: ``BitNetForCausalLM`` whose projections run the registry's kernels for W1.58A8
+  (``cuda_ext`` when built, else the best available), decode step in a CUDA graph, float ops
+  through ``torch.compile`` (``--no-compile`` to switch off), q/k/v and gate/up fused,
+  canonical packed copies offloaded to the CPU after the kernels prepared theirs;
+* **bf16 dense**: the same model and engine with every projection a dense bf16 ``F.linear``
+  on the dequantized weights (cuBLAS);
+* **transformers**: ``BitNetForCausalLM`` of transformers on the same packed weights, eager
+  (its ``torch.compile``'d helpers disabled to keep compile time out of the run), batch 1 only.
+
+Per batch size: prefill tokens/s (prompt of ``--prompt-len`` random tokens per row), decode
+tokens/s over ``--new-tokens`` steps (all rows), peak GPU memory.  Weights are never zeros:
+codes are uniform over {-1, 0, +1}, scales uniform in [0.01, 0.03], embeddings N(0, 1).
+
+Example::
+
+    python benchmarks/bench_bitnet_generate.py --out docs/benchmarks          # GPU
+    python benchmarks/bench_bitnet_generate.py --plot docs/benchmarks/bitnet_generate.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bitcore.packing import dequantize, pack_codes  # noqa: E402
+from bitmodels.bitnet import BitNetConfig, BitNetForCausalLM  # noqa: E402
+from bitmodels.bitnet.generate import Generator  # noqa: E402
+from bitmodels.bitnet.model import FUSED_GROUPS  # noqa: E402
+
+GB = 1e9
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gb() -> float:
+    return torch.cuda.max_memory_allocated() / GB if torch.cuda.is_available() else float("nan")
+
+
+def build_model(cfg: BitNetConfig, device, seed: int) -> BitNetForCausalLM:
+    """The model with random ternary projections, floats in bf16, all on ``device``."""
+    torch.manual_seed(seed)
+    model = BitNetForCausalLM(cfg, packed_only=True).to(device=device, dtype=torch.bfloat16)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for _, layer in model.bitlinears():
+        codes = torch.randint(0, 3, (layer.out_features, layer.in_features), generator=gen, device=device,
+                              dtype=torch.uint8)
+        layer.qweight = pack_codes(codes, 2)
+        layer.weight_scale = torch.empty(1, device=device).uniform_(0.01, 0.03, generator=gen)
+    for norm in [m for n, m in model.named_modules() if n.endswith("norm")]:
+        norm.weight.data.uniform_(0.5, 1.5, generator=gen)
+    return model.eval()
+
+
+class DenseLinear:
+    """bf16 ``F.linear`` on dequantized weights: the baseline a BitLinear replaces."""
+
+    def __init__(self, layers) -> None:
+        self.weight = torch.cat([dequantize(layer.packed_weight(), torch.bfloat16) for layer in layers])
+        self.splits = [layer.out_features for layer in layers] if len(layers) > 1 else None
+
+    def __call__(self, x):
+        y = F.linear(x, self.weight)
+        return y.split(self.splits, dim=-1) if self.splits else y
+
+
+def bind_dense(model: BitNetForCausalLM) -> None:
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        layer.bound = {
+            "qkv": DenseLinear([getattr(attn, n) for n in FUSED_GROUPS["qkv"]]),
+            "gate_up": DenseLinear([getattr(mlp, n) for n in FUSED_GROUPS["gate_up"]]),
+            "o_proj": DenseLinear([attn.o_proj]),
+            "down_proj": DenseLinear([mlp.down_proj]),
+        }
+
+
+def run_engine(gen: Generator, batch: int, prompt_len: int, new_tokens: int, vocab: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed + batch)
+    prompts = torch.randint(0, vocab, (batch, prompt_len), generator=g).tolist()
+    gen.generate(prompts, new_tokens, stop_token_ids=[], sync_every=10**9)  # compile, capture, warm caches
+    _reset_peak()
+    out = gen.generate(prompts, new_tokens, stop_token_ids=[], sync_every=10**9)
+    return {
+        "batch": batch,
+        "prefill_tokens_per_s": batch * prompt_len / out.prefill_s,
+        "prefill_ms": out.prefill_s * 1e3,
+        "decode_tokens_per_s": batch * out.decode_steps / out.decode_s,
+        "decode_ms_per_step": out.decode_s / out.decode_steps * 1e3,
+        "cuda_graph": out.stats["cuda_graph"],
+        "peak_gb": _peak_gb(),
+        "sample_tokens": out.tokens[0][:8],
+    }
+
+
+def transformers_model(model: BitNetForCausalLM, cfg: BitNetConfig, device):
+    """transformers' BitNetForCausalLM holding the same packed weights (its own packing, 1/scale)."""
+    import transformers
+    from transformers.integrations.bitnet import pack_weights, replace_with_bitnet_linear
+    from transformers.models.bitnet.modeling_bitnet import BitNetRotaryEmbedding
+    from transformers.utils.quantization_config import BitNetQuantConfig
+
+    from bitcore.packing import unpack_values
+
+    hf_cfg = transformers.BitNetConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+    )
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # transformers' BitLinear computes in the dtype it was built in
+    try:
+        with torch.device("meta"):
+            hf = transformers.BitNetForCausalLM(hf_cfg)
+        replace_with_bitnet_linear(hf, modules_to_not_convert=["lm_head"], quantization_config=BitNetQuantConfig())
+    finally:
+        torch.set_default_dtype(default)
+    hf = hf.to_empty(device=device)
+    state = {}
+    for name, layer in model.bitlinears():
+        values = unpack_values(layer.packed_weight()).to(device=device, dtype=torch.float32)
+        state[f"{name}.weight"] = pack_weights(values)
+        state[f"{name}.weight_scale"] = (1.0 / layer.weight_scale).to(device=device, dtype=torch.bfloat16)
+    for name, p in model.named_parameters():
+        state[name] = p.detach()
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if [k for k in missing if k != "lm_head.weight"] or unexpected:
+        raise RuntimeError(f"transformers model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    hf.tie_weights()
+    hf.model.rotary_emb = BitNetRotaryEmbedding(hf_cfg).to(device)
+    return hf.eval()
+
+
+@torch.no_grad()
+def run_transformers(hf, batch: int, prompt_len: int, new_tokens: int, vocab: int, seed: int) -> dict:
+    import torch._dynamo
+
+    g = torch.Generator().manual_seed(seed + batch)
+    ids = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(hf.device)
+    with torch._dynamo.config.patch(disable=True):
+        hf(input_ids=ids[:, :16], use_cache=True)  # warm-up
+        _sync()
+        _reset_peak()
+        t0 = time.perf_counter()
+        out = hf(input_ids=ids, use_cache=True)
+        _sync()
+        t1 = time.perf_counter()
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(new_tokens):
+            out = hf(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _sync()
+        t2 = time.perf_counter()
+    return {
+        "batch": batch,
+        "prefill_tokens_per_s": batch * prompt_len / (t1 - t0),
+        "prefill_ms": (t1 - t0) * 1e3,
+        "decode_tokens_per_s": batch * new_tokens / (t2 - t1),
+        "decode_ms_per_step": (t2 - t1) / new_tokens * 1e3,
+        "cuda_graph": False,
+        "peak_gb": _peak_gb(),
+    }
+
+
+@torch.no_grad()
+def logits_agreement(model, hf, vocab: int, seed: int) -> dict:
+    """Our logits against transformers' on one prompt (bf16 both): relative error and top-1 agreement."""
+    import torch._dynamo
+
+    ids = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(seed)).to(hf.device)
+    ours = model(ids).float()
+    with torch._dynamo.config.patch(disable=True):
+        theirs = hf(input_ids=ids).logits.float()
+    return {
+        "rel_err": float((ours - theirs).norm() / theirs.norm()),
+        "top1_agree": float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--hf-new-tokens", type=int, default=8)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-dense", action="store_true")
+    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test the script with --tiny")
+    ap.add_argument("--tiny", action="store_true", help="a small shape instead of 2B4T (script smoke test)")
+    ap.add_argument("--out", default="docs/benchmarks", help="folder for bitnet_generate.{json,md,png}")
+    ap.add_argument("--plot", metavar="JSON", help="only redraw the table and plot from a saved JSON")
+    args = ap.parse_args(argv)
+    out_dir = Path(args.out)
+    if args.plot:
+        result = json.loads(Path(args.plot).read_text())
+        write_report(result, Path(args.plot).parent)
+        return 0
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    batches = [int(b) for b in args.batches.split(",")]
+    shape = dict(vocab_size=1000, hidden_size=128, intermediate_size=344, num_attention_heads=4,
+                 num_key_value_heads=2) if args.tiny else {}
+    cfg = BitNetConfig(num_hidden_layers=args.layers, max_position_embeddings=4096, **shape)
+    result = {"config": {k: v for k, v in cfg.to_dict().items() if k != "quant_config"},
+              "quant": cfg.quant_config.describe(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu", "torch": torch.__version__, "python": platform.python_version(),
+              "compile": not args.no_compile, "runs": {}}
+    t_start = time.perf_counter()
+    model = build_model(cfg, device, args.seed)
+    gen = Generator(model, compile=not args.no_compile, offload_packed=True)
+    _sync()
+    mem = model.weight_memory()
+    result["kernels"] = gen.kernels
+    result["weights"] = {
+        "ternary_packed_gb": mem["packed"] / GB,
+        "ternary_prepared_on_gpu_gb": mem["prepared_gpu"] / GB,
+        "float_gb": mem["float"] / GB,
+        "gpu_allocated_after_load_gb": torch.cuda.memory_allocated() / GB if device.type == "cuda" else float("nan"),
+    }
+    print(f"kernels: {gen.kernels}\nweights: {result['weights']}", flush=True)
+    result["runs"]["bitlab"] = []
+    for b in batches:
+        r = run_engine(gen, b, args.prompt_len, args.new_tokens, cfg.vocab_size, args.seed)
+        result["runs"]["bitlab"].append(r)
+        print("bitlab", r, flush=True)
+    if not args.no_transformers:
+        try:
+            hf = transformers_model(model, cfg, device)
+            result["logits_vs_transformers"] = logits_agreement(model, hf, cfg.vocab_size, args.seed)
+            print("logits vs transformers:", result["logits_vs_transformers"], flush=True)
+            result["runs"]["transformers"] = [
+                run_transformers(hf, 1, args.prompt_len, args.hf_new_tokens, cfg.vocab_size, args.seed)
+            ]
+            print("transformers", result["runs"]["transformers"][-1], flush=True)
+            del hf
+        except Exception as exc:  # report, keep the rest of the run
+            result["transformers_error"] = f"{type(exc).__name__}: {exc}"
+            print("transformers run failed:", result["transformers_error"], flush=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if not args.no_dense:
+        model.release_bindings()
+        bind_dense(model)
+        gen_dense = Generator(model, compile=not args.no_compile, bind=False)  # same engine, dense projections
+        result["runs"]["bf16_dense"] = []
+        for b in batches:
+            r = run_engine(gen_dense, b, args.prompt_len, args.new_tokens, cfg.vocab_size, args.seed)
+            result["runs"]["bf16_dense"].append(r)
+            print("bf16_dense", r, flush=True)
+    result["wall_s"] = time.perf_counter() - t_start
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bitnet_generate.json").write_text(json.dumps(result, indent=2))
+    write_report(result, out_dir)
+    print((out_dir / "bitnet_generate.md").read_text())
+    return 0
+
+
+def write_report(result: dict, out_dir: Path) -> None:
+    runs = result["runs"]
+    dense = {r["batch"]: r for r in runs.get("bf16_dense", [])}
+    lines = [
+        f"# BitNet b1.58 generation, 2B4T shape ({result['config']['num_hidden_layers']} layers), random ternary weights",
+        "",
+        f"{result['device']}, torch {result['torch']}, prompt {result['prompt_len']} tokens, "
+        f"{result['new_tokens']} decode steps, {result['quant']}, torch.compile of float ops: {result['compile']}.",
+        f"Kernels: {', '.join(sorted(set(result['kernels'].values())))}.",
+        "",
+        "| model | batch | decode tokens/s | ms / step | x bf16 | prefill tokens/s | peak GPU GB | CUDA graph |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, rows in runs.items():
+        for r in rows:
+            ratio = ""
+            if r["batch"] in dense and name != "bf16_dense":
+                ratio = f"{r['decode_tokens_per_s'] / dense[r['batch']]['decode_tokens_per_s']:.2f}"
+            lines.append(
+                f"| {name} | {r['batch']} | {r['decode_tokens_per_s']:.0f} | {r['decode_ms_per_step']:.2f} | {ratio} | "
+                f"{r['prefill_tokens_per_s']:.0f} | {r['peak_gb']:.2f} | {r['cuda_graph']} |"
+            )
+    w = result["weights"]
+    lines += [
+        "",
+        f"Weights: ternary projections {w['ternary_packed_gb']:.3f} GB packed "
+        f"({w['ternary_prepared_on_gpu_gb']:.3f} GB as the kernels' prepared layout on the GPU; the canonical "
+        f"copy is offloaded to the CPU), float tensors (embedding tied to lm_head, norms) {w['float_gb']:.3f} GB; "
+        f"GPU memory allocated after loading {w['gpu_allocated_after_load_gb']:.3f} GB.",
+    ]
+    if "logits_vs_transformers" in result:
+        a = result["logits_vs_transformers"]
+        lines.append(f"Logits vs transformers' BitNetForCausalLM (bf16, same weights, 64 tokens): "
+                     f"relative error {a['rel_err']:.2e}, top-1 agreement {a['top1_agree']:.3f}.")
+    if "transformers_error" in result:
+        lines.append(f"transformers run failed: {result['transformers_error']}")
+    lines.append("")
+    lines.append("Command: `python benchmarks/bench_bitnet_generate.py --out docs/benchmarks`")
+    (out_dir / "bitnet_generate.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = list(runs)
+    batches = sorted({r["batch"] for rows in runs.values() for r in rows})
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        by_batch = {r["batch"]: r["decode_tokens_per_s"] for r in runs[name]}
+        xs = [j + i * width for j, b in enumerate(batches) if b in by_batch]
+        ax.bar(xs, [by_batch[b] for b in batches if b in by_batch], width, label=name)
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(batches))])
+    ax.set_xticklabels([f"batch {b}" for b in batches])
+    ax.set_yscale("log")
+    ax.set_ylabel("decode tokens/s (log)")
+    ax.set_title(f"BitNet b1.58 2B4T shape, {result['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "bitnet_generate.png", dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
