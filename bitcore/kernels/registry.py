@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # hookspecs imports the kernel interface; import it lazily to
     from bitcore.hookspecs import BackendSpec
 
 log = logging.getLogger("bitlab.dispatch")
+_UNCHECKED = object()
 
 FORCE_ENV = "BITLAB_BACKEND"
 _forced_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("bitlab_forced_backend", default=None)
@@ -204,11 +205,14 @@ class Registry:
     # ---------------------------------------------------------- inspection
     def kernels(self) -> List[BitKernel]:
         self._ensure_loaded()
-        return sorted(self._kernels.values(), key=lambda k: k.name)
+        with self._lock:  # a snapshot: registration may run in another thread
+            snapshot = list(self._kernels.values())
+        return sorted(snapshot, key=lambda k: k.name)
 
     def backend_names(self) -> List[str]:
         self._ensure_loaded()
-        return sorted({k.backend for k in self._kernels.values()} | set(self._backends))
+        with self._lock:
+            return sorted({k.backend for k in self._kernels.values()} | set(self._backends))
 
     def backends(self) -> List[BackendStatus]:
         self._ensure_loaded()
@@ -301,15 +305,18 @@ class Registry:
         return result
 
     def _self_check_failure(self, kernel: BitKernel) -> Optional[str]:
-        if kernel.name not in self._self_check:
-            try:
-                failure = kernel.self_check()
-            except Exception as exc:
-                failure = f"self-check raised {type(exc).__name__}: {exc}"
-            self._self_check[kernel.name] = failure
-            if failure:
-                log.warning("kernel %s failed its self-check and is disabled: %s", kernel.name, failure)
-        return self._self_check[kernel.name]
+        # Work on a local: another thread may clear the cache (a registration) between the store and a re-read.
+        cached = self._self_check.get(kernel.name, _UNCHECKED)
+        if cached is not _UNCHECKED:
+            return cached
+        try:
+            failure = kernel.self_check()
+        except Exception as exc:
+            failure = f"self-check raised {type(exc).__name__}: {exc}"
+        self._self_check[kernel.name] = failure
+        if failure:
+            log.warning("kernel %s failed its self-check and is disabled: %s", kernel.name, failure)
+        return failure
 
     # ------------------------------------------------------------- selection
     def explain(
