@@ -20,10 +20,10 @@ Work split
 
 Arithmetic (see ``bitcore.quantize`` and ``backends/torch_ref`` for the definition)
 ------------------------------------------------------------------------------
-* float activations: each code becomes the float32 ``0.5 + u/4`` built from its
-  bits (``0x3F000000 | u << 22``: 0.5, 0.75, 1.0); ``acc = sum(x * (0.5 + u/4))``
-  and ``s = sum(x)`` are float32, and ``sum(x * v) = 4 acc - 3 s``.
-* int8 activations: ``acc = sum(xq * u) - sum(xq)`` in int32 (exact), then
+* float activations: each code, shifted to bits 30-31, is the float32 ``2 v``
+  (no int-to-float conversion); ``acc = sum(x * 2v)`` in float32 with exact
+  products, then ``y = 0.5 acc * w_scale``.
+* int8 activations: ``acc = sum(xq * v)`` in int32 (exact), then
   ``acc * x_scale[t] * w_scale``; the quantization itself is done beforehand by
   :func:`bitcore.quantize.quantize_activation_int8` so it matches bit for bit.
 * binary activations x binary weights (XNOR): lane words of packed signs,
@@ -57,7 +57,7 @@ OUT_KINDS = ("float", "bf16bits")  # how outputs (and biases) are written / read
 if SIMULATOR:
 
     def _int_as_float(i):
-        return np.int32(i).view(np.float32)
+        return np.uint32(int(i) & 0xFFFFFFFF).view(np.float32)
 
     def _float_as_int(f):
         return np.float32(f).view(np.int32)
@@ -71,26 +71,26 @@ if SIMULATOR:
 else:
     from numba.cuda import libdevice
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def int_as_float(i):
         return libdevice.int_as_float(int32(i))
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def float_as_int(f):
         return libdevice.float_as_int(f)
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def popc64(v):
         return cuda.popc(v)
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True)
 def bf16_bits_to_float(b):
     """bfloat16 bits (read as int16) -> float32: the bf16 bits are the high half of the float."""
     return int_as_float(int32((int32(b) & 0xFFFF) << 16))
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True)
 def float_to_bf16_bits(f):
     """float32 -> bfloat16 bits as a signed int16 value, round-to-nearest-even, NaN -> 0x7FC0 (as torch)."""
     if f != f:
@@ -103,7 +103,7 @@ def float_to_bf16_bits(f):
     return int32(r)
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True)
 def apply_epilogue(y, bias_n, epilogue):
     y += bias_n
     if epilogue >= 1:
@@ -115,29 +115,29 @@ def apply_epilogue(y, bias_n, epilogue):
 
 
 # Hot loads index with unsigned integers: numba then skips its negative-index wraparound.
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True)
 def read_float(x, t, k):
     return float32(x[uint64(t), uint64(k)])
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True)
 def read_bf16_bits(x, t, k):
     return bf16_bits_to_float(x[uint64(t), uint64(k)])
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True)
 def read_int(x, t, k):
     return int32(x[uint64(t), uint64(k)])
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True)
 def read_bias_float(bias, has_bias, n):
     if has_bias:
         return float32(bias[n])
     return float32(0.0)
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True)
 def read_bias_bf16_bits(bias, has_bias, n):
     if has_bias:
         return bf16_bits_to_float(bias[n])
@@ -145,17 +145,17 @@ def read_bias_bf16_bits(bias, has_bias, n):
 
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True)
 def store_float(out, t, n, y):
     out[t, n] = y
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True)
 def store_bf16_bits(out, t, n, y):
     out[t, n] = float_to_bf16_bits(y)
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True)
 def clamp_to(i, last):
     """min(i, last) (numba's builtin min does not compile as a CUDA device call everywhere)."""
     return i if i < last else last
@@ -181,13 +181,13 @@ if SIMULATOR:
     warp_reduce = cuda.jit(device=True)(_simulated_warp_reduce)
 else:
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def warp_sum(v):
         for offset in (16, 8, 4, 2, 1):
             v += cuda.shfl_xor_sync(FULL_MASK, v, offset)
         return v
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def warp_reduce(a):
         """Sum a small 2-D local array over the 32 lanes of the warp, in place (every lane gets the sums)."""
         for i in range(a.shape[0]):
@@ -195,7 +195,31 @@ else:
                 a[i, t] = warp_sum(a[i, t])
 
 
-# ---------------------------------------------------------------- offset-code GEMV family
+# ---------------------------------------------------------------- sign-code GEMV family
+# Code j of a lane word -> weight.  Float: the code moved to bits 30-31 *is* the float 2v
+# (0x40000000 = 2.0, 0xC0000000 = -2.0, 0 = 0.0); binary codes carry only the sign, so bit 30
+# is set by hand.  Integer: v itself.
+@cuda.jit(device=True)
+def ternary_as_float(word, j):
+    return int_as_float(((word >> (2 * j)) << 30) & 0xC0000000)
+
+
+@cuda.jit(device=True)
+def binary_as_float(word, j):
+    return int_as_float((((word >> j) << 31) & 0x80000000) | 0x40000000)
+
+
+@cuda.jit(device=True)
+def ternary_as_int(word, j):
+    code = (word >> (2 * j)) & 3
+    return int32((code & 1) - (code & 2))
+
+
+@cuda.jit(device=True)
+def binary_as_int(word, j):
+    return int32(1 - 2 * ((word >> j) & 1))
+
+
 def unrolled_chunk(step, codes: int, tail: bool):
     """Device function ``accumulate(acc, w, x, k0, tok0, n_tok, n_in)``: ``step`` for j = 0 .. codes-1, unrolled.
 
@@ -210,12 +234,26 @@ def unrolled_chunk(step, codes: int, tail: bool):
         lines.append(f"    step(acc, w, x, k0 + {j * LANES}, {j}, tok0, n_tok)")
     namespace = {"step": step}
     exec("\n".join(lines), namespace)
-    return cuda.jit(device=True, inline=True)(namespace["accumulate"])
+    return cuda.jit(device=True)(namespace["accumulate"])
+
+
+def looped_chunk(step, codes: int):
+    """Device function ``accumulate(acc, w, x, k0, tok0, n_tok, n_in)`` as a loop over j, stopping at n_in."""
+
+    @cuda.jit(device=True)
+    def accumulate(acc, w, x, k0, tok0, n_tok, n_in):
+        for j in range(codes):
+            k = k0 + j * LANES
+            if k >= n_in:
+                return
+            step(acc, w, x, k, j, tok0, n_tok)
+
+    return accumulate
 
 
 @functools.lru_cache(maxsize=None)
-def offset_code_kernel(bits: int, x_kind: str, out_kind: str, bias_kind: str, rows: int, tokens: int):
-    """Kernel for ternary (bits=2) / binary (bits=1) offset codes; one compiled variant per argument set.
+def sign_code_kernel(bits: int, x_kind: str, out_kind: str, bias_kind: str, rows: int, tokens: int):
+    """Kernel for ternary (bits=2) / binary (bits=1) sign codes; one compiled variant per argument set.
 
     Signature: ``(out, x, words, w_scale, scale_stride, x_scale, bias, has_bias, epilogue, n_out, n_in, n_tok)``
     with ``x`` ``[n_tok, n_in]``, ``words`` ``[n_out, chunks * 32]``, ``w_scale[n * scale_stride]``,
@@ -223,43 +261,37 @@ def offset_code_kernel(bits: int, x_kind: str, out_kind: str, bias_kind: str, ro
     """
     if bits not in (1, 2) or x_kind not in X_KINDS or out_kind not in OUT_KINDS or bias_kind not in OUT_KINDS:
         raise ValueError(
-            f"offset_code_kernel: unsupported variant bits={bits}, x={x_kind}, out={out_kind}, bias={bias_kind}"
+            f"sign_code_kernel: unsupported variant bits={bits}, x={x_kind}, out={out_kind}, bias={bias_kind}"
         )
     CODES = codes_per_word(bits)
-    MASK = (1 << bits) - 1
-    FLOAT_SHIFT = 24 - bits  # u at bits 22-23 of 0.5f: the float 0.5 + u/4
-    INT_SHIFT = 2 - bits  # binary's 1-bit field b stands for u = 2b
     INTEGER = x_kind == "int8"
     ROWS, TOKENS = rows, tokens
-    ACC_ROWS = ROWS + 1  # the extra row holds sum(x)
     acc_type = int32 if INTEGER else float32
     read_x = {"float": read_float, "bf16bits": read_bf16_bits, "int8": read_int}[x_kind]
+    weight_of = {
+        (2, False): ternary_as_float,
+        (1, False): binary_as_float,
+        (2, True): ternary_as_int,
+        (1, True): binary_as_int,
+    }[bits, INTEGER]
+    # float weights are 2v (exact), integer weights are v
+    UNIT = 0.5 if not INTEGER else 1.0
     store = STORE[out_kind]
     read_bias = READ_BIAS[bias_kind]
 
-    if INTEGER:
-
-        @cuda.jit(device=True, inline=True)
-        def weight_of(word, j):
-            return int32(((word >> (bits * j)) & MASK) << INT_SHIFT)
-
-    else:
-
-        @cuda.jit(device=True, inline=True)
-        def weight_of(word, j):
-            return int_as_float((((word >> (bits * j)) & MASK) << FLOAT_SHIFT) | 0x3F000000)
-
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def step(acc, w, x, k, j, tok0, n_tok):
         """Apply activation(s) x[:, k] to code j of every row's word."""
         for t in range(TOKENS):
             xv = read_x(x, clamp_to(tok0 + t, n_tok - 1), k)
-            acc[ROWS, t] += xv
             for r in range(ROWS):
                 acc[r, t] += xv * weight_of(w[r], j)
 
-    accumulate_full = unrolled_chunk(step, CODES, tail=False)
-    accumulate_tail = unrolled_chunk(step, CODES, tail=True)
+    if TOKENS == 1:  # the latency-critical GEMV: constant shifts, no bounds tests in full chunks
+        accumulate_full = unrolled_chunk(step, CODES, tail=False)
+        accumulate_tail = unrolled_chunk(step, CODES, tail=True)
+    else:  # several tokens share each decode; a plain loop keeps compile time low
+        accumulate_full = accumulate_tail = looped_chunk(step, CODES)
 
     @cuda.jit
     def kernel(out, x, words, w_scale, scale_stride, x_scale, bias, has_bias, epilogue, n_out, n_in, n_tok):
@@ -267,10 +299,9 @@ def offset_code_kernel(bits: int, x_kind: str, out_kind: str, bias_kind: str, ro
         warp = cuda.blockIdx.x * (cuda.blockDim.x // LANES) + cuda.threadIdx.x // LANES
         row0 = warp * ROWS
         tok0 = cuda.blockIdx.y * TOKENS
-        # acc[r, t] = sum of x * weight code for row r, token t; acc[ROWS, t] = sum of x
-        acc = cuda.local.array((ACC_ROWS, TOKENS), acc_type)
+        acc = cuda.local.array((ROWS, TOKENS), acc_type)
         for t in range(TOKENS):
-            for r in range(ACC_ROWS):
+            for r in range(ROWS):
                 acc[r, t] = acc_type(0)
         w = cuda.local.array(ROWS, int64)
         chunk = LANES * CODES
@@ -285,16 +316,14 @@ def offset_code_kernel(bits: int, x_kind: str, out_kind: str, bias_kind: str, ro
             accumulate_tail(acc, w, x, n_full * chunk + lane, tok0, n_tok, n_in)
         warp_reduce(acc)
         for t in range(TOKENS):
-            s = acc[ROWS, t]
             for r in range(ROWS):
-                total = acc[r, t]
                 n = row0 + r
                 tok = tok0 + t
                 if lane == 0 and n < n_out and tok < n_tok:
+                    y = float32(acc[r, t]) * float32(UNIT)
                     if INTEGER:
-                        y = float32(total - s) * float32(x_scale[tok, 0]) * float32(w_scale[n * scale_stride])
-                    else:
-                        y = (float32(4.0) * total - float32(3.0) * s) * float32(w_scale[n * scale_stride])
+                        y = y * float32(x_scale[tok, 0])
+                    y = y * float32(w_scale[n * scale_stride])
                     store(out, tok, n, apply_epilogue(y, read_bias(bias, has_bias, n), epilogue))
 
     return kernel
@@ -360,11 +389,12 @@ def launch_shape(n_out: int, n_tok: int) -> tuple:
     """(rows per warp, tokens per block): the one place the launch heuristics live.
 
     Batch 1 is memory bound: 4 rows per warp keep four independent 256-byte loads in
-    flight per lane while sharing each activation load across four rows.  More
-    tokens reuse each decoded weight for up to 4 tokens before re-reading it.
+    flight per warp while sharing each activation load across four rows (fully
+    unrolled kernel).  More tokens reuse each decoded weight for 4 tokens (looped
+    kernel) before the next token tile re-reads it, mostly from L2.
     """
     rows = 4
-    tokens = 1 if n_tok == 1 else (2 if n_tok == 2 else 4)
+    tokens = 1 if n_tok == 1 else 4
     return rows, tokens
 
 

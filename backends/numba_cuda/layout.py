@@ -2,13 +2,13 @@
 
 Two prepared layouts, both ``int64`` words ``[out_features, words_per_row]``.
 
-Lane-interleaved offset codes (``interleave_offset_codes``; float and int8 activations)
--------------------------------------------------------------------------------------
-Each weight value ``v`` in {-1, 0, +1} is stored as the *offset code*
-``u = v + 1``: ternary uses 2 bits (u in {0, 1, 2}); binary {-1, +1} uses 1 bit
-``b = (v + 1) / 2`` (so ``u = 2b``).  A row is cut into chunks of
-``32 * codes_per_word`` inputs (1024 ternary, 2048 binary); word ``lane`` of
-chunk ``c`` holds, for ``j = 0 .. codes_per_word - 1``::
+Lane-interleaved sign codes (``interleave_sign_codes``; float and int8 activations)
+-----------------------------------------------------------------------------------
+Each weight value ``v`` is stored as a *sign code*: ternary uses 2 bits,
+bit 0 = ``v != 0`` and bit 1 = ``v < 0`` (0 -> 00, +1 -> 01, -1 -> 11); binary
+uses 1 bit, 1 for ``-1``.  A row is cut into chunks of ``32 * codes_per_word``
+inputs (1024 ternary, 2048 binary); word ``lane`` of chunk ``c`` holds, for
+``j = 0 .. codes_per_word - 1``::
 
     k    = c * chunk + j * 32 + lane         # the input this code belongs to
     code = (word >> (bits * j)) & (2**bits - 1)
@@ -16,14 +16,13 @@ chunk ``c`` holds, for ``j = 0 .. codes_per_word - 1``::
 so the 32 lanes of a warp load 32 consecutive words (256 coalesced bytes) and,
 for every ``j``, read 32 *consecutive* activations ``x[k]``: coalesced, and each
 activation is loaded once per lane and reused for all rows the warp owns.
-Codes for ``k >= in_features`` are padding; the kernels read those activations as
-0, so the padding codes never reach the result.
+Codes for ``k >= in_features`` are padding (zero); the kernels stop before them.
 
-Why offset codes: in float32, ``0.5 + u / 4`` is a bit pattern the kernel builds
-with one shift and one and/or (``0x3F000000 | u << 22``, no int-to-float
-conversion), and ``sum(x * v) = 4 * sum(x * (0.5 + u/4)) - 3 * sum(x)`` for both
-weight widths.  With integer activations ``sum(x * v) = sum(x * u) - sum(x)``
-exactly.
+Why sign codes: moved to bits 30-31 of a float32 (one shift, one and), the
+ternary code *is* the float ``2 v`` (``0x40000000`` = 2.0, ``0xC0000000`` =
+-2.0, 0 = 0.0); binary sets bit 30 too.  So a float kernel spends two integer
+operations and one fused multiply-add per weight, with no int-to-float
+conversion, and every product ``x * 2v`` is exact.
 
 Plain sign bits (``sign_words``; binary weights with binary activations)
 -----------------------------------------------------------------------
@@ -43,8 +42,8 @@ from bitcore.packing import PackedWeight, unpack_values
 LANES = 32
 
 
-def offset_code_bits(weight_bits) -> int:
-    """Bits of one offset code: 2 for ternary, 1 for binary."""
+def sign_code_bits(weight_bits) -> int:
+    """Bits of one sign code: 2 for ternary, 1 for binary."""
     if weight_bits == 1.58:
         return 2
     if weight_bits == 1:
@@ -69,11 +68,12 @@ def _words_from_fields(fields: torch.Tensor, bits: int) -> torch.Tensor:
     return (fields.to(torch.int64) << shifts).sum(dim=-1)
 
 
-def interleave_offset_codes(packed: PackedWeight) -> torch.Tensor:
-    """Canonical packed ternary/binary weight -> lane-interleaved offset-code words (see module doc)."""
-    bits = offset_code_bits(packed.weight_bits)
+def interleave_sign_codes(packed: PackedWeight) -> torch.Tensor:
+    """Canonical packed ternary/binary weight -> lane-interleaved sign-code words (see module doc)."""
+    bits = sign_code_bits(packed.weight_bits)
     values = unpack_values(packed).to(torch.int64)  # [out, in] in {-1, 0, +1}
-    codes = values + 1 if bits == 2 else (values + 1) // 2
+    negative = (values < 0).to(torch.int64)
+    codes = (values != 0).to(torch.int64) | (negative << 1) if bits == 2 else negative
     n, k = codes.shape
     chunk = chunk_inputs(bits)
     n_chunks = max(1, -(-k // chunk))

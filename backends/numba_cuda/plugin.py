@@ -218,18 +218,18 @@ class _NumbaKernel(BitKernel):
         from backends.numba_cuda import kernels as K
 
         bits = 2 if prepared.weight_bits == 1.58 else 1
-        return K.offset_code_kernel(bits, x_kind, out_kind, bias_kind, rows, tokens)
+        return K.sign_code_kernel(bits, x_kind, out_kind, bias_kind, rows, tokens)
 
 
 class NumbaFloatKernel(_NumbaKernel):
-    """Ternary / binary weights with float activations: float32 accumulation of offset codes."""
+    """Ternary / binary weights with float activations: float32 accumulation of sign codes."""
 
     keys = keys_product([1.58, 1], list(FLOAT_DTYPES), WEIGHT_GRANULARITIES)
 
     def _layout(self, packed):
-        from backends.numba_cuda.layout import interleave_offset_codes
+        from backends.numba_cuda.layout import interleave_sign_codes
 
-        return interleave_offset_codes(packed)
+        return interleave_sign_codes(packed)
 
     def _activations(self, x, cfg):
         act_dtype = FLOAT_DTYPES[cfg.activation_dtype]
@@ -245,9 +245,9 @@ class NumbaInt8Kernel(_NumbaKernel):
     keys = keys_product([1.58, 1], ["int8"], WEIGHT_GRANULARITIES, ACTIVATION_GRANULARITIES)
 
     def _layout(self, packed):
-        from backends.numba_cuda.layout import interleave_offset_codes
+        from backends.numba_cuda.layout import interleave_sign_codes
 
-        return interleave_offset_codes(packed)
+        return interleave_sign_codes(packed)
 
     def _activations(self, x, cfg):
         xq, x_scale = quantize_activation_int8(x, cfg.activation_granularity)
