@@ -75,8 +75,8 @@ def build_model(cfg: BitNetConfig, device, seed: int) -> BitNetForCausalLM:
 class DenseLinear:
     """bf16 ``F.linear`` on dequantized weights: the baseline a BitLinear replaces."""
 
-    def __init__(self, layers) -> None:
-        self.weight = torch.cat([dequantize(layer.packed_weight(), torch.bfloat16) for layer in layers])
+    def __init__(self, layers, device) -> None:
+        self.weight = torch.cat([dequantize(layer.packed_weight(), torch.bfloat16).to(device) for layer in layers])
         self.splits = [layer.out_features for layer in layers] if len(layers) > 1 else None
 
     def __call__(self, x):
@@ -84,14 +84,14 @@ class DenseLinear:
         return y.split(self.splits, dim=-1) if self.splits else y
 
 
-def bind_dense(model: BitNetForCausalLM) -> None:
+def bind_dense(model: BitNetForCausalLM, device) -> None:
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         layer.bound = {
-            "qkv": DenseLinear([getattr(attn, n) for n in FUSED_GROUPS["qkv"]]),
-            "gate_up": DenseLinear([getattr(mlp, n) for n in FUSED_GROUPS["gate_up"]]),
-            "o_proj": DenseLinear([attn.o_proj]),
-            "down_proj": DenseLinear([mlp.down_proj]),
+            "qkv": DenseLinear([getattr(attn, n) for n in FUSED_GROUPS["qkv"]], device),
+            "gate_up": DenseLinear([getattr(mlp, n) for n in FUSED_GROUPS["gate_up"]], device),
+            "o_proj": DenseLinear([attn.o_proj], device),
+            "down_proj": DenseLinear([mlp.down_proj], device),
         }
 
 
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     if not args.no_dense:
         model.release_bindings()
-        bind_dense(model)
+        bind_dense(model, device)
         gen_dense = Generator(model, compile=not args.no_compile, bind=False)  # same engine, dense projections
         result["runs"]["bf16_dense"] = []
         for b in batches:
