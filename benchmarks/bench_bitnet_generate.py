@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import platform
@@ -76,7 +77,12 @@ class DenseLinear:
     """bf16 ``F.linear`` on dequantized weights: the baseline a BitLinear replaces."""
 
     def __init__(self, layers, device) -> None:
-        self.weight = torch.cat([dequantize(layer.packed_weight(), torch.bfloat16).to(device) for layer in layers])
+        parts = []
+        for layer in layers:
+            p = layer.packed_weight()  # canonical copy (offloaded to the CPU): dequantize on the GPU
+            p = dataclasses.replace(p, data=p.data.to(device), scale=p.scale.to(device))
+            parts.append(dequantize(p, torch.bfloat16))
+        self.weight = torch.cat(parts)
         self.splits = [layer.out_features for layer in layers] if len(layers) > 1 else None
 
     def __call__(self, x):
@@ -267,6 +273,10 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if not args.no_dense:
+        del gen  # its KV cache and graphs
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         model.release_bindings()
         bind_dense(model, device)
         gen_dense = Generator(model, compile=not args.no_compile, bind=False)  # same engine, dense projections

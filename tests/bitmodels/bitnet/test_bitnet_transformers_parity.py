@@ -130,7 +130,7 @@ def test_not_a_checkpoint_says_what_was_expected(tmp_path):
 
 
 @pytest.mark.gpu
-def test_gpu_bf16_logits_and_cuda_graph_generation(checkpoint, oracle, cuda_device):
+def test_gpu_logits_and_cuda_graph_generation(checkpoint, oracle, cuda_device):
     ours = BitNetForCausalLM.from_pretrained(checkpoint).to(cuda_device)
     ids = torch.randint(3, 97, (2, 21), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
