@@ -135,8 +135,15 @@ class BitKernel:
         return None
 
     def self_check(self) -> Optional[str]:
-        """Optional quick correctness probe run once before first use; return a failure reason or None."""
-        return None
+        """Quick correctness probe the registry runs once, before first choosing this kernel.
+
+        Return a failure reason (the kernel is then rejected, and ``explain`` says why) or None.
+        The default compares one tiny random problem per (weight bits, activation dtype) with the
+        reference backend (:mod:`bitcore.kernels.self_check`); override it with a cheaper probe.
+        """
+        from bitcore.kernels.self_check import reference_self_check
+
+        return reference_self_check(self)
 
     def prepare(self, packed: PackedWeight, config: BitQuantConfig) -> Any:
         """Re-layout the canonical packed weight once for this kernel; keep what ``forward`` needs.

@@ -289,6 +289,14 @@ class Registry:
         self._ensure_loaded()
         return self._kernel_available(kernel)
 
+    def kernel_status(self, kernel: BitKernel) -> Availability:
+        """Availability plus the self-check (run now if it has not run): what ``bitlab info`` shows."""
+        available = self.kernel_availability(kernel)
+        if not available:
+            return available
+        failure = self._self_check_failure(kernel)
+        return Availability.no(f"self-check failed: {failure}") if failure else available
+
     def _kernel_available(self, kernel: BitKernel) -> Availability:
         cached = self._kernel_availability.get(kernel.name)
         if cached is not None:

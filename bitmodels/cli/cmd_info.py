@@ -54,8 +54,8 @@ def run(args) -> int:
         state = "available" if b.availability else f"UNAVAILABLE: {b.availability.reason}"
         print(f"{b.name:<12} {state}")
         for k in b.kernels:
-            ka = KernelRegistry._kernel_available(k)
-            kstate = "" if ka else f"  (unavailable: {ka.reason})"
+            ka = KernelRegistry.kernel_status(k)  # availability, then the self-check
+            kstate = "" if ka else f"  (disabled: {ka.reason})"
             print(f"    {k.name:<40} prio={k.priority:<4} devices={','.join(sorted(k.devices))} keys={len(k.keys)}{kstate}")
     failures = KernelRegistry.plugin_failures()
     print("\n== plugin failures")
