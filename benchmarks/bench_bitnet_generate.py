@@ -119,6 +119,23 @@ def run_engine(gen: Generator, batch: int, prompt_len: int, new_tokens: int, voc
     }
 
 
+def profile_decode(gen: Generator, vocab: int, steps: int = 32) -> list:
+    """Top kernels (device time per decode step) of a batch-1 generation with a short prompt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt = [torch.randint(0, vocab, (8,), generator=torch.Generator().manual_seed(1)).tolist()]
+    gen.generate(prompt, steps + 1, stop_token_ids=[], sync_every=10**9)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        gen.generate(prompt, steps + 1, stop_token_ids=[], sync_every=10**9)
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t and e.key not in ("cudaGraphLaunch",) and not e.key.startswith(("aten::", "cuda", "Memcpy", "Memset")):
+            rows.append({"kernel": e.key[:120], "us_per_step": t / steps, "calls_per_step": e.count / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return rows[:25]
+
+
 def transformers_model(model: BitNetForCausalLM, cfg: BitNetConfig, device):
     """transformers' BitNetForCausalLM holding the same packed weights (its own packing, 1/scale)."""
     import transformers
@@ -215,6 +232,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also list the top kernels of a batch-1 decode step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test the script with --tiny")
     ap.add_argument("--tiny", action="store_true", help="a small shape instead of 2B4T (script smoke test)")
@@ -256,6 +274,10 @@ def main(argv=None) -> int:
         r = run_engine(gen, b, args.prompt_len, args.new_tokens, cfg.vocab_size, args.seed)
         result["runs"]["bitlab"].append(r)
         print("bitlab", r, flush=True)
+    if args.profile and device.type == "cuda":
+        result["profile_batch1"] = profile_decode(gen, cfg.vocab_size)
+        for row in result["profile_batch1"][:15]:
+            print(f"  {row['us_per_step']:8.1f} us/step  x{row['calls_per_step']:.0f}  {row['kernel']}", flush=True)
     if not args.no_transformers:
         try:
             hf = transformers_model(model, cfg, device)
