@@ -1,12 +1,12 @@
 // torch.library bindings of the cpp_cpu kernels (namespace "bitlab", names prefixed cpu_).
 //
-//   cpu_linear_a8(x, weight, w_scale, bias, weight_format, per_token, epilogue)
+//   cpu_linear_a8(x, weight, w_scale, bias, in_features, weight_format, per_token, epilogue)
 //       int8 activations quantized here (per token or per tensor); weight_format is
 //       "binary" | "ternary" | "int2" | "int4" (interleaved layout, lowbit_gemm.cpp) or
 //       "int8" (int8_gemm.cpp)
-//   cpu_linear_float(x, weight, w_scale, bias, weight_format, epilogue)
+//   cpu_linear_float(x, weight, w_scale, bias, in_features, weight_format, epilogue)
 //       float32 activations; binary / ternary / int2 / int4 interleaved weights
-//   cpu_linear_a1(x, weight, w_scale, bias, per_token, epilogue)
+//   cpu_linear_a1(x, weight, w_scale, bias, in_features, per_token, epilogue)
 //       binary activations, XNOR + popcount (xnor_gemm.cpp); weight is int64 words
 //   cpu_quantize_int8(x, per_token) -> (q, scale)      the activation quantizer, for tests
 //   cpu_features() -> str;  cpu_set_isa(isa)          ISA report / override (-1 auto, 0 scalar, 1 avx2)
@@ -55,8 +55,9 @@ int64_t padded_k(int64_t K, int nbits) {
   return (K + block - 1) / block * block;
 }
 
-at::Tensor as_float_rows(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2, "x must be 2-D [tokens, in_features], got shape ", x.sizes());
+at::Tensor as_float_rows(const at::Tensor& x, int64_t in_features) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "x must be 2-D [tokens, in_features=", in_features,
+              "], got shape ", x.sizes());
   TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU, got ", x.device());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating point, got ", x.scalar_type());
   at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
@@ -113,10 +114,10 @@ Int8Activations quantize_into(Int8Scratch& s, const at::Tensor& xf, int64_t Kp, 
 }
 
 at::Tensor linear_a8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w_scale,
-                     const c10::optional<at::Tensor>& bias, std::string weight_format, bool per_token,
+                     const c10::optional<at::Tensor>& bias, int64_t in_features, std::string weight_format, bool per_token,
                      std::string epilogue) {
   const Format f = parse_format(weight_format);
-  at::Tensor xf = as_float_rows(x);
+  at::Tensor xf = as_float_rows(x, in_features);
   const int64_t M = xf.size(0), K = xf.size(1), N = weight.size(0);
   const int64_t Kp = padded_k(K, f.nbits);
   const int64_t row_bytes = f.nbits == 8 ? Kp : Kp / (8 / f.nbits);
@@ -138,10 +139,11 @@ at::Tensor linear_a8(const at::Tensor& x, const at::Tensor& weight, const at::Te
 }
 
 at::Tensor linear_float(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w_scale,
-                        const c10::optional<at::Tensor>& bias, std::string weight_format, std::string epilogue) {
+                        const c10::optional<at::Tensor>& bias, int64_t in_features, std::string weight_format,
+                        std::string epilogue) {
   const Format f = parse_format(weight_format);
   TORCH_CHECK(f.nbits != 8, "cpu_linear_float serves binary, ternary, int2 and int4 weights, got ", weight_format);
-  at::Tensor xf = as_float_rows(x);
+  at::Tensor xf = as_float_rows(x, in_features);
   const int64_t M = xf.size(0), K = xf.size(1), N = weight.size(0);
   const int64_t Kp = padded_k(K, f.nbits);
   const int64_t row_bytes = Kp / (8 / f.nbits);
@@ -160,8 +162,9 @@ at::Tensor linear_float(const at::Tensor& x, const at::Tensor& weight, const at:
 }
 
 at::Tensor linear_a1(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w_scale,
-                     const c10::optional<at::Tensor>& bias, bool per_token, std::string epilogue) {
-  at::Tensor xf = as_float_rows(x);
+                     const c10::optional<at::Tensor>& bias, int64_t in_features, bool per_token,
+                     std::string epilogue) {
+  at::Tensor xf = as_float_rows(x, in_features);
   const int64_t M = xf.size(0), K = xf.size(1), N = weight.size(0);
   const int64_t Kw = (K + 255) / 256 * 4;
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == Kw && weight.is_contiguous() &&
@@ -181,7 +184,7 @@ at::Tensor linear_a1(const at::Tensor& x, const at::Tensor& weight, const at::Te
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_int8_op(const at::Tensor& x, bool per_token) {
-  at::Tensor xf = as_float_rows(x);
+  at::Tensor xf = as_float_rows(x, x.dim() == 2 ? x.size(1) : -1);
   const int64_t M = xf.size(0), K = xf.size(1);
   at::Tensor q = at::empty({M, K}, at::TensorOptions().dtype(at::kChar));
   at::Tensor scale = at::empty({M, 1}, at::TensorOptions().dtype(at::kFloat));
@@ -200,12 +203,12 @@ void set_isa_op(int64_t isa) { set_isa_override(static_cast<int>(isa)); }
 }  // namespace bitlab_cpu
 
 TORCH_LIBRARY_FRAGMENT(bitlab, m) {
-  m.def("cpu_linear_a8(Tensor x, Tensor weight, Tensor w_scale, Tensor? bias, str weight_format, "
+  m.def("cpu_linear_a8(Tensor x, Tensor weight, Tensor w_scale, Tensor? bias, int in_features, "
+        "str weight_format, bool per_token, str epilogue) -> Tensor");
+  m.def("cpu_linear_float(Tensor x, Tensor weight, Tensor w_scale, Tensor? bias, int in_features, "
+        "str weight_format, str epilogue) -> Tensor");
+  m.def("cpu_linear_a1(Tensor x, Tensor weight, Tensor w_scale, Tensor? bias, int in_features, "
         "bool per_token, str epilogue) -> Tensor");
-  m.def("cpu_linear_float(Tensor x, Tensor weight, Tensor w_scale, Tensor? bias, str weight_format, "
-        "str epilogue) -> Tensor");
-  m.def("cpu_linear_a1(Tensor x, Tensor weight, Tensor w_scale, Tensor? bias, bool per_token, "
-        "str epilogue) -> Tensor");
   m.def("cpu_quantize_int8(Tensor x, bool per_token) -> (Tensor, Tensor)");
   m.def("cpu_features() -> str", &bitlab_cpu::features_op);
   m.def("cpu_set_isa(int isa) -> ()", &bitlab_cpu::set_isa_op);

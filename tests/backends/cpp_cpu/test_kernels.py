@@ -1,0 +1,203 @@
+"""cpp_cpu kernels against the reference backend, on both instruction sets (AVX2 and scalar).
+
+Integer-activation paths must agree bit for bit (exactness probe of
+backends/torch_ref/kernels.py, and in general, since the epilogue rounds in the
+reference's order); float-activation paths within float32 rounding.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from backends.cpp_cpu.kernels import CppFloatActivationKernel, CppInt8ActivationKernel, CppXnorKernel
+from backends.torch_ref.kernels import TorchReferenceKernel
+from bitcore.config import BitQuantConfig
+from bitcore.packing import pack_weight
+from bitcore.quantize import quantize_activation_int8, quantize_weight
+
+REF = TorchReferenceKernel()
+EPILOGUES = ["none", "relu", "relu2"]
+# (batch, in_features, out_features): odd in_features (not multiples of 4/8/32/64), one output, empty batch,
+# batches that leave partial 4-token groups, and in_features just past a 256-input block.
+SHAPES = [(1, 301, 37), (5, 77, 1), (0, 45, 9), (7, 257, 19), (3, 1, 5)]
+WEIGHT_VALUES = {1: [-1, 1], 1.58: [-1, 0, 1], 2: [-3, -1, 1, 3], 4: list(range(-8, 8)), 8: list(range(-128, 128))}
+
+
+def random_packed(cfg: BitQuantConfig, out_f: int, in_f: int, gen: torch.Generator, unit_scale: bool = False):
+    """A packed weight with every value of the format present (including -8 / -128, which the packing allows)."""
+    choices = torch.tensor(WEIGHT_VALUES[cfg.weight_bits], dtype=torch.int8)
+    values = choices[torch.randint(len(choices), (out_f, in_f), generator=gen)]
+    n_scales = 1 if cfg.weight_granularity == "per_tensor" else out_f
+    scale = torch.ones(n_scales) if unit_scale else torch.rand(n_scales, generator=gen) + 0.05
+    return pack_weight(values, scale, cfg.weight_bits, cfg.weight_granularity)
+
+
+def strided(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as a transposed view or with a row stride larger than in_features."""
+    if layout == "transposed":
+        return x.T.contiguous().T
+    if layout == "row_stride":
+        wide = torch.zeros(x.shape[0], x.shape[1] + 3)
+        wide[:, 1 : 1 + x.shape[1]] = x
+        return wide[:, 1 : 1 + x.shape[1]]
+    return x
+
+
+def probe_input(batch: int, in_f: int, gen: torch.Generator) -> torch.Tensor:
+    """Exactness probe: integer activations with each row's max |x| exactly 127, so x_scale is 1.0."""
+    x = torch.randint(-127, 128, (batch, in_f), generator=gen).float()
+    if batch:
+        x[:, 0] = 127.0
+    return x
+
+
+def run_both(kernel, cfg, packed, x, bias, epilogue):
+    y = kernel.forward(x, kernel.prepare(packed, cfg), bias, epilogue)
+    y_ref = REF.forward(x, REF.prepare(packed, cfg), bias, epilogue)
+    return y, y_ref
+
+
+@pytest.mark.parametrize("bits", [1, 1.58, 2, 4, 8])
+@pytest.mark.parametrize("wg", ["per_tensor", "per_channel"])
+@pytest.mark.parametrize("ag", ["per_tensor", "per_token"])
+def test_int8_activations_bit_exact(isa, bits, wg, ag):
+    gen = torch.Generator().manual_seed(hash((bits, wg, ag, isa)) % 2**31)
+    cfg = BitQuantConfig(weight_bits=bits, weight_granularity=wg, activation_granularity=ag)
+    for i, (batch, in_f, out_f) in enumerate(SHAPES):
+        layout = ["contiguous", "transposed", "row_stride"][i % 3]
+        epilogue = EPILOGUES[i % 3]
+        bias = torch.randn(out_f, generator=gen) if i % 2 else None
+        # the probe: the output is the integer accumulation itself
+        probe = random_packed(cfg, out_f, in_f, gen, unit_scale=True)
+        x = strided(probe_input(batch, in_f, gen), layout)
+        y, y_ref = run_both(CppInt8ActivationKernel(), cfg, probe, x, None, "none")
+        assert torch.equal(y, y_ref), f"probe {bits} {wg} {ag} shape {(batch, in_f, out_f)}"
+        # fresh random data with real scales, bias and epilogue: still identical
+        packed = random_packed(cfg, out_f, in_f, gen)
+        x = strided(torch.randn(batch, in_f, generator=gen) * 3, layout)
+        y, y_ref = run_both(CppInt8ActivationKernel(), cfg, packed, x, bias, epilogue)
+        assert y.shape == (batch, out_f) and y.dtype == x.dtype
+        assert torch.equal(y, y_ref), f"{bits} {wg} {ag} shape {(batch, in_f, out_f)} {epilogue}: " \
+            f"max diff {(y - y_ref).abs().max().item() if y.numel() else 0}"
+
+
+@pytest.mark.parametrize("bits", [1, 4, 8])
+def test_extreme_values_do_not_overflow(isa, bits):
+    """Largest codes times +-127 over 4099 inputs: int16 partial sums must be widened in time."""
+    cfg = BitQuantConfig(weight_bits=bits, activation_granularity="per_token")
+    lo, hi = WEIGHT_VALUES[bits][0], WEIGHT_VALUES[bits][-1]
+    values = torch.tensor([[hi] * 4099, [lo] * 4099, [hi, lo] * 2049 + [hi]], dtype=torch.int8)
+    packed = pack_weight(values, torch.ones(1), bits, "per_tensor")
+    x = torch.tensor([[127.0] * 4099, [-127.0] * 4099, [127.0, -127.0] * 2049 + [127.0]])
+    y, y_ref = run_both(CppInt8ActivationKernel(), cfg, packed, x, None, "none")
+    assert torch.equal(y, y_ref), (y, y_ref)
+
+
+@pytest.mark.parametrize("bits", [1, 1.58, 2, 4])
+@pytest.mark.parametrize("act", ["float32", "float16", "bfloat16"])
+def test_float_activations_within_rounding(isa, bits, act):
+    gen = torch.Generator().manual_seed(hash((bits, act, isa)) % 2**31)
+    for i, (batch, in_f, out_f) in enumerate(SHAPES):
+        cfg = BitQuantConfig(weight_bits=bits, activation_dtype=act,
+                             weight_granularity=["per_tensor", "per_channel"][i % 2])
+        packed = random_packed(cfg, out_f, in_f, gen)
+        x = strided(torch.randn(batch, in_f, generator=gen), ["contiguous", "transposed", "row_stride"][i % 3])
+        bias = torch.randn(out_f, generator=gen)
+        epilogue = EPILOGUES[i % 3]
+        y, y_ref = run_both(CppFloatActivationKernel(), cfg, packed, x, bias, epilogue)
+        assert y.shape == (batch, out_f) and y.dtype == torch.float32
+        # any float32 summation order: |err| <= K * u * sum |x||w|, plus the bias add and relu2 square
+        w = REF.prepare(packed, cfg)
+        magnitude = x.abs() @ (w.values.float().abs() * packed.scale.view(-1, 1)).T if batch else y
+        bound = (in_f + 4) * 2.0**-24 * magnitude + 4 * 2.0**-24 * y_ref.abs()
+        if epilogue == "relu2":
+            bound = bound * (2 * y_ref.abs().sqrt() + 1) + bound**2
+        assert bool(((y - y_ref).abs() <= bound + 1e-30).all()), f"{bits} {act} shape {(batch, in_f, out_f)}"
+
+
+def test_half_precision_input_keeps_its_dtype(cpp_ops):
+    cfg = BitQuantConfig(weight_bits=1.58, activation_dtype="float32")
+    gen = torch.Generator().manual_seed(3)
+    packed = random_packed(cfg, 11, 65, gen)
+    x = torch.randn(3, 65, generator=gen).to(torch.bfloat16)
+    y, y_ref = run_both(CppFloatActivationKernel(), cfg, packed, x, None, "relu")
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), y_ref.float(), rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("ag", ["per_tensor", "per_token"])
+def test_xnor_popcount_exact(isa, ag):
+    gen = torch.Generator().manual_seed(hash((ag, isa)) % 2**31)
+    cfg = BitQuantConfig(weight_bits=1, activation_dtype="binary", activation_granularity=ag)
+    for i, (batch, in_f, out_f) in enumerate(SHAPES):
+        # +-1 activations have mean|x| = 1 exactly in any summation order: the output is K - 2 * mismatches
+        packed = random_packed(cfg, out_f, in_f, gen, unit_scale=True)
+        x = strided(torch.randint(0, 2, (batch, in_f), generator=gen).float() * 2 - 1, ["transposed", "row_stride"][i % 2])
+        y, y_ref = run_both(CppXnorKernel(), cfg, packed, x, None, "none")
+        assert torch.equal(y, y_ref), f"shape {(batch, in_f, out_f)}"
+        # random activations (and zeros, which count as +1): the scale mean|x| may differ in its last bit
+        packed = random_packed(cfg, out_f, in_f, gen)
+        x = torch.randn(batch, in_f, generator=gen)
+        x[:, ::5] = 0.0
+        bias = torch.randn(out_f, generator=gen)
+        y, y_ref = run_both(CppXnorKernel(), cfg, packed, x, bias, EPILOGUES[i % 3])
+        assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-5), f"shape {(batch, in_f, out_f)}"
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_activation_quantizer_matches_bitcore(isa, cpp_ops, per_token):
+    """The C++ quantizer is bit-identical to bitcore.quantize (scales and values), ties included."""
+    gen = torch.Generator().manual_seed(7 + per_token)
+    x = torch.randn(9, 333, generator=gen) * torch.logspace(-4, 3, 9).view(-1, 1)
+    # exact ties: x * (127 / amax) lands on k + 0.5 for amax = 127
+    x[0, :20] = torch.arange(20) + 0.5
+    x[0, 20] = 127.0
+    x[1] = 0.0  # all-zero row: amax clamps to 1e-5
+    q, scale = cpp_ops.cpu_quantize_int8(x, per_token)
+    q_ref, scale_ref = quantize_activation_int8(x, "per_token" if per_token else "per_tensor")
+    assert torch.equal(q, q_ref)
+    assert torch.equal(scale, scale_ref)
+
+
+def test_multithreaded_equals_single_threaded(cpp_ops):
+    cfg = BitQuantConfig(weight_bits=1.58, activation_granularity="per_token")
+    gen = torch.Generator().manual_seed(11)
+    packed = random_packed(cfg, 203, 515, gen)
+    kernel = CppInt8ActivationKernel()
+    prepared = kernel.prepare(packed, cfg)
+    x = torch.randn(13, 515, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = kernel.forward(x, prepared)
+        torch.set_num_threads(max(2, before))
+        y2 = kernel.forward(x, prepared)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(y1, y2)
+
+
+def test_mismatched_weight_is_rejected(cpp_ops):
+    cfg = BitQuantConfig(weight_bits=1.58)
+    packed = random_packed(cfg, 4, 130, torch.Generator().manual_seed(0))
+    prepared = CppInt8ActivationKernel().prepare(packed, cfg)
+    with pytest.raises(RuntimeError, match=r"in_features=130\], got shape \[2, 200\]"):
+        cpp_ops.cpu_linear_a8(torch.randn(2, 200), prepared.weight, prepared.scale, None, 130, "ternary", False, "none")
+    with pytest.raises(RuntimeError, match="epilogue: got 'gelu'"):
+        cpp_ops.cpu_linear_a8(torch.randn(2, 130), prepared.weight, prepared.scale, None, 130, "ternary", False, "gelu")
+
+
+def test_ops_trace_under_torch_compile(cpp_ops):
+    cfg = BitQuantConfig(weight_bits=1.58)
+    packed = random_packed(cfg, 6, 40, torch.Generator().manual_seed(5))
+    kernel = CppInt8ActivationKernel()
+    prepared = kernel.prepare(packed, cfg)
+
+    def f(x):
+        return kernel.forward(x, prepared, None, "relu") * 2
+
+    x = torch.randn(3, 40)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), f(x))
