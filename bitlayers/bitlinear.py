@@ -22,7 +22,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ from bitcore.config import BitQuantConfig
 from bitcore.errors import CheckpointError
 from bitcore.kernels import EPILOGUES, KernelRegistry
 from bitcore.kernels.interface import BitKernel
+from bitcore.kernels.ops import PreparedCache, config_spec, resolve
 from bitcore.packing import PackedWeight, pack_weight, row_bytes, scale_shape
 from bitcore.quantize import fake_quantize_activation, fake_quantize_weight, quantize_weight
 
@@ -69,7 +70,7 @@ class BitLinear(nn.Module):
             raise ValueError(f"fused_activation: got {fused_activation!r}; allowed values are {list(EPILOGUES)}")
         self.in_features = in_features
         self.out_features = out_features
-        self.quant_config = _as_config(quant_config)
+        self.quant_config = quant_config
         self.fused_activation = fused_activation
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
@@ -81,10 +82,22 @@ class BitLinear(nn.Module):
         self.register_buffer("qweight", None)
         self.register_buffer("weight_scale", None)
         self._packed_from: Optional[Tuple[int, int]] = None
-        self._prepared: Dict[Tuple[str, str], Any] = {}
+        self._prepared = PreparedCache()
         self.reset_parameters()
 
     # ------------------------------------------------------------ state
+    @property
+    def quant_config(self) -> BitQuantConfig:
+        return self._quant_config
+
+    @quant_config.setter
+    def quant_config(self, value: Union[BitQuantConfig, dict, None]) -> None:
+        cfg = _as_config(value)
+        object.__setattr__(self, "_quant_config", cfg)
+        object.__setattr__(self, "_config_spec", config_spec(cfg))  # the string the dispatch op carries
+        if getattr(self, "_prepared", None) is not None:
+            self._prepared.clear()
+
     def reset_parameters(self) -> None:
         """nn.Linear's initialization."""
         if self.weight is None:
@@ -187,14 +200,6 @@ class BitLinear(nn.Module):
             out_features=self.out_features,
         )
 
-    def _prepared_for(self, kernel: BitKernel, device: torch.device) -> Any:
-        key = (kernel.name, str(device))
-        prepared = self._prepared.get(key)
-        if prepared is None:
-            prepared = kernel.prepare(self.packed_weight(), self.quant_config)
-            self._prepared[key] = prepared
-        return prepared
-
     # ---------------------------------------------------------- forward
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -219,10 +224,19 @@ class BitLinear(nn.Module):
         self._check_input(x)
         if self.training and not self.frozen:
             return self._forward_fake_quant(x)
-        self._ensure_packed()
-        kernel = self.kernel(x.device)
-        prepared = self._prepared_for(kernel, x.device)
-        y = kernel.forward(x.reshape(-1, self.in_features), prepared, self.bias, self.fused_activation)
+        if not torch.compiler.is_compiling():
+            self._ensure_packed()  # reads data pointers: not traceable, and done by eval() already
+        elif self.qweight is None:
+            raise RuntimeError(
+                "BitLinear: no packed weights to compile against; call layer.eval() (or quantize_weights()) "
+                "before running the compiled model"
+            )
+        # Kernel selection, prepare-once and the kernel run are one custom op (see bitcore.kernels.ops),
+        # so torch.compile sees a single node with a known output shape instead of breaking the graph.
+        y = torch.ops.bitlab.bitlinear(
+            x.reshape(-1, self.in_features), self.qweight, self.weight_scale, self.bias,
+            self._config_spec, self.in_features, self.fused_activation, self.backend or "", self._prepared.id,
+        )
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _forward_fake_quant(self, x: torch.Tensor) -> torch.Tensor:
