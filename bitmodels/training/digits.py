@@ -1,6 +1,6 @@
 """The digits recipe shared by ``bitlab train``, ``bitlab demo`` and the tests.
 
-One MLP shape (LayerNorm -> Linear, ReLU between, as :class:`BitMLP`) trained
+One MLP shape (:class:`BitMLP`: LayerNorm -> Linear, ReLU between) trained
 on :func:`load_digits_split` in four precisions:
 
 ==========  ===================================================  ==============
@@ -31,7 +31,17 @@ from bitlayers.bitlinear import BitLinear
 from bitlayers.convert import convert_to_bitlinear
 from bitmodels.mlp import BitMLP, BitMLPConfig
 from bitmodels.training.data import DigitsSplit
-from bitmodels.training.qat import MemoryReport, TrainConfig, TrainResult, freeze_model, model_memory, predict, train_classifier
+from bitmodels.training.qat import (
+    LossFn,
+    MemoryReport,
+    TrainConfig,
+    TrainResult,
+    cross_entropy_loss,
+    freeze_model,
+    model_memory,
+    predict,
+    train_loop,
+)
 
 VARIANTS: Dict[str, Optional[BitQuantConfig]] = {
     "float": None,
@@ -54,30 +64,23 @@ def training_for(name: str, seed: int = 0) -> TrainConfig:
     return replace(base, seed=seed)
 
 
-class FloatMLP(nn.Module):
-    """The floating-point twin of :class:`BitMLP`: same layers in the same order, ``nn.Linear`` weights.
+def float_twin(config: BitMLPConfig) -> BitMLP:
+    """:class:`BitMLP` with every BitLinear swapped for an ``nn.Linear`` holding the same initial weights.
 
-    Built under the same seed it starts from the very weights BitMLP would, and
-    ``convert_to_bitlinear`` turns it into the same structure as BitMLP.
+    Built under a seed it starts from the very weights ``BitMLP(config)`` would, and
+    ``convert_to_bitlinear`` turns it back into the BitMLP structure.
     """
-
-    def __init__(self, config: BitMLPConfig) -> None:
-        super().__init__()
-        self.config = config
-        dims = [config.in_channels] + [config.hidden_dim] * (config.n_layers - 1) + [config.out_channels]
-        layers = []
-        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
-            if config.norm:
-                layers.append(nn.LayerNorm(d_in))
-            layers.append(nn.Linear(d_in, d_out, bias=config.bias))
-            if i < config.n_layers - 1:
-                layers.append(nn.ReLU())
-                if config.dropout > 0:
-                    layers.append(nn.Dropout(config.dropout))
-        self.layers = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+    model = BitMLP(config)
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, BitLinear):
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(layer.weight)
+                if layer.bias is not None:
+                    linear.bias.copy_(layer.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, linear)
+    return model
 
 
 def build_digits_model(
@@ -96,10 +99,10 @@ def build_digits_model(
         raise ValueError(f"via: got {via!r}; allowed values are ['convert', 'bitmlp']")
     torch.manual_seed(seed)
     if quant_config is None:
-        return FloatMLP(mlp)
+        return float_twin(mlp)
     if via == "bitmlp":
         return BitMLP(replace(mlp, quant_config=quant_config))
-    return convert_to_bitlinear(FloatMLP(mlp), quant_config)
+    return convert_to_bitlinear(float_twin(mlp), quant_config)
 
 
 @torch.no_grad()
@@ -135,14 +138,19 @@ class DigitsRun:
 
 
 def run_variant(
-    model: nn.Module, name: str, split: DigitsSplit, training: Optional[TrainConfig] = None
+    model: nn.Module,
+    name: str,
+    split: DigitsSplit,
+    training: Optional[TrainConfig] = None,
+    loss_fn: Optional[LossFn] = None,
 ) -> DigitsRun:
     """Train ``model`` on the split, freeze its BitLinear layers (if any), evaluate on the test set.
 
-    ``training`` defaults to the recipe's settings for ``name`` (:func:`training_for`).
+    ``training`` defaults to the recipe's settings for ``name`` (:func:`training_for`);
+    ``loss_fn`` (e.g. a :class:`~bitmodels.training.distill.Distiller`) defaults to cross-entropy.
     """
     training = training or training_for(name)
-    result = train_classifier(model, split.x_train, split.y_train, training)
+    result = train_loop(model, (split.x_train, split.y_train), loss_fn or cross_entropy_loss, training)
     has_bit_layers = any(isinstance(m, BitLinear) for m in model.modules())
     if not has_bit_layers:
         preds = predict(model, split.x_test)
