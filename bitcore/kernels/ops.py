@@ -65,6 +65,10 @@ class PreparedCache:
         self._lock = threading.Lock()
         _caches[self.id] = self
 
+    def __reduce__(self):
+        # copy.deepcopy / pickle of a layer get a new, empty cache of their own (prepared weights are derived data)
+        return (PreparedCache, ())
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
