@@ -12,7 +12,7 @@ Method (docs/benchmarks/numba_linear.md says what was measured):
 
 Usage::
 
-    python benchmarks/bench_numba_linear.py [--rows 2,4,8] [--out docs/benchmarks/numba_linear]
+    python benchmarks/bench_numba_linear.py [--variants 4x4,8x4] [--out docs/benchmarks/numba_linear]
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def eager_time_us(f, n: int = 200) -> float:
     return (time.perf_counter() - t0) * 1e6 / n
 
 
-def bench_shape(out_f: int, in_f: int, rows_options: list, gen: torch.Generator) -> dict:
+def bench_shape(out_f: int, in_f: int, variant_options: list, gen: torch.Generator) -> dict:
     dev = torch.device("cuda")
     cfg = BitQuantConfig(weight_bits=1.58, weight_granularity="per_tensor", activation_dtype="float16")
     kernel = NumbaFloatKernel()
@@ -116,14 +116,14 @@ def bench_shape(out_f: int, in_f: int, rows_options: list, gen: torch.Generator)
     numba_graph = graph_time_us(numba_calls)
     numba_eager = eager_time_us(numba_calls[0])
 
-    # launch variants: rows per warp (the plugin uses K.launch_shape)
+    # launch variants: rows and warps per block (the plugin uses K.launch_shape)
     from numba import cuda
 
     variants = {}
     out = torch.empty(1, out_f, dtype=torch.float16, device=dev)
-    for rows in rows_options:
-        knl = K.sign_code_kernel(2, "float", "float", "float", rows, 1)
-        grid, block = K.grid_for(out_f, 1, rows, 1)
+    for rows, warps in variant_options:
+        knl = K.sign_code_kernel(2, "float", "float", "float", rows, 1, warps)
+        grid, block = K.sign_code_grid(out_f, 1, rows, 1, warps)
 
         def launch_variant(p, knl=knl, grid=grid, block=block):
             stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
@@ -135,7 +135,7 @@ def bench_shape(out_f: int, in_f: int, rows_options: list, gen: torch.Generator)
         torch.cuda.synchronize()
         variant_err = float((out.float() - want).norm() / want.norm())
         t = graph_time_us([lambda p=prepared[i % n_packed]: launch_variant(p) for i in range(CALLS_PER_GRAPH)])
-        variants[rows] = {"median_us": statistics.median(t), "rel_err": variant_err}
+        variants[f"rows={rows},warps={warps}"] = {"median_us": statistics.median(t), "rel_err": variant_err}
 
     med_cublas, med_numba = statistics.median(cublas), statistics.median(numba_graph)
     return {
@@ -148,14 +148,15 @@ def bench_shape(out_f: int, in_f: int, rows_options: list, gen: torch.Generator)
         "cublas_GBps": dense_bytes / med_cublas / 1e3,
         "rel_err_vs_torch_ref": rel_err,
         "copies": {"cublas": n_dense, "numba": n_packed},
-        "rows_per_warp_variants": variants,
+        "launch_variants": variants,
         "spread_us": {"cublas": [min(cublas), max(cublas)], "numba": [min(numba_graph), max(numba_graph)]},
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="2,4,8", help="rows-per-warp variants to time")
+    parser.add_argument("--variants", default="4x4,8x4,4x8,8x8,2x4",
+                        help="launch variants to time as ROWSxWARPS per block, comma separated")
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -164,14 +165,14 @@ def main() -> int:
     import numba
 
     gen = torch.Generator().manual_seed(0)
-    rows_options = [int(r) for r in args.rows.split(",") if r]
-    results = [bench_shape(o, i, rows_options, gen) for o, i in SHAPES]
+    variant_options = [tuple(int(v) for v in item.split("x")) for item in args.variants.split(",") if item]
+    results = [bench_shape(o, i, variant_options, gen) for o, i in SHAPES]
     meta = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "numba": numba.__version__,
         "method": f"CUDA graph of {CALLS_PER_GRAPH} calls, median of {REPLAYS} replays, weights rotated over > 2x L2",
-        "rows_per_warp_used": K.launch_shape(1, 1)[0],
+        "launch_used_rows_tokens_warps": K.launch_shape(1, 1),
     }
     lines = [
         f"device: {meta['device']}; torch {meta['torch']}; numba {meta['numba']}; {meta['method']}",
@@ -185,8 +186,8 @@ def main() -> int:
             f"{r['speedup_vs_cublas']:.2f}x | {r['numba_GBps']:.0f} | {r['numba_eager_us']:.1f} | "
             f"{r['rel_err_vs_torch_ref']:.1e} |"
         )
-    lines += ["", "rows per warp (graph replay, us): " + "; ".join(
-        f"{r['shape']}: " + ", ".join(f"{k}->{v['median_us']:.1f}" for k, v in r["rows_per_warp_variants"].items())
+    lines += ["", "launch variants, rows x warps per block (graph replay, us): " + "; ".join(
+        f"{r['shape']}: " + ", ".join(f"{k} {v['median_us']:.1f}" for k, v in r["launch_variants"].items())
         for r in results)]
     table = "\n".join(lines)
     print(table)

@@ -1,22 +1,23 @@
 """numba.cuda kernels of the numba_cuda backend: low-bit GEMV/GEMM for 1 to 64 tokens.
 
 Weight layouts are described in :mod:`backends.numba_cuda.layout`; in short,
-each warp owns ``ROWS`` output rows and walks along the input in chunks of 32
-``int64`` words, lane ``l`` holding the codes of inputs ``c*chunk + j*32 + l``.
+rows are walked in chunks of 32 ``int64`` words, lane ``l`` holding the codes of
+inputs ``c*chunk + j*32 + l``.
 
-Work split
-----------
-* A block is ``WARPS`` warps; warp ``w`` of block ``bx`` owns rows
-  ``(bx * WARPS + w) * ROWS + r`` for ``r < ROWS`` and batch rows
-  ``by * TOKENS + t`` for ``t < TOKENS`` (``by`` = blockIdx.y).
+Work split (sign-code kernels: float and int8 activations)
+---------------------------------------------------------
+* Block ``(bx, by)`` owns rows ``bx * ROWS + r`` (``r < ROWS``) and tokens
+  ``by * TOKENS + t``; its ``WARPS`` warps split the chunks of those rows (warp
+  ``w`` takes chunks ``w, w + WARPS, ...``), so even a short, wide layer keeps
+  many warps streaming weights.
 * Per chunk a lane loads one word per row, then for every code ``j`` loads the
-  activation ``x[t, k]`` once and applies it to all ``ROWS`` rows, so the
-  activation traffic is shared by the rows and the weights are read once per
-  token tile.  Lanes then sum their partials with warp shuffles and lane 0
-  writes the epilogue.
+  activation ``x[t, k]`` once and applies it to all ``ROWS`` rows.  Lanes sum
+  their partials with warp shuffles, the warps through shared memory (in a
+  fixed order), and one thread per output writes the epilogue.
 * Rows past ``out_features`` and tokens past ``tokens`` are clamped onto the
   last valid one for loading (so no thread reads out of bounds and no branch
   splits the warp) and are never written.
+* The XNOR kernel keeps the simpler split: each warp owns its own rows.
 
 Arithmetic (see ``bitcore.quantize`` and ``backends/torch_ref`` for the definition)
 ------------------------------------------------------------------------------
@@ -41,13 +42,20 @@ import functools
 import math
 
 import numpy as np
-from numba import config as numba_config
-from numba import cuda, float32, int32, int64, uint64
 
-from backends.numba_cuda.layout import LANES, codes_per_word
+if not hasattr(np, "row_stack"):
+    # numba-cuda <= 0.30 registers an overload for np.row_stack when it first compiles, and
+    # NumPy 2.5 removed that alias of np.vstack: put the alias back so compilation can start.
+    np.row_stack = np.vstack
+
+from numba import config as numba_config  # noqa: E402
+from numba import cuda, float32, int32, int64, uint64  # noqa: E402
+
+from backends.numba_cuda.layout import LANES, codes_per_word  # noqa: E402
 
 SIMULATOR = bool(numba_config.ENABLE_CUDASIM)
-WARPS = 4  # warps per block
+XNOR_WARPS = 4  # warps per block of the XNOR kernel
+MAX_THREADS = 1024  # per block
 FULL_MASK = 0xFFFFFFFF
 EPILOGUE_CODES = {"none": 0, "relu": 1, "relu2": 2}
 X_KINDS = ("float", "bf16bits", "int8")  # how activations are read
@@ -169,7 +177,7 @@ if SIMULATOR:
     # The simulator has no warp shuffles: sum through a per-block shared buffer instead.
     # Every thread of the block reaches this call once, so the barriers match.
     def _simulated_warp_reduce(a):
-        buf = cuda.shared.array((WARPS * LANES, 64), np.float64)
+        buf = cuda.shared.array((MAX_THREADS, 64), np.float64)
         tid = cuda.threadIdx.x
         start = tid - tid % LANES
         cuda.syncthreads()
@@ -252,12 +260,13 @@ def looped_chunk(step, codes: int):
 
 
 @functools.lru_cache(maxsize=None)
-def sign_code_kernel(bits: int, x_kind: str, out_kind: str, bias_kind: str, rows: int, tokens: int):
+def sign_code_kernel(bits: int, x_kind: str, out_kind: str, bias_kind: str, rows: int, tokens: int, warps: int):
     """Kernel for ternary (bits=2) / binary (bits=1) sign codes; one compiled variant per argument set.
 
     Signature: ``(out, x, words, w_scale, scale_stride, x_scale, bias, has_bias, epilogue, n_out, n_in, n_tok)``
     with ``x`` ``[n_tok, n_in]``, ``words`` ``[n_out, chunks * 32]``, ``w_scale[n * scale_stride]``,
     ``x_scale`` ``[n_tok, 1]`` (used for int8 activations only) and ``out`` ``[n_tok, n_out]``.
+    Launch with :func:`sign_code_grid`.
     """
     if bits not in (1, 2) or x_kind not in X_KINDS or out_kind not in OUT_KINDS or bias_kind not in OUT_KINDS:
         raise ValueError(
@@ -265,7 +274,8 @@ def sign_code_kernel(bits: int, x_kind: str, out_kind: str, bias_kind: str, rows
         )
     CODES = codes_per_word(bits)
     INTEGER = x_kind == "int8"
-    ROWS, TOKENS = rows, tokens
+    ROWS, TOKENS, WARPS_ = rows, tokens, warps
+    OUTPUTS = rows * tokens
     acc_type = int32 if INTEGER else float32
     read_x = {"float": read_float, "bf16bits": read_bf16_bits, "int8": read_int}[x_kind]
     weight_of = {
@@ -296,8 +306,8 @@ def sign_code_kernel(bits: int, x_kind: str, out_kind: str, bias_kind: str, rows
     @cuda.jit
     def kernel(out, x, words, w_scale, scale_stride, x_scale, bias, has_bias, epilogue, n_out, n_in, n_tok):
         lane = cuda.threadIdx.x % LANES
-        warp = cuda.blockIdx.x * (cuda.blockDim.x // LANES) + cuda.threadIdx.x // LANES
-        row0 = warp * ROWS
+        warp = cuda.threadIdx.x // LANES
+        row0 = cuda.blockIdx.x * ROWS
         tok0 = cuda.blockIdx.y * TOKENS
         acc = cuda.local.array((ROWS, TOKENS), acc_type)
         for t in range(TOKENS):
@@ -306,27 +316,44 @@ def sign_code_kernel(bits: int, x_kind: str, out_kind: str, bias_kind: str, rows
         w = cuda.local.array(ROWS, int64)
         chunk = LANES * CODES
         n_full = n_in // chunk
-        for c in range(n_full):
+        # the warps of a block split the chunks of the same rows: warp w takes chunks w, w + WARPS, ...
+        for c in range(warp, n_full, WARPS_):
             for r in range(ROWS):
                 w[r] = words[uint64(clamp_to(row0 + r, n_out - 1)), uint64(c * LANES + lane)]
             accumulate_full(acc, w, x, c * chunk + lane, tok0, n_tok, n_in)
-        if n_full * chunk < n_in:
+        if n_full * chunk < n_in and warp == n_full % WARPS_:
             for r in range(ROWS):
                 w[r] = words[uint64(clamp_to(row0 + r, n_out - 1)), uint64(n_full * LANES + lane)]
             accumulate_tail(acc, w, x, n_full * chunk + lane, tok0, n_tok, n_in)
         warp_reduce(acc)
-        for t in range(TOKENS):
-            for r in range(ROWS):
-                n = row0 + r
-                tok = tok0 + t
-                if lane == 0 and n < n_out and tok < n_tok:
-                    y = float32(acc[r, t]) * float32(UNIT)
-                    if INTEGER:
-                        y = y * float32(x_scale[tok, 0])
-                    y = y * float32(w_scale[n * scale_stride])
-                    store(out, tok, n, apply_epilogue(y, read_bias(bias, has_bias, n), epilogue))
+        partial = cuda.shared.array((WARPS_, ROWS, TOKENS), acc_type)
+        if lane == 0:
+            for t in range(TOKENS):
+                for r in range(ROWS):
+                    partial[warp, r, t] = acc[r, t]
+        cuda.syncthreads()
+        i = cuda.threadIdx.x  # thread i < ROWS * TOKENS finishes output (row0 + i // TOKENS, tok0 + i % TOKENS)
+        if i < OUTPUTS:
+            r = i // TOKENS
+            t = i - r * TOKENS
+            n = row0 + r
+            tok = tok0 + t
+            if n < n_out and tok < n_tok:
+                total = partial[0, r, t]
+                for v in range(1, WARPS_):
+                    total += partial[v, r, t]
+                y = float32(total) * float32(UNIT)
+                if INTEGER:
+                    y = y * float32(x_scale[tok, 0])
+                y = y * float32(w_scale[n * scale_stride])
+                store(out, tok, n, apply_epilogue(y, read_bias(bias, has_bias, n), epilogue))
 
     return kernel
+
+
+def sign_code_grid(n_out: int, n_tok: int, rows: int, tokens: int, warps: int) -> tuple:
+    """(grid, block) for :func:`sign_code_kernel`: one block per ``rows`` rows and ``tokens`` tokens."""
+    return (math.ceil(n_out / rows), math.ceil(n_tok / tokens)), (warps * LANES,)
 
 
 # ------------------------------------------------------------------------- XNOR family
@@ -386,21 +413,22 @@ def xnor_kernel(out_kind: str, bias_kind: str, rows: int, tokens: int):
 
 # ------------------------------------------------------------------------------ launch
 def launch_shape(n_out: int, n_tok: int) -> tuple:
-    """(rows per warp, tokens per block): the one place the launch heuristics live.
+    """(rows per block, tokens per block, warps per block) of the sign-code kernels: the launch heuristics.
 
-    Batch 1 is memory bound: 4 rows per warp keep four independent 256-byte loads in
-    flight per warp while sharing each activation load across four rows (fully
-    unrolled kernel).  More tokens reuse each decoded weight for 4 tokens (looped
-    kernel) before the next token tile re-reads it, mostly from L2.
+    One token is a GEMV bound by instruction issue (three per weight) as much as by
+    memory: each block owns 4 rows (8 from 16384 rows on, which saves activation
+    loads once there are blocks enough to fill the GPU) and its 4 warps split the
+    input, so an 8192-row layer runs 8192 warps and each activation load feeds
+    4 rows (fully unrolled kernel).  More tokens reuse each decoded weight for 4 tokens (looped kernel)
+    before the next token tile re-reads it, mostly from L2.
     """
-    rows = 4
-    tokens = 1 if n_tok == 1 else 4
-    return rows, tokens
+    rows = 8 if n_out >= 16384 else 4  # tall layers have blocks enough to fill the GPU with 8 rows each
+    return rows, (1 if n_tok == 1 else 4), 4
 
 
-def grid_for(n_out: int, n_tok: int, rows: int, tokens: int) -> tuple:
-    rows_per_block = WARPS * rows
-    return (math.ceil(n_out / rows_per_block), math.ceil(n_tok / tokens)), (WARPS * LANES,)
+def xnor_grid(n_out: int, n_tok: int, rows: int, tokens: int) -> tuple:
+    """(grid, block) for :func:`xnor_kernel`: each of the ``XNOR_WARPS`` warps of a block owns ``rows`` rows."""
+    return (math.ceil(n_out / (XNOR_WARPS * rows)), math.ceil(n_tok / tokens)), (XNOR_WARPS * LANES,)
 
 
 def launch(kernel, grid, block, stream, *args):

@@ -21,7 +21,8 @@ cannot run (numba missing, simulator active, no GPU, no driver for numba).
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, Optional
 
 import torch
@@ -74,6 +75,15 @@ class NumbaWeight:
     weight_bits: float
     config: BitQuantConfig
     unused: torch.Tensor  # float32 [1, 1]: stands in for an absent bias / activation scale
+    _arrays: dict = field(default_factory=dict, repr=False)
+
+    def arrays(self, as_array: Callable) -> tuple:
+        """(words, scale, unused [1, 1], unused [1]) as kernel arrays, converted once per ``as_array``."""
+        cached = self._arrays.get(as_array)
+        if cached is None:
+            cached = tuple(as_array(t) for t in (self.words, self.scale, self.unused, self.unused.view(-1)))
+            self._arrays[as_array] = cached
+        return cached
 
 
 def cuda_view(t: torch.Tensor):
@@ -81,6 +91,14 @@ def cuda_view(t: torch.Tensor):
     from numba import cuda
 
     return cuda.as_cuda_array(t, sync=False)
+
+
+@lru_cache(maxsize=64)
+def numba_stream(handle: int):
+    """numba's view of a CUDA stream handle (torch's current stream), made once per handle."""
+    from numba import cuda
+
+    return cuda.external_stream(handle)
 
 
 def numpy_view(t: torch.Tensor):
@@ -129,8 +147,8 @@ class _NumbaKernel(BitKernel):
     def route(self, batch: int) -> str:
         from backends.numba_cuda.kernels import launch_shape
 
-        rows, tokens = launch_shape(1, batch)
-        return f"{type(self).__name__}(rows/warp={rows}, tokens/block={tokens})"
+        rows, tokens, warps = launch_shape(1, batch)
+        return f"{type(self).__name__}(rows/block={rows}, tokens/block={tokens}, warps/block={warps})"
 
     def availability(self) -> Availability:
         return numba_availability()
@@ -157,12 +175,10 @@ class _NumbaKernel(BitKernel):
 
     # ------------------------------------------------------------ compute
     def forward(self, x, prepared, bias=None, activation="none"):
-        from numba import cuda
-
         if x.device.type != "cuda":
             raise ValueError(f"{self.name} runs on CUDA tensors; got x on {x.device}")
         with torch.cuda.device(x.device):
-            stream = cuda.external_stream(torch.cuda.current_stream(x.device).cuda_stream)
+            stream = numba_stream(torch.cuda.current_stream(x.device).cuda_stream)
             return self.run(x, prepared, bias, activation, as_array=cuda_view, stream=stream)
 
     def run(
@@ -193,20 +209,19 @@ class _NumbaKernel(BitKernel):
         if n_tok == 0:
             return out
         out_kind, out_view = _kind_and_view(out)
+        words, scale, unused, unused_flat = prepared.arrays(as_array)
         if bias is None:
-            bias_kind, bias_view, has_bias = "float", prepared.unused.view(-1), 0
+            bias_kind, bias_array, has_bias = "float", unused_flat, 0
         else:
             bias_kind, bias_view = _kind_and_view(bias.detach())
-            has_bias = 1
+            bias_array, has_bias = as_array(bias_view), 1
         x_in, x_kind, x_scale = self._activations(x, prepared.config)
-        rows, tokens = K.launch_shape(n_out, n_tok)
-        kernel = self._kernel(prepared, x_kind, out_kind, bias_kind, rows, tokens)
-        grid, block = K.grid_for(n_out, n_tok, rows, tokens)
+        kernel, grid, block = self._kernel_and_grid(prepared, x_kind, out_kind, bias_kind, n_tok)
         K.launch(
             kernel, grid, block, stream,
-            as_array(out_view), as_array(x_in), as_array(prepared.words), as_array(prepared.scale),
-            prepared.scale_stride, as_array(prepared.unused if x_scale is None else x_scale),
-            as_array(bias_view), has_bias, K.EPILOGUE_CODES[activation], n_out, prepared.in_features, n_tok,
+            as_array(out_view), as_array(x_in), words, scale,
+            prepared.scale_stride, unused if x_scale is None else as_array(x_scale),
+            bias_array, has_bias, K.EPILOGUE_CODES[activation], n_out, prepared.in_features, n_tok,
         )
         return out
 
@@ -214,11 +229,14 @@ class _NumbaKernel(BitKernel):
         """(activation tensor for the kernel, its x_kind, its [tokens, 1] scale or None)."""
         raise NotImplementedError
 
-    def _kernel(self, prepared: NumbaWeight, x_kind: str, out_kind: str, bias_kind: str, rows: int, tokens: int):
+    def _kernel_and_grid(self, prepared: NumbaWeight, x_kind: str, out_kind: str, bias_kind: str, n_tok: int):
+        """(compiled kernel, grid, block) for this problem."""
         from backends.numba_cuda import kernels as K
 
         bits = 2 if prepared.weight_bits == 1.58 else 1
-        return K.sign_code_kernel(bits, x_kind, out_kind, bias_kind, rows, tokens)
+        rows, tokens, warps = K.launch_shape(prepared.out_features, n_tok)
+        kernel = K.sign_code_kernel(bits, x_kind, out_kind, bias_kind, rows, tokens, warps)
+        return (kernel, *K.sign_code_grid(prepared.out_features, n_tok, rows, tokens, warps))
 
 
 class NumbaFloatKernel(_NumbaKernel):
@@ -268,10 +286,12 @@ class NumbaXnorKernel(_NumbaKernel):
         signs, x_scale = quantize_activation_binary(x, cfg.activation_granularity)
         return signs, "int8", x_scale
 
-    def _kernel(self, prepared, x_kind, out_kind, bias_kind, rows, tokens):
+    def _kernel_and_grid(self, prepared, x_kind, out_kind, bias_kind, n_tok):
         from backends.numba_cuda import kernels as K
 
-        return K.xnor_kernel(out_kind, bias_kind, rows, tokens)
+        rows, tokens, _ = K.launch_shape(prepared.out_features, n_tok)
+        kernel = K.xnor_kernel(out_kind, bias_kind, rows, tokens)
+        return (kernel, *K.xnor_grid(prepared.out_features, n_tok, rows, tokens))
 
 
 KERNELS = (NumbaFloatKernel, NumbaInt8Kernel, NumbaXnorKernel)

@@ -260,3 +260,42 @@ def test_simulator_cases_in_a_subprocess():
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_weight_rows_give_exact_zeros(device):
+    """Products are exact (x * 2v), so an all-zero ternary row sums to exactly 0 in every dtype path."""
+    gen, seed = fresh_generator()
+    cfg = BitQuantConfig(weight_bits=1.58, activation_dtype="float32")
+    values = torch.randint(-1, 2, (9, 77), generator=gen, dtype=torch.int8)
+    values[::2] = 0
+    packed = pack_weight(values, torch.rand(1, generator=gen) + 0.5, 1.58, "per_tensor")
+    x = torch.randn(2, 77, generator=gen) * 1e3
+    got = run_kernel(NumbaFloatKernel(), device, x, packed, cfg)
+    assert torch.equal(got[:, ::2], torch.zeros_like(got[:, ::2])), f"seed {seed}"
+    assert_close_rel(got, reference(x, packed, cfg), FLOAT_TOLERANCE[torch.float32], seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_ok, reason="needs a GPU that numba can use")
+def test_forward_is_captured_by_a_cuda_graph():
+    gen, seed = fresh_generator()
+    cfg = BitQuantConfig(weight_bits=1.58, activation_dtype="float16")
+    kernel = NumbaFloatKernel()
+    packed = pack_weight_to(random_packed(1.58, 300, 1500, "per_tensor", gen), torch.device("cuda"))
+    prepared = kernel.prepare(packed, cfg)
+    x = torch.randn(1, 1500, generator=gen).half().cuda()
+    eager = kernel.forward(x, prepared)  # compiles outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        kernel.forward(x, prepared)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = kernel.forward(x, prepared)
+    x.copy_(torch.randn(1, 1500, generator=gen).half().cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not torch.equal(y, eager)
+    assert torch.equal(y, kernel.forward(x, prepared)), f"graph replay differs from eager (seed {seed})"
