@@ -35,7 +35,7 @@ def _ternary(shape, gen):
     return torch.randint(-1, 2, shape, generator=gen).to(torch.float32)
 
 
-@pytest.mark.parametrize("out_features,in_features", [(12, 7), (64, 33), (4, 1)])
+@pytest.mark.parametrize("out_features,in_features", [(12, 7), (64, 33), (4, 1), (5, 3), (6, 9)])
 def test_unpack_matches_transformers_layout(out_features, in_features):
     gen = torch.Generator().manual_seed(out_features * 31 + in_features)
     values = _ternary((out_features, in_features), gen)
@@ -157,4 +157,16 @@ def test_missing_weight_scale_is_named(tmp_path):
     del state["model.layers.1.mlp.down_proj.weight_scale"]
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.down_proj\.weight_scale"):
+        AutoBitModel.from_pretrained(tmp_path, verbose=False)
+
+
+def test_unsupported_rms_norm_option_is_refused(tmp_path):
+    import json
+
+    _tiny_bitnet_checkpoint(tmp_path, seed=2)
+    path = tmp_path / "config.json"
+    raw = json.loads(path.read_text())
+    raw["quantization_config"]["use_rms_norm"] = True
+    path.write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="use_rms_norm"):
         AutoBitModel.from_pretrained(tmp_path, verbose=False)
