@@ -276,6 +276,7 @@ class BitLinear(nn.Module):
             if skey not in state_dict:
                 raise CheckpointError(f"{skey}: missing from the checkpoint (it holds {qkey})")
             _check_tensor(state_dict, skey, expected_scale, torch.float32)
+            _check_packed_contents(state_dict[qkey], state_dict[skey], qkey, skey, cfg)
             device = self._device()
             self.qweight = torch.empty(expected, dtype=torch.uint8, device=device)
             self.weight_scale = torch.empty(expected_scale, dtype=torch.float32, device=device)
@@ -315,3 +316,20 @@ def _check_tensor(state_dict: dict, key: str, shape: tuple, dtype: torch.dtype) 
         raise CheckpointError(f"{key}: shape {tuple(t.shape)} does not match the layer, expected {tuple(shape)}")
     if t.dtype != dtype:
         raise CheckpointError(f"{key}: dtype {t.dtype} does not match the layer, expected {dtype}")
+
+
+def _check_packed_contents(qweight: torch.Tensor, scale: torch.Tensor, qkey: str, skey: str, cfg: BitQuantConfig) -> None:
+    """Reject bit patterns no quantizer writes: a corrupted checkpoint must fail at load, not compute garbage."""
+    if qweight.device.type == "meta":
+        return
+    if cfg.weight_bits == 1.58:
+        q = qweight.to(torch.uint8)
+        bad = int(((q & 0x55) & ((q >> 1) & 0x55)).ne(0).sum())  # a 2-bit code of 3 (both bits set)
+        if bad:
+            raise CheckpointError(
+                f"{qkey}: {bad} byte(s) hold the ternary code 3, which no ternary weight packs to "
+                f"(codes are 0 -> 0, 1 -> +1, 2 -> -1): the checkpoint is corrupted"
+            )
+    if scale.numel() and not bool(torch.isfinite(scale).all()):
+        bad = int((~torch.isfinite(scale)).sum())
+        raise CheckpointError(f"{skey}: {bad} NaN/Inf scale value(s); the checkpoint is corrupted")
