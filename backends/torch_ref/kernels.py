@@ -102,4 +102,7 @@ class TorchReferenceKernel(BitKernel):
         return ReferenceWeight(packed=packed, values=unpack_values(packed), config=config)
 
     def forward(self, x, prepared, bias=None, activation="none"):
+        in_features = prepared.packed.in_features
+        if x.dim() != 2 or x.shape[1] != in_features:
+            raise ValueError(f"x must be [tokens, in_features={in_features}] for this weight; got shape {tuple(x.shape)}")
         return reference_linear(x, prepared, bias, activation)
