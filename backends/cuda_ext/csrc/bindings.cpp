@@ -1,0 +1,138 @@
+// BitLab cuda_ext: torch binding of the CUDA kernels as the op bitlab::cuda_ext_linear.
+//
+// The op is defined here (schema + CUDA implementation); its fake (meta) implementation
+// is registered from Python (backends/cuda_ext/ops.py) so torch.compile can trace it.
+// Everything runs on the current CUDA stream and allocates only through the caching
+// allocator, so the op can be captured in a CUDA graph.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "bitlab_launch.h"
+
+namespace {
+
+// Activation modes (kept in step with backends/cuda_ext/kernels.py).
+enum ActMode { kActFloat = 0, kActInt8PerTensor = 1, kActInt8PerToken = 2, kActBinaryPerTensor = 3, kActBinaryPerToken = 4 };
+
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return bitlab::kDtypeHalf;
+    case at::kBFloat16: return bitlab::kDtypeBFloat16;
+    case at::kFloat: return bitlab::kDtypeFloat;
+    default: TORCH_CHECK(false, "cuda_ext_linear: x dtype ", t, " is not supported; expected float16, bfloat16 or float32");
+  }
+  return 0;
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "cuda_ext_linear: ", what, " failed: ", cudaGetErrorString(err));
+}
+
+// x as [M, Kp] contiguous, zero-padded past K, 16-byte aligned (a copy only when needed).
+at::Tensor padded_activations(const at::Tensor& x, int64_t K, int64_t Kp) {
+  const bool ok = x.size(1) == Kp && x.is_contiguous() && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  if (ok) return x;
+  at::Tensor out = at::zeros({x.size(0), Kp}, x.options());
+  out.narrow(1, 0, K).copy_(x.narrow(1, 0, K));
+  return out;
+}
+
+}  // namespace
+
+at::Tensor cuda_ext_linear(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& w_scale,
+                           const c10::optional<at::Tensor>& bias, int64_t fmt, int64_t act_mode, int64_t epilogue,
+                           int64_t N, int64_t K, at::ScalarType out_dtype) {
+  TORCH_CHECK(x.is_cuda() && wq.is_cuda() && w_scale.is_cuda(), "cuda_ext_linear: tensors must be on a CUDA device");
+  TORCH_CHECK(x.dim() == 2, "cuda_ext_linear: x must be 2-D [tokens, in_features], got ", x.sizes());
+  TORCH_CHECK(x.size(1) >= K, "cuda_ext_linear: x has ", x.size(1), " columns, expected at least in_features=", K);
+  TORCH_CHECK(fmt >= 0 && fmt <= 4, "cuda_ext_linear: fmt ", fmt, " not in [0, 4]");
+  TORCH_CHECK(act_mode >= 0 && act_mode <= 4, "cuda_ext_linear: act_mode ", act_mode, " not in [0, 4]");
+  TORCH_CHECK(epilogue >= 0 && epilogue <= 2, "cuda_ext_linear: epilogue ", epilogue, " not in [0, 2]");
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous(), "cuda_ext_linear: w_scale must be contiguous float32");
+  TORCH_CHECK(w_scale.numel() == 1 || w_scale.numel() == N, "cuda_ext_linear: w_scale has ", w_scale.numel(),
+              " elements, expected 1 or out_features=", N);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0);
+  const int64_t Kp = (K + 127) / 128 * 128;
+  at::Tensor y = at::empty({M, N}, x.options().dtype(out_dtype));
+  if (M == 0 || N == 0) return y;
+  const int out_code = dtype_code(out_dtype);
+  at::Tensor bias_f;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == N, "cuda_ext_linear: bias has ", bias->numel(), " elements, expected out_features=", N);
+    bias_f = bias->to(at::kFloat).contiguous();
+  }
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous();
+
+  if (act_mode == kActBinaryPerTensor || act_mode == kActBinaryPerToken) {
+    TORCH_CHECK(fmt == 0, "cuda_ext_linear: binary activations need binary weights (fmt 0), got fmt ", fmt);
+    TORCH_CHECK(wq.scalar_type() == at::kInt && wq.numel() >= N * (Kp / 32),
+                "cuda_ext_linear: W1A1 weight bits must be int32 [Npad, Kp/32]");
+    at::Tensor xb = at::empty({M, Kp / 32}, x.options().dtype(at::kInt));
+    at::Tensor rowmean = at::empty({M + 1}, x.options().dtype(at::kFloat));
+    check_cuda(bitlab::launch_binarize(xs.data_ptr(), dtype_code(xs.scalar_type()), M, K, xs.stride(0), Kp,
+                                       reinterpret_cast<uint32_t*>(xb.data_ptr<int>()), rowmean.data_ptr<float>(), stream),
+               "binarize");
+    bitlab::XnorArgs a{};
+    a.xb = reinterpret_cast<const uint32_t*>(xb.data_ptr<int>());
+    a.wb = reinterpret_cast<const uint32_t*>(wq.data_ptr<int>());
+    a.rowmean = rowmean.data_ptr<float>();
+    a.per_token = act_mode == kActBinaryPerToken;
+    a.w_scale = w_scale.data_ptr<float>();
+    a.w_scale_per_row = w_scale.numel() == N && N > 1;
+    a.bias = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
+    a.y = y.data_ptr();
+    a.out_dtype = out_code;
+    a.epilogue = static_cast<int>(epilogue);
+    a.M = M; a.N = N; a.K = K; a.Kp = Kp;
+    check_cuda(bitlab::launch_xnor(a, stream), "xnor kernel");
+    return y;
+  }
+
+  TORCH_CHECK(wq.scalar_type() == at::kInt, "cuda_ext_linear: prepared weight must be int32 lane tiles");
+  bitlab::LinearArgs a{};
+  a.wq = reinterpret_cast<const uint32_t*>(wq.data_ptr<int>());
+  a.w_scale = w_scale.data_ptr<float>();
+  a.w_scale_per_row = w_scale.numel() == N && N > 1;
+  a.bias = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
+  a.y = y.data_ptr();
+  a.out_dtype = out_code;
+  a.epilogue = static_cast<int>(epilogue);
+  a.M = M; a.N = N; a.Kp = Kp;
+  a.fmt = static_cast<int>(fmt);
+
+  if (act_mode == kActFloat) {
+    const at::ScalarType t = x.scalar_type();
+    TORCH_CHECK(t == at::kHalf || t == at::kBFloat16, "cuda_ext_linear: float activations must be float16 or bfloat16, got ", t);
+    at::Tensor xp = padded_activations(xs, K, Kp);
+    a.x = xp.data_ptr();
+    check_cuda(bitlab::launch_linear_float(a, dtype_code(t), stream), "float-activation kernel");
+    return y;
+  }
+
+  const bool per_token = act_mode == kActInt8PerToken;
+  at::Tensor xq = at::empty({M, Kp}, x.options().dtype(at::kChar));
+  at::Tensor xscale = at::empty({per_token ? M : 1}, x.options().dtype(at::kFloat));
+  at::Tensor work = at::empty({per_token ? 1 : M}, x.options().dtype(at::kFloat));
+  check_cuda(bitlab::launch_quantize_int8(xs.data_ptr(), dtype_code(xs.scalar_type()), M, K, xs.stride(0), Kp,
+                                          per_token, xq.data_ptr<int8_t>(), xscale.data_ptr<float>(),
+                                          work.data_ptr<float>(), stream),
+             "int8 activation quantization");
+  a.x = xq.data_ptr();
+  a.x_scale = xscale.data_ptr<float>();
+  a.x_scale_per_row = per_token;
+  check_cuda(bitlab::launch_linear_int8(a, stream), "int8-activation kernel");
+  return y;
+}
+
+TORCH_LIBRARY_FRAGMENT(bitlab, m) {
+  m.def(
+      "cuda_ext_linear(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias, int fmt, int act_mode, int epilogue, "
+      "int N, int K, ScalarType out_dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bitlab, CUDA, m) { m.impl("cuda_ext_linear", &cuda_ext_linear); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "BitLab cuda_ext kernels (op: torch.ops.bitlab.cuda_ext_linear)"; }

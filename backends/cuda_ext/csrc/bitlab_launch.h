@@ -1,0 +1,62 @@
+// BitLab cuda_ext: host-side launch interface of the CUDA kernels.
+//
+// Plain C++ (no torch headers): the kernel files (*.cu) include only this and the
+// CUDA headers, so CI compiles them with a bare nvcc; bindings.cpp adapts torch
+// tensors to these structs and calls the launchers on the current stream.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace bitlab {
+
+enum OutDtype { kDtypeFloat = 0, kDtypeHalf = 1, kDtypeBFloat16 = 2 };
+enum Epilogue { kEpilogueNone = 0, kEpilogueRelu = 1, kEpilogueRelu2 = 2 };
+
+struct LinearArgs {
+  const void* x;         // activations [M, Kp]: half / bf16 (float path) or int8 (int8 path), zero-padded
+  const uint32_t* wq;    // prepared lane tiles (bitlab_mma.cuh)
+  const float* w_scale;  // [N] or [1]
+  int w_scale_per_row;
+  const float* x_scale;  // int8 path: [M] or [1] dequantization scale; nullptr on the float path
+  int x_scale_per_row;
+  const float* bias;     // [N] float32 or nullptr
+  void* y;               // [M, N] in out_dtype
+  int out_dtype;
+  int epilogue;
+  int M, N, Kp;
+  int fmt;               // WeightFormat
+};
+
+// Float activations (x_dtype kDtypeHalf / kDtypeBFloat16), decode-to-half/bf16 mma.
+cudaError_t launch_linear_float(const LinearArgs& args, int x_dtype, cudaStream_t stream);
+// int8 activations, int8 mma with exact int32 accumulation.
+cudaError_t launch_linear_int8(const LinearArgs& args, cudaStream_t stream);
+
+// Absmax int8 quantization of x [M, K] (row stride ldx elements) into xq [M, Kp] (zero-padded)
+// and the dequantization scale xs ([M] per token, [1] per tensor), exactly as
+// bitcore.quantize.quantize_activation_int8. workspace: M floats (per tensor only).
+cudaError_t launch_quantize_int8(const void* x, int x_dtype, int M, int K, long ldx, int Kp, int per_token,
+                                 int8_t* xq, float* xs, float* workspace, cudaStream_t stream);
+
+// Sign bits of x [M, K] into xb [M, Kp / 32] (bit 1 = +1, padding 0) and mean|x| per row into rowmean [M].
+cudaError_t launch_binarize(const void* x, int x_dtype, int M, int K, long ldx, int Kp, uint32_t* xb,
+                            float* rowmean, cudaStream_t stream);
+
+// W1A1: y = (K - 2 popc(xb ^ wb)) * x_scale * w_scale (+ bias, activation).
+// wb: binary weight bits [Npad, Kp / 32]; x scale from rowmean (per_token) or its mean (per_tensor).
+struct XnorArgs {
+  const uint32_t* xb;
+  const uint32_t* wb;
+  const float* rowmean;
+  int per_token;
+  const float* w_scale;
+  int w_scale_per_row;
+  const float* bias;
+  void* y;
+  int out_dtype, epilogue;
+  int M, N, K, Kp;
+};
+cudaError_t launch_xnor(const XnorArgs& args, cudaStream_t stream);
+
+}  // namespace bitlab

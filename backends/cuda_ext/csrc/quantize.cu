@@ -1,0 +1,140 @@
+// Activation quantizers for the int8 and binary paths.
+//
+// int8 (absmax), exactly bitcore.quantize.quantize_activation_int8:
+//   amax = max(max|x|, 1e-5) over a row (per_token) or the whole input (per_tensor),
+//   q = clamp(rint_half_even(float(x) * (127 / amax)), -127, 127), scale = amax / 127,
+//   with the division and the product each rounded once in float32 (no fast math).
+//   Output xq [M, Kp] int8 with columns K..Kp-1 zero (the mma kernels read whole chunks).
+// binary: bit k of xb[m][k / 32] is 1 where x >= 0 (so -0.0 and +0.0 give +1, NaN gives -1),
+//   padding bits are 0; rowmean[m] = mean|x[m, :]| in float32.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "bitlab_launch.h"
+
+namespace bitlab {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr float kEps = 1e-5f;
+
+__device__ __forceinline__ float load_as_float(const void* x, long i, int dtype) {
+  if (dtype == kDtypeHalf) return __half2float(static_cast<const __half*>(x)[i]);
+  if (dtype == kDtypeBFloat16) return __bfloat162float(static_cast<const __nv_bfloat16*>(x)[i]);
+  return static_cast<const float*>(x)[i];
+}
+
+__device__ __forceinline__ float block_reduce_max(float v, float* shared) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if ((threadIdx.x & 31) == 0) shared[threadIdx.x >> 5] = v;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    v = threadIdx.x < blockDim.x / 32 ? shared[threadIdx.x] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if (threadIdx.x == 0) shared[0] = v;
+  }
+  __syncthreads();
+  v = shared[0];
+  __syncthreads();
+  return v;
+}
+
+__device__ __forceinline__ float block_reduce_sum(float v, float* shared) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if ((threadIdx.x & 31) == 0) shared[threadIdx.x >> 5] = v;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    v = threadIdx.x < blockDim.x / 32 ? shared[threadIdx.x] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (threadIdx.x == 0) shared[0] = v;
+  }
+  __syncthreads();
+  v = shared[0];
+  __syncthreads();
+  return v;
+}
+
+__device__ float row_absmax(const void* x, int dtype, long base, int K, float* shared) {
+  float m = 0.f;
+  for (int k = threadIdx.x; k < K; k += blockDim.x) m = fmaxf(m, fabsf(load_as_float(x, base + k, dtype)));
+  return block_reduce_max(m, shared);
+}
+
+// One block per row. per_token: the row's own absmax; per_tensor: max over rowmax[0..M).
+__global__ void quantize_rows_kernel(const void* x, int dtype, int M, int K, long ldx, int Kp, int per_token,
+                                     const float* rowmax, int8_t* xq, float* xs) {
+  __shared__ float shared[32];
+  const int row = blockIdx.x;
+  const long base = static_cast<long>(row) * ldx;
+  float amax;
+  if (per_token) {
+    amax = row_absmax(x, dtype, base, K, shared);
+  } else {
+    float m = 0.f;
+    for (int r = threadIdx.x; r < M; r += blockDim.x) m = fmaxf(m, rowmax[r]);
+    amax = block_reduce_max(m, shared);
+  }
+  amax = fmaxf(amax, kEps);
+  const float inv = __fdiv_rn(127.f, amax);
+  int8_t* out = xq + static_cast<long>(row) * Kp;
+  for (int k = threadIdx.x; k < Kp; k += blockDim.x) {
+    int q = 0;
+    if (k < K) {
+      q = __float2int_rn(__fmul_rn(load_as_float(x, base + k, dtype), inv));
+      q = q > 127 ? 127 : (q < -127 ? -127 : q);
+    }
+    out[k] = static_cast<int8_t>(q);
+  }
+  if (threadIdx.x == 0 && (per_token || row == 0)) xs[per_token ? row : 0] = __fdiv_rn(amax, 127.f);
+}
+
+__global__ void row_absmax_kernel(const void* x, int dtype, int K, long ldx, float* rowmax) {
+  __shared__ float shared[32];
+  const float m = row_absmax(x, dtype, static_cast<long>(blockIdx.x) * ldx, K, shared);
+  if (threadIdx.x == 0) rowmax[blockIdx.x] = m;
+}
+
+// One block per row; each thread builds whole 32-bit words of sign bits.
+__global__ void binarize_kernel(const void* x, int dtype, int K, long ldx, int Kp, uint32_t* xb, float* rowmean) {
+  __shared__ float shared[32];
+  const long base = static_cast<long>(blockIdx.x) * ldx;
+  const int words = Kp / 32;
+  float s = 0.f;
+  for (int w = threadIdx.x; w < words; w += blockDim.x) {
+    uint32_t bits = 0u;
+    for (int b = 0; b < 32; ++b) {
+      const int k = w * 32 + b;
+      if (k < K) {
+        const float v = load_as_float(x, base + k, dtype);
+        s += fabsf(v);
+        bits |= (v >= 0.f ? 1u : 0u) << b;
+      }
+    }
+    xb[static_cast<long>(blockIdx.x) * words + w] = bits;
+  }
+  s = block_reduce_sum(s, shared);
+  if (threadIdx.x == 0) rowmean[blockIdx.x] = K > 0 ? __fdiv_rn(s, static_cast<float>(K)) : 0.f;
+}
+
+}  // namespace
+
+cudaError_t launch_quantize_int8(const void* x, int x_dtype, int M, int K, long ldx, int Kp, int per_token,
+                                 int8_t* xq, float* xs, float* workspace, cudaStream_t stream) {
+  if (M == 0) return cudaSuccess;
+  if (!per_token) {
+    row_absmax_kernel<<<M, kThreads, 0, stream>>>(x, x_dtype, K, ldx, workspace);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  quantize_rows_kernel<<<M, kThreads, 0, stream>>>(x, x_dtype, M, K, ldx, Kp, per_token, workspace, xq, xs);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_binarize(const void* x, int x_dtype, int M, int K, long ldx, int Kp, uint32_t* xb,
+                            float* rowmean, cudaStream_t stream) {
+  if (M == 0) return cudaSuccess;
+  binarize_kernel<<<M, kThreads, 0, stream>>>(x, x_dtype, K, ldx, Kp, xb, rowmean);
+  return cudaGetLastError();
+}
+
+}  // namespace bitlab

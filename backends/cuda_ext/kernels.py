@@ -1,0 +1,145 @@
+"""cuda_ext kernels: BitKernel classes over the op ``bitlab::cuda_ext_linear``.
+
+* :class:`CudaExtFloatKernel`: float16 / bfloat16 activations, every weight format
+  (decode-to-half/bf16 tensor-core mma; GEMV for <= 16 tokens, GEMM above);
+* :class:`CudaExtInt8Kernel`: int8 activations (per token or per tensor), every weight
+  format (int8 tensor-core mma, exact int32 accumulation; W1.58A8 is BitNet's setting);
+* :class:`CudaExtXnorKernel`: binary weights with binary activations (XOR + popcount).
+
+Weight granularity per_tensor and per_channel; per_group is left to torch_ref (its
+scale changes inside a row, which the fused epilogue does not model).  float32
+activations are left to torch_ref too (the tensor cores would round them).
+
+Example::
+
+    kernel = CudaExtFloatKernel()
+    prepared = kernel.prepare(packed.to_cuda, BitQuantConfig(weight_bits=1.58, activation_dtype="float16"))
+    y = kernel.forward(x.half().cuda(), prepared)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from backends.cuda_ext import layout, ops
+from bitcore.config import WEIGHT_BITS, BitQuantConfig
+from bitcore.kernels.interface import Availability, BitKernel, keys_product
+from bitcore.packing import PackedWeight
+
+GRANULARITIES = ("per_tensor", "per_channel")
+ACT_GRANULARITIES = ("per_tensor", "per_token")
+GEMV_MAX_TOKENS = 16
+FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class CudaExtWeight:
+    """A weight prepared for the op: lane tiles (or W1A1 bits), scale and the op's mode codes."""
+
+    wq: torch.Tensor
+    scale: torch.Tensor
+    fmt: int
+    act_mode: int
+    out_features: int
+    in_features: int
+    act_dtype: Optional[torch.dtype]  # float path: the dtype activations are rounded to
+
+    def clone(self) -> "CudaExtWeight":
+        """A copy with its own weight storage (benchmarks rotate copies to defeat the L2 cache)."""
+        return CudaExtWeight(self.wq.clone(), self.scale, self.fmt, self.act_mode, self.out_features,
+                             self.in_features, self.act_dtype)
+
+
+class _CudaExtKernel(BitKernel):
+    backend = "cuda_ext"
+    devices = frozenset({"cuda"})
+    priority = 100
+
+    def availability(self) -> Availability:
+        return ops.availability()
+
+    def _check_packed(self, packed: PackedWeight) -> None:
+        if packed.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"{self.name}: weight granularity {packed.granularity!r} is not served; expected one of {list(GRANULARITIES)}"
+            )
+        if packed.device.type != "cuda":
+            raise ValueError(f"{self.name}: packed weight is on {packed.device}; move it to a CUDA device first")
+
+    def route(self, batch: int) -> str:
+        return f"{type(self).__name__}.{'gemv' if batch <= GEMV_MAX_TOKENS else 'gemm'}"
+
+    def forward(self, x, prepared: CudaExtWeight, bias=None, activation="none"):
+        if x.shape[-1] != prepared.in_features:
+            raise ValueError(f"{self.name}: x has {x.shape[-1]} features, expected in_features={prepared.in_features}")
+        if activation not in ops.EPILOGUE_CODE:
+            raise ValueError(f"activation: got {activation!r}; allowed values are {list(ops.EPILOGUE_CODE)}")
+        x2 = x.reshape(-1, prepared.in_features)
+        xa = x2 if prepared.act_dtype is None else x2.to(prepared.act_dtype)
+        y = ops.linear(xa, prepared.wq, prepared.scale, bias, prepared.fmt, prepared.act_mode,
+                       ops.EPILOGUE_CODE[activation], prepared.out_features, prepared.in_features, x.dtype)
+        return y.reshape(*x.shape[:-1], prepared.out_features)
+
+
+class CudaExtFloatKernel(_CudaExtKernel):
+    """float16 / bfloat16 activations x {binary, ternary, int2, int4, int8} weights on tensor cores."""
+
+    keys = keys_product(WEIGHT_BITS, ["float16", "bfloat16"], GRANULARITIES)
+
+    def prepare(self, packed: PackedWeight, config: BitQuantConfig) -> CudaExtWeight:
+        self._check_packed(packed)
+        return CudaExtWeight(
+            wq=layout.lane_tiles(packed, "float"),
+            scale=packed.scale.contiguous(),
+            fmt=layout.FORMAT_CODE[packed.weight_bits],
+            act_mode=ops.ACT_FLOAT,
+            out_features=packed.out_features,
+            in_features=packed.in_features,
+            act_dtype=FLOAT_DTYPES[config.activation_dtype],
+        )
+
+
+class CudaExtInt8Kernel(_CudaExtKernel):
+    """int8 absmax activations (per token / per tensor) x every weight format, int8 tensor cores."""
+
+    keys = keys_product(WEIGHT_BITS, ["int8"], GRANULARITIES, ACT_GRANULARITIES)
+
+    def prepare(self, packed: PackedWeight, config: BitQuantConfig) -> CudaExtWeight:
+        self._check_packed(packed)
+        per_token = config.activation_granularity == "per_token"
+        return CudaExtWeight(
+            wq=layout.lane_tiles(packed, "int8"),
+            scale=packed.scale.contiguous(),
+            fmt=layout.FORMAT_CODE[packed.weight_bits],
+            act_mode=ops.ACT_INT8_PER_TOKEN if per_token else ops.ACT_INT8_PER_TENSOR,
+            out_features=packed.out_features,
+            in_features=packed.in_features,
+            act_dtype=None,
+        )
+
+
+class CudaExtXnorKernel(_CudaExtKernel):
+    """Binary weights x binary activations (W1A1): XOR + popcount, exact integer counts."""
+
+    keys = keys_product([1], ["binary"], GRANULARITIES, ACT_GRANULARITIES)
+
+    def route(self, batch: int) -> str:
+        return "CudaExtXnorKernel.popcount"
+
+    def prepare(self, packed: PackedWeight, config: BitQuantConfig) -> CudaExtWeight:
+        self._check_packed(packed)
+        per_token = config.activation_granularity == "per_token"
+        return CudaExtWeight(
+            wq=layout.xnor_bits(packed),
+            scale=packed.scale.contiguous(),
+            fmt=layout.FORMAT_CODE[1],
+            act_mode=ops.ACT_BINARY_PER_TOKEN if per_token else ops.ACT_BINARY_PER_TENSOR,
+            out_features=packed.out_features,
+            in_features=packed.in_features,
+            act_dtype=None,
+        )
+
+
+KERNELS = (CudaExtFloatKernel, CudaExtInt8Kernel, CudaExtXnorKernel)
