@@ -119,6 +119,17 @@ def run_engine(gen: Generator, batch: int, prompt_len: int, new_tokens: int, voc
     }
 
 
+def _free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _print_profile(rows) -> None:
+    for row in rows[:15]:
+        print(f"  {row['us_per_step']:8.1f} us/step  x{row['calls_per_step']:.0f}  {row['kernel']}", flush=True)
+
+
 def profile_decode(gen: Generator, vocab: int, steps: int = 32) -> list:
     """Top kernels (device time per decode step) of a batch-1 generation with a short prompt."""
     from torch.profiler import ProfilerActivity, profile
@@ -232,6 +243,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--no-triton-attention", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of a batch-1 decode step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test the script with --tiny")
@@ -276,8 +288,25 @@ def main(argv=None) -> int:
         print("bitlab", r, flush=True)
     if args.profile and device.type == "cuda":
         result["profile_batch1"] = profile_decode(gen, cfg.vocab_size)
-        for row in result["profile_batch1"][:15]:
-            print(f"  {row['us_per_step']:8.1f} us/step  x{row['calls_per_step']:.0f}  {row['kernel']}", flush=True)
+        _print_profile(result["profile_batch1"])
+    del gen  # its KV cache and graphs
+    _free(device)
+    if not args.no_triton_attention and not args.no_compile and device.type == "cuda":
+        try:  # the same model and bindings; one-token attention as the split-KV Triton kernel
+            gen_t = Generator(model, compile=True, bind=False, triton_attention=True)
+            result["runs"]["bitlab_triton_attn"] = []
+            for b in batches:
+                r = run_engine(gen_t, b, args.prompt_len, args.new_tokens, cfg.vocab_size, args.seed)
+                result["runs"]["bitlab_triton_attn"].append(r)
+                print("bitlab_triton_attn", r, flush=True)
+            if args.profile:
+                result["profile_batch1_triton_attn"] = profile_decode(gen_t, cfg.vocab_size)
+                _print_profile(result["profile_batch1_triton_attn"])
+            del gen_t
+        except Exception as exc:  # report, keep the rest of the run
+            result["triton_attn_error"] = f"{type(exc).__name__}: {exc}"
+            print("triton attention run failed:", result["triton_attn_error"], flush=True)
+        _free(device)
     if not args.no_transformers:
         try:
             hf = transformers_model(model, cfg, device)
@@ -291,14 +320,8 @@ def main(argv=None) -> int:
         except Exception as exc:  # report, keep the rest of the run
             result["transformers_error"] = f"{type(exc).__name__}: {exc}"
             print("transformers run failed:", result["transformers_error"], flush=True)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _free(device)
     if not args.no_dense:
-        del gen  # its KV cache and graphs
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         model.release_bindings()
         bind_dense(model, device)
         gen_dense = Generator(model, compile=not args.no_compile, bind=False)  # same engine, dense projections

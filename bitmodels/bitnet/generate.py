@@ -17,6 +17,8 @@ A call ``generate(prompts, max_new_tokens)``:
 
 ``compile=True`` runs the model's float operations through ``torch.compile`` (fused RMSNorm,
 rotary, residual adds) in the decode step; the BitLinear kernels are the registry's.
+``triton_attention=True`` (with ``compile``, on CUDA) runs one-token attention as a split-KV
+Triton kernel (:mod:`bitmodels.bitnet.triton_attention`).
 
 Example::
 
@@ -102,6 +104,7 @@ class Generator:
         fuse: bool = True,
         offload_packed: bool = False,
         bind: bool = True,
+        triton_attention: bool = False,
     ) -> None:
         self.model = model.eval()
         self.device = model.lm_head.weight.device
@@ -109,7 +112,15 @@ class Generator:
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {self.device}")
-        self.decode_ops = compiled_ops() if compile else model.ops
+        if triton_attention:
+            from bitmodels.bitnet import triton_attention as ta
+
+            if not (compile and ta.available() and self.device.type == "cuda"):
+                raise ValueError(
+                    "triton_attention=True needs compile=True, Triton and a CUDA model; got "
+                    f"compile={compile}, triton {'available' if ta.available() else 'missing'}, device {self.device}"
+                )
+        self.decode_ops = compiled_ops(triton_attention) if compile else model.ops
         self.prefill_ops = Ops()
         if bind:  # resolve kernels and prepared weights once (see BitNetForCausalLM.prepare_for_inference)
             model.prepare_for_inference(self.device, fuse=fuse, offload_packed=offload_packed)

@@ -54,6 +54,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+def rope_and_cache_write(q, k, v, cos, sin, k_cache, v_cache, slots):
+    """Rotate ``q [B, T, H, D]`` and ``k [B, T, KVH, D]``, write ``k, v`` into the caches at ``slots``.
+
+    Returns ``q, k, v`` as ``[B, heads, T, D]``; with a cache, ``k, v`` are the whole caches.
+    """
+    q = apply_rotary(q, cos, sin).transpose(1, 2)
+    k = apply_rotary(k, cos, sin).transpose(1, 2)
+    v = v.transpose(1, 2)
+    if k_cache is not None:
+        k_cache.index_copy_(2, slots, k)
+        v_cache.index_copy_(2, slots, v)
+        k, v = k_cache, v_cache
+    return q, k, v
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -77,13 +92,7 @@ def attention(
     """
     B, T, H, D = q.shape
     kvh = k.shape[2]
-    q = apply_rotary(q, cos, sin).transpose(1, 2)  # [B, H, T, D]
-    k = apply_rotary(k, cos, sin).transpose(1, 2)  # [B, KVH, T, D]
-    v = v.transpose(1, 2)
-    if k_cache is not None:
-        k_cache.index_copy_(2, slots, k)
-        v_cache.index_copy_(2, slots, v)
-        k, v = k_cache, v_cache
+    q, k, v = rope_and_cache_write(q, k, v, cos, sin, k_cache, v_cache, slots)
     scale = 1.0 / math.sqrt(D)
     if T == 1 and k_cache is not None:
         # Decode: group the H query heads by KV head so each cached K/V is read once (no repeat).
@@ -125,12 +134,48 @@ class CompiledOps(Ops):
             setattr(self, name, torch.compile(getattr(Ops, name), **compile_kwargs))
 
 
-_COMPILED: Optional[CompiledOps] = None
+def decode_rope_write(q, k, v, cos, sin, k_cache, v_cache, slots) -> torch.Tensor:
+    """One-token step: rotary + cache write; returns the rotated queries ``[B, H, D]``."""
+    q, _, _ = rope_and_cache_write(q, k, v, cos, sin, k_cache, v_cache, slots)
+    return q[:, :, 0]
 
 
-def compiled_ops() -> CompiledOps:
-    """The process-wide :class:`CompiledOps` (default ``torch.compile`` settings)."""
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = CompiledOps()
-    return _COMPILED
+def combine_sub_norm(acc, m, l_sum, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """Merge split-KV partials (:mod:`bitmodels.bitnet.triton_attention`) and apply ``attn_sub_norm``."""
+    from bitmodels.bitnet.triton_attention import combine_partials
+
+    return rms_norm(combine_partials(acc, m, l_sum).to(dtype), weight, eps)
+
+
+class TritonDecodeOps(CompiledOps):
+    """:class:`CompiledOps` whose one-token attention over a bf16/fp16 CUDA cache runs the split-KV
+    Triton kernel (3 kernels per layer instead of 5); everything else as CompiledOps."""
+
+    def __init__(self, **compile_kwargs) -> None:
+        super().__init__(**compile_kwargs)
+        self._generic_attention = self.attention
+        self._rope_write = torch.compile(decode_rope_write, **compile_kwargs)
+        self._combine = torch.compile(combine_sub_norm, **compile_kwargs)
+        self.attention = self._attention
+
+    def _attention(self, q, k, v, cos, sin, k_cache, v_cache, slots, mask, sub_norm_weight, eps):
+        from bitmodels.bitnet.triton_attention import decode_attention_partials
+
+        if q.shape[1] != 1 or k_cache is None or not q.is_cuda or q.dtype == torch.float32:
+            return self._generic_attention(q, k, v, cos, sin, k_cache, v_cache, slots, mask, sub_norm_weight, eps)
+        q_rot = self._rope_write(q, k, v, cos, sin, k_cache, v_cache, slots)
+        if q_rot.stride(-1) != 1:
+            q_rot = q_rot.contiguous()
+        acc, m, l_sum = decode_attention_partials(q_rot, k_cache, v_cache, mask)
+        return self._combine(acc, m, l_sum, sub_norm_weight, eps, q.dtype)
+
+
+_SHARED: dict = {}
+
+
+def compiled_ops(triton_attention: bool = False) -> CompiledOps:
+    """The process-wide :class:`CompiledOps` (or :class:`TritonDecodeOps`), default compile settings."""
+    cls = TritonDecodeOps if triton_attention else CompiledOps
+    if cls not in _SHARED:
+        _SHARED[cls] = cls()
+    return _SHARED[cls]

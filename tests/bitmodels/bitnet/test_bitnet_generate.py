@@ -190,3 +190,44 @@ def test_cuda_graph_decode_equals_eager_decode(cuda_device, compile):
     assert graph.tokens == eager.tokens == again.tokens
     sampled = fast.generate(prompts, 12, SamplingConfig(temperature=0.9, top_p=0.9), seed=3, stop_token_ids=[])
     assert all(len(t) == 12 for t in sampled.tokens)
+
+
+@pytest.mark.gpu
+def test_triton_split_kv_decode_attention_matches_the_grouped_matmul_path(cuda_device):
+    from bitmodels.bitnet import ops
+    from bitmodels.bitnet import triton_attention as ta
+
+    if not ta.available():
+        pytest.skip("Triton is not installed")
+    gen = torch.Generator(device=cuda_device).manual_seed(12)
+    B, H, KVH, D, S = 3, 20, 5, 128, 333  # S spans several splits, the last one partial
+    rnd = lambda *shape: torch.randn(*shape, device=cuda_device, generator=gen, dtype=torch.bfloat16)  # noqa: E731
+    q, k, v = rnd(B, 1, H, D), rnd(B, 1, KVH, D), rnd(B, 1, KVH, D)
+    cos, sin = (t.to(cuda_device, torch.bfloat16) for t in ops.rotary_table(D, 500000.0, 512))
+    pos, pad = 300, torch.tensor([0, 17, 150], device=cuda_device)
+    c, s = cos[pos].expand(B, 1, 1, D), sin[pos].expand(B, 1, 1, D)
+    key = torch.arange(S, device=cuda_device)
+    mask = ((key[None] >= pad[:, None]) & (key[None] <= pos)).view(B, 1, 1, S)
+    weight = torch.rand(H * D, device=cuda_device, generator=gen).to(torch.bfloat16) + 0.5
+    caches = rnd(B, KVH, S, D), rnd(B, KVH, S, D)
+    slots = torch.tensor([pos], device=cuda_device)
+    ref_caches = [t.clone() for t in caches]
+    ref = ops.attention(q, k, v, c, s, *ref_caches, slots, mask, weight, 1e-5).float()
+    got = ops.TritonDecodeOps()._attention(q, k, v, c, s, *caches, slots, mask, weight, 1e-5).float()
+    assert torch.equal(caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1])
+    assert float((got - ref).norm() / ref.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+def test_triton_attention_generation_replays_deterministically(cuda_device):
+    from bitmodels.bitnet import triton_attention as ta
+
+    if not ta.available():
+        pytest.skip("Triton is not installed")
+    model = _model(seed=13, hidden_size=64, num_attention_heads=4, num_key_value_heads=2).to(cuda_device, torch.bfloat16)
+    prompts = _prompts(13, (5, 9))
+    eager = Generator(model, cuda_graph=False, compile=True, triton_attention=True)
+    graph = Generator(model, cuda_graph=True, compile=True, triton_attention=True)
+    a = eager.generate(prompts, 10, stop_token_ids=[]).tokens
+    assert graph.generate(prompts, 10, stop_token_ids=[]).tokens == a
+    assert graph.generate(prompts, 10, stop_token_ids=[]).tokens == a
