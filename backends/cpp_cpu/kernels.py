@@ -7,7 +7,7 @@ of those files):
   int8 activations (``csrc/lowbit_gemm.cpp``, ``csrc/int8_gemm.cpp``); the activation is
   quantized in C++ exactly as :func:`bitcore.quantize.quantize_activation_int8` does.
 * :class:`CppFloatActivationKernel` -- binary / ternary / int2 / int4 weights with float
-  activations (``csrc/lowbit_gemm.cpp``).
+  activations (``csrc/float_gemm.cpp``).
 * :class:`CppXnorKernel` -- binary weights with binary activations, XNOR + popcount
   (``csrc/xnor_gemm.cpp``).
 
@@ -116,6 +116,27 @@ def interleave_codes(values: torch.Tensor, weight_bits) -> torch.Tensor:
     return (codes << shifts).sum(dim=2).to(torch.uint8).reshape(out_f, kp // per).contiguous()
 
 
+def dword_codes(values: torch.Tensor, weight_bits) -> torch.Tensor:
+    """int8 values ``[out, in]`` -> int32 ``[out, Kp * bits / 32]`` in the dword-interleaved layout.
+
+    Bits ``[n*s, n*s + n)`` of word i of 8-word block b hold, as n-bit two's complement, the
+    code of input ``b * 8 * (32 // n) + 8 * s + i`` (code = value, or (value - 1) / 2 for
+    binary and int2); see csrc/float_gemm.cpp.
+    """
+    _, nbits, alpha, _ = FORMATS[weight_bits]
+    per = 32 // nbits
+    block = 8 * per
+    out_f, in_f = values.shape
+    kp = -(-in_f // block) * block
+    codes = torch.zeros(out_f, kp, dtype=torch.int64)
+    v = values.to(torch.int64)
+    codes[:, :in_f] = (v - 1).div(2, rounding_mode="floor") if alpha == 2 else v
+    codes = (codes & ((1 << nbits) - 1)).view(out_f, kp // block, per, 8)
+    shifts = (torch.arange(per, dtype=torch.int64) * nbits).view(1, 1, per, 1)
+    words = (codes << shifts).sum(dim=2).reshape(out_f, kp // per)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+
 def padded_int8_rows(values: torch.Tensor) -> torch.Tensor:
     """int8 values ``[out, in]`` -> int8 ``[out, Kp]``, rows zero-padded to a multiple of 32."""
     out_f, in_f = values.shape
@@ -202,7 +223,7 @@ class CppFloatActivationKernel(_CppKernel):
     keys = keys_product([1, 1.58, 2, 4], list(FLOAT_DTYPES), WEIGHT_GRANULARITIES, ["none"])
 
     def prepare(self, packed: PackedWeight, config: BitQuantConfig) -> CppPrepared:
-        weight = interleave_codes(unpack_values(packed).cpu(), packed.weight_bits)
+        weight = dword_codes(unpack_values(packed).cpu(), packed.weight_bits)
         return self._prepared(weight, packed, config)
 
     def forward(self, x, prepared: CppPrepared, bias: Optional[torch.Tensor] = None, activation: str = "none"):

@@ -9,8 +9,6 @@
 //   float:  out[t * Kp + k] = x[t, k], zero for K <= k < Kp.
 //   signs:  bit (k % 64) of bits[t * Kw + k / 64] = (x[t, k] >= 0); padding bits are 0.
 //           scale[t] = mean|x| over the row or the whole input (accumulated in double).
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -26,9 +24,13 @@ namespace {
 int g_override = -1;
 
 bool cpu_has_avx2() {
+#if BITLAB_X86
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("popcnt");
+#else
+  return false;
+#endif
 }
 
 int env_isa() {
@@ -51,6 +53,9 @@ Isa active_isa() {
 
 const char* cpu_features() {
   static char text[160];
+#if !BITLAB_X86
+  std::snprintf(text, sizeof(text), "not x86: no SIMD kernels (active: scalar)");
+#else
   __builtin_cpu_init();
   std::snprintf(text, sizeof(text), "%s%s%s%s%s(active: %s)",
                 __builtin_cpu_supports("avx2") ? "avx2 " : "",
@@ -59,6 +64,7 @@ const char* cpu_features() {
                 __builtin_cpu_supports("avx512f") ? "avx512f " : "",
                 __builtin_cpu_supports("avx512vnni") ? "avx512vnni " : "",
                 active_isa() == Isa::Avx2 ? "avx2" : "scalar");
+#endif
   return text;
 }
 
@@ -71,6 +77,7 @@ float row_absmax_scalar(const float* x, int64_t K) {
   return m;
 }
 
+#if BITLAB_X86
 __attribute__((target("avx2,fma"))) float row_absmax_avx2(const float* x, int64_t K) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps();
@@ -123,6 +130,10 @@ __attribute__((target("avx2,fma"))) int32_t quantize_row_avx2(const float* x, in
   for (int32_t v : lanes) total += v;
   return total + quantize_row_scalar(x + k, K - k, s, q + k);
 }
+#else
+float row_absmax_avx2(const float* x, int64_t K) { return row_absmax_scalar(x, K); }
+int32_t quantize_row_avx2(const float* x, int64_t K, float s, int8_t* q) { return quantize_row_scalar(x, K, s, q); }
+#endif
 
 }  // namespace
 

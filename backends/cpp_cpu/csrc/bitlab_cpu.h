@@ -1,7 +1,7 @@
 // Shared declarations of the cpp_cpu kernels: ISA dispatch, activation buffers, epilogue.
 //
-// The kernel translation units (lowbit_gemm.cpp, int8_gemm.cpp, xnor_gemm.cpp,
-// activations.cpp) include only this header and <immintrin.h>, never torch: they
+// The kernel translation units (lowbit_gemm.cpp, float_gemm.cpp, int8_gemm.cpp,
+// xnor_gemm.cpp, activations.cpp, thread_pool.cpp) include only this header, never torch: they
 // compile in a second or two.  ops.cpp binds them to torch.library ops.
 //
 // Every kernel runs the same loop nest (see for_row_blocks below): threads over
@@ -18,6 +18,15 @@
 
 #include <cstddef>
 #include <cstdint>
+
+// AVX2 kernels exist on x86 only; elsewhere (e.g. ARM laptops) the *_avx2 names forward to
+// the scalar kernels and active_isa() reports scalar.
+#if defined(__x86_64__) || defined(__i386__)
+#define BITLAB_X86 1
+#include <immintrin.h>
+#else
+#define BITLAB_X86 0
+#endif
 
 namespace bitlab_cpu {
 
@@ -72,11 +81,13 @@ void pad_float(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, fl
 void pack_signs(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kw, bool per_token,
                 uint64_t* bits, float* scale);
 
-// ---- lowbit_gemm.cpp: binary / ternary / int2 / int4 weights in the interleaved layout ----
+// ---- lowbit_gemm.cpp: binary / ternary / int2 / int4 weights (byte-interleaved) x int8 ----
 void lowbit_int8_gemm(int nbits, int alpha, int beta, const uint8_t* w, int64_t N, int64_t Kp,
                       const Int8Activations& a, int64_t M, const OutputSpec& o, int threads);
-void lowbit_float_gemm(int nbits, int alpha, int beta, const uint8_t* w, int64_t N, int64_t Kp,
-                       const float* x, int64_t M, const OutputSpec& o, int threads);
+// ---- float_gemm.cpp: binary / ternary / int2 / int4 weights (dword-interleaved) x float32 ----
+// odd: value = 2 * code + 1 (binary, int2) instead of value = code (ternary, int4).
+void lowbit_float_gemm(int nbits, bool odd, const uint32_t* w, int64_t N, int64_t Kp, const float* x,
+                       int64_t M, const OutputSpec& o, int threads);
 
 // ---- int8_gemm.cpp: int8 weights, row-major, zero-padded to Kp ----
 void int8_int8_gemm(const int8_t* w, int64_t N, int64_t Kp, const Int8Activations& a, int64_t M,

@@ -10,13 +10,12 @@
 // activation takes w's sign (_mm256_sign_epi8(x, w)).  With |w| <= 128 and |x| <= 127 a
 // pair sums to at most 2 * 128 * 127 = 32512 < 2^15: no saturation, exact int16, widened
 // to int32 at once with _mm256_madd_epi16.
-#include <immintrin.h>
-
 #include "bitlab_cpu.h"
 
 namespace bitlab_cpu {
 namespace {
 
+#if BITLAB_X86
 template <int T>
 __attribute__((target("avx2,fma"))) void dot_avx2(const int8_t* w, int64_t Kp, const int8_t* const* x,
                                                    int32_t* out) {
@@ -39,6 +38,7 @@ __attribute__((target("avx2,fma"))) void dot_avx2(const int8_t* w, int64_t Kp, c
     out[t] = _mm_cvtsi128_si32(s);
   }
 }
+#endif
 
 template <int T>
 void dot_scalar(const int8_t* w, int64_t Kp, const int8_t* const* x, int32_t* out) {
@@ -48,6 +48,13 @@ void dot_scalar(const int8_t* w, int64_t Kp, const int8_t* const* x, int32_t* ou
     out[t] = sum;
   }
 }
+
+#if !BITLAB_X86
+template <int T>
+void dot_avx2(const int8_t* w, int64_t Kp, const int8_t* const* x, int32_t* out) {
+  dot_scalar<T>(w, Kp, x, out);
+}
+#endif
 
 template <bool AVX2>
 void run(const int8_t* w, int64_t N, int64_t Kp, const Int8Activations& a, int64_t M, const OutputSpec& o,

@@ -1,4 +1,4 @@
-// Binary / ternary / int2 / int4 weights with int8 or float32 activations.
+// Binary / ternary / int2 / int4 weights with int8 activations.
 //
 // Prepared weight layout ("interleaved", n = bits per code, PER = 8 / n codes per byte)
 // -------------------------------------------------------------------------------
@@ -21,11 +21,6 @@
 // widened to int32 every few blocks, well before they could overflow.  Then
 //   sum_k w_k x_k = alpha * sum_k u_k x_k - beta * sum_k x_k      (exact integers)
 // with sum_k x_k computed once per token when the activation is quantized.
-//
-// float32 activations: the codes of 32 inputs become w in int8 (u + u - 1 etc.), then
-// 4 x (sign-extend 8 -> int32 -> float) and FMAs against the activations.
-#include <immintrin.h>
-
 #include "bitlab_cpu.h"
 
 namespace bitlab_cpu {
@@ -35,6 +30,7 @@ template <int NB>
 constexpr int codes_per_byte() { return 8 / NB; }
 
 // ------------------------------------------------------------------ int8 activations
+#if BITLAB_X86
 template <int NB, int T>
 __attribute__((target("avx2,fma"))) void dot_int8_avx2(const uint8_t* w, int64_t nblocks,
                                                         const int8_t* const* x, int32_t* out) {
@@ -71,6 +67,7 @@ __attribute__((target("avx2,fma"))) void dot_int8_avx2(const uint8_t* w, int64_t
     out[t] = _mm_cvtsi128_si32(s);
   }
 }
+#endif
 
 template <int NB, int T>
 void dot_int8_scalar(const uint8_t* w, int64_t nblocks, const int8_t* const* x, int32_t* out) {
@@ -86,6 +83,13 @@ void dot_int8_scalar(const uint8_t* w, int64_t nblocks, const int8_t* const* x, 
     out[t] = sum;
   }
 }
+
+#if !BITLAB_X86
+template <int NB, int T>
+void dot_int8_avx2(const uint8_t* w, int64_t nblocks, const int8_t* const* x, int32_t* out) {
+  dot_int8_scalar<NB, T>(w, nblocks, x, out);
+}
+#endif
 
 template <int NB, bool AVX2>
 void run_int8(int alpha, int beta, const uint8_t* w, int64_t N, int64_t Kp, const Int8Activations& a,
@@ -123,108 +127,6 @@ void run_int8(int alpha, int beta, const uint8_t* w, int64_t N, int64_t Kp, cons
   });
 }
 
-// ---------------------------------------------------------------- float activations
-// P independent accumulators per token hide the FMA latency (4 chains for GEMV, 2 when
-// four tokens already give eight).
-template <int NB, int ALPHA, int T>
-__attribute__((target("avx2,fma"))) void dot_float_avx2(const uint8_t* w, int64_t nblocks, int beta,
-                                                         const float* const* x, float* out) {
-  constexpr int PER = codes_per_byte<NB>();
-  constexpr int P = T == 1 ? 4 : 2;
-  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << NB) - 1));
-  const __m256i vbeta = _mm256_set1_epi8(static_cast<char>(beta));
-  __m256 acc[T][P];
-  for (int t = 0; t < T; ++t)
-    for (int p = 0; p < P; ++p) acc[t][p] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nblocks; ++b) {
-    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * b));
-    const int64_t k0 = b * 32 * PER;
-#pragma GCC unroll 8
-    for (int s = 0; s < PER; ++s) {
-      __m256i u = _mm256_and_si256(v, mask);
-      v = _mm256_srli_epi16(v, NB);
-      if (ALPHA == 2) u = _mm256_add_epi8(u, u);
-      const __m256i w8 = _mm256_sub_epi8(u, vbeta);
-      const __m128i lo = _mm256_castsi256_si128(w8), hi = _mm256_extracti128_si256(w8, 1);
-      const int64_t k = k0 + 32 * s;
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) {
-        const __m128i part = i == 0 ? lo : i == 1 ? _mm_unpackhi_epi64(lo, lo) : i == 2 ? hi : _mm_unpackhi_epi64(hi, hi);
-        const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part));
-        for (int t = 0; t < T; ++t)
-          acc[t][i % P] = _mm256_fmadd_ps(f, _mm256_loadu_ps(x[t] + k + 8 * i), acc[t][i % P]);
-      }
-    }
-  }
-  for (int t = 0; t < T; ++t) {
-    __m256 a = acc[t][0];
-    for (int p = 1; p < P; ++p) a = _mm256_add_ps(a, acc[t][p]);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    out[t] = _mm_cvtss_f32(s);
-  }
-}
-
-template <int NB, int ALPHA, int T>
-void dot_float_scalar(const uint8_t* w, int64_t nblocks, int beta, const float* const* x, float* out) {
-  constexpr int PER = codes_per_byte<NB>();
-  for (int t = 0; t < T; ++t) {
-    float sum = 0.0f;
-    for (int64_t b = 0; b < nblocks; ++b)
-      for (int s = 0; s < PER; ++s)
-        for (int j = 0; j < 32; ++j) {
-          const int u = (w[32 * b + j] >> (NB * s)) & ((1 << NB) - 1);
-          sum += static_cast<float>(ALPHA * u - beta) * x[t][b * 32 * PER + 32 * s + j];
-        }
-    out[t] = sum;
-  }
-}
-
-// Inputs per k-chunk: a group of 4 tokens' float32 chunk (16 KiB) stays in L1 while every
-// row of the row block streams past it.
-constexpr int64_t kFloatChunk = 1024;
-
-template <int NB, int ALPHA, bool AVX2>
-void run_float(int beta, const uint8_t* w, int64_t N, int64_t Kp, const float* x, int64_t M,
-               const OutputSpec& o, int threads) {
-  constexpr int PER = codes_per_byte<NB>();
-  const int64_t row_bytes = Kp / PER;
-  const int64_t nblocks = Kp / (32 * PER);
-  const int64_t chunk_blocks = kFloatChunk / (32 * PER);
-  for_row_blocks(N, M, threads, [&](int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
-    const int T = static_cast<int>(t1 - t0);
-    float acc[kRowBlock][kTokenGroup] = {};
-    for (int64_t kb = 0; kb < nblocks; kb += chunk_blocks) {
-      const int64_t nb = kb + chunk_blocks < nblocks ? chunk_blocks : nblocks - kb;
-      const float* xs[kTokenGroup];
-      for (int t = 0; t < T; ++t) xs[t] = x + (t0 + t) * Kp + kb * 32 * PER;
-      for (int64_t r = r0; r < r1; ++r) {
-        const uint8_t* wr = w + r * row_bytes + kb * 32;
-        float dots[kTokenGroup];
-        if (AVX2) {
-          switch (T) {
-            case 1: dot_float_avx2<NB, ALPHA, 1>(wr, nb, beta, xs, dots); break;
-            case 2: dot_float_avx2<NB, ALPHA, 2>(wr, nb, beta, xs, dots); break;
-            case 3: dot_float_avx2<NB, ALPHA, 3>(wr, nb, beta, xs, dots); break;
-            default: dot_float_avx2<NB, ALPHA, 4>(wr, nb, beta, xs, dots); break;
-          }
-        } else {
-          switch (T) {
-            case 1: dot_float_scalar<NB, ALPHA, 1>(wr, nb, beta, xs, dots); break;
-            case 2: dot_float_scalar<NB, ALPHA, 2>(wr, nb, beta, xs, dots); break;
-            case 3: dot_float_scalar<NB, ALPHA, 3>(wr, nb, beta, xs, dots); break;
-            default: dot_float_scalar<NB, ALPHA, 4>(wr, nb, beta, xs, dots); break;
-          }
-        }
-        for (int t = 0; t < T; ++t) acc[r - r0][t] += dots[t];
-      }
-    }
-    for (int64_t r = r0; r < r1; ++r)
-      for (int t = 0; t < T; ++t) o.y[(t0 + t) * o.ldy + r] = finish(acc[r - r0][t], 1.0f, o, r);
-  });
-}
-
 }  // namespace
 
 void lowbit_int8_gemm(int nbits, int alpha, int beta, const uint8_t* w, int64_t N, int64_t Kp,
@@ -238,22 +140,6 @@ void lowbit_int8_gemm(int nbits, int alpha, int beta, const uint8_t* w, int64_t 
     default: return avx2 ? run_int8<4, true>(alpha, beta, w, N, Kp, a, M, o, threads)
                          : run_int8<4, false>(alpha, beta, w, N, Kp, a, M, o, threads);
   }
-}
-
-void lowbit_float_gemm(int nbits, int alpha, int beta, const uint8_t* w, int64_t N, int64_t Kp,
-                       const float* x, int64_t M, const OutputSpec& o, int threads) {
-  const bool avx2 = active_isa() == Isa::Avx2;
-  if (nbits == 1)
-    return avx2 ? run_float<1, 2, true>(beta, w, N, Kp, x, M, o, threads)
-                : run_float<1, 2, false>(beta, w, N, Kp, x, M, o, threads);
-  if (nbits == 2 && alpha == 2)
-    return avx2 ? run_float<2, 2, true>(beta, w, N, Kp, x, M, o, threads)
-                : run_float<2, 2, false>(beta, w, N, Kp, x, M, o, threads);
-  if (nbits == 2)
-    return avx2 ? run_float<2, 1, true>(beta, w, N, Kp, x, M, o, threads)
-                : run_float<2, 1, false>(beta, w, N, Kp, x, M, o, threads);
-  return avx2 ? run_float<4, 1, true>(beta, w, N, Kp, x, M, o, threads)
-              : run_float<4, 1, false>(beta, w, N, Kp, x, M, o, threads);
 }
 
 }  // namespace bitlab_cpu

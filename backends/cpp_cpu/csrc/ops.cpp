@@ -5,7 +5,8 @@
 //       "binary" | "ternary" | "int2" | "int4" (interleaved layout, lowbit_gemm.cpp) or
 //       "int8" (int8_gemm.cpp)
 //   cpu_linear_float(x, weight, w_scale, bias, in_features, weight_format, epilogue)
-//       float32 activations; binary / ternary / int2 / int4 interleaved weights
+//       float32 activations; binary / ternary / int2 / int4 weights, int32 words in the
+//       dword-interleaved layout (float_gemm.cpp)
 //   cpu_linear_a1(x, weight, w_scale, bias, in_features, per_token, epilogue)
 //       binary activations, XNOR + popcount (xnor_gemm.cpp); weight is int64 words
 //   cpu_quantize_int8(x, per_token) -> (q, scale)      the activation quantizer, for tests
@@ -146,18 +147,18 @@ at::Tensor linear_float(const at::Tensor& x, const at::Tensor& weight, const at:
   at::Tensor xf = as_float_rows(x, in_features);
   const int64_t M = xf.size(0), K = xf.size(1), N = weight.size(0);
   const int64_t Kp = padded_k(K, f.nbits);
-  const int64_t row_bytes = Kp / (8 / f.nbits);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == row_bytes && weight.is_contiguous() &&
-                  weight.scalar_type() == at::kByte,
-              "prepared ", weight_format, " weight for in_features=", K, " must be contiguous uint8 [out_features, ",
-              row_bytes, "], got ", weight.scalar_type(), " ", weight.sizes());
+  const int64_t row_words = Kp / (32 / f.nbits);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == row_words && weight.is_contiguous() &&
+                  weight.scalar_type() == at::kInt,
+              "prepared ", weight_format, " weight for in_features=", K, " must be contiguous int32 [out_features, ",
+              row_words, "], got ", weight.scalar_type(), " ", weight.sizes());
   Prepared p = prepare_output(M, N, w_scale, bias, epilogue);
   if (M == 0 || N == 0) return finish_output(p.out, x);
   static thread_local std::vector<float> buf;
   float* xp = scratch(buf, M * Kp);
   pad_float(xf.data_ptr<float>(), xf.stride(0), M, K, Kp, xp);
-  lowbit_float_gemm(f.nbits, f.alpha, f.beta, weight.data_ptr<uint8_t>(), N, Kp, xp, M, p.spec,
-                    at::get_num_threads());
+  lowbit_float_gemm(f.nbits, f.alpha == 2, reinterpret_cast<const uint32_t*>(weight.data_ptr<int32_t>()), N, Kp,
+                    xp, M, p.spec, at::get_num_threads());
   return finish_output(p.out, x);
 }
 

@@ -10,8 +10,6 @@
 //
 // Claims carry the job's generation in the upper 32 bits of the counter, so a worker that
 // wakes up late can never claim an item of a newer job with the old job's function.
-#include <immintrin.h>
-
 #include <atomic>
 #include <condition_variable>
 #include <mutex>
@@ -22,6 +20,12 @@
 
 namespace bitlab_cpu {
 namespace {
+
+inline void cpu_relax() {
+#if BITLAB_X86
+  _mm_pause();
+#endif
+}
 
 class Pool {
  public:
@@ -47,7 +51,7 @@ class Pool {
     }
     cv_.notify_all();
     work(gen, fn, ctx, items);
-    while (done_.load(std::memory_order_acquire) < items) _mm_pause();
+    while (done_.load(std::memory_order_acquire) < items) cpu_relax();
   }
 
  private:
@@ -79,7 +83,7 @@ class Pool {
       int64_t items;
       {
         // Spin briefly first: back-to-back layers find the worker awake.
-        for (int spin = 0; spin < 4000 && published_.load(std::memory_order_acquire) == seen; ++spin) _mm_pause();
+        for (int spin = 0; spin < 4000 && published_.load(std::memory_order_acquire) == seen; ++spin) cpu_relax();
         std::unique_lock<std::mutex> lock(mutex_);
         cv_.wait(lock, [&] { return generation_ != seen; });
         gen = seen = generation_;

@@ -12,13 +12,12 @@
 //   sum_k a_k b_k = K - 2 * popcount(wbits XOR xbits)                        (exact)
 // AVX2 has no vector popcount: bytes are counted with two 16-entry nibble lookups
 // (_mm256_shuffle_epi8) and summed with _mm256_sad_epu8.
-#include <immintrin.h>
-
 #include "bitlab_cpu.h"
 
 namespace bitlab_cpu {
 namespace {
 
+#if BITLAB_X86
 template <int T>
 __attribute__((target("avx2,fma,popcnt"))) void mismatches_avx2(const uint64_t* w, int64_t Kw,
                                                                 const uint64_t* const* x, int64_t* out) {
@@ -42,6 +41,7 @@ __attribute__((target("avx2,fma,popcnt"))) void mismatches_avx2(const uint64_t* 
     out[t] = lanes[0] + lanes[1] + lanes[2] + lanes[3];
   }
 }
+#endif
 
 template <int T>
 void mismatches_scalar(const uint64_t* w, int64_t Kw, const uint64_t* const* x, int64_t* out) {
@@ -51,6 +51,13 @@ void mismatches_scalar(const uint64_t* w, int64_t Kw, const uint64_t* const* x, 
     out[t] = n;
   }
 }
+
+#if !BITLAB_X86
+template <int T>
+void mismatches_avx2(const uint64_t* w, int64_t Kw, const uint64_t* const* x, int64_t* out) {
+  mismatches_scalar<T>(w, Kw, x, out);
+}
+#endif
 
 template <bool AVX2>
 void run(const uint64_t* w, int64_t N, int64_t Kw, int64_t K, const uint64_t* xbits, const float* x_scale,
