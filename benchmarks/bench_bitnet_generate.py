@@ -125,26 +125,33 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def _print_profile(rows) -> None:
-    for row in rows[:15]:
+def _print_profile(prof) -> None:
+    print(f"  device time {prof['kernel_us_per_step']:.0f} us/step in {prof['kernels_per_step']:.0f} kernels", flush=True)
+    for row in prof["top"][:15]:
         print(f"  {row['us_per_step']:8.1f} us/step  x{row['calls_per_step']:.0f}  {row['kernel']}", flush=True)
 
 
-def profile_decode(gen: Generator, vocab: int, steps: int = 32) -> list:
-    """Top kernels (device time per decode step) of a batch-1 generation with a short prompt."""
+def profile_decode(model: BitNetForCausalLM, vocab: int, compile: bool, triton_attention: bool = False,
+                   steps: int = 16) -> dict:
+    """Device time per kernel of an eager batch-1 decode step (the kernels the CUDA graph replays)."""
     from torch.profiler import ProfilerActivity, profile
 
+    gen = Generator(model, cuda_graph=False, compile=compile, bind=False, triton_attention=triton_attention)
     prompt = [torch.randint(0, vocab, (8,), generator=torch.Generator().manual_seed(1)).tolist()]
     gen.generate(prompt, steps + 1, stop_token_ids=[], sync_every=10**9)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         gen.generate(prompt, steps + 1, stop_token_ids=[], sync_every=10**9)
-    rows = []
+    rows, total, launches = [], 0.0, 0
     for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t and e.key not in ("cudaGraphLaunch",) and not e.key.startswith(("aten::", "cuda", "Memcpy", "Memset")):
-            rows.append({"kernel": e.key[:120], "us_per_step": t / steps, "calls_per_step": e.count / steps})
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if not t or e.key.startswith(("cuda", "Memcpy", "Memset")) or e.key.startswith("aten::"):
+            continue
+        total += t
+        launches += e.count
+        rows.append({"kernel": e.key[:120], "us_per_step": t / steps, "calls_per_step": e.count / steps})
     rows.sort(key=lambda r: -r["us_per_step"])
-    return rows[:25]
+    # the prefill's kernels are in the totals too; with an 8-token prompt they are a small share
+    return {"kernel_us_per_step": total / steps, "kernels_per_step": launches / steps, "top": rows[:25]}
 
 
 def transformers_model(model: BitNetForCausalLM, cfg: BitNetConfig, device):
@@ -287,7 +294,7 @@ def main(argv=None) -> int:
         result["runs"]["bitlab"].append(r)
         print("bitlab", r, flush=True)
     if args.profile and device.type == "cuda":
-        result["profile_batch1"] = profile_decode(gen, cfg.vocab_size)
+        result["profile_batch1"] = profile_decode(model, cfg.vocab_size, not args.no_compile)
         _print_profile(result["profile_batch1"])
     del gen  # its KV cache and graphs
     _free(device)
@@ -300,7 +307,7 @@ def main(argv=None) -> int:
                 result["runs"]["bitlab_triton_attn"].append(r)
                 print("bitlab_triton_attn", r, flush=True)
             if args.profile:
-                result["profile_batch1_triton_attn"] = profile_decode(gen_t, cfg.vocab_size)
+                result["profile_batch1_triton_attn"] = profile_decode(model, cfg.vocab_size, True, True)
                 _print_profile(result["profile_batch1_triton_attn"])
             del gen_t
         except Exception as exc:  # report, keep the rest of the run
@@ -372,10 +379,17 @@ def write_report(result: dict, out_dir: Path) -> None:
         a = result["logits_vs_transformers"]
         lines.append(f"Logits vs transformers' BitNetForCausalLM (bf16, same weights, 64 tokens): "
                      f"relative error {a['rel_err']:.2e}, top-1 agreement {a['top1_agree']:.3f}.")
-    if "transformers_error" in result:
-        lines.append(f"transformers run failed: {result['transformers_error']}")
+    for key, label in (("profile_batch1", "bitlab"), ("profile_batch1_triton_attn", "bitlab_triton_attn")):
+        if key in result:
+            prof = result[key]
+            top = ", ".join(f"{r['kernel'][:40]} {r['us_per_step']:.0f} us" for r in prof["top"][:4])
+            lines.append(f"Batch-1 decode step of {label}, eager, profiled: {prof['kernel_us_per_step']:.0f} us of "
+                         f"kernel time in {prof['kernels_per_step']:.0f} kernels (top: {top}).")
+    for key in ("transformers_error", "triton_attn_error"):
+        if key in result:
+            lines.append(f"{key}: {result[key]}")
     lines.append("")
-    lines.append("Command: `python benchmarks/bench_bitnet_generate.py --out docs/benchmarks`")
+    lines.append("Command: `python benchmarks/bench_bitnet_generate.py --profile --out docs/benchmarks`")
     (out_dir / "bitnet_generate.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
