@@ -405,7 +405,8 @@ def write_report(result: dict, out_dir: Path) -> None:
     for i, name in enumerate(names):
         by_batch = {r["batch"]: r["decode_tokens_per_s"] for r in runs[name]}
         xs = [j + i * width for j, b in enumerate(batches) if b in by_batch]
-        ax.bar(xs, [by_batch[b] for b in batches if b in by_batch], width, label=name)
+        bars = ax.bar(xs, [by_batch[b] for b in batches if b in by_batch], width, label=name)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(batches))])
     ax.set_xticklabels([f"batch {b}" for b in batches])
     ax.set_yscale("log")
