@@ -30,7 +30,7 @@ NVCC_FLAGS = ["-O3", "-std=c++17", "--threads=2", "-lineinfo"]
 SPEC = ExtensionSpec(
     name="bitlab_cuda_ext",
     sources=[CSRC / "bindings.cpp", *KERNEL_SOURCES],
-    extra_cflags=["-O3", "-std=c++17"],
+    extra_cflags=["-O3"],
     extra_cuda_cflags=NVCC_FLAGS + gencode_flags(),
     extra_include_paths=[str(CSRC)],
     cuda=True,

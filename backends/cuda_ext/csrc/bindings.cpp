@@ -4,7 +4,7 @@
 // is registered from Python (backends/cuda_ext/ops.py) so torch.compile can trace it.
 // Everything runs on the current CUDA stream and allocates only through the caching
 // allocator, so the op can be captured in a CUDA graph.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
@@ -63,7 +63,7 @@ at::Tensor cuda_ext_linear(const at::Tensor& x, const at::Tensor& wq, const at::
     TORCH_CHECK(bias->numel() == N, "cuda_ext_linear: bias has ", bias->numel(), " elements, expected out_features=", N);
     bias_f = bias->to(at::kFloat).contiguous();
   }
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous();
 
   if (act_mode == kActBinaryPerTensor || act_mode == kActBinaryPerToken) {

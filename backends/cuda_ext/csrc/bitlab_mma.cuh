@@ -125,10 +125,16 @@ __device__ __forceinline__ uint32_t decode_pair(uint32_t w, const int q) {
     return pack2(__uint_as_float(lo) - 8388736.f, __uint_as_float(hi) - 8388736.f, T());
   } else {
     const int p = q * B;
-    const int sh = (p / WIN) * WIN;
-    const int pp = p - sh;
+    int sh = (p / WIN) * WIN;
+    int pp = p - sh;
+    if (FormatAffine<FMT>::alpha != 1.f && pp == 0) {
+      // With alpha = 2 and pp = 0 the offset beta - 2M needs one bit more than T holds
+      // (-2049 in half, -257 in bf16): read the code one bit higher instead.
+      pp = 1;
+      sh -= 1;
+    }
     const uint32_t m1 = ((1u << B) - 1u) << pp;
-    const uint32_t src = sh ? (w >> sh) : w;
+    const uint32_t src = sh > 0 ? (w >> sh) : (sh < 0 ? (w << 1) : w);
     const uint32_t t = lop3_and_or(src, m1 | (m1 << 16), Magic<T>::bits);  // M + 2^pp * u
     const float inv = 1.f / float(1 << pp);
     const float a = FormatAffine<FMT>::alpha * inv;

@@ -3,7 +3,7 @@
 // int8 (absmax), exactly bitcore.quantize.quantize_activation_int8:
 //   amax = max(max|x|, 1e-5) over a row (per_token) or the whole input (per_tensor),
 //   q = clamp(rint_half_even(float(x) * (127 / amax)), -127, 127), scale = amax / 127,
-//   with the division and the product each rounded once in float32 (no fast math).
+//   with torch's float32 roundings (see quantize_rows_kernel; no fast math).
 //   Output xq [M, Kp] int8 with columns K..Kp-1 zero (the mma kernels read whole chunks).
 // binary: bit k of xb[m][k / 32] is 1 where x >= 0 (so -0.0 and +0.0 give +1, NaN gives -1),
 //   padding bits are 0; rowmean[m] = mean|x[m, :]| in float32.
@@ -75,7 +75,9 @@ __global__ void quantize_rows_kernel(const void* x, int dtype, int M, int K, lon
     amax = block_reduce_max(m, shared);
   }
   amax = fmaxf(amax, kEps);
-  const float inv = __fdiv_rn(127.f, amax);
+  // torch_ref computes 127 / amax as reciprocal(amax) * 127 (Tensor.__rtruediv__) and, on CUDA,
+  // amax / 127 as amax * (1 / 127): two roundings each, reproduced here bit for bit.
+  const float inv = __fmul_rn(__frcp_rn(amax), 127.f);
   int8_t* out = xq + static_cast<long>(row) * Kp;
   for (int k = threadIdx.x; k < Kp; k += blockDim.x) {
     int q = 0;
@@ -85,7 +87,7 @@ __global__ void quantize_rows_kernel(const void* x, int dtype, int M, int K, lon
     }
     out[k] = static_cast<int8_t>(q);
   }
-  if (threadIdx.x == 0 && (per_token || row == 0)) xs[per_token ? row : 0] = __fdiv_rn(amax, 127.f);
+  if (threadIdx.x == 0 && (per_token || row == 0)) xs[per_token ? row : 0] = __fmul_rn(amax, 1.f / 127.f);
 }
 
 __global__ void row_absmax_kernel(const void* x, int dtype, int K, long ldx, float* rowmax) {

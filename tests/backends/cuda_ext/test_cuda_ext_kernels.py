@@ -1,0 +1,194 @@
+"""cuda_ext kernels against the torch_ref reference on a CUDA device (skipped where there is none).
+
+Integer paths (int8 / binary activations) must agree bit for bit: the kernels accumulate
+exactly and apply the epilogue with the reference's float32 roundings in its order.
+Float paths (half / bf16 activations, fp32 accumulation) must stay within 1e-3 relative
+(norm-wise). Every case draws fresh random inputs.
+"""
+import pytest
+import torch
+
+from backends.torch_ref.kernels import TorchReferenceKernel
+from bitcore.config import BitQuantConfig
+from bitcore.packing import pack_weight
+
+pytestmark = pytest.mark.gpu
+
+VALUES = {1: (-1, 1), 1.58: (-1, 0, 1), 2: (-3, -1, 1, 3), 4: tuple(range(-8, 8)), 8: tuple(range(-128, 128))}
+SHAPES = [(1, 1), (7, 7), (33, 4097), (130, 257)]  # (out_features, in_features): no tile multiples
+BATCHES = [1, 3, 8, 11, 16, 17, 70]
+REF = TorchReferenceKernel()
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device; torch.cuda.is_available() is False")
+    from backends.cuda_ext import kernels, ops
+
+    status = ops.availability()
+    assert status, f"cuda_ext unavailable on a CUDA machine: {status.reason}"
+    return kernels
+
+
+def make_packed(bits, gran, n, k, probe=False):
+    choices = torch.tensor(VALUES[bits], dtype=torch.int8)
+    values = choices[torch.randint(len(choices), (n, k))]
+    if probe:
+        scale = torch.ones(1 if gran == "per_tensor" else n)
+    else:
+        scale = torch.rand(1 if gran == "per_tensor" else n) + 0.25
+    packed = pack_weight(values, scale, bits, gran)
+    packed.data, packed.scale = packed.data.cuda(), packed.scale.cuda()
+    return packed
+
+
+def run_both(kernel, cfg, packed, x, bias=None, activation="none"):
+    y = kernel.forward(x, kernel.prepare(packed, cfg), bias, activation)
+    ref = REF.forward(x, REF.prepare(packed, cfg), bias, activation)
+    return y, ref
+
+
+def rel_err(y, ref):
+    return ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("gran", ["per_tensor", "per_channel"])
+@pytest.mark.parametrize("act", ["float16", "bfloat16"])
+@pytest.mark.parametrize("bits", [1, 1.58, 2, 4, 8])
+def test_float_activations_match_reference(kernels, bits, act, gran):
+    cfg = BitQuantConfig(weight_bits=bits, activation_dtype=act, weight_granularity=gran)
+    kernel = kernels.CudaExtFloatKernel()
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[act]
+    for n, k in SHAPES:
+        packed = make_packed(bits, gran, n, k)
+        for m in BATCHES:
+            x = torch.randn(m, k, device="cuda").to(dtype)
+            bias = torch.randn(n, device="cuda")
+            y, ref = run_both(kernel, cfg, packed, x, bias, "relu")
+            assert y.dtype == x.dtype and y.shape == (m, n)
+            assert torch.isfinite(y).all()
+            err = rel_err(y, ref)
+            # the output is rounded to x.dtype; compare against the reference rounded the same way
+            assert err < 1e-3 + (4e-3 if dtype == torch.bfloat16 else 5e-4), (n, k, m, err)
+            y32 = kernel.forward(x.float(), kernel.prepare(packed, cfg))
+            ref32 = REF.forward(x.float(), REF.prepare(packed, cfg))
+            assert y32.dtype == torch.float32
+            assert rel_err(y32, ref32) < 1e-3, (n, k, m, rel_err(y32, ref32))
+
+
+@pytest.mark.parametrize("act_gran", ["per_tensor", "per_token"])
+@pytest.mark.parametrize("gran", ["per_tensor", "per_channel"])
+@pytest.mark.parametrize("bits", [1, 1.58, 2, 4, 8])
+def test_int8_activations_bit_exact(kernels, bits, gran, act_gran):
+    cfg = BitQuantConfig(weight_bits=bits, activation_dtype="int8", weight_granularity=gran,
+                         activation_granularity=act_gran)
+    kernel = kernels.CudaExtInt8Kernel()
+    for n, k in SHAPES:
+        for probe in (True, False):
+            packed = make_packed(bits, gran, n, k, probe=probe)
+            for m in BATCHES:
+                if probe:  # exactness probe: unit scales, each row's max |x| is exactly 127
+                    x = torch.randint(-127, 128, (m, k), device="cuda").float()
+                    x[:, 0] = 127.0
+                    x = x.half()
+                else:
+                    x = torch.randn(m, k, device="cuda", dtype=torch.float16) * 3
+                bias = None if probe else torch.randn(n, device="cuda")
+                y, ref = run_both(kernel, cfg, packed, x, bias, "none" if probe else "relu2")
+                assert torch.equal(y, ref), (n, k, m, probe, (y.float() - ref.float()).abs().max().item())
+
+
+@pytest.mark.parametrize("act_gran", ["per_tensor", "per_token"])
+@pytest.mark.parametrize("gran", ["per_tensor", "per_channel"])
+def test_w1a1_popcount(kernels, gran, act_gran):
+    cfg = BitQuantConfig(weight_bits=1, activation_dtype="binary", weight_granularity=gran,
+                         activation_granularity=act_gran)
+    kernel = kernels.CudaExtXnorKernel()
+    for n, k in SHAPES:
+        for m in BATCHES:
+            packed = make_packed(1, gran, n, k, probe=True)
+            signs = torch.randint(0, 2, (m, k), device="cuda").float() * 2 - 1  # |x| = 1: scale exactly 1
+            y, ref = run_both(kernel, cfg, packed, signs)
+            # integer counts are exact; the scale mean|x| = 1 may differ from torch's mean by one ulp
+            assert ((y - ref).abs() <= 1e-6 * ref.abs() + 1e-6).all(), (n, k, m)
+            packed = make_packed(1, gran, n, k)
+            x = torch.randn(m, k, device="cuda")
+            y, ref = run_both(kernel, cfg, packed, x, torch.randn(n, device="cuda"), "relu")
+            assert rel_err(y, ref) < 1e-5, (n, k, m, rel_err(y, ref))
+
+
+@pytest.mark.parametrize("act", ["float16", "int8", "binary"])
+def test_batch_zero_and_non_contiguous_input(kernels, act):
+    bits = 1 if act == "binary" else 1.58
+    cfg = BitQuantConfig(weight_bits=bits, activation_dtype=act, activation_granularity="per_token")
+    kernel = kernels.KERNELS[("float16", "int8", "binary").index(act)]()
+    packed = make_packed(bits, "per_tensor", 37, 300)
+    prepared = kernel.prepare(packed, cfg)
+    empty = kernel.forward(torch.randn(0, 300, device="cuda", dtype=torch.float16), prepared)
+    assert empty.shape == (0, 37)
+    big = torch.randn(600, 9, device="cuda", dtype=torch.float16)
+    x = big.t()[:, :300]  # [9, 300], strides (1, 9): not contiguous
+    assert not x.is_contiguous()
+    y = kernel.forward(x, prepared)
+    ref = REF.forward(x, REF.prepare(packed, cfg))
+    assert rel_err(y, ref) < 1e-3
+    x_offset = torch.randn(9, 301, device="cuda", dtype=torch.float16)[:, 1:]  # misaligned rows
+    assert rel_err(kernel.forward(x_offset, prepared), REF.forward(x_offset, REF.prepare(packed, cfg))) < 1e-3
+
+
+@pytest.mark.parametrize("act", ["float16", "int8"])
+def test_cuda_graph_capture(kernels, act):
+    cfg = BitQuantConfig(weight_bits=1.58, activation_dtype=act, activation_granularity="per_token")
+    kernel = kernels.CudaExtFloatKernel() if act == "float16" else kernels.CudaExtInt8Kernel()
+    packed = make_packed(1.58, "per_channel", 300, 520)
+    prepared = kernel.prepare(packed, cfg)
+    for m in (1, 8, 40):
+        static_x = torch.randn(m, 520, device="cuda", dtype=torch.float16)
+        kernel.forward(static_x, prepared)  # warm up outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = kernel.forward(static_x, prepared)
+        fresh = torch.randn(m, 520, device="cuda", dtype=torch.float16)
+        static_x.copy_(fresh)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = kernel.forward(fresh, prepared)
+        assert torch.equal(static_y, expected)
+
+
+def test_torch_compile_traces_the_op(kernels):
+    cfg = BitQuantConfig(weight_bits=1.58, activation_dtype="float16")
+    kernel = kernels.CudaExtFloatKernel()
+    packed = make_packed(1.58, "per_tensor", 64, 256)
+    prepared = kernel.prepare(packed, cfg)
+    x = torch.randn(4, 256, device="cuda", dtype=torch.float16)
+    compiled = torch.compile(lambda t: kernel.forward(t, prepared) * 2, fullgraph=True)
+    assert torch.equal(compiled(x), kernel.forward(x, prepared) * 2)
+
+
+@pytest.mark.parametrize("act_mode", [0, 2, 3])
+def test_opcheck(kernels, act_mode):
+    from backends.cuda_ext import layout, ops
+
+    bits = 1 if act_mode == 3 else 1.58
+    packed = make_packed(bits, "per_channel", 40, 200)
+    if act_mode == 3:
+        wq = layout.xnor_bits(packed)
+    else:
+        wq = layout.lane_tiles(packed, "float" if act_mode == 0 else "int8")
+    x = torch.randn(5, 200, device="cuda", dtype=torch.float16)
+    args = (x, wq, packed.scale, torch.randn(40, device="cuda"), layout.FORMAT_CODE[bits], act_mode, 1, 40, 200,
+            torch.float16)
+    torch.library.opcheck(torch.ops.bitlab.cuda_ext_linear.default, args)
+
+
+def test_registry_prefers_cuda_ext_on_cuda(kernels):
+    from bitcore.kernels import KernelRegistry
+
+    for act in ("float16", "bfloat16", "int8"):
+        cfg = BitQuantConfig(weight_bits=1.58, activation_dtype=act, weight_granularity="per_channel")
+        assert KernelRegistry.get_kernel_for_config(cfg, "cuda").backend == "cuda_ext"
+    grouped = BitQuantConfig(weight_bits=1.58, activation_dtype="float16", weight_granularity="per_group")
+    assert KernelRegistry.get_kernel_for_config(grouped, "cuda").backend != "cuda_ext"
