@@ -122,20 +122,21 @@ def apply_epilogue(y, bias_n, epilogue):
     return y
 
 
-# Hot loads index with unsigned integers: numba then skips its negative-index wraparound.
+# Activations are read from a flat view at (token row offset + k), the row offsets computed once per
+# kernel; unsigned indices spare numba's negative-index wraparound.
 @cuda.jit(device=True)
-def read_float(x, t, k):
-    return float32(x[uint64(t), uint64(k)])
-
-
-@cuda.jit(device=True)
-def read_bf16_bits(x, t, k):
-    return bf16_bits_to_float(x[uint64(t), uint64(k)])
+def read_float(x, i):
+    return float32(x[uint64(i)])
 
 
 @cuda.jit(device=True)
-def read_int(x, t, k):
-    return int32(x[uint64(t), uint64(k)])
+def read_bf16_bits(x, i):
+    return bf16_bits_to_float(x[uint64(i)])
+
+
+@cuda.jit(device=True)
+def read_int(x, i):
+    return int32(x[uint64(i)])
 
 
 @cuda.jit(device=True)
@@ -228,43 +229,52 @@ def binary_as_int(word, j):
     return int32(1 - 2 * ((word >> j) & 1))
 
 
+# The same for the top code of a word (bits 62-63, or 63 for binary), used by the looped kernels.
+@cuda.jit(device=True)
+def top_ternary_as_float(word):
+    return int_as_float((word >> 32) & 0xC0000000)
+
+
+@cuda.jit(device=True)
+def top_binary_as_float(word):
+    return int_as_float(((word >> 32) & 0x80000000) | 0x40000000)
+
+
+@cuda.jit(device=True)
+def top_ternary_as_int(word):
+    code = (word >> 62) & 3
+    return int32((code & 1) - (code & 2))
+
+
+@cuda.jit(device=True)
+def top_binary_as_int(word):
+    return int32(1 - 2 * ((word >> 63) & 1))
+
+
 def unrolled_chunk(step, codes: int, tail: bool):
-    """Device function ``accumulate(acc, w, x, k0, tok0, n_tok, n_in)``: ``step`` for j = 0 .. codes-1, unrolled.
+    """Device function ``accumulate(acc, w, x, x_rows, k0, n_in)``: ``step`` for j = 0 .. codes-1, unrolled.
 
     numba has no unroll pragma, and a loop over ``j`` leaves each bit extraction a
     variable 64-bit shift; writing the calls out with a literal ``j`` makes every
     shift a constant.  The ``tail`` variant stops at the first input >= n_in.
     """
-    lines = ["def accumulate(acc, w, x, k0, tok0, n_tok, n_in):"]
+    lines = ["def accumulate(acc, w, x, x_rows, k0, n_in):"]
     for j in range(codes):
         if tail:
             lines += [f"    if k0 + {j * LANES} >= n_in:", "        return"]
-        lines.append(f"    step(acc, w, x, k0 + {j * LANES}, {j}, tok0, n_tok)")
+        lines.append(f"    step(acc, w, x, x_rows, k0 + {j * LANES}, {j})")
     namespace = {"step": step}
     exec("\n".join(lines), namespace)
     return cuda.jit(device=True)(namespace["accumulate"])
-
-
-def looped_chunk(step, codes: int):
-    """Device function ``accumulate(acc, w, x, k0, tok0, n_tok, n_in)`` as a loop over j, stopping at n_in."""
-
-    @cuda.jit(device=True)
-    def accumulate(acc, w, x, k0, tok0, n_tok, n_in):
-        for j in range(codes):
-            k = k0 + j * LANES
-            if k >= n_in:
-                return
-            step(acc, w, x, k, j, tok0, n_tok)
-
-    return accumulate
 
 
 @functools.lru_cache(maxsize=None)
 def sign_code_kernel(bits: int, x_kind: str, out_kind: str, bias_kind: str, rows: int, tokens: int, warps: int):
     """Kernel for ternary (bits=2) / binary (bits=1) sign codes; one compiled variant per argument set.
 
-    Signature: ``(out, x, words, w_scale, scale_stride, x_scale, bias, has_bias, epilogue, n_out, n_in, n_tok)``
-    with ``x`` ``[n_tok, n_in]``, ``words`` ``[n_out, chunks * 32]``, ``w_scale[n * scale_stride]``,
+    Signature: ``(out, x, x_stride, words, w_scale, scale_stride, x_scale, bias, has_bias, epilogue,
+    n_out, n_in, n_tok)`` with ``x`` a flat view where token t's input k is ``x[t * x_stride + k]``,
+    ``words`` ``[n_out, chunks * 32]``, ``w_scale[n * scale_stride]``,
     ``x_scale`` ``[n_tok, 1]`` (used for int8 activations only) and ``out`` ``[n_tok, n_out]``.
     Launch with :func:`sign_code_grid`.
     """
@@ -290,25 +300,58 @@ def sign_code_kernel(bits: int, x_kind: str, out_kind: str, bias_kind: str, rows
     read_bias = READ_BIAS[bias_kind]
 
     @cuda.jit(device=True)
-    def step(acc, w, x, k, j, tok0, n_tok):
+    def step(acc, w, x, x_rows, k, j):
         """Apply activation(s) x[:, k] to code j of every row's word."""
         for t in range(TOKENS):
-            xv = read_x(x, clamp_to(tok0 + t, n_tok - 1), k)
+            xv = read_x(x, x_rows[t] + k)
             for r in range(ROWS):
                 acc[r, t] += xv * weight_of(w[r], j)
+
+    top_weight = {
+        (2, False): top_ternary_as_float,
+        (1, False): top_binary_as_float,
+        (2, True): top_ternary_as_int,
+        (1, True): top_binary_as_int,
+    }[bits, INTEGER]
+
+    def looped_chunk(tail: bool):
+        """Several tokens: a plain loop (quick to compile) that decodes the top code of each word once
+        for all tokens, then shifts the next code up (constant shifts); codes run from j = CODES-1 down.
+        Only the ``tail`` variant tests k < n_in, so full chunks keep their address math out of the loop."""
+
+        @cuda.jit(device=True)
+        def accumulate(acc, w, x, x_rows, k0, n_in):
+            xs = cuda.local.array(TOKENS, acc_type)
+            for i in range(CODES):
+                k = k0 + (CODES - 1 - i) * LANES
+                if not tail or k < n_in:
+                    for t in range(TOKENS):
+                        xs[t] = read_x(x, x_rows[t] + k)
+                    for r in range(ROWS):
+                        f = top_weight(w[r])
+                        for t in range(TOKENS):
+                            acc[r, t] += xs[t] * f
+                for r in range(ROWS):
+                    w[r] = w[r] << bits
+
+        return accumulate
 
     if TOKENS == 1:  # the latency-critical GEMV: constant shifts, no bounds tests in full chunks
         accumulate_full = unrolled_chunk(step, CODES, tail=False)
         accumulate_tail = unrolled_chunk(step, CODES, tail=True)
-    else:  # several tokens share each decode; a plain loop keeps compile time low
-        accumulate_full = accumulate_tail = looped_chunk(step, CODES)
+    else:
+        accumulate_full, accumulate_tail = looped_chunk(tail=False), looped_chunk(tail=True)
 
     @cuda.jit
-    def kernel(out, x, words, w_scale, scale_stride, x_scale, bias, has_bias, epilogue, n_out, n_in, n_tok):
+    def kernel(out, x, x_stride, words, w_scale, scale_stride, x_scale, bias, has_bias, epilogue,
+               n_out, n_in, n_tok):
         lane = cuda.threadIdx.x % LANES
         warp = cuda.threadIdx.x // LANES
         row0 = cuda.blockIdx.x * ROWS
         tok0 = cuda.blockIdx.y * TOKENS
+        x_rows = cuda.local.array(TOKENS, int64)  # flat offset of each token's row (clamped to the last)
+        for t in range(TOKENS):
+            x_rows[t] = clamp_to(tok0 + t, n_tok - 1) * x_stride
         acc = cuda.local.array((ROWS, TOKENS), acc_type)
         for t in range(TOKENS):
             for r in range(ROWS):
@@ -320,11 +363,11 @@ def sign_code_kernel(bits: int, x_kind: str, out_kind: str, bias_kind: str, rows
         for c in range(warp, n_full, WARPS_):
             for r in range(ROWS):
                 w[r] = words[uint64(clamp_to(row0 + r, n_out - 1)), uint64(c * LANES + lane)]
-            accumulate_full(acc, w, x, c * chunk + lane, tok0, n_tok, n_in)
+            accumulate_full(acc, w, x, x_rows, c * chunk + lane, n_in)
         if n_full * chunk < n_in and warp == n_full % WARPS_:
             for r in range(ROWS):
                 w[r] = words[uint64(clamp_to(row0 + r, n_out - 1)), uint64(n_full * LANES + lane)]
-            accumulate_tail(acc, w, x, n_full * chunk + lane, tok0, n_tok, n_in)
+            accumulate_tail(acc, w, x, x_rows, n_full * chunk + lane, n_in)
         warp_reduce(acc)
         partial = cuda.shared.array((WARPS_, ROWS, TOKENS), acc_type)
         if lane == 0:
@@ -361,8 +404,8 @@ def sign_code_grid(n_out: int, n_tok: int, rows: int, tokens: int, warps: int) -
 def xnor_kernel(out_kind: str, bias_kind: str, rows: int, tokens: int):
     """Binary weights x binary activations.
 
-    Signature: ``(out, signs, words, w_scale, scale_stride, x_scale, bias, has_bias, epilogue, n_out, n_in, n_tok)``
-    with ``signs`` int8 ``[n_tok, n_in]`` in {-1, +1} and ``words`` the sign words ``[n_out, ceil(n_in / 64)]``.
+    Signature: as :func:`sign_code_kernel`, with ``x`` the flat int8 signs in {-1, +1} (token t's input k at
+    ``t * x_stride + k``) and ``words`` the sign words ``[n_out, ceil(n_in / 64)]``.
     Lane ``l`` packs the signs of inputs ``64 q + j`` of its words ``q = l, l + 32, ...`` itself, once per
     token, and reuses them for all ``ROWS`` rows.
     """
@@ -373,7 +416,8 @@ def xnor_kernel(out_kind: str, bias_kind: str, rows: int, tokens: int):
     read_bias = READ_BIAS[bias_kind]
 
     @cuda.jit
-    def kernel(out, signs, words, w_scale, scale_stride, x_scale, bias, has_bias, epilogue, n_out, n_in, n_tok):
+    def kernel(out, signs, x_stride, words, w_scale, scale_stride, x_scale, bias, has_bias, epilogue,
+               n_out, n_in, n_tok):
         lane = cuda.threadIdx.x % LANES
         warp = cuda.blockIdx.x * (cuda.blockDim.x // LANES) + cuda.threadIdx.x // LANES
         row0 = warp * ROWS
@@ -387,13 +431,13 @@ def xnor_kernel(out_kind: str, bias_kind: str, rows: int, tokens: int):
             for r in range(ROWS):
                 w[r] = words[clamp_to(row0 + r, n_out - 1), q]
             for t in range(TOKENS):
-                tok = clamp_to(tok0 + t, n_tok - 1)
+                row = clamp_to(tok0 + t, n_tok - 1) * x_stride
                 xw = int64(0)
                 for j in range(64):
                     k = q * 64 + j
                     if k >= n_in:
                         break
-                    if signs[tok, k] > 0:
+                    if signs[row + k] > 0:
                         xw |= int64(1) << j
                 for r in range(ROWS):
                     differ[r, t] += popc64(w[r] ^ xw)
@@ -415,15 +459,16 @@ def xnor_kernel(out_kind: str, bias_kind: str, rows: int, tokens: int):
 def launch_shape(n_out: int, n_tok: int) -> tuple:
     """(rows per block, tokens per block, warps per block) of the sign-code kernels: the launch heuristics.
 
-    One token is a GEMV bound by instruction issue (three per weight) as much as by
-    memory: each block owns 4 rows (8 from 16384 rows on, which saves activation
-    loads once there are blocks enough to fill the GPU) and its 4 warps split the
-    input, so an 8192-row layer runs 8192 warps and each activation load feeds
-    4 rows (fully unrolled kernel).  More tokens reuse each decoded weight for 4 tokens (looped kernel)
-    before the next token tile re-reads it, mostly from L2.
+    One token is a GEMV bound by instruction issue (three per weight) about as much
+    as by memory: 8 rows per block let each activation load feed 8 rows, and 2 warps
+    split the input (measured on an H100 against 4x4, 8x4 and 4x2 at 8192x8192 and
+    28672x8192; docs/benchmarks/numba_linear.md).  More tokens use the looped kernel:
+    each decoded weight feeds 4 or 8 tokens, and the next token tile re-reads the
+    weights, mostly from L2.
     """
-    rows = 8 if n_out >= 16384 else 4  # tall layers have blocks enough to fill the GPU with 8 rows each
-    return rows, (1 if n_tok == 1 else 4), 4
+    if n_tok == 1:
+        return 8, 1, 2
+    return 4, (4 if n_tok <= 4 else 8), 4
 
 
 def xnor_grid(n_out: int, n_tok: int, rows: int, tokens: int) -> tuple:

@@ -217,9 +217,10 @@ class _NumbaKernel(BitKernel):
             bias_array, has_bias = as_array(bias_view), 1
         x_in, x_kind, x_scale = self._activations(x, prepared.config)
         kernel, grid, block = self._kernel_and_grid(prepared, x_kind, out_kind, bias_kind, n_tok)
+        x_flat, x_stride = self._flat_rows(x_in)
         K.launch(
             kernel, grid, block, stream,
-            as_array(out_view), as_array(x_in), words, scale,
+            as_array(out_view), as_array(x_flat), x_stride, words, scale,
             prepared.scale_stride, unused if x_scale is None else as_array(x_scale),
             bias_array, has_bias, K.EPILOGUE_CODES[activation], n_out, prepared.in_features, n_tok,
         )
@@ -228,6 +229,14 @@ class _NumbaKernel(BitKernel):
     def _activations(self, x: torch.Tensor, cfg: BitQuantConfig) -> tuple:
         """(activation tensor for the kernel, its x_kind, its [tokens, 1] scale or None)."""
         raise NotImplementedError
+
+    @staticmethod
+    def _flat_rows(x: torch.Tensor) -> tuple:
+        """(flat view, row stride) of ``x [tokens, k]``: token t's input k is ``flat[t * stride + k]``."""
+        if x.stride(1) != 1 and x.shape[1] > 1:
+            x = x.contiguous()  # the only copy: an activation whose inputs are not adjacent
+        stride = x.stride(0) if x.shape[0] > 1 else x.shape[1]
+        return x.as_strided(((x.shape[0] - 1) * stride + x.shape[1],), (1,)), stride
 
     def _kernel_and_grid(self, prepared: NumbaWeight, x_kind: str, out_kind: str, bias_kind: str, n_tok: int):
         """(compiled kernel, grid, block) for this problem."""

@@ -299,3 +299,17 @@ def test_forward_is_captured_by_a_cuda_graph():
     torch.cuda.synchronize()
     assert not torch.equal(y, eager)
     assert torch.equal(y, kernel.forward(x, prepared)), f"graph replay differs from eager (seed {seed})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["row_slice", "transposed"])
+def test_strided_activations(device, layout):
+    """Rows further apart than in_features (a slice) and inputs not adjacent (a transpose) both work."""
+    gen, seed = fresh_generator()
+    cfg = BitQuantConfig(weight_bits=1.58, weight_granularity="per_channel", activation_dtype="float32")
+    packed = random_packed(1.58, 10, 41, "per_channel", gen)
+    base = torch.randn(5, 60, generator=gen)
+    x = base[1:4, 7:48] if layout == "row_slice" else torch.randn(41, 3, generator=gen).t()
+    assert not x.is_contiguous()
+    got = run_kernel(NumbaFloatKernel(), device, x, packed, cfg)
+    assert_close_rel(got, reference(x, packed, cfg), FLOAT_TOLERANCE[torch.float32], seed)
