@@ -23,12 +23,12 @@ from bitcore.quantize import quantize_weight
 
 EDGE_FEATURES = [127, 128, 129, 251, 256, 257, 509, 1021, 1024, 2053, 4093, 4096, 4097]
 GROUP_SIZES = [7, 32, 64, 100, 128]
-X_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+X_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 LAYOUTS = ["contiguous", "transposed", "column_stride", "offset_rows"]
 # Integer weight values allowed by each format, largest magnitude last.
 WEIGHT_VALUES = {1: [-1, 1], 1.58: [-1, 0, 1], 2: [-3, -1, 1, 3], 4: list(range(-7, 8)), 8: list(range(-127, 128))}
 # Largest |output| the probe may reach so that it stays exact and finite in each output dtype.
-PROBE_LIMIT = {torch.float32: 2**24, torch.bfloat16: 2**24, torch.float16: 60000}
+PROBE_LIMIT = {torch.float32: 2**24, torch.bfloat16: 2**24, torch.float16: 60000, torch.float64: 2**24}
 
 # Three draws in four are small (fast, and where off-by-one bugs show); one in four an edge size.
 small_features = st.integers(1, 96)

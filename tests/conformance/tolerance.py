@@ -34,7 +34,7 @@ from bitcore.packing import PackedWeight, expand_scale, unpack_values
 from bitcore.quantize import quantize_activation_binary, quantize_activation_int8
 
 U32 = 2.0**-24
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float64: 2.0**-53}
 
 
 @dataclass
