@@ -77,6 +77,17 @@ float row_absmax_scalar(const float* x, int64_t K) {
   return m;
 }
 
+int32_t quantize_row_scalar(const float* x, int64_t K, float s, int8_t* q) {
+  int32_t sum = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    float v = std::nearbyint(x[k] * s);  // default rounding mode: half to even
+    v = std::min(std::max(v, -127.0f), 127.0f);
+    q[k] = static_cast<int8_t>(v);
+    sum += q[k];
+  }
+  return sum;
+}
+
 #if BITLAB_X86
 __attribute__((target("avx2,fma"))) float row_absmax_avx2(const float* x, int64_t K) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -92,17 +103,6 @@ __attribute__((target("avx2,fma"))) float row_absmax_avx2(const float* x, int64_
   for (float v : lanes) m = std::max(m, v);
   for (; k < K; ++k) m = std::max(m, std::fabs(x[k]));
   return m;
-}
-
-int32_t quantize_row_scalar(const float* x, int64_t K, float s, int8_t* q) {
-  int32_t sum = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    float v = std::nearbyint(x[k] * s);  // default rounding mode: half to even
-    v = std::min(std::max(v, -127.0f), 127.0f);
-    q[k] = static_cast<int8_t>(v);
-    sum += q[k];
-  }
-  return sum;
 }
 
 __attribute__((target("avx2,fma"))) int32_t quantize_row_avx2(const float* x, int64_t K, float s,

@@ -10,6 +10,8 @@
 //
 // Claims carry the job's generation in the upper 32 bits of the counter, so a worker that
 // wakes up late can never claim an item of a newer job with the old job's function.
+#include <pthread.h>
+
 #include <atomic>
 #include <condition_variable>
 #include <mutex>
@@ -51,7 +53,10 @@ class Pool {
     }
     cv_.notify_all();
     work(gen, fn, ctx, items);
-    while (done_.load(std::memory_order_acquire) < items) cpu_relax();
+    // Only items a worker claimed can be outstanding; yield if it was preempted mid-item.
+    for (int spin = 0; done_.load(std::memory_order_acquire) < items; ++spin) {
+      if (spin < 2000) cpu_relax(); else std::this_thread::yield();
+    }
   }
 
  private:
@@ -110,9 +115,17 @@ class Pool {
   std::atomic<int64_t> done_{0};
 };
 
+// Never destroyed: detached workers may outlive static destructors.  A forked child has
+// none of the parent's workers (and maybe a mutex held by one), so it starts a fresh pool.
+Pool* g_pool = nullptr;
+std::once_flag g_pool_once;
+
 Pool& pool() {
-  static Pool* p = new Pool();  // never destroyed: detached workers may outlive static destructors
-  return *p;
+  std::call_once(g_pool_once, [] {
+    g_pool = new Pool();
+    pthread_atfork(nullptr, nullptr, [] { g_pool = new Pool(); });
+  });
+  return *g_pool;
 }
 
 }  // namespace

@@ -201,3 +201,22 @@ def test_ops_trace_under_torch_compile(cpp_ops):
     x = torch.randn(3, 40)
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(x), f(x))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_forked_child_runs_kernels(cpp_ops):
+    """A forked process (e.g. a DataLoader worker) gets a fresh thread pool instead of the parent's."""
+    import os
+
+    cfg = BitQuantConfig(weight_bits=1, activation_dtype="binary")
+    packed = random_packed(cfg, 300, 129, torch.Generator().manual_seed(9))
+    kernel = CppXnorKernel()
+    prepared = kernel.prepare(packed, cfg)
+    x = torch.randn(9, 129)
+    expected = kernel.forward(x, prepared)  # starts the parent's workers
+    pid = os.fork()
+    if pid == 0:  # child: report through the exit code only
+        ok = torch.equal(kernel.forward(x, prepared), expected)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
