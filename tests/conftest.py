@@ -20,7 +20,6 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
 
 PROFILE_ENV = "BITLAB_HYPOTHESIS_PROFILE"
 PROFILES = {
@@ -29,19 +28,25 @@ PROFILES = {
     "dev": (25, 2**21),
     "thorough": (200, 2**23),
 }
-for _name, (_examples, _) in PROFILES.items():
-    settings.register_profile(
-        _name,
-        max_examples=_examples,
-        deadline=None,
-        database=None if _name == "ci" else settings.default.database,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-        print_blob=True,
-    )
 PROFILE = os.environ.get(PROFILE_ENV, "ci")
 if PROFILE not in PROFILES:
     raise pytest.UsageError(f"{PROFILE_ENV}={PROFILE!r}: unknown profile; choose one of {sorted(PROFILES)}")
-settings.load_profile(PROFILE)
+
+try:  # hypothesis is a test dependency; where it is missing only the conformance suite skips
+    from hypothesis import HealthCheck, settings
+except ImportError:
+    settings = None
+if settings is not None:
+    for _name, (_examples, _) in PROFILES.items():
+        settings.register_profile(
+            _name,
+            max_examples=_examples,
+            deadline=None,
+            database=None if _name == "ci" else settings.default.database,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+            print_blob=True,
+        )
+    settings.load_profile(PROFILE)
 
 COUNTS = pytest.StashKey[collections.Counter]()
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+pytest.importorskip("hypothesis", reason="the conformance suite draws its problems with hypothesis (pip install hypothesis)")
+
 from bitcore.kernels import BitKernel, KernelKey, KernelRegistry
 
 
