@@ -8,7 +8,8 @@ and W8A8 (per_tensor weights, per_token activations).  The whole measurement run
 passes and their spread (max / min - 1), because the machine is shared.  Everything is timed
 with 2 threads (all cores here) and with 1: on a machine other jobs keep busy, a 2-thread
 OpenMP GEMM (F.linear) can stall a scheduler tick at its barrier, which flatters any
-competitor; the 1-thread rows are the comparison that load cannot skew.
+competitor; the 1-thread rows are the comparison that load skews least, and for them the
+thread's CPU time is recorded too (time the work actually ran, whatever else the machine did).
 
     python benchmarks/bench_cpu_linear.py                 # writes docs/benchmarks/cpu_linear.{json,md}
     python benchmarks/bench_cpu_linear.py --quick         # one small shape, nothing written
@@ -60,19 +61,25 @@ TARGETS = [
 ]
 
 
-def median_ms(fn, min_reps: int = 7, min_seconds: float = 0.3, max_reps: int = 200) -> float:
+def median_ms(fn, min_reps: int = 7, min_seconds: float = 0.3, max_reps: int = 200) -> tuple:
+    """(median wall ms, median CPU ms of this thread) over repeated calls."""
     fn()  # warm-up (first call may allocate scratch buffers / wake threads)
-    times = []
+    wall, cpu = [], []
     start = time.perf_counter()
-    while len(times) < min_reps or (time.perf_counter() - start < min_seconds and len(times) < max_reps):
-        t0 = time.perf_counter()
+    while len(wall) < min_reps or (time.perf_counter() - start < min_seconds and len(wall) < max_reps):
+        t0, c0 = time.perf_counter(), time.thread_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.thread_time() - c0)
+    return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
 
 
 def measure_pass(shapes, batches, configs, with_reference: bool, seed: int) -> dict:
-    """{(shape, batch, name): {"fp32": ms, "cpp": ms, "ref": ms}} for one pass."""
+    """{(shape, batch, name): {"fp32": ms, "cpp": ms, "ref": ms, ...}} for one pass.
+
+    With one thread the CPU times ("fp32_cpu", "cpp_cpu") are kept as well.
+    """
+    single = torch.get_num_threads() == 1
     gen = torch.Generator().manual_seed(seed)
     cpp_ref = TorchReferenceKernel()
     out = {}
@@ -90,11 +97,14 @@ def measure_pass(shapes, batches, configs, with_reference: bool, seed: int) -> d
         for m in batches:
             x = torch.randn(m, k, generator=gen)
             with torch.no_grad():
-                fp32 = median_ms(lambda: F.linear(x, w))
+                fp32, fp32_cpu = median_ms(lambda: F.linear(x, w))
                 for name, (kernel, prep, ref_prep) in prepared.items():
-                    row = {"fp32": fp32, "cpp": median_ms(lambda: kernel.forward(x, prep))}
+                    cpp, cpp_cpu = median_ms(lambda: kernel.forward(x, prep))
+                    row = {"fp32": fp32, "cpp": cpp}
+                    if single:
+                        row.update(fp32_cpu=fp32_cpu, cpp_cpu=cpp_cpu)
                     if ref_prep is not None:
-                        row["ref"] = median_ms(lambda: cpp_ref.forward(x, ref_prep), min_reps=3, min_seconds=0.1)
+                        row["ref"] = median_ms(lambda: cpp_ref.forward(x, ref_prep), min_reps=3, min_seconds=0.1)[0]
                     out[(f"{n}x{k}", m, name)] = row
                     print(f"  {n}x{k} batch {m:>2} {name:<9} fp32 {fp32:8.3f} ms  cpp {row['cpp']:8.3f} ms"
                           + (f"  ref {row['ref']:9.3f} ms" if "ref" in row else ""), flush=True)
@@ -107,7 +117,7 @@ def summarize(passes: list, threads: int) -> list:
     for key in passes[0]:
         shape, batch, name = key
         entry = {"threads": threads, "shape": shape, "batch": batch, "config": name}
-        for col in ("fp32", "cpp", "ref"):
+        for col in ("fp32", "cpp", "ref", "fp32_cpu", "cpp_cpu"):
             vals = [p[key][col] for p in passes if col in p[key]]
             if vals:
                 entry[f"{col}_ms"] = statistics.median(vals)
@@ -117,6 +127,8 @@ def summarize(passes: list, threads: int) -> list:
         entry["speedup_vs_fp32_passes"] = [p[key]["fp32"] / p[key]["cpp"] for p in passes]
         if "ref_ms" in entry:
             entry["speedup_vs_ref"] = entry["ref_ms"] / entry["cpp_ms"]
+        if "cpp_cpu_ms" in entry:
+            entry["cpu_time_speedup_vs_fp32"] = entry["fp32_cpu_ms"] / entry["cpp_cpu_ms"]
         rows.append(entry)
     return rows
 
@@ -148,15 +160,17 @@ def markdown(meta: dict, rows: list, targets: list) -> str:
         "spread between passes (max/min - 1) of the cpp_cpu time and of the float32 time.  Weights are "
         "`out x in`; activations per_token, weights per_tensor.",
         "",
-        "| threads | shape | batch | config | F.linear fp32 ms | cpp_cpu ms | torch_ref ms | vs fp32 | vs torch_ref | spread cpp / fp32 |",
-        "|---:|---|---:|---|---:|---:|---:|---:|---:|---|",
+        "| threads | shape | batch | config | F.linear fp32 ms | cpp_cpu ms | torch_ref ms | vs fp32 | vs torch_ref "
+        "| spread cpp / fp32 | vs fp32 by CPU time |",
+        "|---:|---|---:|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
         ref = f"{r['ref_ms']:.3f}" if "ref_ms" in r else "-"
         vs_ref = f"{r['speedup_vs_ref']:.1f}x" if "speedup_vs_ref" in r else "-"
         lines.append(
             f"| {r['threads']} | {r['shape']} | {r['batch']} | {r['config']} | {r['fp32_ms']:.3f} | {r['cpp_ms']:.3f} | {ref} | "
-            f"{r['speedup_vs_fp32']:.1f}x | {vs_ref} | {r['cpp_spread'] * 100:.0f}% / {r['fp32_spread'] * 100:.0f}% |"
+            f"{r['speedup_vs_fp32']:.1f}x | {vs_ref} | {r['cpp_spread'] * 100:.0f}% / {r['fp32_spread'] * 100:.0f}% | "
+            + (f"{r['cpu_time_speedup_vs_fp32']:.1f}x |" if "cpu_time_speedup_vs_fp32" in r else "- |")
         )
     lines += ["", "## Targets (issue 3)", "", "| target | threads | measured (median of passes) | worst pass | met |",
               "|---|---:|---:|---:|---|"]
