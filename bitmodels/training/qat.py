@@ -44,6 +44,7 @@ class TrainConfig:
     seed: int = 0  # shuffling order (model initialization is the caller's: seed before building)
     autocast_dtype: Optional[torch.dtype] = None  # torch.bfloat16 / torch.float16 mixed precision
     max_grad_norm: Optional[float] = None
+    latent_lr_scale: float = 1.0  # learning-rate multiplier of BitLinear latent weights (see param_groups)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -61,6 +62,8 @@ class TrainConfig:
                 f"TrainConfig.autocast_dtype: got {self.autocast_dtype!r}; allowed values are "
                 f"None, {', '.join(str(d) for d in _AUTOCAST_DTYPES)}"
             )
+        if not (isinstance(self.latent_lr_scale, (int, float)) and self.latent_lr_scale >= 0):
+            raise ValueError(f"TrainConfig.latent_lr_scale: got {self.latent_lr_scale!r}; expected a number >= 0")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"TrainConfig.max_grad_norm: got {self.max_grad_norm!r}; expected None or a positive number")
 
@@ -99,6 +102,27 @@ def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def param_groups(model: nn.Module, lr: float, latent_lr_scale: float = 1.0) -> List[dict]:
+    """Optimizer parameter groups: BitLinear latent weights at ``lr * latent_lr_scale``, the rest at ``lr``.
+
+    BitNet trains its latent weights with a large learning rate because a small
+    update rarely flips a quantized weight; with Adam-style optimizers (which
+    normalize gradient magnitudes) scaling the step of those weights is how a
+    gradient scale takes effect.  Works with any ``torch.optim`` optimizer::
+
+        torch.optim.AdamW(param_groups(model, lr=1e-3, latent_lr_scale=3.0))
+
+    Each group carries ``lr_scale`` so a schedule can rescale both together.
+    """
+    latent = {id(m.weight) for m in model.modules() if isinstance(m, BitLinear) and m.weight is not None}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if id(p) in latent], "lr": lr * latent_lr_scale, "lr_scale": latent_lr_scale},
+        {"params": [p for p in params if id(p) not in latent], "lr": lr, "lr_scale": 1.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def train_loop(model: nn.Module, data: Batch, loss_fn: LossFn, config: TrainConfig = TrainConfig()) -> TrainResult:
     """Train ``model`` in place on ``data`` (a tuple or dict of tensors sharing dimension 0).
 
@@ -110,7 +134,9 @@ def train_loop(model: nn.Module, data: Batch, loss_fn: LossFn, config: TrainConf
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{type(model).__name__} has no trainable parameters (is it frozen?)")
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, config.lr, config.latent_lr_scale), lr=config.lr, weight_decay=config.weight_decay
+    )
     steps_per_epoch = (n + config.batch_size - 1) // config.batch_size
     total = config.epochs * steps_per_epoch
     generator = torch.Generator().manual_seed(config.seed)
@@ -123,8 +149,9 @@ def train_loop(model: nn.Module, data: Batch, loss_fn: LossFn, config: TrainConf
         loss_sum = 0.0
         for i in range(steps_per_epoch):
             batch = _take(data, order[i * config.batch_size:(i + 1) * config.batch_size])
+            lr = lr_at(result.steps, total, config)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(result.steps, total, config)
+                group["lr"] = lr * group["lr_scale"]
             with torch.autocast(device_type, dtype=config.autocast_dtype or torch.bfloat16, enabled=config.autocast_dtype is not None):
                 loss = loss_fn(model, batch)
             if not torch.isfinite(loss):

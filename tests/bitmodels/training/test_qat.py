@@ -18,6 +18,7 @@ from bitmodels.training.qat import (
     freeze_model,
     lr_at,
     model_memory,
+    param_groups,
     predict,
     train_classifier,
     train_loop,
@@ -191,7 +192,8 @@ def test_train_loop_rejects_mismatched_data_and_frozen_models():
     "kwargs, field",
     [({"epochs": 0}, "epochs"), ({"batch_size": 2.5}, "batch_size"), ({"lr": -1.0}, "lr"),
      ({"warmup_fraction": 1.0}, "warmup_fraction"), ({"autocast_dtype": torch.float64}, "autocast_dtype"),
-     ({"weight_decay": -0.1}, "weight_decay"), ({"max_grad_norm": 0.0}, "max_grad_norm")],
+     ({"weight_decay": -0.1}, "weight_decay"), ({"max_grad_norm": 0.0}, "max_grad_norm"),
+     ({"latent_lr_scale": -2.0}, "latent_lr_scale")],
 )
 def test_train_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -212,3 +214,24 @@ def test_predict_restores_the_training_mode():
     preds = predict(model, torch.randn(5, 37))
     assert preds.shape == (5,) and model.training
     copy.deepcopy(model)  # a trained-mode model with a packed cache still copies
+
+
+def test_param_groups_split_latent_weights_from_the_rest():
+    model = small_mlp(CONFIGS["W1.58A8"])
+    groups = param_groups(model, lr=0.01, latent_lr_scale=3.0)
+    latent = {id(m.weight) for m in model.modules() if isinstance(m, BitLinear)}
+    assert {id(p) for p in groups[0]["params"]} == latent and groups[0]["lr"] == pytest.approx(0.03)
+    assert not latent & {id(p) for p in groups[1]["params"]} and groups[1]["lr"] == 0.01
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0])
+def test_latent_lr_scale_scales_only_the_latent_weight_steps(scale):
+    x, y = blobs(n=64, seed=11)
+    model = small_mlp(CONFIGS["W1A1"], seed=11)
+    latent = [m.weight.detach().clone() for m in model.modules() if isinstance(m, BitLinear)]
+    norms = [m.weight.detach().clone() for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    train_classifier(model, x, y, TrainConfig(epochs=1, batch_size=16, latent_lr_scale=scale))
+    moved = [not torch.equal(a, m.weight) for a, m in zip(latent, [m for m in model.modules() if isinstance(m, BitLinear)])]
+    assert moved == [scale > 0] * 3
+    assert all(not torch.equal(a, m.weight) for a, m in zip(norms, [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]))
