@@ -30,6 +30,8 @@ def register(sub) -> None:
     p.add_argument("--repeats", type=int, default=7, help="timed forward runs per backend; the median is shown (default 7)")
     p.add_argument("--device", action="append", choices=["cpu", "cuda"], default=None,
                    help="time on this device (repeatable; default: cpu, and cuda when available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for the latency runs (default: torch's default for this machine)")
     p.set_defaults(run=run)
 
 
@@ -158,6 +160,7 @@ def run_demo(
     repeats: int = 7,
     devices: Optional[Sequence[str]] = None,
     print_fn: Callable[..., None] = print,
+    threads: Optional[int] = None,
 ) -> DemoReport:
     """Train, freeze, measure; prints as it goes through ``print_fn`` and returns the figures."""
     import torch
@@ -175,7 +178,10 @@ def run_demo(
             raise ValueError(f"device: got {d!r}; allowed values are ['cpu', 'cuda']")
         if d == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but torch sees no CUDA device")
-    threads = torch.get_num_threads()
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads: got {threads!r}; expected a positive integer")
+    default_threads = torch.get_num_threads()
+    threads = threads or default_threads
     quant = VARIANTS[DEMO_VARIANT]
     split = load_digits_split()
     mlp = DIGITS_MLP
@@ -230,18 +236,21 @@ def run_demo(
     timings: List[BackendTiming] = []
     fp32_timings: List[BackendTiming] = []
     reference = float_twin(DIGITS_MLP).eval()  # random weights: only its speed is of interest
-    for device in devices:
-        frozen = model if device == "cpu" else copy.deepcopy(model).to(device)
-        x, y = split.x_test.to(device), split.y_test.to(device)
-        *device_timings, fp32 = time_device(frozen, copy.deepcopy(reference).to(device), x, y, device, repeats)
-        timings += device_timings
-        fp32_timings.append(fp32)
-        for t in [t for t in device_timings if t.ran] + [fp32]:
-            acc = "" if t.accuracy is None else f"{t.accuracy:.4f}"
-            print_fn(
-                f"  {device:<6} {t.backend:<15} {t.batch_ms:>12.3f} ms ({t.batch_best_ms:>7.3f}) "
-                f"{t.single_ms:>10.3f} ms ({t.single_best_ms:>7.3f}) {acc:>8}  {', '.join(t.kernels)}"
-            )
+    try:
+        for device in devices:
+            frozen = model if device == "cpu" else copy.deepcopy(model).to(device)
+            x, y = split.x_test.to(device), split.y_test.to(device)
+            *device_timings, fp32 = time_device(frozen, copy.deepcopy(reference).to(device), x, y, device, repeats)
+            timings += device_timings
+            fp32_timings.append(fp32)
+            for t in [t for t in device_timings if t.ran] + [fp32]:
+                acc = "" if t.accuracy is None else f"{t.accuracy:.4f}"
+                print_fn(
+                    f"  {device:<6} {t.backend:<15} {t.batch_ms:>12.3f} ms ({t.batch_best_ms:>7.3f}) "
+                    f"{t.single_ms:>10.3f} ms ({t.single_best_ms:>7.3f}) {acc:>8}  {', '.join(t.kernels)}"
+                )
+    finally:
+        torch.set_num_threads(default_threads)
     blocked = [t for t in timings if not t.ran]
     if blocked:
         print_fn("  cannot serve this model here:")
@@ -263,6 +272,6 @@ def run_demo(
 
 def run(args) -> int:
     start = time.perf_counter()
-    report = run_demo(seed=args.seed, repeats=args.repeats, devices=args.device)
+    report = run_demo(seed=args.seed, repeats=args.repeats, devices=args.device, threads=args.threads)
     print(f"\ntotal {time.perf_counter() - start:.1f} s")
     return 0 if report.accuracy >= ACCURACY_FLOOR and report.frozen_matches_eval else 1

@@ -83,3 +83,9 @@ def test_bitlab_train_meets_every_target(capsys):
     for name in ("float", "W1A16", "W1A1"):
         assert any(line.startswith(name + " ") for line in out.splitlines()), out
     assert "targets missed" not in out and "on every test sample: yes" in out
+
+
+@pytest.mark.parametrize("kwargs, word", [({"threads": 0}, "threads"), ({"repeats": 0}, "repeats"), ({"devices": ["tpu"]}, "tpu")])
+def test_demo_rejects_bad_arguments_before_training(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        run_demo(print_fn=lambda *a: None, **kwargs)
