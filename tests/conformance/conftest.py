@@ -6,7 +6,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-pytest.importorskip("hypothesis", reason="the conformance suite draws its problems with hypothesis (pip install hypothesis)")
+try:  # the generated-problem tests need hypothesis; where it is missing (the GPU box) only they are left out
+    import hypothesis  # noqa: F401
+except ImportError:
+    collect_ignore = ["test_kernels_match_reference.py"]
 
 from bitcore.kernels import BitKernel, KernelKey, KernelRegistry
 
