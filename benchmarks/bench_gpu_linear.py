@@ -35,14 +35,15 @@ from bitcore.packing import pack_weight, storage_bits  # noqa: E402
 SHAPES = [(4096, 4096), (8192, 8192), (14336, 4096), (13824, 2560), (28672, 8192)]
 BATCHES = [1, 8, 16]
 LARGE = [((8192, 8192), 2048, "W1.58A8")]
+_PC = dict(weight_granularity="per_channel")  # one scale per output row, as LLM checkpoints ship
 CONFIGS = {
-    "W1.58A16": dict(weight_bits=1.58, activation_dtype="float16"),
-    "W1.58A8": dict(weight_bits=1.58, activation_dtype="int8", activation_granularity="per_token"),
-    "W1A16": dict(weight_bits=1, activation_dtype="float16"),
-    "W2A16": dict(weight_bits=2, activation_dtype="float16"),
-    "W4A16": dict(weight_bits=4, activation_dtype="float16"),
-    "W8A16": dict(weight_bits=8, activation_dtype="float16"),
-    "W1A1": dict(weight_bits=1, activation_dtype="binary", activation_granularity="per_token"),
+    "W1.58A16": dict(weight_bits=1.58, activation_dtype="float16", **_PC),
+    "W1.58A8": dict(weight_bits=1.58, activation_dtype="int8", activation_granularity="per_token", **_PC),
+    "W1A16": dict(weight_bits=1, activation_dtype="float16", **_PC),
+    "W2A16": dict(weight_bits=2, activation_dtype="float16", **_PC),
+    "W4A16": dict(weight_bits=4, activation_dtype="float16", **_PC),
+    "W8A16": dict(weight_bits=8, activation_dtype="float16", **_PC),
+    "W1A1": dict(weight_bits=1, activation_dtype="binary", activation_granularity="per_token", **_PC),
 }
 # Backends other than cuda_ext are timed on these configs (bounds the run's length).
 PEER_CONFIGS = ("W1.58A16", "W1.58A8", "W1A16")

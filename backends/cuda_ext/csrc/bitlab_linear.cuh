@@ -7,10 +7,12 @@
 // The weight is the mma's A operand (16 output rows), activations are B (8 tokens).
 //
 // GEMV (M <= 16 tokens): a block owns MT m-tiles (16 * MT output rows); its KW warps
-//   split K (each warp takes D consecutive 128-column chunks at a time, their
-//   weight loads all issued before the first use), activations are read straight
-//   from global memory (L1/L2 resident), and the warps' partial sums are reduced
-//   through shared memory. NT = 1 (M <= 8) or 2 (M <= 16) n-tiles of 8 tokens.
+//   split K (each warp takes D consecutive 128-column chunks at a time, their weight
+//   and activation loads all issued before the first use), activations are read
+//   straight from global memory (L1/L2 resident), consecutive k-steps accumulate into
+//   independent register sets (no mma waits on the previous one), and the warps'
+//   partial sums are reduced through shared memory. NT = 1 (M <= 8) or 2 (M <= 16)
+//   n-tiles of 8 tokens.
 // GEMM (M > 16): a block owns 128 rows x 128 tokens, 8 warps as 4 (rows, MT = 2)
 //   x 2 (tokens, NT = 8); activation tiles are staged in shared memory with
 //   cp.async (2 stages, XOR-swizzled 16-byte chunks: conflict-free 16-byte reads),
@@ -23,9 +25,20 @@
 
 namespace bitlab {
 
-template <int FMT>
-struct GemvDepth {  // chunks whose weight loads are issued together (bytes in flight per lane)
-  static constexpr int value = FormatBits<FMT>::value >= 8 ? 1 : (FormatBits<FMT>::value == 4 ? 2 : 4);
+// Chunks whose weight and activation loads are all issued before the first use (bytes in
+// flight per lane); halved for two n-tiles, or two m-tiles of float activations, to stay
+// within 128 registers (two 256-thread blocks per multiprocessor).
+template <int FMT, typename X, int MT, int NT>
+struct GemvDepth {
+  static constexpr int base = FormatBits<FMT>::value >= 8 ? 1 : (FormatBits<FMT>::value == 4 ? 2 : 4);
+  static constexpr bool wide = NT > 1 || (MT > 1 && sizeof(X) == 2);
+  static constexpr int value = (wide && base > 2) ? 2 : base;
+};
+// Independent accumulator sets: consecutive mma k-steps go to different sets, so a warp
+// never waits on the previous mma's result (mma.sync latency is ~30 cycles).
+template <int MT>
+struct GemvAccSets {
+  static constexpr int value = MT >= 2 ? 2 : 4;
 };
 
 // Load the lane's activations of one chunk for token row `row` (zeros past M).
@@ -51,33 +64,39 @@ __global__ void __launch_bounds__(256) gemv_kernel(LinearArgs a, int nchunks) {
   using PT = PathTraits<X>;
   using Acc = typename PT::Acc;
   using L = LaneTile<FMT>;
-  constexpr int D = GemvDepth<FMT>::value;
+  constexpr int D = GemvDepth<FMT, X, MT, NT>::value;
+  constexpr int S = GemvAccSets<MT>::value;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, kw = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int tile0 = blockIdx.x * MT;
   const X* __restrict__ x = static_cast<const X*>(a.x);
 
-  Acc acc[MT][NT][4];
+  Acc accs[S][MT][NT][4];
 #pragma unroll
-  for (int m = 0; m < MT; ++m)
+  for (int q = 0; q < S; ++q)
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+    for (int m = 0; m < MT; ++m)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[m][n][i] = Acc(0);
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) accs[q][m][n][i] = Acc(0);
 
   for (int c0 = warp * D; c0 < nchunks; c0 += kw * D) {
     uint32_t wa[D][MT][L::wpl];
+    uint32_t xb[D][NT][PT::xwords];
 #pragma unroll
     for (int d = 0; d < D; ++d)
 #pragma unroll
       for (int m = 0; m < MT; ++m)
         if (c0 + d < nchunks) load_lane_tile<FMT>(wa[d][m], a.wq, static_cast<long>(tile0 + m) * nchunks + c0 + d, lane);
 #pragma unroll
+    for (int d = 0; d < D; ++d)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+        if (c0 + d < nchunks) load_x_chunk<X>(xb[d][n], x, n * 8 + g, a.M, a.Kp, c0 + d, t);
+#pragma unroll
     for (int d = 0; d < D; ++d) {
       if (c0 + d < nchunks) {
-        uint32_t xb[NT][PT::xwords];
-#pragma unroll
-        for (int n = 0; n < NT; ++n) load_x_chunk<X>(xb[n], x, n * 8 + g, a.M, a.Kp, c0 + d, t);
 #pragma unroll
         for (int j = 0; j < PT::ksteps; ++j) {
 #pragma unroll
@@ -86,12 +105,25 @@ __global__ void __launch_bounds__(256) gemv_kernel(LinearArgs a, int nchunks) {
 #pragma unroll
             for (int r = 0; r < 4; ++r) ar[r] = decode<FMT, X>(wa[d][m], 4 * j + r);
 #pragma unroll
-            for (int n = 0; n < NT; ++n) mma(acc[m][n], ar, &xb[n][2 * j], X());
+            for (int n = 0; n < NT; ++n) mma(accs[j % S][m][n], ar, &xb[d][n][2 * j], X());
           }
         }
       }
     }
   }
+
+  Acc acc[MT][NT][4];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        Acc v = accs[0][m][n][i];
+#pragma unroll
+        for (int q = 1; q < S; ++q) v += accs[q][m][n][i];
+        acc[m][n][i] = v;
+      }
 
   constexpr int E = MT * NT * 4;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -258,7 +290,7 @@ inline int device_sm_count() {
 
 template <int FMT, typename X, int MT, int NT>
 cudaError_t launch_gemv_mt_nt(const LinearArgs& a, int nchunks, cudaStream_t stream) {
-  constexpr int D = GemvDepth<FMT>::value;
+  constexpr int D = GemvDepth<FMT, X, MT, NT>::value;
   int kw = nchunks / D;
   kw = kw < 1 ? 1 : (kw > 8 ? 8 : kw);
   const int tiles = (a.N + 127) / 128 * 8;
@@ -289,7 +321,13 @@ cudaError_t launch_linear_fmt(const LinearArgs& a, cudaStream_t stream) {
   if (a.M == 0 || a.N == 0) return cudaSuccess;
   const int nchunks = a.Kp / 128;
   if (a.M > 16) return launch_gemm<FMT, X>(a, nchunks, stream);
-  if (a.M <= 8) return launch_gemv_mt_nt<FMT, X, 1, 1>(a, nchunks, stream);
+  if (a.M <= 8) {
+    // Two m-tiles per warp (half the activation traffic per weight byte) once that still
+    // leaves about two blocks per multiprocessor.
+    const int tiles = (a.N + 127) / 128 * 8;
+    if (2 * tiles >= 3 * 2 * device_sm_count()) return launch_gemv_mt_nt<FMT, X, 2, 1>(a, nchunks, stream);
+    return launch_gemv_mt_nt<FMT, X, 1, 1>(a, nchunks, stream);
+  }
   return launch_gemv_mt_nt<FMT, X, 1, 2>(a, nchunks, stream);
 }
 
