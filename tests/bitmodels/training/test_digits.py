@@ -89,3 +89,17 @@ def test_bitlab_train_meets_every_target(capsys):
 def test_demo_rejects_bad_arguments_before_training(kwargs, word):
     with pytest.raises(ValueError, match=word):
         run_demo(print_fn=lambda *a: None, **kwargs)
+
+
+def test_trainer_free_example_runs_and_reaches_the_ternary_target(capsys):
+    import re
+    import runpy
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[3] / "examples" / "train_digits.py"
+    runpy.run_path(str(example), run_name="__main__")
+    out = capsys.readouterr().out
+    accuracy = float(re.search(r"test accuracy of the frozen ternary model: ([0-9.]+)", out).group(1))
+    assert accuracy >= 0.95, out
+    assert "eval-mode predictions on every test sample: True" in out
+    assert "identical outputs" in out

@@ -142,3 +142,31 @@ def test_labels_add_the_hard_cross_entropy_term():
     hard = nn.functional.cross_entropy(student(x), y)
     assert loss.item() == pytest.approx((0.25 * soft + 0.75 * hard).item(), rel=1e-5)
     assert predict(student, x).shape == (16,)
+
+
+def test_distiller_works_on_a_transformers_encoder_with_dict_batches():
+    """The MiniLM use: a BERT-style sequence classifier, dict batches, hidden states of a named layer."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=40, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    teacher = transformers.BertForSequenceClassification(config).eval()
+    student = convert_to_bitlinear(
+        transformers.BertForSequenceClassification(config),
+        BitQuantConfig(weight_bits=1.58, activation_dtype="int8", activation_granularity="per_token"),
+        skip_modules=["classifier"],
+    )
+    student.load_state_dict(teacher.state_dict(), strict=False)  # start from the teacher's weights
+    g = torch.Generator().manual_seed(1)
+    data = {
+        "input_ids": torch.randint(0, 97, (48, 13), generator=g),
+        "attention_mask": torch.ones(48, 13, dtype=torch.long),
+        "labels": torch.randint(0, 3, (48,), generator=g),
+    }
+    layer = "bert.encoder.layer.1"
+    cfg = DistillConfig(temperature=2.0, alpha=0.9, hidden_weight=1.0, hidden_pairs=[(layer, layer)])
+    result = distill(student, teacher, data, cfg, TrainConfig(epochs=4, batch_size=16, lr=2e-3))
+    assert all(torch.isfinite(torch.tensor(result.epoch_losses)))
+    assert result.epoch_losses[-1] < result.epoch_losses[0]
