@@ -117,10 +117,11 @@ def run(args):
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     print(f"# {props.name}: D2D copy {copy['bytes_per_s'] / 1e12:.2f} TB/s (read + write)", flush=True)
-    backends = cuda_backends()
+    backends = [b for b in cuda_backends() if args.backends is None or b[0] in args.backends]
     print("# CUDA backends:", ", ".join(f"{n} ({'ok' if a else a.reason})" for n, a in backends), flush=True)
     shapes = SHAPES[:2] if args.quick else SHAPES
-    cases = [(s, b, c) for s in shapes for b in BATCHES for c in CONFIGS] + [
+    configs = [c for c in CONFIGS if args.configs is None or c in args.configs]
+    cases = [(s, b, c) for s in shapes for b in BATCHES for c in configs] + [
         (s, b, c) for s, b, c in LARGE if not args.quick
     ]
     rows, cublas = [], {}
@@ -254,6 +255,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "benchmarks"))
     parser.add_argument("--quick", action="store_true", help="two shapes only")
+    parser.add_argument("--configs", nargs="*", default=None, help=f"subset of {list(CONFIGS)}")
+    parser.add_argument("--backends", nargs="*", default=None, help="subset of the CUDA backends")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
