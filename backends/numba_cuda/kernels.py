@@ -14,9 +14,11 @@ Work split (sign-code kernels: float and int8 activations)
   activation ``x[t, k]`` once and applies it to all ``ROWS`` rows.  Lanes sum
   their partials with warp shuffles, the warps through shared memory (in a
   fixed order), and one thread per output writes the epilogue.
-* Rows past ``out_features`` and tokens past ``tokens`` are clamped onto the
-  last valid one for loading (so no thread reads out of bounds and no branch
-  splits the warp) and are never written.
+* Rows past ``out_features`` are clamped onto the last valid one for loading (so
+  no thread reads out of bounds and no branch splits the warp) and are never
+  written.  A token tile never exceeds the token count; the last tile is moved
+  back to end at the last token (it may overlap the previous one, whose outputs it
+  recomputes bit for bit), so each token's row is a fixed stride from the first.
 * The XNOR kernel keeps the simpler split: each warp owns its own rows.
 
 Arithmetic (see ``bitcore.quantize`` and ``backends/torch_ref`` for the definition)
@@ -348,10 +350,10 @@ def sign_code_kernel(bits: int, x_kind: str, out_kind: str, bias_kind: str, rows
         lane = cuda.threadIdx.x % LANES
         warp = cuda.threadIdx.x // LANES
         row0 = cuda.blockIdx.x * ROWS
-        tok0 = cuda.blockIdx.y * TOKENS
-        x_rows = cuda.local.array(TOKENS, int64)  # flat offset of each token's row (clamped to the last)
+        tok0 = clamp_to(cuda.blockIdx.y * TOKENS, n_tok - TOKENS)  # TOKENS <= n_tok: the last tile may overlap
+        x_rows = cuda.local.array(TOKENS, int64)  # flat offset of each token's row
         for t in range(TOKENS):
-            x_rows[t] = clamp_to(tok0 + t, n_tok - 1) * x_stride
+            x_rows[t] = (tok0 + t) * x_stride
         acc = cuda.local.array((ROWS, TOKENS), acc_type)
         for t in range(TOKENS):
             for r in range(ROWS):
@@ -463,12 +465,13 @@ def launch_shape(n_out: int, n_tok: int) -> tuple:
     as by memory: 8 rows per block let each activation load feed 8 rows, and 2 warps
     split the input (measured on an H100 against 4x4, 8x4 and 4x2 at 8192x8192 and
     28672x8192; docs/benchmarks/numba_linear.md).  More tokens use the looped kernel:
-    each decoded weight feeds 4 or 8 tokens, and the next token tile re-reads the
+    each decoded weight feeds 2, 4 or 8 tokens, and the next token tile re-reads the
     weights, mostly from L2.
     """
     if n_tok == 1:
         return 8, 1, 2
-    return 4, (4 if n_tok <= 4 else 8), 4
+    tokens = 2 if n_tok < 4 else (4 if n_tok < 8 else 8)  # never more than n_tok (see sign_code_kernel)
+    return 4, tokens, 4
 
 
 def xnor_grid(n_out: int, n_tok: int, rows: int, tokens: int) -> tuple:
