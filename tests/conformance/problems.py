@@ -54,6 +54,12 @@ class Problem:
         )
 
 
+def packed_to(packed: PackedWeight, device) -> PackedWeight:
+    """The same packed weight on ``device``."""
+    return PackedWeight(packed.data.to(device), packed.scale.to(device), packed.weight_bits, packed.in_features,
+                        packed.out_features, packed.granularity, packed.group_size)
+
+
 def config_from_key(key: KernelKey, group_size: int) -> BitQuantConfig:
     bits = 1.58 if key.weight_bits == 1.58 else int(key.weight_bits)
     act_gran = "per_tensor" if key.activation_granularity == "none" else key.activation_granularity

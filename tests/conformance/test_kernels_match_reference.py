@@ -13,9 +13,8 @@ from hypothesis import strategies as st
 
 from backends.torch_ref.kernels import TorchReferenceKernel
 from bitcore.kernels import KernelRegistry
-from bitcore.packing import PackedWeight
 
-from .problems import Problem, problems
+from .problems import Problem, packed_to, problems
 from .tolerance import expected_output, mismatch_report, probe_output
 
 REFERENCE = TorchReferenceKernel()
@@ -24,9 +23,7 @@ REFERENCE = TorchReferenceKernel()
 def on_device(p: Problem, device: str) -> Problem:
     if device == "cpu":
         return p
-    pk = p.packed
-    packed = PackedWeight(pk.data.to(device), pk.scale.to(device), pk.weight_bits, pk.in_features,
-                          pk.out_features, pk.granularity, pk.group_size)
+    packed = packed_to(p.packed, device)
     x = p.x.to(device)  # .to keeps neither the strides nor the offset: rebuild the layout there
     if not p.x.is_contiguous():
         x = torch.empty_strided(p.x.shape, p.x.stride(), dtype=p.x.dtype, device=device).copy_(p.x)
@@ -75,7 +72,7 @@ def test_kernel_matches_reference(case, data, case_counter, max_weight_elements)
         case_counter[tally + ("exact",)] += 1
         return
 
-    expected = expected_output(p.x.cpu(), _cpu(p.packed), p.config,
+    expected = expected_output(p.x.cpu(), packed_to(p.packed, "cpu"), p.config,
                                None if p.bias is None else p.bias.cpu(), p.activation)
     if is_reference:
         report = mismatch_report(y.cpu(), expected.value, expected.tolerance)
@@ -86,9 +83,3 @@ def test_kernel_matches_reference(case, data, case_counter, max_weight_elements)
     assert not report, f"{where}: {report}"
     case_counter[tally + ("within tolerance",)] += 1
 
-
-def _cpu(packed: PackedWeight) -> PackedWeight:
-    if packed.data.device.type == "cpu":
-        return packed
-    return PackedWeight(packed.data.cpu(), packed.scale.cpu(), packed.weight_bits, packed.in_features,
-                        packed.out_features, packed.granularity, packed.group_size)
