@@ -94,6 +94,10 @@ def _register_fakes() -> None:
         def _fake_a1(x, weight, w_scale, bias, in_features, per_token, epilogue):
             return _out(x, weight)
 
+        @torch.library.register_fake("bitlab::cpu_quantize_int8")
+        def _fake_quantize(x, per_token):
+            return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
         _fakes_registered = True
 
 
