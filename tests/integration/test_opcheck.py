@@ -104,10 +104,7 @@ def schema_sample(op_name: str):
 
 # Defects this test found in another owner's op, kept visible until fixed (strict: the xfail flips to a failure
 # the moment the op passes, so the entry is removed then).
-KNOWN_DEFECTS = {
-    "bitlab::cpu_quantize_int8": "no fake (meta) implementation registered, so torch.compile / export cannot trace it "
-    "(backends/cpp_cpu/kernels.py registers fakes for the cpu_linear_* ops only)",
-}
+KNOWN_DEFECTS = {}
 
 
 def _params() -> list:
