@@ -102,12 +102,22 @@ def _register_fakes() -> None:
 
 
 # ------------------------------------------------------------------ re-layout
+# Rows re-laid out per step in prepare: bounds the int32/int64 temporaries (~1024 x in x 8 bytes).
+_PREPARE_ROWS = 1024
+
+
+def _by_row_chunks(values: torch.Tensor, convert) -> torch.Tensor:
+    return torch.cat([convert(values[i : i + _PREPARE_ROWS]) for i in range(0, values.shape[0], _PREPARE_ROWS)])
+
+
 def interleave_codes(values: torch.Tensor, weight_bits) -> torch.Tensor:
     """int8 values ``[out, in]`` -> uint8 ``[out, Kp * bits / 8]`` in the interleaved layout.
 
     Byte j of 32-byte block b holds, at bits ``[n*s, n*s + n)``, the code of input
     ``b * 32 * (8 // n) + 32 * s + j`` (code = (value + beta) / alpha); see csrc/lowbit_gemm.cpp.
     """
+    if values.shape[0] > _PREPARE_ROWS:
+        return _by_row_chunks(values, lambda v: interleave_codes(v, weight_bits))
     _, nbits, alpha, beta = FORMATS[weight_bits]
     per = 8 // nbits
     block = 32 * per
@@ -127,6 +137,8 @@ def dword_codes(values: torch.Tensor, weight_bits) -> torch.Tensor:
     code of input ``b * 8 * (32 // n) + 8 * s + i`` (code = value, or (value - 1) / 2 for
     binary and int2); see csrc/float_gemm.cpp.
     """
+    if values.shape[0] > _PREPARE_ROWS:
+        return _by_row_chunks(values, lambda v: dword_codes(v, weight_bits))
     _, nbits, alpha, _ = FORMATS[weight_bits]
     per = 32 // nbits
     block = 8 * per
