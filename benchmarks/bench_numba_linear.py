@@ -208,6 +208,10 @@ def batch_rows(gen: torch.Generator) -> list:
 
 def markdown(meta: dict, batch1: list, batches: list) -> str:
     lines = [
+        "# numba_cuda linear layers against cuBLAS fp16",
+        "",
+        "`python benchmarks/bench_numba_linear.py --out docs/benchmarks/numba_linear`",
+        "",
         f"device: {meta['device']}; torch {meta['torch']}; numba {meta['numba']} (numba-cuda {meta['numba_cuda']})",
         f"method: {meta['method']}",
         "",
