@@ -1,19 +1,17 @@
 // Shared declarations of the cpp_cpu kernels: ISA dispatch, activation buffers, epilogue.
 //
 // The kernel translation units (lowbit_gemm.cpp, float_gemm.cpp, int8_gemm.cpp,
-// xnor_gemm.cpp, activations.cpp, thread_pool.cpp) include only this header, never torch: they
-// compile in a second or two.  ops.cpp binds them to torch.library ops.
+// xnor_gemm.cpp, activations.cpp, thread_pool.cpp) include only this header, never
+// torch: they compile in a second or two.  ops.cpp binds them to torch.library ops.
 //
-// Every kernel runs the same loop nest (see for_row_blocks below): threads over
-// blocks of kRowBlock output rows; inside a block, tokens in groups of up to
-// kTokenGroup, and for each row of the block one micro-kernel call that reads
-// the row's prepared weights once and produces that row's dot products with
-// every token of the group.  Batch 1 (GEMV) is the same code with groups of one
-// token.  Row blocks are spread over threads by thread_pool.cpp.  The micro-kernels
-// exist in an AVX2 version (compiled with __attribute__((target(...))), chosen at run
-// time) and a scalar version; the
-// ISA is detected once (see active_isa) and can be pinned with
-// BITLAB_CPU_ISA=scalar|avx2 for testing.
+// Every kernel runs the same loop nest (see for_row_blocks below): threads over blocks
+// of kRowBlock output rows; inside a block, tokens in groups of up to kTokenGroup, and
+// for each row of the block one micro-kernel call that reads the row's prepared weights
+// once and produces that row's dot products with every token of the group.  Batch 1
+// (GEMV) is the same code with groups of one token.  Row blocks are spread over threads
+// by thread_pool.cpp.  The micro-kernels exist in an AVX2 version (compiled with
+// __attribute__((target(...))), chosen at run time) and a scalar version; the ISA is
+// detected once (see active_isa) and can be pinned with BITLAB_CPU_ISA=scalar|avx2.
 #pragma once
 
 #include <cstddef>
