@@ -83,7 +83,7 @@ def _register_fakes() -> None:
             return x.new_empty((x.shape[0], weight.shape[0]))
 
         @torch.library.register_fake("bitlab::cpu_linear_a8")
-        def _fake_a8(x, weight, w_scale, bias, in_features, weight_format, per_token, epilogue):
+        def _fake_a8(x, weight, w_scale, bias, in_features, weight_format, per_token, group_size, epilogue):
             return _out(x, weight)
 
         @torch.library.register_fake("bitlab::cpu_linear_float")
@@ -153,6 +153,17 @@ def dword_codes(values: torch.Tensor, weight_bits) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
 
 
+def group_padded(values: torch.Tensor, group_size: int, group_len: int) -> torch.Tensor:
+    """``[out, in]`` -> ``[out, groups * group_len]``: each group of ``group_size`` inputs zero-padded to ``group_len``."""
+    out_f, in_f = values.shape
+    groups = -(-in_f // group_size)
+    full = torch.zeros(out_f, groups * group_size, dtype=values.dtype)
+    full[:, :in_f] = values
+    padded = torch.zeros(out_f, groups, group_len, dtype=values.dtype)
+    padded[:, :, :group_size] = full.view(out_f, groups, group_size)
+    return padded.view(out_f, groups * group_len)
+
+
 def padded_int8_rows(values: torch.Tensor) -> torch.Tensor:
     """int8 values ``[out, in]`` -> int8 ``[out, Kp]``, rows zero-padded to a multiple of 32."""
     out_f, in_f = values.shape
@@ -181,6 +192,7 @@ class CppPrepared:
     weight: torch.Tensor
     scale: torch.Tensor  # float32 [1] or [out_features]
     weight_format: str
+    group_size: int  # 0 unless the weights are per_group
     in_features: int
     out_features: int
     activation_dtype: str
@@ -207,8 +219,9 @@ class _CppKernel(BitKernel):
     def _prepared(self, weight: torch.Tensor, packed: PackedWeight, config: BitQuantConfig) -> CppPrepared:
         return CppPrepared(
             weight=weight,
-            scale=packed.scale.detach().to("cpu", torch.float32).reshape(-1).contiguous(),
+            scale=packed.scale.detach().to("cpu", torch.float32).contiguous().reshape(-1),
             weight_format=FORMATS[packed.weight_bits][0],
+            group_size=packed.group_size if packed.granularity == "per_group" else 0,
             in_features=packed.in_features,
             out_features=packed.out_features,
             activation_dtype=config.activation_dtype,
@@ -217,19 +230,28 @@ class _CppKernel(BitKernel):
 
 
 class CppInt8ActivationKernel(_CppKernel):
-    """Binary / ternary / int2 / int4 / int8 weights x int8 activations (exact integer accumulation)."""
+    """Binary / ternary / int2 / int4 / int8 weights x int8 activations (exact integer accumulation).
 
-    keys = keys_product(FORMATS, ["int8"], WEIGHT_GRANULARITIES, ACTIVATION_GRANULARITIES)
+    per_group weights: every group is padded on its own to a whole number of kernel blocks
+    (32 inputs for int8, 64 int4, 128 ternary / int2, 256 binary), so any group size works;
+    sizes that are multiples of the block waste nothing.
+    """
+
+    keys = keys_product(FORMATS, ["int8"], WEIGHT_GRANULARITIES + ("per_group",), ACTIVATION_GRANULARITIES)
 
     def prepare(self, packed: PackedWeight, config: BitQuantConfig) -> CppPrepared:
         values = unpack_values(packed).cpu()
+        if packed.granularity == "per_group":
+            per = 8 // FORMATS[packed.weight_bits][1]
+            block = 32 if packed.weight_bits == 8 else 32 * per
+            values = group_padded(values, packed.group_size, -(-packed.group_size // block) * block)
         weight = padded_int8_rows(values) if packed.weight_bits == 8 else interleave_codes(values, packed.weight_bits)
         return self._prepared(weight, packed, config)
 
     def forward(self, x, prepared: CppPrepared, bias: Optional[torch.Tensor] = None, activation: str = "none"):
         return torch.ops.bitlab.cpu_linear_a8(
             x, prepared.weight, prepared.scale, bias, prepared.in_features, prepared.weight_format,
-            prepared.per_token, activation
+            prepared.per_token, prepared.group_size, activation
         )
 
 

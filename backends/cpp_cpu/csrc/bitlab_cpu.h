@@ -40,33 +40,40 @@ constexpr int kRowBlock = 16;    // rows per OpenMP work item
 constexpr int kTokenGroup = 4;   // tokens per micro-kernel call (accumulators stay in registers)
 
 // Where results go and how accumulators become outputs:
-// y[t, r] = epilogue(acc * x_scale[t] * w_scale[r or 0] + bias[r]).
+// y[t, r] = epilogue(acc * x_scale[t] * w_scale[r or 0] + bias[r]); with per-group weights
+// y[t, r] = epilogue((sum_g acc_g * w_scale[r, g]) * x_scale[t] + bias[r]).
 struct OutputSpec {
   float* y;                // [M, N] row-major
   int64_t ldy;             // row stride of y
-  const float* w_scale;    // [1] or [N]
+  const float* w_scale;    // [1], [N] or [N, groups]
   bool w_per_channel;
   const float* bias;       // [N] or nullptr
   int epilogue;
 };
 
-// Integer activations, zero-padded to the kernel's Kp: q[t * ldq + k].
+// Integer activations, zero-padded: q[t * ldq + k].  With per-group weights each group of
+// group_size inputs starts at a multiple of group_len (its own zero padding up to there).
 struct Int8Activations {
   const int8_t* q;
   int64_t ldq;
-  const int32_t* qsum;     // [M] sum over k of q (for the code-offset correction)
+  const int32_t* qsum;     // [M, groups] sum of q over each group (for the code-offset correction)
   const float* scale;      // [M] dequantization scale (amax / 127)
+  int64_t groups;          // 1 unless the weights are per_group
+  int64_t group_len;       // padded inputs per group (the whole padded row when groups == 1)
 };
 
-inline float finish(float acc, float x_scale, const OutputSpec& o, int64_t r) {
-  // Same operation order as the reference: (acc * x_scale) * w_scale, + bias, epilogue.
-  float y = acc * x_scale * o.w_scale[o.w_per_channel ? r : 0];
+// Bias and activation (same operation order as the reference).
+inline float epilogue(float y, const OutputSpec& o, int64_t r) {
   if (o.bias) y += o.bias[r];
   if (o.epilogue != kEpiNone) {
     y = y > 0.0f ? y : 0.0f;
     if (o.epilogue == kEpiRelu2) y = y * y;
   }
   return y;
+}
+
+inline float finish(float acc, float x_scale, const OutputSpec& o, int64_t r) {
+  return epilogue(acc * x_scale * o.w_scale[o.w_per_channel ? r : 0], o, r);
 }
 
 // ---- activations.cpp: fill padded activation buffers (rows of x may be strided) ----

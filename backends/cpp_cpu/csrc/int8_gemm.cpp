@@ -4,7 +4,8 @@
 // ----------------------
 // Row-major int8 values w[r * Kp + k] (the canonical code minus 128), each row zero-padded
 // from in_features to Kp = a multiple of 32.  No re-coding: 8-bit weights are already
-// bytes; the padding lets every row be read in whole 32-byte vectors.
+// bytes; the padding lets every row be read in whole 32-byte vectors.  per_group weights:
+// each group of group_size inputs is zero-padded on its own to group_len, a multiple of 32.
 //
 // Product: _mm256_maddubs_epi16 needs one unsigned operand, so it gets |w| and the
 // activation takes w's sign (_mm256_sign_epi8(x, w)).  With |w| <= 128 and |x| <= 127 a
@@ -59,30 +60,40 @@ void dot_avx2(const int8_t* w, int64_t Kp, const int8_t* const* x, int32_t* out)
 template <bool AVX2>
 void run(const int8_t* w, int64_t N, int64_t Kp, const Int8Activations& a, int64_t M, const OutputSpec& o,
          int threads) {
+  const int64_t G = a.groups, len = a.group_len;  // len == Kp when G == 1
   for_row_blocks(N, M, threads, [&](int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
-    const int8_t* xs[kTokenGroup];
     const int T = static_cast<int>(t1 - t0);
-    for (int t = 0; t < T; ++t) xs[t] = a.q + (t0 + t) * a.ldq;
     for (int64_t r = r0; r < r1; ++r) {
-      const int8_t* wr = w + r * Kp;
+     float grouped[kTokenGroup] = {};
+     for (int64_t g = 0; g < G; ++g) {
+      const int8_t* wr = w + r * Kp + g * len;
+      const int8_t* xs[kTokenGroup];
+      for (int t = 0; t < T; ++t) xs[t] = a.q + (t0 + t) * a.ldq + g * len;
       int32_t dots[kTokenGroup];
       if (AVX2) {
         switch (T) {
-          case 1: dot_avx2<1>(wr, Kp, xs, dots); break;
-          case 2: dot_avx2<2>(wr, Kp, xs, dots); break;
-          case 3: dot_avx2<3>(wr, Kp, xs, dots); break;
-          default: dot_avx2<4>(wr, Kp, xs, dots); break;
+          case 1: dot_avx2<1>(wr, len, xs, dots); break;
+          case 2: dot_avx2<2>(wr, len, xs, dots); break;
+          case 3: dot_avx2<3>(wr, len, xs, dots); break;
+          default: dot_avx2<4>(wr, len, xs, dots); break;
         }
       } else {
         switch (T) {
-          case 1: dot_scalar<1>(wr, Kp, xs, dots); break;
-          case 2: dot_scalar<2>(wr, Kp, xs, dots); break;
-          case 3: dot_scalar<3>(wr, Kp, xs, dots); break;
-          default: dot_scalar<4>(wr, Kp, xs, dots); break;
+          case 1: dot_scalar<1>(wr, len, xs, dots); break;
+          case 2: dot_scalar<2>(wr, len, xs, dots); break;
+          case 3: dot_scalar<3>(wr, len, xs, dots); break;
+          default: dot_scalar<4>(wr, len, xs, dots); break;
         }
       }
-      for (int t = 0; t < T; ++t)
-        o.y[(t0 + t) * o.ldy + r] = finish(static_cast<float>(dots[t]), a.scale[t0 + t], o, r);
+      for (int t = 0; t < T; ++t) {
+        if (G == 1)
+          o.y[(t0 + t) * o.ldy + r] = finish(static_cast<float>(dots[t]), a.scale[t0 + t], o, r);
+        else
+          grouped[t] += static_cast<float>(dots[t]) * o.w_scale[r * G + g];
+      }
+     }
+     if (G > 1)
+       for (int t = 0; t < T; ++t) o.y[(t0 + t) * o.ldy + r] = epilogue(grouped[t] * a.scale[t0 + t], o, r);
     }
   });
 }

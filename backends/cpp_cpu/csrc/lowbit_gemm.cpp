@@ -15,6 +15,8 @@
 //   int4     4  w + 8       u - 8           (alpha 1, beta 8)
 //
 // Padding codes are 0 and padded activations are 0, so padding never contributes.
+// per_group weights: each group of group_size inputs is padded on its own to a whole number
+// of blocks (the row is groups * group_len inputs) and the activations are laid out to match.
 //
 // int8 activations: u is unsigned, so _mm256_maddubs_epi16(u, x) multiplies and adds
 // adjacent pairs without saturation (|pair| <= 2 * 15 * 127); int16 partial sums are
@@ -96,13 +98,16 @@ void run_int8(int alpha, int beta, const uint8_t* w, int64_t N, int64_t Kp, cons
               int64_t M, const OutputSpec& o, int threads) {
   constexpr int PER = codes_per_byte<NB>();
   const int64_t row_bytes = Kp / PER;
-  const int64_t nblocks = Kp / (32 * PER);
+  const int64_t G = a.groups;
+  const int64_t nblocks = a.group_len / (32 * PER);  // per group (the whole row when G == 1)
   for_row_blocks(N, M, threads, [&](int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
-    const int8_t* xs[kTokenGroup];
     const int T = static_cast<int>(t1 - t0);
-    for (int t = 0; t < T; ++t) xs[t] = a.q + (t0 + t) * a.ldq;
     for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* wr = w + r * row_bytes;
+     float grouped[kTokenGroup] = {};
+     for (int64_t g = 0; g < G; ++g) {
+      const uint8_t* wr = w + r * row_bytes + g * (a.group_len / PER);
+      const int8_t* xs[kTokenGroup];
+      for (int t = 0; t < T; ++t) xs[t] = a.q + (t0 + t) * a.ldq + g * a.group_len;
       int32_t dots[kTokenGroup];
       if (AVX2) {
         switch (T) {
@@ -120,9 +125,15 @@ void run_int8(int alpha, int beta, const uint8_t* w, int64_t N, int64_t Kp, cons
         }
       }
       for (int t = 0; t < T; ++t) {
-        const int32_t d = alpha * dots[t] - beta * a.qsum[t0 + t];
-        o.y[(t0 + t) * o.ldy + r] = finish(static_cast<float>(d), a.scale[t0 + t], o, r);
+        const int32_t d = alpha * dots[t] - beta * a.qsum[(t0 + t) * G + g];
+        if (G == 1)
+          o.y[(t0 + t) * o.ldy + r] = finish(static_cast<float>(d), a.scale[t0 + t], o, r);
+        else
+          grouped[t] += static_cast<float>(d) * o.w_scale[r * G + g];
       }
+     }
+     if (G > 1)
+       for (int t = 0; t < T; ++t) o.y[(t0 + t) * o.ldy + r] = epilogue(grouped[t] * a.scale[t0 + t], o, r);
     }
   });
 }

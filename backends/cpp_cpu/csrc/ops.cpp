@@ -1,9 +1,10 @@
 // torch.library bindings of the cpp_cpu kernels (namespace "bitlab", names prefixed cpu_).
 //
-//   cpu_linear_a8(x, weight, w_scale, bias, in_features, weight_format, per_token, epilogue)
+//   cpu_linear_a8(x, weight, w_scale, bias, in_features, weight_format, per_token, group_size, epilogue)
 //       int8 activations quantized here (per token or per tensor); weight_format is
 //       "binary" | "ternary" | "int2" | "int4" (interleaved layout, lowbit_gemm.cpp) or
-//       "int8" (int8_gemm.cpp)
+//       "int8" (int8_gemm.cpp); group_size > 0 for per_group weights (w_scale [N, groups],
+//       each group of the weight row padded to a whole number of kernel blocks)
 //   cpu_linear_float(x, weight, w_scale, bias, in_features, weight_format, epilogue)
 //       float32 activations; binary / ternary / int2 / int4 weights, int32 words in the
 //       dword-interleaved layout (float_gemm.cpp)
@@ -19,6 +20,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -73,12 +75,13 @@ struct Prepared {
   OutputSpec spec;
 };
 
+// scale_numel: the number of weight scales when they are per group (-1: 1 or N).
 Prepared prepare_output(int64_t M, int64_t N, const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias,
-                        const std::string& epilogue) {
+                        const std::string& epilogue, int64_t scale_numel = -1) {
   Prepared p;
   p.w_scale = w_scale.to(at::kFloat).contiguous();
-  TORCH_CHECK(p.w_scale.numel() == 1 || p.w_scale.numel() == N, "w_scale must have 1 or out_features=", N,
-              " elements, got ", p.w_scale.numel());
+  TORCH_CHECK(scale_numel >= 0 || p.w_scale.numel() == 1 || p.w_scale.numel() == N,
+              "w_scale must have 1 or out_features=", N, " elements, got ", p.w_scale.numel());
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == N, "bias must have out_features=", N, " elements, got ", bias->numel());
     p.bias = bias->to(at::kFloat).contiguous();
@@ -103,39 +106,65 @@ struct Int8Scratch {
   std::vector<int8_t> q;
   std::vector<int32_t> qsum;
   std::vector<float> scale;
+  std::vector<int8_t> grouped;    // per_group weights: q with each group padded to group_len
+  std::vector<int32_t> group_sum;
 };
 
-Int8Activations quantize_into(Int8Scratch& s, const at::Tensor& xf, int64_t Kp, bool per_token) {
+// Quantize x into zero-padded rows of Kp; with groups > 1 also lay each group of group_size
+// inputs out at a multiple of group_len (zero-padded) and sum q per group.
+Int8Activations quantize_into(Int8Scratch& s, const at::Tensor& xf, int64_t Kp, bool per_token, int64_t groups,
+                              int64_t group_size, int64_t group_len) {
   const int64_t M = xf.size(0), K = xf.size(1);
   int8_t* q = scratch(s.q, M * Kp);
   int32_t* qsum = scratch(s.qsum, M);
   float* scale = scratch(s.scale, M);
   quantize_int8(xf.data_ptr<float>(), xf.stride(0), M, K, Kp, per_token, q, qsum, scale);
-  return Int8Activations{q, Kp, qsum, scale};
+  if (groups == 1) return Int8Activations{q, Kp, qsum, scale, 1, Kp};
+  const int64_t ldg = groups * group_len;
+  int8_t* qg = scratch(s.grouped, M * ldg);
+  int32_t* gsum = scratch(s.group_sum, M * groups);
+  std::memset(qg, 0, static_cast<size_t>(M * ldg));
+  for (int64_t t = 0; t < M; ++t)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * group_size, n = std::min(group_size, K - k0);
+      const int8_t* src = q + t * Kp + k0;
+      std::memcpy(qg + t * ldg + g * group_len, src, static_cast<size_t>(n));
+      int32_t sum = 0;
+      for (int64_t i = 0; i < n; ++i) sum += src[i];
+      gsum[t * groups + g] = sum;
+    }
+  return Int8Activations{qg, ldg, gsum, scale, groups, group_len};
 }
 
 at::Tensor linear_a8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& w_scale,
-                     const c10::optional<at::Tensor>& bias, int64_t in_features, std::string weight_format, bool per_token,
-                     std::string epilogue) {
+                     const c10::optional<at::Tensor>& bias, int64_t in_features, std::string weight_format,
+                     bool per_token, int64_t group_size, std::string epilogue) {
   const Format f = parse_format(weight_format);
   at::Tensor xf = as_float_rows(x, in_features);
   const int64_t M = xf.size(0), K = xf.size(1), N = weight.size(0);
+  TORCH_CHECK(group_size >= 0, "group_size: got ", group_size, "; expected 0 (not per_group) or a positive size");
+  // per_group: each group is padded to group_len, a whole number of the kernel's blocks
+  const int64_t groups = group_size > 0 ? (K + group_size - 1) / group_size : 1;
+  const int64_t group_len = group_size > 0 ? padded_k(group_size, f.nbits) : padded_k(K, f.nbits);
   const int64_t Kp = padded_k(K, f.nbits);
-  const int64_t row_bytes = f.nbits == 8 ? Kp : Kp / (8 / f.nbits);
+  const int64_t Kw = groups * group_len;  // padded inputs per weight row
+  const int64_t row_bytes = f.nbits == 8 ? Kw : Kw / (8 / f.nbits);
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == row_bytes && weight.is_contiguous(),
-              "prepared ", weight_format, " weight for in_features=", K, " must be contiguous [out_features, ",
-              row_bytes, "], got shape ", weight.sizes());
+              "prepared ", weight_format, " weight for in_features=", K, ", group_size=", group_size,
+              " must be contiguous [out_features, ", row_bytes, "], got shape ", weight.sizes());
   TORCH_CHECK(weight.scalar_type() == (f.nbits == 8 ? at::kChar : at::kByte), "prepared ", weight_format,
               " weight has dtype ", weight.scalar_type(), ", expected ", f.nbits == 8 ? "int8" : "uint8");
-  Prepared p = prepare_output(M, N, w_scale, bias, epilogue);
+  TORCH_CHECK(group_size == 0 || w_scale.numel() == N * groups, "per_group w_scale must have out_features * groups = ",
+              N * groups, " elements, got ", w_scale.numel());
+  Prepared p = prepare_output(M, N, w_scale, bias, epilogue, group_size > 0 ? N * groups : -1);
   if (M == 0 || N == 0) return finish_output(p.out, x);
   static thread_local Int8Scratch s;
-  const Int8Activations a = quantize_into(s, xf, Kp, per_token);
+  const Int8Activations a = quantize_into(s, xf, Kp, per_token, groups, group_size, group_len);
   const int threads = at::get_num_threads();
   if (f.nbits == 8)
-    int8_int8_gemm(weight.data_ptr<int8_t>(), N, Kp, a, M, p.spec, threads);
+    int8_int8_gemm(weight.data_ptr<int8_t>(), N, Kw, a, M, p.spec, threads);
   else
-    lowbit_int8_gemm(f.nbits, f.alpha, f.beta, weight.data_ptr<uint8_t>(), N, Kp, a, M, p.spec, threads);
+    lowbit_int8_gemm(f.nbits, f.alpha, f.beta, weight.data_ptr<uint8_t>(), N, Kw, a, M, p.spec, threads);
   return finish_output(p.out, x);
 }
 
@@ -205,7 +234,7 @@ void set_isa_op(int64_t isa) { set_isa_override(static_cast<int>(isa)); }
 
 TORCH_LIBRARY_FRAGMENT(bitlab, m) {
   m.def("cpu_linear_a8(Tensor x, Tensor weight, Tensor w_scale, Tensor? bias, int in_features, "
-        "str weight_format, bool per_token, str epilogue) -> Tensor");
+        "str weight_format, bool per_token, int group_size, str epilogue) -> Tensor");
   m.def("cpu_linear_float(Tensor x, Tensor weight, Tensor w_scale, Tensor? bias, int in_features, "
         "str weight_format, str epilogue) -> Tensor");
   m.def("cpu_linear_a1(Tensor x, Tensor weight, Tensor w_scale, Tensor? bias, int in_features, "

@@ -184,9 +184,9 @@ def test_mismatched_weight_is_rejected(cpp_ops):
     packed = random_packed(cfg, 4, 130, torch.Generator().manual_seed(0))
     prepared = CppInt8ActivationKernel().prepare(packed, cfg)
     with pytest.raises(RuntimeError, match=r"in_features=130\], got shape \[2, 200\]"):
-        cpp_ops.cpu_linear_a8(torch.randn(2, 200), prepared.weight, prepared.scale, None, 130, "ternary", False, "none")
+        cpp_ops.cpu_linear_a8(torch.randn(2, 200), prepared.weight, prepared.scale, None, 130, "ternary", False, 0, "none")
     with pytest.raises(RuntimeError, match="epilogue: got 'gelu'"):
-        cpp_ops.cpu_linear_a8(torch.randn(2, 130), prepared.weight, prepared.scale, None, 130, "ternary", False, "gelu")
+        cpp_ops.cpu_linear_a8(torch.randn(2, 130), prepared.weight, prepared.scale, None, 130, "ternary", False, 0, "gelu")
 
 
 def test_ops_trace_under_torch_compile(cpp_ops):
@@ -235,3 +235,27 @@ def test_prepare_in_row_chunks(cpp_ops, monkeypatch, act):
     kernel = CppInt8ActivationKernel() if act == "int8" else CppFloatActivationKernel()
     y, y_ref = run_both(kernel, cfg, packed, x, None, "none")
     assert torch.equal(y, y_ref)  # integer-valued inputs: float sums are exact too
+
+
+@pytest.mark.parametrize("bits", [1, 1.58, 2, 4, 8])
+@pytest.mark.parametrize("group_size", [7, 64, 100, 128, 300])
+def test_per_group_weights(isa, bits, group_size):
+    """Groups of any size (padded per group inside the kernel) against the reference."""
+    gen = torch.Generator().manual_seed(hash((bits, group_size, isa)) % 2**31)
+    cfg = BitQuantConfig(weight_bits=bits, weight_granularity="per_group", group_size=group_size,
+                         activation_granularity="per_token")
+    choices = torch.tensor(WEIGHT_VALUES[bits], dtype=torch.int8)
+    for batch, in_f, out_f in [(5, 301, 7), (1, 77, 3), (0, 45, 2)]:
+        values = choices[torch.randint(len(choices), (out_f, in_f), generator=gen)]
+        groups = -(-in_f // group_size)
+        # probe: unit scales, integer activations with max 127: output is the exact integer sum
+        probe = pack_weight(values, torch.ones(out_f, groups), bits, "per_group", group_size)
+        x = strided(probe_input(batch, in_f, gen), "transposed")
+        y, y_ref = run_both(CppInt8ActivationKernel(), cfg, probe, x, None, "none")
+        assert torch.equal(y, y_ref), f"probe shape {(batch, in_f, out_f)}"
+        # real scales: the float sum over groups may round in another order
+        packed = pack_weight(values, torch.rand(out_f, groups, generator=gen) + 0.1, bits, "per_group", group_size)
+        x = torch.randn(batch, in_f, generator=gen)
+        bias = torch.randn(out_f, generator=gen)
+        y, y_ref = run_both(CppInt8ActivationKernel(), cfg, packed, x, bias, "relu")
+        assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-4), f"shape {(batch, in_f, out_f)}"
