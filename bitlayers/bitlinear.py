@@ -37,6 +37,9 @@ from bitcore.packing import PackedWeight, pack_weight, row_bytes, scale_shape
 from bitcore.quantize import fake_quantize_activation, fake_quantize_weight, quantize_weight
 
 
+KERNEL_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _as_config(quant_config: Union[BitQuantConfig, dict, None]) -> BitQuantConfig:
     if quant_config is None:
         return BitQuantConfig()
@@ -206,7 +209,7 @@ class BitLinear(nn.Module):
             raise TypeError(f"BitLinear expects a torch.Tensor, got {type(x).__name__}")
         if not x.dtype.is_floating_point:
             raise TypeError(
-                f"BitLinear expects a floating-point input (float32/float16/bfloat16), got {x.dtype}"
+                f"BitLinear expects a floating-point input (float32/float16/bfloat16/float64), got {x.dtype}"
             )
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
@@ -233,11 +236,17 @@ class BitLinear(nn.Module):
             )
         # Kernel selection, prepare-once and the kernel run are one custom op (see bitcore.kernels.ops),
         # so torch.compile sees a single node with a known output shape instead of breaking the graph.
+        x2, bias = x.reshape(-1, self.in_features), self.bias
+        if x2.dtype not in KERNEL_INPUT_DTYPES:
+            # Kernels take float32/float16/bfloat16 (the contract computes in float32 anyway): a float64 model
+            # runs its packed layers through float32 and gets float64 back.
+            x2 = x2.float()
+            bias = None if bias is None else bias.float()
         y = torch.ops.bitlab.bitlinear(
-            x.reshape(-1, self.in_features), self.qweight, self.weight_scale, self.bias,
+            x2, self.qweight, self.weight_scale, bias,
             self._config_spec, self.in_features, self.fused_activation, self.backend or "", self._prepared.id,
         )
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _forward_fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.quant_config

@@ -16,8 +16,9 @@ A kernel declares:
 
 The call sequence is ``prepared = kernel.prepare(packed, config)`` once, then
 ``kernel.forward(x, prepared, bias, activation)`` per call, where ``x`` is
-``[tokens, in_features]`` in a floating dtype, ``bias`` is ``[out_features]``
-or None, and ``activation`` is one of :data:`EPILOGUES` (``relu2`` is
+``[tokens, in_features]`` in float32, float16 or bfloat16 (contiguous or
+strided; BitLinear brings other float dtypes to float32 first), ``bias`` is
+``[out_features]`` in any of those dtypes or None, and ``activation`` is one of :data:`EPILOGUES` (``relu2`` is
 squared ReLU), applied after the bias.  The output has ``x``'s dtype.
 
 Example (a third-party kernel)::
