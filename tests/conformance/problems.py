@@ -23,7 +23,8 @@ from bitcore.quantize import quantize_weight
 
 EDGE_FEATURES = [127, 128, 129, 251, 256, 257, 509, 1021, 1024, 2053, 4093, 4096, 4097]
 GROUP_SIZES = [7, 32, 64, 100, 128]
-X_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+X_DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # what kernels take (interface.py)
+LAYER_DTYPES = X_DTYPES + [torch.float64]  # what BitLinear takes
 LAYOUTS = ["contiguous", "transposed", "column_stride", "offset_rows"]
 # Integer weight values allowed by each format, largest magnitude last.
 WEIGHT_VALUES = {1: [-1, 1], 1.58: [-1, 0, 1], 2: [-3, -1, 1, 3], 4: list(range(-7, 8)), 8: list(range(-127, 128))}

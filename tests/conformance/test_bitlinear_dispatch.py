@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from bitlayers import BitLinear
 
-from .problems import X_DTYPES, config_from_key, features, layout_as, packed_to
+from .problems import LAYER_DTYPES, config_from_key, features, layout_as, packed_to
 from .tolerance import expected_output, mismatch_report
 
 
@@ -28,7 +28,7 @@ def test_bitlinear_forced_to_backend_matches_reference_layer(backend_case, data,
         case_counter[(kernel.backend, device, "layer: shape refused")] += 1
         return
     lead = data.draw(st.tuples(st.integers(1, 3), st.integers(0, 9)), label="leading dims")
-    dtype = data.draw(st.sampled_from(X_DTYPES), label="dtype")
+    dtype = data.draw(st.sampled_from(LAYER_DTYPES), label="dtype")
     activation = data.draw(st.sampled_from(sorted(kernel.epilogues)), label="epilogue")
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
     cfg = config_from_key(key, data.draw(st.sampled_from([32, 64, 128]), label="group_size"))

@@ -79,3 +79,15 @@ def test_deepcopy_and_torch_save_give_independent_working_layers():
         buf.seek(0)
         loaded = torch.load(buf, weights_only=False)
         assert torch.equal(loaded(x), y)
+
+
+def test_float64_model_runs_its_packed_layers_through_float32():
+    m = bit_mlp()
+    x = torch.randn(3, 37, dtype=torch.float64)
+    with torch.no_grad():
+        y = m.double()(x)
+        layer = m[1]
+        h = m[0](x)
+        expected = layer(h.float()).double()  # the contract: float32 in, float32 math
+        assert torch.equal(layer(h), expected)
+    assert y.dtype == torch.float64 and torch.isfinite(y).all()
