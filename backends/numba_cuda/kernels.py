@@ -1,11 +1,14 @@
-"""numba.cuda kernels of the numba_cuda backend: low-bit GEMV/GEMM for 1 to 64 tokens.
+"""The sign-code kernels of the numba_cuda backend: ternary / binary weights x float or int8 activations.
+
+Low-bit GEMV/GEMM for 1 to 64 tokens (any count works).  The XNOR kernel is in
+:mod:`backends.numba_cuda.xnor`, shared device functions in :mod:`backends.numba_cuda.device`.
 
 Weight layouts are described in :mod:`backends.numba_cuda.layout`; in short,
 rows are walked in chunks of 32 ``int64`` words, lane ``l`` holding the codes of
 inputs ``c*chunk + j*32 + l``.
 
-Work split (sign-code kernels: float and int8 activations)
----------------------------------------------------------
+Work split
+----------
 * Block ``(bx, by)`` owns rows ``bx * ROWS + r`` (``r < ROWS``) and tokens
   ``by * TOKENS + t``; its ``WARPS`` warps split the chunks of those rows (warp
   ``w`` takes chunks ``w, w + WARPS, ...``), so even a short, wide layer keeps
@@ -19,7 +22,6 @@ Work split (sign-code kernels: float and int8 activations)
   written.  A token tile never exceeds the token count; the last tile is moved
   back to end at the last token (it may overlap the previous one, whose outputs it
   recomputes bit for bit), so each token's row is a fixed stride from the first.
-* The XNOR kernel keeps the simpler split: each warp owns its own rows.
 
 Arithmetic (see ``bitcore.quantize`` and ``backends/torch_ref`` for the definition)
 ------------------------------------------------------------------------------
@@ -29,8 +31,6 @@ Arithmetic (see ``bitcore.quantize`` and ``backends/torch_ref`` for the definiti
 * int8 activations: ``acc = sum(xq * v)`` in int32 (exact), then
   ``acc * x_scale[t] * w_scale``; the quantization itself is done beforehand by
   :func:`bitcore.quantize.quantize_activation_int8` so it matches bit for bit.
-* binary activations x binary weights (XNOR): lane words of packed signs,
-  ``dot = in_features - 2 * popcount(w ^ x)``, exact.
 * epilogue: ``y = dot * x_scale * w_scale (+ bias)``, then relu / relu2, cast to
   the output dtype (bfloat16 by round-to-nearest-even on the bits, as torch).
 
@@ -43,167 +43,25 @@ from __future__ import annotations
 import functools
 import math
 
-import numpy as np
+from numba import cuda, float32, int32, int64, uint64
 
-if not hasattr(np, "row_stack"):
-    # numba-cuda <= 0.30 registers an overload for np.row_stack when it first compiles, and
-    # NumPy 2.5 removed that alias of np.vstack: put the alias back so compilation can start.
-    np.row_stack = np.vstack
+from backends.numba_cuda.device import (
+    EPILOGUE_CODES,
+    OUT_KINDS,
+    READ_BIAS,
+    STORE,
+    X_KINDS,
+    apply_epilogue,
+    clamp_to,
+    int_as_float,
+    read_bf16_bits,
+    read_float,
+    read_int,
+    warp_reduce,
+)
+from backends.numba_cuda.layout import LANES, codes_per_word
 
-from numba import config as numba_config  # noqa: E402
-from numba import cuda, float32, int32, int64, uint64  # noqa: E402
-
-from backends.numba_cuda.layout import LANES, codes_per_word  # noqa: E402
-
-SIMULATOR = bool(numba_config.ENABLE_CUDASIM)
-XNOR_WARPS = 4  # warps per block of the XNOR kernel
-MAX_THREADS = 1024  # per block
-FULL_MASK = 0xFFFFFFFF
-EPILOGUE_CODES = {"none": 0, "relu": 1, "relu2": 2}
-X_KINDS = ("float", "bf16bits", "int8")  # how activations are read
-OUT_KINDS = ("float", "bf16bits")  # how outputs (and biases) are written / read
-
-# ----------------------------------------------------------------------------- bit casts
-if SIMULATOR:
-
-    def _int_as_float(i):
-        return np.uint32(int(i) & 0xFFFFFFFF).view(np.float32)
-
-    def _float_as_int(f):
-        return np.float32(f).view(np.int32)
-
-    def _popc64(v):  # the simulator's popc counts the bits of Python's signed repr
-        return bin(int(v) & 0xFFFFFFFFFFFFFFFF).count("1")
-
-    int_as_float = cuda.jit(device=True)(_int_as_float)
-    float_as_int = cuda.jit(device=True)(_float_as_int)
-    popc64 = cuda.jit(device=True)(_popc64)
-else:
-    from numba.cuda import libdevice
-
-    @cuda.jit(device=True)
-    def int_as_float(i):
-        return libdevice.int_as_float(int32(i))
-
-    @cuda.jit(device=True)
-    def float_as_int(f):
-        return libdevice.float_as_int(f)
-
-    @cuda.jit(device=True)
-    def popc64(v):
-        return cuda.popc(v)
-
-
-@cuda.jit(device=True)
-def bf16_bits_to_float(b):
-    """bfloat16 bits (read as int16) -> float32: the bf16 bits are the high half of the float."""
-    return int_as_float(int32((int32(b) & 0xFFFF) << 16))
-
-
-@cuda.jit(device=True)
-def float_to_bf16_bits(f):
-    """float32 -> bfloat16 bits as a signed int16 value, round-to-nearest-even, NaN -> 0x7FC0 (as torch)."""
-    if f != f:
-        return int32(0x7FC0)
-    u = int64(float_as_int(f)) & 0xFFFFFFFF
-    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    r = r & 0xFFFF
-    if r >= 0x8000:
-        r -= 0x10000
-    return int32(r)
-
-
-@cuda.jit(device=True)
-def apply_epilogue(y, bias_n, epilogue):
-    y += bias_n
-    if epilogue >= 1:
-        if y < float32(0.0):  # NaN stays NaN, as torch.relu
-            y = float32(0.0)
-        if epilogue == 2:
-            y = y * y
-    return y
-
-
-# Activations are read from a flat view at (token row offset + k), the row offsets computed once per
-# kernel; unsigned indices spare numba's negative-index wraparound.
-@cuda.jit(device=True)
-def read_float(x, i):
-    return float32(x[uint64(i)])
-
-
-@cuda.jit(device=True)
-def read_bf16_bits(x, i):
-    return bf16_bits_to_float(x[uint64(i)])
-
-
-@cuda.jit(device=True)
-def read_int(x, i):
-    return int32(x[uint64(i)])
-
-
-@cuda.jit(device=True)
-def read_bias_float(bias, has_bias, n):
-    if has_bias:
-        return float32(bias[n])
-    return float32(0.0)
-
-
-@cuda.jit(device=True)
-def read_bias_bf16_bits(bias, has_bias, n):
-    if has_bias:
-        return bf16_bits_to_float(bias[n])
-    return float32(0.0)
-
-
-
-@cuda.jit(device=True)
-def store_float(out, t, n, y):
-    out[t, n] = y
-
-
-@cuda.jit(device=True)
-def store_bf16_bits(out, t, n, y):
-    out[t, n] = float_to_bf16_bits(y)
-
-
-@cuda.jit(device=True)
-def clamp_to(i, last):
-    """min(i, last) (numba's builtin min does not compile as a CUDA device call everywhere)."""
-    return i if i < last else last
-
-
-READ_BIAS = {"float": read_bias_float, "bf16bits": read_bias_bf16_bits}
-STORE = {"float": store_float, "bf16bits": store_bf16_bits}
-
-
-if SIMULATOR:
-    # The simulator has no warp shuffles: sum through a per-block shared buffer instead.
-    # Every thread of the block reaches this call once, so the barriers match.
-    def _simulated_warp_reduce(a):
-        buf = cuda.shared.array((MAX_THREADS, 64), np.float64)
-        tid = cuda.threadIdx.x
-        start = tid - tid % LANES
-        cuda.syncthreads()
-        buf[tid, : a.size] = a.ravel()
-        cuda.syncthreads()
-        a[...] = buf[start:start + LANES, : a.size].sum(axis=0).reshape(a.shape)
-        cuda.syncthreads()
-
-    warp_reduce = cuda.jit(device=True)(_simulated_warp_reduce)
-else:
-
-    @cuda.jit(device=True)
-    def warp_sum(v):
-        for offset in (16, 8, 4, 2, 1):
-            v += cuda.shfl_xor_sync(FULL_MASK, v, offset)
-        return v
-
-    @cuda.jit(device=True)
-    def warp_reduce(a):
-        """Sum a small 2-D local array over the 32 lanes of the warp, in place (every lane gets the sums)."""
-        for i in range(a.shape[0]):
-            for t in range(a.shape[1]):
-                a[i, t] = warp_sum(a[i, t])
+__all__ = ["EPILOGUE_CODES", "launch", "launch_shape", "sign_code_grid", "sign_code_kernel"]
 
 
 # ---------------------------------------------------------------- sign-code GEMV family
@@ -401,63 +259,6 @@ def sign_code_grid(n_out: int, n_tok: int, rows: int, tokens: int, warps: int) -
     return (math.ceil(n_out / rows), math.ceil(n_tok / tokens)), (warps * LANES,)
 
 
-# ------------------------------------------------------------------------- XNOR family
-@functools.lru_cache(maxsize=None)
-def xnor_kernel(out_kind: str, bias_kind: str, rows: int, tokens: int):
-    """Binary weights x binary activations.
-
-    Signature: as :func:`sign_code_kernel`, with ``x`` the flat int8 signs in {-1, +1} (token t's input k at
-    ``t * x_stride + k``) and ``words`` the sign words ``[n_out, ceil(n_in / 64)]``.
-    Lane ``l`` packs the signs of inputs ``64 q + j`` of its words ``q = l, l + 32, ...`` itself, once per
-    token, and reuses them for all ``ROWS`` rows.
-    """
-    if out_kind not in OUT_KINDS or bias_kind not in OUT_KINDS:
-        raise ValueError(f"xnor_kernel: unsupported variant out={out_kind!r}, bias={bias_kind!r}; kinds are {OUT_KINDS}")
-    ROWS, TOKENS = rows, tokens
-    store = STORE[out_kind]
-    read_bias = READ_BIAS[bias_kind]
-
-    @cuda.jit
-    def kernel(out, signs, x_stride, words, w_scale, scale_stride, x_scale, bias, has_bias, epilogue,
-               n_out, n_in, n_tok):
-        lane = cuda.threadIdx.x % LANES
-        warp = cuda.blockIdx.x * (cuda.blockDim.x // LANES) + cuda.threadIdx.x // LANES
-        row0 = warp * ROWS
-        tok0 = cuda.blockIdx.y * TOKENS
-        differ = cuda.local.array((ROWS, TOKENS), int32)
-        for t in range(TOKENS):
-            for r in range(ROWS):
-                differ[r, t] = 0
-        w = cuda.local.array(ROWS, int64)
-        for q in range(lane, words.shape[1], LANES):
-            for r in range(ROWS):
-                w[r] = words[clamp_to(row0 + r, n_out - 1), q]
-            for t in range(TOKENS):
-                row = clamp_to(tok0 + t, n_tok - 1) * x_stride
-                xw = int64(0)
-                for j in range(64):
-                    k = q * 64 + j
-                    if k >= n_in:
-                        break
-                    if signs[row + k] > 0:
-                        xw |= int64(1) << j
-                for r in range(ROWS):
-                    differ[r, t] += popc64(w[r] ^ xw)
-        warp_reduce(differ)
-        for t in range(TOKENS):
-            for r in range(ROWS):
-                total = differ[r, t]
-                n = row0 + r
-                tok = tok0 + t
-                if lane == 0 and n < n_out and tok < n_tok:
-                    dot = n_in - 2 * total
-                    y = float32(dot) * float32(x_scale[tok, 0]) * float32(w_scale[n * scale_stride])
-                    store(out, tok, n, apply_epilogue(y, read_bias(bias, has_bias, n), epilogue))
-
-    return kernel
-
-
-# ------------------------------------------------------------------------------ launch
 def launch_shape(n_out: int, n_tok: int) -> tuple:
     """(rows per block, tokens per block, warps per block) of the sign-code kernels: the launch heuristics.
 
@@ -474,11 +275,7 @@ def launch_shape(n_out: int, n_tok: int) -> tuple:
     return 4, tokens, 4
 
 
-def xnor_grid(n_out: int, n_tok: int, rows: int, tokens: int) -> tuple:
-    """(grid, block) for :func:`xnor_kernel`: each of the ``XNOR_WARPS`` warps of a block owns ``rows`` rows."""
-    return (math.ceil(n_out / (XNOR_WARPS * rows)), math.ceil(n_tok / tokens)), (XNOR_WARPS * LANES,)
-
-
 def launch(kernel, grid, block, stream, *args):
     """Launch on ``stream`` (a numba stream; 0 under the simulator)."""
     kernel[grid, block, stream](*args)
+

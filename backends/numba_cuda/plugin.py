@@ -297,10 +297,11 @@ class NumbaXnorKernel(_NumbaKernel):
 
     def _kernel_and_grid(self, prepared, x_kind, out_kind, bias_kind, n_tok):
         from backends.numba_cuda import kernels as K
+        from backends.numba_cuda import xnor
 
         rows, tokens, _ = K.launch_shape(prepared.out_features, n_tok)
-        kernel = K.xnor_kernel(out_kind, bias_kind, rows, tokens)
-        return (kernel, *K.xnor_grid(prepared.out_features, n_tok, rows, tokens))
+        kernel = xnor.xnor_kernel(out_kind, bias_kind, rows, tokens)
+        return (kernel, *xnor.xnor_grid(prepared.out_features, n_tok, rows, tokens))
 
 
 KERNELS = (NumbaFloatKernel, NumbaInt8Kernel, NumbaXnorKernel)
