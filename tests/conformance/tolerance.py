@@ -131,8 +131,12 @@ def probe_output(x: torch.Tensor, packed: PackedWeight, cfg: BitQuantConfig, bia
     quantize = quantize_activation_int8 if cfg.activation_dtype == "int8" else quantize_activation_binary
     xq, x_scale = quantize(x, cfg.activation_granularity)
     values = unpack_values(packed)
-    assert bool((packed.scale == 1).all()) and bool((x_scale == 1).all()), "not an exactness-probe problem"
+    assert bool((packed.scale == 1).all()), "not an exactness-probe problem: a weight scale is not 1"
+    assert bool(((x_scale - 1).abs() <= 2 * U32).all()), "not an exactness-probe problem: an activation scale is not 1"
     acc = integer_accumulate(xq, values)
     assert acc.numel() == 0 or float(acc.abs().max()) < 2**24, "probe sums must stay exact in float32"
-    y = apply_epilogue(acc.to(torch.float32), None if bias is None else bias.float(), activation)
+    y = acc.to(torch.float32)
+    if cfg.activation_dtype == "binary":  # mean|x| of +-1 values: 1, or 1 - 2^-24 where the mean multiplies by 1/n
+        y = y * x_scale
+    y = apply_epilogue(y, None if bias is None else bias.float(), activation)
     return y.to(x.dtype)

@@ -62,6 +62,9 @@ def test_compile_reduce_overhead_uses_cuda_graphs_and_matches_eager(cuda_device)
     ).to(cuda_device).eval()
     compiled = torch.compile(m, mode="reduce-overhead", fullgraph=True)
     with torch.no_grad():
+        # One eager call first: prepared weights are cached on first use, and must not be allocated inside
+        # the CUDA-graph pool of the compiled model's warm-up (cudagraph trees refuse untracked live tensors).
+        m(torch.randn(4, 64, device=cuda_device))
         for _ in range(4):
             x = torch.randn(4, 64, device=cuda_device)
             assert torch.equal(compiled(x).clone(), m(x))
