@@ -10,7 +10,9 @@ no training), then compared with the float model on the sentences of
   sentence-transformers does for this model), mean / min over sentences;
 * weight memory: float32 bytes of the converted Linear weights vs their true
   packed bytes (``BitLinear.weight_memory_bytes``), and the whole model;
-* CPU latency: median wall time of one forward pass over a batch of sentences.
+* CPU latency: wall time of one forward pass over a batch of sentences,
+  timed round-robin over all models (one pass of each per round) so that a
+  change in the machine's load hits every model alike; median and best.
 
 Writes ``docs/benchmarks/fidelity_minilm.json`` and the table in ``docs/fidelity.md``
 (between its ``fidelity-table`` markers; the prose around it is kept).
@@ -86,15 +88,18 @@ def embed(model, batches) -> torch.Tensor:
 
 
 @torch.no_grad()
-def latency_ms(model, batch, runs: int) -> dict:
-    """Median and best of ``runs`` timed forward passes (best is the least disturbed by other load)."""
-    model(**batch)  # warm-up: kernel selection, weight preparation
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        model(**batch)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {"latency_ms": round(statistics.median(times), 2), "latency_min_ms": round(min(times), 2)}
+def interleaved_latency_ms(models: dict, batch, rounds: int) -> dict:
+    """``{name: {"latency_ms": median, "latency_min_ms": best}}`` over ``rounds`` round-robin passes."""
+    for model in models.values():
+        model(**batch)  # warm-up: kernel selection, weight preparation
+    times = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            model(**batch)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: {"latency_ms": round(statistics.median(t), 2), "latency_min_ms": round(min(t), 2)}
+            for name, t in times.items()}
 
 
 def weight_fidelity(float_model, cfg) -> dict:
@@ -127,7 +132,7 @@ def linear_float_bytes(model) -> int:
     return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def evaluate(label, model, float_emb, batches, latency_batch, runs, extra=None) -> dict:
+def evaluate(label, model, float_emb, batches, extra=None) -> dict:
     from bitmodels.hf.convert import deployed_bytes
 
     emb = embed(model, batches)
@@ -142,13 +147,11 @@ def evaluate(label, model, float_emb, batches, latency_batch, runs, extra=None) 
         "pairwise_similarity_corr": round(pearson(pairwise_similarities(emb), pairwise_similarities(float_emb)), 4),
         "linear_weight_bytes": sum(m.weight_memory_bytes() for m in layers),
         "model_bytes": deployed_bytes(model),
-        **latency_ms(model, latency_batch, runs),
         "kernels": kernels,
     }
     row.update(extra or {})
     print(f"{label:36s} cos mean {row['mean_cosine']:.4f} min {row['min_cosine']:.4f}  "
-          f"linear {row['linear_weight_bytes'] / 2**20:6.2f} MiB  {row['latency_ms']:7.1f} ms "
-          f"(best {row['latency_min_ms']:.1f})  {kernels}")
+          f"linear {row['linear_weight_bytes'] / 2**20:6.2f} MiB  {kernels}")
     return row
 
 
@@ -242,7 +245,7 @@ def write_markdown(path: Path, result: dict) -> None:
         markdown_table(result),
         "",
         f"{result['sentences']} sentences ({result['sentences_file']}); latency: one forward pass over a batch of "
-        f"shape {result['latency_batch_shape']}, {result['latency_runs']} runs, {result['threads']} thread(s), "
+        f"shape {result['latency_batch_shape']}, {result['latency_runs']} round-robin rounds, {result['threads']} thread(s), "
         f"{env['processor']}, torch {env['torch']}, transformers {env['transformers']}. "
         f"Chance level: two different sentences' float embeddings have mean cosine "
         f"{result['float'].get('cross_sentence_cosine', float('nan')):.4f}.",
@@ -261,7 +264,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sentences", type=Path, default=ROOT / "benchmarks" / "data" / "sentences.txt")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--latency-runs", type=int, default=7)
+    parser.add_argument("--latency-runs", type=int, default=9, help="round-robin timing rounds")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "benchmarks" / "fidelity_minilm.json")
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "fidelity.md")
@@ -298,21 +301,28 @@ def main(argv=None) -> dict:
         "cross_sentence_cosine": round(float(pairwise_similarities(float_emb).mean()), 4),
         "linear_weight_bytes": linear_float_bytes(float_model),
         "model_bytes": sum(p.numel() * p.element_size() for p in float_model.parameters()),
-        **latency_ms(float_model, latency_batch, args.latency_runs),
     }
-    print(f"{'float32':36s} linear {base['linear_weight_bytes'] / 2**20:6.2f} MiB  {base['latency_ms']:7.1f} ms")
+    print(f"{'float32':36s} linear {base['linear_weight_bytes'] / 2**20:6.2f} MiB")
 
-    rows = []
+    rows, models = [], {"float32": float_model}
     for label, cfg in CONFIGS:
         if args.only and not any(s in label for s in args.only):
             continue
         model = AutoBitModel.from_pretrained(
             copy.deepcopy(float_model), quant_config=cfg, freeze=True, progress=False, verbose=False
         )
-        rows.append(evaluate(label, model, float_emb, batches, latency_batch, args.latency_runs,
+        models[label] = model
+        rows.append(evaluate(label, model, float_emb, batches,
                              {"quant_config": cfg.to_dict(), "describe": cfg.describe(),
                               "converted_layers": len(model.bitlab_report.converted),
                               **weight_fidelity(float_model, cfg)}))
+
+    timings = interleaved_latency_ms(models, latency_batch, args.latency_runs)
+    base.update(timings.pop("float32"))
+    for row in rows:
+        row.update(timings[row["config"]])
+    print("latency ms, median (best):", {k: f"{v['latency_ms']:.0f} ({v['latency_min_ms']:.0f})" for k, v in timings.items()})
+    del models
 
     distilled = []
     if args.distill_epochs > 0:
