@@ -92,7 +92,7 @@ def test_equal_priority_tie_does_not_depend_on_registration_order():
     assert chosen == ["alpha.TieKernel"] * 3
 
 
-def test_self_check_failure_falls_back_and_explain_says_why():
+def test_self_check_failure_falls_back_and_explain_says_why(reference_registry):
     class Wrong(TorchReferenceKernel):
         backend, priority = "wrong", 900
         self_check = BitKernel.self_check  # the default check, not the reference's opt-out
@@ -100,7 +100,7 @@ def test_self_check_failure_falls_back_and_explain_says_why():
         def forward(self, x, prepared, bias=None, activation="none"):
             return super().forward(x, prepared, bias, activation) * 1.01  # 1% off: a subtle bug
 
-    reg = Registry(builtin=("backends.torch_ref.plugin",), use_entry_points=False)
+    reg = reference_registry
     reg.register_backend(BackendSpec(name="wrong", kernels=[Wrong()]))
     exp = reg.explain(TERNARY_FP32, "cpu")
     assert exp.chosen.backend == "torch_ref"
@@ -111,21 +111,21 @@ def test_self_check_failure_falls_back_and_explain_says_why():
     assert not status and status.reason.startswith("self-check failed")
 
 
-def test_self_check_that_raises_is_a_failure_not_a_crash():
+def test_self_check_that_raises_is_a_failure_not_a_crash(reference_registry):
     class Exploding(TorchReferenceKernel):
         backend, priority = "exploding", 900
 
         def self_check(self):
             raise MemoryError("probe allocation failed")
 
-    reg = Registry(builtin=("backends.torch_ref.plugin",), use_entry_points=False)
+    reg = reference_registry
     reg.register_backend(BackendSpec(name="exploding", kernels=[Exploding()]))
     exp = reg.explain(TERNARY_FP32, "cpu")
     assert exp.chosen.backend == "torch_ref"
     assert "self-check raised MemoryError: probe allocation failed" in str(exp)
 
 
-def test_default_self_check_passes_for_a_correct_kernel_and_runs_once():
+def test_default_self_check_passes_for_a_correct_kernel_and_runs_once(reference_registry):
     calls = []
 
     class Counting(TorchReferenceKernel):
@@ -135,7 +135,7 @@ def test_default_self_check_passes_for_a_correct_kernel_and_runs_once():
             calls.append(1)
             return BitKernel.self_check(self)
 
-    reg = Registry(builtin=("backends.torch_ref.plugin",), use_entry_points=False)
+    reg = reference_registry
     reg.register_backend(BackendSpec(name="counting", kernels=[Counting()]))
     for _ in range(3):
         assert reg.get_kernel_for_config(TERNARY_FP32, "cpu").backend == "counting"
