@@ -120,9 +120,12 @@ def run(args):
     backends = [b for b in cuda_backends() if args.backends is None or b[0] in args.backends]
     print("# CUDA backends:", ", ".join(f"{n} ({'ok' if a else a.reason})" for n, a in backends), flush=True)
     shapes = SHAPES[:2] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [parse_shape(t) for t in args.shapes]
+    batches = args.batches or BATCHES
     configs = [c for c in CONFIGS if args.configs is None or c in args.configs]
-    cases = [(s, b, c) for s in shapes for b in BATCHES for c in configs] + [
-        (s, b, c) for s, b, c in LARGE if not args.quick
+    cases = [(s, b, c) for s in shapes for b in batches for c in configs] + [
+        (s, b, c) for s, b, c in LARGE if not args.quick and not args.no_large and c in configs
     ]
     rows, cublas = [], {}
     # cuda_ext (with cuBLAS) first over every case, then the peers: a cut-short run keeps the core table.
@@ -133,6 +136,15 @@ def run(args):
             if args.out and len(rows) % 8 == 0:
                 save(meta, rows, Path(args.out), with_plot=False)
     return meta, rows
+
+
+def parse_shape(text):
+    """'8192x8192' -> (8192, 8192) (out_features, in_features)."""
+    try:
+        n, k = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--shapes: got {text!r}; expected OUTxIN, e.g. 8192x8192") from None
+    return n, k
 
 
 def run_case(n, k, batch, cname, backends, rows, cublas, copy, args):
@@ -257,6 +269,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="two shapes only")
     parser.add_argument("--configs", nargs="*", default=None, help=f"subset of {list(CONFIGS)}")
     parser.add_argument("--backends", nargs="*", default=None, help="subset of the CUDA backends")
+    parser.add_argument("--shapes", nargs="*", default=None, help="OUTxIN shapes instead of the default list")
+    parser.add_argument("--batches", nargs="*", type=int, default=None, help=f"batches instead of {BATCHES}")
+    parser.add_argument("--no-large", action="store_true", help="leave out the batch-2048 GEMM case")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

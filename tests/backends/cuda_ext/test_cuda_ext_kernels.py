@@ -118,6 +118,28 @@ def test_w1a1_popcount(kernels, gran, act_gran):
             assert rel_err(y, ref) < 1e-5, (n, k, m, rel_err(y, ref))
 
 
+@pytest.mark.parametrize("act", ["float16", "int8"])
+@pytest.mark.parametrize("bits", [1, 1.58])
+def test_gemv_persistent_grid_many_tile_groups(kernels, bits, act):
+    # More 16-row tiles than resident blocks: each persistent block runs several tile groups and
+    # its warps prefetch across group boundaries; K sizes give 1..3 k-groups, some warps idle.
+    cfg = BitQuantConfig(weight_bits=bits, activation_dtype=act, weight_granularity="per_channel",
+                         activation_granularity="per_token")
+    kernel = kernels.CudaExtFloatKernel() if act == "float16" else kernels.CudaExtInt8Kernel()
+    for n, k in [(20011, 300), (17000, 1100)]:
+        packed = make_packed(bits, "per_channel", n, k)
+        prepared = kernel.prepare(packed, cfg)
+        for m in (1, 5, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            bias = torch.randn(n, device="cuda")
+            y = kernel.forward(x, prepared, bias, "relu")
+            ref = REF.forward(x, REF.prepare(packed, cfg), bias, "relu")
+            if act == "int8":
+                assert torch.equal(y, ref), (n, k, m)
+            else:
+                assert rel_err(y, ref) < 1.5e-3, (n, k, m, rel_err(y, ref))
+
+
 @pytest.mark.parametrize("act", ["float16", "int8", "binary"])
 def test_batch_zero_and_non_contiguous_input(kernels, act):
     bits = 1 if act == "binary" else 1.58
