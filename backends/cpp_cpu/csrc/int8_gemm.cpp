@@ -39,6 +39,36 @@ __attribute__((target("avx2,fma"))) void dot_avx2(const int8_t* w, int64_t Kp, c
     out[t] = _mm_cvtsi128_si32(s);
   }
 }
+
+// per_group weights: out[t] = sum_g scale[g] * (group g's integer dot); each group's total is
+// formed exactly before its one float rounding, as in the reference.
+template <int T>
+__attribute__((target("avx2,fma"))) void dot_grouped_avx2(const int8_t* w, int64_t groups, int64_t len,
+                                                           const float* scale, const int8_t* const* x, float* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  float y[T];
+  for (int t = 0; t < T; ++t) y[t] = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_si256();
+    for (int64_t k = g * len; k < (g + 1) * len; k += 32) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+      const __m256i aw = _mm256_abs_epi8(wv);
+      for (int t = 0; t < T; ++t) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t] + k));
+        const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
+        acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(p, ones));
+      }
+    }
+    for (int t = 0; t < T; ++t) {
+      __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc[t]), _mm256_extracti128_si256(acc[t], 1));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+      y[t] += static_cast<float>(_mm_cvtsi128_si32(s)) * scale[g];
+    }
+  }
+  for (int t = 0; t < T; ++t) out[t] = y[t];
+}
 #endif
 
 template <int T>
@@ -50,10 +80,28 @@ void dot_scalar(const int8_t* w, int64_t Kp, const int8_t* const* x, int32_t* ou
   }
 }
 
+template <int T>
+void dot_grouped_scalar(const int8_t* w, int64_t groups, int64_t len, const float* scale, const int8_t* const* x,
+                        float* out) {
+  for (int t = 0; t < T; ++t) out[t] = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int8_t* xg[T];
+    for (int t = 0; t < T; ++t) xg[t] = x[t] + g * len;
+    int32_t dots[T];
+    dot_scalar<T>(w + g * len, len, xg, dots);
+    for (int t = 0; t < T; ++t) out[t] += static_cast<float>(dots[t]) * scale[g];
+  }
+}
+
 #if !BITLAB_X86
 template <int T>
 void dot_avx2(const int8_t* w, int64_t Kp, const int8_t* const* x, int32_t* out) {
   dot_scalar<T>(w, Kp, x, out);
+}
+template <int T>
+void dot_grouped_avx2(const int8_t* w, int64_t groups, int64_t len, const float* scale, const int8_t* const* x,
+                      float* out) {
+  dot_grouped_scalar<T>(w, groups, len, scale, x, out);
 }
 #endif
 
@@ -63,37 +111,49 @@ void run(const int8_t* w, int64_t N, int64_t Kp, const Int8Activations& a, int64
   const int64_t G = a.groups, len = a.group_len;  // len == Kp when G == 1
   for_row_blocks(N, M, threads, [&](int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
     const int T = static_cast<int>(t1 - t0);
+    const int8_t* xs[kTokenGroup];
+    for (int t = 0; t < T; ++t) xs[t] = a.q + (t0 + t) * a.ldq;
     for (int64_t r = r0; r < r1; ++r) {
-     float grouped[kTokenGroup] = {};
-     for (int64_t g = 0; g < G; ++g) {
-      const int8_t* wr = w + r * Kp + g * len;
-      const int8_t* xs[kTokenGroup];
-      for (int t = 0; t < T; ++t) xs[t] = a.q + (t0 + t) * a.ldq + g * len;
-      int32_t dots[kTokenGroup];
+      const int8_t* wr = w + r * Kp;
+      if (G == 1) {
+        int32_t dots[kTokenGroup];
+        if (AVX2) {
+          switch (T) {
+            case 1: dot_avx2<1>(wr, Kp, xs, dots); break;
+            case 2: dot_avx2<2>(wr, Kp, xs, dots); break;
+            case 3: dot_avx2<3>(wr, Kp, xs, dots); break;
+            default: dot_avx2<4>(wr, Kp, xs, dots); break;
+          }
+        } else {
+          switch (T) {
+            case 1: dot_scalar<1>(wr, Kp, xs, dots); break;
+            case 2: dot_scalar<2>(wr, Kp, xs, dots); break;
+            case 3: dot_scalar<3>(wr, Kp, xs, dots); break;
+            default: dot_scalar<4>(wr, Kp, xs, dots); break;
+          }
+        }
+        for (int t = 0; t < T; ++t)
+          o.y[(t0 + t) * o.ldy + r] = finish(static_cast<float>(dots[t]), a.scale[t0 + t], o, r);
+        continue;
+      }
+      const float* sr = o.w_scale + r * G;
+      float dots[kTokenGroup];
       if (AVX2) {
         switch (T) {
-          case 1: dot_avx2<1>(wr, len, xs, dots); break;
-          case 2: dot_avx2<2>(wr, len, xs, dots); break;
-          case 3: dot_avx2<3>(wr, len, xs, dots); break;
-          default: dot_avx2<4>(wr, len, xs, dots); break;
+          case 1: dot_grouped_avx2<1>(wr, G, len, sr, xs, dots); break;
+          case 2: dot_grouped_avx2<2>(wr, G, len, sr, xs, dots); break;
+          case 3: dot_grouped_avx2<3>(wr, G, len, sr, xs, dots); break;
+          default: dot_grouped_avx2<4>(wr, G, len, sr, xs, dots); break;
         }
       } else {
         switch (T) {
-          case 1: dot_scalar<1>(wr, len, xs, dots); break;
-          case 2: dot_scalar<2>(wr, len, xs, dots); break;
-          case 3: dot_scalar<3>(wr, len, xs, dots); break;
-          default: dot_scalar<4>(wr, len, xs, dots); break;
+          case 1: dot_grouped_scalar<1>(wr, G, len, sr, xs, dots); break;
+          case 2: dot_grouped_scalar<2>(wr, G, len, sr, xs, dots); break;
+          case 3: dot_grouped_scalar<3>(wr, G, len, sr, xs, dots); break;
+          default: dot_grouped_scalar<4>(wr, G, len, sr, xs, dots); break;
         }
       }
-      for (int t = 0; t < T; ++t) {
-        if (G == 1)
-          o.y[(t0 + t) * o.ldy + r] = finish(static_cast<float>(dots[t]), a.scale[t0 + t], o, r);
-        else
-          grouped[t] += static_cast<float>(dots[t]) * o.w_scale[r * G + g];
-      }
-     }
-     if (G > 1)
-       for (int t = 0; t < T; ++t) o.y[(t0 + t) * o.ldy + r] = epilogue(grouped[t] * a.scale[t0 + t], o, r);
+      for (int t = 0; t < T; ++t) o.y[(t0 + t) * o.ldy + r] = epilogue(dots[t] * a.scale[t0 + t], o, r);
     }
   });
 }

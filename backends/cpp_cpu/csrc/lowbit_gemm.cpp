@@ -69,6 +69,54 @@ __attribute__((target("avx2,fma"))) void dot_int8_avx2(const uint8_t* w, int64_t
     out[t] = _mm_cvtsi128_si32(s);
   }
 }
+
+// per_group weights: out[t] = sum_g scale[g] * (alpha * sum_{k in g} u_k x_k - beta * gsum[t][g]).
+// Each group's integer total is formed exactly before its one float rounding, as in the
+// reference (scaling partial lanes instead could round far worse under cancellation).
+template <int NB, int T>
+__attribute__((target("avx2,fma"))) void dot_int8_grouped_avx2(const uint8_t* w, int64_t groups,
+                                                                int64_t group_blocks, const float* scale,
+                                                                const int8_t* const* x, const int32_t* const* gsum,
+                                                                int alpha, int beta, float* out) {
+  constexpr int PER = codes_per_byte<NB>();
+  constexpr int64_t kWiden = NB == 4 ? 4 : 8;
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << NB) - 1));
+  const __m256i ones = _mm256_set1_epi16(1);
+  float y[T];
+  for (int t = 0; t < T; ++t) y[t] = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i acc[T];
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_si256();
+    const int64_t gb0 = g * group_blocks, gb1 = gb0 + group_blocks;
+    for (int64_t b0 = gb0; b0 < gb1; b0 += kWiden) {
+      const int64_t b1 = b0 + kWiden < gb1 ? b0 + kWiden : gb1;
+      __m256i s16[T];
+      for (int t = 0; t < T; ++t) s16[t] = _mm256_setzero_si256();
+      for (int64_t b = b0; b < b1; ++b) {
+        __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * b));
+        const int64_t k0 = b * 32 * PER;
+#pragma GCC unroll 8
+        for (int s = 0; s < PER; ++s) {
+          const __m256i u = _mm256_and_si256(v, mask);
+          v = _mm256_srli_epi16(v, NB);
+          for (int t = 0; t < T; ++t) {
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t] + k0 + 32 * s));
+            s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(u, xv));
+          }
+        }
+      }
+      for (int t = 0; t < T; ++t) acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(s16[t], ones));
+    }
+    for (int t = 0; t < T; ++t) {
+      __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc[t]), _mm256_extracti128_si256(acc[t], 1));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+      const int32_t d = alpha * _mm_cvtsi128_si32(s) - beta * gsum[t][g];
+      y[t] += static_cast<float>(d) * scale[g];
+    }
+  }
+  for (int t = 0; t < T; ++t) out[t] = y[t];
+}
 #endif
 
 template <int NB, int T>
@@ -86,10 +134,29 @@ void dot_int8_scalar(const uint8_t* w, int64_t nblocks, const int8_t* const* x, 
   }
 }
 
+template <int NB, int T>
+void dot_int8_grouped_scalar(const uint8_t* w, int64_t groups, int64_t group_blocks, const float* scale,
+                             const int8_t* const* x, const int32_t* const* gsum, int alpha, int beta, float* out) {
+  constexpr int PER = codes_per_byte<NB>();
+  for (int t = 0; t < T; ++t) out[t] = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int8_t* xg[T];
+    for (int t = 0; t < T; ++t) xg[t] = x[t] + g * group_blocks * 32 * PER;
+    int32_t dots[T];
+    dot_int8_scalar<NB, T>(w + g * group_blocks * 32, group_blocks, xg, dots);
+    for (int t = 0; t < T; ++t) out[t] += static_cast<float>(alpha * dots[t] - beta * gsum[t][g]) * scale[g];
+  }
+}
+
 #if !BITLAB_X86
 template <int NB, int T>
 void dot_int8_avx2(const uint8_t* w, int64_t nblocks, const int8_t* const* x, int32_t* out) {
   dot_int8_scalar<NB, T>(w, nblocks, x, out);
+}
+template <int NB, int T>
+void dot_int8_grouped_avx2(const uint8_t* w, int64_t groups, int64_t group_blocks, const float* scale,
+                           const int8_t* const* x, const int32_t* const* gsum, int alpha, int beta, float* out) {
+  dot_int8_grouped_scalar<NB, T>(w, groups, group_blocks, scale, x, gsum, alpha, beta, out);
 }
 #endif
 
@@ -102,38 +169,54 @@ void run_int8(int alpha, int beta, const uint8_t* w, int64_t N, int64_t Kp, cons
   const int64_t nblocks = a.group_len / (32 * PER);  // per group (the whole row when G == 1)
   for_row_blocks(N, M, threads, [&](int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
     const int T = static_cast<int>(t1 - t0);
+    const int8_t* xs[kTokenGroup];
+    for (int t = 0; t < T; ++t) xs[t] = a.q + (t0 + t) * a.ldq;
     for (int64_t r = r0; r < r1; ++r) {
-     float grouped[kTokenGroup] = {};
-     for (int64_t g = 0; g < G; ++g) {
-      const uint8_t* wr = w + r * row_bytes + g * (a.group_len / PER);
-      const int8_t* xs[kTokenGroup];
-      for (int t = 0; t < T; ++t) xs[t] = a.q + (t0 + t) * a.ldq + g * a.group_len;
-      int32_t dots[kTokenGroup];
+      const uint8_t* wr = w + r * row_bytes;
+      if (G == 1) {
+        int32_t dots[kTokenGroup];
+        if (AVX2) {
+          switch (T) {
+            case 1: dot_int8_avx2<NB, 1>(wr, nblocks, xs, dots); break;
+            case 2: dot_int8_avx2<NB, 2>(wr, nblocks, xs, dots); break;
+            case 3: dot_int8_avx2<NB, 3>(wr, nblocks, xs, dots); break;
+            default: dot_int8_avx2<NB, 4>(wr, nblocks, xs, dots); break;
+          }
+        } else {
+          switch (T) {
+            case 1: dot_int8_scalar<NB, 1>(wr, nblocks, xs, dots); break;
+            case 2: dot_int8_scalar<NB, 2>(wr, nblocks, xs, dots); break;
+            case 3: dot_int8_scalar<NB, 3>(wr, nblocks, xs, dots); break;
+            default: dot_int8_scalar<NB, 4>(wr, nblocks, xs, dots); break;
+          }
+        }
+        for (int t = 0; t < T; ++t) {
+          const int32_t d = alpha * dots[t] - beta * a.qsum[t0 + t];
+          o.y[(t0 + t) * o.ldy + r] = finish(static_cast<float>(d), a.scale[t0 + t], o, r);
+        }
+        continue;
+      }
+      // per_group: sum_g s_g * (alpha * dot_g - beta * xsum_g)
+      const float* sr = o.w_scale + r * G;
+      const int32_t* gs[kTokenGroup];
+      for (int t = 0; t < T; ++t) gs[t] = a.qsum + (t0 + t) * G;
+      float dots[kTokenGroup];
       if (AVX2) {
         switch (T) {
-          case 1: dot_int8_avx2<NB, 1>(wr, nblocks, xs, dots); break;
-          case 2: dot_int8_avx2<NB, 2>(wr, nblocks, xs, dots); break;
-          case 3: dot_int8_avx2<NB, 3>(wr, nblocks, xs, dots); break;
-          default: dot_int8_avx2<NB, 4>(wr, nblocks, xs, dots); break;
+          case 1: dot_int8_grouped_avx2<NB, 1>(wr, G, nblocks, sr, xs, gs, alpha, beta, dots); break;
+          case 2: dot_int8_grouped_avx2<NB, 2>(wr, G, nblocks, sr, xs, gs, alpha, beta, dots); break;
+          case 3: dot_int8_grouped_avx2<NB, 3>(wr, G, nblocks, sr, xs, gs, alpha, beta, dots); break;
+          default: dot_int8_grouped_avx2<NB, 4>(wr, G, nblocks, sr, xs, gs, alpha, beta, dots); break;
         }
       } else {
         switch (T) {
-          case 1: dot_int8_scalar<NB, 1>(wr, nblocks, xs, dots); break;
-          case 2: dot_int8_scalar<NB, 2>(wr, nblocks, xs, dots); break;
-          case 3: dot_int8_scalar<NB, 3>(wr, nblocks, xs, dots); break;
-          default: dot_int8_scalar<NB, 4>(wr, nblocks, xs, dots); break;
+          case 1: dot_int8_grouped_scalar<NB, 1>(wr, G, nblocks, sr, xs, gs, alpha, beta, dots); break;
+          case 2: dot_int8_grouped_scalar<NB, 2>(wr, G, nblocks, sr, xs, gs, alpha, beta, dots); break;
+          case 3: dot_int8_grouped_scalar<NB, 3>(wr, G, nblocks, sr, xs, gs, alpha, beta, dots); break;
+          default: dot_int8_grouped_scalar<NB, 4>(wr, G, nblocks, sr, xs, gs, alpha, beta, dots); break;
         }
       }
-      for (int t = 0; t < T; ++t) {
-        const int32_t d = alpha * dots[t] - beta * a.qsum[(t0 + t) * G + g];
-        if (G == 1)
-          o.y[(t0 + t) * o.ldy + r] = finish(static_cast<float>(d), a.scale[t0 + t], o, r);
-        else
-          grouped[t] += static_cast<float>(d) * o.w_scale[r * G + g];
-      }
-     }
-     if (G > 1)
-       for (int t = 0; t < T; ++t) o.y[(t0 + t) * o.ldy + r] = epilogue(grouped[t] * a.scale[t0 + t], o, r);
+      for (int t = 0; t < T; ++t) o.y[(t0 + t) * o.ldy + r] = epilogue(dots[t] * a.scale[t0 + t], o, r);
     }
   });
 }
