@@ -6,35 +6,55 @@
 // float activations, m16n8k32 int8 with exact int32 accumulation for int8 ones.
 // The weight is the mma's A operand (16 output rows), activations are B (8 tokens).
 //
-// GEMV (M <= 16 tokens): a block owns MT m-tiles (16 * MT output rows); its KW warps
-//   split K (each warp takes D consecutive 128-column chunks at a time, their weight
-//   and activation loads all issued before the first use), activations are read
-//   straight from global memory (L1/L2 resident), consecutive k-steps accumulate into
-//   independent register sets (no mma waits on the previous one), and the warps'
-//   partial sums are reduced through shared memory. NT = 1 (M <= 8) or 2 (M <= 16)
-//   n-tiles of 8 tokens.
+// GEMV (M <= 16 tokens), two kernels:
+//   * streaming (default when the activations fit in shared memory): a persistent grid whose
+//     blocks loop over groups of MT m-tiles; the kw warps of a block split K chunk by chunk,
+//     each lane copies its own activation fragments into shared memory once (cp.async), and
+//     weight units stream through a ring of P register buffers (P units' loads in flight per
+//     warp, refilled as soon as decoded, across tile-group boundaries); warps' partial sums
+//     are reduced through shared memory per tile group;
+//   * one-shot (v2, fallback for large M x K): one block per MT m-tiles, each warp issues the
+//     weight and activation loads of D chunks before the first use.
+//   Consecutive k-steps accumulate into independent register sets (no mma waits on the
+//   previous one). NT = 1 (M <= 8) or 2 (M <= 16) n-tiles of 8 tokens.
 // GEMM (M > 16): a block owns 128 rows x 128 tokens, 8 warps as 4 (rows, MT = 2)
 //   x 2 (tokens, NT = 8); activation tiles are staged in shared memory with
 //   cp.async (2 stages, XOR-swizzled 16-byte chunks: conflict-free 16-byte reads),
 //   weight fragments are loaded one chunk ahead into registers.
 #pragma once
 
-#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "bitlab_mma.cuh"
 
 namespace bitlab {
 
-// Chunks per pipeline unit (D): each warp streams its units through two register buffers
-// (the next unit's weight and activation loads are issued before the current unit is
-// decoded), so a buffer holds at most ~40 words per lane and the kernel stays within 128
-// registers (two 256-thread blocks, or more smaller ones, per multiprocessor).
+// Epilogue of one warp's accumulator fragments (MT m-tiles from tile0, NT n-tiles from token0).
+template <int MT, int NT, typename Acc>
+__device__ __forceinline__ void store_fragment(const LinearArgs& a, const Acc (&acc)[MT][NT][4], int tile0, int g,
+                                               int t, int token0 = 0) {
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = (tile0 + m) * 16 + g + (i >= 2 ? 8 : 0);
+        const int token = token0 + n * 8 + 2 * t + (i & 1);
+        epilogue_store(a, token, row, acc[m][n][i]);
+      }
+}
+
+// Chunks whose weight and activation loads are all issued before the first use (bytes in
+// flight per lane); halved for two n-tiles, or two m-tiles of float activations, to stay
+// within 128 registers (two 256-thread blocks per multiprocessor).
 template <int FMT, typename X, int MT, int NT>
-struct GemvMaxDepth {
-  static constexpr int words = MT * LaneTile<FMT>::wpl + NT * PathTraits<X>::xwords;
-  static constexpr int value = (40 / words) < 1 ? 1 : ((40 / words) > 4 ? 4 : (40 / words));
+struct GemvDepth {
+  static constexpr int base = FormatBits<FMT>::value >= 8 ? 1 : (FormatBits<FMT>::value == 4 ? 2 : 4);
+  static constexpr bool wide = NT > 1 || (MT > 1 && sizeof(X) == 2);
+  static constexpr int value = (wide && base > 2) ? 2 : base;
 };
 // Independent accumulator sets: consecutive mma k-steps go to different sets, so a warp
 // never waits on the previous mma's result (mma.sync latency is ~30 cycles).
@@ -42,7 +62,6 @@ template <int MT, int NT>
 struct GemvAccSets {
   static constexpr int value = MT * NT >= 2 ? 2 : 4;
 };
-constexpr int kGemvMaxWarps = 8;  // __launch_bounds__(256, 2): at most 128 registers per thread
 
 // Load the lane's activations of one chunk for token row `row` (zeros past M).
 template <typename X>
@@ -62,80 +81,191 @@ __device__ __forceinline__ void load_x_chunk(uint32_t* dst, const X* __restrict_
   }
 }
 
-// One pipeline unit of a warp: D consecutive chunks (k-group kg) of MT m-tiles (tile group tg).
-template <int FMT, typename X, int MT, int NT, int D>
-struct GemvUnit {
-  uint32_t w[D][MT][LaneTile<FMT>::wpl];
-  uint32_t x[D][NT][PathTraits<X>::xwords];
+template <int FMT, typename X, int MT, int NT>
+__global__ void __launch_bounds__(256) gemv_oneshot_kernel(LinearArgs a, int nchunks) {
+  using PT = PathTraits<X>;
+  using Acc = typename PT::Acc;
+  using L = LaneTile<FMT>;
+  constexpr int D = GemvDepth<FMT, X, MT, NT>::value;
+  constexpr int S = GemvAccSets<MT, NT>::value;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, kw = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int tile0 = blockIdx.x * MT;
+  const X* __restrict__ x = static_cast<const X*>(a.x);
 
-  __device__ __forceinline__ void load(const LinearArgs& a, int nchunks, int tg, int kg, int lane) {
-    const X* __restrict__ xp = static_cast<const X*>(a.x);
-    const int g = lane >> 2, t = lane & 3;
+  Acc accs[S][MT][NT][4];
+#pragma unroll
+  for (int q = 0; q < S; ++q)
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) accs[q][m][n][i] = Acc(0);
+
+  for (int c0 = warp * D; c0 < nchunks; c0 += kw * D) {
+    uint32_t wa[D][MT][L::wpl];
+    uint32_t xb[D][NT][PT::xwords];
+#pragma unroll
+    for (int d = 0; d < D; ++d)
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+        if (c0 + d < nchunks) load_lane_tile<FMT>(wa[d][m], a.wq, static_cast<long>(tile0 + m) * nchunks + c0 + d, lane);
+#pragma unroll
+    for (int d = 0; d < D; ++d)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+        if (c0 + d < nchunks) load_x_chunk<X>(xb[d][n], x, n * 8 + g, a.M, a.Kp, c0 + d, t);
 #pragma unroll
     for (int d = 0; d < D; ++d) {
-      const int c = kg * D + d;
-      if (c < nchunks) {
+      if (c0 + d < nchunks) {
 #pragma unroll
-        for (int m = 0; m < MT; ++m)
-          load_lane_tile<FMT>(w[d][m], a.wq, static_cast<long>(tg * MT + m) * nchunks + c, lane);
-#pragma unroll
-        for (int n = 0; n < NT; ++n) load_x_chunk<X>(x[d][n], xp, n * 8 + g, a.M, a.Kp, c, t);
-      }
-    }
-  }
-
-  template <typename Acc, int S>
-  __device__ __forceinline__ void compute(Acc (&accs)[S][MT][NT][4], int nchunks, int kg) const {
-#pragma unroll
-    for (int d = 0; d < D; ++d) {
-      if (kg * D + d < nchunks) {
-#pragma unroll
-        for (int j = 0; j < PathTraits<X>::ksteps; ++j) {
+        for (int j = 0; j < PT::ksteps; ++j) {
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
             uint32_t ar[4];
 #pragma unroll
-            for (int r = 0; r < 4; ++r) ar[r] = decode<FMT, X>(w[d][m], 4 * j + r);
+            for (int r = 0; r < 4; ++r) ar[r] = decode<FMT, X>(wa[d][m], 4 * j + r);
 #pragma unroll
-            for (int n = 0; n < NT; ++n) mma(accs[j % S][m][n], ar, &x[d][n][2 * j], X());
+            for (int n = 0; n < NT; ++n) mma(accs[j % S][m][n], ar, &xb[d][n][2 * j], X());
           }
         }
       }
     }
   }
-};
 
-// Position of a warp in its unit stream: tile group tg, unit kk (0..gpw-1) of that group.
-struct GemvCursor {
-  int tg, kk;
-  __device__ __forceinline__ void next(int gpw) {
-    if (++kk == gpw) { kk = 0; tg += gridDim.x; }
-  }
-};
+  Acc acc[MT][NT][4];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        Acc v = accs[0][m][n][i];
+#pragma unroll
+        for (int q = 1; q < S; ++q) v += accs[q][m][n][i];
+        acc[m][n][i] = v;
+      }
 
-// Persistent GEMV: block b handles tile groups b, b + gridDim.x, ... (MT m-tiles each); its kw
-// warps split K into k-groups of D chunks (warp w takes k-groups w, w + kw, ...: gpw units per
-// tile group, the same count for every warp). Each warp streams its units through two register
-// buffers (the loads of unit u + 1 are in flight while unit u is decoded and multiplied, across
-// tile-group boundaries too); at the end of a tile group the warps' partial sums are reduced
-// through shared memory and the epilogue writes the outputs.
-template <int FMT, typename X, int MT, int NT, int D>
-__global__ void __launch_bounds__(256, 2) gemv_kernel(LinearArgs a, int nchunks, int ntg, int gpw) {
-  using PT = PathTraits<X>;
-  using Acc = typename PT::Acc;
-  constexpr int S = GemvAccSets<MT, NT>::value;
   constexpr int E = MT * NT * 4;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, kw = blockDim.x >> 5;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Acc* red = reinterpret_cast<Acc*>(smem_raw);
+  if (kw > 1) {
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[(warp * E + (m * NT + n) * 4 + i) * 32 + lane] = acc[m][n][i];
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < E * 32; idx += blockDim.x) {
+      const int e = idx >> 5, ln = idx & 31;
+      Acc s = Acc(0);
+      for (int w = 0; w < kw; ++w) s += red[(w * E + e) * 32 + ln];
+      const int i = e & 3, n = (e >> 2) % NT, m = (e >> 2) / NT;
+      const int row = (tile0 + m) * 16 + (ln >> 2) + (i >= 2 ? 8 : 0);
+      const int token = n * 8 + 2 * (ln & 3) + (i & 1);
+      epilogue_store(a, token, row, s);
+    }
+  } else {
+    store_fragment(a, acc, tile0, g, t);
+  }
+}
+
+
+// cp.async helpers (streaming GEMV and GEMM).
+__device__ __forceinline__ int swizzle_chunk(int c, int r) { return c ^ (r & 1) ^ (((c >> 3) & 1) << 1); }
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+// ---------------------------------------------------------------- streaming GEMV
+// Weight units of one chunk (MT m-tiles) in a ring of P register buffers: P units' loads are
+// in flight while one is decoded (P * MT * 512 bytes per warp for 2-bit weights).
+template <int FMT, int MT>
+struct GemvRing {
+  static constexpr int regs = MT * LaneTile<FMT>::wpl;
+  static constexpr int value = (32 / regs) < 2 ? 2 : ((32 / regs) > 8 ? 8 : (32 / regs));
+};
+constexpr int kGemvMaxWarps = 8;  // __launch_bounds__(256, 2): at most 128 registers per thread
+
+// Bytes of one token row of staged activations: 4 lanes (t) x xwords per chunk, + 16 bytes of
+// padding so that lanes of different token rows hit different banks.
+template <typename X>
+__host__ __device__ constexpr int gemv_xrow_bytes(int nchunks) {
+  return nchunks * 4 * PathTraits<X>::xwords * 4 + 16;
+}
+
+__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, 16;" ::"r"(s), "l"(gmem));
+}
+
+// Persistent streaming GEMV (M <= 8 * NT tokens whose activations fit in shared memory).
+// Block b handles tile groups b, b + gridDim.x, ... (MT m-tiles each); its kw warps split K
+// (warp w takes chunks w, w + kw, ...: gpw per tile group, the same count for every warp).
+// A warp's chunks are the same for every tile group, so each lane copies its own activation
+// fragments of those chunks into shared memory once (cp.async; only the lane itself reads them
+// back: no barrier), and then streams weight units (one chunk of MT m-tiles) through a ring of
+// P register buffers, refilling each buffer as soon as it is decoded, across tile-group
+// boundaries too. At the end of a tile group the warps' partial sums are reduced through
+// shared memory and the epilogue writes the outputs.
+template <int FMT, typename X, int MT, int NT>
+__global__ void __launch_bounds__(256, 2) gemv_stream_kernel(LinearArgs a, int nchunks, int ntg, int gpw) {
+  using PT = PathTraits<X>;
+  using Acc = typename PT::Acc;
+  using L = LaneTile<FMT>;
+  constexpr int S = GemvAccSets<MT, NT>::value;
+  constexpr int P = GemvRing<FMT, MT>::value;
+  constexpr int E = MT * NT * 4;
+  constexpr int XW = PT::xwords;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, kw = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Acc* red = reinterpret_cast<Acc*>(smem_raw);
+  unsigned char* xs = smem_raw + (kw > 1 ? kw * E * 32 * sizeof(Acc) : 0);
+  const int row_bytes = gemv_xrow_bytes<X>(nchunks);
+
+  // Stage this lane's activation fragments (rows >= M are never read: zeros in registers).
+  const X* __restrict__ xg = static_cast<const X*>(a.x);
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    const int row = n * 8 + g;
+    if (row < a.M) {
+      for (int kk = 0; kk < gpw; ++kk) {
+        const int c = warp + kk * kw;
+        if (c < nchunks) {
+          const X* src = xg + static_cast<long>(row) * a.Kp + c * 128 + 32 * t;
+          unsigned char* dst = xs + row * row_bytes + (c * 4 + t) * XW * 4;
+#pragma unroll
+          for (int v = 0; v < XW / 4; ++v) cp_async16_zfill(dst + 16 * v, src + v * (16 / sizeof(X)));
+        }
+      }
+    }
+  }
+  cp_async_commit();
 
   Acc accs[S][MT][NT][4];
   const int my_groups = blockIdx.x < ntg ? (ntg - 1 - static_cast<int>(blockIdx.x)) / gridDim.x + 1 : 0;
   const int total = my_groups * gpw;
+  uint32_t ring[P][MT][L::wpl];
 
-  // Reset the accumulators at the first unit of a tile group; reduce and store at its last.
-  auto process = [&](const GemvUnit<FMT, X, MT, NT, D>& u, const GemvCursor& cur) {
-    if (cur.kk == 0) {
+  auto load = [&](uint32_t (&w)[MT][L::wpl], int tg, int kk) {
+    const int c = warp + kk * kw;
+    if (c < nchunks) {
+#pragma unroll
+      for (int m = 0; m < MT; ++m) load_lane_tile<FMT>(w[m], a.wq, static_cast<long>(tg * MT + m) * nchunks + c, lane);
+    }
+  };
+
+  auto process = [&](const uint32_t (&w)[MT][L::wpl], int tg, int kk) {
+    if (kk == 0) {
 #pragma unroll
       for (int q = 0; q < S; ++q)
 #pragma unroll
@@ -145,9 +275,37 @@ __global__ void __launch_bounds__(256, 2) gemv_kernel(LinearArgs a, int nchunks,
 #pragma unroll
             for (int i = 0; i < 4; ++i) accs[q][m][n][i] = Acc(0);
     }
-    u.compute(accs, nchunks, warp + cur.kk * kw);
-    if (cur.kk == gpw - 1) {
-      const int tile0 = cur.tg * MT;
+    const int c = warp + kk * kw;
+    if (c < nchunks) {
+      uint32_t xb[NT][XW];
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        if (n * 8 + g < a.M) {
+          const uint4* p = reinterpret_cast<const uint4*>(xs + (n * 8 + g) * row_bytes + (c * 4 + t) * XW * 4);
+#pragma unroll
+          for (int v = 0; v < XW / 4; ++v) {
+            const uint4 q = p[v];
+            xb[n][4 * v] = q.x; xb[n][4 * v + 1] = q.y; xb[n][4 * v + 2] = q.z; xb[n][4 * v + 3] = q.w;
+          }
+        } else {
+#pragma unroll
+          for (int v = 0; v < XW; ++v) xb[n][v] = 0u;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < PT::ksteps; ++j) {
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          uint32_t ar[4];
+#pragma unroll
+          for (int r = 0; r < 4; ++r) ar[r] = decode<FMT, X>(w[m], 4 * j + r);
+#pragma unroll
+          for (int n = 0; n < NT; ++n) mma(accs[j % S][m][n], ar, &xb[n][2 * j], X());
+        }
+      }
+    }
+    if (kk == gpw - 1) {
+      const int tile0 = tg * MT;
       Acc acc[MT][NT][4];
 #pragma unroll
       for (int m = 0; m < MT; ++m)
@@ -171,7 +329,7 @@ __global__ void __launch_bounds__(256, 2) gemv_kernel(LinearArgs a, int nchunks,
         for (int idx = threadIdx.x; idx < E * 32; idx += blockDim.x) {
           const int e = idx >> 5, ln = idx & 31;
           Acc s = Acc(0);
-          for (int w = 0; w < kw; ++w) s += red[(w * E + e) * 32 + ln];
+          for (int w2 = 0; w2 < kw; ++w2) s += red[(w2 * E + e) * 32 + ln];
           const int i = e & 3, n = (e >> 2) % NT, m = (e >> 2) / NT;
           const int row = (tile0 + m) * 16 + (ln >> 2) + (i >= 2 ? 8 : 0);
           const int token = n * 8 + 2 * (ln & 3) + (i & 1);
@@ -179,35 +337,29 @@ __global__ void __launch_bounds__(256, 2) gemv_kernel(LinearArgs a, int nchunks,
         }
         __syncthreads();  // `red` is rewritten by the next tile group
       } else {
-        const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-        for (int m = 0; m < MT; ++m)
-#pragma unroll
-          for (int n = 0; n < NT; ++n)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const int row = (tile0 + m) * 16 + g + (i >= 2 ? 8 : 0);
-              const int token = n * 8 + 2 * t + (i & 1);
-              epilogue_store(a, token, row, acc[m][n][i]);
-            }
+        store_fragment(a, acc, tile0, g, t);
       }
     }
   };
 
-  GemvUnit<FMT, X, MT, NT, D> b0, b1;
-  GemvCursor lc{static_cast<int>(blockIdx.x), 0}, pc = lc;  // load and process cursors
-  if (total > 0) b0.load(a, nchunks, lc.tg, warp + lc.kk * kw, lane);
-  lc.next(gpw);
-  for (int u = 0; u < total; u += 2) {
-    if (u + 1 < total) b1.load(a, nchunks, lc.tg, warp + lc.kk * kw, lane);
-    lc.next(gpw);
-    process(b0, pc);
-    pc.next(gpw);
-    if (u + 1 < total) {
-      if (u + 2 < total) b0.load(a, nchunks, lc.tg, warp + lc.kk * kw, lane);
-      lc.next(gpw);
-      process(b1, pc);
-      pc.next(gpw);
+  // Fill the ring, then: process buffer s, refill it with the unit P ahead.
+  int ltg = blockIdx.x, lkk = 0;  // load cursor
+#pragma unroll
+  for (int s = 0; s < P; ++s) {
+    if (s < total) load(ring[s], ltg, lkk);
+    if (++lkk == gpw) { lkk = 0; ltg += gridDim.x; }
+  }
+  cp_async_wait<0>();
+  int ptg = blockIdx.x, pkk = 0;  // process cursor
+  for (int u = 0; u < total; u += P) {
+#pragma unroll
+    for (int s = 0; s < P; ++s) {
+      if (u + s < total) {
+        process(ring[s], ptg, pkk);
+        if (++pkk == gpw) { pkk = 0; ptg += gridDim.x; }
+        if (u + s + P < total) load(ring[s], ltg, lkk);
+        if (++lkk == gpw) { lkk = 0; ltg += gridDim.x; }
+      }
     }
   }
 }
@@ -216,16 +368,6 @@ __global__ void __launch_bounds__(256, 2) gemv_kernel(LinearArgs a, int nchunks,
 constexpr int kGemmRows = 128, kGemmTokens = 128, kGemmThreads = 256;
 constexpr int kGemmMT = 2, kGemmNT = 8;
 
-__device__ __forceinline__ int swizzle_chunk(int c, int r) { return c ^ (r & 1) ^ (((c >> 3) & 1) << 1); }
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int n = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
 template <typename X>
 __device__ __forceinline__ void stage_x_tile(unsigned char* stage, const X* __restrict__ x, int token0, int M, int Kp,
@@ -317,16 +459,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1) gemm_kernel(LinearArgs a, int
     }
   }
 
-#pragma unroll
-  for (int m = 0; m < MT; ++m)
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = (tile0 + m) * 16 + g + (i >= 2 ? 8 : 0);
-        const int token = token0 + wt * 64 + n * 8 + 2 * t + (i & 1);
-        epilogue_store(a, token, row, acc[m][n][i]);
-      }
+  store_fragment(a, acc, tile0, g, t, token0 + wt * 64);
 }
 
 // ------------------------------------------------------------------------ launch heuristics
@@ -341,91 +474,107 @@ inline int device_sm_count() {
   return count;
 }
 
-// Resident blocks per multiprocessor of one GEMV instantiation for kw warps (cached).
-template <int FMT, typename X, int MT, int NT, int D>
-int gemv_blocks_per_sm(int kw) {
-  static int cache[kGemvMaxWarps + 1] = {0};
-  if (cache[kw] == 0) {
-    using Acc = typename PathTraits<X>::Acc;
-    const size_t smem = kw > 1 ? static_cast<size_t>(kw) * MT * NT * 4 * 32 * sizeof(Acc) : 0;
-    int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemv_kernel<FMT, X, MT, NT, D>, 32 * kw, smem) !=
-            cudaSuccess || n < 1) {
-      cudaGetLastError();
-      n = 1;
-    }
-    cache[kw] = n;
-  }
-  return cache[kw];
+// v2 GEMV: one block per MT m-tiles, all of a warp's loads issued before the first use.
+template <int FMT, typename X, int MT, int NT>
+cudaError_t launch_gemv_oneshot(const LinearArgs& a, int nchunks, cudaStream_t stream) {
+  constexpr int D = GemvDepth<FMT, X, MT, NT>::value;
+  int kw = nchunks / D;
+  kw = kw < 1 ? 1 : (kw > 8 ? 8 : kw);
+  const int tiles = (a.N + 127) / 128 * 8;
+  using Acc = typename PathTraits<X>::Acc;
+  const size_t smem = kw > 1 ? static_cast<size_t>(kw) * MT * NT * 4 * 32 * sizeof(Acc) : 0;
+  gemv_oneshot_kernel<FMT, X, MT, NT><<<tiles / MT, 32 * kw, smem, stream>>>(a, nchunks);
+  return cudaGetLastError();
 }
 
-// GEMV launch choice for one depth D: warps per block kw and the persistent grid. Cost model:
-// a warp's time is (tile groups per block, rounded up) x (units per tile group, rounded up) x D
-// chunks, scaled up when fewer than 16 warps per multiprocessor are resident (latency hiding).
-struct GemvChoice {
-  double cost;
-  int d, kw, grid, gpw;
-};
-// Tuning knob: BITLAB_CUDA_GEMV="D,kw" (read once per process) restricts the search to that
-// depth and / or warp count (0 = free); benchmarks use it to check the cost model.
+// Tuning knob, read once per process: BITLAB_CUDA_GEMV="oneshot" forces the v2 GEMV,
+// "stream" or "stream,KW" the streaming GEMV (with KW warps per block); unset = automatic.
 struct GemvForce {
-  int d = 0, kw = 0;
+  int mode = 0;  // 0 automatic, 1 oneshot, 2 stream
+  int kw = 0;
 };
 inline const GemvForce& gemv_force() {
   static const GemvForce f = [] {
     GemvForce r;
     if (const char* env = std::getenv("BITLAB_CUDA_GEMV")) {
-      if (std::sscanf(env, "%d,%d", &r.d, &r.kw) < 1) r = GemvForce();
+      if (std::strncmp(env, "oneshot", 7) == 0) r.mode = 1;
+      if (std::strncmp(env, "stream", 6) == 0) {
+        r.mode = 2;
+        if (env[6] == ',') r.kw = std::atoi(env + 7);
+      }
     }
     return r;
   }();
   return f;
 }
 
-template <int FMT, typename X, int MT, int NT, int D>
-void gemv_consider(GemvChoice& best, int ntg, int nchunks, double penalty, bool honor_force = true) {
+constexpr int kGemvStreamSmemLimit = 96 * 1024;  // staged activations + reduction, per block
+
+// Streaming GEMV launch: warps per block kw and the persistent grid from a cost model.
+// A warp's time is (tile groups per block, rounded up) x (chunks per tile group, rounded up),
+// scaled up when fewer than 16 warps per multiprocessor are resident (latency hiding).
+// Returns cudaErrorNotSupported when the activations do not fit in shared memory.
+template <int FMT, typename X, int MT, int NT>
+cudaError_t launch_gemv_stream(const LinearArgs& a, int nchunks, cudaStream_t stream) {
+  using Acc = typename PathTraits<X>::Acc;
+  const int rows = a.M < NT * 8 ? a.M : NT * 8;
+  const size_t xbytes = static_cast<size_t>(rows) * gemv_xrow_bytes<X>(nchunks);
+  if (xbytes + kGemvMaxWarps * MT * NT * 4 * 32 * sizeof(Acc) > kGemvStreamSmemLimit) return cudaErrorNotSupported;
+  static int regs_blocks[kGemvMaxWarps + 1] = {0};  // resident blocks by registers, per kw
+  static bool configured = false;
+  if (!configured) {
+    cudaError_t err = cudaFuncSetAttribute(gemv_stream_kernel<FMT, X, MT, NT>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, kGemvStreamSmemLimit);
+    if (err != cudaSuccess) return err;
+    configured = true;
+  }
+  int smem_per_sm = 0, dev = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
   const int sms = device_sm_count();
-  const int G = (nchunks + D - 1) / D;
-  const int kws[] = {8, 6, 5, 4, 3, 2, 1};
-  const GemvForce force = honor_force ? gemv_force() : GemvForce();
-  if (force.d > 0 && force.d != D) return;
-  for (int kw : kws) {
-    if (force.kw > 0 && kw != force.kw && !(force.kw > G && kw == 1)) continue;
-    if (kw > G && kw > 1) continue;
-    const int slots = sms * gemv_blocks_per_sm<FMT, X, MT, NT, D>(kw);
+  const int ntg = (a.N + 127) / 128 * 8 / MT;
+  const GemvForce& force = gemv_force();
+  double best_cost = 1e30;
+  int best_kw = 1, best_grid = 1, best_gpw = nchunks;
+  size_t best_smem = 0;
+  for (int kw = kGemvMaxWarps; kw >= 1; --kw) {
+    if (force.kw > 0 && kw != (force.kw < nchunks ? force.kw : nchunks)) continue;
+    if (kw > nchunks) continue;
+    const size_t smem = xbytes + (kw > 1 ? static_cast<size_t>(kw) * MT * NT * 4 * 32 * sizeof(Acc) : 0);
+    if (regs_blocks[kw] == 0) {
+      int n = 0;
+      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemv_stream_kernel<FMT, X, MT, NT>, 32 * kw, 0) !=
+              cudaSuccess || n < 1) {
+        cudaGetLastError();
+        n = 1;
+      }
+      regs_blocks[kw] = n;
+    }
+    int per_sm = regs_blocks[kw];
+    const int by_smem = static_cast<int>(smem_per_sm / (smem + 1024));
+    if (by_smem < per_sm) per_sm = by_smem < 1 ? 1 : by_smem;
+    const int slots = sms * per_sm;
     const int grid = ntg < slots ? ntg : slots;
     const int rounds = (ntg + grid - 1) / grid;
-    const int gpw = (G + kw - 1) / kw;
+    const int gpw = (nchunks + kw - 1) / kw;
     double warps_per_sm = static_cast<double>(grid) * kw / sms;
     if (warps_per_sm > 16.0) warps_per_sm = 16.0;
-    const double cost = penalty * rounds * gpw * D * (16.0 / (warps_per_sm < 1.0 ? 1.0 : warps_per_sm));
-    if (cost < best.cost) best = GemvChoice{cost, D, kw, grid, gpw};
+    const double cost = static_cast<double>(rounds) * gpw * (16.0 / (warps_per_sm < 1.0 ? 1.0 : warps_per_sm));
+    if (cost < best_cost) {
+      best_cost = cost; best_kw = kw; best_grid = grid; best_gpw = gpw; best_smem = smem;
+    }
   }
-}
-
-template <int FMT, typename X, int MT, int NT, int D>
-cudaError_t launch_gemv_d(const LinearArgs& a, int nchunks, const GemvChoice& c, cudaStream_t stream) {
-  using Acc = typename PathTraits<X>::Acc;
-  const int ntg = (a.N + 127) / 128 * 8 / MT;
-  const size_t smem = c.kw > 1 ? static_cast<size_t>(c.kw) * MT * NT * 4 * 32 * sizeof(Acc) : 0;
-  gemv_kernel<FMT, X, MT, NT, D><<<c.grid, 32 * c.kw, smem, stream>>>(a, nchunks, ntg, c.gpw);
+  gemv_stream_kernel<FMT, X, MT, NT><<<best_grid, 32 * best_kw, best_smem, stream>>>(a, nchunks, ntg, best_gpw);
   return cudaGetLastError();
 }
 
 template <int FMT, typename X, int MT, int NT>
 cudaError_t launch_gemv_mt_nt(const LinearArgs& a, int nchunks, cudaStream_t stream) {
-  constexpr int DM = GemvMaxDepth<FMT, X, MT, NT>::value;
-  const int ntg = (a.N + 127) / 128 * 8 / MT;
-  GemvChoice best{1e30, 1, 1, 1, 1};
-  gemv_consider<FMT, X, MT, NT, DM>(best, ntg, nchunks, 1.0);
-  // One chunk per unit: finer K split (fewer idle warps at small K) but half the bytes in flight.
-  if constexpr (DM > 1) gemv_consider<FMT, X, MT, NT, 1>(best, ntg, nchunks, 1.25);
-  if (best.cost >= 1e30) {  // a forced depth this instantiation lacks: fall back to the free choice
-    gemv_consider<FMT, X, MT, NT, DM>(best, ntg, nchunks, 1.0, false);
+  if (gemv_force().mode != 1) {
+    const cudaError_t err = launch_gemv_stream<FMT, X, MT, NT>(a, nchunks, stream);
+    if (err != cudaErrorNotSupported) return err;
   }
-  if (best.d == DM) return launch_gemv_d<FMT, X, MT, NT, DM>(a, nchunks, best, stream);
-  if constexpr (DM > 1) return launch_gemv_d<FMT, X, MT, NT, 1>(a, nchunks, best, stream);
-  return cudaErrorInvalidValue;
+  return launch_gemv_oneshot<FMT, X, MT, NT>(a, nchunks, stream);
 }
 
 template <int FMT, typename X>
