@@ -58,8 +58,13 @@ struct GemvDepth {
 };
 // Independent accumulator sets: consecutive mma k-steps go to different sets, so a warp
 // never waits on the previous mma's result (mma.sync latency is ~30 cycles).
-template <int MT, int NT>
+template <int MT>
 struct GemvAccSets {
+  static constexpr int value = MT >= 2 ? 2 : 4;
+};
+// The streaming kernel also halves them for two n-tiles (its ring needs the registers).
+template <int MT, int NT>
+struct GemvStreamAccSets {
   static constexpr int value = MT * NT >= 2 ? 2 : 4;
 };
 
@@ -87,7 +92,7 @@ __global__ void __launch_bounds__(256) gemv_oneshot_kernel(LinearArgs a, int nch
   using Acc = typename PT::Acc;
   using L = LaneTile<FMT>;
   constexpr int D = GemvDepth<FMT, X, MT, NT>::value;
-  constexpr int S = GemvAccSets<MT, NT>::value;
+  constexpr int S = GemvAccSets<MT>::value;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, kw = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int tile0 = blockIdx.x * MT;
@@ -221,7 +226,7 @@ __global__ void __launch_bounds__(256, 2) gemv_stream_kernel(LinearArgs a, int n
   using PT = PathTraits<X>;
   using Acc = typename PT::Acc;
   using L = LaneTile<FMT>;
-  constexpr int S = GemvAccSets<MT, NT>::value;
+  constexpr int S = GemvStreamAccSets<MT, NT>::value;
   constexpr int P = GemvRing<FMT, MT>::value;
   constexpr int E = MT * NT * 4;
   constexpr int XW = PT::xwords;
@@ -487,8 +492,9 @@ cudaError_t launch_gemv_oneshot(const LinearArgs& a, int nchunks, cudaStream_t s
   return cudaGetLastError();
 }
 
-// Tuning knob, read once per process: BITLAB_CUDA_GEMV="oneshot" forces the v2 GEMV,
-// "stream" or "stream,KW" the streaming GEMV (with KW warps per block); unset = automatic.
+// Knob, read once per process: BITLAB_CUDA_GEMV="stream" or "stream,KW" selects the streaming
+// GEMV (KW warps per block; default from the cost model). It is opt-in until it has been timed
+// and tested on a GPU (docs/backends/cuda_ext_notes.md, v3); unset or "oneshot" = the v2 GEMV.
 struct GemvForce {
   int mode = 0;  // 0 automatic, 1 oneshot, 2 stream
   int kw = 0;
@@ -570,7 +576,7 @@ cudaError_t launch_gemv_stream(const LinearArgs& a, int nchunks, cudaStream_t st
 
 template <int FMT, typename X, int MT, int NT>
 cudaError_t launch_gemv_mt_nt(const LinearArgs& a, int nchunks, cudaStream_t stream) {
-  if (gemv_force().mode != 1) {
+  if (gemv_force().mode == 2) {
     const cudaError_t err = launch_gemv_stream<FMT, X, MT, NT>(a, nchunks, stream);
     if (err != cudaErrorNotSupported) return err;
   }
@@ -598,12 +604,17 @@ cudaError_t launch_linear_fmt(const LinearArgs& a, cudaStream_t stream) {
   const int nchunks = a.Kp / 128;
   if (a.M > 16) return launch_gemm<FMT, X>(a, nchunks, stream);
   if (a.M <= 8) {
-    // Two m-tiles per warp halve the activation traffic per weight byte: worth it from 5
-    // tokens on (the activations of 8 tokens are 4x the weight bytes of a unit), when the
-    // tile groups still fill two blocks per multiprocessor.
     const int tiles = (a.N + 127) / 128 * 8;
-    if (FormatBits<FMT>::value <= 4 && a.M > 4 && tiles >= 2 * 2 * device_sm_count())
-      return launch_gemv_mt_nt<FMT, X, 2, 1>(a, nchunks, stream);
+    if (gemv_force().mode == 2) {
+      // Streaming: two m-tiles per warp halve the activation reads per weight byte; worth it
+      // from 5 tokens on, when the tile groups still fill two blocks per multiprocessor.
+      if (FormatBits<FMT>::value <= 4 && a.M > 4 && tiles >= 2 * 2 * device_sm_count())
+        return launch_gemv_mt_nt<FMT, X, 2, 1>(a, nchunks, stream);
+      return launch_gemv_mt_nt<FMT, X, 1, 1>(a, nchunks, stream);
+    }
+    // One-shot: two m-tiles per warp (half the activation traffic per weight byte) once that
+    // still leaves about two blocks per multiprocessor.
+    if (2 * tiles >= 3 * 2 * device_sm_count()) return launch_gemv_mt_nt<FMT, X, 2, 1>(a, nchunks, stream);
     return launch_gemv_mt_nt<FMT, X, 1, 1>(a, nchunks, stream);
   }
   return launch_gemv_mt_nt<FMT, X, 1, 2>(a, nchunks, stream);

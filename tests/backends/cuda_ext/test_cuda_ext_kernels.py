@@ -118,6 +118,54 @@ def test_w1a1_popcount(kernels, gran, act_gran):
             assert rel_err(y, ref) < 1e-5, (n, k, m, rel_err(y, ref))
 
 
+_STREAM_CHECK = """
+import torch
+from backends.torch_ref.kernels import TorchReferenceKernel
+from backends.cuda_ext import kernels
+from bitcore.config import BitQuantConfig
+from bitcore.packing import pack_weight
+VALUES = {1: (-1, 1), 1.58: (-1, 0, 1), 2: (-3, -1, 1, 3), 4: tuple(range(-8, 8)), 8: tuple(range(-128, 128))}
+ref = TorchReferenceKernel()
+for bits in (1, 1.58, 2, 4, 8):
+    for act in ("float16", "bfloat16", "int8"):
+        cfg = BitQuantConfig(weight_bits=bits, activation_dtype=act, weight_granularity="per_channel",
+                             activation_granularity="per_token")
+        kern = kernels.CudaExtInt8Kernel() if act == "int8" else kernels.CudaExtFloatKernel()
+        for n, k in ((33, 4097), (130, 257), (20011, 300), (3000, 9000)):
+            choices = torch.tensor(VALUES[bits], dtype=torch.int8)
+            w = choices[torch.randint(len(choices), (n, k))]
+            packed = pack_weight(w, torch.rand(n) + 0.25, bits, "per_channel")
+            packed.data, packed.scale = packed.data.cuda(), packed.scale.cuda()
+            prep, rprep = kern.prepare(packed, cfg), ref.prepare(packed, cfg)
+            for m in (1, 3, 8, 11, 16):
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                bias = torch.randn(n, device="cuda")
+                y, r = kern.forward(x, prep, bias, "relu"), ref.forward(x, rprep, bias, "relu")
+                if act == "int8":
+                    assert torch.equal(y, r), (bits, act, n, k, m)
+                else:
+                    err = ((y.double() - r.double()).norm() / r.double().norm()).item()
+                    assert err < (5e-3 if act == "bfloat16" else 1.5e-3), (bits, act, n, k, m, err)
+print("stream ok")
+"""
+
+
+@pytest.mark.parametrize("mode", ["stream", "stream,3"])
+def test_streaming_gemv_matches_reference(kernels, mode):
+    # The streaming GEMV is opt-in (BITLAB_CUDA_GEMV, read once per process): check it in a child
+    # process, every weight format and activation type, shapes that take both GEMV kernels.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    env = dict(os.environ, BITLAB_CUDA_GEMV=mode, PYTHONPATH=str(root))
+    proc = subprocess.run([sys.executable, "-c", _STREAM_CHECK], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0 and "stream ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
 @pytest.mark.parametrize("act", ["float16", "int8"])
 @pytest.mark.parametrize("bits", [1, 1.58])
 def test_gemv_persistent_grid_many_tile_groups(kernels, bits, act):
