@@ -207,7 +207,7 @@ __host__ __device__ constexpr int gemv_xrow_bytes(int nchunks) {
   return nchunks * 4 * PathTraits<X>::xwords * 4 + 16;
 }
 
-__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem) {
+__device__ __forceinline__ void cp_async16_full(void* smem, const void* gmem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, 16;" ::"r"(s), "l"(gmem));
 }
@@ -249,7 +249,7 @@ __global__ void __launch_bounds__(256, 2) gemv_stream_kernel(LinearArgs a, int n
           const X* src = xg + static_cast<long>(row) * a.Kp + c * 128 + 32 * t;
           unsigned char* dst = xs + row * row_bytes + (c * 4 + t) * XW * 4;
 #pragma unroll
-          for (int v = 0; v < XW / 4; ++v) cp_async16_zfill(dst + 16 * v, src + v * (16 / sizeof(X)));
+          for (int v = 0; v < XW / 4; ++v) cp_async16_full(dst + 16 * v, src + v * (16 / sizeof(X)));
         }
       }
     }
@@ -506,7 +506,10 @@ inline const GemvForce& gemv_force() {
       if (std::strncmp(env, "oneshot", 7) == 0) r.mode = 1;
       if (std::strncmp(env, "stream", 6) == 0) {
         r.mode = 2;
-        if (env[6] == ',') r.kw = std::atoi(env + 7);
+        if (env[6] == ',') {
+          r.kw = std::atoi(env + 7);
+          r.kw = r.kw < 0 ? 0 : (r.kw > kGemvMaxWarps ? kGemvMaxWarps : r.kw);
+        }
       }
     }
     return r;
@@ -534,9 +537,13 @@ cudaError_t launch_gemv_stream(const LinearArgs& a, int nchunks, cudaStream_t st
     if (err != cudaSuccess) return err;
     configured = true;
   }
-  int smem_per_sm = 0, dev = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+  static int smem_per_sm = 0;
+  if (smem_per_sm == 0) {
+    int dev = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+    if (smem_per_sm <= 0) smem_per_sm = 100 * 1024;
+  }
   const int sms = device_sm_count();
   const int ntg = (a.N + 127) / 128 * 8 / MT;
   const GemvForce& force = gemv_force();
