@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -26,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_timing import copy_bandwidth, l2_bytes, n_copies, time_graph  # noqa: E402
+from gpu_timing import copy_bandwidth, l2_bytes, n_copies, read_bandwidth, time_graph  # noqa: E402
 
 from bitcore.config import BitQuantConfig  # noqa: E402
 from bitcore.kernels import KernelRegistry  # noqa: E402
@@ -106,6 +107,11 @@ def run(args):
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     copy = copy_bandwidth()
+    try:
+        read = read_bandwidth()["bytes_per_s"]
+    except Exception as exc:  # the copy rate still gives a roofline
+        print(f"read bandwidth failed: {exc}", flush=True)
+        read = None
     meta = {
         "device": props.name,
         "sms": props.multi_processor_count,
@@ -113,10 +119,13 @@ def run(args):
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "copy_bandwidth_bytes_per_s": copy["bytes_per_s"],
+        "read_bandwidth_bytes_per_s": read,
+        "cuda_ext_gemv": os.environ.get("BITLAB_CUDA_GEMV", "default"),
         "timing": "CUDA-graph replay, rotating weight copies >= 3x L2, median per call",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    print(f"# {props.name}: D2D copy {copy['bytes_per_s'] / 1e12:.2f} TB/s (read + write)", flush=True)
+    print(f"# {props.name}: D2D copy {copy['bytes_per_s'] / 1e12:.2f} TB/s (read + write), read "
+          f"{(read or 0) / 1e12:.2f} TB/s; cuda_ext GEMV: {meta['cuda_ext_gemv']}", flush=True)
     backends = [b for b in cuda_backends() if args.backends is None or b[0] in args.backends]
     print("# CUDA backends:", ", ".join(f"{n} ({'ok' if a else a.reason})" for n, a in backends), flush=True)
     shapes = SHAPES[:2] if args.quick else SHAPES
@@ -127,6 +136,7 @@ def run(args):
     cases = [(s, b, c) for s in shapes for b in batches for c in configs] + [
         (s, b, c) for s, b, c in LARGE if not args.quick and not args.no_large and c in configs
     ]
+    args.read_bw = read
     rows, cublas = [], {}
     # cuda_ext (with cuBLAS) first over every case, then the peers: a cut-short run keeps the core table.
     passes = [[b for b in backends if b[0] == "cuda_ext"], [b for b in backends if b[0] != "cuda_ext"]]
@@ -157,7 +167,9 @@ def run_case(n, k, batch, cname, backends, rows, cublas, copy, args):
                              p10_us=st["p10_us"], p90_us=st["p90_us"], mode=st["mode"], speedup=1.0,
                              bytes=moved_bytes(wb, n, k, batch),
                              gbps=moved_bytes(wb, n, k, batch) / st["median_us"] / 1e3,
-                             frac_copy=moved_bytes(wb, n, k, batch) / (st["median_us"] * 1e-6) / copy["bytes_per_s"]))
+                             frac_copy=moved_bytes(wb, n, k, batch) / (st["median_us"] * 1e-6) / copy["bytes_per_s"],
+                             frac_read=(moved_bytes(wb, n, k, batch) / (st["median_us"] * 1e-6) / args.read_bw)
+                             if args.read_bw else None))
             print(f"{n}x{k} b{batch:<5} {'fp16':<9} {'cuBLAS':<11} {st['median_us']:9.2f} us", flush=True)
         except Exception as exc:
             print(f"{n}x{k} b{batch} cuBLAS failed: {exc}", flush=True)
@@ -188,6 +200,7 @@ def run_case(n, k, batch, cname, backends, rows, cublas, copy, args):
             median_us=st["median_us"], p10_us=st["p10_us"], p90_us=st["p90_us"], mode=st["mode"],
             kernel=st["kernel"], route=st["route"], bytes=moved, gbps=moved / st["median_us"] / 1e3,
             frac_copy=moved / (st["median_us"] * 1e-6) / copy["bytes_per_s"],
+            frac_read=(moved / (st["median_us"] * 1e-6) / args.read_bw) if args.read_bw else None,
             speedup=(base["median_us"] / st["median_us"]) if base else None,
         )
         rows.append(row)
@@ -214,23 +227,27 @@ def markdown(meta, rows):
         f"# GPU linear layers: {meta['device']}",
         "",
         f"{meta['timing']}; torch {meta['torch']} (CUDA {meta['cuda']}), {meta['date']}.",
-        f"Device-to-device copy (read + write): {meta['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s. "
+        f"Device-to-device copy (read + write): {meta['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s; "
+        f"read-only stream: {(meta.get('read_bandwidth_bytes_per_s') or 0) / 1e12:.2f} TB/s; "
+        f"cuda_ext GEMV: {meta.get('cuda_ext_gemv', 'default')}. "
         "`x cuBLAS` is cuBLAS fp16 time / this time (higher is faster); GB/s counts packed weights + "
-        "fp16 activations in + fp16 outputs out; `% copy` is that rate over the copy rate.",
+        "fp16 activations in + fp16 outputs out; `% copy` is that rate over the copy rate, `% read` over the "
+        "read-only rate.",
         "",
-        "| out x in | batch | config | backend | median us | x cuBLAS | GB/s | % copy | note |",
-        "|---|---:|---|---|---:|---:|---:|---:|---|",
+        "| out x in | batch | config | backend | median us | x cuBLAS | GB/s | % copy | % read | note |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         shape = f"{r['N']}x{r['K']}"
         if "error" in r:
-            lines.append(f"| {shape} | {r['batch']} | {r['config']} | {r['backend']} | - | - | - | - | {r['error'][:90]} |")
+            lines.append(f"| {shape} | {r['batch']} | {r['config']} | {r['backend']} | - | - | - | - | - | {r['error'][:90]} |")
             continue
         sp = f"{r['speedup']:.2f}" if r.get("speedup") else "-"
         note = r.get("route", "") + ("" if r.get("mode", "graph") == "graph" else " (eager timing)")
+        fr = f"{100 * r['frac_read']:.1f}" if r.get("frac_read") else "-"
         lines.append(
             f"| {shape} | {r['batch']} | {r['config']} | {r['backend']} | {r['median_us']:.2f} | {sp} | "
-            f"{r['gbps']:.0f} | {100 * r['frac_copy']:.1f} | {note} |"
+            f"{r['gbps']:.0f} | {100 * r['frac_copy']:.1f} | {fr} | {note} |"
         )
     return "\n".join(lines) + "\n"
 

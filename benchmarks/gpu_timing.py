@@ -113,3 +113,18 @@ def copy_bandwidth(nbytes: int = 1 << 30, replays: int = 20) -> Dict[str, Any]:
     del src, dst
     torch.cuda.empty_cache()
     return stats
+
+
+def read_bandwidth(nbytes: int = 1 << 30, replays: int = 20) -> Dict[str, Any]:
+    """Read-only streaming rate: a float32 sum over ``nbytes`` (the floor for weight-streaming GEMVs).
+
+    A copy (``copy_bandwidth``) also writes, and on an H100 reads alone stream ~20 % faster than
+    the copy's read + write rate; a GEMV at batch 1 only reads.
+    """
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").normal_()
+    stats = time_graph([lambda: src.sum()], calls_per_graph=4, replays=replays)
+    stats["bytes_per_s"] = nbytes / (stats["median_us"] * 1e-6)
+    stats["nbytes"] = nbytes
+    del src
+    torch.cuda.empty_cache()
+    return stats
