@@ -259,3 +259,32 @@ def test_per_group_weights(isa, bits, group_size):
         bias = torch.randn(out_f, generator=gen)
         y, y_ref = run_both(CppInt8ActivationKernel(), cfg, packed, x, bias, "relu")
         assert torch.allclose(y, y_ref, rtol=1e-5, atol=1e-4), f"shape {(batch, in_f, out_f)}"
+
+
+def test_concurrent_python_threads(cpp_ops):
+    """Calls from several Python threads (each with its own scratch buffers, sharing the pool) stay correct."""
+    import threading
+
+    gen = torch.Generator().manual_seed(17)
+    cases = []
+    for bits, act, kernel in [(1.58, "int8", CppInt8ActivationKernel()), (1, "binary", CppXnorKernel()),
+                              (1.58, "float32", CppFloatActivationKernel())]:
+        cfg = BitQuantConfig(weight_bits=bits, activation_dtype=act)
+        prepared = kernel.prepare(random_packed(cfg, 130, 301, gen), cfg)
+        x = torch.randn(9, 301, generator=gen)
+        cases.append((kernel, prepared, x, kernel.forward(x, prepared)))
+    failures = []
+
+    def run(case):
+        kernel, prepared, x, want = case
+        for _ in range(50):
+            if not torch.equal(kernel.forward(x, prepared), want):
+                failures.append(kernel.name)
+                return
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in cases * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
