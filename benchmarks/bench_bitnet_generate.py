@@ -388,6 +388,7 @@ def write_report(result: dict, out_dir: Path) -> None:
     for key in ("transformers_error", "triton_attn_error"):
         if key in result:
             lines.append(f"{key}: {result[key]}")
+    lines += [f"Note: {n}" for n in result.get("notes", [])]
     lines.append("")
     lines.append("Command: `python benchmarks/bench_bitnet_generate.py --profile --out docs/benchmarks`")
     (out_dir / "bitnet_generate.md").write_text("\n".join(lines) + "\n")

@@ -33,14 +33,12 @@ except ImportError:  # pragma: no cover - depends on the install
 
 SPLIT = 128  # keys per program
 BLOCK_N = 64  # keys per inner step
-NEG = -1.0e30  # "minus infinity" that keeps exp() and max() finite for fully masked splits
-
-
 def available() -> bool:
     return triton is not None
 
 
 if triton is not None:
+    NEG = tl.constexpr(-1.0e30)  # "minus infinity" that keeps exp() and max() finite for fully masked splits
 
     @triton.jit
     def _decode_partials_kernel(

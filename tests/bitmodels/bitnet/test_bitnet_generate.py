@@ -214,7 +214,9 @@ def test_triton_split_kv_decode_attention_matches_the_grouped_matmul_path(cuda_d
     ref_caches = [t.clone() for t in caches]
     ref = ops.attention(q, k, v, c, s, *ref_caches, slots, mask, weight, 1e-5).float()
     got = ops.TritonDecodeOps()._attention(q, k, v, c, s, *caches, slots, mask, weight, 1e-5).float()
-    assert torch.equal(caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1])
+    # the compiled rotary rounds once where eager rounds per op: the written key may differ by a bf16 ulp
+    torch.testing.assert_close(caches[0], ref_caches[0], rtol=1.6e-2, atol=1e-2)
+    assert torch.equal(caches[1], ref_caches[1])
     assert float((got - ref).norm() / ref.norm()) < 1e-2
 
 
