@@ -154,6 +154,14 @@ def profile_decode(model: BitNetForCausalLM, vocab: int, compile: bool, triton_a
     return {"kernel_us_per_step": total / steps, "kernels_per_step": launches / steps, "top": rows[:25]}
 
 
+def run_batches(name: str, gen: Generator, batches, args, vocab: int) -> list:
+    rows = []
+    for b in batches:
+        rows.append(run_engine(gen, b, args.prompt_len, args.new_tokens, vocab, args.seed))
+        print(name, rows[-1], flush=True)
+    return rows
+
+
 def transformers_model(model: BitNetForCausalLM, cfg: BitNetConfig, device):
     """transformers' BitNetForCausalLM holding the same packed weights (its own packing, 1/scale)."""
     import transformers
@@ -288,11 +296,7 @@ def main(argv=None) -> int:
         "gpu_allocated_after_load_gb": torch.cuda.memory_allocated() / GB if device.type == "cuda" else float("nan"),
     }
     print(f"kernels: {gen.kernels}\nweights: {result['weights']}", flush=True)
-    result["runs"]["bitlab"] = []
-    for b in batches:
-        r = run_engine(gen, b, args.prompt_len, args.new_tokens, cfg.vocab_size, args.seed)
-        result["runs"]["bitlab"].append(r)
-        print("bitlab", r, flush=True)
+    result["runs"]["bitlab"] = run_batches("bitlab", gen, batches, args, cfg.vocab_size)
     if args.profile and device.type == "cuda":
         result["profile_batch1"] = profile_decode(model, cfg.vocab_size, not args.no_compile)
         _print_profile(result["profile_batch1"])
@@ -301,11 +305,7 @@ def main(argv=None) -> int:
     if not args.no_triton_attention and not args.no_compile and device.type == "cuda":
         try:  # the same model and bindings; one-token attention as the split-KV Triton kernel
             gen_t = Generator(model, compile=True, bind=False, triton_attention=True)
-            result["runs"]["bitlab_triton_attn"] = []
-            for b in batches:
-                r = run_engine(gen_t, b, args.prompt_len, args.new_tokens, cfg.vocab_size, args.seed)
-                result["runs"]["bitlab_triton_attn"].append(r)
-                print("bitlab_triton_attn", r, flush=True)
+            result["runs"]["bitlab_triton_attn"] = run_batches("bitlab_triton_attn", gen_t, batches, args, cfg.vocab_size)
             if args.profile:
                 result["profile_batch1_triton_attn"] = profile_decode(model, cfg.vocab_size, True, True)
                 _print_profile(result["profile_batch1_triton_attn"])
@@ -332,11 +332,7 @@ def main(argv=None) -> int:
         model.release_bindings()
         bind_dense(model, device)
         gen_dense = Generator(model, compile=not args.no_compile, bind=False)  # same engine, dense projections
-        result["runs"]["bf16_dense"] = []
-        for b in batches:
-            r = run_engine(gen_dense, b, args.prompt_len, args.new_tokens, cfg.vocab_size, args.seed)
-            result["runs"]["bf16_dense"].append(r)
-            print("bf16_dense", r, flush=True)
+        result["runs"]["bf16_dense"] = run_batches("bf16_dense", gen_dense, batches, args, cfg.vocab_size)
     result["wall_s"] = time.perf_counter() - t_start
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bitnet_generate.json").write_text(json.dumps(result, indent=2))
