@@ -75,6 +75,17 @@ def test_offloading_keeps_results_and_moves_packed_weights_off_the_compute_devic
     assert all(m.qweight.device.type == "cpu" for _, m in model.bitlinears())
 
 
+def test_save_after_offloading_and_reload_computes_the_same(tmp_path):
+    model = BitNetForCausalLM(BitNetConfig(**TINY)).eval()
+    model.prepare_for_inference("cpu", offload_packed=True)
+    model.save_pretrained(tmp_path)
+    again = BitNetForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 53, (3, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
+    assert again.config == model.config
+
+
 def test_training_mode_runs_backward_through_the_bitlinears():
     model = BitNetForCausalLM(BitNetConfig(**TINY)).train()
     ids = torch.randint(0, 53, (2, 9), generator=torch.Generator().manual_seed(2))
