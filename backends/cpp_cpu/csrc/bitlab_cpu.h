@@ -28,6 +28,16 @@
 
 namespace bitlab_cpu {
 
+#if BITLAB_X86
+// Sum of the eight int32 lanes of v.
+__attribute__((target("avx2"))) inline int32_t hsum_epi32_avx2(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+#endif
+
 enum class Isa : int { Scalar = 0, Avx2 = 1 };
 
 Isa active_isa();                  // best supported ISA, or BITLAB_CPU_ISA if set and supported

@@ -32,12 +32,7 @@ __attribute__((target("avx2,fma"))) void dot_avx2(const int8_t* w, int64_t Kp, c
       acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(p, ones));
     }
   }
-  for (int t = 0; t < T; ++t) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc[t]), _mm256_extracti128_si256(acc[t], 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    out[t] = _mm_cvtsi128_si32(s);
-  }
+  for (int t = 0; t < T; ++t) out[t] = hsum_epi32_avx2(acc[t]);
 }
 
 // per_group weights: out[t] = sum_g scale[g] * (group g's integer dot); each group's total is
@@ -60,12 +55,7 @@ __attribute__((target("avx2,fma"))) void dot_grouped_avx2(const int8_t* w, int64
         acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(p, ones));
       }
     }
-    for (int t = 0; t < T; ++t) {
-      __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc[t]), _mm256_extracti128_si256(acc[t], 1));
-      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-      y[t] += static_cast<float>(_mm_cvtsi128_si32(s)) * scale[g];
-    }
+    for (int t = 0; t < T; ++t) y[t] += static_cast<float>(hsum_epi32_avx2(acc[t])) * scale[g];
   }
   for (int t = 0; t < T; ++t) out[t] = y[t];
 }

@@ -33,18 +33,19 @@ constexpr int codes_per_byte() { return 8 / NB; }
 
 // ------------------------------------------------------------------ int8 activations
 #if BITLAB_X86
+// acc[t] += the integer dot products of code blocks [b_begin, b_end) of one prepared row with
+// activation row t.  Blocks are summed in int16 before widening:
+// |lane| <= blocks * PER * 2 * (2^NB - 1) * 127 < 2^15.
 template <int NB, int T>
-__attribute__((target("avx2,fma"))) void dot_int8_avx2(const uint8_t* w, int64_t nblocks,
-                                                        const int8_t* const* x, int32_t* out) {
+__attribute__((target("avx2,fma"))) inline void accumulate_blocks_avx2(const uint8_t* w, int64_t b_begin,
+                                                                       int64_t b_end, const int8_t* const* x,
+                                                                       __m256i* acc) {
   constexpr int PER = codes_per_byte<NB>();
-  // Blocks summed in int16 before widening: |lane| <= blocks * PER * 2 * (2^NB - 1) * 127 < 2^15.
   constexpr int64_t kWiden = NB == 4 ? 4 : 8;
   const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << NB) - 1));
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_si256();
-  for (int64_t b0 = 0; b0 < nblocks; b0 += kWiden) {
-    const int64_t b1 = b0 + kWiden < nblocks ? b0 + kWiden : nblocks;
+  for (int64_t b0 = b_begin; b0 < b_end; b0 += kWiden) {
+    const int64_t b1 = b0 + kWiden < b_end ? b0 + kWiden : b_end;
     __m256i s16[T];
     for (int t = 0; t < T; ++t) s16[t] = _mm256_setzero_si256();
     for (int64_t b = b0; b < b1; ++b) {
@@ -62,12 +63,15 @@ __attribute__((target("avx2,fma"))) void dot_int8_avx2(const uint8_t* w, int64_t
     }
     for (int t = 0; t < T; ++t) acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(s16[t], ones));
   }
-  for (int t = 0; t < T; ++t) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc[t]), _mm256_extracti128_si256(acc[t], 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    out[t] = _mm_cvtsi128_si32(s);
-  }
+}
+
+template <int NB, int T>
+__attribute__((target("avx2,fma"))) void dot_int8_avx2(const uint8_t* w, int64_t nblocks,
+                                                        const int8_t* const* x, int32_t* out) {
+  __m256i acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_si256();
+  accumulate_blocks_avx2<NB, T>(w, 0, nblocks, x, acc);
+  for (int t = 0; t < T; ++t) out[t] = hsum_epi32_avx2(acc[t]);
 }
 
 // per_group weights: out[t] = sum_g scale[g] * (alpha * sum_{k in g} u_k x_k - beta * gsum[t][g]).
@@ -78,40 +82,14 @@ __attribute__((target("avx2,fma"))) void dot_int8_grouped_avx2(const uint8_t* w,
                                                                 int64_t group_blocks, const float* scale,
                                                                 const int8_t* const* x, const int32_t* const* gsum,
                                                                 int alpha, int beta, float* out) {
-  constexpr int PER = codes_per_byte<NB>();
-  constexpr int64_t kWiden = NB == 4 ? 4 : 8;
-  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << NB) - 1));
-  const __m256i ones = _mm256_set1_epi16(1);
   float y[T];
   for (int t = 0; t < T; ++t) y[t] = 0.0f;
   for (int64_t g = 0; g < groups; ++g) {
     __m256i acc[T];
     for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_si256();
-    const int64_t gb0 = g * group_blocks, gb1 = gb0 + group_blocks;
-    for (int64_t b0 = gb0; b0 < gb1; b0 += kWiden) {
-      const int64_t b1 = b0 + kWiden < gb1 ? b0 + kWiden : gb1;
-      __m256i s16[T];
-      for (int t = 0; t < T; ++t) s16[t] = _mm256_setzero_si256();
-      for (int64_t b = b0; b < b1; ++b) {
-        __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * b));
-        const int64_t k0 = b * 32 * PER;
-#pragma GCC unroll 8
-        for (int s = 0; s < PER; ++s) {
-          const __m256i u = _mm256_and_si256(v, mask);
-          v = _mm256_srli_epi16(v, NB);
-          for (int t = 0; t < T; ++t) {
-            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t] + k0 + 32 * s));
-            s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(u, xv));
-          }
-        }
-      }
-      for (int t = 0; t < T; ++t) acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(s16[t], ones));
-    }
+    accumulate_blocks_avx2<NB, T>(w, g * group_blocks, (g + 1) * group_blocks, x, acc);
     for (int t = 0; t < T; ++t) {
-      __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc[t]), _mm256_extracti128_si256(acc[t], 1));
-      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-      const int32_t d = alpha * _mm_cvtsi128_si32(s) - beta * gsum[t][g];
+      const int32_t d = alpha * hsum_epi32_avx2(acc[t]) - beta * gsum[t][g];
       y[t] += static_cast<float>(d) * scale[g];
     }
   }
