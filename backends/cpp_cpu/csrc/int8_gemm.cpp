@@ -17,13 +17,12 @@ namespace bitlab_cpu {
 namespace {
 
 #if BITLAB_X86
+// acc[t] += sum over k in [k_begin, k_end) of w[k] * x[t][k] (the sign trick: |w| * (x * sign(w))).
 template <int T>
-__attribute__((target("avx2,fma"))) void dot_avx2(const int8_t* w, int64_t Kp, const int8_t* const* x,
-                                                   int32_t* out) {
+__attribute__((target("avx2,fma"))) inline void accumulate_int8_avx2(const int8_t* w, int64_t k_begin, int64_t k_end,
+                                                                     const int8_t* const* x, __m256i* acc) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_si256();
-  for (int64_t k = 0; k < Kp; k += 32) {
+  for (int64_t k = k_begin; k < k_end; k += 32) {
     const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
     const __m256i aw = _mm256_abs_epi8(wv);
     for (int t = 0; t < T; ++t) {
@@ -32,6 +31,14 @@ __attribute__((target("avx2,fma"))) void dot_avx2(const int8_t* w, int64_t Kp, c
       acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(p, ones));
     }
   }
+}
+
+template <int T>
+__attribute__((target("avx2,fma"))) void dot_avx2(const int8_t* w, int64_t Kp, const int8_t* const* x,
+                                                   int32_t* out) {
+  __m256i acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_si256();
+  accumulate_int8_avx2<T>(w, 0, Kp, x, acc);
   for (int t = 0; t < T; ++t) out[t] = hsum_epi32_avx2(acc[t]);
 }
 
@@ -40,21 +47,12 @@ __attribute__((target("avx2,fma"))) void dot_avx2(const int8_t* w, int64_t Kp, c
 template <int T>
 __attribute__((target("avx2,fma"))) void dot_grouped_avx2(const int8_t* w, int64_t groups, int64_t len,
                                                            const float* scale, const int8_t* const* x, float* out) {
-  const __m256i ones = _mm256_set1_epi16(1);
   float y[T];
   for (int t = 0; t < T; ++t) y[t] = 0.0f;
   for (int64_t g = 0; g < groups; ++g) {
     __m256i acc[T];
     for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_si256();
-    for (int64_t k = g * len; k < (g + 1) * len; k += 32) {
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
-      const __m256i aw = _mm256_abs_epi8(wv);
-      for (int t = 0; t < T; ++t) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t] + k));
-        const __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
-        acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(p, ones));
-      }
-    }
+    accumulate_int8_avx2<T>(w, g * len, (g + 1) * len, x, acc);
     for (int t = 0; t < T; ++t) y[t] += static_cast<float>(hsum_epi32_avx2(acc[t])) * scale[g];
   }
   for (int t = 0; t < T; ++t) out[t] = y[t];
