@@ -25,7 +25,7 @@ import torch
 
 from backends.cuda_ext import layout, ops
 from bitcore.config import WEIGHT_BITS, BitQuantConfig
-from bitcore.kernels.interface import Availability, BitKernel, keys_product
+from bitcore.kernels.interface import Availability, BitKernel, check_quantized_input, keys_product
 from bitcore.packing import PackedWeight
 
 GRANULARITIES = ("per_tensor", "per_channel")
@@ -118,6 +118,18 @@ class CudaExtInt8Kernel(_CudaExtKernel):
             in_features=packed.in_features,
             act_dtype=None,
         )
+
+
+    def accepts_quantized(self, prepared: CudaExtWeight) -> bool:
+        return True
+
+    def forward_quantized(self, xq, x_scale, prepared: CudaExtWeight, bias=None, activation="none",
+                          out_dtype=torch.float32):
+        check_quantized_input(xq, x_scale, prepared.in_features)
+        if activation not in ops.EPILOGUE_CODE:
+            raise ValueError(f"activation: got {activation!r}; allowed values are {list(ops.EPILOGUE_CODE)}")
+        return ops.linear_int8(xq, x_scale.reshape(-1), prepared.wq, prepared.scale, bias, prepared.fmt,
+                               ops.EPILOGUE_CODE[activation], prepared.out_features, prepared.in_features, out_dtype)
 
 
 class CudaExtXnorKernel(_CudaExtKernel):

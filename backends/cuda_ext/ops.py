@@ -53,6 +53,7 @@ def load():
     with _lock:
         if not _fake_registered:
             torch.library.register_fake("bitlab::cuda_ext_linear")(_linear_fake)
+            torch.library.register_fake("bitlab::cuda_ext_linear_int8")(_linear_int8_fake)
             _fake_registered = True
     return module
 
@@ -73,6 +74,22 @@ def _linear_fake(x, wq, w_scale, bias, fmt, act_mode, epilogue, N, K, out_dtype)
     return x.new_empty((x.shape[0], N), dtype=out_dtype)
 
 
+def _linear_int8_fake(xq, x_scale, wq, w_scale, bias, fmt, epilogue, N, K, out_dtype):
+    return xq.new_empty((xq.shape[0], N), dtype=out_dtype)
+
+
+def _op(name: str):
+    """The op, loading the extension first when this process has not (a kernel used directly)."""
+    if not _fake_registered:
+        load()
+    return getattr(torch.ops.bitlab, name)
+
+
+def linear_int8(xq, x_scale, wq, w_scale, bias, fmt: int, epilogue: int, n: int, k: int, out_dtype: torch.dtype):
+    """``torch.ops.bitlab.cuda_ext_linear_int8``: pre-quantized int8 activations, y [tokens, n] in ``out_dtype``."""
+    return _op("cuda_ext_linear_int8")(xq, x_scale, wq, w_scale, bias, fmt, epilogue, n, k, out_dtype)
+
+
 def linear(x, wq, w_scale, bias, fmt: int, act_mode: int, epilogue: int, n: int, k: int, out_dtype: torch.dtype):
     """``torch.ops.bitlab.cuda_ext_linear``: y [tokens, n] in ``out_dtype``."""
-    return torch.ops.bitlab.cuda_ext_linear(x, wq, w_scale, bias, fmt, act_mode, epilogue, n, k, out_dtype)
+    return _op("cuda_ext_linear")(x, wq, w_scale, bias, fmt, act_mode, epilogue, n, k, out_dtype)

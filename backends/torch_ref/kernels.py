@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from bitcore.config import BitQuantConfig
-from bitcore.kernels.interface import ALL_KEYS, BitKernel
+from bitcore.kernels.interface import ALL_KEYS, BitKernel, check_quantized_input
 from bitcore.packing import PackedWeight, expand_scale, unpack_values
 from bitcore.quantize import quantize_activation_binary, quantize_activation_int8
 
@@ -82,9 +82,14 @@ def reference_linear(
             acc = integer_accumulate(xq, weight.values, packed.group_size).to(torch.float32)
             y = (acc * packed.scale.unsqueeze(0)).sum(dim=-1) * x_scale
         else:
-            acc = integer_accumulate(xq, weight.values).to(torch.float32)
-            y = acc * x_scale * packed.scale.view(1, -1)
+            y = dequantized_accumulate(xq, x_scale, weight)
     return apply_epilogue(y, None if bias is None else bias.float(), activation).to(x.dtype)
+
+
+def dequantized_accumulate(xq: torch.Tensor, x_scale: torch.Tensor, weight: ReferenceWeight) -> torch.Tensor:
+    """``acc * x_scale * w_scale`` in float32 for per-tensor / per-channel weights (exact integer acc)."""
+    acc = integer_accumulate(xq, weight.values).to(torch.float32)
+    return acc * x_scale * weight.packed.scale.view(1, -1)
 
 
 class TorchReferenceKernel(BitKernel):
@@ -106,3 +111,13 @@ class TorchReferenceKernel(BitKernel):
         if x.dim() != 2 or x.shape[1] != in_features:
             raise ValueError(f"x must be [tokens, in_features={in_features}] for this weight; got shape {tuple(x.shape)}")
         return reference_linear(x, prepared, bias, activation)
+
+    def accepts_quantized(self, prepared) -> bool:
+        return prepared.config.activation_dtype == "int8" and prepared.packed.granularity != "per_group"
+
+    def forward_quantized(self, xq, x_scale, prepared, bias=None, activation="none", out_dtype=torch.float32):
+        if not self.accepts_quantized(prepared):
+            raise ValueError(f"{self.name}: pre-quantized input needs an int8-activation, per-tensor or per-channel weight")
+        check_quantized_input(xq, x_scale, prepared.packed.in_features)
+        y = dequantized_accumulate(xq, x_scale.reshape(-1, 1), prepared)
+        return apply_epilogue(y, None if bias is None else bias.float(), activation).to(out_dtype)

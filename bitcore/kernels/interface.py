@@ -164,12 +164,47 @@ class BitKernel:
         """``x [tokens, in_features]`` (float, contiguous or strided) -> ``[tokens, out_features]`` in x.dtype."""
         raise NotImplementedError
 
+    def accepts_quantized(self, prepared: Any) -> bool:
+        """Whether :meth:`forward_quantized` serves this prepared weight (int8-activation keys only)."""
+        return False
+
+    def forward_quantized(
+        self,
+        xq: torch.Tensor,
+        x_scale: torch.Tensor,
+        prepared: Any,
+        bias: Optional[torch.Tensor] = None,
+        activation: str = "none",
+        out_dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """``forward`` for activations the caller already quantized: ``xq [tokens, in_features]`` int8 and
+        ``x_scale`` float32 ``[tokens, 1]`` (per token) or ``[1, 1]`` (per tensor), exactly as
+        :func:`bitcore.quantize.quantize_activation_int8` returns them for the weight's config.
+
+        Optional (see :meth:`accepts_quantized`): it lets a model fuse the activation quantization
+        into the operation before a projection (a norm, say) instead of paying a separate pass.
+        """
+        raise NotImplementedError(f"{self.name} does not take pre-quantized activations")
+
     def route(self, batch: int) -> str:
         """Which internal path serves ``batch`` rows (for explain / logs)."""
         return type(self).__name__
 
     def __repr__(self) -> str:
         return f"<{self.name} priority={self.priority} devices={sorted(self.devices)}>"
+
+
+def check_quantized_input(xq: torch.Tensor, x_scale: torch.Tensor, in_features: int) -> None:
+    """Validate :meth:`BitKernel.forward_quantized` inputs; raises ValueError naming the problem."""
+    if xq.dtype != torch.int8 or xq.dim() != 2 or xq.shape[1] != in_features:
+        raise ValueError(
+            f"xq must be int8 [tokens, in_features={in_features}]; got {xq.dtype} {tuple(xq.shape)}"
+        )
+    if x_scale.dtype != torch.float32 or x_scale.numel() not in (1, xq.shape[0]) or x_scale.device != xq.device:
+        raise ValueError(
+            f"x_scale must be float32 with 1 or {xq.shape[0]} elements on {xq.device}; "
+            f"got {x_scale.dtype} {tuple(x_scale.shape)} on {x_scale.device}"
+        )
 
 
 def device_type(device: Union[str, torch.device, None]) -> str:

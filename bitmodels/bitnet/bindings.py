@@ -27,10 +27,11 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 import torch
 
+from bitcore.config import BitQuantConfig
 from bitcore.errors import ConfigError
 from bitcore.kernels import KernelRegistry
 from bitcore.kernels.interface import BitKernel
@@ -38,8 +39,20 @@ from bitcore.packing import PackedWeight
 from bitlayers.bitlinear import BitLinear
 
 
+class QuantizedActivation(NamedTuple):
+    """Activations already int8-quantized per token: ``q [..., K]`` int8, ``scale [..., 1]`` float32
+    (:func:`bitcore.quantize.quantize_activation_int8`)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+
 class PreparedLinear:
-    """``y = kernel.forward(x, prepared, bias)``; ``splits`` cuts a fused output back into its parts."""
+    """``y = kernel.forward(x, prepared, bias)``; ``splits`` cuts a fused output back into its parts.
+
+    ``takes_quantized``: the kernel accepts :class:`QuantizedActivation` input (int8 per-token
+    configs whose kernel implements ``forward_quantized``); its output is then ``out_dtype``.
+    """
 
     def __init__(
         self,
@@ -49,14 +62,31 @@ class PreparedLinear:
         out_features: int,
         bias: Optional[torch.Tensor] = None,
         splits: Optional[Sequence[int]] = None,
+        config: Optional[BitQuantConfig] = None,
+        out_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.kernel, self.prepared, self.bias = kernel, prepared, bias
         self.in_features, self.out_features = in_features, out_features
         self.splits = list(splits) if splits else None
+        self.out_dtype = out_dtype
+        self.takes_quantized = bool(
+            config is not None
+            and config.activation_dtype == "int8"
+            and config.activation_granularity == "per_token"
+            and kernel.accepts_quantized(prepared)
+        )
 
-    def __call__(self, x: torch.Tensor):
-        y = self.kernel.forward(x.reshape(-1, self.in_features), self.prepared, self.bias, "none")
-        y = y.view(*x.shape[:-1], self.out_features)
+    def __call__(self, x):
+        if isinstance(x, QuantizedActivation):
+            if not self.takes_quantized:
+                raise ValueError(f"{self!r} does not take pre-quantized activations")
+            lead = x.q.shape[:-1]
+            y = self.kernel.forward_quantized(x.q.reshape(-1, self.in_features), x.scale.reshape(-1, 1),
+                                              self.prepared, self.bias, "none", self.out_dtype)
+        else:
+            lead = x.shape[:-1]
+            y = self.kernel.forward(x.reshape(-1, self.in_features), self.prepared, self.bias, "none")
+        y = y.view(*lead, self.out_features)
         return y.split(self.splits, dim=-1) if self.splits else y
 
     def __repr__(self) -> str:
@@ -96,15 +126,17 @@ def fuse_packed(layers: Sequence[BitLinear]) -> PackedWeight:
     )
 
 
-def bind_linear(layer: BitLinear, device: torch.device) -> PreparedLinear:
+def bind_linear(layer: BitLinear, device: torch.device, out_dtype: torch.dtype = torch.float32) -> PreparedLinear:
     """The layer's registry-chosen kernel on ``device`` with its weight prepared there."""
     kernel = layer.kernel(device)
     prepared = kernel.prepare(_on(layer.packed_weight(), device), layer.quant_config)
     bias = None if layer.bias is None else layer.bias.detach().to(device)
-    return PreparedLinear(kernel, prepared, layer.in_features, layer.out_features, bias)
+    return PreparedLinear(kernel, prepared, layer.in_features, layer.out_features, bias,
+                          config=layer.quant_config, out_dtype=out_dtype)
 
 
-def bind_fused(layers: Sequence[BitLinear], device: torch.device) -> Optional[PreparedLinear]:
+def bind_fused(layers: Sequence[BitLinear], device: torch.device,
+               out_dtype: torch.dtype = torch.float32) -> Optional[PreparedLinear]:
     """One binding for ``layers`` fused, or None when no kernel serves the fused key as well as the parts'."""
     first = layers[0]
     if first.quant_config.weight_granularity not in ("per_tensor", "per_channel"):
@@ -128,7 +160,7 @@ def bind_fused(layers: Sequence[BitLinear], device: torch.device) -> Optional[Pr
             b.detach() if b is not None else torch.zeros(layer.out_features) for b, layer in zip(biases, layers)
         ]).to(device)
     return PreparedLinear(fused_kernel, prepared, first.in_features, out_features, bias,
-                          splits=[layer.out_features for layer in layers])
+                          splits=[layer.out_features for layer in layers], config=cfg, out_dtype=out_dtype)
 
 
 def bind_group(
@@ -138,19 +170,22 @@ def bind_group(
     *,
     fuse: bool = True,
     offload_packed: bool = False,
+    out_dtype: torch.dtype = torch.float32,
 ) -> Dict[str, PreparedLinear]:
-    """Bindings for one block: fused groups where possible (keyed by group name), else one per module."""
+    """Bindings for one block: fused groups where possible (keyed by group name), else one per module.
+
+    ``out_dtype``: the dtype of outputs computed from pre-quantized (int8) inputs."""
     bound: Dict[str, PreparedLinear] = {}
     grouped = set()
     if fuse:
         for group, names in groups.items():
-            fused = bind_fused([modules[n] for n in names], device)
+            fused = bind_fused([modules[n] for n in names], device, out_dtype)
             if fused is not None:
                 bound[group] = fused
                 grouped.update(names)
     for name, layer in modules.items():
         if name not in grouped:
-            bound[name] = bind_linear(layer, device)
+            bound[name] = bind_linear(layer, device, out_dtype)
     if offload_packed:
         for layer in modules.values():
             layer.qweight = layer.qweight.cpu()

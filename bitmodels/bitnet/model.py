@@ -93,6 +93,9 @@ class BitNetDecoderLayer(nn.Module):
         self.eps = config.rms_norm_eps
         # Filled by BitNetForCausalLM.prepare_for_inference: name -> PreparedLinear ("qkv", "gate_up", ...).
         self.bound: Dict[str, PreparedLinear] = {}
+        # True when every bound projection takes int8 input: the norms before them then quantize
+        # (fused into the norm's kernel) and the projections skip their own quantization pass.
+        self.quantized_inputs = False
 
     def _project(self, fused: str, names: tuple, module: nn.Module, x: torch.Tensor) -> tuple:
         if fused in self.bound:
@@ -105,21 +108,25 @@ class BitNetDecoderLayer(nn.Module):
         bound = self.bound.get(name)
         return bound(x) if bound is not None else getattr(module, name)(x)
 
-    def forward(self, h, x, next_norm: torch.Tensor, ops, cos, sin, k_cache=None, v_cache=None, slots=None, mask=None):
-        """``h`` is the residual stream, ``x = input_layernorm(h)``; returns ``(h', next_norm(h'))``."""
+    def forward(self, h, x, next_norm: torch.Tensor, ops, cos, sin, k_cache=None, v_cache=None, slots=None, mask=None,
+                quantize_next: bool = False):
+        """``h`` is the residual stream, ``x = input_layernorm(h)`` (a :class:`QuantizedActivation` when
+        ``quantized_inputs``); returns ``(h', next_norm(h'))``, quantized when ``quantize_next``."""
         attn, mlp = self.self_attn, self.mlp
-        B, T, _ = x.shape
+        quantize = self.quantized_inputs
+        B, T, _ = h.shape
         q, k, v = self._project("qkv", ("q_proj", "k_proj", "v_proj"), attn, x)
         a = ops.attention(
             q.view(B, T, attn.n_heads, attn.head_dim),
             k.view(B, T, attn.n_kv_heads, attn.head_dim),
             v.view(B, T, attn.n_kv_heads, attn.head_dim),
-            cos, sin, k_cache, v_cache, slots, mask, attn.attn_sub_norm.weight, self.eps,
+            cos, sin, k_cache, v_cache, slots, mask, attn.attn_sub_norm.weight, self.eps, quantize,
         )
-        h, x = ops.add_rms_norm(h, self._linear("o_proj", attn, a), self.post_attention_layernorm.weight, self.eps)
+        h, x = ops.add_rms_norm(h, self._linear("o_proj", attn, a), self.post_attention_layernorm.weight, self.eps,
+                                quantize)
         gate, up = self._project("gate_up", ("gate_proj", "up_proj"), mlp, x)
-        m = ops.relu2_gate_norm(gate, up, mlp.ffn_sub_norm.weight, self.eps)
-        return ops.add_rms_norm(h, self._linear("down_proj", mlp, m), next_norm, self.eps)
+        m = ops.relu2_gate_norm(gate, up, mlp.ffn_sub_norm.weight, self.eps, quantize)
+        return ops.add_rms_norm(h, self._linear("down_proj", mlp, m), next_norm, self.eps, quantize_next)
 
 
 class BitNetModel(nn.Module):
@@ -184,11 +191,12 @@ class BitNetForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, h.dtype)
         layers = self.model.layers
-        x = ops.rms_norm(h, layers[0].input_layernorm.weight, self.config.rms_norm_eps)
+        x = ops.norm_input(h, layers[0].input_layernorm.weight, self.config.rms_norm_eps, layers[0].quantized_inputs)
         for i, layer in enumerate(layers):
-            nxt = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else self.model.norm.weight
+            last = i + 1 == len(layers)
+            nxt = self.model.norm.weight if last else layers[i + 1].input_layernorm.weight
             kc, vc = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
-            h, x = layer(h, x, nxt, ops, cos, sin, kc, vc, slots, mask)
+            h, x = layer(h, x, nxt, ops, cos, sin, kc, vc, slots, mask, not last and layers[i + 1].quantized_inputs)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x)
@@ -212,9 +220,15 @@ class BitNetForCausalLM(nn.Module):
         """(name, BitLinear) for every projection."""
         return [(n, m) for n, m in self.named_modules() if isinstance(m, BitLinear)]
 
-    def prepare_for_inference(self, device=None, *, fuse: bool = True, offload_packed: bool = False) -> Dict[str, str]:
+    def prepare_for_inference(
+        self, device=None, *, fuse: bool = True, offload_packed: bool = False, quantize_in_norms: bool = True
+    ) -> Dict[str, str]:
         """Resolve every projection's kernel and prepared weight once for ``device`` (see bindings).
 
+        ``quantize_in_norms``: where every kernel of a layer takes int8 input (W*A8 per-token configs
+        whose kernels implement ``forward_quantized``), the norms before the projections quantize
+        their output, fused into the norm's kernel, and the projections skip their own pass (same
+        numbers: the quantization is the kernels' own).
         Returns ``{binding name: kernel name}`` for layer 0, e.g. ``{"qkv": "cuda_ext.Ternary...", ...}``.
         """
         device = torch.device(device) if device is not None else self.lm_head.weight.device
@@ -223,13 +237,16 @@ class BitNetForCausalLM(nn.Module):
             attn, mlp = layer.self_attn, layer.mlp
             modules = {n: getattr(attn, n) for n in PROJECTIONS[:4]}
             modules.update({n: getattr(mlp, n) for n in PROJECTIONS[4:]})
-            layer.bound = bind_group(modules, FUSED_GROUPS, device, fuse=fuse, offload_packed=offload_packed)
+            layer.bound = bind_group(modules, FUSED_GROUPS, device, fuse=fuse, offload_packed=offload_packed,
+                                     out_dtype=self.model.embed_tokens.weight.dtype)
+            layer.quantized_inputs = quantize_in_norms and all(b.takes_quantized for b in layer.bound.values())
         return {name: b.kernel.name for name, b in self.model.layers[0].bound.items()}
 
     def release_bindings(self) -> None:
         """Drop the prepared weights; projections dispatch through ``BitLinear.forward`` again."""
         for layer in self.model.layers:
             layer.bound = {}
+            layer.quantized_inputs = False
 
     def use_compiled_ops(self, enabled: bool = True, **compile_kwargs) -> None:
         """Run the float operations through ``torch.compile`` (fused kernels) or eagerly."""

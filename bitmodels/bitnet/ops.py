@@ -6,6 +6,11 @@ rotary ``x * cos + rotate_half(x) * sin``, float32 softmax), written so that
 ``torch.compile`` can fuse each one into a kernel or two.  ``CompiledOps``
 holds compiled copies; the model calls whichever ``Ops`` object it holds.
 
+With ``quantize=True`` the functions that end in a norm return the normed activations int8
+quantized per token (:class:`QuantizedActivation`, exactly as the projection's kernel would
+quantize them), so the quantization runs fused into the norm's kernel and the projection takes
+int8 input (``forward_quantized``) instead of quantizing in a separate pass.
+
 Example::
 
     h, x = add_rms_norm(h, delta, weight, 1e-5)   # residual add, then the next layer's norm
@@ -18,6 +23,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from bitcore.quantize import quantize_activation_int8
+from bitmodels.bitnet.bindings import QuantizedActivation
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' BitNetRMSNorm: normalize in float32, cast to x.dtype, then scale."""
@@ -26,17 +34,27 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def add_rms_norm(
-    residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_tokens(x: torch.Tensor) -> QuantizedActivation:
+    """Per-token int8 quantization of ``x [..., K]``, exactly as a W*A8 per-token kernel does it."""
+    q, scale = quantize_activation_int8(x.reshape(-1, x.shape[-1]), "per_token")
+    return QuantizedActivation(q.view(x.shape), scale.view(*x.shape[:-1], 1))
+
+
+def norm_input(x: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool = False):
+    """``rms_norm(x)``, quantized per token when ``quantize``: the input of a projection."""
+    y = rms_norm(x, weight, eps)
+    return quantize_tokens(y) if quantize else y
+
+
+def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool = False):
     """``h = residual + delta`` and ``rms_norm(h)``: the end of one sub-block and the start of the next."""
     h = residual + delta
-    return h, rms_norm(h, weight, eps)
+    return h, norm_input(h, weight, eps, quantize)
 
 
-def relu2_gate_norm(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def relu2_gate_norm(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool = False):
     """BitNet's MLP middle: ``ffn_sub_norm(relu(gate)**2 * up)``."""
-    return rms_norm(torch.relu(gate).square() * up, weight, eps)
+    return norm_input(torch.relu(gate).square() * up, weight, eps, quantize)
 
 
 def rotary_table(head_dim: int, theta: float, n_positions: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -81,8 +99,9 @@ def attention(
     mask: Optional[torch.Tensor],
     sub_norm_weight: torch.Tensor,
     eps: float,
-) -> torch.Tensor:
-    """Rotary, KV-cache write, grouped-query attention and ``attn_sub_norm``.
+    quantize: bool = False,
+):
+    """Rotary, KV-cache write, grouped-query attention and ``attn_sub_norm`` (quantized when ``quantize``).
 
     ``q [B, T, H, D]``, ``k, v [B, T, KVH, D]``.  With a cache
     (``[B, KVH, S, D]``), ``k, v`` are written at cache positions ``slots [T]``
@@ -111,13 +130,13 @@ def attention(
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         out = out.transpose(1, 2).reshape(B, T, H * D)
-    return rms_norm(out, sub_norm_weight, eps)
+    return norm_input(out, sub_norm_weight, eps, quantize)
 
 
 class Ops:
     """The decoder's float operations, eager."""
 
-    rms_norm = staticmethod(rms_norm)
+    norm_input = staticmethod(norm_input)
     add_rms_norm = staticmethod(add_rms_norm)
     relu2_gate_norm = staticmethod(relu2_gate_norm)
     attention = staticmethod(attention)
@@ -130,7 +149,7 @@ class CompiledOps(Ops):
     """
 
     def __init__(self, **compile_kwargs) -> None:
-        for name in ("rms_norm", "add_rms_norm", "relu2_gate_norm", "attention"):
+        for name in ("norm_input", "add_rms_norm", "relu2_gate_norm", "attention"):
             setattr(self, name, torch.compile(getattr(Ops, name), **compile_kwargs))
 
 
@@ -140,11 +159,11 @@ def decode_rope_write(q, k, v, cos, sin, k_cache, v_cache, slots) -> torch.Tenso
     return q[:, :, 0]
 
 
-def combine_sub_norm(acc, m, l_sum, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+def combine_sub_norm(acc, m, l_sum, weight: torch.Tensor, eps: float, dtype: torch.dtype, quantize: bool = False):
     """Merge split-KV partials (:mod:`bitmodels.bitnet.triton_attention`) and apply ``attn_sub_norm``."""
     from bitmodels.bitnet.triton_attention import combine_partials
 
-    return rms_norm(combine_partials(acc, m, l_sum).to(dtype), weight, eps)
+    return norm_input(combine_partials(acc, m, l_sum).to(dtype), weight, eps, quantize)
 
 
 class TritonDecodeOps(CompiledOps):
@@ -158,16 +177,17 @@ class TritonDecodeOps(CompiledOps):
         self._combine = torch.compile(combine_sub_norm, **compile_kwargs)
         self.attention = self._attention
 
-    def _attention(self, q, k, v, cos, sin, k_cache, v_cache, slots, mask, sub_norm_weight, eps):
+    def _attention(self, q, k, v, cos, sin, k_cache, v_cache, slots, mask, sub_norm_weight, eps, quantize=False):
         from bitmodels.bitnet.triton_attention import decode_attention_partials
 
         if q.shape[1] != 1 or k_cache is None or not q.is_cuda or q.dtype == torch.float32:
-            return self._generic_attention(q, k, v, cos, sin, k_cache, v_cache, slots, mask, sub_norm_weight, eps)
+            return self._generic_attention(q, k, v, cos, sin, k_cache, v_cache, slots, mask, sub_norm_weight, eps,
+                                           quantize)
         q_rot = self._rope_write(q, k, v, cos, sin, k_cache, v_cache, slots)
         if q_rot.stride(-1) != 1:
             q_rot = q_rot.contiguous()
         acc, m, l_sum = decode_attention_partials(q_rot, k_cache, v_cache, mask)
-        return self._combine(acc, m, l_sum, sub_norm_weight, eps, q.dtype)
+        return self._combine(acc, m, l_sum, sub_norm_weight, eps, q.dtype, quantize)
 
 
 _SHARED: dict = {}

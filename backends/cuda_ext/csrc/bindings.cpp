@@ -127,12 +127,67 @@ at::Tensor cuda_ext_linear(const at::Tensor& x, const at::Tensor& wq, const at::
   return y;
 }
 
+// int8 activations quantized by the caller (bitcore.quantize.quantize_activation_int8): xq [M, K]
+// int8, x_scale [M] (per token) or [1] (per tensor) float32; otherwise as cuda_ext_linear's int8
+// path.  Lets a model fuse the quantization into the operation before the projection.
+at::Tensor cuda_ext_linear_int8(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& wq,
+                                const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, int64_t fmt,
+                                int64_t epilogue, int64_t N, int64_t K, at::ScalarType out_dtype) {
+  TORCH_CHECK(xq.is_cuda() && x_scale.is_cuda() && wq.is_cuda() && w_scale.is_cuda(),
+              "cuda_ext_linear_int8: tensors must be on a CUDA device");
+  TORCH_CHECK(xq.dim() == 2 && xq.scalar_type() == at::kChar, "cuda_ext_linear_int8: xq must be 2-D int8, got ",
+              xq.scalar_type(), " ", xq.sizes());
+  TORCH_CHECK(xq.size(1) == K, "cuda_ext_linear_int8: xq has ", xq.size(1), " columns, expected in_features=", K);
+  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && (x_scale.numel() == 1 || x_scale.numel() == xq.size(0)),
+              "cuda_ext_linear_int8: x_scale must be float32 with 1 or ", xq.size(0), " elements, got ",
+              x_scale.scalar_type(), " with ", x_scale.numel());
+  TORCH_CHECK(fmt >= 0 && fmt <= 4, "cuda_ext_linear_int8: fmt ", fmt, " not in [0, 4]");
+  TORCH_CHECK(epilogue >= 0 && epilogue <= 2, "cuda_ext_linear_int8: epilogue ", epilogue, " not in [0, 2]");
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
+                  (w_scale.numel() == 1 || w_scale.numel() == N),
+              "cuda_ext_linear_int8: w_scale must be contiguous float32 with 1 or out_features=", N, " elements");
+  TORCH_CHECK(wq.scalar_type() == at::kInt, "cuda_ext_linear_int8: prepared weight must be int32 lane tiles");
+  const c10::cuda::CUDAGuard guard(xq.device());
+  const int64_t M = xq.size(0);
+  const int64_t Kp = (K + 127) / 128 * 128;
+  at::Tensor y = at::empty({M, N}, xq.options().dtype(out_dtype));
+  if (M == 0 || N == 0) return y;
+  at::Tensor bias_f;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == N, "cuda_ext_linear_int8: bias has ", bias->numel(), " elements, expected ", N);
+    bias_f = bias->to(at::kFloat).contiguous();
+  }
+  at::Tensor xp = padded_activations(xq.stride(1) == 1 ? xq : xq.contiguous(), K, Kp);
+  at::Tensor xsc = x_scale.contiguous();
+  bitlab::LinearArgs a{};
+  a.x = xp.data_ptr();
+  a.x_scale = xsc.data_ptr<float>();
+  a.x_scale_per_row = x_scale.numel() == M && M > 1;
+  a.wq = reinterpret_cast<const uint32_t*>(wq.data_ptr<int>());
+  a.w_scale = w_scale.data_ptr<float>();
+  a.w_scale_per_row = w_scale.numel() == N && N > 1;
+  a.bias = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
+  a.y = y.data_ptr();
+  a.out_dtype = dtype_code(out_dtype);
+  a.epilogue = static_cast<int>(epilogue);
+  a.M = M; a.N = N; a.Kp = Kp;
+  a.fmt = static_cast<int>(fmt);
+  check_cuda(bitlab::launch_linear_int8(a, c10::cuda::getCurrentCUDAStream()), "int8-activation kernel");
+  return y;
+}
+
 TORCH_LIBRARY_FRAGMENT(bitlab, m) {
+  m.def(
+      "cuda_ext_linear_int8(Tensor xq, Tensor x_scale, Tensor wq, Tensor w_scale, Tensor? bias, int fmt, "
+      "int epilogue, int N, int K, ScalarType out_dtype) -> Tensor");
   m.def(
       "cuda_ext_linear(Tensor x, Tensor wq, Tensor w_scale, Tensor? bias, int fmt, int act_mode, int epilogue, "
       "int N, int K, ScalarType out_dtype) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(bitlab, CUDA, m) { m.impl("cuda_ext_linear", &cuda_ext_linear); }
+TORCH_LIBRARY_IMPL(bitlab, CUDA, m) {
+  m.impl("cuda_ext_linear", &cuda_ext_linear);
+  m.impl("cuda_ext_linear_int8", &cuda_ext_linear_int8);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "BitLab cuda_ext kernels (op: torch.ops.bitlab.cuda_ext_linear)"; }

@@ -6,15 +6,8 @@
 // float activations, m16n8k32 int8 with exact int32 accumulation for int8 ones.
 // The weight is the mma's A operand (16 output rows), activations are B (8 tokens).
 //
-// GEMV (M <= 16 tokens), two kernels:
-//   * streaming (default when the activations fit in shared memory): a persistent grid whose
-//     blocks loop over groups of MT m-tiles; the kw warps of a block split K chunk by chunk,
-//     each lane copies its own activation fragments into shared memory once (cp.async), and
-//     weight units stream through a ring of P register buffers (P units' loads in flight per
-//     warp, refilled as soon as decoded, across tile-group boundaries); warps' partial sums
-//     are reduced through shared memory per tile group;
-//   * one-shot (v2, fallback for large M x K): one block per MT m-tiles, each warp issues the
-//     weight and activation loads of D chunks before the first use.
+// GEMV (M <= 16 tokens): one block per MT m-tiles; each warp issues the weight and activation
+//   loads of D chunks before the first use; the block's warps split K and meet in shared memory.
 //   Consecutive k-steps accumulate into independent register sets (no mma waits on the
 //   previous one). NT = 1 (M <= 8) or 2 (M <= 16) n-tiles of 8 tokens.
 // GEMM (M > 16): a block owns 128 rows x 128 tokens, 8 warps as 4 (rows, MT = 2)
@@ -27,6 +20,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "bitlab_cp_async.cuh"
 #include "bitlab_mma.cuh"
 
 namespace bitlab {
@@ -62,12 +56,6 @@ template <int MT>
 struct GemvAccSets {
   static constexpr int value = MT >= 2 ? 2 : 4;
 };
-// The streaming kernel also halves them for two n-tiles (its ring needs the registers).
-template <int MT, int NT>
-struct GemvStreamAccSets {
-  static constexpr int value = MT * NT >= 2 ? 2 : 4;
-};
-
 // Load the lane's activations of one chunk for token row `row` (zeros past M).
 template <typename X>
 __device__ __forceinline__ void load_x_chunk(uint32_t* dst, const X* __restrict__ x, int row, int M, int Kp,
@@ -178,196 +166,7 @@ __global__ void __launch_bounds__(256) gemv_oneshot_kernel(LinearArgs a, int nch
 }
 
 
-// cp.async helpers (streaming GEMV and GEMM).
 __device__ __forceinline__ int swizzle_chunk(int c, int r) { return c ^ (r & 1) ^ (((c >> 3) & 1) << 1); }
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int n = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
-
-// ---------------------------------------------------------------- streaming GEMV
-// Weight units of one chunk (MT m-tiles) in a ring of P register buffers: P units' loads are
-// in flight while one is decoded (P * MT * 512 bytes per warp for 2-bit weights).
-template <int FMT, int MT>
-struct GemvRing {
-  static constexpr int regs = MT * LaneTile<FMT>::wpl;
-  static constexpr int value = (32 / regs) < 2 ? 2 : ((32 / regs) > 8 ? 8 : (32 / regs));
-};
-constexpr int kGemvMaxWarps = 8;  // __launch_bounds__(256, 2): at most 128 registers per thread
-
-// Bytes of one token row of staged activations: 4 lanes (t) x xwords per chunk, + 16 bytes of
-// padding so that lanes of different token rows hit different banks.
-template <typename X>
-__host__ __device__ constexpr int gemv_xrow_bytes(int nchunks) {
-  return nchunks * 4 * PathTraits<X>::xwords * 4 + 16;
-}
-
-__device__ __forceinline__ void cp_async16_full(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, 16;" ::"r"(s), "l"(gmem));
-}
-
-// Persistent streaming GEMV (M <= 8 * NT tokens whose activations fit in shared memory).
-// Block b handles tile groups b, b + gridDim.x, ... (MT m-tiles each); its kw warps split K
-// (warp w takes chunks w, w + kw, ...: gpw per tile group, the same count for every warp).
-// A warp's chunks are the same for every tile group, so each lane copies its own activation
-// fragments of those chunks into shared memory once (cp.async; only the lane itself reads them
-// back: no barrier), and then streams weight units (one chunk of MT m-tiles) through a ring of
-// P register buffers, refilling each buffer as soon as it is decoded, across tile-group
-// boundaries too. At the end of a tile group the warps' partial sums are reduced through
-// shared memory and the epilogue writes the outputs.
-template <int FMT, typename X, int MT, int NT>
-__global__ void __launch_bounds__(256, 2) gemv_stream_kernel(LinearArgs a, int nchunks, int ntg, int gpw) {
-  using PT = PathTraits<X>;
-  using Acc = typename PT::Acc;
-  using L = LaneTile<FMT>;
-  constexpr int S = GemvStreamAccSets<MT, NT>::value;
-  constexpr int P = GemvRing<FMT, MT>::value;
-  constexpr int E = MT * NT * 4;
-  constexpr int XW = PT::xwords;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, kw = blockDim.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  Acc* red = reinterpret_cast<Acc*>(smem_raw);
-  unsigned char* xs = smem_raw + (kw > 1 ? kw * E * 32 * sizeof(Acc) : 0);
-  const int row_bytes = gemv_xrow_bytes<X>(nchunks);
-
-  // Stage this lane's activation fragments (rows >= M are never read: zeros in registers).
-  const X* __restrict__ xg = static_cast<const X*>(a.x);
-#pragma unroll
-  for (int n = 0; n < NT; ++n) {
-    const int row = n * 8 + g;
-    if (row < a.M) {
-      for (int kk = 0; kk < gpw; ++kk) {
-        const int c = warp + kk * kw;
-        if (c < nchunks) {
-          const X* src = xg + static_cast<long>(row) * a.Kp + c * 128 + 32 * t;
-          unsigned char* dst = xs + row * row_bytes + (c * 4 + t) * XW * 4;
-#pragma unroll
-          for (int v = 0; v < XW / 4; ++v) cp_async16_full(dst + 16 * v, src + v * (16 / sizeof(X)));
-        }
-      }
-    }
-  }
-  cp_async_commit();
-
-  Acc accs[S][MT][NT][4];
-  const int my_groups = blockIdx.x < ntg ? (ntg - 1 - static_cast<int>(blockIdx.x)) / gridDim.x + 1 : 0;
-  const int total = my_groups * gpw;
-  uint32_t ring[P][MT][L::wpl];
-
-  auto load = [&](uint32_t (&w)[MT][L::wpl], int tg, int kk) {
-    const int c = warp + kk * kw;
-    if (c < nchunks) {
-#pragma unroll
-      for (int m = 0; m < MT; ++m) load_lane_tile<FMT>(w[m], a.wq, static_cast<long>(tg * MT + m) * nchunks + c, lane);
-    }
-  };
-
-  auto process = [&](const uint32_t (&w)[MT][L::wpl], int tg, int kk) {
-    if (kk == 0) {
-#pragma unroll
-      for (int q = 0; q < S; ++q)
-#pragma unroll
-        for (int m = 0; m < MT; ++m)
-#pragma unroll
-          for (int n = 0; n < NT; ++n)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) accs[q][m][n][i] = Acc(0);
-    }
-    const int c = warp + kk * kw;
-    if (c < nchunks) {
-      uint32_t xb[NT][XW];
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        if (n * 8 + g < a.M) {
-          const uint4* p = reinterpret_cast<const uint4*>(xs + (n * 8 + g) * row_bytes + (c * 4 + t) * XW * 4);
-#pragma unroll
-          for (int v = 0; v < XW / 4; ++v) {
-            const uint4 q = p[v];
-            xb[n][4 * v] = q.x; xb[n][4 * v + 1] = q.y; xb[n][4 * v + 2] = q.z; xb[n][4 * v + 3] = q.w;
-          }
-        } else {
-#pragma unroll
-          for (int v = 0; v < XW; ++v) xb[n][v] = 0u;
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < PT::ksteps; ++j) {
-#pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          uint32_t ar[4];
-#pragma unroll
-          for (int r = 0; r < 4; ++r) ar[r] = decode<FMT, X>(w[m], 4 * j + r);
-#pragma unroll
-          for (int n = 0; n < NT; ++n) mma(accs[j % S][m][n], ar, &xb[n][2 * j], X());
-        }
-      }
-    }
-    if (kk == gpw - 1) {
-      const int tile0 = tg * MT;
-      Acc acc[MT][NT][4];
-#pragma unroll
-      for (int m = 0; m < MT; ++m)
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            Acc v = accs[0][m][n][i];
-#pragma unroll
-            for (int q = 1; q < S; ++q) v += accs[q][m][n][i];
-            acc[m][n][i] = v;
-          }
-      if (kw > 1) {
-#pragma unroll
-        for (int m = 0; m < MT; ++m)
-#pragma unroll
-          for (int n = 0; n < NT; ++n)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) red[(warp * E + (m * NT + n) * 4 + i) * 32 + lane] = acc[m][n][i];
-        __syncthreads();
-        for (int idx = threadIdx.x; idx < E * 32; idx += blockDim.x) {
-          const int e = idx >> 5, ln = idx & 31;
-          Acc s = Acc(0);
-          for (int w2 = 0; w2 < kw; ++w2) s += red[(w2 * E + e) * 32 + ln];
-          const int i = e & 3, n = (e >> 2) % NT, m = (e >> 2) / NT;
-          const int row = (tile0 + m) * 16 + (ln >> 2) + (i >= 2 ? 8 : 0);
-          const int token = n * 8 + 2 * (ln & 3) + (i & 1);
-          epilogue_store(a, token, row, s);
-        }
-        __syncthreads();  // `red` is rewritten by the next tile group
-      } else {
-        store_fragment(a, acc, tile0, g, t);
-      }
-    }
-  };
-
-  // Fill the ring, then: process buffer s, refill it with the unit P ahead.
-  int ltg = blockIdx.x, lkk = 0;  // load cursor
-#pragma unroll
-  for (int s = 0; s < P; ++s) {
-    if (s < total) load(ring[s], ltg, lkk);
-    if (++lkk == gpw) { lkk = 0; ltg += gridDim.x; }
-  }
-  cp_async_wait<0>();
-  int ptg = blockIdx.x, pkk = 0;  // process cursor
-  for (int u = 0; u < total; u += P) {
-#pragma unroll
-    for (int s = 0; s < P; ++s) {
-      if (u + s < total) {
-        process(ring[s], ptg, pkk);
-        if (++pkk == gpw) { pkk = 0; ptg += gridDim.x; }
-        if (u + s + P < total) load(ring[s], ltg, lkk);
-        if (++lkk == gpw) { lkk = 0; ltg += gridDim.x; }
-      }
-    }
-  }
-}
 
 // ------------------------------------------------------------------------ GEMM
 constexpr int kGemmRows = 128, kGemmTokens = 128, kGemmThreads = 256;
@@ -492,104 +291,6 @@ cudaError_t launch_gemv_oneshot(const LinearArgs& a, int nchunks, cudaStream_t s
   return cudaGetLastError();
 }
 
-// Knob, read once per process: BITLAB_CUDA_GEMV="stream" or "stream,KW" selects the streaming
-// GEMV (KW warps per block; default from the cost model). It is opt-in until it has been timed
-// and tested on a GPU (docs/backends/cuda_ext_notes.md, v3); unset or "oneshot" = the v2 GEMV.
-struct GemvForce {
-  int mode = 0;  // 0 automatic, 1 oneshot, 2 stream
-  int kw = 0;
-};
-inline const GemvForce& gemv_force() {
-  static const GemvForce f = [] {
-    GemvForce r;
-    if (const char* env = std::getenv("BITLAB_CUDA_GEMV")) {
-      if (std::strncmp(env, "oneshot", 7) == 0) r.mode = 1;
-      if (std::strncmp(env, "stream", 6) == 0) {
-        r.mode = 2;
-        if (env[6] == ',') {
-          r.kw = std::atoi(env + 7);
-          r.kw = r.kw < 0 ? 0 : (r.kw > kGemvMaxWarps ? kGemvMaxWarps : r.kw);
-        }
-      }
-    }
-    return r;
-  }();
-  return f;
-}
-
-constexpr int kGemvStreamSmemLimit = 96 * 1024;  // staged activations + reduction, per block
-
-// Streaming GEMV launch: warps per block kw and the persistent grid from a cost model.
-// A warp's time is (tile groups per block, rounded up) x (chunks per tile group, rounded up),
-// scaled up when fewer than 16 warps per multiprocessor are resident (latency hiding).
-// Returns cudaErrorNotSupported when the activations do not fit in shared memory.
-template <int FMT, typename X, int MT, int NT>
-cudaError_t launch_gemv_stream(const LinearArgs& a, int nchunks, cudaStream_t stream) {
-  using Acc = typename PathTraits<X>::Acc;
-  const int rows = a.M < NT * 8 ? a.M : NT * 8;
-  const size_t xbytes = static_cast<size_t>(rows) * gemv_xrow_bytes<X>(nchunks);
-  if (xbytes + kGemvMaxWarps * MT * NT * 4 * 32 * sizeof(Acc) > kGemvStreamSmemLimit) return cudaErrorNotSupported;
-  static int regs_blocks[kGemvMaxWarps + 1] = {0};  // resident blocks by registers, per kw
-  static bool configured = false;
-  if (!configured) {
-    cudaError_t err = cudaFuncSetAttribute(gemv_stream_kernel<FMT, X, MT, NT>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, kGemvStreamSmemLimit);
-    if (err != cudaSuccess) return err;
-    configured = true;
-  }
-  static int smem_per_sm = 0;
-  if (smem_per_sm == 0) {
-    int dev = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
-    if (smem_per_sm <= 0) smem_per_sm = 100 * 1024;
-  }
-  const int sms = device_sm_count();
-  const int ntg = (a.N + 127) / 128 * 8 / MT;
-  const GemvForce& force = gemv_force();
-  double best_cost = 1e30;
-  int best_kw = 1, best_grid = 1, best_gpw = nchunks;
-  size_t best_smem = 0;
-  for (int kw = kGemvMaxWarps; kw >= 1; --kw) {
-    if (force.kw > 0 && kw != (force.kw < nchunks ? force.kw : nchunks)) continue;
-    if (kw > nchunks) continue;
-    const size_t smem = xbytes + (kw > 1 ? static_cast<size_t>(kw) * MT * NT * 4 * 32 * sizeof(Acc) : 0);
-    if (regs_blocks[kw] == 0) {
-      int n = 0;
-      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemv_stream_kernel<FMT, X, MT, NT>, 32 * kw, 0) !=
-              cudaSuccess || n < 1) {
-        cudaGetLastError();
-        n = 1;
-      }
-      regs_blocks[kw] = n;
-    }
-    int per_sm = regs_blocks[kw];
-    const int by_smem = static_cast<int>(smem_per_sm / (smem + 1024));
-    if (by_smem < per_sm) per_sm = by_smem < 1 ? 1 : by_smem;
-    const int slots = sms * per_sm;
-    const int grid = ntg < slots ? ntg : slots;
-    const int rounds = (ntg + grid - 1) / grid;
-    const int gpw = (nchunks + kw - 1) / kw;
-    double warps_per_sm = static_cast<double>(grid) * kw / sms;
-    if (warps_per_sm > 16.0) warps_per_sm = 16.0;
-    const double cost = static_cast<double>(rounds) * gpw * (16.0 / (warps_per_sm < 1.0 ? 1.0 : warps_per_sm));
-    if (cost < best_cost) {
-      best_cost = cost; best_kw = kw; best_grid = grid; best_gpw = gpw; best_smem = smem;
-    }
-  }
-  gemv_stream_kernel<FMT, X, MT, NT><<<best_grid, 32 * best_kw, best_smem, stream>>>(a, nchunks, ntg, best_gpw);
-  return cudaGetLastError();
-}
-
-template <int FMT, typename X, int MT, int NT>
-cudaError_t launch_gemv_mt_nt(const LinearArgs& a, int nchunks, cudaStream_t stream) {
-  if (gemv_force().mode == 2) {
-    const cudaError_t err = launch_gemv_stream<FMT, X, MT, NT>(a, nchunks, stream);
-    if (err != cudaErrorNotSupported) return err;
-  }
-  return launch_gemv_oneshot<FMT, X, MT, NT>(a, nchunks, stream);
-}
-
 template <int FMT, typename X>
 cudaError_t launch_gemm(const LinearArgs& a, int nchunks, cudaStream_t stream) {
   const size_t smem = 2 * kGemmTokens * 128 * sizeof(X);
@@ -611,20 +312,13 @@ cudaError_t launch_linear_fmt(const LinearArgs& a, cudaStream_t stream) {
   const int nchunks = a.Kp / 128;
   if (a.M > 16) return launch_gemm<FMT, X>(a, nchunks, stream);
   if (a.M <= 8) {
-    const int tiles = (a.N + 127) / 128 * 8;
-    if (gemv_force().mode == 2) {
-      // Streaming: two m-tiles per warp halve the activation reads per weight byte; worth it
-      // from 5 tokens on, when the tile groups still fill two blocks per multiprocessor.
-      if (FormatBits<FMT>::value <= 4 && a.M > 4 && tiles >= 2 * 2 * device_sm_count())
-        return launch_gemv_mt_nt<FMT, X, 2, 1>(a, nchunks, stream);
-      return launch_gemv_mt_nt<FMT, X, 1, 1>(a, nchunks, stream);
-    }
     // One-shot: two m-tiles per warp (half the activation traffic per weight byte) once that
     // still leaves about two blocks per multiprocessor.
-    if (2 * tiles >= 3 * 2 * device_sm_count()) return launch_gemv_mt_nt<FMT, X, 2, 1>(a, nchunks, stream);
-    return launch_gemv_mt_nt<FMT, X, 1, 1>(a, nchunks, stream);
+    const int tiles = (a.N + 127) / 128 * 8;
+    if (2 * tiles >= 3 * 2 * device_sm_count()) return launch_gemv_oneshot<FMT, X, 2, 1>(a, nchunks, stream);
+    return launch_gemv_oneshot<FMT, X, 1, 1>(a, nchunks, stream);
   }
-  return launch_gemv_mt_nt<FMT, X, 1, 2>(a, nchunks, stream);
+  return launch_gemv_oneshot<FMT, X, 1, 2>(a, nchunks, stream);
 }
 
 template <typename X>

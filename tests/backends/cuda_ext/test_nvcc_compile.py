@@ -23,12 +23,14 @@ def compiled(tmp_path_factory):
     flags = [f for f in NVCC_FLAGS if f != "-lineinfo"] + gencode_flags(["80", "90a"])
 
     def build(src):
-        cmd = [NVCC, *flags, "-I", str(CSRC), "-c", str(src), "-o", str(out / (src.name + ".o"))]
+        cmd = [NVCC, *flags, "-Xcompiler", "-fPIC", "-I", str(CSRC), "-c", str(src), "-o", str(out / (src.name + ".o"))]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         return src.name, proc.returncode, proc.stderr
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return {name: (rc, err) for name, rc, err in pool.map(build, KERNEL_SOURCES)}
+        results = {name: (rc, err) for name, rc, err in pool.map(build, KERNEL_SOURCES)}
+    results["_out"] = out
+    return results
 
 
 @pytest.mark.parametrize("source", [p.name for p in KERNEL_SOURCES])
@@ -36,6 +38,17 @@ def test_kernel_file_compiles_for_sm80_and_sm90a(compiled, source):
     rc, err = compiled[source]
     assert rc == 0, f"nvcc failed on {source}:\n{err[-4000:]}"
     assert "warning" not in err.lower(), f"nvcc warned on {source}:\n{err[-4000:]}"
+
+
+def test_kernel_objects_link_together(compiled):
+    # The extension links every kernel object into one library: a non-inline function defined
+    # in a shared header would be defined twice (the compile of each file alone cannot see it).
+    objs = sorted(str(p) for p in compiled["_out"].glob("*.o"))
+    if len(objs) != len(KERNEL_SOURCES):
+        pytest.skip("some kernel files failed to compile (reported by their own test)")
+    cmd = [NVCC, "-shared", "-o", str(compiled["_out"] / "libcheck.so"), *objs]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"linking the kernel objects failed:\n{proc.stderr[-4000:]}"
 
 
 def test_kernel_sources_are_torch_free():

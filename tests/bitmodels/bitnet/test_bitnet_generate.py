@@ -75,6 +75,34 @@ def test_fused_and_unfused_projections_compute_the_same_logits():
     assert torch.equal(fused, unfused)
 
 
+def test_quantizing_in_the_norms_computes_the_same_logits():
+    """With kernels that take int8 input, the norms quantize and the projections skip their own
+    quantization: the same quantization, so the same logits, bit for bit (torch_ref on the CPU)."""
+    from bitcore.kernels import KernelRegistry
+
+    model = _model(seed=5)
+    ids = torch.randint(3, 71, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), KernelRegistry.force_backend("torch_ref"):
+        model.prepare_for_inference("cpu", quantize_in_norms=False)
+        assert not any(layer.quantized_inputs for layer in model.model.layers)
+        plain = model(ids)
+        model.prepare_for_inference("cpu")
+        assert all(layer.quantized_inputs for layer in model.model.layers)
+        assert all(b.takes_quantized for b in model.model.layers[0].bound.values())
+        quantized = model(ids)
+        out = Generator(model, bind=False).generate([ids[0].tolist()], max_new_tokens=4, stop_token_ids=[])
+    assert torch.equal(plain, quantized)
+    assert out.tokens[0] == _greedy_by_recomputation(model, ids[0].tolist(), 4)
+
+
+def test_kernels_without_int8_input_keep_the_norms_float():
+    model = _model(seed=6)
+    model.prepare_for_inference("cpu")  # the C++ CPU kernels quantize inside forward
+    if all(b.takes_quantized for b in model.model.layers[0].bound.values()):
+        pytest.skip("every CPU kernel here takes int8 input")
+    assert not any(layer.quantized_inputs for layer in model.model.layers)
+
+
 def test_stop_token_ends_a_row_and_pads_the_rest():
     model = _model(seed=4)
     prompts = _prompts(4, (5, 8))
