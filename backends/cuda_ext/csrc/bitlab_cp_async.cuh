@@ -1,4 +1,5 @@
-// BitLab cuda_ext: cp.async (global -> shared, asynchronous) helpers, sm_80 and newer.
+// BitLab cuda_ext: asynchronous-copy (cp.async, sm_80+) and programmatic-dependent-launch (sm_90+)
+// helpers.
 #pragma once
 
 namespace bitlab {
@@ -19,5 +20,20 @@ __device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+// Programmatic dependent launch: a kernel launched with it (launch_maybe_pdl) may start while the
+// previous kernel on the stream still runs; it calls pdl_wait() before reading that kernel's
+// output.  The previous kernel lets it start early with pdl_launch_dependents().  Both are
+// no-ops below sm_90 and when the kernel was launched without the attribute.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 
 }  // namespace bitlab

@@ -26,6 +26,7 @@ struct LinearArgs {
   int epilogue;
   int M, N, Kp;
   int fmt;               // WeightFormat
+  int pdl;               // launch as a programmatic dependent of the previous kernel (sm_90+)
 };
 
 // Float activations (x_dtype kDtypeHalf / kDtypeBFloat16), decode-to-half/bf16 mma.

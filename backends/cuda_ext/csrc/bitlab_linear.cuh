@@ -96,6 +96,7 @@ __global__ void __launch_bounds__(256) gemv_oneshot_kernel(LinearArgs a, int nch
 #pragma unroll
         for (int i = 0; i < 4; ++i) accs[q][m][n][i] = Acc(0);
 
+  bool waited = false;
   for (int c0 = warp * D; c0 < nchunks; c0 += kw * D) {
     uint32_t wa[D][MT][L::wpl];
     uint32_t xb[D][NT][PT::xwords];
@@ -104,6 +105,10 @@ __global__ void __launch_bounds__(256) gemv_oneshot_kernel(LinearArgs a, int nch
 #pragma unroll
       for (int m = 0; m < MT; ++m)
         if (c0 + d < nchunks) load_lane_tile<FMT>(wa[d][m], a.wq, static_cast<long>(tile0 + m) * nchunks + c0 + d, lane);
+    if (!waited) {  // the first weight loads are in flight while the producer of x finishes
+      pdl_wait();
+      waited = true;
+    }
 #pragma unroll
     for (int d = 0; d < D; ++d)
 #pragma unroll
@@ -278,6 +283,38 @@ inline int device_sm_count() {
   return count;
 }
 
+inline bool device_has_pdl() {
+  static int major = -1;
+  if (major < 0) {
+    int dev = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  }
+  return major >= 9;
+}
+
+// Launch `kernel`, as a programmatic dependent of the stream's previous kernel when `pdl` (and the
+// device has it): the kernel must call pdl_wait() before it reads what that kernel wrote.
+template <typename... Params, typename... Args>
+cudaError_t launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                             bool pdl, Args... args) {
+  if (!pdl || !device_has_pdl()) {
+    kernel<<<grid, block, smem, stream>>>(args...);
+    return cudaGetLastError();
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
 // v2 GEMV: one block per MT m-tiles, all of a warp's loads issued before the first use.
 template <int FMT, typename X, int MT, int NT>
 cudaError_t launch_gemv_oneshot(const LinearArgs& a, int nchunks, cudaStream_t stream) {
@@ -287,8 +324,8 @@ cudaError_t launch_gemv_oneshot(const LinearArgs& a, int nchunks, cudaStream_t s
   const int tiles = (a.N + 127) / 128 * 8;
   using Acc = typename PathTraits<X>::Acc;
   const size_t smem = kw > 1 ? static_cast<size_t>(kw) * MT * NT * 4 * 32 * sizeof(Acc) : 0;
-  gemv_oneshot_kernel<FMT, X, MT, NT><<<tiles / MT, 32 * kw, smem, stream>>>(a, nchunks);
-  return cudaGetLastError();
+  return launch_maybe_pdl(gemv_oneshot_kernel<FMT, X, MT, NT>, dim3(tiles / MT), dim3(32 * kw), smem, stream,
+                          a.pdl != 0, a, nchunks);
 }
 
 template <int FMT, typename X>

@@ -10,6 +10,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "bitlab_cp_async.cuh"
 #include "bitlab_launch.h"
 
 namespace bitlab {
@@ -73,6 +74,7 @@ __device__ float row_absmax(const void* x, int dtype, long base, int K, float* s
 __global__ void quantize_rows_kernel(const void* x, int dtype, int M, int K, long ldx, int Kp, int per_token,
                                      const float* rowmax, int8_t* xq, float* xs) {
   __shared__ float shared[32];
+  pdl_launch_dependents();  // the GEMV may start loading its weights now; it waits for xq itself
   const int row = blockIdx.x;
   const long base = static_cast<long>(row) * ldx;
   float amax;
