@@ -38,6 +38,7 @@ from bitmodels.bitnet.ops import CompiledOps, Ops, compiled_ops, rms_norm, rotar
 from bitmodels.configs import register_model
 from bitmodels.hf.build import empty_frozen_bitlinear
 
+QUANTIZE_IN_NORMS_MAX_TOKENS = 16  # the cuda_ext GEMV range (bitcore: GEMV_MAX_TOKENS there)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 
@@ -109,11 +110,12 @@ class BitNetDecoderLayer(nn.Module):
         return bound(x) if bound is not None else getattr(module, name)(x)
 
     def forward(self, h, x, next_norm: torch.Tensor, ops, cos, sin, k_cache=None, v_cache=None, slots=None, mask=None,
-                quantize_next: bool = False):
+                quantize_next: bool = False, quantize_here: bool = True):
         """``h`` is the residual stream, ``x = input_layernorm(h)`` (a :class:`QuantizedActivation` when
-        ``quantized_inputs``); returns ``(h', next_norm(h'))``, quantized when ``quantize_next``."""
+        the caller quantized it); the norms inside quantize when ``quantized_inputs and quantize_here``;
+        returns ``(h', next_norm(h'))``, quantized when ``quantize_next``."""
         attn, mlp = self.self_attn, self.mlp
-        quantize = self.quantized_inputs
+        quantize = self.quantized_inputs and quantize_here
         B, T, _ = h.shape
         q, k, v = self._project("qkv", ("q_proj", "k_proj", "v_proj"), attn, x)
         a = ops.attention(
@@ -191,12 +193,17 @@ class BitNetForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, h.dtype)
         layers = self.model.layers
-        x = ops.norm_input(h, layers[0].input_layernorm.weight, self.config.rms_norm_eps, layers[0].quantized_inputs)
+        # Quantizing in the norms pays where the projections are GEMVs (decode); a prefill's GEMMs
+        # quantize inside their own op (measured: norm-side quantization made prefill slower).
+        small = B * T <= QUANTIZE_IN_NORMS_MAX_TOKENS
+        x = ops.norm_input(h, layers[0].input_layernorm.weight, self.config.rms_norm_eps,
+                           small and layers[0].quantized_inputs)
         for i, layer in enumerate(layers):
             last = i + 1 == len(layers)
             nxt = self.model.norm.weight if last else layers[i + 1].input_layernorm.weight
             kc, vc = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
-            h, x = layer(h, x, nxt, ops, cos, sin, kc, vc, slots, mask, not last and layers[i + 1].quantized_inputs)
+            h, x = layer(h, x, nxt, ops, cos, sin, kc, vc, slots, mask,
+                         small and not last and layers[i + 1].quantized_inputs, small)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x)

@@ -75,23 +75,38 @@ def test_fused_and_unfused_projections_compute_the_same_logits():
     assert torch.equal(fused, unfused)
 
 
-def test_quantizing_in_the_norms_computes_the_same_logits():
+def test_quantizing_in_the_norms_computes_the_same_logits(monkeypatch):
     """With kernels that take int8 input, the norms quantize and the projections skip their own
-    quantization: the same quantization, so the same logits, bit for bit (torch_ref on the CPU)."""
+    quantization (up to 16 tokens, the GEMV range): the same quantization, so the same logits,
+    bit for bit (torch_ref on the CPU)."""
+    from backends.torch_ref.kernels import TorchReferenceKernel
     from bitcore.kernels import KernelRegistry
 
+    calls = []
+    original = TorchReferenceKernel.forward_quantized
+
+    def spy(self, xq, *args, **kwargs):
+        calls.append(xq.shape[0])
+        return original(self, xq, *args, **kwargs)
+
+    monkeypatch.setattr(TorchReferenceKernel, "forward_quantized", spy)
     model = _model(seed=5)
-    ids = torch.randint(3, 71, (2, 9), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(3, 71, (2, 7), generator=torch.Generator().manual_seed(5))
+    long_ids = torch.randint(3, 71, (2, 9), generator=torch.Generator().manual_seed(6))
     with torch.no_grad(), KernelRegistry.force_backend("torch_ref"):
         model.prepare_for_inference("cpu", quantize_in_norms=False)
         assert not any(layer.quantized_inputs for layer in model.model.layers)
-        plain = model(ids)
+        plain, plain_long = model(ids), model(long_ids)
+        assert calls == []
         model.prepare_for_inference("cpu")
         assert all(layer.quantized_inputs for layer in model.model.layers)
         assert all(b.takes_quantized for b in model.model.layers[0].bound.values())
         quantized = model(ids)
+        assert calls == [14] * 4 * 2  # 4 bindings (qkv, o, gate_up, down) x 2 layers, all 14 tokens
+        quantized_long = model(long_ids)  # 18 tokens: the projections quantize themselves
+        assert len(calls) == 8
         out = Generator(model, bind=False).generate([ids[0].tolist()], max_new_tokens=4, stop_token_ids=[])
-    assert torch.equal(plain, quantized)
+    assert torch.equal(plain, quantized) and torch.equal(plain_long, quantized_long)
     assert out.tokens[0] == _greedy_by_recomputation(model, ids[0].tolist(), 4)
 
 
