@@ -289,6 +289,7 @@ def main(argv=None) -> int:
     _sync()
     mem = model.weight_memory()
     result["kernels"] = gen.kernels
+    result["norm_quant"] = model.norm_quant
     result["weights"] = {
         "ternary_packed_gb": mem["packed"] / GB,
         "ternary_prepared_on_gpu_gb": mem["prepared_gpu"] / GB,
@@ -349,7 +350,8 @@ def write_report(result: dict, out_dir: Path) -> None:
         "",
         f"{result['device']}, torch {result['torch']}, prompt {result['prompt_len']} tokens, "
         f"{result['new_tokens']} decode steps, {result['quant']}, torch.compile of float ops: {result['compile']}.",
-        f"Kernels: {', '.join(sorted(set(result['kernels'].values())))}.",
+        f"Kernels: {', '.join(sorted(set(result['kernels'].values())))}; "
+        f"norms before the projections quantize (up to 16 tokens) with: {result.get('norm_quant', 'none')}.",
         "",
         "| model | batch | decode tokens/s | ms / step | x bf16 | prefill tokens/s | peak GPU GB | CUDA graph |",
         "|---|---:|---:|---:|---:|---:|---:|---|",

@@ -1,4 +1,10 @@
-"""The torch.library op ``bitlab::cuda_ext_linear`` and loading of the extension that defines it.
+"""The torch.library ops of cuda_ext and loading of the extension that defines them.
+
+* ``bitlab::cuda_ext_linear``: the low-bit linear layer (every format; quantizes int8 / binary
+  activations itself);
+* ``bitlab::cuda_ext_linear_int8``: the same with int8 activations the caller quantized;
+* ``bitlab::cuda_ext_rms_norm_quant``: RMSNorm + per-token int8 quantization (the input of a
+  W*A8 projection, one kernel).
 
 The schema and CUDA implementation live in ``csrc/bindings.cpp``; the fake (meta)
 implementation is registered here, so ``torch.compile`` traces the op and CUDA graphs
@@ -54,6 +60,7 @@ def load():
         if not _fake_registered:
             torch.library.register_fake("bitlab::cuda_ext_linear")(_linear_fake)
             torch.library.register_fake("bitlab::cuda_ext_linear_int8")(_linear_int8_fake)
+            torch.library.register_fake("bitlab::cuda_ext_rms_norm_quant")(_rms_norm_quant_fake)
             _fake_registered = True
     return module
 
@@ -78,6 +85,12 @@ def _linear_int8_fake(xq, x_scale, wq, w_scale, bias, fmt, epilogue, N, K, out_d
     return xq.new_empty((xq.shape[0], N), dtype=out_dtype)
 
 
+def _rms_norm_quant_fake(a, b, weight, eps, mode):
+    m, k = a.shape
+    h = a.new_empty((m, k)) if mode == 1 else a.new_empty((0,))
+    return h, a.new_empty((m, k), dtype=torch.int8), a.new_empty((m,), dtype=torch.float32)
+
+
 def _op(name: str):
     """The op, loading the extension first when this process has not (a kernel used directly)."""
     if not _fake_registered:
@@ -88,6 +101,18 @@ def _op(name: str):
 def linear_int8(xq, x_scale, wq, w_scale, bias, fmt: int, epilogue: int, n: int, k: int, out_dtype: torch.dtype):
     """``torch.ops.bitlab.cuda_ext_linear_int8``: pre-quantized int8 activations, y [tokens, n] in ``out_dtype``."""
     return _op("cuda_ext_linear_int8")(xq, x_scale, wq, w_scale, bias, fmt, epilogue, n, k, out_dtype)
+
+
+NORM_QUANT_MODES = {"norm": 0, "add_norm": 1, "relu2_gate_norm": 2}
+
+
+def rms_norm_quant(a, b, weight, eps: float, mode: int):
+    """``torch.ops.bitlab.cuda_ext_rms_norm_quant``: RMSNorm then per-token int8 quantization of the rows of
+    ``a [M, K]`` (mode 0), of ``a + b`` (1; also returns the sum) or of ``relu(a)**2 * b`` (2).
+
+    Returns ``(h, q, scale)``: ``h`` the sum in mode 1 (else empty), ``q [M, K]`` int8, ``scale [M]`` float32.
+    """
+    return _op("cuda_ext_rms_norm_quant")(a, b, weight, eps, mode)
 
 
 def linear(x, wq, w_scale, bias, fmt: int, act_mode: int, epilogue: int, n: int, k: int, out_dtype: torch.dtype):

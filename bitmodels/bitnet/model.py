@@ -34,7 +34,7 @@ from torch import nn
 from bitlayers.bitlinear import BitLinear
 from bitmodels.bitnet.bindings import PreparedLinear, bind_group, device_bytes
 from bitmodels.bitnet.config import BitNetConfig
-from bitmodels.bitnet.ops import CompiledOps, Ops, compiled_ops, rms_norm, rotary_table
+from bitmodels.bitnet.ops import CompiledOps, Ops, compiled_ops, rms_norm, rotary_table, use_fused_norm_quant
 from bitmodels.configs import register_model
 from bitmodels.hf.build import empty_frozen_bitlinear
 
@@ -157,6 +157,7 @@ class BitNetForCausalLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.ops = Ops()
+        self.norm_quant = "none"  # what runs the quantizing norms (prepare_for_inference sets it)
 
     # ---------------------------------------------------------------- forward
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype):
@@ -247,6 +248,7 @@ class BitNetForCausalLM(nn.Module):
             layer.bound = bind_group(modules, FUSED_GROUPS, device, fuse=fuse, offload_packed=offload_packed,
                                      out_dtype=self.model.embed_tokens.weight.dtype)
             layer.quantized_inputs = quantize_in_norms and all(b.takes_quantized for b in layer.bound.values())
+        self.norm_quant = use_fused_norm_quant(device) if self.model.layers[0].quantized_inputs else "none"
         return {name: b.kernel.name for name, b in self.model.layers[0].bound.items()}
 
     def release_bindings(self) -> None:

@@ -34,6 +34,40 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+# Whether the norms that quantize run as one cuda_ext kernel (RMSNorm + quantization) on CUDA
+# tensors; set by use_fused_norm_quant() before any compiled function traces the norms.
+_FUSED_NORM_QUANT = {"cuda": False}
+
+
+def use_fused_norm_quant(device) -> str:
+    """Resolve (once per call) whether quantizing norms on ``device`` use the fused cuda_ext kernel.
+
+    Returns what runs them, with the reason: ``"cuda_ext (...)"`` or ``"torch (...)"``.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "torch (not a CUDA device)"
+    from backends.cuda_ext import ops as cuda_ops
+
+    status = cuda_ops.availability()
+    _FUSED_NORM_QUANT["cuda"] = bool(status)
+    return f"cuda_ext ({status.reason})" if status else f"torch (cuda_ext unavailable: {status.reason})"
+
+
+def _fused_norm_quant(x: torch.Tensor) -> bool:
+    return (_FUSED_NORM_QUANT["cuda"] and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and x.shape[-1] <= 32 * 1024)
+
+
+def _norm_quant_kernel(a: torch.Tensor, b: Optional[torch.Tensor], weight: torch.Tensor, eps: float, mode: int):
+    from backends.cuda_ext import ops as cuda_ops
+
+    k, lead = a.shape[-1], a.shape[:-1]
+    h, q, scale = cuda_ops.rms_norm_quant(a.reshape(-1, k), None if b is None else b.reshape(-1, k), weight, eps, mode)
+    quantized = QuantizedActivation(q.view(a.shape), scale.view(*lead, 1))
+    return (h.view(a.shape), quantized) if mode == 1 else quantized
+
+
 def quantize_tokens(x: torch.Tensor) -> QuantizedActivation:
     """Per-token int8 quantization of ``x [..., K]``, exactly as a W*A8 per-token kernel does it."""
     q, scale = quantize_activation_int8(x.reshape(-1, x.shape[-1]), "per_token")
@@ -42,18 +76,24 @@ def quantize_tokens(x: torch.Tensor) -> QuantizedActivation:
 
 def norm_input(x: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool = False):
     """``rms_norm(x)``, quantized per token when ``quantize``: the input of a projection."""
+    if quantize and _fused_norm_quant(x):
+        return _norm_quant_kernel(x, None, weight, eps, 0)
     y = rms_norm(x, weight, eps)
     return quantize_tokens(y) if quantize else y
 
 
 def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool = False):
     """``h = residual + delta`` and ``rms_norm(h)``: the end of one sub-block and the start of the next."""
+    if quantize and _fused_norm_quant(residual) and delta.dtype == residual.dtype:
+        return _norm_quant_kernel(residual, delta, weight, eps, 1)
     h = residual + delta
     return h, norm_input(h, weight, eps, quantize)
 
 
 def relu2_gate_norm(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool = False):
     """BitNet's MLP middle: ``ffn_sub_norm(relu(gate)**2 * up)``."""
+    if quantize and _fused_norm_quant(gate) and up.dtype == gate.dtype:
+        return _norm_quant_kernel(gate, up, weight, eps, 2)
     return norm_input(torch.relu(gate).square() * up, weight, eps, quantize)
 
 

@@ -177,7 +177,51 @@ at::Tensor cuda_ext_linear_int8(const at::Tensor& xq, const at::Tensor& x_scale,
   return y;
 }
 
+// RMSNorm + per-token int8 quantization (norm_quant.cu): returns (h or an empty tensor, q, scale).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_ext_rms_norm_quant(const at::Tensor& a,
+                                                                       const c10::optional<at::Tensor>& b,
+                                                                       const at::Tensor& weight, double eps,
+                                                                       int64_t mode) {
+  TORCH_CHECK(a.is_cuda() && weight.is_cuda(), "cuda_ext_rms_norm_quant: tensors must be on a CUDA device");
+  TORCH_CHECK(a.dim() == 2 && a.stride(1) == 1, "cuda_ext_rms_norm_quant: a must be 2-D with contiguous rows, got ",
+              a.sizes(), " strides ", a.strides());
+  TORCH_CHECK(mode >= 0 && mode <= 2, "cuda_ext_rms_norm_quant: mode ", mode, " not in [0, 2]");
+  const int64_t M = a.size(0), K = a.size(1);
+  TORCH_CHECK(K >= 1 && K <= bitlab::kNormQuantMaxK, "cuda_ext_rms_norm_quant: row length ", K, " not in [1, ",
+              bitlab::kNormQuantMaxK, "]");
+  TORCH_CHECK(weight.dim() == 1 && weight.numel() == K && weight.is_contiguous() &&
+                  weight.scalar_type() == a.scalar_type(),
+              "cuda_ext_rms_norm_quant: weight must be contiguous [", K, "] in ", a.scalar_type(), ", got ",
+              weight.scalar_type(), " ", weight.sizes());
+  if (mode != 0) {
+    TORCH_CHECK(b.has_value() && b->is_cuda() && b->dim() == 2 && b->size(0) == M && b->size(1) == K &&
+                    b->stride(1) == 1 && b->scalar_type() == a.scalar_type(),
+                "cuda_ext_rms_norm_quant: mode ", mode, " needs b shaped like a with contiguous rows");
+  }
+  const c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor h = mode == 1 ? at::empty({M, K}, a.options()) : at::empty({0}, a.options());
+  at::Tensor q = at::empty({M, K}, a.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({M}, a.options().dtype(at::kFloat));
+  bitlab::NormQuantArgs p{};
+  p.a = a.data_ptr();
+  p.b = mode != 0 ? b->data_ptr() : nullptr;
+  p.weight = weight.data_ptr();
+  p.h = mode == 1 ? h.data_ptr() : nullptr;
+  p.dtype = dtype_code(a.scalar_type());
+  p.M = static_cast<int>(M);
+  p.K = static_cast<int>(K);
+  p.lda = a.stride(0);
+  p.ldb = mode != 0 ? b->stride(0) : 0;
+  p.eps = static_cast<float>(eps);
+  p.mode = static_cast<int>(mode);
+  p.q = q.data_ptr<int8_t>();
+  p.scale = scale.data_ptr<float>();
+  check_cuda(bitlab::launch_rms_norm_quant(p, c10::cuda::getCurrentCUDAStream()), "rms_norm_quant kernel");
+  return {h, q, scale};
+}
+
 TORCH_LIBRARY_FRAGMENT(bitlab, m) {
+  m.def("cuda_ext_rms_norm_quant(Tensor a, Tensor? b, Tensor weight, float eps, int mode) -> (Tensor, Tensor, Tensor)");
   m.def(
       "cuda_ext_linear_int8(Tensor xq, Tensor x_scale, Tensor wq, Tensor w_scale, Tensor? bias, int fmt, "
       "int epilogue, int N, int K, ScalarType out_dtype) -> Tensor");
@@ -189,6 +233,7 @@ TORCH_LIBRARY_FRAGMENT(bitlab, m) {
 TORCH_LIBRARY_IMPL(bitlab, CUDA, m) {
   m.impl("cuda_ext_linear", &cuda_ext_linear);
   m.impl("cuda_ext_linear_int8", &cuda_ext_linear_int8);
+  m.impl("cuda_ext_rms_norm_quant", &cuda_ext_rms_norm_quant);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "BitLab cuda_ext kernels (op: torch.ops.bitlab.cuda_ext_linear)"; }

@@ -60,4 +60,22 @@ struct XnorArgs {
 };
 cudaError_t launch_xnor(const XnorArgs& args, cudaStream_t stream);
 
+// RMSNorm + per-token int8 quantization of rows of a (norm_quant.cu): mode 0 x = a, mode 1
+// h = a + b (written to h, [M, K] contiguous), mode 2 x = relu(a)^2 * b; q [M, K], scale [M].
+constexpr int kNormQuantMaxK = 32 * 1024;
+struct NormQuantArgs {
+  const void* a;
+  const void* b;       // modes 1 and 2
+  const void* weight;  // [K], dtype as a
+  void* h;             // mode 1
+  int dtype;           // kDtypeHalf / kDtypeBFloat16 / kDtypeFloat, for a, b, weight, h
+  int M, K;
+  long lda, ldb;       // row strides (elements); columns are contiguous
+  float eps;
+  int mode;
+  int8_t* q;
+  float* scale;
+};
+cudaError_t launch_rms_norm_quant(const NormQuantArgs& args, cudaStream_t stream);
+
 }  // namespace bitlab
