@@ -56,7 +56,7 @@ def use_fused_norm_quant(device) -> str:
 
 def _fused_norm_quant(x: torch.Tensor) -> bool:
     return (_FUSED_NORM_QUANT["cuda"] and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-            and x.shape[-1] <= 32 * 1024)
+            and x.shape[-1] <= 16 * 1024)
 
 
 def _norm_quant_kernel(a: torch.Tensor, b: Optional[torch.Tensor], weight: torch.Tensor, eps: float, mode: int):

@@ -108,6 +108,7 @@ at::Tensor cuda_ext_linear(const at::Tensor& x, const at::Tensor& wq, const at::
     TORCH_CHECK(t == at::kHalf || t == at::kBFloat16, "cuda_ext_linear: float activations must be float16 or bfloat16, got ", t);
     at::Tensor xp = padded_activations(xs, K, Kp);
     a.x = xp.data_ptr();
+    a.pdl = 1;  // the GEMV's first weight loads overlap the end of the kernel before it (sm_90+)
     check_cuda(bitlab::launch_linear_float(a, dtype_code(t), stream), "float-activation kernel");
     return y;
   }
@@ -173,6 +174,7 @@ at::Tensor cuda_ext_linear_int8(const at::Tensor& xq, const at::Tensor& x_scale,
   a.epilogue = static_cast<int>(epilogue);
   a.M = M; a.N = N; a.Kp = Kp;
   a.fmt = static_cast<int>(fmt);
+  a.pdl = 1;  // e.g. behind cuda_ext_rms_norm_quant, which lets it start at once (sm_90+)
   check_cuda(bitlab::launch_linear_int8(a, c10::cuda::getCurrentCUDAStream()), "int8-activation kernel");
   return y;
 }

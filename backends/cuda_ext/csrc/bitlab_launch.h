@@ -62,7 +62,7 @@ cudaError_t launch_xnor(const XnorArgs& args, cudaStream_t stream);
 
 // RMSNorm + per-token int8 quantization of rows of a (norm_quant.cu): mode 0 x = a, mode 1
 // h = a + b (written to h, [M, K] contiguous), mode 2 x = relu(a)^2 * b; q [M, K], scale [M].
-constexpr int kNormQuantMaxK = 32 * 1024;
+constexpr int kNormQuantMaxK = 16 * 1024;
 struct NormQuantArgs {
   const void* a;
   const void* b;       // modes 1 and 2

@@ -17,6 +17,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "bitlab_cp_async.cuh"
 #include "bitlab_launch.h"
 
 namespace bitlab {
@@ -57,32 +58,48 @@ __device__ __forceinline__ float block_reduce(float v, float* shared) {
 }
 
 template <typename T, int VPT>
-__global__ void rms_norm_quant_kernel(NormQuantArgs p) {
+__global__ void __launch_bounds__(VPT == 8 ? 1024 : 512) rms_norm_quant_kernel(NormQuantArgs p) {
   __shared__ float shared[32];
-  const T* a = static_cast<const T*>(p.a) + static_cast<long>(blockIdx.x) * p.lda;
-  const T* b = static_cast<const T*>(p.b) + static_cast<long>(blockIdx.x) * p.ldb;
-  const T* w = static_cast<const T*>(p.weight);
+  pdl_launch_dependents();  // the projection after it may start fetching its weights now
+  const T* __restrict__ a = static_cast<const T*>(p.a) + static_cast<long>(blockIdx.x) * p.lda;
+  const T* __restrict__ b = static_cast<const T*>(p.b) + static_cast<long>(blockIdx.x) * p.ldb;
+  const T* __restrict__ w = static_cast<const T*>(p.weight);
   const int K = p.K;
+  // All loads first (one memory round trip), then the math, then the stores.
+  float va[VPT], vb[VPT];
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int k = threadIdx.x + i * blockDim.x;
+    va[i] = k < K ? to_f<T>(a[k]) : 0.f;
+    vb[i] = (p.mode != 0 && k < K) ? to_f<T>(b[k]) : 0.f;
+  }
   float v[VPT];
   float ss = 0.f;
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
-    const int k = threadIdx.x + i * blockDim.x;
-    float x = 0.f;
-    if (k < K) {
-      const float fa = to_f<T>(a[k]);
-      if (p.mode == 1) {
-        x = round_t<T>(fa + to_f<T>(b[k]));
-        static_cast<T*>(p.h)[static_cast<long>(blockIdx.x) * K + k] = from_f<T>(x);
-      } else if (p.mode == 2) {
-        const float r = fa > 0.f ? fa : 0.f;
-        x = round_t<T>(round_t<T>(r * r) * to_f<T>(b[k]));
-      } else {
-        x = fa;
-      }
+    float x = va[i];
+    if (p.mode == 1) {
+      x = round_t<T>(va[i] + vb[i]);
+    } else if (p.mode == 2) {
+      const float r = va[i] > 0.f ? va[i] : 0.f;
+      x = round_t<T>(round_t<T>(r * r) * vb[i]);
     }
     v[i] = x;
     ss = __fmaf_rn(x, x, ss);
+  }
+  if (p.mode == 1) {
+    T* __restrict__ h = static_cast<T*>(p.h) + static_cast<long>(blockIdx.x) * K;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      const int k = threadIdx.x + i * blockDim.x;
+      if (k < K) h[k] = from_f<T>(v[i]);
+    }
+  }
+  float vw[VPT];
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int k = threadIdx.x + i * blockDim.x;
+    vw[i] = k < K ? to_f<T>(w[k]) : 0.f;
   }
   ss = block_reduce<false>(ss, shared);
   const float r = rsqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(K)), p.eps));
@@ -91,7 +108,7 @@ __global__ void rms_norm_quant_kernel(NormQuantArgs p) {
   for (int i = 0; i < VPT; ++i) {
     const int k = threadIdx.x + i * blockDim.x;
     if (k < K) {
-      const float y = round_t<T>(__fmul_rn(to_f<T>(w[k]), round_t<T>(__fmul_rn(v[i], r))));
+      const float y = round_t<T>(__fmul_rn(vw[i], round_t<T>(__fmul_rn(v[i], r))));
       v[i] = y;
       amax = fmaxf(amax, fabsf(y));
     }
@@ -112,11 +129,11 @@ __global__ void rms_norm_quant_kernel(NormQuantArgs p) {
 
 template <typename T>
 cudaError_t launch_typed(const NormQuantArgs& p, cudaStream_t stream) {
-  // Up to 8 values per thread (K <= 8192 with 1024 threads), else up to 32.
+  // Up to 8 values per thread (K <= 8192 with 1024 threads), else up to 32 (512 threads).
   const int per = p.K <= 8 * 1024 ? 8 : 32;
   int threads = (p.K + per - 1) / per;
   threads = (threads + 31) / 32 * 32;
-  threads = threads < 64 ? 64 : (threads > 1024 ? 1024 : threads);
+  threads = threads < 64 ? 64 : threads;
   if (per == 8) rms_norm_quant_kernel<T, 8><<<p.M, threads, 0, stream>>>(p);
   else rms_norm_quant_kernel<T, 32><<<p.M, threads, 0, stream>>>(p);
   return cudaGetLastError();
