@@ -112,7 +112,29 @@ def rms_norm_quant(a, b, weight, eps: float, mode: int):
 
     Returns ``(h, q, scale)``: ``h`` the sum in mode 1 (else empty), ``q [M, K]`` int8, ``scale [M]`` float32.
     """
+    check_norm_quant_inputs(a, b, weight, mode)
     return _op("cuda_ext_rms_norm_quant")(a, b, weight, eps, mode)
+
+
+NORM_QUANT_MAX_K = 16 * 1024  # csrc/bitlab_launch.h kNormQuantMaxK
+
+
+def check_norm_quant_inputs(a, b, weight, mode: int) -> None:
+    """ValueError naming the problem with :func:`rms_norm_quant`'s inputs (the op checks again)."""
+    if mode not in (0, 1, 2):
+        raise ValueError(f"mode: got {mode!r}; expected 0 (norm), 1 (add, norm) or 2 (relu2 gate, norm)")
+    if not a.is_cuda or a.dim() != 2 or a.stride(1) != 1 or a.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"a must be a 2-D float16/bfloat16/float32 CUDA tensor with contiguous rows; got "
+                         f"{a.dtype} {tuple(a.shape)} strides {a.stride()} on {a.device}")
+    if not 1 <= a.shape[1] <= NORM_QUANT_MAX_K:
+        raise ValueError(f"row length {a.shape[1]} not in [1, {NORM_QUANT_MAX_K}]")
+    if weight.dim() != 1 or weight.numel() != a.shape[1] or weight.dtype != a.dtype or not weight.is_contiguous() \
+            or weight.device != a.device:
+        raise ValueError(f"weight must be contiguous [{a.shape[1]}] in {a.dtype} on {a.device}; got "
+                         f"{weight.dtype} {tuple(weight.shape)} on {weight.device}")
+    if mode and (b is None or b.shape != a.shape or b.dtype != a.dtype or b.stride(1) != 1 or b.device != a.device):
+        got = "None" if b is None else f"{b.dtype} {tuple(b.shape)} strides {b.stride()}"
+        raise ValueError(f"mode {mode} needs b shaped like a ({a.dtype} {tuple(a.shape)}, contiguous rows); got {got}")
 
 
 def linear(x, wq, w_scale, bias, fmt: int, act_mode: int, epilogue: int, n: int, k: int, out_dtype: torch.dtype):

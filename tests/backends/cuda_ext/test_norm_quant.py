@@ -59,12 +59,14 @@ def test_strided_rows_and_bad_inputs(cuda_ops):
     _, q, scale = cuda_ops.rms_norm_quant(gate, up, weight, 1e-5, 2)
     _, rq, rscale = reference(gate.contiguous(), up.contiguous(), weight, 1e-5, 2)
     assert (q.int() - rq.int()).abs().max() <= 1
-    with pytest.raises(RuntimeError, match="weight must be contiguous"):
+    with pytest.raises(ValueError, match="weight must be contiguous"):
         cuda_ops.rms_norm_quant(gate.contiguous(), None, weight.float(), 1e-5, 0)
-    with pytest.raises(RuntimeError, match="needs b shaped like a"):
+    with pytest.raises(ValueError, match="needs b shaped like a"):
         cuda_ops.rms_norm_quant(gate.contiguous(), None, weight, 1e-5, 1)
-    with pytest.raises(RuntimeError, match="mode 3 not in"):
+    with pytest.raises(ValueError, match="mode: got 3"):
         cuda_ops.rms_norm_quant(gate.contiguous(), None, weight, 1e-5, 3)
+    with pytest.raises(ValueError, match="row length 20000"):
+        cuda_ops.rms_norm_quant(torch.ones(1, 20000, device="cuda"), None, torch.ones(20000, device="cuda"), 1e-5, 0)
     torch.library.opcheck(torch.ops.bitlab.cuda_ext_rms_norm_quant.default,
                           (gate.contiguous(), up.contiguous(), weight, 1e-5, 1))
 
