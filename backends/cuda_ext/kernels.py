@@ -71,11 +71,23 @@ class _CudaExtKernel(BitKernel):
     def route(self, batch: int) -> str:
         return f"{type(self).__name__}.{'gemv' if batch <= GEMV_MAX_TOKENS else 'gemm'}"
 
-    def forward(self, x, prepared: CudaExtWeight, bias=None, activation="none"):
+    def _check_inputs(self, x, prepared: CudaExtWeight, bias, activation) -> None:
+        # Every input is checked here, before the op: a failed check inside the op's C++ code took
+        # the whole process down on the GPU machine (segfault at the throw; docs/reliability.md).
+        if x.device != prepared.wq.device:
+            raise ValueError(f"{self.name}: input is on {x.device}, the prepared weight on {prepared.wq.device}")
         if x.shape[-1] != prepared.in_features:
             raise ValueError(f"{self.name}: x has {x.shape[-1]} features, expected in_features={prepared.in_features}")
         if activation not in ops.EPILOGUE_CODE:
             raise ValueError(f"activation: got {activation!r}; allowed values are {list(ops.EPILOGUE_CODE)}")
+        if bias is not None and (bias.numel() != prepared.out_features or bias.device != x.device):
+            raise ValueError(f"{self.name}: bias must have out_features={prepared.out_features} elements on "
+                             f"{x.device}; got {tuple(bias.shape)} on {bias.device}")
+
+    def forward(self, x, prepared: CudaExtWeight, bias=None, activation="none"):
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"{self.name}: x dtype {x.dtype} is not served; expected float16, bfloat16 or float32")
+        self._check_inputs(x, prepared, bias, activation)
         x2 = x.reshape(-1, prepared.in_features)
         xa = x2 if prepared.act_dtype is None else x2.to(prepared.act_dtype)
         y = ops.linear(xa, prepared.wq, prepared.scale, bias, prepared.fmt, prepared.act_mode,
@@ -126,8 +138,9 @@ class CudaExtInt8Kernel(_CudaExtKernel):
     def forward_quantized(self, xq, x_scale, prepared: CudaExtWeight, bias=None, activation="none",
                           out_dtype=torch.float32):
         check_quantized_input(xq, x_scale, prepared.in_features)
-        if activation not in ops.EPILOGUE_CODE:
-            raise ValueError(f"activation: got {activation!r}; allowed values are {list(ops.EPILOGUE_CODE)}")
+        self._check_inputs(xq, prepared, bias, activation)
+        if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"{self.name}: out_dtype {out_dtype} is not served; expected float16, bfloat16 or float32")
         return ops.linear_int8(xq, x_scale.reshape(-1), prepared.wq, prepared.scale, bias, prepared.fmt,
                                ops.EPILOGUE_CODE[activation], prepared.out_features, prepared.in_features, out_dtype)
 

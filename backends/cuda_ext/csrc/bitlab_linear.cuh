@@ -74,8 +74,8 @@ __device__ __forceinline__ void load_x_chunk(uint32_t* dst, const X* __restrict_
   }
 }
 
-template <int FMT, typename X, int MT, int NT>
-__global__ void __launch_bounds__(256, 2) gemv_oneshot_kernel(LinearArgs a, int nchunks) {
+template <int FMT, typename X, int MT, int NT, bool PIPE>
+__global__ void __launch_bounds__(256, PIPE ? 2 : 1) gemv_oneshot_kernel(LinearArgs a, int nchunks) {
   using PT = PathTraits<X>;
   using Acc = typename PT::Acc;
   using L = LaneTile<FMT>;
@@ -96,10 +96,11 @@ __global__ void __launch_bounds__(256, 2) gemv_oneshot_kernel(LinearArgs a, int 
 #pragma unroll
         for (int i = 0; i < 4; ++i) accs[q][m][n][i] = Acc(0);
 
-  // Weights are double-buffered in registers: the next iteration's loads are in flight while this
-  // one is decoded (a warp would otherwise leave the memory idle during its decode: measured as
-  // 40 % of the stall samples on the first use of the loaded words).
-  uint32_t wbuf[2][D][MT][L::wpl];
+  // PIPE: weights double-buffered in registers, the next iteration's loads in flight while this
+  // one is decoded.  Measured (H100): it pays where warps run two iterations (the second one's
+  // DRAM latency leaves the critical path: 13824x2560 12.7 -> 10.5 us) and costs 5-13 % at four
+  // (8192x8192 W1.58A8, 28672x8192), where the plain loop is kept.
+  uint32_t wbuf[PIPE ? 2 : 1][D][MT][L::wpl];
   auto load_w = [&](uint32_t (&w)[D][MT][L::wpl], int c0) {
 #pragma unroll
     for (int d = 0; d < D; ++d)
@@ -135,14 +136,22 @@ __global__ void __launch_bounds__(256, 2) gemv_oneshot_kernel(LinearArgs a, int 
   int c0 = warp * D;
   if (c0 < nchunks) load_w(wbuf[0], c0);
   pdl_wait();  // the first weight loads are in flight while the producer of x finishes
-  while (c0 < nchunks) {
-    if (c0 + stride < nchunks) load_w(wbuf[1], c0 + stride);
-    step(wbuf[0], c0);
-    c0 += stride;
-    if (c0 >= nchunks) break;
-    if (c0 + stride < nchunks) load_w(wbuf[0], c0 + stride);
-    step(wbuf[1], c0);
-    c0 += stride;
+  if constexpr (PIPE) {
+    while (c0 < nchunks) {
+      if (c0 + stride < nchunks) load_w(wbuf[PIPE ? 1 : 0], c0 + stride);
+      step(wbuf[0], c0);
+      c0 += stride;
+      if (c0 >= nchunks) break;
+      if (c0 + stride < nchunks) load_w(wbuf[0], c0 + stride);
+      step(wbuf[PIPE ? 1 : 0], c0);
+      c0 += stride;
+    }
+  } else {
+    while (c0 < nchunks) {
+      step(wbuf[0], c0);
+      c0 += stride;
+      if (c0 < nchunks) load_w(wbuf[0], c0);
+    }
   }
 
   Acc acc[MT][NT][4];
@@ -337,7 +346,11 @@ cudaError_t launch_gemv_oneshot(const LinearArgs& a, int nchunks, cudaStream_t s
   const int tiles = (a.N + 127) / 128 * 8;
   using Acc = typename PathTraits<X>::Acc;
   const size_t smem = kw > 1 ? static_cast<size_t>(kw) * MT * NT * 4 * 32 * sizeof(Acc) : 0;
-  return launch_maybe_pdl(gemv_oneshot_kernel<FMT, X, MT, NT>, dim3(tiles / MT), dim3(32 * kw), smem, stream,
+  const int iterations = (nchunks + kw * D - 1) / (kw * D);  // of the busiest warp
+  if (iterations == 2)
+    return launch_maybe_pdl(gemv_oneshot_kernel<FMT, X, MT, NT, true>, dim3(tiles / MT), dim3(32 * kw), smem, stream,
+                            a.pdl != 0, a, nchunks);
+  return launch_maybe_pdl(gemv_oneshot_kernel<FMT, X, MT, NT, false>, dim3(tiles / MT), dim3(32 * kw), smem, stream,
                           a.pdl != 0, a, nchunks);
 }
 

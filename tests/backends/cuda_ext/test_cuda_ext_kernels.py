@@ -179,6 +179,23 @@ def test_batch_zero_and_non_contiguous_input(kernels, act):
     assert rel_err(kernel.forward(x_offset, prepared), REF.forward(x_offset, REF.prepare(packed, cfg))) < 1e-3
 
 
+def test_bad_inputs_are_named_before_the_op(kernels):
+    cfg = BitQuantConfig(weight_bits=1.58, activation_dtype="int8", activation_granularity="per_token")
+    kernel = kernels.CudaExtInt8Kernel()
+    prepared = kernel.prepare(make_packed(1.58, "per_tensor", 37, 300), cfg)
+    x = torch.randn(2, 300, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="input is on cpu"):
+        kernel.forward(x.cpu(), prepared)
+    with pytest.raises(ValueError, match="x dtype torch.float64"):
+        kernel.forward(x.double(), prepared)
+    with pytest.raises(ValueError, match="expected in_features=300"):
+        kernel.forward(x[:, :299], prepared)
+    with pytest.raises(ValueError, match="bias must have out_features=37"):
+        kernel.forward(x, prepared, torch.zeros(36, device="cuda"))
+    with pytest.raises(ValueError, match="activation: got 'gelu'"):
+        kernel.forward(x, prepared, None, "gelu")
+
+
 @pytest.mark.parametrize("act", ["float16", "int8"])
 def test_cuda_graph_capture(kernels, act):
     cfg = BitQuantConfig(weight_bits=1.58, activation_dtype=act, activation_granularity="per_token")
