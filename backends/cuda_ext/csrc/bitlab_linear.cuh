@@ -97,9 +97,10 @@ __global__ void __launch_bounds__(256, PIPE ? 2 : 1) gemv_oneshot_kernel(LinearA
         for (int i = 0; i < 4; ++i) accs[q][m][n][i] = Acc(0);
 
   // PIPE: weights double-buffered in registers, the next iteration's loads in flight while this
-  // one is decoded.  Measured (H100): it pays where warps run two iterations (the second one's
-  // DRAM latency leaves the critical path: 13824x2560 12.7 -> 10.5 us) and costs 5-13 % at four
-  // (8192x8192 W1.58A8, 28672x8192), where the plain loop is kept.
+  // one is decoded.  Measured (H100): it pays where warps run two iterations of at most 4 units
+  // (the second one's DRAM latency leaves the critical path: 13824x2560 fp16 12.7 -> 10.5 us);
+  // with 8 units per iteration (int8, MT = 2, D = 4: 64 registers of weights) or four
+  // iterations it cost 5-13 %, so the plain loop is kept there (launch_gemv_oneshot).
   uint32_t wbuf[PIPE ? 2 : 1][D][MT][L::wpl];
   auto load_w = [&](uint32_t (&w)[D][MT][L::wpl], int c0) {
 #pragma unroll
@@ -347,7 +348,7 @@ cudaError_t launch_gemv_oneshot(const LinearArgs& a, int nchunks, cudaStream_t s
   using Acc = typename PathTraits<X>::Acc;
   const size_t smem = kw > 1 ? static_cast<size_t>(kw) * MT * NT * 4 * 32 * sizeof(Acc) : 0;
   const int iterations = (nchunks + kw * D - 1) / (kw * D);  // of the busiest warp
-  if (iterations == 2)
+  if (iterations == 2 && D * MT <= 4)
     return launch_maybe_pdl(gemv_oneshot_kernel<FMT, X, MT, NT, true>, dim3(tiles / MT), dim3(32 * kw), smem, stream,
                             a.pdl != 0, a, nchunks);
   return launch_maybe_pdl(gemv_oneshot_kernel<FMT, X, MT, NT, false>, dim3(tiles / MT), dim3(32 * kw), smem, stream,
