@@ -120,12 +120,11 @@ def run(args):
         "cuda": torch.version.cuda,
         "copy_bandwidth_bytes_per_s": copy["bytes_per_s"],
         "read_bandwidth_bytes_per_s": read,
-        "cuda_ext_gemv": os.environ.get("BITLAB_CUDA_GEMV", "default"),
         "timing": "CUDA-graph replay, rotating weight copies >= 3x L2, median per call",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     print(f"# {props.name}: D2D copy {copy['bytes_per_s'] / 1e12:.2f} TB/s (read + write), read "
-          f"{(read or 0) / 1e12:.2f} TB/s; cuda_ext GEMV: {meta['cuda_ext_gemv']}", flush=True)
+          f"{(read or 0) / 1e12:.2f} TB/s", flush=True)
     backends = [b for b in cuda_backends() if args.backends is None or b[0] in args.backends]
     print("# CUDA backends:", ", ".join(f"{n} ({'ok' if a else a.reason})" for n, a in backends), flush=True)
     shapes = SHAPES[:2] if args.quick else SHAPES
@@ -228,8 +227,7 @@ def markdown(meta, rows):
         "",
         f"{meta['timing']}; torch {meta['torch']} (CUDA {meta['cuda']}), {meta['date']}.",
         f"Device-to-device copy (read + write): {meta['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s; "
-        f"read-only stream: {(meta.get('read_bandwidth_bytes_per_s') or 0) / 1e12:.2f} TB/s; "
-        f"cuda_ext GEMV: {meta.get('cuda_ext_gemv', 'default')}. "
+        f"read-only stream: {(meta.get('read_bandwidth_bytes_per_s') or 0) / 1e12:.2f} TB/s. "
         "`x cuBLAS` is cuBLAS fp16 time / this time (higher is faster); GB/s counts packed weights + "
         "fp16 activations in + fp16 outputs out; `% copy` is that rate over the copy rate, `% read` over the "
         "read-only rate.",
