@@ -136,6 +136,7 @@ __global__ void __launch_bounds__(256, PIPE ? 2 : 1) gemv_oneshot_kernel(LinearA
   const int stride = kw * D;
   int c0 = warp * D;
   if (c0 < nchunks) load_w(wbuf[0], c0);
+  pdl_launch_dependents();  // a dependent (the next norm) may launch and wait for this grid
   pdl_wait();  // the first weight loads are in flight while the producer of x finishes
   if constexpr (PIPE) {
     while (c0 < nchunks) {
@@ -304,38 +305,6 @@ inline int device_sm_count() {
     if (count <= 0) count = 132;
   }
   return count;
-}
-
-inline bool device_has_pdl() {
-  static int major = -1;
-  if (major < 0) {
-    int dev = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  }
-  return major >= 9;
-}
-
-// Launch `kernel`, as a programmatic dependent of the stream's previous kernel when `pdl` (and the
-// device has it): the kernel must call pdl_wait() before it reads what that kernel wrote.
-template <typename... Params, typename... Args>
-cudaError_t launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                             bool pdl, Args... args) {
-  if (!pdl || !device_has_pdl()) {
-    kernel<<<grid, block, smem, stream>>>(args...);
-    return cudaGetLastError();
-  }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
 // v2 GEMV: one block per MT m-tiles, all of a warp's loads issued before the first use.

@@ -60,6 +60,7 @@ __device__ __forceinline__ float block_reduce(float v, float* shared) {
 template <typename T, int VPT>
 __global__ void __launch_bounds__(VPT == 8 ? 1024 : 512) rms_norm_quant_kernel(NormQuantArgs p) {
   __shared__ float shared[32];
+  pdl_wait();               // launched as a dependent: every read and write comes after this
   pdl_launch_dependents();  // the projection after it may start fetching its weights now
   const T* __restrict__ a = static_cast<const T*>(p.a) + static_cast<long>(blockIdx.x) * p.lda;
   const T* __restrict__ b = static_cast<const T*>(p.b) + static_cast<long>(blockIdx.x) * p.ldb;
@@ -134,9 +135,8 @@ cudaError_t launch_typed(const NormQuantArgs& p, cudaStream_t stream) {
   int threads = (p.K + per - 1) / per;
   threads = (threads + 31) / 32 * 32;
   threads = threads < 64 ? 64 : threads;
-  if (per == 8) rms_norm_quant_kernel<T, 8><<<p.M, threads, 0, stream>>>(p);
-  else rms_norm_quant_kernel<T, 32><<<p.M, threads, 0, stream>>>(p);
-  return cudaGetLastError();
+  if (per == 8) return launch_maybe_pdl(rms_norm_quant_kernel<T, 8>, dim3(p.M), dim3(threads), 0, stream, true, p);
+  return launch_maybe_pdl(rms_norm_quant_kernel<T, 32>, dim3(p.M), dim3(threads), 0, stream, true, p);
 }
 
 }  // namespace
