@@ -31,7 +31,7 @@ import torch
 from bitcore.config import BitQuantConfig
 from bitcore.errors import BackendUnavailableError
 from bitcore.extensions import extension_status, load_extension
-from bitcore.kernels.interface import Availability, BitKernel, keys_product
+from bitcore.kernels.interface import EPILOGUES, Availability, BitKernel, keys_product
 from bitcore.packing import PackedWeight, unpack_values
 
 from backends.cpp_cpu.build import SPEC
@@ -216,6 +216,22 @@ class _CppKernel(BitKernel):
         path = "gemv" if batch <= 1 else "gemm (4-token groups)"
         return f"{type(self).__name__}: {path}"
 
+    def _check_inputs(self, x, prepared: CppPrepared, bias, activation: str) -> None:
+        # Checked here as well as in the op: on some machines (seen on the GPU machine's torch 2.11
+        # build) an error thrown inside a BitLab extension ends the process instead of raising.
+        if x.dim() != 2 or x.shape[1] != prepared.in_features:
+            raise ValueError(f"{self.name}: x must be 2-D [tokens, in_features={prepared.in_features}], "
+                             f"got shape {tuple(x.shape)}")
+        if x.device.type != "cpu":
+            raise ValueError(f"{self.name}: x must be on the CPU, got {x.device}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{self.name}: x must be floating point, got {x.dtype}")
+        if activation not in EPILOGUES:
+            raise ValueError(f"activation: got {activation!r}; allowed values are {list(EPILOGUES)}")
+        if bias is not None and (bias.numel() != prepared.out_features or bias.device.type != "cpu"):
+            raise ValueError(f"{self.name}: bias must have out_features={prepared.out_features} elements on the CPU; "
+                             f"got {tuple(bias.shape)} on {bias.device}")
+
     def _prepared(self, weight: torch.Tensor, packed: PackedWeight, config: BitQuantConfig) -> CppPrepared:
         return CppPrepared(
             weight=weight,
@@ -249,6 +265,7 @@ class CppInt8ActivationKernel(_CppKernel):
         return self._prepared(weight, packed, config)
 
     def forward(self, x, prepared: CppPrepared, bias: Optional[torch.Tensor] = None, activation: str = "none"):
+        self._check_inputs(x, prepared, bias, activation)
         return torch.ops.bitlab.cpu_linear_a8(
             x, prepared.weight, prepared.scale, bias, prepared.in_features, prepared.weight_format,
             prepared.per_token, prepared.group_size, activation
@@ -265,6 +282,7 @@ class CppFloatActivationKernel(_CppKernel):
         return self._prepared(weight, packed, config)
 
     def forward(self, x, prepared: CppPrepared, bias: Optional[torch.Tensor] = None, activation: str = "none"):
+        self._check_inputs(x, prepared, bias, activation)
         act = FLOAT_DTYPES[prepared.activation_dtype]
         # Round to the activation dtype as the reference does; the op then computes in float32.
         xin = x if act == torch.float32 else x.to(act).to(torch.float32)
@@ -283,6 +301,7 @@ class CppXnorKernel(_CppKernel):
         return self._prepared(sign_words(packed), packed, config)
 
     def forward(self, x, prepared: CppPrepared, bias: Optional[torch.Tensor] = None, activation: str = "none"):
+        self._check_inputs(x, prepared, bias, activation)
         return torch.ops.bitlab.cpu_linear_a1(
             x, prepared.weight, prepared.scale, bias, prepared.in_features, prepared.per_token, activation
         )
