@@ -54,9 +54,10 @@ def use_fused_norm_quant(device) -> str:
     return f"cuda_ext ({status.reason})" if status else f"torch (cuda_ext unavailable: {status.reason})"
 
 
-def _fused_norm_quant(x: torch.Tensor) -> bool:
+def _fused_norm_quant(x: torch.Tensor, weight: torch.Tensor, other: Optional[torch.Tensor] = None) -> bool:
+    """The fused kernel serves it: CUDA, half / bf16 rows up to 16384 long, one dtype throughout."""
     return (_FUSED_NORM_QUANT["cuda"] and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-            and x.shape[-1] <= 16 * 1024)
+            and weight.dtype == x.dtype and (other is None or other.dtype == x.dtype) and x.shape[-1] <= 16 * 1024)
 
 
 def _norm_quant_kernel(a: torch.Tensor, b: Optional[torch.Tensor], weight: torch.Tensor, eps: float, mode: int):
@@ -76,7 +77,7 @@ def quantize_tokens(x: torch.Tensor) -> QuantizedActivation:
 
 def norm_input(x: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool = False):
     """``rms_norm(x)``, quantized per token when ``quantize``: the input of a projection."""
-    if quantize and _fused_norm_quant(x):
+    if quantize and _fused_norm_quant(x, weight):
         return _norm_quant_kernel(x, None, weight, eps, 0)
     y = rms_norm(x, weight, eps)
     return quantize_tokens(y) if quantize else y
@@ -84,7 +85,7 @@ def norm_input(x: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool
 
 def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool = False):
     """``h = residual + delta`` and ``rms_norm(h)``: the end of one sub-block and the start of the next."""
-    if quantize and _fused_norm_quant(residual) and delta.dtype == residual.dtype:
+    if quantize and _fused_norm_quant(residual, weight, delta):
         return _norm_quant_kernel(residual, delta, weight, eps, 1)
     h = residual + delta
     return h, norm_input(h, weight, eps, quantize)
@@ -92,7 +93,7 @@ def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
 
 def relu2_gate_norm(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool = False):
     """BitNet's MLP middle: ``ffn_sub_norm(relu(gate)**2 * up)``."""
-    if quantize and _fused_norm_quant(gate) and up.dtype == gate.dtype:
+    if quantize and _fused_norm_quant(gate, weight, up):
         return _norm_quant_kernel(gate, up, weight, eps, 2)
     return norm_input(torch.relu(gate).square() * up, weight, eps, quantize)
 
