@@ -4,6 +4,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+
 namespace bitlab {
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
@@ -38,14 +40,18 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
+// Dependent launch is used on sm_90 and newer unless BITLAB_CUDA_PDL=0 (read once per process;
+// for A/B timing: docs/backends/cuda_ext_notes.md, v4, suspects it at the largest shapes).
 inline bool device_has_pdl() {
-  static int major = -1;
-  if (major < 0) {
-    int dev = 0;
+  static int enabled = -1;
+  if (enabled < 0) {
+    int dev = 0, major = 0;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    const char* env = std::getenv("BITLAB_CUDA_PDL");
+    enabled = major >= 9 && !(env && env[0] == '0');
   }
-  return major >= 9;
+  return enabled == 1;
 }
 
 // Launch `kernel`, as a programmatic dependent of the stream's previous kernel when `pdl` (and the
