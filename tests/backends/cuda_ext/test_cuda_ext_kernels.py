@@ -21,13 +21,9 @@ REF = TorchReferenceKernel()
 
 
 @pytest.fixture(scope="module")
-def kernels():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device; torch.cuda.is_available() is False")
-    from backends.cuda_ext import kernels, ops
+def kernels(cuda_ext_ops):
+    from backends.cuda_ext import kernels
 
-    status = ops.availability()
-    assert status, f"cuda_ext unavailable on a CUDA machine: {status.reason}"
     return kernels
 
 

@@ -9,14 +9,8 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
-def cuda_ops():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device; torch.cuda.is_available() is False")
-    from backends.cuda_ext import ops
-
-    status = ops.availability()
-    assert status, f"cuda_ext unavailable on a CUDA machine: {status.reason}"
-    return ops
+def cuda_ops(cuda_ext_ops):
+    return cuda_ext_ops
 
 
 def reference(a, b, weight, eps, mode):
