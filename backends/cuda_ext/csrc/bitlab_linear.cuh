@@ -21,25 +21,10 @@
 #include <type_traits>
 
 #include "bitlab_cp_async.cuh"
+#include "bitlab_gemv_bulk.cuh"
 #include "bitlab_mma.cuh"
 
 namespace bitlab {
-
-// Epilogue of one warp's accumulator fragments (MT m-tiles from tile0, NT n-tiles from token0).
-template <int MT, int NT, typename Acc>
-__device__ __forceinline__ void store_fragment(const LinearArgs& a, const Acc (&acc)[MT][NT][4], int tile0, int g,
-                                               int t, int token0 = 0) {
-#pragma unroll
-  for (int m = 0; m < MT; ++m)
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = (tile0 + m) * 16 + g + (i >= 2 ? 8 : 0);
-        const int token = token0 + n * 8 + 2 * t + (i & 1);
-        epilogue_store(a, token, row, acc[m][n][i]);
-      }
-}
 
 // Chunks whose weight and activation loads are all issued before the first use (bytes in
 // flight per lane); halved for two n-tiles, or two m-tiles of float activations, to stay
@@ -49,12 +34,6 @@ struct GemvDepth {
   static constexpr int base = FormatBits<FMT>::value >= 8 ? 1 : (FormatBits<FMT>::value == 4 ? 2 : 4);
   static constexpr bool wide = NT > 1 || (MT > 1 && sizeof(X) == 2);
   static constexpr int value = (wide && base > 2) ? 2 : base;
-};
-// Independent accumulator sets: consecutive mma k-steps go to different sets, so a warp
-// never waits on the previous mma's result (mma.sync latency is ~30 cycles).
-template <int MT>
-struct GemvAccSets {
-  static constexpr int value = MT >= 2 ? 2 : 4;
 };
 // Load the lane's activations of one chunk for token row `row` (zeros past M).
 template <typename X>
@@ -117,21 +96,8 @@ __global__ void __launch_bounds__(256, PIPE ? 2 : 1) gemv_oneshot_kernel(LinearA
       for (int n = 0; n < NT; ++n)
         if (c0 + d < nchunks) load_x_chunk<X>(xb[d][n], x, n * 8 + g, a.M, a.Kp, c0 + d, t);
 #pragma unroll
-    for (int d = 0; d < D; ++d) {
-      if (c0 + d < nchunks) {
-#pragma unroll
-        for (int j = 0; j < PT::ksteps; ++j) {
-#pragma unroll
-          for (int m = 0; m < MT; ++m) {
-            uint32_t ar[4];
-#pragma unroll
-            for (int r = 0; r < 4; ++r) ar[r] = decode<FMT, X>(w[d][m], 4 * j + r);
-#pragma unroll
-            for (int n = 0; n < NT; ++n) mma(accs[j % S][m][n], ar, &xb[d][n][2 * j], X());
-          }
-        }
-      }
-    }
+    for (int d = 0; d < D; ++d)
+      if (c0 + d < nchunks) mma_chunk<FMT, X>(accs, w[d], xb[d]);
   };
   const int stride = kw * D;
   int c0 = warp * D;
@@ -157,43 +123,10 @@ __global__ void __launch_bounds__(256, PIPE ? 2 : 1) gemv_oneshot_kernel(LinearA
   }
 
   Acc acc[MT][NT][4];
-#pragma unroll
-  for (int m = 0; m < MT; ++m)
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        Acc v = accs[0][m][n][i];
-#pragma unroll
-        for (int q = 1; q < S; ++q) v += accs[q][m][n][i];
-        acc[m][n][i] = v;
-      }
-
-  constexpr int E = MT * NT * 4;
+  sum_acc_sets(accs, acc);
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  Acc* red = reinterpret_cast<Acc*>(smem_raw);
-  if (kw > 1) {
-#pragma unroll
-    for (int m = 0; m < MT; ++m)
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) red[(warp * E + (m * NT + n) * 4 + i) * 32 + lane] = acc[m][n][i];
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < E * 32; idx += blockDim.x) {
-      const int e = idx >> 5, ln = idx & 31;
-      Acc s = Acc(0);
-      for (int w = 0; w < kw; ++w) s += red[(w * E + e) * 32 + ln];
-      const int i = e & 3, n = (e >> 2) % NT, m = (e >> 2) / NT;
-      const int row = (tile0 + m) * 16 + (ln >> 2) + (i >= 2 ? 8 : 0);
-      const int token = n * 8 + 2 * (ln & 3) + (i & 1);
-      epilogue_store(a, token, row, s);
-    }
-  } else {
-    store_fragment(a, acc, tile0, g, t);
-  }
+  reduce_warps_and_store(a, acc, reinterpret_cast<Acc*>(smem_raw), kw, tile0);
 }
-
 
 __device__ __forceinline__ int swizzle_chunk(int c, int r) { return c ^ (r & 1) ^ (((c >> 3) & 1) << 1); }
 
@@ -344,11 +277,24 @@ cudaError_t launch_linear_fmt(const LinearArgs& a, cudaStream_t stream) {
   if (a.M == 0 || a.N == 0) return cudaSuccess;
   const int nchunks = a.Kp / 128;
   if (a.M > 16) return launch_gemm<FMT, X>(a, nchunks, stream);
+  // Two m-tiles per block (half the activation traffic per weight byte) once that still leaves
+  // about three blocks per multiprocessor.
+  const int tiles = (a.N + 127) / 128 * 8;
+  const bool two_tiles = 2 * tiles >= 3 * 2 * device_sm_count();
+  // The bulk-copy GEMV where it measured faster (H100, batch 1, docs/backends/cuda_ext_notes.md v5):
+  // float activations and at least ~6 m-tiles per multiprocessor (14336x4096 12.5 -> 11.2 us,
+  // 28672x8192 37.4 -> 32.4); the one-shot kernel wins below that (8192x8192, every BitNet shape)
+  // and on the int8 path.  BITLAB_CUDA_BULK_MT=1/2 forces the m-tiles per bulk block.
+  const GemvChoice choice = gemv_choice();
+  const bool bulk = choice == kGemvBulk || (choice == kGemvAuto && sizeof(X) == 2 && tiles >= 6 * device_sm_count());
+  if (bulk) {
+    const char* env = std::getenv("BITLAB_CUDA_BULK_MT");
+    const bool mt2 = env ? env[0] == '2' : two_tiles;
+    if (a.M <= 8) return mt2 ? launch_gemv_bulk<FMT, X, 2, 1>(a, nchunks, stream) : launch_gemv_bulk<FMT, X, 1, 1>(a, nchunks, stream);
+    return mt2 ? launch_gemv_bulk<FMT, X, 2, 2>(a, nchunks, stream) : launch_gemv_bulk<FMT, X, 1, 2>(a, nchunks, stream);
+  }
   if (a.M <= 8) {
-    // One-shot: two m-tiles per warp (half the activation traffic per weight byte) once that
-    // still leaves about two blocks per multiprocessor.
-    const int tiles = (a.N + 127) / 128 * 8;
-    if (2 * tiles >= 3 * 2 * device_sm_count()) return launch_gemv_oneshot<FMT, X, 2, 1>(a, nchunks, stream);
+    if (two_tiles) return launch_gemv_oneshot<FMT, X, 2, 1>(a, nchunks, stream);
     return launch_gemv_oneshot<FMT, X, 1, 1>(a, nchunks, stream);
   }
   return launch_gemv_oneshot<FMT, X, 1, 2>(a, nchunks, stream);

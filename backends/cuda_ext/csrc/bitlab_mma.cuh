@@ -270,4 +270,90 @@ __device__ __forceinline__ void epilogue_store(const LinearArgs& a, int token, i
   epilogue_store_f(a, token, row, static_cast<float>(acc));
 }
 
+// Epilogue of one warp's accumulator fragments (MT m-tiles from tile0, NT n-tiles from token0).
+template <int MT, int NT, typename Acc>
+__device__ __forceinline__ void store_fragment(const LinearArgs& a, const Acc (&acc)[MT][NT][4], int tile0, int g,
+                                               int t, int token0 = 0) {
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = (tile0 + m) * 16 + g + (i >= 2 ? 8 : 0);
+        const int token = token0 + n * 8 + 2 * t + (i & 1);
+        epilogue_store(a, token, row, acc[m][n][i]);
+      }
+}
+
+// Independent accumulator sets: consecutive mma k-steps go to different sets, so a warp
+// never waits on the previous mma's result (mma.sync latency is ~30 cycles).
+template <int MT>
+struct GemvAccSets {
+  static constexpr int value = MT >= 2 ? 2 : 4;
+};
+
+// Sum of the S independent accumulator sets.
+template <int S, int MT, int NT, typename Acc>
+__device__ __forceinline__ void sum_acc_sets(const Acc (&accs)[S][MT][NT][4], Acc (&acc)[MT][NT][4]) {
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        Acc v = accs[0][m][n][i];
+#pragma unroll
+        for (int q = 1; q < S; ++q) v += accs[q][m][n][i];
+        acc[m][n][i] = v;
+      }
+}
+
+// The block's first kw warps split K: their fragments meet in shared memory (red: kw * MT * NT * 4 * 32
+// values), are summed in a fixed order and stored.  Called by exactly threads 0 .. 32 kw - 1; they
+// synchronise on named barrier 1 (other warps of the block may have left).
+template <int MT, int NT, typename Acc>
+__device__ __forceinline__ void reduce_warps_and_store(const LinearArgs& a, const Acc (&acc)[MT][NT][4], Acc* red,
+                                                       int kw, int tile0) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (kw == 1) {
+    store_fragment(a, acc, tile0, lane >> 2, lane & 3);
+    return;
+  }
+  constexpr int E = MT * NT * 4;
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) red[(warp * E + (m * NT + n) * 4 + i) * 32 + lane] = acc[m][n][i];
+  asm volatile("bar.sync 1, %0;" ::"r"(kw * 32) : "memory");
+  for (int idx = threadIdx.x; idx < E * 32; idx += kw * 32) {
+    const int e = idx >> 5, ln = idx & 31;
+    Acc s = Acc(0);
+    for (int w = 0; w < kw; ++w) s += red[(w * E + e) * 32 + ln];
+    const int i = e & 3, n = (e >> 2) % NT, m = (e >> 2) / NT;
+    const int row = (tile0 + m) * 16 + (ln >> 2) + (i >= 2 ? 8 : 0);
+    const int token = n * 8 + 2 * (ln & 3) + (i & 1);
+    epilogue_store(a, token, row, s);
+  }
+}
+
+// Decode one (m-tile, chunk) of weights and multiply it into the accumulator sets: the mma
+// k-steps of the chunk rotate over the S sets.
+template <int FMT, typename X, int S, int MT, int NT, typename Acc>
+__device__ __forceinline__ void mma_chunk(Acc (&accs)[S][MT][NT][4], const uint32_t (&w)[MT][2 * FormatBits<FMT>::value],
+                                          const uint32_t (&xb)[NT][PathTraits<X>::xwords]) {
+#pragma unroll
+  for (int j = 0; j < PathTraits<X>::ksteps; ++j) {
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      uint32_t ar[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) ar[r] = decode<FMT, X>(w[m], 4 * j + r);
+#pragma unroll
+      for (int n = 0; n < NT; ++n) mma(accs[j % S][m][n], ar, &xb[n][2 * j], X());
+    }
+  }
+}
 }  // namespace bitlab

@@ -27,6 +27,13 @@ def kernels(cuda_ext_ops):
     return kernels
 
 
+@pytest.fixture(params=["bulk", "oneshot"])
+def gemv(request, monkeypatch):
+    """Both GEMV kernels (M <= 16 tokens): the bulk-copy one (default on sm_90+) and the register-only one."""
+    monkeypatch.setenv("BITLAB_CUDA_GEMV", request.param)
+    return request.param
+
+
 def make_packed(bits, gran, n, k, probe=False):
     choices = torch.tensor(VALUES[bits], dtype=torch.int8)
     values = choices[torch.randint(len(choices), (n, k))]
@@ -52,7 +59,7 @@ def rel_err(y, ref):
 @pytest.mark.parametrize("gran", ["per_tensor", "per_channel"])
 @pytest.mark.parametrize("act", ["float16", "bfloat16"])
 @pytest.mark.parametrize("bits", [1, 1.58, 2, 4, 8])
-def test_float_activations_match_reference(kernels, bits, act, gran):
+def test_float_activations_match_reference(kernels, gemv, bits, act, gran):
     cfg = BitQuantConfig(weight_bits=bits, activation_dtype=act, weight_granularity=gran)
     kernel = kernels.CudaExtFloatKernel()
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[act]
@@ -76,7 +83,7 @@ def test_float_activations_match_reference(kernels, bits, act, gran):
 @pytest.mark.parametrize("act_gran", ["per_tensor", "per_token"])
 @pytest.mark.parametrize("gran", ["per_tensor", "per_channel"])
 @pytest.mark.parametrize("bits", [1, 1.58, 2, 4, 8])
-def test_int8_activations_bit_exact(kernels, bits, gran, act_gran):
+def test_int8_activations_bit_exact(kernels, gemv, bits, gran, act_gran):
     cfg = BitQuantConfig(weight_bits=bits, activation_dtype="int8", weight_granularity=gran,
                          activation_granularity=act_gran)
     kernel = kernels.CudaExtInt8Kernel()
@@ -116,7 +123,7 @@ def test_w1a1_popcount(kernels, gran, act_gran):
 
 @pytest.mark.parametrize("act", ["float16", "bfloat16", "int8"])
 @pytest.mark.parametrize("bits", [1, 1.58, 2, 4, 8])
-def test_large_shapes_every_path(kernels, bits, act):
+def test_large_shapes_every_path(kernels, gemv, bits, act):
     # Shapes where the GEMV runs many blocks (20011 rows) or long K (9000), at token counts of
     # both GEMV tile widths (1..8, 9..16); every weight format and activation type.
     cfg = BitQuantConfig(weight_bits=bits, activation_dtype=act, weight_granularity="per_channel",
@@ -137,7 +144,7 @@ def test_large_shapes_every_path(kernels, bits, act):
 
 @pytest.mark.parametrize("act", ["float16", "int8"])
 @pytest.mark.parametrize("bits", [1, 1.58])
-def test_gemv_many_tiles(kernels, bits, act):
+def test_gemv_many_tiles(kernels, gemv, bits, act):
     # Many more 16-row tiles than multiprocessors; K sizes where some warps of a block idle.
     cfg = BitQuantConfig(weight_bits=bits, activation_dtype=act, weight_granularity="per_channel",
                          activation_granularity="per_token")
@@ -154,6 +161,32 @@ def test_gemv_many_tiles(kernels, bits, act):
                 assert torch.equal(y, ref), (n, k, m)
             else:
                 assert rel_err(y, ref) < 1.5e-3, (n, k, m, rel_err(y, ref))
+
+
+@pytest.mark.parametrize("mt", ["1", "2"])
+@pytest.mark.parametrize("act", ["float16", "bfloat16", "int8"])
+@pytest.mark.parametrize("bits", [1, 1.58, 4, 8])
+def test_bulk_gemv_ring_wraps(kernels, monkeypatch, bits, act, mt):
+    # The smallest ring (2 slots) over long K: every slot is refilled many times, so the
+    # full/empty barrier phases wrap; one and two m-tiles per block; both GEMV tile widths.
+    monkeypatch.setenv("BITLAB_CUDA_GEMV", "bulk")
+    monkeypatch.setenv("BITLAB_CUDA_BULK_INFLIGHT", "1")
+    monkeypatch.setenv("BITLAB_CUDA_BULK_MT", mt)
+    cfg = BitQuantConfig(weight_bits=bits, activation_dtype=act, weight_granularity="per_channel",
+                         activation_granularity="per_token")
+    kernel = kernels.CudaExtInt8Kernel() if act == "int8" else kernels.CudaExtFloatKernel()
+    dtype = torch.bfloat16 if act == "bfloat16" else torch.float16
+    for n, k in ((300, 9000), (129, 2000), (40, 130)):
+        packed = make_packed(bits, "per_channel", n, k)
+        prep, rprep = kernel.prepare(packed, cfg), REF.prepare(packed, cfg)
+        for m in (1, 2, 9, 16):
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            bias = torch.randn(n, device="cuda")
+            y, r = kernel.forward(x, prep, bias, "relu"), REF.forward(x, rprep, bias, "relu")
+            if act == "int8":
+                assert torch.equal(y, r), (n, k, m)
+            else:
+                assert rel_err(y, r) < (5e-3 if act == "bfloat16" else 1.5e-3), (n, k, m, rel_err(y, r))
 
 
 @pytest.mark.parametrize("act", ["float16", "int8", "binary"])
@@ -193,7 +226,7 @@ def test_bad_inputs_are_named_before_the_op(kernels):
 
 
 @pytest.mark.parametrize("act", ["float16", "int8"])
-def test_cuda_graph_capture(kernels, act):
+def test_cuda_graph_capture(kernels, gemv, act):
     cfg = BitQuantConfig(weight_bits=1.58, activation_dtype=act, activation_granularity="per_token")
     kernel = kernels.CudaExtFloatKernel() if act == "float16" else kernels.CudaExtInt8Kernel()
     packed = make_packed(1.58, "per_channel", 300, 520)
@@ -241,7 +274,7 @@ def test_opcheck(kernels, act_mode):
 
 @pytest.mark.parametrize("act_gran", ["per_tensor", "per_token"])
 @pytest.mark.parametrize("bits", [1, 1.58, 2, 4, 8])
-def test_pre_quantized_input_equals_forward(kernels, bits, act_gran):
+def test_pre_quantized_input_equals_forward(kernels, gemv, bits, act_gran):
     # forward_quantized with the reference quantizer's output computes what forward computes
     # (which quantizes inside), bit for bit, on the GEMV and GEMM paths; bad inputs are named.
     from bitcore.quantize import quantize_activation_int8
