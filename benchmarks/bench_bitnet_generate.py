@@ -154,6 +154,10 @@ def profile_decode(model: BitNetForCausalLM, vocab: int, compile: bool, triton_a
     return {"kernel_us_per_step": total / steps, "kernels_per_step": launches / steps, "top": rows[:25]}
 
 
+def gen_fused_attention(result: dict) -> bool:
+    return result.get("attention_kernel", "").startswith("cuda_ext")
+
+
 def run_batches(name: str, gen: Generator, batches, args, vocab: int) -> list:
     rows = []
     for b in batches:
@@ -259,6 +263,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-triton-attention", action="store_true")
+    ap.add_argument("--no-unfused-attention", action="store_true",
+                    help="skip the run with the unfused (torch.compile) one-token attention")
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of a batch-1 decode step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test the script with --tiny")
@@ -290,19 +296,27 @@ def main(argv=None) -> int:
     mem = model.weight_memory()
     result["kernels"] = gen.kernels
     result["norm_quant"] = model.norm_quant
+    result["attention_kernel"] = gen.attention_kernel
     result["weights"] = {
         "ternary_packed_gb": mem["packed"] / GB,
         "ternary_prepared_on_gpu_gb": mem["prepared_gpu"] / GB,
         "float_gb": mem["float"] / GB,
         "gpu_allocated_after_load_gb": torch.cuda.memory_allocated() / GB if device.type == "cuda" else float("nan"),
     }
-    print(f"kernels: {gen.kernels}\nweights: {result['weights']}", flush=True)
+    print(f"kernels: {gen.kernels}\nattention: {gen.attention_kernel}\nweights: {result['weights']}", flush=True)
     result["runs"]["bitlab"] = run_batches("bitlab", gen, batches, args, cfg.vocab_size)
     if args.profile and device.type == "cuda":
         result["profile_batch1"] = profile_decode(model, cfg.vocab_size, not args.no_compile)
         _print_profile(result["profile_batch1"])
     del gen  # its KV cache and graphs
     _free(device)
+    if not args.no_unfused_attention and gen_fused_attention(result):
+        # the same model and bindings; one-token attention as compiled torch ops (rotary, cache write,
+        # grouped matmul / softmax / matmul) instead of the fused kernel
+        gen_u = Generator(model, compile=not args.no_compile, bind=False, fused_attention=False)
+        result["runs"]["bitlab_unfused_attn"] = run_batches("bitlab_unfused_attn", gen_u, batches, args, cfg.vocab_size)
+        del gen_u
+        _free(device)
     if not args.no_triton_attention and not args.no_compile and device.type == "cuda":
         try:  # the same model and bindings; one-token attention as the split-KV Triton kernel
             gen_t = Generator(model, compile=True, bind=False, triton_attention=True)
@@ -351,7 +365,8 @@ def write_report(result: dict, out_dir: Path) -> None:
         f"{result['device']}, torch {result['torch']}, prompt {result['prompt_len']} tokens, "
         f"{result['new_tokens']} decode steps, {result['quant']}, torch.compile of float ops: {result['compile']}.",
         f"Kernels: {', '.join(sorted(set(result['kernels'].values())))}; "
-        f"norms before the projections quantize (up to 16 tokens) with: {result.get('norm_quant', 'none')}.",
+        f"norms before the projections quantize (up to 16 tokens) with: {result.get('norm_quant', 'none')}; "
+        f"one-token attention: {result.get('attention_kernel', 'torch')}.",
         "",
         "| model | batch | decode tokens/s | ms / step | x bf16 | prefill tokens/s | peak GPU GB | CUDA graph |",
         "|---|---:|---:|---:|---:|---:|---:|---|",

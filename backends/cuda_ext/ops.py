@@ -4,7 +4,9 @@
   activations itself);
 * ``bitlab::cuda_ext_linear_int8``: the same with int8 activations the caller quantized;
 * ``bitlab::cuda_ext_rms_norm_quant``: RMSNorm + per-token int8 quantization (the input of a
-  W*A8 projection, one kernel).
+  W*A8 projection, one kernel);
+* ``bitlab::cuda_ext_decode_attention``: one-token attention with rotary and the KV-cache write
+  (:mod:`backends.cuda_ext.decode_attention`).
 
 The schema and CUDA implementation live in ``csrc/bindings.cpp``; the fake (meta)
 implementation is registered here, so ``torch.compile`` traces the op and CUDA graphs
@@ -61,6 +63,9 @@ def load():
             torch.library.register_fake("bitlab::cuda_ext_linear")(_linear_fake)
             torch.library.register_fake("bitlab::cuda_ext_linear_int8")(_linear_int8_fake)
             torch.library.register_fake("bitlab::cuda_ext_rms_norm_quant")(_rms_norm_quant_fake)
+            from backends.cuda_ext import decode_attention
+
+            decode_attention.register_fake()
             _fake_registered = True
     return module
 

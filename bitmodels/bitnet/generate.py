@@ -17,8 +17,11 @@ A call ``generate(prompts, max_new_tokens)``:
 
 ``compile=True`` runs the model's float operations through ``torch.compile`` (fused RMSNorm,
 rotary, residual adds) in the decode step; the BitLinear kernels are the registry's.
-``triton_attention=True`` (with ``compile``, on CUDA) runs one-token attention as a split-KV
-Triton kernel (:mod:`bitmodels.bitnet.triton_attention`).
+One-token attention (decode) runs, on CUDA with cuda_ext available, as one fused kernel
+(rotary + KV-cache write + attention, :mod:`backends.cuda_ext.decode_attention`); ``fused_attention=False``
+keeps the unfused path.  ``triton_attention=True`` (with ``compile``, on CUDA) runs it as a split-KV
+Triton kernel instead (:mod:`bitmodels.bitnet.triton_attention`).  ``attention_kernel`` says which
+runs, and why.
 
 Example::
 
@@ -36,7 +39,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from bitmodels.bitnet.model import BitNetForCausalLM
-from bitmodels.bitnet.ops import Ops, compiled_ops
+from bitmodels.bitnet.ops import FusedDecodeAttentionOps, Ops, compiled_ops, fused_decode_attention_status
 from bitmodels.bitnet.sampling import SamplingConfig, sample
 
 log = logging.getLogger("bitlab.bitnet.generate")
@@ -105,6 +108,7 @@ class Generator:
         offload_packed: bool = False,
         bind: bool = True,
         triton_attention: bool = False,
+        fused_attention: Optional[bool] = None,
     ) -> None:
         self.model = model.eval()
         self.device = model.lm_head.weight.device
@@ -121,6 +125,18 @@ class Generator:
                     f"compile={compile}, triton {'available' if ta.available() else 'missing'}, device {self.device}"
                 )
         self.decode_ops = compiled_ops(triton_attention) if compile else model.ops
+        self.attention_kernel = "triton split-KV (triton_attention=True)" if triton_attention else "torch"
+        if fused_attention is None or fused_attention:
+            why_not = "triton_attention=True" if triton_attention else fused_decode_attention_status(self.device)
+            if not why_not:
+                self.decode_ops = FusedDecodeAttentionOps(self.decode_ops)
+                self.attention_kernel = "cuda_ext.decode_attention (rotary + cache write + attention, one kernel)"
+            elif fused_attention:
+                raise ValueError(f"fused_attention=True but the fused kernel cannot run: {why_not}")
+            elif not triton_attention:
+                self.attention_kernel = f"torch ({why_not})"
+        else:
+            self.attention_kernel = "torch (fused_attention=False)" if not triton_attention else self.attention_kernel
         self.prefill_ops = Ops()
         if bind:  # resolve kernels and prepared weights once (see BitNetForCausalLM.prepare_for_inference)
             model.prepare_for_inference(self.device, fuse=fuse, offload_packed=offload_packed)

@@ -231,6 +231,40 @@ class TritonDecodeOps(CompiledOps):
         return self._combine(acc, m, l_sum, sub_norm_weight, eps, q.dtype, quantize)
 
 
+def fused_decode_attention_status(device) -> str:
+    """Empty when cuda_ext's one-token attention kernel can run on ``device``, else why not."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "not a CUDA device"
+    from backends.cuda_ext import ops as cuda_ops
+
+    status = cuda_ops.availability()
+    return "" if status else f"cuda_ext unavailable: {status.reason}"
+
+
+class FusedDecodeAttentionOps:
+    """Another ops set (eager or compiled) whose one-token attention over a CUDA cache runs as one
+    cuda_ext kernel (rotary + cache write + attention, :mod:`backends.cuda_ext.decode_attention`), then
+    ``attn_sub_norm`` through the set's own ``norm_input``.  Shapes the kernel does not take (prefill,
+    float32, head_dim other than 64 / 128) go to the set's own ``attention``."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+        self.norm_input, self.add_rms_norm = base.norm_input, base.add_rms_norm
+        self.relu2_gate_norm = base.relu2_gate_norm
+
+    def attention(self, q, k, v, cos, sin, k_cache, v_cache, slots, mask, sub_norm_weight, eps, quantize=False):
+        from backends.cuda_ext import decode_attention as fused
+
+        if q.shape[1] != 1 or k_cache is None or mask is None or fused.supports(q, k_cache):
+            return self.base.attention(q, k, v, cos, sin, k_cache, v_cache, slots, mask, sub_norm_weight, eps,
+                                       quantize)
+        B = q.shape[0]
+        out = fused.decode_attention(q[:, 0], k[:, 0], v[:, 0], cos.reshape(B, -1), sin.reshape(B, -1), k_cache,
+                                     v_cache, slots.reshape(1), mask.reshape(B, -1))
+        return self.base.norm_input(out.view(B, 1, -1), sub_norm_weight, eps, quantize)
+
+
 _SHARED: dict = {}
 
 

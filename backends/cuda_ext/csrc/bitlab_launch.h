@@ -78,4 +78,32 @@ struct NormQuantArgs {
 };
 cudaError_t launch_rms_norm_quant(const NormQuantArgs& args, cudaStream_t stream);
 
+// One-token grouped-query attention with rotary embedding and KV-cache write (decode_attention.cu).
+// q [B, H, D], k, v [B, KVH, D] (row strides below; heads contiguous, D unit stride), cos / sin [B, D],
+// caches [B, KVH, S, D] contiguous, mask [B, S] (nonzero = attend), all of dtype T but mask; key and
+// value are written at cache position *slot; out [B, H * D].  D is 64 or 128, H / KVH <= 8.
+constexpr int kDecodeAttentionMaxGroup = 8;
+struct DecodeAttentionArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  long q_row, k_row, v_row;
+  const void* cos;
+  const void* sin;
+  void* k_cache;
+  void* v_cache;
+  const long* slot;      // int64 [1]
+  const uint8_t* mask;   // [B, S], row stride mask_row
+  long mask_row;
+  float* work;           // [B * KVH, nsplit, H / KVH, D + 2] float32 partials (nsplit > 1)
+  int* counters;         // [B * KVH], zero before the call and after it
+  void* out;             // [B, H * D]
+  int dtype;             // kDtypeHalf or kDtypeBFloat16
+  int B, H, KVH, D, S, nsplit;
+  float scale;
+};
+// Keys per block (nsplit = ceil(S / keys)).
+int decode_attention_keys_per_block(int head_dim);
+cudaError_t launch_decode_attention(const DecodeAttentionArgs& args, cudaStream_t stream);
+
 }  // namespace bitlab

@@ -1,0 +1,112 @@
+"""``bitlab::cuda_ext_decode_attention``: one-token grouped-query attention, rotary and KV-cache write in
+one CUDA kernel (``csrc/decode_attention.cu``).
+
+For a decode step (one new token per row) it replaces the rotary kernels, the two cache writes,
+the score / softmax / value kernels and the split combine of the unfused path.  Semantics
+(those of :func:`bitmodels.bitnet.ops.attention` for ``T == 1`` with a cache):
+
+* ``q_rot = q * cos + rotate_half(q) * sin`` and the same for ``k`` (float32, rounded to the
+  cache dtype), ``k_rot`` and ``v`` are written at cache position ``slot``;
+* each query head ``i`` attends with KV head ``i // (H / KVH)`` over the cache keys ``<= slot``
+  that ``mask`` allows, softmax in float32, ``scale`` on the scores;
+* returns ``[B, H * D]`` in the activation dtype.
+
+The kernel splits the keys over blocks and merges the partials in the last block of each
+(row, KV head), counted in a small int32 buffer that every call leaves at zero again; one
+buffer per device is kept here (allocate it, by one eager call, before a CUDA-graph capture).
+
+Example::
+
+    out = decode_attention(q, k, v, cos, sin, k_cache, v_cache, slot, mask)   # q [B, H, D]
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict
+
+import torch
+
+from backends.cuda_ext import ops
+
+MAX_GROUP = 8  # csrc/bitlab_launch.h kDecodeAttentionMaxGroup
+HEAD_DIMS = (64, 128)
+_counters: Dict[torch.device, torch.Tensor] = {}
+
+
+def _fake(q, k, v, cos, sin, k_cache, v_cache, slot, mask, counters, scale):
+    return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
+
+
+def register_fake() -> None:
+    torch.library.register_fake("bitlab::cuda_ext_decode_attention")(_fake)
+
+
+def supports(q: torch.Tensor, k_cache: torch.Tensor) -> str:
+    """Empty string when the kernel takes these shapes and dtypes, else why not."""
+    if q.dtype not in (torch.float16, torch.bfloat16) or k_cache.dtype != q.dtype:
+        return f"dtype {q.dtype} (cache {k_cache.dtype}); the kernel takes float16 or bfloat16"
+    d, heads, kv_heads = q.shape[-1], q.shape[-2], k_cache.shape[1]
+    if d not in HEAD_DIMS:
+        return f"head_dim {d} not in {HEAD_DIMS}"
+    if heads % kv_heads or heads // kv_heads > MAX_GROUP:
+        return f"{heads} query heads over {kv_heads} KV heads: groups of more than {MAX_GROUP} or uneven"
+    if not q.is_cuda:
+        return f"queries on {q.device}, not CUDA"
+    return ""
+
+
+def check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot, mask) -> None:
+    """ValueError naming the problem (the op checks again; a C++ error would be harder to read)."""
+    why = supports(q, k_cache)
+    if why:
+        raise ValueError(f"decode_attention: {why}")
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"decode_attention: q [B, H, D], k and v [B, KVH, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2] != D:
+        raise ValueError(f"decode_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must both be [{B}, KVH, {D}]")
+    kvh = k.shape[1]
+    if k_cache.shape != v_cache.shape or k_cache.dim() != 4 or tuple(k_cache.shape[:2]) != (B, kvh) \
+            or k_cache.shape[3] != D or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError(f"decode_attention: caches must be contiguous [{B}, {kvh}, S, {D}]; got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(2) != 1 or t.stride(1) != D or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"decode_attention: {name} needs contiguous heads (strides (*, {D}, 1)) in {q.dtype} on "
+                             f"{q.device}; got strides {t.stride()} {t.dtype} on {t.device}")
+    for name, t in (("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"decode_attention: {name} is {t.dtype} on {t.device}; expected {q.dtype} on {q.device}")
+    if cos.shape != (B, D) or sin.shape != (B, D):
+        raise ValueError(f"decode_attention: cos and sin must be [{B}, {D}]; got {tuple(cos.shape)}, {tuple(sin.shape)}")
+    S = k_cache.shape[2]
+    if mask.shape != (B, S) or mask.dtype not in (torch.bool, torch.uint8) or mask.stride(1) != 1 \
+            or mask.device != q.device:
+        raise ValueError(f"decode_attention: mask must be bool/uint8 [{B}, {S}] with unit column stride on "
+                         f"{q.device}; got {mask.dtype} {tuple(mask.shape)} strides {mask.stride()}")
+    if slot.dtype != torch.int64 or slot.numel() != 1 or slot.device != q.device:
+        raise ValueError(f"decode_attention: slot must be one int64 on {q.device}; got {slot.dtype} "
+                         f"{tuple(slot.shape)} on {slot.device}")
+
+
+def counters_for(device: torch.device, n: int) -> torch.Tensor:
+    """The device's zeroed int32 merge counters, at least ``n`` (grown outside graph capture only)."""
+    have = _counters.get(device)
+    if have is None or have.numel() < n:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"decode_attention: its {n} merge counters on {device} must exist before CUDA-graph capture; "
+                "run one eager step with the same batch first"
+            )
+        have = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
+        _counters[device] = have
+    return have
+
+
+def decode_attention(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale=None) -> torch.Tensor:
+    """``[B, H * D]`` attention output of one new token per row; writes ``k``, ``v`` at ``slot`` (module docstring)."""
+    check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot, mask)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    counters = counters_for(q.device, q.shape[0] * k.shape[1])
+    return ops._op("cuda_ext_decode_attention")(q, k, v, cos, sin, k_cache, v_cache, slot, mask, counters, scale)

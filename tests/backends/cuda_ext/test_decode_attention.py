@@ -1,0 +1,109 @@
+"""cuda_ext's one-token attention kernel (rotary + KV-cache write + grouped-query attention) against a
+float32 reference on fresh random inputs; bad inputs named before the op (those run without a GPU)."""
+import math
+
+import pytest
+import torch
+
+from backends.cuda_ext import decode_attention as fused
+from bitmodels.bitnet.ops import rotary_table
+
+
+def reference(q, k, v, cos, sin, k_cache, v_cache, slot, mask):
+    """float32 math with the kernel's rounding points: rotated q and k rounded to the cache dtype."""
+    B, H, D = q.shape
+    KVH, S = k_cache.shape[1], k_cache.shape[2]
+
+    def rotate(x):
+        half = D // 2
+        turned = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return (x.float() * cos[:, None].float() + turned.float() * sin[:, None].float()).to(x.dtype)
+
+    kc, vc = k_cache.clone(), v_cache.clone()
+    kc[:, :, slot] = rotate(k)
+    vc[:, :, slot] = v
+    qg = rotate(q).float().view(B, KVH, H // KVH, D)
+    scores = torch.einsum("bhgd,bhsd->bhgs", qg, kc.float()) / math.sqrt(D)
+    attend = mask.bool() & (torch.arange(S, device=q.device) <= slot)[None]
+    scores = scores.masked_fill(~attend[:, None, None], float("-inf"))
+    out = torch.einsum("bhgs,bhsd->bhgd", scores.softmax(-1), vc.float())
+    return out.reshape(B, H * D), kc, vc
+
+
+def make_inputs(B, H, KVH, D, S, slot, dtype, seed, pads=None):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, device="cuda", generator=gen).to(dtype)  # noqa: E731
+    qkv = rnd(B, (H + 2 * KVH) * D)  # q, k, v are views of one projection output, as in the model
+    q = qkv[:, : H * D].view(B, H, D)
+    k = qkv[:, H * D: (H + KVH) * D].view(B, KVH, D)
+    v = qkv[:, (H + KVH) * D:].view(B, KVH, D)
+    cos, sin = rotary_table(D, 500000.0, S)
+    positions = torch.tensor([slot - (0 if pads is None else p) for p in (pads or [0] * B)])
+    cos, sin = cos[positions].to("cuda", dtype), sin[positions].to("cuda", dtype)
+    k_cache, v_cache = rnd(B, KVH, S, D), rnd(B, KVH, S, D)
+    key = torch.arange(S, device="cuda")
+    pad = torch.tensor(pads or [0] * B, device="cuda")
+    mask = (key[None] >= pad[:, None]) & (key[None] <= slot)
+    return q, k, v, cos, sin, k_cache, v_cache, torch.tensor([slot], device="cuda"), mask
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,KVH,D,S,slot,pads", [
+    (1, 20, 5, 128, 640, 511, None),      # BitNet 2B: 5 KV heads of 4 queries, many splits
+    (3, 20, 5, 128, 333, 300, [0, 17, 150]),  # padded batch, last split partial
+    (2, 8, 8, 64, 64, 0, None),           # first token: one split, one key
+    (2, 16, 2, 64, 200, 64, [3, 0]),      # groups of 8, slot on a split boundary
+    (1, 4, 4, 128, 129, 128, None),       # slot is the last cache position
+])
+def test_matches_reference_and_writes_the_cache(cuda_ext_ops, dtype, B, H, KVH, D, S, slot, pads):
+    inputs = make_inputs(B, H, KVH, D, S, slot, dtype, seed=S + slot, pads=pads)
+    q, k, v, cos, sin, k_cache, v_cache, slot_t, mask = inputs
+    untouched = k_cache.clone(), v_cache.clone()
+    ref, ref_k, ref_v = reference(q, k, v, cos, sin, *untouched, slot, mask)
+    out = fused.decode_attention(q, k, v, cos, sin, k_cache, v_cache, slot_t, mask)
+    assert out.shape == (B, H * D) and out.dtype == dtype
+    err = float((out.float() - ref).norm() / ref.norm())
+    assert err < 8e-3, err
+    # every other position untouched; the written key within a rounding step of the reference's
+    others = torch.arange(S, device="cuda") != slot
+    assert torch.equal(k_cache[:, :, others], untouched[0][:, :, others])
+    assert torch.equal(v_cache, ref_v)
+    torch.testing.assert_close(k_cache, ref_k, rtol=1.6e-2, atol=1e-2)
+    assert int(fused.counters_for(q.device, B * KVH).abs().sum()) == 0  # the merge counters are back at zero
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_follows_the_slot_tensor(cuda_ext_ops):
+    B, H, KVH, D, S = 2, 20, 5, 128, 256
+    q, k, v, cos, sin, k_cache, v_cache, slot_t, mask = make_inputs(B, H, KVH, D, S, 100, torch.bfloat16, seed=5)
+    fused.decode_attention(q, k, v, cos, sin, k_cache.clone(), v_cache.clone(), slot_t, mask)  # eager first
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused.decode_attention(q, k, v, cos, sin, k_cache, v_cache, slot_t, mask)
+    for slot in (100, 101, 180):
+        slot_t.fill_(slot)
+        mask.copy_(torch.arange(S, device="cuda")[None].expand(B, S) <= slot)
+        before = k_cache.clone(), v_cache.clone()
+        graph.replay()
+        ref, _, _ = reference(q, k, v, cos, sin, *before, slot, mask)
+        assert float((out.float() - ref).norm() / ref.norm()) < 8e-3, slot
+
+
+def test_bad_inputs_are_named_before_the_op():
+    B, H, KVH, D, S = 1, 4, 2, 64, 32
+    half = dict(dtype=torch.float16)
+    q, k, v = torch.randn(B, H, D, **half), torch.randn(B, KVH, D, **half), torch.randn(B, KVH, D, **half)
+    cache = torch.randn(B, KVH, S, D, **half)
+    rest = (torch.randn(B, D, **half), torch.randn(B, D, **half), cache, cache.clone(), torch.tensor([3]),
+            torch.ones(B, S, dtype=torch.bool))
+    with pytest.raises(ValueError, match="not CUDA"):
+        fused.decode_attention(q, k, v, *rest)
+    with pytest.raises(ValueError, match="head_dim 96"):
+        fused.decode_attention(torch.randn(B, H, 96, **half), k, v, *rest)
+    with pytest.raises(ValueError, match="groups of more than 8"):
+        fused.decode_attention(torch.randn(B, 20, D, **half), k, v, *rest)
+    with pytest.raises(ValueError, match="dtype torch.float32"):
+        fused.decode_attention(q.float(), k, v, *rest)
+    assert fused.supports(q, cache) == "queries on cpu, not CUDA"
