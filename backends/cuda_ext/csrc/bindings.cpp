@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <cstdlib>
+
 #include "bitlab_launch.h"
 
 namespace {
@@ -246,6 +248,8 @@ at::Tensor cuda_ext_decode_attention(const at::Tensor& q, const at::Tensor& k, c
   const c10::cuda::CUDAGuard guard(q.device());
   const int keys = bitlab::decode_attention_keys_per_block(static_cast<int>(D));
   const int64_t nsplit = (S + keys - 1) / keys;
+  TORCH_CHECK(nsplit * (H / KVH) <= bitlab::kDecodeAttentionMaxMerge, "cuda_ext_decode_attention: cache length ", S,
+              " too long for one merge");
   at::Tensor out = at::empty({B, H * D}, q.options());
   at::Tensor work = at::empty({nsplit > 1 ? B * KVH * nsplit * (H / KVH) * (D + 2) : 1}, q.options().dtype(at::kFloat));
   at::Tensor cs = cos.contiguous(), sn = sin.contiguous();
@@ -263,6 +267,11 @@ at::Tensor cuda_ext_decode_attention(const at::Tensor& q, const at::Tensor& k, c
   a.dtype = dtype_code(q.scalar_type());
   a.B = B; a.H = H; a.KVH = KVH; a.D = D; a.S = S; a.nsplit = nsplit;
   a.scale = static_cast<float>(scale);
+  // A/B knobs (read per call, so a CUDA graph keeps what was set when it was captured).
+  const char* pdl = std::getenv("BITLAB_ATTN_PDL");
+  const char* early = std::getenv("BITLAB_ATTN_EARLY_TRIGGER");
+  a.pdl = !(pdl && pdl[0] == '0');
+  a.early_trigger = !(early && early[0] == '0');
   check_cuda(bitlab::launch_decode_attention(a, c10::cuda::getCurrentCUDAStream()), "decode_attention kernel");
   return out;
 }

@@ -83,6 +83,7 @@ cudaError_t launch_rms_norm_quant(const NormQuantArgs& args, cudaStream_t stream
 // caches [B, KVH, S, D] contiguous, mask [B, S] (nonzero = attend), all of dtype T but mask; key and
 // value are written at cache position *slot; out [B, H * D].  D is 64 or 128, H / KVH <= 8.
 constexpr int kDecodeAttentionMaxGroup = 8;
+constexpr int kDecodeAttentionMaxMerge = 2048;  // nsplit * (H / KVH) partials merged per (row, KV head)
 struct DecodeAttentionArgs {
   const void* q;
   const void* k;
@@ -101,6 +102,8 @@ struct DecodeAttentionArgs {
   int dtype;             // kDtypeHalf or kDtypeBFloat16
   int B, H, KVH, D, S, nsplit;
   float scale;
+  int pdl;            // launch as a programmatic dependent of the kernel before it (sm_90)
+  int early_trigger;  // let the next kernel launch at this one's start (else at its end)
 };
 // Keys per block (nsplit = ceil(S / keys)).
 int decode_attention_keys_per_block(int head_dim);

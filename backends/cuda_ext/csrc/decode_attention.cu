@@ -33,20 +33,61 @@ template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// Raw bits of `N` consecutive elements of T (N * sizeof(T) = 4 or 8 bytes).
+template <int BYTES> struct RawWords;
+template <> struct RawWords<4> { using type = uint32_t; };
+template <> struct RawWords<8> { using type = uint2; };
+
+template <typename T, int N>
+__device__ __forceinline__ void raw_to_float(const typename RawWords<N * sizeof(T)>::type& raw, float (&out)[N]) {
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = to_float(e[i]);
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(D) decode_attention_kernel(DecodeAttentionArgs a) {
-  constexpr int KEYS = D / 2, HALF = D / 2, WARPS = D / 32;
-  __shared__ float qs[kDecodeAttentionMaxGroup][2][HALF + 1];  // rotated, scaled queries (+1: no bank conflict)
-  __shared__ float kn[D], vn[D];                                // the new key (rotated) and value
-  __shared__ float pr[kDecodeAttentionMaxGroup][KEYS];          // scores, then exp(s - m)
-  __shared__ float mrow[kDecodeAttentionMaxGroup], lrow[kDecodeAttentionMaxGroup];
+  constexpr int KEYS = D / 2, HALF = D / 2, WARPS = D / 32, DPL = D / 32, KPW = KEYS / WARPS;
+  constexpr int G8 = kDecodeAttentionMaxGroup;
+  constexpr int KU = HALF * sizeof(T) / 16;  // 16-byte loads per half key row
+  using VRaw = typename RawWords<DPL * sizeof(T)>::type;
+  static_assert(KPW == 16, "16 keys per warp in the value pass");
+  __shared__ float qs[G8][2][HALF + 1];  // rotated, scaled queries (+1: the two halves on different banks)
+  __shared__ float kn[D], vn[D];          // the new key (rotated) and value
+  __shared__ float pr[G8][KEYS];          // scores, then exp(s - m)
+  __shared__ float mrow[G8], lrow[G8];
+  __shared__ float scratch[WARPS * G8 * D > 2 * kDecodeAttentionMaxMerge ? WARPS * G8 * D : 2 * kDecodeAttentionMaxMerge];
   __shared__ int is_last;
   const int bh = blockIdx.x, split = blockIdx.y;
   const int b = bh / a.KVH, h = bh % a.KVH, G = a.H / a.KVH;
   const int d = threadIdx.x, lane = d & 31, warp = d >> 5;
-  pdl_launch_dependents();
+  if (a.early_trigger) pdl_launch_dependents();
   pdl_wait();
   const long slot = *a.slot;
+  const long k0 = static_cast<long>(split) * KEYS;
+  long k1 = k0 + KEYS < a.S ? k0 + KEYS : a.S;
+  if (k1 > slot + 1) k1 = slot + 1;  // decode never attends past the new token
+  const int nk = k1 > k0 ? static_cast<int>(k1 - k0) : 0;
+  T* kc = static_cast<T*>(a.k_cache) + static_cast<long>(bh) * a.S * D;
+  T* vc = static_cast<T*>(a.v_cache) + static_cast<long>(bh) * a.S * D;
+
+  // Every global load first (one round trip): the thread pair's key half-row for the scores, the
+  // warp's 16 value rows (DPL dims per lane) for the output, the mask, the rotary inputs.
+  const int j = d >> 1, hf = d & 1;
+  const long key = k0 + j;
+  uint4 kraw[KU];
+  const bool k_cached = j < nk && key != slot;
+#pragma unroll
+  for (int u = 0; u < KU; ++u)
+    kraw[u] = k_cached ? reinterpret_cast<const uint4*>(kc + key * D + hf * HALF)[u] : make_uint4(0, 0, 0, 0);
+  const bool valid = j < nk && a.mask[b * a.mask_row + key] != 0;
+  VRaw vraw[KPW];
+#pragma unroll
+  for (int i = 0; i < KPW; ++i) {
+    const int jj = warp * KPW + i;
+    const long kk = k0 + jj;
+    vraw[i] = (jj < nk && kk != slot) ? *reinterpret_cast<const VRaw*>(vc + kk * D + lane * DPL) : VRaw{};
+  }
 
   // 1. rotary (x * cos + rotate_half(x) * sin) of the queries and the new key; cache write.
   const T* q = static_cast<const T*>(a.q) + b * a.q_row + static_cast<long>(h) * G * D;
@@ -56,62 +97,52 @@ __global__ void __launch_bounds__(D) decode_attention_kernel(DecodeAttentionArgs
   const float sn = to_float(static_cast<const T*>(a.sin)[static_cast<long>(b) * D + d]);
   const int pd = d < HALF ? d + HALF : d - HALF;
   const float sign = d < HALF ? -1.f : 1.f;
-  for (int g = 0; g < G; ++g) {
-    const float r = to_float(q[g * D + d]) * c + sign * to_float(q[g * D + pd]) * sn;
-    qs[g][d / HALF][d % HALF] = to_float(from_float<T>(r)) * a.scale;
-  }
+#pragma unroll
+  for (int g = 0; g < G8; ++g)
+    if (g < G) {
+      const float r = to_float(q[g * D + d]) * c + sign * to_float(q[g * D + pd]) * sn;
+      qs[g][d / HALF][d % HALF] = to_float(from_float<T>(r)) * a.scale;
+    }
   const T knew = from_float<T>(to_float(kx[d]) * c + sign * to_float(kx[pd]) * sn);
+  const T vnew = vx[d];
   kn[d] = to_float(knew);
-  vn[d] = to_float(vx[d]);
-  T* kc = static_cast<T*>(a.k_cache) + static_cast<long>(bh) * a.S * D;
-  T* vc = static_cast<T*>(a.v_cache) + static_cast<long>(bh) * a.S * D;
+  vn[d] = to_float(vnew);
   if (split == 0) {
     kc[slot * D + d] = knew;
-    vc[slot * D + d] = vx[d];
+    vc[slot * D + d] = vnew;
   }
   __syncthreads();
 
-  // 2. scores of the block's keys: thread pair (2 j, 2 j + 1) takes key k0 + j, one half of D each.
-  const long k0 = static_cast<long>(split) * KEYS;
-  long k1 = k0 + KEYS < a.S ? k0 + KEYS : a.S;
-  if (k1 > slot + 1) k1 = slot + 1;
-  const int nk = k1 > k0 ? static_cast<int>(k1 - k0) : 0;
+  // 2. scores: thread pair (2 j, 2 j + 1) takes key k0 + j, one half of D each.
   {
-    const int j = d >> 1, hf = d & 1;
-    const long key = k0 + j;
-    const bool valid = j < nk && a.mask[b * a.mask_row + key] != 0;
-    float s[kDecodeAttentionMaxGroup];
+    float s[G8];
 #pragma unroll
-    for (int g = 0; g < kDecodeAttentionMaxGroup; ++g) s[g] = 0.f;
-    if (valid) {
-      if (key == slot) {
-        for (int i = 0; i < HALF; ++i) {
-          const float kv = kn[hf * HALF + i];
+    for (int g = 0; g < G8; ++g) s[g] = 0.f;
+    if (valid && key == slot) {
+      for (int i = 0; i < HALF; ++i) {
+        const float kv = kn[hf * HALF + i];
 #pragma unroll
-          for (int g = 0; g < kDecodeAttentionMaxGroup; ++g)
-            if (g < G) s[g] += qs[g][hf][i] * kv;
-        }
-      } else {
-        const uint4* row = reinterpret_cast<const uint4*>(kc + key * D + hf * HALF);
+        for (int g = 0; g < G8; ++g)
+          if (g < G) s[g] += qs[g][hf][i] * kv;
+      }
+    } else if (valid) {
 #pragma unroll
-        for (int u = 0; u < HALF / 8; ++u) {
-          const uint4 raw = row[u];
-          const T* e = reinterpret_cast<const T*>(&raw);
+      for (int u = 0; u < KU; ++u) {
+        const T* e = reinterpret_cast<const T*>(&kraw[u]);
 #pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            const float kv = to_float(e[i]);
+        for (int i = 0; i < 8; ++i) {
+          const float kv = to_float(e[i]);
 #pragma unroll
-            for (int g = 0; g < kDecodeAttentionMaxGroup; ++g)
-              if (g < G) s[g] += qs[g][hf][u * 8 + i] * kv;
-          }
+          for (int g = 0; g < G8; ++g)
+            if (g < G) s[g] += qs[g][hf][u * 8 + i] * kv;
         }
       }
     }
 #pragma unroll
-    for (int g = 0; g < kDecodeAttentionMaxGroup; ++g) s[g] += __shfl_xor_sync(0xffffffffu, s[g], 1);
+    for (int g = 0; g < G8; ++g) s[g] += __shfl_xor_sync(0xffffffffu, s[g], 1);
     if (hf == 0)
 #pragma unroll
-      for (int g = 0; g < kDecodeAttentionMaxGroup; ++g)
+      for (int g = 0; g < G8; ++g)
         if (g < G) pr[g][j] = valid ? s[g] : -INFINITY;
   }
   __syncthreads();
@@ -119,13 +150,13 @@ __global__ void __launch_bounds__(D) decode_attention_kernel(DecodeAttentionArgs
   // 3. softmax partial: warp w takes heads w, w + WARPS, ...
   for (int g = warp; g < G; g += WARPS) {
     float m = -INFINITY;
-    for (int j = lane; j < KEYS; j += 32) m = fmaxf(m, pr[g][j]);
+    for (int jj = lane; jj < KEYS; jj += 32) m = fmaxf(m, pr[g][jj]);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     float l = 0.f;
-    for (int j = lane; j < KEYS; j += 32) {
-      const float p = m == -INFINITY ? 0.f : __expf(pr[g][j] - m);
-      pr[g][j] = p;
+    for (int jj = lane; jj < KEYS; jj += 32) {
+      const float p = m == -INFINITY ? 0.f : __expf(pr[g][jj] - m);
+      pr[g][jj] = p;
       l += p;
     }
 #pragma unroll
@@ -136,30 +167,61 @@ __global__ void __launch_bounds__(D) decode_attention_kernel(DecodeAttentionArgs
     }
   }
   __syncthreads();
-  float acc[kDecodeAttentionMaxGroup];
+
+  // 4. values: warp w sums its 16 keys for the lane's DPL dimensions; the warps meet in shared memory.
+  float acc[G8][DPL];
 #pragma unroll
-  for (int g = 0; g < kDecodeAttentionMaxGroup; ++g) acc[g] = 0.f;
-#pragma unroll 4
-  for (int j = 0; j < nk; ++j) {
-    const long key = k0 + j;
-    const float vv = key == slot ? vn[d] : to_float(vc[key * D + d]);
+  for (int g = 0; g < G8; ++g)
 #pragma unroll
-    for (int g = 0; g < kDecodeAttentionMaxGroup; ++g)
-      if (g < G) acc[g] += pr[g][j] * vv;
+    for (int e = 0; e < DPL; ++e) acc[g][e] = 0.f;
+#pragma unroll
+  for (int i = 0; i < KPW; ++i) {
+    const int jj = warp * KPW + i;
+    if (jj < nk) {
+      float vv[DPL];
+      if (k0 + jj == slot) {
+#pragma unroll
+        for (int e = 0; e < DPL; ++e) vv[e] = vn[lane * DPL + e];
+      } else {
+        raw_to_float<T, DPL>(vraw[i], vv);
+      }
+#pragma unroll
+      for (int g = 0; g < G8; ++g)
+        if (g < G) {
+          const float p = pr[g][jj];
+#pragma unroll
+          for (int e = 0; e < DPL; ++e) acc[g][e] += p * vv[e];
+        }
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < G8; ++g)
+    if (g < G)
+#pragma unroll
+      for (int e = 0; e < DPL; ++e) scratch[(warp * G8 + g) * D + lane * DPL + e] = acc[g][e];
+  __syncthreads();
+  float total[G8];
+#pragma unroll
+  for (int g = 0; g < G8; ++g) {
+    total[g] = 0.f;
+    if (g < G)
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) total[g] += scratch[(w * G8 + g) * D + d];
   }
 
   T* out = static_cast<T*>(a.out) + static_cast<long>(b) * a.H * D + static_cast<long>(h) * G * D;
   if (a.nsplit == 1) {
 #pragma unroll
-    for (int g = 0; g < kDecodeAttentionMaxGroup; ++g)
-      if (g < G) out[g * D + d] = from_float<T>(acc[g] / lrow[g]);
+    for (int g = 0; g < G8; ++g)
+      if (g < G) out[g * D + d] = from_float<T>(total[g] / lrow[g]);
+    if (!a.early_trigger) pdl_launch_dependents();
     return;
   }
-  // 4. partials [B * KVH, nsplit, G, D + 2] (acc, then m and l); the last block merges them.
+  // 5. partials [B * KVH, nsplit, G, D + 2] (acc, then m and l); the last block of (b, h) merges them.
   float* w = a.work + (static_cast<long>(bh) * a.nsplit + split) * G * (D + 2);
 #pragma unroll
-  for (int g = 0; g < kDecodeAttentionMaxGroup; ++g)
-    if (g < G) w[g * (D + 2) + d] = acc[g];
+  for (int g = 0; g < G8; ++g)
+    if (g < G) w[g * (D + 2) + d] = total[g];
   if (d < G) {
     w[d * (D + 2) + D] = mrow[d];
     w[d * (D + 2) + D + 1] = lrow[d];
@@ -168,29 +230,53 @@ __global__ void __launch_bounds__(D) decode_attention_kernel(DecodeAttentionArgs
   __syncthreads();
   if (d == 0) is_last = atomicAdd(&a.counters[bh], 1) == a.nsplit - 1;
   __syncthreads();
-  if (!is_last) return;
+  if (!is_last) {
+    if (!a.early_trigger) pdl_launch_dependents();
+    return;
+  }
   __threadfence();
   const float* base = a.work + static_cast<long>(bh) * a.nsplit * G * (D + 2);
-  for (int g = 0; g < G; ++g) {
-    float M = -INFINITY;
-    for (int s = 0; s < a.nsplit; ++s) M = fmaxf(M, __ldcg(base + (s * G + g) * (D + 2) + D));
-    float L = 0.f, A = 0.f;
-    for (int s = 0; s < a.nsplit; ++s) {
-      const float* part = base + (s * G + g) * (D + 2);
-      const float ms = __ldcg(part + D);
-      if (ms == -INFINITY) continue;
-      const float e = __expf(ms - M);
-      L += __ldcg(part + D + 1) * e;
-      A += __ldcg(part + d) * e;
-    }
-    out[g * D + d] = from_float<T>(A / L);
+  const int parts = a.nsplit * G;  // <= kDecodeAttentionMaxMerge (checked on the host)
+  float* pm = scratch;                              // m of (split, head), then its merge weight
+  float* pl = scratch + kDecodeAttentionMaxMerge;   // l of (split, head)
+  for (int i = d; i < parts; i += D) {
+    pm[i] = __ldcg(base + i * (D + 2) + D);
+    pl[i] = __ldcg(base + i * (D + 2) + D + 1);
   }
+  __syncthreads();
+  if (d < G) {
+    float M = -INFINITY;
+    for (int sp = 0; sp < a.nsplit; ++sp) M = fmaxf(M, pm[sp * G + d]);
+    float L = 0.f;
+    for (int sp = 0; sp < a.nsplit; ++sp) {
+      const float ms = pm[sp * G + d];
+      if (ms != -INFINITY) L += pl[sp * G + d] * __expf(ms - M);
+    }
+    mrow[d] = M;
+    lrow[d] = L;
+  }
+  __syncthreads();
+  for (int i = d; i < parts; i += D) {
+    const int g = i % G;
+    pm[i] = pm[i] == -INFINITY ? 0.f : __expf(pm[i] - mrow[g]) / lrow[g];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int g = 0; g < G8; ++g)
+    if (g < G) {
+      float A = 0.f;
+#pragma unroll 8
+      for (int sp = 0; sp < a.nsplit; ++sp) A += __ldcg(base + (sp * G + g) * (D + 2) + d) * pm[sp * G + g];
+      out[g * D + d] = from_float<T>(A);
+    }
   if (d == 0) a.counters[bh] = 0;  // ready for the next call (and the next graph replay)
+  if (!a.early_trigger) pdl_launch_dependents();
 }
 
 template <typename T, int D>
 cudaError_t launch_decode_attention_t(const DecodeAttentionArgs& a, cudaStream_t stream) {
-  return launch_maybe_pdl(decode_attention_kernel<T, D>, dim3(a.B * a.KVH, a.nsplit), dim3(D), 0, stream, true, a);
+  return launch_maybe_pdl(decode_attention_kernel<T, D>, dim3(a.B * a.KVH, a.nsplit), dim3(D), 0, stream,
+                          a.pdl != 0, a);
 }
 
 }  // namespace
