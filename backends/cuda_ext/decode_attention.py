@@ -29,7 +29,7 @@ import torch
 from backends.cuda_ext import ops
 
 MAX_GROUP = 8  # csrc/bitlab_launch.h kDecodeAttentionMaxGroup
-MAX_MERGE = 2048  # kDecodeAttentionMaxMerge: key blocks (D / 2 keys each) x group size
+MAX_MERGE = 2048  # kDecodeAttentionMaxMerge: key blocks (D keys each) x group size
 HEAD_DIMS = (64, 128)
 _counters: Dict[torch.device, torch.Tensor] = {}
 
@@ -51,9 +51,9 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> str:
         return f"head_dim {d} not in {HEAD_DIMS}"
     if heads % kv_heads or heads // kv_heads > MAX_GROUP:
         return f"{heads} query heads over {kv_heads} KV heads: groups of more than {MAX_GROUP} or uneven"
-    blocks = -(-k_cache.shape[2] // (d // 2))
+    blocks = -(-k_cache.shape[2] // d)
     if blocks * (heads // kv_heads) > MAX_MERGE:
-        return (f"cache length {k_cache.shape[2]}: more than {MAX_MERGE // (heads // kv_heads) * (d // 2)} keys "
+        return (f"cache length {k_cache.shape[2]}: more than {MAX_MERGE // (heads // kv_heads) * d} keys "
                 f"for groups of {heads // kv_heads}")
     if not q.is_cuda:
         return f"queries on {q.device}, not CUDA"

@@ -2,17 +2,20 @@
 // write, in one kernel.
 //
 // Replaces, per layer and step, the rotary kernels, the cache writes, the score / softmax / value
-// kernels and the split combine of the unfused path.  Grid (B * KVH, nsplit): block (b, h, split)
-// takes the G = H / KVH query heads of KV head h and keys [split * KEYS, split * KEYS + KEYS) of
-// the cache (KEYS = D / 2; keys after `slot` are never attended in decode and are skipped).
+// kernels and the split combine of the unfused path.  Grid (B * KVH, nsplit), 2 D threads per block:
+// block (b, h, split) takes the G = H / KVH query heads of KV head h and keys
+// [split * D, split * D + D) of the cache (keys after `slot` are never attended in decode: skipped).
 //
+//   0. every global load is issued first (one round trip): each thread pair's key half-rows, each
+//      warp's 16 value rows (D / 32 dimensions per lane), the mask, the rotary inputs;
 //   1. rotate the G queries and the new key (float32, rounded to T as the cache stores it); split 0
 //      writes the new key and value at `slot`; every block uses them from shared memory for that key;
 //   2. scores: two threads per key (each half of D), q . k in float32, times the softmax scale;
-//   3. softmax partial over the block's keys (max m, sum l of exp(s - m)), then acc = sum p v with one
-//      thread per output dimension;
-//   4. the last block of (b, h) to finish (a counter per (b, h), left at zero again) merges the
-//      nsplit partials and writes out [B, H * D] in T.
+//   3. softmax partial over the block's keys (max m, sum l of exp(s - m));
+//   4. acc = sum p v: each warp over its 16 keys, the warps summed in shared memory;
+//   5. the last block of (b, h) to finish (a counter per (b, h), left at zero again) merges the
+//      nsplit partials (their sums loaded while the merge weights are computed) and writes
+//      out [B, H * D] in T.
 //
 // Launched as a programmatic dependent (sm_90): it waits before its first read; it lets the next
 // kernel (attn_sub_norm) launch at its start.
@@ -46,8 +49,8 @@ __device__ __forceinline__ void raw_to_float(const typename RawWords<N * sizeof(
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(D) decode_attention_kernel(DecodeAttentionArgs a) {
-  constexpr int KEYS = D / 2, HALF = D / 2, WARPS = D / 32, DPL = D / 32, KPW = KEYS / WARPS;
+__global__ void __launch_bounds__(2 * D) decode_attention_kernel(DecodeAttentionArgs a) {
+  constexpr int NT = 2 * D, KEYS = D, HALF = D / 2, WARPS = NT / 32, DPL = D / 32, KPW = KEYS / WARPS;
   constexpr int G8 = kDecodeAttentionMaxGroup;
   constexpr int KU = HALF * sizeof(T) / 16;  // 16-byte loads per half key row
   using VRaw = typename RawWords<DPL * sizeof(T)>::type;
@@ -60,7 +63,8 @@ __global__ void __launch_bounds__(D) decode_attention_kernel(DecodeAttentionArgs
   __shared__ int is_last;
   const int bh = blockIdx.x, split = blockIdx.y;
   const int b = bh / a.KVH, h = bh % a.KVH, G = a.H / a.KVH;
-  const int d = threadIdx.x, lane = d & 31, warp = d >> 5;
+  const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+  const int d = t < D ? t : t - D;  // the dimension of the rotary and output steps (threads < D)
   if (a.early_trigger) pdl_launch_dependents();
   pdl_wait();
   const long slot = *a.slot;
@@ -73,7 +77,7 @@ __global__ void __launch_bounds__(D) decode_attention_kernel(DecodeAttentionArgs
 
   // Every global load first (one round trip): the thread pair's key half-row for the scores, the
   // warp's 16 value rows (DPL dims per lane) for the output, the mask, the rotary inputs.
-  const int j = d >> 1, hf = d & 1;
+  const int j = t >> 1, hf = t & 1;
   const long key = k0 + j;
   uint4 kraw[KU];
   const bool k_cached = j < nk && key != slot;
@@ -90,6 +94,7 @@ __global__ void __launch_bounds__(D) decode_attention_kernel(DecodeAttentionArgs
   }
 
   // 1. rotary (x * cos + rotate_half(x) * sin) of the queries and the new key; cache write.
+  if (t < D) {
   const T* q = static_cast<const T*>(a.q) + b * a.q_row + static_cast<long>(h) * G * D;
   const T* kx = static_cast<const T*>(a.k) + b * a.k_row + static_cast<long>(h) * D;
   const T* vx = static_cast<const T*>(a.v) + b * a.v_row + static_cast<long>(h) * D;
@@ -110,6 +115,7 @@ __global__ void __launch_bounds__(D) decode_attention_kernel(DecodeAttentionArgs
   if (split == 0) {
     kc[slot * D + d] = knew;
     vc[slot * D + d] = vnew;
+  }
   }
   __syncthreads();
 
@@ -211,77 +217,119 @@ __global__ void __launch_bounds__(D) decode_attention_kernel(DecodeAttentionArgs
 
   T* out = static_cast<T*>(a.out) + static_cast<long>(b) * a.H * D + static_cast<long>(h) * G * D;
   if (a.nsplit == 1) {
+    if (t < D)
 #pragma unroll
-    for (int g = 0; g < G8; ++g)
-      if (g < G) out[g * D + d] = from_float<T>(total[g] / lrow[g]);
+      for (int g = 0; g < G8; ++g)
+        if (g < G) out[g * D + d] = from_float<T>(total[g] / lrow[g]);
     if (!a.early_trigger) pdl_launch_dependents();
     return;
   }
   // 5. partials [B * KVH, nsplit, G, D + 2] (acc, then m and l); the last block of (b, h) merges them.
   float* w = a.work + (static_cast<long>(bh) * a.nsplit + split) * G * (D + 2);
+  if (t < D)
 #pragma unroll
-  for (int g = 0; g < G8; ++g)
-    if (g < G) w[g * (D + 2) + d] = total[g];
-  if (d < G) {
-    w[d * (D + 2) + D] = mrow[d];
-    w[d * (D + 2) + D + 1] = lrow[d];
+    for (int g = 0; g < G8; ++g)
+      if (g < G) w[g * (D + 2) + d] = total[g];
+  if (t < G) {
+    w[t * (D + 2) + D] = mrow[t];
+    w[t * (D + 2) + D + 1] = lrow[t];
   }
   __threadfence();
   __syncthreads();
-  if (d == 0) is_last = atomicAdd(&a.counters[bh], 1) == a.nsplit - 1;
+  if (t == 0) is_last = atomicAdd(&a.counters[bh], 1) == a.nsplit - 1;
   __syncthreads();
   if (!is_last) {
     if (!a.early_trigger) pdl_launch_dependents();
     return;
   }
   __threadfence();
+  // Merge: the first MB splits' partial sums are loaded before (and while) the weights are computed.
+  constexpr int MB = 8;
   const float* base = a.work + static_cast<long>(bh) * a.nsplit * G * (D + 2);
+  const int dd = t & (D - 1), half_split = t >= D;  // two threads per dimension: even / odd splits
+  float part[MB / 2][G8];
+#pragma unroll
+  for (int u = 0; u < MB / 2; ++u)
+#pragma unroll
+    for (int g = 0; g < G8; ++g) {
+      const int sp = 2 * u + half_split;
+      part[u][g] = (g < G && sp < a.nsplit) ? __ldcg(base + (sp * G + g) * (D + 2) + dd) : 0.f;
+    }
   const int parts = a.nsplit * G;  // <= kDecodeAttentionMaxMerge (checked on the host)
   float* pm = scratch;                              // m of (split, head), then its merge weight
   float* pl = scratch + kDecodeAttentionMaxMerge;   // l of (split, head)
-  for (int i = d; i < parts; i += D) {
+  for (int i = t; i < parts; i += NT) {
     pm[i] = __ldcg(base + i * (D + 2) + D);
     pl[i] = __ldcg(base + i * (D + 2) + D + 1);
   }
   __syncthreads();
-  if (d < G) {
+  if (t < G) {
     float M = -INFINITY;
-    for (int sp = 0; sp < a.nsplit; ++sp) M = fmaxf(M, pm[sp * G + d]);
+    for (int sp = 0; sp < a.nsplit; ++sp) M = fmaxf(M, pm[sp * G + t]);
     float L = 0.f;
     for (int sp = 0; sp < a.nsplit; ++sp) {
-      const float ms = pm[sp * G + d];
-      if (ms != -INFINITY) L += pl[sp * G + d] * __expf(ms - M);
+      const float ms = pm[sp * G + t];
+      if (ms != -INFINITY) L += pl[sp * G + t] * __expf(ms - M);
     }
-    mrow[d] = M;
-    lrow[d] = L;
+    mrow[t] = M;
+    lrow[t] = L;
   }
   __syncthreads();
-  for (int i = d; i < parts; i += D) {
+  for (int i = t; i < parts; i += NT) {
     const int g = i % G;
     pm[i] = pm[i] == -INFINITY ? 0.f : __expf(pm[i] - mrow[g]) / lrow[g];
   }
   __syncthreads();
+  float A[G8];
 #pragma unroll
-  for (int g = 0; g < G8; ++g)
-    if (g < G) {
-      float A = 0.f;
-#pragma unroll 8
-      for (int sp = 0; sp < a.nsplit; ++sp) A += __ldcg(base + (sp * G + g) * (D + 2) + d) * pm[sp * G + g];
-      out[g * D + d] = from_float<T>(A);
+  for (int g = 0; g < G8; ++g) {
+    A[g] = 0.f;
+#pragma unroll
+    for (int u = 0; u < MB / 2; ++u) {
+      const int sp = 2 * u + half_split;
+      if (g < G && sp < a.nsplit) A[g] += part[u][g] * pm[sp * G + g];
     }
-  if (d == 0) a.counters[bh] = 0;  // ready for the next call (and the next graph replay)
+  }
+  for (int s0 = MB; s0 < a.nsplit; s0 += MB) {  // long caches: further batches of MB splits
+#pragma unroll
+    for (int u = 0; u < MB / 2; ++u)
+#pragma unroll
+      for (int g = 0; g < G8; ++g) {
+        const int sp = s0 + 2 * u + half_split;
+        part[u][g] = (g < G && sp < a.nsplit) ? __ldcg(base + (sp * G + g) * (D + 2) + dd) : 0.f;
+      }
+#pragma unroll
+    for (int g = 0; g < G8; ++g)
+#pragma unroll
+      for (int u = 0; u < MB / 2; ++u) {
+        const int sp = s0 + 2 * u + half_split;
+        if (g < G && sp < a.nsplit) A[g] += part[u][g] * pm[sp * G + g];
+      }
+  }
+  // the odd-split half hands its sums to the even-split thread of the same dimension
+  __syncthreads();
+  if (half_split)
+#pragma unroll
+    for (int g = 0; g < G8; ++g)
+      if (g < G) scratch[g * D + dd] = A[g];
+  __syncthreads();
+  if (!half_split)
+#pragma unroll
+    for (int g = 0; g < G8; ++g)
+      if (g < G) out[g * D + dd] = from_float<T>(A[g] + scratch[g * D + dd]);
+  if (t == 0) a.counters[bh] = 0;  // ready for the next call (and the next graph replay)
   if (!a.early_trigger) pdl_launch_dependents();
 }
 
 template <typename T, int D>
 cudaError_t launch_decode_attention_t(const DecodeAttentionArgs& a, cudaStream_t stream) {
-  return launch_maybe_pdl(decode_attention_kernel<T, D>, dim3(a.B * a.KVH, a.nsplit), dim3(D), 0, stream,
+  return launch_maybe_pdl(decode_attention_kernel<T, D>, dim3(a.B * a.KVH, a.nsplit), dim3(2 * D), 0, stream,
                           a.pdl != 0, a);
 }
 
 }  // namespace
 
-int decode_attention_keys_per_block(int head_dim) { return head_dim / 2; }
+int decode_attention_keys_per_block(int head_dim) { return head_dim; }
 
 cudaError_t launch_decode_attention(const DecodeAttentionArgs& a, cudaStream_t stream) {
   if (a.B == 0) return cudaSuccess;

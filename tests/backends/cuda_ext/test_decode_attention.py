@@ -52,11 +52,11 @@ def make_inputs(B, H, KVH, D, S, slot, dtype, seed, pads=None):
 @pytest.mark.parametrize("B,H,KVH,D,S,slot,pads", [
     (1, 20, 5, 128, 640, 511, None),      # BitNet 2B: 5 KV heads of 4 queries, many splits
     (3, 20, 5, 128, 333, 300, [0, 17, 150]),  # padded batch, last split partial
-    (2, 8, 8, 64, 64, 0, None),           # first token: one split, one key
+    (2, 8, 8, 64, 64, 0, None),           # first token: one key block, one key
     (2, 16, 2, 64, 200, 64, [3, 0]),      # groups of 8, slot on a split boundary
     (1, 4, 4, 128, 129, 128, None),       # slot is the last cache position
-    (1, 20, 5, 128, 2500, 2400, None),    # 40 key blocks merged per KV head
-    (2, 16, 2, 64, 1000, 999, [0, 500]),  # 32 blocks of 32 keys, groups of 8
+    (1, 20, 5, 128, 2500, 2400, None),    # 20 key blocks merged per KV head (three merge batches)
+    (2, 16, 2, 64, 1000, 999, [0, 500]),  # 16 blocks of 64 keys, groups of 8
 ])
 def test_matches_reference_and_writes_the_cache(cuda_ext_ops, dtype, B, H, KVH, D, S, slot, pads):
     inputs = make_inputs(B, H, KVH, D, S, slot, dtype, seed=S + slot, pads=pads)
