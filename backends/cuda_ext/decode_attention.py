@@ -11,9 +11,8 @@ the score / softmax / value kernels and the split combine of the unfused path.  
   that ``mask`` allows, softmax in float32, ``scale`` on the scores;
 * returns ``[B, H * D]`` in the activation dtype.
 
-The kernel splits the keys over blocks and merges the partials in the last block of each
-(row, KV head), counted in a small int32 buffer that every call leaves at zero again; one
-buffer per device is kept here (allocate it, by one eager call, before a CUDA-graph capture).
+The keys of each (row, KV head) are split over a thread-block cluster whose blocks merge their
+partial softmax sums through distributed shared memory, so the kernel needs sm_90 (Hopper).
 
 Example::
 
@@ -22,19 +21,15 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Dict
-
 import torch
 
 from backends.cuda_ext import ops
 
-MAX_GROUP = 8  # csrc/bitlab_launch.h kDecodeAttentionMaxGroup
-MAX_MERGE = 2048  # kDecodeAttentionMaxMerge: key blocks (D keys each) x group size
+GROUPS = (1, 2, 4, 8)  # query heads per KV head (csrc/decode_attention.cu instantiations)
 HEAD_DIMS = (64, 128)
-_counters: Dict[torch.device, torch.Tensor] = {}
 
 
-def _fake(q, k, v, cos, sin, k_cache, v_cache, slot, mask, counters, scale):
+def _fake(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale):
     return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
 
 
@@ -49,14 +44,13 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> str:
     d, heads, kv_heads = q.shape[-1], q.shape[-2], k_cache.shape[1]
     if d not in HEAD_DIMS:
         return f"head_dim {d} not in {HEAD_DIMS}"
-    if heads % kv_heads or heads // kv_heads > MAX_GROUP:
-        return f"{heads} query heads over {kv_heads} KV heads: groups of more than {MAX_GROUP} or uneven"
-    blocks = -(-k_cache.shape[2] // d)
-    if blocks * (heads // kv_heads) > MAX_MERGE:
-        return (f"cache length {k_cache.shape[2]}: more than {MAX_MERGE // (heads // kv_heads) * d} keys "
-                f"for groups of {heads // kv_heads}")
+    if heads % kv_heads or heads // kv_heads not in GROUPS:
+        return f"{heads} query heads over {kv_heads} KV heads: the kernel takes groups of {GROUPS}"
     if not q.is_cuda:
         return f"queries on {q.device}, not CUDA"
+    major, minor = torch.cuda.get_device_capability(q.device)
+    if major < 9:
+        return f"GPU compute capability {major}.{minor}: the kernel needs 9.0 (thread-block clusters)"
     return ""
 
 
@@ -95,23 +89,8 @@ def check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot, mask) -> None:
                          f"{tuple(slot.shape)} on {slot.device}")
 
 
-def counters_for(device: torch.device, n: int) -> torch.Tensor:
-    """The device's zeroed int32 merge counters, at least ``n`` (grown outside graph capture only)."""
-    have = _counters.get(device)
-    if have is None or have.numel() < n:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                f"decode_attention: its {n} merge counters on {device} must exist before CUDA-graph capture; "
-                "run one eager step with the same batch first"
-            )
-        have = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
-        _counters[device] = have
-    return have
-
-
 def decode_attention(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale=None) -> torch.Tensor:
     """``[B, H * D]`` attention output of one new token per row; writes ``k``, ``v`` at ``slot`` (module docstring)."""
     check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot, mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    counters = counters_for(q.device, q.shape[0] * k.shape[1])
-    return ops._op("cuda_ext_decode_attention")(q, k, v, cos, sin, k_cache, v_cache, slot, mask, counters, scale)
+    return ops._op("cuda_ext_decode_attention")(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale)

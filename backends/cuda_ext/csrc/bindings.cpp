@@ -224,17 +224,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_ext_rms_norm_quant(const at:
   return {h, q, scale};
 }
 
-// One-token attention with rotary + cache write (decode_attention.cu); inputs checked in Python first
-// (backends/cuda_ext/decode_attention.py), again here.
+// One-token attention with rotary + cache write (decode_attention.cu, sm_90); inputs checked in Python
+// first (backends/cuda_ext/decode_attention.py), again here.
 at::Tensor cuda_ext_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
                                      at::Tensor& v_cache, const at::Tensor& slot, const at::Tensor& mask,
-                                     at::Tensor& counters, double scale) {
+                                     double scale) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "cuda_ext_decode_attention: q, k, v must be 3-D CUDA tensors");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k.size(1), S = k_cache.size(2);
   TORCH_CHECK(D == 64 || D == 128, "cuda_ext_decode_attention: head_dim ", D, " not 64 or 128");
-  TORCH_CHECK(KVH > 0 && H % KVH == 0 && H / KVH <= bitlab::kDecodeAttentionMaxGroup,
-              "cuda_ext_decode_attention: heads ", H, " / kv heads ", KVH);
+  const int64_t G = KVH > 0 && H % KVH == 0 ? H / KVH : 0;
+  TORCH_CHECK(G == 1 || G == 2 || G == 4 || G == 8, "cuda_ext_decode_attention: heads ", H, " / kv heads ", KVH);
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
                   k_cache.size(0) == B && k_cache.size(1) == KVH && k_cache.size(3) == D,
               "cuda_ext_decode_attention: caches must be contiguous [B, KVH, S, D]");
@@ -243,15 +243,8 @@ at::Tensor cuda_ext_decode_attention(const at::Tensor& q, const at::Tensor& k, c
   TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == S && mask.stride(1) == 1 &&
                   mask.element_size() == 1, "cuda_ext_decode_attention: mask must be [B, S] bool/uint8");
   TORCH_CHECK(slot.scalar_type() == at::kLong && slot.numel() == 1, "cuda_ext_decode_attention: slot must be int64 [1]");
-  TORCH_CHECK(counters.scalar_type() == at::kInt && counters.numel() >= B * KVH,
-              "cuda_ext_decode_attention: counters must be int32 with >= B * KVH elements");
   const c10::cuda::CUDAGuard guard(q.device());
-  const int keys = bitlab::decode_attention_keys_per_block(static_cast<int>(D));
-  const int64_t nsplit = (S + keys - 1) / keys;
-  TORCH_CHECK(nsplit * (H / KVH) <= bitlab::kDecodeAttentionMaxMerge, "cuda_ext_decode_attention: cache length ", S,
-              " too long for one merge");
   at::Tensor out = at::empty({B, H * D}, q.options());
-  at::Tensor work = at::empty({nsplit > 1 ? B * KVH * nsplit * (H / KVH) * (D + 2) : 1}, q.options().dtype(at::kFloat));
   at::Tensor cs = cos.contiguous(), sn = sin.contiguous();
   bitlab::DecodeAttentionArgs a{};
   a.q = q.data_ptr(); a.k = k.data_ptr(); a.v = v.data_ptr();
@@ -261,17 +254,12 @@ at::Tensor cuda_ext_decode_attention(const at::Tensor& q, const at::Tensor& k, c
   a.slot = slot.data_ptr<int64_t>();
   a.mask = static_cast<const uint8_t*>(mask.data_ptr());
   a.mask_row = mask.stride(0);
-  a.work = work.data_ptr<float>();
-  a.counters = counters.data_ptr<int>();
   a.out = out.data_ptr();
   a.dtype = dtype_code(q.scalar_type());
-  a.B = B; a.H = H; a.KVH = KVH; a.D = D; a.S = S; a.nsplit = nsplit;
+  a.B = B; a.H = H; a.KVH = KVH; a.D = D; a.S = S;
   a.scale = static_cast<float>(scale);
-  // A/B knobs (read per call, so a CUDA graph keeps what was set when it was captured).
-  const char* pdl = std::getenv("BITLAB_ATTN_PDL");
-  const char* early = std::getenv("BITLAB_ATTN_EARLY_TRIGGER");
+  const char* pdl = std::getenv("BITLAB_ATTN_PDL");  // A/B knob, read per call (a graph keeps its capture's)
   a.pdl = !(pdl && pdl[0] == '0');
-  a.early_trigger = !(early && early[0] == '0');
   check_cuda(bitlab::launch_decode_attention(a, c10::cuda::getCurrentCUDAStream()), "decode_attention kernel");
   return out;
 }
@@ -279,7 +267,7 @@ at::Tensor cuda_ext_decode_attention(const at::Tensor& q, const at::Tensor& k, c
 TORCH_LIBRARY_FRAGMENT(bitlab, m) {
   m.def(
       "cuda_ext_decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
-      "Tensor(b!) v_cache, Tensor slot, Tensor mask, Tensor(c!) counters, float scale) -> Tensor");
+      "Tensor(b!) v_cache, Tensor slot, Tensor mask, float scale) -> Tensor");
   m.def("cuda_ext_rms_norm_quant(Tensor a, Tensor? b, Tensor weight, float eps, int mode) -> (Tensor, Tensor, Tensor)");
   m.def(
       "cuda_ext_linear_int8(Tensor xq, Tensor x_scale, Tensor wq, Tensor w_scale, Tensor? bias, int fmt, "

@@ -78,12 +78,12 @@ struct NormQuantArgs {
 };
 cudaError_t launch_rms_norm_quant(const NormQuantArgs& args, cudaStream_t stream);
 
-// One-token grouped-query attention with rotary embedding and KV-cache write (decode_attention.cu).
-// q [B, H, D], k, v [B, KVH, D] (row strides below; heads contiguous, D unit stride), cos / sin [B, D],
-// caches [B, KVH, S, D] contiguous, mask [B, S] (nonzero = attend), all of dtype T but mask; key and
-// value are written at cache position *slot; out [B, H * D].  D is 64 or 128, H / KVH <= 8.
+// One-token grouped-query attention with rotary embedding and KV-cache write (decode_attention.cu,
+// sm_90). q [B, H, D], k, v [B, KVH, D] (row strides below; heads contiguous, D unit stride),
+// cos / sin [B, D], caches [B, KVH, S, D] contiguous, mask [B, S] (nonzero = attend), all of dtype
+// T but mask; key and value are written at cache position *slot; out [B, H * D].  D is 64 or 128,
+// H / KVH is 1, 2, 4 or 8.
 constexpr int kDecodeAttentionMaxGroup = 8;
-constexpr int kDecodeAttentionMaxMerge = 2048;  // nsplit * (H / KVH) partials merged per (row, KV head)
 struct DecodeAttentionArgs {
   const void* q;
   const void* k;
@@ -96,17 +96,12 @@ struct DecodeAttentionArgs {
   const long* slot;      // int64 [1]
   const uint8_t* mask;   // [B, S], row stride mask_row
   long mask_row;
-  float* work;           // [B * KVH, nsplit, H / KVH, D + 2] float32 partials (nsplit > 1)
-  int* counters;         // [B * KVH], zero before the call and after it
   void* out;             // [B, H * D]
   int dtype;             // kDtypeHalf or kDtypeBFloat16
-  int B, H, KVH, D, S, nsplit;
+  int B, H, KVH, D, S;
   float scale;
-  int pdl;            // launch as a programmatic dependent of the kernel before it (sm_90)
-  int early_trigger;  // let the next kernel launch at this one's start (else at its end)
+  int pdl;               // launch as a programmatic dependent of the kernel before it
 };
-// Keys per block (nsplit = ceil(S / keys)).
-int decode_attention_keys_per_block(int head_dim);
 cudaError_t launch_decode_attention(const DecodeAttentionArgs& args, cudaStream_t stream);
 
 }  // namespace bitlab

@@ -52,11 +52,12 @@ def make_inputs(B, H, KVH, D, S, slot, dtype, seed, pads=None):
 @pytest.mark.parametrize("B,H,KVH,D,S,slot,pads", [
     (1, 20, 5, 128, 640, 511, None),      # BitNet 2B: 5 KV heads of 4 queries, many splits
     (3, 20, 5, 128, 333, 300, [0, 17, 150]),  # padded batch, last split partial
-    (2, 8, 8, 64, 64, 0, None),           # first token: one key block, one key
+    (2, 8, 8, 64, 64, 0, None),           # first token: one chunk, one key, groups of 1
     (2, 16, 2, 64, 200, 64, [3, 0]),      # groups of 8, slot on a split boundary
     (1, 4, 4, 128, 129, 128, None),       # slot is the last cache position
-    (1, 20, 5, 128, 2500, 2400, None),    # 20 key blocks merged per KV head (three merge batches)
-    (2, 16, 2, 64, 1000, 999, [0, 500]),  # 16 blocks of 64 keys, groups of 8
+    (1, 20, 5, 128, 2500, 2400, None),    # 20 chunks of 128 keys over a cluster of 8 blocks
+    (2, 16, 2, 64, 1000, 999, [0, 500]),  # 16 chunks of 64 keys, groups of 8
+    (1, 2, 1, 128, 1100, 700, None),      # groups of 2, the blocks past the new token idle
 ])
 def test_matches_reference_and_writes_the_cache(cuda_ext_ops, dtype, B, H, KVH, D, S, slot, pads):
     inputs = make_inputs(B, H, KVH, D, S, slot, dtype, seed=S + slot, pads=pads)
@@ -72,7 +73,6 @@ def test_matches_reference_and_writes_the_cache(cuda_ext_ops, dtype, B, H, KVH, 
     assert torch.equal(k_cache[:, :, others], untouched[0][:, :, others])
     assert torch.equal(v_cache, ref_v)
     torch.testing.assert_close(k_cache, ref_k, rtol=1.6e-2, atol=1e-2)
-    assert int(fused.counters_for(q.device, B * KVH).abs().sum()) == 0  # the merge counters are back at zero
 
 
 @pytest.mark.gpu
@@ -104,7 +104,7 @@ def test_bad_inputs_are_named_before_the_op():
         fused.decode_attention(q, k, v, *rest)
     with pytest.raises(ValueError, match="head_dim 96"):
         fused.decode_attention(torch.randn(B, H, 96, **half), k, v, *rest)
-    with pytest.raises(ValueError, match="groups of more than 8"):
+    with pytest.raises(ValueError, match="groups of"):
         fused.decode_attention(torch.randn(B, 20, D, **half), k, v, *rest)
     with pytest.raises(ValueError, match="dtype torch.float32"):
         fused.decode_attention(q.float(), k, v, *rest)
