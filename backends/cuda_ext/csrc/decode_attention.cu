@@ -8,7 +8,8 @@
 //
 //   0. a chunk's global loads are issued together: each thread pair's key half-rows, each warp's
 //      16 value rows (D / 32 dimensions per lane); they do not depend on `slot`, so the first chunk's
-//      loads leave with the rotary inputs and `slot` itself (one round trip);
+//      loads leave with the rotary inputs and `slot` itself (one round trip); the next chunk's keys
+//      are loaded while this chunk's softmax and values run;
 //   1. rotate the G = H / KVH queries and the new key (float32, rounded to T as the cache stores it);
 //      block 0 writes the new key and value at `slot`; every block uses them from shared memory there;
 //   2. scores: two threads per key (each half of D), q . k in float32 (queries pre-scaled);
@@ -29,6 +30,8 @@
 #include "bitlab_cp_async.cuh"
 #include "bitlab_launch.h"
 
+// 2 D threads per block, two blocks per multiprocessor (registers capped at 128: batch 8 of the
+// BitNet 2B shape launches 200 blocks; at one block per multiprocessor that was two waves).
 namespace bitlab {
 namespace attention_detail {
 
@@ -70,7 +73,7 @@ struct AttentionShared {
 };
 
 template <typename T, int D, int G>
-__global__ void __launch_bounds__(2 * D) decode_attention_kernel(DecodeAttentionArgs a) {
+__global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttentionArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   constexpr int NT = 2 * D, KEYS = D, HALF = D / 2, WARPS = NT / 32, DPL = D / 32, KPW = KEYS / WARPS;
@@ -93,19 +96,25 @@ __global__ void __launch_bounds__(2 * D) decode_attention_kernel(DecodeAttention
   uint4 kraw[KU];
   VRaw vraw[KPW];
   // Loads of chunk c (keys beyond S read as zeros; keys past slot are loaded but never used).
-  auto load_chunk = [&](int c) {
+  auto load_keys = [&](int c) {
     const long k0 = static_cast<long>(c) * KEYS;
     const bool kin = k0 + j < a.S;
 #pragma unroll
     for (int u = 0; u < KU; ++u)
       kraw[u] = kin ? reinterpret_cast<const uint4*>(kc + (k0 + j) * D + hf * HALF)[u] : make_uint4(0, 0, 0, 0);
+  };
+  auto load_values = [&](int c) {
+    const long k0 = static_cast<long>(c) * KEYS;
 #pragma unroll
     for (int i = 0; i < KPW; ++i) {
       const long kk = k0 + warp * KPW + i;
       vraw[i] = kk < a.S ? *reinterpret_cast<const VRaw*>(vc + kk * D + lane * DPL) : VRaw{};
     }
   };
-  if (static_cast<long>(rank) * KEYS < a.S) load_chunk(rank);
+  if (static_cast<long>(rank) * KEYS < a.S) {
+    load_keys(rank);
+    load_values(rank);
+  }
 
   // 1. rotary (x * cos + rotate_half(x) * sin) of the queries and the new key; cache write.
   const long slot = *a.slot;
@@ -145,7 +154,7 @@ __global__ void __launch_bounds__(2 * D) decode_attention_kernel(DecodeAttention
 
   const long last = slot < a.S - 1 ? slot : a.S - 1;  // the last attended key
   for (int c = rank; static_cast<long>(c) * KEYS <= last; c += C) {
-    if (c != rank) load_chunk(c);
+    if (c != rank) load_values(c);  // (its keys were prefetched during the previous chunk)
     const long k0 = static_cast<long>(c) * KEYS;
     const int nk = static_cast<int>(last - k0 + 1 < KEYS ? last - k0 + 1 : KEYS);
     // 2. scores
@@ -180,6 +189,7 @@ __global__ void __launch_bounds__(2 * D) decode_attention_kernel(DecodeAttention
 #pragma unroll
         for (int g = 0; g < G; ++g) sh.pr[g][j] = valid ? s[g] : -INFINITY;
     }
+    if (static_cast<long>(c + C) * KEYS <= last) load_keys(c + C);  // in flight during softmax and values
     __syncthreads();
     // 3. online softmax: warp w takes heads w, w + WARPS, ...
     for (int g = warp; g < G; g += WARPS) {
