@@ -68,8 +68,13 @@ class _CudaExtKernel(BitKernel):
         if packed.device.type != "cuda":
             raise ValueError(f"{self.name}: packed weight is on {packed.device}; move it to a CUDA device first")
 
-    def route(self, batch: int) -> str:
-        return f"{type(self).__name__}.{'gemv' if batch <= GEMV_MAX_TOKENS else 'gemm'}"
+    def route(self, batch: int, prepared: "CudaExtWeight" = None) -> str:
+        """Which kernel serves ``batch`` tokens; with ``prepared``, also which GEMV (:func:`gemv_kernel`)."""
+        if batch > GEMV_MAX_TOKENS:
+            return f"{type(self).__name__}.gemm"
+        if prepared is None:
+            return f"{type(self).__name__}.gemv"
+        return f"{type(self).__name__}.gemv_{gemv_kernel(prepared)}"
 
     def _check_inputs(self, x, prepared: CudaExtWeight, bias, activation) -> None:
         # Every input is checked here, before the op: a failed check inside the op's C++ code took
@@ -168,3 +173,20 @@ class CudaExtXnorKernel(_CudaExtKernel):
 
 
 KERNELS = (CudaExtFloatKernel, CudaExtInt8Kernel, CudaExtXnorKernel)
+
+
+def gemv_kernel(prepared: CudaExtWeight) -> str:
+    """The GEMV that ``csrc/bitlab_linear.cuh`` (launch_linear_fmt) runs for this weight on its device:
+    ``"bulk"`` (bulk-copy ring, sm_90+) for float activations with at least 6 16-row tiles per
+    multiprocessor, else ``"oneshot"``; ``BITLAB_CUDA_GEMV=oneshot`` / ``bulk`` forces one (as the C++ does)."""
+    import os
+
+    major, _ = torch.cuda.get_device_capability(prepared.wq.device)
+    if major < 9:
+        return "oneshot"
+    forced = os.environ.get("BITLAB_CUDA_GEMV", "")
+    if forced in ("oneshot", "bulk"):
+        return forced
+    tiles = -(-prepared.out_features // 128) * 8
+    sms = torch.cuda.get_device_properties(prepared.wq.device).multi_processor_count
+    return "bulk" if prepared.act_mode == ops.ACT_FLOAT and tiles >= 6 * sms else "oneshot"

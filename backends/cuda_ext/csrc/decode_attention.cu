@@ -18,8 +18,8 @@
 //   5. the block's warps sum acc in shared memory; block 0 of the cluster reads every block's
 //      (m, l, acc) through distributed shared memory, merges and writes out [B, H * D] in T.
 //
-// Launched as a programmatic dependent: it waits before its first read and lets the next kernel
-// (attn_sub_norm) launch at its start.
+// It lets the next kernel (attn_sub_norm) launch at its start and, when launched as a programmatic
+// dependent (off by default, bindings.cpp), waits before its first read.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

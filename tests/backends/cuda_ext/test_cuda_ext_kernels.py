@@ -303,6 +303,22 @@ def test_pre_quantized_input_equals_forward(kernels, gemv, bits, act_gran):
     assert ops.EPILOGUE_CODE["relu"] == 1
 
 
+def test_route_names_the_gemv_it_runs(kernels, monkeypatch):
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    big = make_packed(1.58, "per_channel", 6 * sms * 16, 256)  # 6 tiles per multiprocessor
+    small = make_packed(1.58, "per_channel", 130, 256)
+    fk, ik = kernels.CudaExtFloatKernel(), kernels.CudaExtInt8Kernel()
+    fcfg = BitQuantConfig(weight_bits=1.58, activation_dtype="float16", weight_granularity="per_channel")
+    icfg = BitQuantConfig(weight_bits=1.58, activation_dtype="int8", weight_granularity="per_channel")
+    hopper = torch.cuda.get_device_capability(0)[0] >= 9
+    assert fk.route(1, fk.prepare(big, fcfg)).endswith("gemv_bulk" if hopper else "gemv_oneshot")
+    assert fk.route(1, fk.prepare(small, fcfg)).endswith("gemv_oneshot")
+    assert ik.route(1, ik.prepare(big, icfg)).endswith("gemv_oneshot")
+    assert fk.route(17, fk.prepare(big, fcfg)).endswith("gemm")
+    monkeypatch.setenv("BITLAB_CUDA_GEMV", "oneshot")
+    assert fk.route(1, fk.prepare(big, fcfg)).endswith("gemv_oneshot")
+
+
 def test_registry_prefers_cuda_ext_on_cuda(kernels):
     from bitcore.kernels import KernelRegistry
 
