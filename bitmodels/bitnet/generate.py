@@ -39,7 +39,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from bitmodels.bitnet.model import BitNetForCausalLM
-from bitmodels.bitnet.ops import FusedDecodeAttentionOps, Ops, compiled_ops, fused_decode_attention_status
+from bitmodels.bitnet.ops import FUSED_ATTENTION_MAX_BATCH, FusedDecodeAttentionOps, Ops, compiled_ops, fused_decode_attention_status
 from bitmodels.bitnet.sampling import SamplingConfig, sample
 
 log = logging.getLogger("bitlab.bitnet.generate")
@@ -130,7 +130,8 @@ class Generator:
             why_not = "triton_attention=True" if triton_attention else fused_decode_attention_status(self.device)
             if not why_not:
                 self.decode_ops = FusedDecodeAttentionOps(self.decode_ops)
-                self.attention_kernel = "cuda_ext.decode_attention (rotary + cache write + attention, one kernel)"
+                self.attention_kernel = ("cuda_ext.decode_attention (rotary + cache write + attention, one kernel) "
+                                         f"up to {FUSED_ATTENTION_MAX_BATCH} rows, torch above")
             elif fused_attention:
                 raise ValueError(f"fused_attention=True but the fused kernel cannot run: {why_not}")
             elif not triton_attention:

@@ -242,11 +242,18 @@ def fused_decode_attention_status(device) -> str:
     return "" if status else f"cuda_ext unavailable: {status.reason}"
 
 
+# Rows up to which one-token attention runs fused (H100, BitNet 2B shape, 512-token prompt: batch 1
+# 595 -> 642 tokens/s, batch 8 4052 -> 4040, batch 64 6822 -> 6104: past a few waves of clusters the
+# unfused path's batched matmuls win).
+FUSED_ATTENTION_MAX_BATCH = 16
+
+
 class FusedDecodeAttentionOps:
     """Another ops set (eager or compiled) whose one-token attention over a CUDA cache runs as one
     cuda_ext kernel (rotary + cache write + attention, :mod:`backends.cuda_ext.decode_attention`), then
-    ``attn_sub_norm`` through the set's own ``norm_input``.  Shapes the kernel does not take (prefill,
-    float32, head_dim other than 64 / 128) go to the set's own ``attention``."""
+    ``attn_sub_norm`` through the set's own ``norm_input``.  What the kernel does not take (prefill,
+    more than FUSED_ATTENTION_MAX_BATCH rows, float32, head_dim other than 64 / 128) goes to the set's
+    own ``attention``."""
 
     def __init__(self, base) -> None:
         self.base = base
@@ -256,7 +263,8 @@ class FusedDecodeAttentionOps:
     def attention(self, q, k, v, cos, sin, k_cache, v_cache, slots, mask, sub_norm_weight, eps, quantize=False):
         from backends.cuda_ext import decode_attention as fused
 
-        if q.shape[1] != 1 or k_cache is None or mask is None or fused.supports(q, k_cache):
+        if (q.shape[1] != 1 or q.shape[0] > FUSED_ATTENTION_MAX_BATCH or k_cache is None or mask is None
+                or fused.supports(q, k_cache)):
             return self.base.attention(q, k, v, cos, sin, k_cache, v_cache, slots, mask, sub_norm_weight, eps,
                                        quantize)
         B = q.shape[0]

@@ -333,3 +333,25 @@ def test_fused_attention_on_cpu_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="not a CUDA device"):
         Generator(model, fused_attention=True)
     assert Generator(model).attention_kernel == "torch (not a CUDA device)"
+
+
+@pytest.mark.gpu
+def test_fused_attention_hands_large_batches_to_the_unfused_path(cuda_device, monkeypatch):
+    from bitmodels.bitnet import ops
+
+    if ops.fused_decode_attention_status(cuda_device):
+        pytest.skip(ops.fused_decode_attention_status(cuda_device))
+    calls = []
+    base = ops.Ops()
+    monkeypatch.setattr(base, "attention", lambda *a, **k: calls.append(a[0].shape[0]) or ops.attention(*a, **k))
+    fused = ops.FusedDecodeAttentionOps(base)
+    B, H, KVH, D, S = ops.FUSED_ATTENTION_MAX_BATCH + 1, 4, 2, 64, 64
+    q, k, v = (torch.randn(B, 1, n, D, device=cuda_device, dtype=torch.bfloat16) for n in (H, KVH, KVH))
+    c = s = torch.ones(B, 1, 1, D, device=cuda_device, dtype=torch.bfloat16)
+    caches = [torch.randn(B, KVH, S, D, device=cuda_device, dtype=torch.bfloat16) for _ in range(2)]
+    mask = torch.ones(B, 1, 1, S, dtype=torch.bool, device=cuda_device)
+    w = torch.ones(H * D, device=cuda_device, dtype=torch.bfloat16)
+    slots = torch.tensor([5], device=cuda_device)
+    fused.attention(q, k, v, c, s, *caches, slots, mask, w, 1e-5)
+    fused.attention(q[:2], k[:2], v[:2], c[:2], s[:2], *(t[:2].contiguous() for t in caches), slots, mask[:2], w, 1e-5)
+    assert calls == [B]  # the 2-row call ran the fused kernel
