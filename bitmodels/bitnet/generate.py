@@ -39,7 +39,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from bitmodels.bitnet.model import BitNetForCausalLM
-from bitmodels.bitnet.ops import FUSED_ATTENTION_MAX_BATCH, FusedDecodeAttentionOps, Ops, compiled_ops, fused_decode_attention_status
+from bitmodels.bitnet.ops import (
+    FUSED_ATTENTION_MAX_BATCH,
+    FusedDecodeAttentionOps,
+    Ops,
+    compiled_ops,
+    fused_decode_attention_status,
+)
 from bitmodels.bitnet.sampling import SamplingConfig, sample
 
 log = logging.getLogger("bitlab.bitnet.generate")
