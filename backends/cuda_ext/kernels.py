@@ -31,6 +31,7 @@ from bitcore.packing import PackedWeight
 GRANULARITIES = ("per_tensor", "per_channel")
 ACT_GRANULARITIES = ("per_tensor", "per_token")
 GEMV_MAX_TOKENS = 16
+LOW_BIT_FORMATS = (layout.FORMAT_CODE[1], layout.FORMAT_CODE[1.58], layout.FORMAT_CODE[2])  # 1- and 2-bit codes
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -74,7 +75,7 @@ class _CudaExtKernel(BitKernel):
             return f"{type(self).__name__}.gemm"
         if prepared is None:
             return f"{type(self).__name__}.gemv"
-        return f"{type(self).__name__}.gemv_{gemv_kernel(prepared)}"
+        return f"{type(self).__name__}.gemv_{gemv_kernel(prepared, batch)}"
 
     def _check_inputs(self, x, prepared: CudaExtWeight, bias, activation) -> None:
         # Every input is checked here, before the op: a failed check inside the op's C++ code took
@@ -175,10 +176,11 @@ class CudaExtXnorKernel(_CudaExtKernel):
 KERNELS = (CudaExtFloatKernel, CudaExtInt8Kernel, CudaExtXnorKernel)
 
 
-def gemv_kernel(prepared: CudaExtWeight) -> str:
-    """The GEMV that ``csrc/bitlab_linear.cuh`` (launch_linear_fmt) runs for this weight on its device:
-    ``"bulk"`` (bulk-copy ring, sm_90+) for float activations with at least 6 16-row tiles per
-    multiprocessor, else ``"oneshot"``; ``BITLAB_CUDA_GEMV=oneshot`` / ``bulk`` forces one (as the C++ does)."""
+def gemv_kernel(prepared: CudaExtWeight, tokens: int = 1) -> str:
+    """The GEMV that ``csrc/bitlab_linear.cuh`` (launch_linear_fmt) runs for this weight and token count:
+    ``"bulk"`` (bulk-copy ring, sm_90+) for float activations, 1- or 2-bit weights, at least 6 16-row
+    tiles per multiprocessor, in_features >= 4096 and 1 or more than 8 tokens, else ``"oneshot"``;
+    ``BITLAB_CUDA_GEMV=oneshot`` / ``bulk`` forces one (as the C++ does)."""
     import os
 
     major, _ = torch.cuda.get_device_capability(prepared.wq.device)
@@ -189,4 +191,6 @@ def gemv_kernel(prepared: CudaExtWeight) -> str:
         return forced
     tiles = -(-prepared.out_features // 128) * 8
     sms = torch.cuda.get_device_properties(prepared.wq.device).multi_processor_count
-    return "bulk" if prepared.act_mode == ops.ACT_FLOAT and tiles >= 6 * sms else "oneshot"
+    pays = (prepared.act_mode == ops.ACT_FLOAT and prepared.fmt in LOW_BIT_FORMATS and tiles >= 6 * sms
+            and -(-prepared.in_features // 128) >= 32 and (tokens == 1 or tokens > 8))
+    return "bulk" if pays else "oneshot"

@@ -281,12 +281,16 @@ cudaError_t launch_linear_fmt(const LinearArgs& a, cudaStream_t stream) {
   // about three blocks per multiprocessor.
   const int tiles = (a.N + 127) / 128 * 8;
   const bool two_tiles = 2 * tiles >= 3 * 2 * device_sm_count();
-  // The bulk-copy GEMV where it measured faster (H100, batch 1, docs/backends/cuda_ext_notes.md v5):
-  // float activations and at least ~6 m-tiles per multiprocessor (14336x4096 12.5 -> 11.2 us,
-  // 28672x8192 37.4 -> 32.4); the one-shot kernel wins below that (8192x8192, every BitNet shape)
-  // and on the int8 path.  BITLAB_CUDA_BULK_MT=1/2 forces the m-tiles per bulk block.
+  // The bulk-copy GEMV where it measured faster (H100, docs/backends/cuda_ext_notes.md v5): float
+  // activations, 1- or 2-bit weights, at least ~6 m-tiles per multiprocessor, K >= 4096 and one token
+  // or more than 8 (batch 1: 14336x4096 12.7 -> 11.2 us, 28672x8192 37.2 -> 32.0; batch 16: 28672x8192
+  // 123 -> 75).  The one-shot kernel won at 8192x8192, at K = 2560 (13824x2560 9.7 vs 11.5), at 2 to 8
+  // tokens (14336x4096 batch 8: 14.4 vs 19.8), on the int8 path and for 4- and 8-bit weights (mixed).
+  // BITLAB_CUDA_BULK_MT=1/2 forces the m-tiles per bulk block.  Mirrored in kernels.gemv_kernel.
   const GemvChoice choice = gemv_choice();
-  const bool bulk = choice == kGemvBulk || (choice == kGemvAuto && sizeof(X) == 2 && tiles >= 6 * device_sm_count());
+  const bool bulk_pays = sizeof(X) == 2 && FormatBits<FMT>::value <= 2 && tiles >= 6 * device_sm_count() &&
+                         nchunks >= 32 && (a.M == 1 || a.M > 8);
+  const bool bulk = choice == kGemvBulk || (choice == kGemvAuto && bulk_pays);
   if (bulk) {
     const char* env = std::getenv("BITLAB_CUDA_BULK_MT");
     const bool mt2 = env ? env[0] == '2' : two_tiles;

@@ -305,18 +305,26 @@ def test_pre_quantized_input_equals_forward(kernels, gemv, bits, act_gran):
 
 def test_route_names_the_gemv_it_runs(kernels, monkeypatch):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    big = make_packed(1.58, "per_channel", 6 * sms * 16, 256)  # 6 tiles per multiprocessor
-    small = make_packed(1.58, "per_channel", 130, 256)
+    big = make_packed(1.58, "per_channel", 6 * sms * 16, 4096)  # 6 tiles per multiprocessor, K = 4096
+    short_k = make_packed(1.58, "per_channel", 6 * sms * 16, 2560)
     fk, ik = kernels.CudaExtFloatKernel(), kernels.CudaExtInt8Kernel()
     fcfg = BitQuantConfig(weight_bits=1.58, activation_dtype="float16", weight_granularity="per_channel")
     icfg = BitQuantConfig(weight_bits=1.58, activation_dtype="int8", weight_granularity="per_channel")
     hopper = torch.cuda.get_device_capability(0)[0] >= 9
-    assert fk.route(1, fk.prepare(big, fcfg)).endswith("gemv_bulk" if hopper else "gemv_oneshot")
-    assert fk.route(1, fk.prepare(small, fcfg)).endswith("gemv_oneshot")
+    fbig = fk.prepare(big, fcfg)
+    assert fk.route(1, fbig).endswith("gemv_bulk" if hopper else "gemv_oneshot")
+    assert fk.route(16, fbig).endswith("gemv_bulk" if hopper else "gemv_oneshot")
+    assert fk.route(8, fbig).endswith("gemv_oneshot")
+    assert fk.route(1, fk.prepare(short_k, fcfg)).endswith("gemv_oneshot")
     assert ik.route(1, ik.prepare(big, icfg)).endswith("gemv_oneshot")
-    assert fk.route(17, fk.prepare(big, fcfg)).endswith("gemm")
+    assert fk.route(17, fbig).endswith("gemm")
     monkeypatch.setenv("BITLAB_CUDA_GEMV", "oneshot")
-    assert fk.route(1, fk.prepare(big, fcfg)).endswith("gemv_oneshot")
+    assert fk.route(1, fbig).endswith("gemv_oneshot")
+    # the route agrees with the kernel: both GEMVs compute the same result for this weight
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    oneshot = fk.forward(x, fbig)
+    monkeypatch.setenv("BITLAB_CUDA_GEMV", "bulk")
+    assert rel_err(fk.forward(x, fbig), oneshot) < 1e-3
 
 
 def test_registry_prefers_cuda_ext_on_cuda(kernels):
