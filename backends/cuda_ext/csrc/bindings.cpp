@@ -126,7 +126,10 @@ at::Tensor cuda_ext_linear(const at::Tensor& x, const at::Tensor& wq, const at::
   a.x = xq.data_ptr();
   a.x_scale = xscale.data_ptr<float>();
   a.x_scale_per_row = per_token;
-  a.pdl = 1;  // the GEMV's weight loads overlap the quantization kernel (sm_90+)
+  // Launched plainly after the quantizer: as its programmatic dependent it measured slower (H100,
+  // W1.58A8 batch 1, two runs each: 8192x8192 16.4 -> 15.1 us without, 28672x8192 36.5 -> 35.2,
+  // 4096x4096 8.7 either way); the float path keeps it (4096x4096 6.6 -> 5.3 us with it).
+  a.pdl = 0;
   check_cuda(bitlab::launch_linear_int8(a, stream), "int8-activation kernel");
   return y;
 }
