@@ -126,10 +126,10 @@ at::Tensor cuda_ext_linear(const at::Tensor& x, const at::Tensor& wq, const at::
   a.x = xq.data_ptr();
   a.x_scale = xscale.data_ptr<float>();
   a.x_scale_per_row = per_token;
-  // Launched plainly after the quantizer: as its programmatic dependent it measured slower (H100,
-  // W1.58A8 batch 1, two runs each: 8192x8192 16.4 -> 15.1 us without, 28672x8192 36.5 -> 35.2,
-  // 4096x4096 8.7 either way); the float path keeps it (4096x4096 6.6 -> 5.3 us with it).
-  a.pdl = 0;
+  // As the quantizer's programmatic dependent only for K <= 4096 (H100, W1.58A8 batch 1, with / without:
+  // 4096x4096 8.6 / 8.9 us, 14336x4096 14.6 / 15.4, 13824x2560 11.8 / 13.0; but 8192x8192 16.4 / 15.1,
+  // 28672x8192 36.5 / 35.1).  The float path always uses it (4096x4096 5.3 us with, 6.6 without).
+  a.pdl = Kp <= 4096;
   check_cuda(bitlab::launch_linear_int8(a, stream), "int8-activation kernel");
   return y;
 }
