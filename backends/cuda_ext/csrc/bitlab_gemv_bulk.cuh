@@ -143,14 +143,7 @@ __global__ void __launch_bounds__(32 * (kBulkMaxWarps + 1)) gemv_bulk_kernel(Lin
 
   const int g = lane >> 2, t = lane & 3;
   Acc accs[S][MT][NT][4];
-#pragma unroll
-  for (int q = 0; q < S; ++q)
-#pragma unroll
-    for (int m = 0; m < MT; ++m)
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) accs[q][m][n][i] = Acc(0);
+  zero_acc_sets(accs);
 
   const int nstages = (nchunks + kw - 1) / kw;
   for (int s = 0; s < nstages; ++s) {

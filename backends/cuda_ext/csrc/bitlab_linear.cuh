@@ -66,14 +66,7 @@ __global__ void __launch_bounds__(256, PIPE ? 2 : 1) gemv_oneshot_kernel(LinearA
   const X* __restrict__ x = static_cast<const X*>(a.x);
 
   Acc accs[S][MT][NT][4];
-#pragma unroll
-  for (int q = 0; q < S; ++q)
-#pragma unroll
-    for (int m = 0; m < MT; ++m)
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) accs[q][m][n][i] = Acc(0);
+  zero_acc_sets(accs);
 
   // PIPE: weights double-buffered in registers, the next iteration's loads in flight while this
   // one is decoded.  Measured (H100): it pays where warps run two iterations of at most 4 units

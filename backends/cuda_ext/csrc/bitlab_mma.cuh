@@ -293,6 +293,18 @@ struct GemvAccSets {
   static constexpr int value = MT >= 2 ? 2 : 4;
 };
 
+template <int S, int MT, int NT, typename Acc>
+__device__ __forceinline__ void zero_acc_sets(Acc (&accs)[S][MT][NT][4]) {
+#pragma unroll
+  for (int q = 0; q < S; ++q)
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) accs[q][m][n][i] = Acc(0);
+}
+
 // Sum of the S independent accumulator sets.
 template <int S, int MT, int NT, typename Acc>
 __device__ __forceinline__ void sum_acc_sets(const Acc (&accs)[S][MT][NT][4], Acc (&acc)[MT][NT][4]) {

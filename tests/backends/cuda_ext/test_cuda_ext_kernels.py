@@ -52,6 +52,22 @@ def run_both(kernel, cfg, packed, x, bias=None, activation="none"):
     return y, ref
 
 
+def check_against_reference(kernel, cfg, bits, act, shapes, tokens, dtype):
+    """Every (out, in) shape and token count against torch_ref with bias and ReLU: exact for int8
+    activations, within the float tolerance otherwise."""
+    for n, k in shapes:
+        packed = make_packed(bits, "per_channel", n, k)
+        prep, rprep = kernel.prepare(packed, cfg), REF.prepare(packed, cfg)
+        for m in tokens:
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            bias = torch.randn(n, device="cuda")
+            y, r = kernel.forward(x, prep, bias, "relu"), REF.forward(x, rprep, bias, "relu")
+            if act == "int8":
+                assert torch.equal(y, r), (n, k, m)
+            else:
+                assert rel_err(y, r) < (5e-3 if act == "bfloat16" else 1.5e-3), (n, k, m, rel_err(y, r))
+
+
 def rel_err(y, ref):
     return ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
@@ -129,17 +145,7 @@ def test_large_shapes_every_path(kernels, gemv, bits, act):
     cfg = BitQuantConfig(weight_bits=bits, activation_dtype=act, weight_granularity="per_channel",
                          activation_granularity="per_token")
     kernel = kernels.CudaExtInt8Kernel() if act == "int8" else kernels.CudaExtFloatKernel()
-    for n, k in ((20011, 300), (3000, 9000)):
-        packed = make_packed(bits, "per_channel", n, k)
-        prep, rprep = kernel.prepare(packed, cfg), REF.prepare(packed, cfg)
-        for m in (1, 3, 8, 11, 16):
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            bias = torch.randn(n, device="cuda")
-            y, r = kernel.forward(x, prep, bias, "relu"), REF.forward(x, rprep, bias, "relu")
-            if act == "int8":
-                assert torch.equal(y, r), (n, k, m)
-            else:
-                assert rel_err(y, r) < (5e-3 if act == "bfloat16" else 1.5e-3), (n, k, m, rel_err(y, r))
+    check_against_reference(kernel, cfg, bits, act, ((20011, 300), (3000, 9000)), (1, 3, 8, 11, 16), torch.float16)
 
 
 @pytest.mark.parametrize("act", ["float16", "int8"])
@@ -176,17 +182,7 @@ def test_bulk_gemv_ring_wraps(kernels, monkeypatch, bits, act, mt):
                          activation_granularity="per_token")
     kernel = kernels.CudaExtInt8Kernel() if act == "int8" else kernels.CudaExtFloatKernel()
     dtype = torch.bfloat16 if act == "bfloat16" else torch.float16
-    for n, k in ((300, 9000), (129, 2000), (40, 130)):
-        packed = make_packed(bits, "per_channel", n, k)
-        prep, rprep = kernel.prepare(packed, cfg), REF.prepare(packed, cfg)
-        for m in (1, 2, 9, 16):
-            x = torch.randn(m, k, device="cuda", dtype=dtype)
-            bias = torch.randn(n, device="cuda")
-            y, r = kernel.forward(x, prep, bias, "relu"), REF.forward(x, rprep, bias, "relu")
-            if act == "int8":
-                assert torch.equal(y, r), (n, k, m)
-            else:
-                assert rel_err(y, r) < (5e-3 if act == "bfloat16" else 1.5e-3), (n, k, m, rel_err(y, r))
+    check_against_reference(kernel, cfg, bits, act, ((300, 9000), (129, 2000), (40, 130)), (1, 2, 9, 16), dtype)
 
 
 @pytest.mark.parametrize("act", ["float16", "int8", "binary"])

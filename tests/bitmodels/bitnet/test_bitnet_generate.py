@@ -235,6 +235,28 @@ def test_cuda_graph_decode_equals_eager_decode(cuda_device, compile):
     assert all(len(t) == 12 for t in sampled.tokens)
 
 
+def _decode_attention_case(device, seed):
+    """One decode step's attention inputs (2B-shape heads, a padded batch of 3, 333 cache slots) and
+    the eager grouped-matmul result on copies of the caches: ``(args, ref, ref_caches)``."""
+    from bitmodels.bitnet import ops
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    B, H, KVH, D, S = 3, 20, 5, 128, 333  # S spans several key blocks, the last one partial
+    rnd = lambda *shape: torch.randn(*shape, device=device, generator=gen, dtype=torch.bfloat16)  # noqa: E731
+    q, k, v = rnd(B, 1, H, D), rnd(B, 1, KVH, D), rnd(B, 1, KVH, D)
+    cos, sin = (t.to(device, torch.bfloat16) for t in ops.rotary_table(D, 500000.0, 512))
+    pos, pad = 300, torch.tensor([0, 17, 150], device=device)
+    c, s = cos[pos - pad].view(B, 1, 1, D), sin[pos - pad].view(B, 1, 1, D)
+    key = torch.arange(S, device=device)
+    mask = ((key[None] >= pad[:, None]) & (key[None] <= pos)).view(B, 1, 1, S)
+    weight = torch.rand(H * D, device=device, generator=gen).to(torch.bfloat16) + 0.5
+    caches = rnd(B, KVH, S, D), rnd(B, KVH, S, D)
+    slots = torch.tensor([pos], device=device)
+    ref_caches = [t.clone() for t in caches]
+    ref = ops.attention(q, k, v, c, s, *ref_caches, slots, mask, weight, 1e-5).float()
+    return (q, k, v, c, s, *caches, slots, mask, weight, 1e-5), ref, ref_caches
+
+
 @pytest.mark.gpu
 def test_triton_split_kv_decode_attention_matches_the_grouped_matmul_path(cuda_device):
     from bitmodels.bitnet import ops
@@ -242,21 +264,9 @@ def test_triton_split_kv_decode_attention_matches_the_grouped_matmul_path(cuda_d
 
     if not ta.available():
         pytest.skip("Triton is not installed")
-    gen = torch.Generator(device=cuda_device).manual_seed(12)
-    B, H, KVH, D, S = 3, 20, 5, 128, 333  # S spans several splits, the last one partial
-    rnd = lambda *shape: torch.randn(*shape, device=cuda_device, generator=gen, dtype=torch.bfloat16)  # noqa: E731
-    q, k, v = rnd(B, 1, H, D), rnd(B, 1, KVH, D), rnd(B, 1, KVH, D)
-    cos, sin = (t.to(cuda_device, torch.bfloat16) for t in ops.rotary_table(D, 500000.0, 512))
-    pos, pad = 300, torch.tensor([0, 17, 150], device=cuda_device)
-    c, s = cos[pos].expand(B, 1, 1, D), sin[pos].expand(B, 1, 1, D)
-    key = torch.arange(S, device=cuda_device)
-    mask = ((key[None] >= pad[:, None]) & (key[None] <= pos)).view(B, 1, 1, S)
-    weight = torch.rand(H * D, device=cuda_device, generator=gen).to(torch.bfloat16) + 0.5
-    caches = rnd(B, KVH, S, D), rnd(B, KVH, S, D)
-    slots = torch.tensor([pos], device=cuda_device)
-    ref_caches = [t.clone() for t in caches]
-    ref = ops.attention(q, k, v, c, s, *ref_caches, slots, mask, weight, 1e-5).float()
-    got = ops.TritonDecodeOps()._attention(q, k, v, c, s, *caches, slots, mask, weight, 1e-5).float()
+    case, ref, ref_caches = _decode_attention_case(cuda_device, seed=12)
+    got = ops.TritonDecodeOps()._attention(*case).float()
+    caches = case[5:7]
     # the compiled rotary rounds once where eager rounds per op: the written key may differ by a bf16 ulp
     torch.testing.assert_close(caches[0], ref_caches[0], rtol=1.6e-2, atol=1e-2)
     assert torch.equal(caches[1], ref_caches[1])
@@ -284,21 +294,9 @@ def test_fused_decode_attention_matches_the_grouped_matmul_path(cuda_device):
 
     if ops.fused_decode_attention_status(cuda_device):
         pytest.skip(ops.fused_decode_attention_status(cuda_device))
-    gen = torch.Generator(device=cuda_device).manual_seed(14)
-    B, H, KVH, D, S = 3, 20, 5, 128, 333
-    rnd = lambda *shape: torch.randn(*shape, device=cuda_device, generator=gen, dtype=torch.bfloat16)  # noqa: E731
-    q, k, v = rnd(B, 1, H, D), rnd(B, 1, KVH, D), rnd(B, 1, KVH, D)
-    cos, sin = (t.to(cuda_device, torch.bfloat16) for t in ops.rotary_table(D, 500000.0, 512))
-    pos, pad = 300, torch.tensor([0, 17, 150], device=cuda_device)
-    c, s = cos[pos - pad].view(B, 1, 1, D), sin[pos - pad].view(B, 1, 1, D)
-    key = torch.arange(S, device=cuda_device)
-    mask = ((key[None] >= pad[:, None]) & (key[None] <= pos)).view(B, 1, 1, S)
-    weight = torch.rand(H * D, device=cuda_device, generator=gen).to(torch.bfloat16) + 0.5
-    caches = rnd(B, KVH, S, D), rnd(B, KVH, S, D)
-    slots = torch.tensor([pos], device=cuda_device)
-    ref_caches = [t.clone() for t in caches]
-    ref = ops.attention(q, k, v, c, s, *ref_caches, slots, mask, weight, 1e-5).float()
-    got = ops.FusedDecodeAttentionOps(ops.Ops()).attention(q, k, v, c, s, *caches, slots, mask, weight, 1e-5).float()
+    case, ref, ref_caches = _decode_attention_case(cuda_device, seed=14)
+    got = ops.FusedDecodeAttentionOps(ops.Ops()).attention(*case).float()
+    caches = case[5:7]
     torch.testing.assert_close(caches[0], ref_caches[0], rtol=1.6e-2, atol=1e-2)
     assert torch.equal(caches[1], ref_caches[1])
     assert float((got - ref).norm() / ref.norm()) < 1e-2
