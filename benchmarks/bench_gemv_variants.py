@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""The cuda_ext GEMVs against each other and cuBLAS fp16, one process: which kernel where.
+
+For each shape (out x in), config and batch, cuBLAS fp16 (``F.linear``) and the cuda_ext kernel
+under each variant of ``VARIANTS``: the one-shot GEMV, the bulk-copy GEMV (sm_90) with its
+default plan, with 1 or 2 16-row tiles per block and with 8 or 32 KB of weights in flight.  The
+variants are environment knobs the launcher reads at every launch (``BITLAB_CUDA_GEMV``,
+``BITLAB_CUDA_BULK_MT``, ``BITLAB_CUDA_BULK_INFLIGHT``), so each CUDA graph captures one variant.
+Timing: CUDA-graph replay over rotating prepared copies larger than L2, median (gpu_timing.py).
+Every variant's output is compared with the first variant's on the same input (relative error
+reported when above 2e-3).
+
+    python benchmarks/bench_gemv_variants.py --out docs/benchmarks
+    python benchmarks/bench_gemv_variants.py --configs W1.58A16 --batches 1 16
+
+Writes gpu_gemv_sweep.json, gpu_gemv_sweep.md and gpu_gemv_sweep.png into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_gpu_linear import CONFIGS, random_packed  # noqa: E402
+from gpu_timing import n_copies, time_graph  # noqa: E402
+
+from bitcore.config import BitQuantConfig  # noqa: E402
+from bitcore.kernels import KernelRegistry  # noqa: E402
+
+# The issue's shapes, then the BitNet 2B projections (2560 hidden, 6912 intermediate).
+SHAPES = [(4096, 4096), (8192, 8192), (14336, 4096), (13824, 2560), (28672, 8192),
+          (2560, 2560), (3840, 2560), (2560, 6912)]
+KNOBS = ("BITLAB_CUDA_GEMV", "BITLAB_CUDA_BULK_MT", "BITLAB_CUDA_BULK_INFLIGHT")
+VARIANTS = {
+    "oneshot": {"BITLAB_CUDA_GEMV": "oneshot"},
+    "bulk": {"BITLAB_CUDA_GEMV": "bulk"},
+    "bulk_mt1": {"BITLAB_CUDA_GEMV": "bulk", "BITLAB_CUDA_BULK_MT": "1"},
+    "bulk_mt2": {"BITLAB_CUDA_GEMV": "bulk", "BITLAB_CUDA_BULK_MT": "2"},
+    "bulk_8k": {"BITLAB_CUDA_GEMV": "bulk", "BITLAB_CUDA_BULK_INFLIGHT": "8192"},
+    "bulk_32k": {"BITLAB_CUDA_GEMV": "bulk", "BITLAB_CUDA_BULK_INFLIGHT": "32768"},
+}
+
+
+def set_variant(env: dict) -> None:
+    for knob in KNOBS:
+        os.environ.pop(knob, None)
+    os.environ.update(env)
+
+
+def measure(n: int, k: int, name: str, batches, with_cublas: bool) -> list:
+    cfg = BitQuantConfig(**CONFIGS[name])
+    kernel = KernelRegistry.get_kernel_for_config(cfg, torch.device("cuda"), backend="cuda_ext")
+    packed = random_packed(cfg.weight_bits, n, k)
+    first = kernel.prepare(packed, cfg)
+    copies = [first] + [first.clone() for _ in range(n_copies(first.wq.numel() * first.wq.element_size()) - 1)]
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, k, device="cuda", dtype=torch.float16)
+        row = {"shape": f"{n}x{k}", "config": name, "batch": batch}
+        if with_cublas:
+            dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(n_copies(n * k * 2))]
+            row["cublas"] = time_graph([functools.partial(torch.nn.functional.linear, x, w) for w in dense])["median_us"]
+            del dense
+        reference = None
+        for variant, env in VARIANTS.items():
+            set_variant(env)
+            y = kernel.forward(x, first).float()
+            if reference is None:
+                reference = y
+            err = float((y - reference).norm() / reference.norm().clamp_min(1e-30))
+            row[variant] = time_graph([functools.partial(kernel.forward, x, p) for p in copies])["median_us"]
+            if err > 2e-3:
+                row[variant + "_rel_err"] = err
+        set_variant({})
+        print(json.dumps({key: round(v, 2) if isinstance(v, float) else v for key, v in row.items()}), flush=True)
+        rows.append(row)
+    del copies, first
+    torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(meta: dict, rows: list) -> str:
+    names = list(VARIANTS)
+    lines = [
+        f"# cuda_ext GEMV variants: {meta['device']}",
+        "",
+        f"{meta['timing']}; torch {meta['torch']}, {meta['date']}.  Microseconds per call; the fastest cuda_ext "
+        "variant of each row in bold.  Variants: " + ", ".join(f"`{v}` = {VARIANTS[v]}" for v in names) + ".",
+        "",
+        "| out x in | config | batch | cuBLAS fp16 | " + " | ".join(names) + " |",
+        "|---|---|---:|---:|" + "---:|" * len(names),
+    ]
+    for r in rows:
+        best = min(r[v] for v in names)
+        cells = [f"**{r[v]:.2f}**" if r[v] == best else f"{r[v]:.2f}" for v in names]
+        cublas = f"{r['cublas']:.2f}" if "cublas" in r else ""
+        lines.append(f"| {r['shape']} | {r['config']} | {r['batch']} | {cublas} | " + " | ".join(cells) + " |")
+    lines += ["", "Command: `python benchmarks/bench_gemv_variants.py --out docs/benchmarks`", ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    labels = [f"{r['shape']}\n{r['config']} b{r['batch']}" for r in rows]
+    width = 0.8 / len(VARIANTS)
+    for i, variant in enumerate(VARIANTS):
+        ratio = [r["oneshot"] / r[variant] for r in rows]
+        ax.bar([j + i * width for j in range(len(rows))], ratio, width, label=variant)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
+    ax.set_xticklabels(labels, fontsize=6, rotation=90)
+    ax.set_ylabel("speed vs one-shot GEMV (higher is faster)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="docs/benchmarks")
+    ap.add_argument("--configs", nargs="*", default=["W1.58A16", "W1.58A8", "W1A16"], choices=sorted(CONFIGS))
+    ap.add_argument("--shapes", nargs="*", default=None, help="OUTxIN shapes instead of the default list")
+    ap.add_argument("--batches", nargs="*", type=int, default=[1])
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    if any(c == "W1A1" for c in args.configs):
+        ap.error("W1A1 runs the popcount kernel, not a GEMV variant")
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes] if args.shapes else SHAPES
+    rows = []
+    for n, k in shapes:
+        for i, name in enumerate(args.configs):
+            rows += measure(n, k, name, args.batches, with_cublas=i == 0)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "timing": "CUDA-graph replay, rotating weight copies >= 3x L2, median per call",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_gemv_sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    md = markdown(meta, rows)
+    (out / "gpu_gemv_sweep.md").write_text(md)
+    try:
+        plot(rows, out / "gpu_gemv_sweep.png")
+    except Exception as exc:  # report, keep the table
+        print(f"plot failed: {exc}")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
