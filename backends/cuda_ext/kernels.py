@@ -18,6 +18,7 @@ Example::
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -181,8 +182,6 @@ def gemv_kernel(prepared: CudaExtWeight, tokens: int = 1) -> str:
     ``"bulk"`` (bulk-copy ring, sm_90+) for float activations, 1- or 2-bit weights, at least 6 16-row
     tiles per multiprocessor, in_features >= 4096 and 1 or more than 8 tokens, else ``"oneshot"``;
     ``BITLAB_CUDA_GEMV=oneshot`` / ``bulk`` forces one (as the C++ does)."""
-    import os
-
     major, _ = torch.cuda.get_device_capability(prepared.wq.device)
     if major < 9:
         return "oneshot"

@@ -83,7 +83,6 @@ cudaError_t launch_rms_norm_quant(const NormQuantArgs& args, cudaStream_t stream
 // cos / sin [B, D], caches [B, KVH, S, D] contiguous, mask [B, S] (nonzero = attend), all of dtype
 // T but mask; key and value are written at cache position *slot; out [B, H * D].  D is 64 or 128,
 // H / KVH is 1, 2, 4 or 8.
-constexpr int kDecodeAttentionMaxGroup = 8;
 struct DecodeAttentionArgs {
   const void* q;
   const void* k;
