@@ -2,16 +2,17 @@
 """The cuda_ext GEMVs against each other and cuBLAS fp16, one process: which kernel where.
 
 For each shape (out x in), config and batch, cuBLAS fp16 (``F.linear``) and the cuda_ext kernel
-under each variant of ``VARIANTS``: the one-shot GEMV, the bulk-copy GEMV (sm_90) with its
-default plan, with 1 or 2 16-row tiles per block and with 8 or 32 KB of weights in flight.  The
-variants are environment knobs the launcher reads at every launch (``BITLAB_CUDA_GEMV``,
-``BITLAB_CUDA_BULK_MT``, ``BITLAB_CUDA_BULK_INFLIGHT``), so each CUDA graph captures one variant.
+under each chosen variant of ``VARIANTS`` (default ``DEFAULT_VARIANTS``): the one-shot GEMV, the
+bulk-copy GEMV (sm_90) with its default plan or with 1 / 2 16-row tiles per block and 8 / 32 KB of
+weights in flight, and the cluster GEMV (sm_90) with its default plan, 1 / 2 / 4 m-tiles per warp or 2 / 4
+/ 6 / 8 K-slices per cluster.  The variants are environment knobs the launcher reads at every launch
+(``KNOBS``), so each CUDA graph captures one variant.
 Timing: CUDA-graph replay over rotating prepared copies larger than L2, median (gpu_timing.py).
 Every variant's output is compared with the first variant's on the same input (relative error
 reported when above 2e-3).
 
     python benchmarks/bench_gemv_variants.py --out docs/benchmarks
-    python benchmarks/bench_gemv_variants.py --configs W1.58A16 --batches 1 16
+    python benchmarks/bench_gemv_variants.py --configs W1.58A16 --batches 1 16 --variants oneshot cluster
 
 Writes gpu_gemv_sweep.json, gpu_gemv_sweep.md and gpu_gemv_sweep.png into --out.
 """
@@ -39,7 +40,8 @@ from bitcore.kernels import KernelRegistry  # noqa: E402
 # The issue's shapes, then the BitNet 2B projections (2560 hidden, 6912 intermediate).
 SHAPES = [(4096, 4096), (8192, 8192), (14336, 4096), (13824, 2560), (28672, 8192),
           (2560, 2560), (3840, 2560), (2560, 6912)]
-KNOBS = ("BITLAB_CUDA_GEMV", "BITLAB_CUDA_BULK_MT", "BITLAB_CUDA_BULK_INFLIGHT")
+KNOBS = ("BITLAB_CUDA_GEMV", "BITLAB_CUDA_BULK_MT", "BITLAB_CUDA_BULK_INFLIGHT", "BITLAB_CUDA_CLUSTER_MT",
+         "BITLAB_CUDA_CLUSTER_KS")
 VARIANTS = {
     "oneshot": {"BITLAB_CUDA_GEMV": "oneshot"},
     "bulk": {"BITLAB_CUDA_GEMV": "bulk"},
@@ -47,7 +49,16 @@ VARIANTS = {
     "bulk_mt2": {"BITLAB_CUDA_GEMV": "bulk", "BITLAB_CUDA_BULK_MT": "2"},
     "bulk_8k": {"BITLAB_CUDA_GEMV": "bulk", "BITLAB_CUDA_BULK_INFLIGHT": "8192"},
     "bulk_32k": {"BITLAB_CUDA_GEMV": "bulk", "BITLAB_CUDA_BULK_INFLIGHT": "32768"},
+    "cluster": {"BITLAB_CUDA_GEMV": "cluster"},
+    "cluster_mt1": {"BITLAB_CUDA_GEMV": "cluster", "BITLAB_CUDA_CLUSTER_MT": "1"},
+    "cluster_mt2": {"BITLAB_CUDA_GEMV": "cluster", "BITLAB_CUDA_CLUSTER_MT": "2"},
+    "cluster_mt4": {"BITLAB_CUDA_GEMV": "cluster", "BITLAB_CUDA_CLUSTER_MT": "4"},
+    "cluster_ks2": {"BITLAB_CUDA_GEMV": "cluster", "BITLAB_CUDA_CLUSTER_KS": "2"},
+    "cluster_ks4": {"BITLAB_CUDA_GEMV": "cluster", "BITLAB_CUDA_CLUSTER_KS": "4"},
+    "cluster_ks6": {"BITLAB_CUDA_GEMV": "cluster", "BITLAB_CUDA_CLUSTER_KS": "6"},
+    "cluster_ks8": {"BITLAB_CUDA_GEMV": "cluster", "BITLAB_CUDA_CLUSTER_KS": "8"},
 }
+DEFAULT_VARIANTS = ["oneshot", "bulk", "cluster", "cluster_mt2", "cluster_mt4", "cluster_ks4", "cluster_ks8"]
 
 
 def set_variant(env: dict) -> None:
@@ -56,7 +67,7 @@ def set_variant(env: dict) -> None:
     os.environ.update(env)
 
 
-def measure(n: int, k: int, name: str, batches, with_cublas: bool) -> list:
+def measure(n: int, k: int, name: str, batches, with_cublas: bool, variants) -> list:
     cfg = BitQuantConfig(**CONFIGS[name])
     kernel = KernelRegistry.get_kernel_for_config(cfg, torch.device("cuda"), backend="cuda_ext")
     packed = random_packed(cfg.weight_bits, n, k)
@@ -71,8 +82,8 @@ def measure(n: int, k: int, name: str, batches, with_cublas: bool) -> list:
             row["cublas"] = time_graph([functools.partial(torch.nn.functional.linear, x, w) for w in dense])["median_us"]
             del dense
         reference = None
-        for variant, env in VARIANTS.items():
-            set_variant(env)
+        for variant in variants:
+            set_variant(VARIANTS[variant])
             y = kernel.forward(x, first).float()
             if reference is None:
                 reference = y
@@ -88,8 +99,7 @@ def measure(n: int, k: int, name: str, batches, with_cublas: bool) -> list:
     return rows
 
 
-def markdown(meta: dict, rows: list) -> str:
-    names = list(VARIANTS)
+def markdown(meta: dict, rows: list, names) -> str:
     lines = [
         f"# cuda_ext GEMV variants: {meta['device']}",
         "",
@@ -108,7 +118,7 @@ def markdown(meta: dict, rows: list) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list, path: Path) -> None:
+def plot(rows: list, path: Path, names) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,14 +126,14 @@ def plot(rows: list, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(10, 4))
     labels = [f"{r['shape']}\n{r['config']} b{r['batch']}" for r in rows]
-    width = 0.8 / len(VARIANTS)
-    for i, variant in enumerate(VARIANTS):
-        ratio = [r["oneshot"] / r[variant] for r in rows]
+    width = 0.8 / len(names)
+    for i, variant in enumerate(names):
+        ratio = [r[names[0]] / r[variant] for r in rows]
         ax.bar([j + i * width for j in range(len(rows))], ratio, width, label=variant)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
     ax.set_xticklabels(labels, fontsize=6, rotation=90)
-    ax.set_ylabel("speed vs one-shot GEMV (higher is faster)")
+    ax.set_ylabel(f"speed vs {names[0]} (higher is faster)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -134,7 +144,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="docs/benchmarks")
     ap.add_argument("--configs", nargs="*", default=["W1.58A16", "W1.58A8", "W1A16"], choices=sorted(CONFIGS))
     ap.add_argument("--shapes", nargs="*", default=None, help="OUTxIN shapes instead of the default list")
-    ap.add_argument("--batches", nargs="*", type=int, default=[1])
+    ap.add_argument("--batches", nargs="*", type=int, default=[1, 8, 16])
+    ap.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, choices=sorted(VARIANTS),
+                    help="the first one is the reference of the error check and the plot")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
@@ -145,17 +157,17 @@ def main(argv=None) -> int:
     rows = []
     for n, k in shapes:
         for i, name in enumerate(args.configs):
-            rows += measure(n, k, name, args.batches, with_cublas=i == 0)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            rows += measure(n, k, name, args.batches, with_cublas=i == 0, variants=args.variants)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "variants": args.variants,
             "timing": "CUDA-graph replay, rotating weight copies >= 3x L2, median per call",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_gemv_sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    md = markdown(meta, rows)
+    md = markdown(meta, rows, args.variants)
     (out / "gpu_gemv_sweep.md").write_text(md)
     try:
-        plot(rows, out / "gpu_gemv_sweep.png")
+        plot(rows, out / "gpu_gemv_sweep.png", args.variants)
     except Exception as exc:  # report, keep the table
         print(f"plot failed: {exc}")
     print(md)

@@ -32,6 +32,7 @@ from bitcore.packing import PackedWeight
 GRANULARITIES = ("per_tensor", "per_channel")
 ACT_GRANULARITIES = ("per_tensor", "per_token")
 GEMV_MAX_TOKENS = 16
+CLUSTER_MAX_CHUNKS = 256  # kClusterMaxChunks (csrc/bitlab_gemv_cluster.cuh): in_features <= 32768
 LOW_BIT_FORMATS = (layout.FORMAT_CODE[1], layout.FORMAT_CODE[1.58], layout.FORMAT_CODE[2])  # 1- and 2-bit codes
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -178,18 +179,39 @@ KERNELS = (CudaExtFloatKernel, CudaExtInt8Kernel, CudaExtXnorKernel)
 
 
 def gemv_kernel(prepared: CudaExtWeight, tokens: int = 1) -> str:
-    """The GEMV that ``csrc/bitlab_linear.cuh`` (launch_linear_fmt) runs for this weight and token count:
-    ``"bulk"`` (bulk-copy ring, sm_90+) for float activations, 1- or 2-bit weights, at least 6 16-row
-    tiles per multiprocessor, in_features >= 4096 and 1 or more than 8 tokens, else ``"oneshot"``;
-    ``BITLAB_CUDA_GEMV=oneshot`` / ``bulk`` forces one (as the C++ does)."""
+    """The GEMV that ``csrc/bitlab_linear.cuh`` (launch_linear_fmt) runs for this weight and token count,
+    on sm_90+ (below it always ``"oneshot"``); "m-tiles" are 16-row tiles, counted per multiprocessor:
+
+    * ``"cluster"`` (thread-block clusters split K, activations staged once per 256 or 512 rows), for
+      in_features <= 32768 and: float activations with 9-16 tokens and at least 6 m-tiles per
+      multiprocessor or in_features >= 6144, or 2-8 tokens with at least 6 m-tiles per multiprocessor;
+      int8 activations with 9-16 tokens and at least 12 m-tiles per multiprocessor;
+    * ``"bulk"`` (bulk-copy ring) for float activations, 1- or 2-bit weights, at least 6 m-tiles per
+      multiprocessor, in_features >= 4096 and one token (or more than 8 tokens where the cluster GEMV
+      does not fit);
+    * else ``"oneshot"``.
+
+    ``BITLAB_CUDA_GEMV=oneshot`` / ``bulk`` / ``cluster`` forces one, as the C++ does (``cluster`` still
+    needs in_features <= 32768, else the one-shot kernel runs)."""
     major, _ = torch.cuda.get_device_capability(prepared.wq.device)
     if major < 9:
         return "oneshot"
+    chunks = -(-prepared.in_features // 128)
+    cluster_fits = chunks <= CLUSTER_MAX_CHUNKS
     forced = os.environ.get("BITLAB_CUDA_GEMV", "")
+    if forced == "cluster":
+        return "cluster" if cluster_fits else "oneshot"
     if forced in ("oneshot", "bulk"):
         return forced
     tiles = -(-prepared.out_features // 128) * 8
     sms = torch.cuda.get_device_properties(prepared.wq.device).multi_processor_count
-    pays = (prepared.act_mode == ops.ACT_FLOAT and prepared.fmt in LOW_BIT_FORMATS and tiles >= 6 * sms
-            and -(-prepared.in_features // 128) >= 32 and (tokens == 1 or tokens > 8))
+    many_tiles = tiles >= 6 * sms
+    if prepared.act_mode == ops.ACT_FLOAT:
+        cluster_pays = (many_tiles or chunks >= 48) if tokens > 8 else (tokens > 1 and many_tiles)
+    else:
+        cluster_pays = tokens > 8 and tiles >= 12 * sms
+    if cluster_fits and cluster_pays:
+        return "cluster"
+    pays = (prepared.act_mode == ops.ACT_FLOAT and prepared.fmt in LOW_BIT_FORMATS and many_tiles
+            and chunks >= 32 and (tokens == 1 or tokens > 8))
     return "bulk" if pays else "oneshot"

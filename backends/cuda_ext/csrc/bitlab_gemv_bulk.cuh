@@ -175,10 +175,10 @@ __global__ void __launch_bounds__(32 * (kBulkMaxWarps + 1)) gemv_bulk_kernel(Lin
 #endif
 }
 
-// Which GEMV runs on this device: BITLAB_CUDA_GEMV=oneshot / bulk forces one (bulk needs sm_90; read
-// at every launch, so tests and benchmarks can compare both in one process); unset or "auto" leaves
-// the choice to launch_linear_fmt's rule.
-enum GemvChoice { kGemvAuto = 0, kGemvOneshot = 1, kGemvBulk = 2 };
+// Which GEMV runs on this device: BITLAB_CUDA_GEMV=oneshot / bulk / cluster forces one (bulk and
+// cluster need sm_90; read at every launch, so tests and benchmarks can compare them in one process);
+// unset or "auto" leaves the choice to launch_linear_fmt's rule.
+enum GemvChoice { kGemvAuto = 0, kGemvOneshot = 1, kGemvBulk = 2, kGemvCluster = 3 };
 inline GemvChoice gemv_choice() {
   static int major = -1;
   if (major < 0) {
@@ -190,6 +190,7 @@ inline GemvChoice gemv_choice() {
   const char* env = std::getenv("BITLAB_CUDA_GEMV");
   if (env && std::strcmp(env, "oneshot") == 0) return kGemvOneshot;
   if (env && std::strcmp(env, "bulk") == 0) return kGemvBulk;
+  if (env && std::strcmp(env, "cluster") == 0) return kGemvCluster;
   return kGemvAuto;
 }
 

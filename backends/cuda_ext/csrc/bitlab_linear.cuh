@@ -23,6 +23,7 @@
 
 #include "bitlab_cp_async.cuh"
 #include "bitlab_gemv_bulk.cuh"
+#include "bitlab_gemv_cluster.cuh"
 #include "bitlab_mma.cuh"
 
 namespace bitlab {
@@ -121,8 +122,6 @@ __global__ void __launch_bounds__(256, PIPE ? 2 : 1) gemv_oneshot_kernel(LinearA
   extern __shared__ __align__(16) unsigned char smem_raw[];
   reduce_warps_and_store(a, acc, reinterpret_cast<Acc*>(smem_raw), kw, tile0);
 }
-
-__device__ __forceinline__ int swizzle_chunk(int c, int r) { return c ^ (r & 1) ^ (((c >> 3) & 1) << 1); }
 
 // ------------------------------------------------------------------------ GEMM
 constexpr int kGemmRows = 128, kGemmTokens = 128, kGemmThreads = 256;
@@ -282,6 +281,22 @@ cudaError_t launch_linear_fmt(const LinearArgs& a, cudaStream_t stream) {
   // tokens (14336x4096 batch 8: 14.4 vs 19.8), on the int8 path and for 4- and 8-bit weights (mixed).
   // BITLAB_CUDA_BULK_MT=1/2 forces the m-tiles per bulk block.  Mirrored in kernels.gemv_kernel.
   const GemvChoice choice = gemv_choice();
+  // The cluster GEMV (bitlab_gemv_cluster.cuh; activations read once per 256 or 512 rows) where it
+  // measured faster (H100, docs/backends/cuda_ext_notes.md v6): float activations at 9-16 tokens with
+  // >= 6 m-tiles per multiprocessor or K >= 6144 (8192x8192 batch 16 36.3 -> 20.0 us, 28672x8192 125 ->
+  // 46, 2560x6912 17.6 -> 10.9; it lost at 3840x2560, 7.3 vs 9.1, and tied at 4096x4096) and at 2-8
+  // tokens with >= 6 m-tiles per multiprocessor (28672x8192 batch 8 44.3 -> 34.2, 14336x4096 15.2 ->
+  // 13.0; it lost at 8192x8192, 13.8 vs 16.3); int8 activations at 9-16 tokens only with >= 12 m-tiles
+  // per multiprocessor (28672x8192 60.0 -> 43.3; at 14336x4096 it lost, 20.8 vs 28.1, not explained).
+  // One token keeps the kernels below.  Mirrored in kernels.gemv_kernel.
+  const bool many_tiles = tiles >= 6 * device_sm_count();
+  const bool cluster_pays =
+      sizeof(X) == 2 ? (a.M > 8 ? (many_tiles || nchunks >= 48) : (a.M > 1 && many_tiles))
+                     : (a.M > 8 && tiles >= 12 * device_sm_count());
+  if (nchunks <= kClusterMaxChunks && (choice == kGemvCluster || (choice == kGemvAuto && cluster_pays))) {
+    if (a.M <= 8) return launch_gemv_cluster_auto<FMT, X, 1>(a, nchunks, stream);
+    return launch_gemv_cluster_auto<FMT, X, 2>(a, nchunks, stream);
+  }
   const bool bulk_pays = sizeof(X) == 2 && FormatBits<FMT>::value <= 2 && tiles >= 6 * device_sm_count() &&
                          nchunks >= 32 && (a.M == 1 || a.M > 8);
   const bool bulk = choice == kGemvBulk || (choice == kGemvAuto && bulk_pays);

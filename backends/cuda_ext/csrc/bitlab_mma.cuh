@@ -241,6 +241,12 @@ __device__ __forceinline__ void load_lane_tile(uint32_t* dst, const uint32_t* __
   }
 }
 
+// Activations staged in shared memory (GEMM and cluster GEMV): 16-byte piece c of token row r of a
+// 128-column chunk sits at position swizzle_chunk(c, r).  A lane (g, t) reads pieces of row g from
+// column 32 t on; with this XOR the 8 lanes of a quarter-warp hit 8 different 16-byte bank groups,
+// for 256-byte (half / bf16) and 128-byte (int8) chunk rows alike.
+__device__ __forceinline__ int swizzle_chunk(int c, int r) { return c ^ (r & 1) ^ (((c >> 3) & 1) << 1); }
+
 // ---------------------------------------------------------------- epilogue
 __device__ __forceinline__ float apply_activation(float v, int act) {
   if (act == kEpilogueRelu) return v > 0.f ? v : 0.f;

@@ -27,9 +27,9 @@ def kernels(cuda_ext_ops):
     return kernels
 
 
-@pytest.fixture(params=["bulk", "oneshot"])
+@pytest.fixture(params=["bulk", "cluster", "oneshot"])
 def gemv(request, monkeypatch):
-    """Both GEMV kernels (M <= 16 tokens): the bulk-copy one (default on sm_90+) and the register-only one."""
+    """Every GEMV kernel (M <= 16 tokens): bulk-copy ring and cluster split-K (sm_90+), register-only."""
     monkeypatch.setenv("BITLAB_CUDA_GEMV", request.param)
     return request.param
 
@@ -185,6 +185,26 @@ def test_bulk_gemv_ring_wraps(kernels, monkeypatch, bits, act, mt):
     check_against_reference(kernel, cfg, bits, act, ((300, 9000), (129, 2000), (40, 130)), (1, 2, 9, 16), dtype)
 
 
+@pytest.mark.parametrize("mt", ["1", "2", "4"])
+@pytest.mark.parametrize("act", ["float16", "bfloat16", "int8"])
+@pytest.mark.parametrize("bits", [1, 1.58, 4, 8])
+def test_cluster_gemv_slices_and_row_blocks(kernels, monkeypatch, bits, act, mt):
+    # The cluster GEMV at cluster sizes 1, 3 and 8: a last slice shorter than the others (9000 columns =
+    # 71 chunks), empty slices (1100 columns = 9 chunks over 8 blocks), row blocks past the last weight
+    # tile (300 and 40 rows), one to four m-tiles per warp, both tile widths.
+    if torch.cuda.get_device_capability(0)[0] < 9:
+        pytest.skip("the cluster GEMV needs sm_90 (thread-block clusters)")
+    monkeypatch.setenv("BITLAB_CUDA_GEMV", "cluster")
+    monkeypatch.setenv("BITLAB_CUDA_CLUSTER_MT", mt)
+    cfg = BitQuantConfig(weight_bits=bits, activation_dtype=act, weight_granularity="per_channel",
+                         activation_granularity="per_token")
+    kernel = kernels.CudaExtInt8Kernel() if act == "int8" else kernels.CudaExtFloatKernel()
+    dtype = torch.bfloat16 if act == "bfloat16" else torch.float16
+    for slices in ("1", "3", "8"):
+        monkeypatch.setenv("BITLAB_CUDA_CLUSTER_KS", slices)
+        check_against_reference(kernel, cfg, bits, act, ((300, 9000), (40, 1100)), (1, 5, 9, 16), dtype)
+
+
 @pytest.mark.parametrize("act", ["float16", "int8", "binary"])
 def test_batch_zero_and_non_contiguous_input(kernels, act):
     bits = 1 if act == "binary" else 1.58
@@ -309,18 +329,37 @@ def test_route_names_the_gemv_it_runs(kernels, monkeypatch):
     hopper = torch.cuda.get_device_capability(0)[0] >= 9
     fbig = fk.prepare(big, fcfg)
     assert fk.route(1, fbig).endswith("gemv_bulk" if hopper else "gemv_oneshot")
-    assert fk.route(16, fbig).endswith("gemv_bulk" if hopper else "gemv_oneshot")
-    assert fk.route(8, fbig).endswith("gemv_oneshot")
+    assert fk.route(16, fbig).endswith("gemv_cluster" if hopper else "gemv_oneshot")
+    assert fk.route(2, fbig).endswith("gemv_cluster" if hopper else "gemv_oneshot")
+    assert ik.route(9, ik.prepare(big, icfg)).endswith("gemv_oneshot")  # int8: needs 12 tiles per SM
+    huge = ik.prepare(make_packed(1.58, "per_channel", 12 * sms * 16, 1024), icfg)
+    assert ik.route(9, huge).endswith("gemv_cluster" if hopper else "gemv_oneshot")
+    small = fk.prepare(make_packed(1.58, "per_channel", 1024, 4096), fcfg)
+    assert fk.route(16, small).endswith("gemv_oneshot")  # few tiles and K < 6144
+    assert fk.route(8, small).endswith("gemv_oneshot")
+    long_rows = fk.prepare(make_packed(1.58, "per_channel", 1024, 6144), fcfg)
+    assert fk.route(16, long_rows).endswith("gemv_cluster" if hopper else "gemv_oneshot")
+    assert fk.route(8, long_rows).endswith("gemv_oneshot")
     assert fk.route(1, fk.prepare(short_k, fcfg)).endswith("gemv_oneshot")
     assert ik.route(1, ik.prepare(big, icfg)).endswith("gemv_oneshot")
     assert fk.route(17, fbig).endswith("gemm")
+    long_packed = make_packed(1.58, "per_channel", 64, 40000)  # past the cluster GEMV's K
+    long_k = fk.prepare(long_packed, fcfg)
+    assert fk.route(16, long_k).endswith("gemv_oneshot")
+    monkeypatch.setenv("BITLAB_CUDA_GEMV", "cluster")
+    assert fk.route(16, long_k).endswith("gemv_oneshot")
     monkeypatch.setenv("BITLAB_CUDA_GEMV", "oneshot")
     assert fk.route(1, fbig).endswith("gemv_oneshot")
-    # the route agrees with the kernel: both GEMVs compute the same result for this weight
-    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
-    oneshot = fk.forward(x, fbig)
-    monkeypatch.setenv("BITLAB_CUDA_GEMV", "bulk")
-    assert rel_err(fk.forward(x, fbig), oneshot) < 1e-3
+    # the route agrees with the kernel: every GEMV computes the same result for this weight
+    for tokens in (1, 16):
+        x = torch.randn(tokens, 4096, device="cuda", dtype=torch.float16)
+        monkeypatch.setenv("BITLAB_CUDA_GEMV", "oneshot")
+        oneshot = fk.forward(x, fbig)
+        monkeypatch.delenv("BITLAB_CUDA_GEMV")
+        assert rel_err(fk.forward(x, fbig), oneshot) < 1e-3
+    monkeypatch.setenv("BITLAB_CUDA_GEMV", "cluster")  # forced, but K is too long: the one-shot kernel runs
+    long_x = torch.randn(16, 40000, device="cuda", dtype=torch.float16)
+    assert rel_err(fk.forward(long_x, long_k), REF.forward(long_x, REF.prepare(long_packed, fcfg))) < 1.5e-3
 
 
 def test_registry_prefers_cuda_ext_on_cuda(kernels):
