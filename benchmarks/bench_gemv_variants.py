@@ -14,7 +14,7 @@ reported when above 2e-3).
     python benchmarks/bench_gemv_variants.py --out docs/benchmarks
     python benchmarks/bench_gemv_variants.py --configs W1.58A16 --batches 1 16 --variants oneshot cluster
 
-Writes gpu_gemv_sweep.json, gpu_gemv_sweep.md and gpu_gemv_sweep.png into --out.
+Writes NAME.json, NAME.md and NAME.png into --out (--name, default gpu_gemv_sweep).
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def markdown(meta: dict, rows: list, names) -> str:
         cells = [f"**{r[v]:.2f}**" if r[v] == best else f"{r[v]:.2f}" for v in names]
         cublas = f"{r['cublas']:.2f}" if "cublas" in r else ""
         lines.append(f"| {r['shape']} | {r['config']} | {r['batch']} | {cublas} | " + " | ".join(cells) + " |")
-    lines += ["", "Command: `python benchmarks/bench_gemv_variants.py --out docs/benchmarks`", ""]
+    lines += ["", f"Command: `python benchmarks/bench_gemv_variants.py {meta['args']}`", ""]
     return "\n".join(lines)
 
 
@@ -142,6 +142,7 @@ def plot(rows: list, path: Path, names) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="docs/benchmarks")
+    ap.add_argument("--name", default="gpu_gemv_sweep", help="file stem of the JSON, table and plot")
     ap.add_argument("--configs", nargs="*", default=["W1.58A16", "W1.58A8", "W1A16"], choices=sorted(CONFIGS))
     ap.add_argument("--shapes", nargs="*", default=None, help="OUTxIN shapes instead of the default list")
     ap.add_argument("--batches", nargs="*", type=int, default=[1, 8, 16])
@@ -159,15 +160,16 @@ def main(argv=None) -> int:
         for i, name in enumerate(args.configs):
             rows += measure(n, k, name, args.batches, with_cublas=i == 0, variants=args.variants)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "variants": args.variants,
+            "args": " ".join(sys.argv[1:] if argv is None else argv),
             "timing": "CUDA-graph replay, rotating weight copies >= 3x L2, median per call",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_gemv_sweep.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = markdown(meta, rows, args.variants)
-    (out / "gpu_gemv_sweep.md").write_text(md)
+    (out / f"{args.name}.md").write_text(md)
     try:
-        plot(rows, out / "gpu_gemv_sweep.png", args.variants)
+        plot(rows, out / f"{args.name}.png", args.variants)
     except Exception as exc:  # report, keep the table
         print(f"plot failed: {exc}")
     print(md)
