@@ -185,7 +185,7 @@ def gemv_kernel(prepared: CudaExtWeight, tokens: int = 1) -> str:
     * ``"cluster"`` (thread-block clusters split K, activations staged once per 256 or 512 rows), for
       in_features <= 32768 and: float activations with 9-16 tokens and at least 6 m-tiles per
       multiprocessor or in_features >= 6144, or 2-8 tokens with at least 6 m-tiles per multiprocessor;
-      int8 activations with 9-16 tokens and at least 12 m-tiles per multiprocessor;
+      int8 activations with 9-16 tokens and at least 6 m-tiles per multiprocessor;
     * ``"bulk"`` (bulk-copy ring) for float activations, 1- or 2-bit weights, at least 6 m-tiles per
       multiprocessor, in_features >= 4096 and one token (or more than 8 tokens where the cluster GEMV
       does not fit);
@@ -209,7 +209,7 @@ def gemv_kernel(prepared: CudaExtWeight, tokens: int = 1) -> str:
     if prepared.act_mode == ops.ACT_FLOAT:
         cluster_pays = (many_tiles or chunks >= 48) if tokens > 8 else (tokens > 1 and many_tiles)
     else:
-        cluster_pays = tokens > 8 and tiles >= 12 * sms
+        cluster_pays = tokens > 8 and many_tiles
     if cluster_fits and cluster_pays:
         return "cluster"
     pays = (prepared.act_mode == ops.ACT_FLOAT and prepared.fmt in LOW_BIT_FORMATS and many_tiles

@@ -328,7 +328,10 @@ cudaError_t launch_gemv_cluster(const LinearArgs& a, int nchunks, const ClusterG
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
   int nattr = 1;
-  if (a.pdl != 0 && device_has_pdl()) {
+  // Float path only: as the dependent of the int8 path's quantizer the kernel measured up to 1.5x
+  // slower (14336x4096, 16 tokens: 28.5 us, 18.7 launched plainly; docs/backends/cuda_ext_notes.md v6),
+  // while on the float path dependent launch helped at every shape (8192x8192 21.4 -> 20.1).
+  if (a.pdl != 0 && sizeof(X) == 2 && device_has_pdl()) {
     attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[1].val.programmaticStreamSerializationAllowed = 1;
     nattr = 2;

@@ -286,13 +286,13 @@ cudaError_t launch_linear_fmt(const LinearArgs& a, cudaStream_t stream) {
   // >= 6 m-tiles per multiprocessor or K >= 6144 (8192x8192 batch 16 36.3 -> 20.0 us, 28672x8192 125 ->
   // 46, 2560x6912 17.6 -> 10.9; it lost at 3840x2560, 7.3 vs 9.1, and tied at 4096x4096) and at 2-8
   // tokens with >= 6 m-tiles per multiprocessor (28672x8192 batch 8 44.3 -> 34.2, 14336x4096 15.2 ->
-  // 13.0; it lost at 8192x8192, 13.8 vs 16.3); int8 activations at 9-16 tokens only with >= 12 m-tiles
-  // per multiprocessor (28672x8192 60.0 -> 43.3; at 14336x4096 it lost, 20.8 vs 28.1, not explained).
-  // One token keeps the kernels below.  Mirrored in kernels.gemv_kernel.
+  // 13.0; it lost at 8192x8192, 13.8 vs 16.3); int8 activations at 9-16 tokens with >= 6 m-tiles per
+  // multiprocessor (launched plainly: 28672x8192 59.3 -> 43.4, 14336x4096 21.0 -> 18.7, 13824x2560
+  // 17.9 -> 15.7; it lost at 8192x8192, 4096x4096 and 2560x6912).  One token keeps the kernels below.
+  // Mirrored in kernels.gemv_kernel.
   const bool many_tiles = tiles >= 6 * device_sm_count();
   const bool cluster_pays =
-      sizeof(X) == 2 ? (a.M > 8 ? (many_tiles || nchunks >= 48) : (a.M > 1 && many_tiles))
-                     : (a.M > 8 && tiles >= 12 * device_sm_count());
+      sizeof(X) == 2 ? (a.M > 8 ? (many_tiles || nchunks >= 48) : (a.M > 1 && many_tiles)) : (a.M > 8 && many_tiles);
   if (nchunks <= kClusterMaxChunks && (choice == kGemvCluster || (choice == kGemvAuto && cluster_pays))) {
     if (a.M <= 8) return launch_gemv_cluster_auto<FMT, X, 1>(a, nchunks, stream);
     return launch_gemv_cluster_auto<FMT, X, 2>(a, nchunks, stream);

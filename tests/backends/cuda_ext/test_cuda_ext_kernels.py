@@ -331,9 +331,10 @@ def test_route_names_the_gemv_it_runs(kernels, monkeypatch):
     assert fk.route(1, fbig).endswith("gemv_bulk" if hopper else "gemv_oneshot")
     assert fk.route(16, fbig).endswith("gemv_cluster" if hopper else "gemv_oneshot")
     assert fk.route(2, fbig).endswith("gemv_cluster" if hopper else "gemv_oneshot")
-    assert ik.route(9, ik.prepare(big, icfg)).endswith("gemv_oneshot")  # int8: needs 12 tiles per SM
-    huge = ik.prepare(make_packed(1.58, "per_channel", 12 * sms * 16, 1024), icfg)
-    assert ik.route(9, huge).endswith("gemv_cluster" if hopper else "gemv_oneshot")
+    assert ik.route(9, ik.prepare(big, icfg)).endswith("gemv_cluster" if hopper else "gemv_oneshot")
+    assert ik.route(8, ik.prepare(big, icfg)).endswith("gemv_oneshot")
+    long_rows_int8 = ik.prepare(make_packed(1.58, "per_channel", 1024, 8192), icfg)
+    assert ik.route(16, long_rows_int8).endswith("gemv_oneshot")  # int8: K alone does not take it
     small = fk.prepare(make_packed(1.58, "per_channel", 1024, 4096), fcfg)
     assert fk.route(16, small).endswith("gemv_oneshot")  # few tiles and K < 6144
     assert fk.route(8, small).endswith("gemv_oneshot")
