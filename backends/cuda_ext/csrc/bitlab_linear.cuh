@@ -10,7 +10,8 @@
 //   loads of D chunks before the first use; the block's warps split K and meet in shared memory.
 //   Consecutive k-steps accumulate into independent register sets (no mma waits on the
 //   previous one). NT = 1 (M <= 8) or 2 (M <= 16) n-tiles of 8 tokens.  On sm_90 large float
-//   layers take the bulk-copy GEMV instead (bitlab_gemv_bulk.cuh; the rule is in launch_linear_fmt).
+//   layers at one token take the bulk-copy GEMV instead (bitlab_gemv_bulk.cuh), and 2-16 tokens
+//   mostly the cluster GEMV (bitlab_gemv_cluster.cuh); the rule is in launch_linear_fmt.
 // GEMM (M > 16): a block owns 128 rows x 128 tokens, 8 warps as 4 (rows, MT = 2)
 //   x 2 (tokens, NT = 8); activation tiles are staged in shared memory with
 //   cp.async (2 stages, XOR-swizzled 16-byte chunks: conflict-free 16-byte reads),

@@ -1,0 +1,79 @@
+"""The GEMV choice mirrored in Python (kernels.gemv_kernel) on a simulated H100 and A100: runs without a GPU.
+
+The C++ launcher (csrc/bitlab_linear.cuh, launch_linear_fmt) applies the same rule; the GPU test
+test_route_names_the_gemv_it_runs checks both agree on a real device.
+"""
+import pytest
+import torch
+
+from backends.cuda_ext import kernels, layout, ops
+
+H100_SMS = 132
+
+
+@pytest.fixture
+def device(monkeypatch):
+    """A fake CUDA device: capability and multiprocessor count (prepared weights stay on the CPU)."""
+    state = {"major": 9}
+
+    class Props:
+        multi_processor_count = H100_SMS
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (state["major"], 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
+    monkeypatch.delenv("BITLAB_CUDA_GEMV", raising=False)
+    return state
+
+
+def weight(out_features, in_features, act="float", bits=1.58):
+    return kernels.CudaExtWeight(
+        wq=torch.empty(1, dtype=torch.int32), scale=torch.ones(1), fmt=layout.FORMAT_CODE[bits],
+        act_mode=ops.ACT_FLOAT if act == "float" else ops.ACT_INT8_PER_TOKEN,
+        out_features=out_features, in_features=in_features, act_dtype=None,
+    )
+
+
+@pytest.mark.parametrize("shape, act, tokens, expected", [
+    # one token: bulk for many tiles and long K, else one-shot
+    ((28672, 8192), "float", 1, "bulk"),
+    ((8192, 8192), "float", 1, "oneshot"),
+    ((13824, 2560), "float", 1, "oneshot"),
+    ((28672, 8192), "int8", 1, "oneshot"),
+    # 2-8 tokens: cluster for float activations with >= 6 tiles per multiprocessor
+    ((28672, 8192), "float", 8, "cluster"),
+    ((13824, 2560), "float", 2, "cluster"),
+    ((8192, 8192), "float", 8, "oneshot"),
+    ((28672, 8192), "int8", 8, "oneshot"),
+    # 9-16 tokens: float with many tiles or K >= 6144; int8 with many tiles
+    ((8192, 8192), "float", 16, "cluster"),
+    ((2560, 6912), "float", 16, "cluster"),
+    ((4096, 4096), "float", 16, "oneshot"),
+    ((3840, 2560), "float", 9, "oneshot"),
+    ((14336, 4096), "int8", 16, "cluster"),
+    ((8192, 8192), "int8", 16, "oneshot"),
+    # K past the cluster kernel's shared memory: the bulk kernel takes 9-16 float tokens
+    ((28672, 40000), "float", 16, "bulk"),
+    ((28672, 40000), "int8", 16, "oneshot"),
+])
+def test_rule_on_hopper(device, shape, act, tokens, expected):
+    assert kernels.gemv_kernel(weight(*shape, act=act), tokens) == expected
+
+
+def test_forcing_and_older_devices(device, monkeypatch):
+    big = weight(28672, 8192)
+    monkeypatch.setenv("BITLAB_CUDA_GEMV", "cluster")
+    assert kernels.gemv_kernel(big, 1) == "cluster"
+    assert kernels.gemv_kernel(weight(64, 40000), 16) == "oneshot"  # too long for the cluster kernel
+    monkeypatch.setenv("BITLAB_CUDA_GEMV", "oneshot")
+    assert kernels.gemv_kernel(big, 16) == "oneshot"
+    monkeypatch.delenv("BITLAB_CUDA_GEMV")
+    device["major"] = 8  # sm_80: neither the bulk nor the cluster kernel exists there
+    assert {kernels.gemv_kernel(big, t) for t in (1, 8, 16)} == {"oneshot"}
+
+
+def test_route_names_kernel_and_gemv(device):
+    kernel = kernels.CudaExtFloatKernel()
+    big = weight(28672, 8192)
+    assert kernel.route(16, big) == "CudaExtFloatKernel.gemv_cluster"
+    assert kernel.route(1, big) == "CudaExtFloatKernel.gemv_bulk"
+    assert kernel.route(17, big) == "CudaExtFloatKernel.gemm"
