@@ -40,6 +40,25 @@ at::Tensor padded_activations(const at::Tensor& x, int64_t K, int64_t Kp) {
   return out;
 }
 
+// The weight, epilogue and output part of the kernel arguments (both linear ops); the caller adds
+// the activations (x, x_scale) and the launch mode (pdl).  bias_f: float32 bias or undefined.
+bitlab::LinearArgs weight_args(const at::Tensor& wq, const at::Tensor& w_scale, const at::Tensor& bias_f,
+                               at::Tensor& y, int64_t fmt, int64_t epilogue, int64_t M, int64_t N, int64_t Kp) {
+  bitlab::LinearArgs a{};
+  a.wq = reinterpret_cast<const uint32_t*>(wq.data_ptr<int>());
+  a.w_scale = w_scale.data_ptr<float>();
+  a.w_scale_per_row = w_scale.numel() == N && N > 1;
+  a.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  a.y = y.data_ptr();
+  a.out_dtype = dtype_code(y.scalar_type());
+  a.epilogue = static_cast<int>(epilogue);
+  a.M = static_cast<int>(M);
+  a.N = static_cast<int>(N);
+  a.Kp = static_cast<int>(Kp);
+  a.fmt = static_cast<int>(fmt);
+  return a;
+}
+
 }  // namespace
 
 at::Tensor cuda_ext_linear(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& w_scale,
@@ -94,16 +113,7 @@ at::Tensor cuda_ext_linear(const at::Tensor& x, const at::Tensor& wq, const at::
   }
 
   TORCH_CHECK(wq.scalar_type() == at::kInt, "cuda_ext_linear: prepared weight must be int32 lane tiles");
-  bitlab::LinearArgs a{};
-  a.wq = reinterpret_cast<const uint32_t*>(wq.data_ptr<int>());
-  a.w_scale = w_scale.data_ptr<float>();
-  a.w_scale_per_row = w_scale.numel() == N && N > 1;
-  a.bias = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
-  a.y = y.data_ptr();
-  a.out_dtype = out_code;
-  a.epilogue = static_cast<int>(epilogue);
-  a.M = M; a.N = N; a.Kp = Kp;
-  a.fmt = static_cast<int>(fmt);
+  bitlab::LinearArgs a = weight_args(wq, w_scale, bias_f, y, fmt, epilogue, M, N, Kp);
 
   if (act_mode == kActFloat) {
     const at::ScalarType t = x.scalar_type();
@@ -166,19 +176,10 @@ at::Tensor cuda_ext_linear_int8(const at::Tensor& xq, const at::Tensor& x_scale,
   }
   at::Tensor xp = padded_activations(xq.stride(1) == 1 ? xq : xq.contiguous(), K, Kp);
   at::Tensor xsc = x_scale.contiguous();
-  bitlab::LinearArgs a{};
+  bitlab::LinearArgs a = weight_args(wq, w_scale, bias_f, y, fmt, epilogue, M, N, Kp);
   a.x = xp.data_ptr();
   a.x_scale = xsc.data_ptr<float>();
   a.x_scale_per_row = x_scale.numel() == M && M > 1;
-  a.wq = reinterpret_cast<const uint32_t*>(wq.data_ptr<int>());
-  a.w_scale = w_scale.data_ptr<float>();
-  a.w_scale_per_row = w_scale.numel() == N && N > 1;
-  a.bias = bias.has_value() ? bias_f.data_ptr<float>() : nullptr;
-  a.y = y.data_ptr();
-  a.out_dtype = dtype_code(out_dtype);
-  a.epilogue = static_cast<int>(epilogue);
-  a.M = M; a.N = N; a.Kp = Kp;
-  a.fmt = static_cast<int>(fmt);
   a.pdl = 1;  // e.g. behind cuda_ext_rms_norm_quant, which lets it start at once (sm_90+)
   check_cuda(bitlab::launch_linear_int8(a, c10::cuda::getCurrentCUDAStream()), "int8-activation kernel");
   return y;
