@@ -186,6 +186,8 @@ __global__ void __launch_bounds__(32 * kClusterWarps, 2) gemv_cluster_kernel(Lin
 
   // Partial sums as [token][block row]: lane (g, t) writes rows g, g + 8 of tokens 2t, 2t + 1 per
   // fragment; the pitch (block rows + 4) puts the 32 lanes' stores on 32 banks.
+  Acc acc[MT][NT][4];
+  sum_acc_sets(accs, acc);
   Acc* red = reinterpret_cast<Acc*>(smem_raw + p.red_offset);
 #pragma unroll
   for (int m = 0; m < MT; ++m)
@@ -193,12 +195,9 @@ __global__ void __launch_bounds__(32 * kClusterWarps, 2) gemv_cluster_kernel(Lin
     for (int n = 0; n < NT; ++n)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        Acc v = accs[0][m][n][i];
-#pragma unroll
-        for (int q = 1; q < S; ++q) v += accs[q][m][n][i];
         const int row = (warp * MT + m) * 16 + g + (i >= 2 ? 8 : 0);
         const int token = n * 8 + 2 * t + (i & 1);
-        red[token * p.red_pitch + row] = v;
+        red[token * p.red_pitch + row] = acc[m][n][i];
       }
   cluster.sync();  // every block's partial sums are visible to the cluster
 
@@ -237,25 +236,35 @@ cudaError_t configure_gemv_cluster() {
   return status;
 }
 
+// Launch configuration of the cluster GEMV: `slices` blocks per cluster along x; room for one more
+// attribute (dependent launch) after the cluster dimension.
+struct ClusterLaunch {
+  cudaLaunchConfig_t cfg;
+  cudaLaunchAttribute attr[2];
+  ClusterLaunch(dim3 grid, int slices, int smem_bytes, cudaStream_t stream) : cfg{}, attr{} {
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(32 * kClusterWarps);
+    cfg.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+    cfg.stream = stream;
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = slices;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;  // cfg.attrs points into this object
+};
+
 template <int FMT, typename X, int MT, int NT>
 int cluster_gemv_capacity(int slices, int smem_bytes) {
   static int cached_smem[kClusterMaxSlices + 1] = {}, cached[kClusterMaxSlices + 1] = {};
   if (cached_smem[slices] == smem_bytes) return cached[slices];
   auto kernel = gemv_cluster_kernel<FMT, X, MT, NT>;
   configure_gemv_cluster<FMT, X, MT, NT>();
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(slices, 1);
-  cfg.blockDim = dim3(32 * kClusterWarps);
-  cfg.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = slices;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  const ClusterLaunch launch(dim3(slices, 1), slices, smem_bytes, nullptr);
   int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters < 1) {
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.cfg) != cudaSuccess || clusters < 1) {
     cudaGetLastError();  // clear it: a plan without the query still runs, one cluster at a time
     clusters = 1;
   }
@@ -317,28 +326,16 @@ cudaError_t launch_gemv_cluster(const LinearArgs& a, int nchunks, const ClusterG
   if (configured != cudaSuccess) return configured;
   const int tiles = (a.N + 127) / 128 * 8;
   const int row_blocks = (tiles + kClusterWarps * MT - 1) / (kClusterWarps * MT);
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(p.slices, row_blocks);
-  cfg.blockDim = dim3(32 * kClusterWarps);
-  cfg.dynamicSmemBytes = static_cast<size_t>(p.smem_bytes);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = p.slices;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  int nattr = 1;
+  ClusterLaunch launch(dim3(p.slices, row_blocks), p.slices, p.smem_bytes, stream);
   // Float path only: as the dependent of the int8 path's quantizer the kernel measured up to 1.5x
   // slower (14336x4096, 16 tokens: 28.5 us, 18.7 launched plainly; docs/backends/cuda_ext_notes.md v6),
   // while on the float path dependent launch helped at every shape (8192x8192 21.4 -> 20.1).
   if (a.pdl != 0 && sizeof(X) == 2 && device_has_pdl()) {
-    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[1].val.programmaticStreamSerializationAllowed = 1;
-    nattr = 2;
+    launch.attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    launch.attr[1].val.programmaticStreamSerializationAllowed = 1;
+    launch.cfg.numAttrs = 2;
   }
-  cfg.attrs = attr;
-  cfg.numAttrs = nattr;
-  return cudaLaunchKernelEx(&cfg, kernel, a, nchunks, p);
+  return cudaLaunchKernelEx(&launch.cfg, kernel, a, nchunks, p);
 }
 
 // BITLAB_CUDA_CLUSTER_TRACE=1 prints each launch's plan to stderr (for tuning; off by default).
