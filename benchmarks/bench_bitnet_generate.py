@@ -265,8 +265,6 @@ def main(argv=None) -> int:
     ap.add_argument("--no-triton-attention", action="store_true")
     ap.add_argument("--no-unfused-attention", action="store_true",
                     help="skip the run with the unfused (torch.compile) one-token attention")
-    ap.add_argument("--no-norms-outside", action="store_true",
-                    help="skip the run with each norm as its own kernel before the projection (up to 8 tokens)")
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of a batch-1 decode step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test the script with --tiny")
@@ -298,8 +296,6 @@ def main(argv=None) -> int:
     mem = model.weight_memory()
     result["kernels"] = gen.kernels
     result["norm_quant"] = model.norm_quant
-    result["norm_in_projections"] = (f"up to {model.norm_in_projections_max_tokens} tokens"
-                                     if model.normed_projections(1, model.lm_head.weight.dtype) else "off")
     result["attention_kernel"] = gen.attention_kernel
     result["weights"] = {
         "ternary_packed_gb": mem["packed"] / GB,
@@ -314,16 +310,6 @@ def main(argv=None) -> int:
         _print_profile(result["profile_batch1"])
     del gen  # its KV cache and graphs
     _free(device)
-    normed = result["norm_in_projections"] != "off"
-    if not args.no_norms_outside and normed:
-        # the same model and bindings; each norm + quantization as its own kernel before the projection
-        limit, model.norm_in_projections_max_tokens = model.norm_in_projections_max_tokens, 0
-        gen_o = Generator(model, compile=not args.no_compile, bind=False)
-        small = [b for b in batches if b <= limit]
-        result["runs"]["bitlab_norms_outside"] = run_batches("bitlab_norms_outside", gen_o, small, args, cfg.vocab_size)
-        model.norm_in_projections_max_tokens = limit
-        del gen_o
-        _free(device)
     if not args.no_unfused_attention and gen_fused_attention(result):
         # the same model and bindings; one-token attention as compiled torch ops (rotary, cache write,
         # grouped matmul / softmax / matmul) instead of the fused kernel
@@ -380,7 +366,6 @@ def write_report(result: dict, out_dir: Path) -> None:
         f"{result['new_tokens']} decode steps, {result['quant']}, torch.compile of float ops: {result['compile']}.",
         f"Kernels: {', '.join(sorted(set(result['kernels'].values())))}; "
         f"norms before the projections quantize (up to 16 tokens) with: {result.get('norm_quant', 'none')}; "
-        f"norms inside the projections' kernels: {result.get('norm_in_projections', 'off')}; "
         f"one-token attention: {result.get('attention_kernel', 'torch')}.",
         "",
         "| model | batch | decode tokens/s | ms / step | x bf16 | prefill tokens/s | peak GPU GB | CUDA graph |",

@@ -27,7 +27,6 @@ import torch
 from backends.cuda_ext import layout, ops
 from bitcore.config import WEIGHT_BITS, BitQuantConfig
 from bitcore.kernels.interface import Availability, BitKernel, check_quantized_input, keys_product
-from bitcore.normed_input import NORM_MODES, check_normed_input
 from bitcore.packing import PackedWeight
 
 GRANULARITIES = ("per_tensor", "per_channel")
@@ -152,28 +151,6 @@ class CudaExtInt8Kernel(_CudaExtKernel):
             raise ValueError(f"{self.name}: out_dtype {out_dtype} is not served; expected float16, bfloat16 or float32")
         return ops.linear_int8(xq, x_scale.reshape(-1), prepared.wq, prepared.scale, bias, prepared.fmt,
                                ops.EPILOGUE_CODE[activation], prepared.out_features, prepared.in_features, out_dtype)
-
-    def accepts_normed(self, prepared: CudaExtWeight, tokens: int, dtype: torch.dtype) -> bool:
-        """Per-token int8 weights, up to 8 float16 / bfloat16 rows of at most 16384 features."""
-        return (prepared.act_mode == ops.ACT_INT8_PER_TOKEN and 1 <= tokens <= ops.NORM_GEMV_MAX_TOKENS
-                and dtype in (torch.float16, torch.bfloat16) and prepared.in_features <= ops.NORM_QUANT_MAX_K)
-
-    def forward_normed(self, normed, prepared: CudaExtWeight, bias=None, activation="none", out_dtype=torch.float32):
-        """One kernel: each block normalizes and quantizes the rows, then runs the one-shot int8 GEMV."""
-        check_normed_input(normed, prepared.in_features)
-        if not self.accepts_normed(prepared, normed.a.shape[0], normed.a.dtype):
-            raise ValueError(
-                f"{self.name}: a normed input needs a per-token int8 weight (this one: act_mode {prepared.act_mode}), "
-                f"1..{ops.NORM_GEMV_MAX_TOKENS} float16/bfloat16 rows and in_features <= {ops.NORM_QUANT_MAX_K}; "
-                f"got {normed.a.dtype} {tuple(normed.a.shape)}")
-        self._check_inputs(normed.a, prepared, bias, activation)
-        if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"{self.name}: out_dtype {out_dtype} is not served; expected float16, bfloat16 or float32")
-        y, h, _, _ = ops.linear_norm_int8(normed.a, normed.b, normed.weight, normed.eps, NORM_MODES[normed.mode],
-                                          prepared.wq, prepared.scale, bias, prepared.fmt,
-                                          ops.EPILOGUE_CODE[activation], prepared.out_features,
-                                          prepared.in_features, out_dtype)
-        return y, (h if normed.mode == "add_norm" else None)
 
 
 class CudaExtXnorKernel(_CudaExtKernel):

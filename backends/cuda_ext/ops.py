@@ -5,8 +5,6 @@
 * ``bitlab::cuda_ext_linear_int8``: the same with int8 activations the caller quantized;
 * ``bitlab::cuda_ext_rms_norm_quant``: RMSNorm + per-token int8 quantization (the input of a
   W*A8 projection, one kernel);
-* ``bitlab::cuda_ext_linear_norm_int8``: both in one: the int8 GEMV that normalizes and quantizes
-  its own input rows (up to 8 tokens);
 * ``bitlab::cuda_ext_decode_attention``: one-token attention with rotary and the KV-cache write
   (:mod:`backends.cuda_ext.decode_attention`).
 
@@ -65,7 +63,6 @@ def load():
             torch.library.register_fake("bitlab::cuda_ext_linear")(_linear_fake)
             torch.library.register_fake("bitlab::cuda_ext_linear_int8")(_linear_int8_fake)
             torch.library.register_fake("bitlab::cuda_ext_rms_norm_quant")(_rms_norm_quant_fake)
-            torch.library.register_fake("bitlab::cuda_ext_linear_norm_int8")(_linear_norm_int8_fake)
             from backends.cuda_ext import decode_attention
 
             decode_attention.register_fake()
@@ -97,15 +94,6 @@ def _rms_norm_quant_fake(a, b, weight, eps, mode):
     m, k = a.shape
     h = a.new_empty((m, k)) if mode == 1 else a.new_empty((0,))
     return h, a.new_empty((m, k), dtype=torch.int8), a.new_empty((m,), dtype=torch.float32)
-
-
-def _linear_norm_int8_fake(a, b, norm_weight, eps, mode, wq, w_scale, bias, fmt, epilogue, N, K, out_dtype,
-                           return_quantized):
-    m = a.shape[0]
-    h = a.new_empty((m, K)) if mode == 1 else a.new_empty((0,))
-    rows = m if return_quantized else 0
-    return (a.new_empty((m, N), dtype=out_dtype), h, a.new_empty((rows, K), dtype=torch.int8),
-            a.new_empty((rows,), dtype=torch.float32))
 
 
 def _op(name: str):
@@ -152,22 +140,6 @@ def check_norm_quant_inputs(a, b, weight, mode: int) -> None:
     if mode and (b is None or b.shape != a.shape or b.dtype != a.dtype or b.stride(1) != 1 or b.device != a.device):
         got = "None" if b is None else f"{b.dtype} {tuple(b.shape)} strides {b.stride()}"
         raise ValueError(f"mode {mode} needs b shaped like a ({a.dtype} {tuple(a.shape)}, contiguous rows); got {got}")
-
-
-NORM_GEMV_MAX_TOKENS = 8  # csrc/bitlab_launch.h kNormGemvMaxTokens
-
-
-def linear_norm_int8(a, b, norm_weight, eps: float, mode: int, wq, w_scale, bias, fmt: int, epilogue: int, n: int,
-                     k: int, out_dtype: torch.dtype, return_quantized: bool = False):
-    """``torch.ops.bitlab.cuda_ext_linear_norm_int8``: the int8 GEMV of ``rms_norm_quant(a, b, norm_weight, eps,
-    mode)``'s rows in one kernel; ``a [M <= 8, k]``.  Returns ``(y, h, q, scale)``: ``h`` the sum in mode 1
-    (else empty); with ``return_quantized`` the int8 rows and scales the kernel used (else empty)."""
-    check_norm_quant_inputs(a, b, norm_weight, mode)
-    if a.dtype not in (torch.float16, torch.bfloat16) or a.shape[0] > NORM_GEMV_MAX_TOKENS:
-        raise ValueError(f"the normalizing GEMV takes float16/bfloat16 rows, at most {NORM_GEMV_MAX_TOKENS}; "
-                         f"got {a.dtype} {tuple(a.shape)}")
-    return _op("cuda_ext_linear_norm_int8")(a, b, norm_weight, eps, mode, wq, w_scale, bias, fmt, epilogue, n, k,
-                                            out_dtype, return_quantized)
 
 
 def linear(x, wq, w_scale, bias, fmt: int, act_mode: int, epilogue: int, n: int, k: int, out_dtype: torch.dtype):

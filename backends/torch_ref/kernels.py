@@ -26,7 +26,6 @@ import torch
 
 from bitcore.config import BitQuantConfig
 from bitcore.kernels.interface import ALL_KEYS, BitKernel, check_quantized_input
-from bitcore.normed_input import check_normed_input, normed_rows
 from bitcore.packing import PackedWeight, expand_scale, unpack_values
 from bitcore.quantize import quantize_activation_binary, quantize_activation_int8
 
@@ -122,15 +121,3 @@ class TorchReferenceKernel(BitKernel):
         check_quantized_input(xq, x_scale, prepared.packed.in_features)
         y = dequantized_accumulate(xq, x_scale.reshape(-1, 1), prepared)
         return apply_epilogue(y, None if bias is None else bias.float(), activation).to(out_dtype)
-
-    def accepts_normed(self, prepared, tokens: int, dtype: torch.dtype) -> bool:
-        return self.accepts_quantized(prepared) and prepared.config.activation_granularity == "per_token"
-
-    def forward_normed(self, normed, prepared, bias=None, activation="none", out_dtype=torch.float32):
-        """The definition: :func:`normed_rows`, per-token quantization, :meth:`forward_quantized`."""
-        if not self.accepts_normed(prepared, normed.a.shape[0], normed.a.dtype):
-            raise ValueError(f"{self.name}: a normed input needs an int8 per-token, per-tensor or per-channel weight")
-        check_normed_input(normed, prepared.packed.in_features)
-        x, h = normed_rows(normed)
-        xq, x_scale = quantize_activation_int8(x.reshape(-1, x.shape[-1]), "per_token")
-        return self.forward_quantized(xq, x_scale, prepared, bias, activation, out_dtype), h

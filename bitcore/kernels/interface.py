@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Tuple, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 
@@ -48,9 +48,6 @@ from bitcore.config import (
     BitQuantConfig,
 )
 from bitcore.packing import PackedWeight
-
-if TYPE_CHECKING:
-    from bitcore.normed_input import NormedInput
 
 EPILOGUES = ("none", "relu", "relu2")
 NO_GRANULARITY = "none"  # activation granularity of float-activation keys
@@ -188,28 +185,6 @@ class BitKernel:
         into the operation before a projection (a norm, say) instead of paying a separate pass.
         """
         raise NotImplementedError(f"{self.name} does not take pre-quantized activations")
-
-    def accepts_normed(self, prepared: Any, tokens: int, dtype: torch.dtype) -> bool:
-        """Whether :meth:`forward_normed` serves this prepared weight for ``tokens`` rows of ``dtype``."""
-        return False
-
-    def forward_normed(
-        self,
-        normed: "NormedInput",
-        prepared: Any,
-        bias: Optional[torch.Tensor] = None,
-        activation: str = "none",
-        out_dtype: torch.dtype = torch.float32,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``forward`` of an input the kernel normalizes itself (:class:`bitcore.normed_input.NormedInput`:
-        ``a, b [tokens, in_features]``), int8-quantized per token as
-        :func:`bitcore.quantize.quantize_activation_int8` does for int8-activation keys.
-
-        Returns ``(y [tokens, out_features] in out_dtype, h)``: ``h = a + b`` in mode ``"add_norm"``
-        (the residual stream the caller keeps), else None.  Optional (see :meth:`accepts_normed`): it
-        lets a decoder drop the norm's own kernel before each projection.
-        """
-        raise NotImplementedError(f"{self.name} does not normalize its input")
 
     def route(self, batch: int) -> str:
         """Which internal path serves ``batch`` rows (for explain / logs)."""

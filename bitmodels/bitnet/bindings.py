@@ -35,7 +35,6 @@ from bitcore.config import BitQuantConfig
 from bitcore.errors import ConfigError
 from bitcore.kernels import KernelRegistry
 from bitcore.kernels.interface import BitKernel
-from bitcore.normed_input import NormedInput
 from bitcore.packing import PackedWeight
 from bitlayers.bitlinear import BitLinear
 
@@ -89,21 +88,6 @@ class PreparedLinear:
             y = self.kernel.forward(x.reshape(-1, self.in_features), self.prepared, self.bias, "none")
         y = y.view(*lead, self.out_features)
         return y.split(self.splits, dim=-1) if self.splits else y
-
-    def takes_normed(self, tokens: int, dtype: torch.dtype) -> bool:
-        """Whether :meth:`normed` runs in the kernel for ``tokens`` rows of ``dtype`` (``forward_normed``)."""
-        return self.takes_quantized and self.kernel.accepts_normed(self.prepared, tokens, dtype)
-
-    def normed(self, n: NormedInput):
-        """The projection of ``rms_norm`` of ``n`` (:class:`bitcore.normed_input.NormedInput`, ``a [..., K]``),
-        normalized and quantized inside the kernel.  Returns ``(output or its split parts, h)`` with ``h``
-        the residual sum ``a + b`` in mode ``"add_norm"``, else None."""
-        lead = n.a.shape[:-1]
-        k = self.in_features
-        flat = NormedInput(n.a.reshape(-1, k), None if n.b is None else n.b.reshape(-1, k), n.weight, n.eps, n.mode)
-        y, h = self.kernel.forward_normed(flat, self.prepared, self.bias, "none", self.out_dtype)
-        y = y.view(*lead, self.out_features)
-        return (y.split(self.splits, dim=-1) if self.splits else y), (None if h is None else h.view(*lead, k))
 
     def __repr__(self) -> str:
         parts = f", splits={self.splits}" if self.splits else ""

@@ -31,7 +31,6 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from bitcore.normed_input import NormedInput
 from bitlayers.bitlinear import BitLinear
 from bitmodels.bitnet.bindings import PreparedLinear, bind_group, device_bytes
 from bitmodels.bitnet.config import BitNetConfig
@@ -40,11 +39,6 @@ from bitmodels.configs import register_model
 from bitmodels.hf.build import empty_frozen_bitlinear
 
 QUANTIZE_IN_NORMS_MAX_TOKENS = 16  # the cuda_ext GEMV range (bitcore: GEMV_MAX_TOKENS there)
-# Tokens per call up to which the projections normalize their own inputs where their kernels can
-# (forward_normed): every block of the GEMV re-reads the whole input rows, which pays at decode batch
-# sizes only (docs/bitnet.md has the measurements).
-NORM_IN_PROJECTIONS_MAX_TOKENS = 8
-NORMED_BINDINGS = ("qkv", "o_proj", "gate_up", "down_proj")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 
@@ -103,14 +97,6 @@ class BitNetDecoderLayer(nn.Module):
         # True when every bound projection takes int8 input: the norms before them then quantize
         # (fused into the norm's kernel) and the projections skip their own quantization pass.
         self.quantized_inputs = False
-        # True when the projections may normalize their own inputs (forward_normed, see takes_normed).
-        self.normed_inputs = False
-
-    def takes_normed(self, tokens: int, dtype: torch.dtype) -> bool:
-        """Whether :meth:`forward_normed` runs: q/k/v and gate/up fused, and every kernel normalizes
-        ``tokens`` rows of ``dtype`` itself."""
-        return (self.normed_inputs and set(self.bound) == set(NORMED_BINDINGS)
-                and all(self.bound[n].takes_normed(tokens, dtype) for n in NORMED_BINDINGS))
 
     def _project(self, fused: str, names: tuple, module: nn.Module, x: torch.Tensor) -> tuple:
         if fused in self.bound:
@@ -144,28 +130,6 @@ class BitNetDecoderLayer(nn.Module):
         m = ops.relu2_gate_norm(gate, up, mlp.ffn_sub_norm.weight, self.eps, quantize)
         return ops.add_rms_norm(h, self._linear("down_proj", mlp, m), next_norm, self.eps, quantize_next)
 
-    def forward_normed(self, pending: NormedInput, next_norm: torch.Tensor, ops, cos, sin, k_cache=None,
-                       v_cache=None, slots=None, mask=None) -> NormedInput:
-        """The layer with every norm inside the projection after it (:meth:`takes_normed`): ``pending`` is
-        this layer's input before ``input_layernorm`` (the residual sum still to form, mode ``"add_norm"``,
-        or the embeddings, mode ``"norm"``); returns the next layer's, normalized by ``next_norm``."""
-        attn, mlp = self.self_attn, self.mlp
-        B, T, _ = pending.a.shape
-        (q, k, v), h = self.bound["qkv"].normed(pending)
-        h = pending.a if h is None else h
-        a = ops.attention(
-            q.view(B, T, attn.n_heads, attn.head_dim),
-            k.view(B, T, attn.n_kv_heads, attn.head_dim),
-            v.view(B, T, attn.n_kv_heads, attn.head_dim),
-            cos, sin, k_cache, v_cache, slots, mask, None, self.eps,
-        )
-        o, _ = self.bound["o_proj"].normed(NormedInput(a, None, attn.attn_sub_norm.weight, self.eps, "norm"))
-        (gate, up), h = self.bound["gate_up"].normed(
-            NormedInput(h, o, self.post_attention_layernorm.weight, self.eps, "add_norm"))
-        d, _ = self.bound["down_proj"].normed(NormedInput(gate, up, mlp.ffn_sub_norm.weight, self.eps,
-                                                          "relu2_gate_norm"))
-        return NormedInput(h, d, next_norm, self.eps, "add_norm")
-
 
 class BitNetModel(nn.Module):
     def __init__(self, config: BitNetConfig, packed_only: bool = False) -> None:
@@ -194,7 +158,6 @@ class BitNetForCausalLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.ops = Ops()
         self.norm_quant = "none"  # what runs the quantizing norms (prepare_for_inference sets it)
-        self.norm_in_projections_max_tokens = NORM_IN_PROJECTIONS_MAX_TOKENS
 
     # ---------------------------------------------------------------- forward
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype):
@@ -231,15 +194,6 @@ class BitNetForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, h.dtype)
         layers = self.model.layers
-        eps = self.config.rms_norm_eps
-        if self.normed_projections(B * T, h.dtype):
-            pending = NormedInput(h, None, layers[0].input_layernorm.weight, eps, "norm")
-            for i, layer in enumerate(layers):
-                nxt = self.model.norm.weight if i + 1 == len(layers) else layers[i + 1].input_layernorm.weight
-                kc, vc = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
-                pending = layer.forward_normed(pending, nxt, ops, cos, sin, kc, vc, slots, mask)
-            _, x = ops.add_rms_norm(pending.a, pending.b, pending.weight, eps)
-            return self.lm_head(x[:, -1:] if last_only else x)
         # Quantizing in the norms pays where the projections are GEMVs (decode); a prefill's GEMMs
         # quantize inside their own op (measured: norm-side quantization made prefill slower).
         small = B * T <= QUANTIZE_IN_NORMS_MAX_TOKENS
@@ -254,11 +208,6 @@ class BitNetForCausalLM(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x)
-
-    def normed_projections(self, tokens: int, dtype: torch.dtype) -> bool:
-        """Whether a call with ``tokens`` rows of ``dtype`` runs every norm inside the projection after it."""
-        return tokens <= self.norm_in_projections_max_tokens and all(
-            layer.takes_normed(tokens, dtype) for layer in self.model.layers)
 
     # ------------------------------------------------------------ checkpoints
     @classmethod
@@ -280,8 +229,7 @@ class BitNetForCausalLM(nn.Module):
         return [(n, m) for n, m in self.named_modules() if isinstance(m, BitLinear)]
 
     def prepare_for_inference(
-        self, device=None, *, fuse: bool = True, offload_packed: bool = False, quantize_in_norms: bool = True,
-        norm_in_projections: bool = True,
+        self, device=None, *, fuse: bool = True, offload_packed: bool = False, quantize_in_norms: bool = True
     ) -> Dict[str, str]:
         """Resolve every projection's kernel and prepared weight once for ``device`` (see bindings).
 
@@ -289,9 +237,6 @@ class BitNetForCausalLM(nn.Module):
         whose kernels implement ``forward_quantized``), the norms before the projections quantize
         their output, fused into the norm's kernel, and the projections skip their own pass (same
         numbers: the quantization is the kernels' own).
-        ``norm_in_projections``: where every kernel of a layer also implements ``forward_normed`` (and
-        q/k/v, gate/up are fused), calls of up to ``norm_in_projections_max_tokens`` rows run each norm
-        inside the projection after it (one kernel instead of two; :meth:`normed_projections`).
         Returns ``{binding name: kernel name}`` for layer 0, e.g. ``{"qkv": "cuda_ext.Ternary...", ...}``.
         """
         device = torch.device(device) if device is not None else self.lm_head.weight.device
@@ -303,7 +248,6 @@ class BitNetForCausalLM(nn.Module):
             layer.bound = bind_group(modules, FUSED_GROUPS, device, fuse=fuse, offload_packed=offload_packed,
                                      out_dtype=self.model.embed_tokens.weight.dtype)
             layer.quantized_inputs = quantize_in_norms and all(b.takes_quantized for b in layer.bound.values())
-            layer.normed_inputs = norm_in_projections
         self.norm_quant = use_fused_norm_quant(device) if self.model.layers[0].quantized_inputs else "none"
         return {name: b.kernel.name for name, b in self.model.layers[0].bound.items()}
 
@@ -312,7 +256,6 @@ class BitNetForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.bound = {}
             layer.quantized_inputs = False
-            layer.normed_inputs = False
 
     def use_compiled_ops(self, enabled: bool = True, **compile_kwargs) -> None:
         """Run the float operations through ``torch.compile`` (fused kernels) or eagerly."""

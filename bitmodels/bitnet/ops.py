@@ -23,11 +23,15 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from bitcore.normed_input import rms_norm
 from bitcore.quantize import quantize_activation_int8
 from bitmodels.bitnet.bindings import QuantizedActivation
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' BitNetRMSNorm: normalize in float32, cast to x.dtype, then scale."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
 
 
 # Whether the norms that quantize run as one cuda_ext kernel (RMSNorm + quantization) on CUDA
@@ -138,8 +142,7 @@ def attention(
     eps: float,
     quantize: bool = False,
 ):
-    """Rotary, KV-cache write, grouped-query attention and ``attn_sub_norm`` (quantized when ``quantize``;
-    skipped when ``sub_norm_weight`` is None: the projection after it then normalizes its own input).
+    """Rotary, KV-cache write, grouped-query attention and ``attn_sub_norm`` (quantized when ``quantize``).
 
     ``q [B, T, H, D]``, ``k, v [B, T, KVH, D]``.  With a cache
     (``[B, KVH, S, D]``), ``k, v`` are written at cache positions ``slots [T]``
@@ -168,7 +171,7 @@ def attention(
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         out = out.transpose(1, 2).reshape(B, T, H * D)
-    return out if sub_norm_weight is None else norm_input(out, sub_norm_weight, eps, quantize)
+    return norm_input(out, sub_norm_weight, eps, quantize)
 
 
 class Ops:
@@ -201,8 +204,7 @@ def combine_sub_norm(acc, m, l_sum, weight: torch.Tensor, eps: float, dtype: tor
     """Merge split-KV partials (:mod:`bitmodels.bitnet.triton_attention`) and apply ``attn_sub_norm``."""
     from bitmodels.bitnet.triton_attention import combine_partials
 
-    out = combine_partials(acc, m, l_sum).to(dtype)
-    return out if weight is None else norm_input(out, weight, eps, quantize)
+    return norm_input(combine_partials(acc, m, l_sum).to(dtype), weight, eps, quantize)
 
 
 class TritonDecodeOps(CompiledOps):
@@ -268,8 +270,7 @@ class FusedDecodeAttentionOps:
         B = q.shape[0]
         out = fused.decode_attention(q[:, 0], k[:, 0], v[:, 0], cos.reshape(B, -1), sin.reshape(B, -1), k_cache,
                                      v_cache, slots.reshape(1), mask.reshape(B, -1))
-        out = out.view(B, 1, -1)
-        return out if sub_norm_weight is None else self.base.norm_input(out, sub_norm_weight, eps, quantize)
+        return self.base.norm_input(out.view(B, 1, -1), sub_norm_weight, eps, quantize)
 
 
 _SHARED: dict = {}

@@ -185,74 +185,6 @@ at::Tensor cuda_ext_linear_int8(const at::Tensor& xq, const at::Tensor& x_scale,
   return y;
 }
 
-// The int8 GEMV that normalizes its own input (linear_norm.cu): y = linear(quantize(rms_norm(x))) with
-// x from a / b by mode as cuda_ext_rms_norm_quant; returns (y, h or empty, q or empty, scale or empty):
-// h the residual sum (mode 1), q / scale the quantized rows one block used (with return_quantized).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_ext_linear_norm_int8(
-    const at::Tensor& a, const c10::optional<at::Tensor>& b, const at::Tensor& norm_weight, double eps, int64_t mode,
-    const at::Tensor& wq, const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, int64_t fmt,
-    int64_t epilogue, int64_t N, int64_t K, at::ScalarType out_dtype, bool return_quantized) {
-  TORCH_CHECK(a.is_cuda() && norm_weight.is_cuda() && wq.is_cuda() && w_scale.is_cuda(),
-              "cuda_ext_linear_norm_int8: tensors must be on a CUDA device");
-  TORCH_CHECK(a.dim() == 2 && a.stride(1) == 1 && a.size(1) == K, "cuda_ext_linear_norm_int8: a must be [tokens, ",
-              K, "] with contiguous rows, got ", a.sizes(), " strides ", a.strides());
-  TORCH_CHECK(a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16,
-              "cuda_ext_linear_norm_int8: a must be float16 or bfloat16, got ", a.scalar_type());
-  const int64_t M = a.size(0);
-  TORCH_CHECK(M <= bitlab::kNormGemvMaxTokens, "cuda_ext_linear_norm_int8: ", M, " tokens; at most ",
-              bitlab::kNormGemvMaxTokens);
-  TORCH_CHECK(K >= 1 && K <= bitlab::kNormQuantMaxK, "cuda_ext_linear_norm_int8: in_features ", K, " not in [1, ",
-              bitlab::kNormQuantMaxK, "]");
-  TORCH_CHECK(mode >= 0 && mode <= 2, "cuda_ext_linear_norm_int8: mode ", mode, " not in [0, 2]");
-  TORCH_CHECK(norm_weight.dim() == 1 && norm_weight.numel() == K && norm_weight.is_contiguous() &&
-                  norm_weight.scalar_type() == a.scalar_type(),
-              "cuda_ext_linear_norm_int8: norm weight must be contiguous [", K, "] in ", a.scalar_type());
-  if (mode != 0) {
-    TORCH_CHECK(b.has_value() && b->is_cuda() && b->dim() == 2 && b->size(0) == M && b->size(1) == K &&
-                    b->stride(1) == 1 && b->scalar_type() == a.scalar_type(),
-                "cuda_ext_linear_norm_int8: mode ", mode, " needs b shaped like a with contiguous rows");
-  }
-  TORCH_CHECK(fmt >= 0 && fmt <= 4, "cuda_ext_linear_norm_int8: fmt ", fmt, " not in [0, 4]");
-  TORCH_CHECK(epilogue >= 0 && epilogue <= 2, "cuda_ext_linear_norm_int8: epilogue ", epilogue, " not in [0, 2]");
-  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
-                  (w_scale.numel() == 1 || w_scale.numel() == N),
-              "cuda_ext_linear_norm_int8: w_scale must be contiguous float32 with 1 or out_features=", N, " elements");
-  TORCH_CHECK(wq.scalar_type() == at::kInt, "cuda_ext_linear_norm_int8: prepared weight must be int32 lane tiles");
-  const c10::cuda::CUDAGuard guard(a.device());
-  const int64_t Kp = (K + 127) / 128 * 128;
-  at::Tensor y = at::empty({M, N}, a.options().dtype(out_dtype));
-  at::Tensor h = mode == 1 ? at::empty({M, K}, a.options()) : at::empty({0}, a.options());
-  at::Tensor q = at::empty({return_quantized ? M : 0, K}, a.options().dtype(at::kChar));
-  at::Tensor scale = at::empty({return_quantized ? M : 0}, a.options().dtype(at::kFloat));
-  if (M == 0) return {y, h, q, scale};
-  at::Tensor bias_f;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == N, "cuda_ext_linear_norm_int8: bias has ", bias->numel(), " elements, expected ", N);
-    bias_f = bias->to(at::kFloat).contiguous();
-  }
-  bitlab::LinearArgs la = weight_args(wq, w_scale, bias_f, y, fmt, epilogue, M, N, Kp);
-  la.pdl = 1;  // its first weight loads overlap the kernel before it (sm_90+)
-  bitlab::NormInputArgs n{};
-  n.a = a.data_ptr();
-  n.b = mode != 0 ? b->data_ptr() : nullptr;
-  n.weight = norm_weight.data_ptr();
-  n.h = mode == 1 ? h.data_ptr() : nullptr;
-  n.dtype = dtype_code(a.scalar_type());
-  n.K = static_cast<int>(K);
-  n.lda = a.stride(0);
-  n.ldb = mode != 0 ? b->stride(0) : 0;
-  n.eps = static_cast<float>(eps);
-  n.mode = static_cast<int>(mode);
-  n.q_out = return_quantized ? q.data_ptr<int8_t>() : nullptr;
-  n.scale_out = return_quantized ? scale.data_ptr<float>() : nullptr;
-  if (N > 0) {
-    check_cuda(bitlab::launch_linear_norm_int8(la, n, c10::cuda::getCurrentCUDAStream()), "linear_norm_int8 kernel");
-  } else if (mode == 1) {
-    h.copy_(a.add(*b));  // no output rows: nothing launches, but the residual sum is still owed
-  }
-  return {y, h, q, scale};
-}
-
 // RMSNorm + per-token int8 quantization (norm_quant.cu): returns (h or an empty tensor, q, scale).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_ext_rms_norm_quant(const at::Tensor& a,
                                                                        const c10::optional<at::Tensor>& b,
@@ -345,10 +277,6 @@ TORCH_LIBRARY_FRAGMENT(bitlab, m) {
       "Tensor(b!) v_cache, Tensor slot, Tensor mask, float scale) -> Tensor");
   m.def("cuda_ext_rms_norm_quant(Tensor a, Tensor? b, Tensor weight, float eps, int mode) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "cuda_ext_linear_norm_int8(Tensor a, Tensor? b, Tensor norm_weight, float eps, int mode, Tensor wq, "
-      "Tensor w_scale, Tensor? bias, int fmt, int epilogue, int N, int K, ScalarType out_dtype, "
-      "bool return_quantized) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
       "cuda_ext_linear_int8(Tensor xq, Tensor x_scale, Tensor wq, Tensor w_scale, Tensor? bias, int fmt, "
       "int epilogue, int N, int K, ScalarType out_dtype) -> Tensor");
   m.def(
@@ -360,7 +288,6 @@ TORCH_LIBRARY_IMPL(bitlab, CUDA, m) {
   m.impl("cuda_ext_linear", &cuda_ext_linear);
   m.impl("cuda_ext_linear_int8", &cuda_ext_linear_int8);
   m.impl("cuda_ext_rms_norm_quant", &cuda_ext_rms_norm_quant);
-  m.impl("cuda_ext_linear_norm_int8", &cuda_ext_linear_norm_int8);
   m.impl("cuda_ext_decode_attention", &cuda_ext_decode_attention);
 }
 

@@ -78,27 +78,6 @@ struct NormQuantArgs {
 };
 cudaError_t launch_rms_norm_quant(const NormQuantArgs& args, cudaStream_t stream);
 
-// The input of a W*A8 projection normalized inside its GEMV (linear_norm.cu): every block computes
-// the NormQuantArgs math for the M <= kNormGemvMaxTokens rows of a / b into shared memory, then
-// runs the one-shot int8 GEMV on them (LinearArgs.x and x_scale unused; per-token scales).  One
-// block writes h (mode 1, [M, K] contiguous) and, when not null, q_out [M, K] and scale_out [M]
-// (the quantized rows it used; tests compare them with the standalone kernel's).
-constexpr int kNormGemvMaxTokens = 8;
-struct NormInputArgs {
-  const void* a;
-  const void* b;       // modes 1 and 2
-  const void* weight;  // [K], dtype as a
-  void* h;             // mode 1
-  int dtype;           // kDtypeHalf / kDtypeBFloat16
-  int K;
-  long lda, ldb;
-  float eps;
-  int mode;
-  int8_t* q_out;
-  float* scale_out;
-};
-cudaError_t launch_linear_norm_int8(const LinearArgs& args, const NormInputArgs& norm, cudaStream_t stream);
-
 // One-token grouped-query attention with rotary embedding and KV-cache write (decode_attention.cu,
 // sm_90). q [B, H, D], k, v [B, KVH, D] (row strides below; heads contiguous, D unit stride),
 // cos / sin [B, D], caches [B, KVH, S, D] contiguous, mask [B, S] (nonzero = attend), all of dtype

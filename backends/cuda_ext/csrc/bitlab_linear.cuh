@@ -26,7 +26,6 @@
 #include "bitlab_gemv_bulk.cuh"
 #include "bitlab_gemv_cluster.cuh"
 #include "bitlab_mma.cuh"
-#include "bitlab_norm.cuh"
 
 namespace bitlab {
 
@@ -39,9 +38,8 @@ struct GemvDepth {
   static constexpr bool wide = NT > 1 || (MT > 1 && sizeof(X) == 2);
   static constexpr int value = (wide && base > 2) ? 2 : base;
 };
-// Load the lane's activations of one chunk for token row `row` (zeros past M); kShared: x is in
-// shared memory (the GEMV that normalizes its own input), else read through the read-only path.
-template <typename X, bool kShared = false>
+// Load the lane's activations of one chunk for token row `row` (zeros past M).
+template <typename X>
 __device__ __forceinline__ void load_x_chunk(uint32_t* dst, const X* __restrict__ x, int row, int M, int Kp,
                                              int chunk, int t) {
   constexpr int NV = PathTraits<X>::xwords / 4;
@@ -49,7 +47,7 @@ __device__ __forceinline__ void load_x_chunk(uint32_t* dst, const X* __restrict_
     const uint4* p = reinterpret_cast<const uint4*>(x + static_cast<long>(row) * Kp + chunk * 128 + 32 * t);
 #pragma unroll
     for (int v = 0; v < NV; ++v) {
-      uint4 q = kShared ? p[v] : __ldg(p + v);
+      uint4 q = __ldg(p + v);
       dst[4 * v] = q.x; dst[4 * v + 1] = q.y; dst[4 * v + 2] = q.z; dst[4 * v + 3] = q.w;
     }
   } else {
@@ -58,10 +56,8 @@ __device__ __forceinline__ void load_x_chunk(uint32_t* dst, const X* __restrict_
   }
 }
 
-// NORM (int8 path, NT = 1): the block first normalizes and quantizes its input rows into shared
-// memory (bitlab_norm.cuh; `norm` says how), and the epilogue takes their scales from there.
-template <int FMT, typename X, int MT, int NT, bool PIPE, bool NORM = false>
-__global__ void __launch_bounds__(256, PIPE ? 2 : 1) gemv_oneshot_kernel(LinearArgs a, int nchunks, NormInputArgs norm) {
+template <int FMT, typename X, int MT, int NT, bool PIPE>
+__global__ void __launch_bounds__(256, PIPE ? 2 : 1) gemv_oneshot_kernel(LinearArgs a, int nchunks) {
   using PT = PathTraits<X>;
   using Acc = typename PT::Acc;
   using L = LaneTile<FMT>;
@@ -70,12 +66,7 @@ __global__ void __launch_bounds__(256, PIPE ? 2 : 1) gemv_oneshot_kernel(LinearA
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, kw = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int tile0 = blockIdx.x * MT;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  static_assert(!NORM || (sizeof(X) == 1 && NT == 1), "the normalizing GEMV is int8, up to 8 tokens");
-  const int red_bytes = kw > 1 ? kw * MT * NT * 4 * 32 * static_cast<int>(sizeof(Acc)) : 0;
-  int8_t* norm_q = reinterpret_cast<int8_t*>(smem_raw + red_bytes);  // NORM: [M][Kp], then scales [8]
-  float* norm_scales = reinterpret_cast<float*>(smem_raw + red_bytes + a.M * a.Kp);
-  const X* __restrict__ x = NORM ? reinterpret_cast<const X*>(norm_q) : static_cast<const X*>(a.x);
+  const X* __restrict__ x = static_cast<const X*>(a.x);
 
   Acc accs[S][MT][NT][4];
   zero_acc_sets(accs);
@@ -99,7 +90,7 @@ __global__ void __launch_bounds__(256, PIPE ? 2 : 1) gemv_oneshot_kernel(LinearA
     for (int d = 0; d < D; ++d)
 #pragma unroll
       for (int n = 0; n < NT; ++n)
-        if (c0 + d < nchunks) load_x_chunk<X, NORM>(xb[d][n], x, n * 8 + g, a.M, a.Kp, c0 + d, t);
+        if (c0 + d < nchunks) load_x_chunk<X>(xb[d][n], x, n * 8 + g, a.M, a.Kp, c0 + d, t);
 #pragma unroll
     for (int d = 0; d < D; ++d)
       if (c0 + d < nchunks) mma_chunk<FMT, X>(accs, w[d], xb[d]);
@@ -109,16 +100,6 @@ __global__ void __launch_bounds__(256, PIPE ? 2 : 1) gemv_oneshot_kernel(LinearA
   if (c0 < nchunks) load_w(wbuf[0], c0);
   pdl_launch_dependents();  // a dependent (the next norm) may launch and wait for this grid
   pdl_wait();  // the first weight loads are in flight while the producer of x finishes
-  if constexpr (NORM) {
-    float* scratch = norm_scales + 8;
-    void* xs = scratch + 32;
-    if (norm.dtype == kDtypeHalf)
-      norm_quant_rows_to_shared<__half>(norm, a.M, a.Kp, norm_q, norm_scales, static_cast<__half*>(xs), scratch,
-                                        blockIdx.x == 0);
-    else
-      norm_quant_rows_to_shared<__nv_bfloat16>(norm, a.M, a.Kp, norm_q, norm_scales,
-                                               static_cast<__nv_bfloat16*>(xs), scratch, blockIdx.x == 0);
-  }
   if constexpr (PIPE) {
     while (c0 < nchunks) {
       if (c0 + stride < nchunks) load_w(wbuf[PIPE ? 1 : 0], c0 + stride);
@@ -139,14 +120,8 @@ __global__ void __launch_bounds__(256, PIPE ? 2 : 1) gemv_oneshot_kernel(LinearA
 
   Acc acc[MT][NT][4];
   sum_acc_sets(accs, acc);
-  if constexpr (NORM) {
-    LinearArgs la = a;
-    la.x_scale = norm_scales;
-    la.x_scale_per_row = 1;
-    reduce_warps_and_store(la, acc, reinterpret_cast<Acc*>(smem_raw), kw, tile0);
-  } else {
-    reduce_warps_and_store(a, acc, reinterpret_cast<Acc*>(smem_raw), kw, tile0);
-  }
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  reduce_warps_and_store(a, acc, reinterpret_cast<Acc*>(smem_raw), kw, tile0);
 }
 
 // ------------------------------------------------------------------------ GEMM
@@ -259,38 +234,21 @@ inline int device_sm_count() {
   return count;
 }
 
-// Lets `kernel` take `bytes` of dynamic shared memory (past the default 48 KB; raised as needed).
-template <auto kernel>
-cudaError_t allow_dynamic_smem(size_t bytes) {
-  static size_t allowed = 48 * 1024;  // per kernel instantiation
-  if (bytes <= allowed) return cudaSuccess;
-  const cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-  if (err == cudaSuccess) allowed = bytes;
-  return err;
-}
-
-// v2 GEMV: one block per MT m-tiles, all of a warp's loads issued before the first use.  NORM: the
-// block normalizes its input first (`norm`); shared memory then also holds the quantized rows, their
-// scales and one row of scratch (bitlab_norm.cuh).
-template <int FMT, typename X, int MT, int NT, bool NORM = false>
-cudaError_t launch_gemv_oneshot(const LinearArgs& a, int nchunks, cudaStream_t stream, const NormInputArgs& norm = {}) {
+// v2 GEMV: one block per MT m-tiles, all of a warp's loads issued before the first use.
+template <int FMT, typename X, int MT, int NT>
+cudaError_t launch_gemv_oneshot(const LinearArgs& a, int nchunks, cudaStream_t stream) {
   constexpr int D = GemvDepth<FMT, X, MT, NT>::value;
   int kw = nchunks / D;
   kw = kw < 1 ? 1 : (kw > 8 ? 8 : kw);
   const int tiles = (a.N + 127) / 128 * 8;
   using Acc = typename PathTraits<X>::Acc;
-  size_t smem = kw > 1 ? static_cast<size_t>(kw) * MT * NT * 4 * 32 * sizeof(Acc) : 0;
-  if (NORM) smem += static_cast<size_t>(a.M) * a.Kp + (8 + 32) * sizeof(float) + static_cast<size_t>(a.Kp) * 2;
+  const size_t smem = kw > 1 ? static_cast<size_t>(kw) * MT * NT * 4 * 32 * sizeof(Acc) : 0;
   const int iterations = (nchunks + kw * D - 1) / (kw * D);  // of the busiest warp
-  if (iterations == 2 && D * MT <= 4) {
-    constexpr auto kernel = gemv_oneshot_kernel<FMT, X, MT, NT, true, NORM>;
-    if (const cudaError_t err = allow_dynamic_smem<kernel>(smem)) return err;
-    return launch_maybe_pdl(kernel, dim3(tiles / MT), dim3(32 * kw), smem, stream, a.pdl != 0, a, nchunks, norm);
-  }
-  constexpr auto kernel = gemv_oneshot_kernel<FMT, X, MT, NT, false, NORM>;
-  if (const cudaError_t err = allow_dynamic_smem<kernel>(smem)) return err;
-  return launch_maybe_pdl(kernel, dim3(tiles / MT), dim3(32 * kw), smem, stream, a.pdl != 0, a, nchunks, norm);
+  if (iterations == 2 && D * MT <= 4)
+    return launch_maybe_pdl(gemv_oneshot_kernel<FMT, X, MT, NT, true>, dim3(tiles / MT), dim3(32 * kw), smem, stream,
+                            a.pdl != 0, a, nchunks);
+  return launch_maybe_pdl(gemv_oneshot_kernel<FMT, X, MT, NT, false>, dim3(tiles / MT), dim3(32 * kw), smem, stream,
+                          a.pdl != 0, a, nchunks);
 }
 
 template <int FMT, typename X>

@@ -5,16 +5,57 @@
 // 2560-6912 values); here one block per row loads the row once into registers, reduces twice
 // (sum of squares, then max |y|) and writes the int8 row and its scale.
 //
-// Math: bitlab_norm.cuh (shared with the GEMV that normalizes its own input, linear_norm.cu).
+// Math, per row of K values in dtype T (half, bf16 or float), torch's rounding at each step:
+//   mode 0: x = a
+//   mode 1: h = T(a + b), written to h (the residual stream), x = h
+//   mode 2: x = T(T(relu(a)^2) * b)                       (BitNet's squared-ReLU gate)
+//   y = T(w * T(x * rsqrt(sum(x^2) / K + eps)))           (transformers' BitNetRMSNorm)
+//   amax = max(max|y|, 1e-5); q = clamp(rint(y * (127 / amax)), -127, 127); scale = amax / 127
+// with quantize.cu's float32 roundings for the quantization (bitcore.quantize).  The sum of
+// squares is reduced in a different order than torch's, so y can differ from torch's in the
+// last bit of the mean (tests compare with a tolerance of one quantization step).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "bitlab_cp_async.cuh"
 #include "bitlab_launch.h"
-#include "bitlab_norm.cuh"
 
 namespace bitlab {
 namespace {
+
+template <typename T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T> __device__ __forceinline__ float round_t(float v) { return to_f<T>(from_f<T>(v)); }
+
+template <bool kMax>
+__device__ __forceinline__ float block_reduce(float v, float* shared) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float other = __shfl_xor_sync(0xffffffffu, v, o);
+    v = kMax ? fmaxf(v, other) : v + other;
+  }
+  if ((threadIdx.x & 31) == 0) shared[threadIdx.x >> 5] = v;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    v = threadIdx.x < blockDim.x / 32 ? shared[threadIdx.x] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) {
+      const float other = __shfl_xor_sync(0xffffffffu, v, o);
+      v = kMax ? fmaxf(v, other) : v + other;
+    }
+    if (threadIdx.x == 0) shared[0] = v;
+  }
+  __syncthreads();
+  v = shared[0];
+  __syncthreads();
+  return v;
+}
 
 template <typename T, int VPT>
 __global__ void __launch_bounds__(VPT == 8 ? 1024 : 512) rms_norm_quant_kernel(NormQuantArgs p) {
@@ -37,7 +78,13 @@ __global__ void __launch_bounds__(VPT == 8 ? 1024 : 512) rms_norm_quant_kernel(N
   float ss = 0.f;
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
-    const float x = norm_input_value<T>(va[i], vb[i], p.mode);
+    float x = va[i];
+    if (p.mode == 1) {
+      x = round_t<T>(va[i] + vb[i]);
+    } else if (p.mode == 2) {
+      const float r = va[i] > 0.f ? va[i] : 0.f;
+      x = round_t<T>(round_t<T>(r * r) * vb[i]);
+    }
     v[i] = x;
     ss = __fmaf_rn(x, x, ss);
   }
@@ -73,7 +120,10 @@ __global__ void __launch_bounds__(VPT == 8 ? 1024 : 512) rms_norm_quant_kernel(N
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
     const int k = threadIdx.x + i * blockDim.x;
-    if (k < K) q[k] = quantize_value(v[i], inv);
+    if (k < K) {
+      int qi = __float2int_rn(__fmul_rn(v[i], inv));
+      q[k] = static_cast<int8_t>(qi > 127 ? 127 : (qi < -127 ? -127 : qi));
+    }
   }
   if (threadIdx.x == 0) p.scale[blockIdx.x] = __fmul_rn(amax, 1.f / 127.f);
 }

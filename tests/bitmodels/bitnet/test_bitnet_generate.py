@@ -110,40 +110,6 @@ def test_quantizing_in_the_norms_computes_the_same_logits(monkeypatch):
     assert out.tokens[0] == _greedy_by_recomputation(model, ids[0].tolist(), 4)
 
 
-def test_norms_inside_the_projections_compute_the_same_logits(monkeypatch):
-    """With kernels that normalize their own input (forward_normed), each norm runs inside the projection
-    after it for up to 8 tokens: the same math, so the same logits and tokens, bit for bit (torch_ref)."""
-    from backends.torch_ref.kernels import TorchReferenceKernel
-    from bitcore.kernels import KernelRegistry
-
-    modes = []
-    original = TorchReferenceKernel.forward_normed
-
-    def spy(self, normed, *args, **kwargs):
-        modes.append((normed.mode, normed.a.shape[0]))
-        return original(self, normed, *args, **kwargs)
-
-    monkeypatch.setattr(TorchReferenceKernel, "forward_normed", spy)
-    model = _model(seed=7)
-    ids = torch.randint(3, 71, (2, 4), generator=torch.Generator().manual_seed(7))
-    long_ids = torch.randint(3, 71, (3, 3), generator=torch.Generator().manual_seed(8))
-    with torch.no_grad(), KernelRegistry.force_backend("torch_ref"):
-        model.prepare_for_inference("cpu", norm_in_projections=False)
-        assert not model.normed_projections(8, torch.float32)
-        plain, plain_long = model(ids), model(long_ids)
-        assert modes == []
-        model.prepare_for_inference("cpu")
-        assert model.normed_projections(8, torch.float32) and not model.normed_projections(9, torch.float32)
-        normed = model(ids)
-        first = ["norm", "norm", "add_norm", "relu2_gate_norm"]  # qkv (embeddings), o, gate_up, down
-        assert modes == [(m, 8) for m in first + ["add_norm"] + first[1:]]
-        normed_long = model(long_ids)  # 9 tokens: the norms run before the projections
-        assert len(modes) == 8
-        out = Generator(model, bind=False).generate([ids[0].tolist()], max_new_tokens=4, stop_token_ids=[])
-    assert torch.equal(plain, normed) and torch.equal(plain_long, normed_long)
-    assert out.tokens[0] == _greedy_by_recomputation(model, ids[0].tolist(), 4)
-
-
 def test_kernels_without_int8_input_keep_the_norms_float():
     model = _model(seed=6)
     model.prepare_for_inference("cpu")  # the C++ CPU kernels quantize inside forward
