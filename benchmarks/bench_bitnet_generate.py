@@ -252,6 +252,21 @@ def logits_agreement(model, hf, vocab: int, seed: int) -> dict:
     }
 
 
+def head_agreement(model, bits: int, vocab: int, seed: int) -> dict:
+    """Binds the lm_head quantized to ``bits`` and compares the logits of one 64-token prompt with the
+    dense head's: relative error, top-1 agreement, the kernel and its weight bytes on the GPU."""
+    ids = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(model.lm_head.weight.device)
+    model.bind_lm_head(None)
+    with torch.no_grad():
+        dense = model(ids).float()
+        kernel = model.bind_lm_head(bits)
+        quantized = model(ids).float()
+    return {"kernel": kernel, "rel_err": float((quantized - dense).norm() / dense.norm()),
+            "top1_agree": float((quantized.argmax(-1) == dense.argmax(-1)).float().mean()),
+            "gpu_gb": model.weight_memory()["quantized_lm_head_gpu"] / GB}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=30)
@@ -265,6 +280,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-triton-attention", action="store_true")
     ap.add_argument("--no-unfused-attention", action="store_true",
                     help="skip the run with the unfused (torch.compile) one-token attention")
+    ap.add_argument("--lm-head-bits", type=int, nargs="*", default=[8], choices=[2, 4, 8],
+                    help="also run with the lm_head quantized per row to these bits (logit agreement reported)")
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of a batch-1 decode step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test the script with --tiny")
@@ -310,6 +327,14 @@ def main(argv=None) -> int:
         _print_profile(result["profile_batch1"])
     del gen  # its KV cache and graphs
     _free(device)
+    for bits in args.lm_head_bits:
+        result.setdefault("quantized_lm_head", {})[bits] = head_agreement(model, bits, cfg.vocab_size, args.seed)
+        gen_h = Generator(model, compile=not args.no_compile, bind=False)  # the head bound above
+        result["runs"][f"bitlab_head{bits}"] = run_batches(f"bitlab_head{bits}", gen_h, batches, args, cfg.vocab_size)
+        print(f"lm_head {bits}-bit:", result["quantized_lm_head"][bits], flush=True)
+        model.bind_lm_head(None)
+        del gen_h
+        _free(device)
     if not args.no_unfused_attention and gen_fused_attention(result):
         # the same model and bindings; one-token attention as compiled torch ops (rotary, cache write,
         # grouped matmul / softmax / matmul) instead of the fused kernel
@@ -388,6 +413,10 @@ def write_report(result: dict, out_dir: Path) -> None:
         f"copy is offloaded to the CPU), float tensors (embedding tied to lm_head, norms) {w['float_gb']:.3f} GB; "
         f"GPU memory allocated after loading {w['gpu_allocated_after_load_gb']:.3f} GB.",
     ]
+    for bits, h in result.get("quantized_lm_head", {}).items():
+        lines.append(f"bitlab_head{bits}: lm_head quantized per row to {bits} bits ({h['kernel']}, {h['gpu_gb']:.3f} GB "
+                     f"on the GPU besides the bf16 embedding); logits vs the bf16 head (64 tokens): relative error "
+                     f"{h['rel_err']:.2e}, top-1 agreement {h['top1_agree']:.3f}.")
     if "logits_vs_transformers" in result:
         a = result["logits_vs_transformers"]
         lines.append(f"Logits vs transformers' BitNetForCausalLM (bf16, same weights, 64 tokens): "

@@ -35,7 +35,8 @@ from bitcore.config import BitQuantConfig
 from bitcore.errors import ConfigError
 from bitcore.kernels import KernelRegistry
 from bitcore.kernels.interface import BitKernel
-from bitcore.packing import PackedWeight
+from bitcore.packing import PackedWeight, pack_weight
+from bitcore.quantize import quantize_weight
 from bitlayers.bitlinear import BitLinear
 
 
@@ -133,6 +134,28 @@ def bind_linear(layer: BitLinear, device: torch.device, out_dtype: torch.dtype =
     bias = None if layer.bias is None else layer.bias.detach().to(device)
     return PreparedLinear(kernel, prepared, layer.in_features, layer.out_features, bias,
                           config=layer.quant_config, out_dtype=out_dtype)
+
+
+LM_HEAD_BITS = (2, 4, 8)
+_FLOAT_ACTIVATIONS = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def bind_quantized_dense(weight: torch.Tensor, bits: int, device: torch.device) -> PreparedLinear:
+    """A dense ``[out, in]`` float weight quantized per output row to ``bits`` (2, 4, 8) and bound to the
+    registry's kernel for float activations of the weight's dtype, e.g. a quantized ``lm_head``
+    (outputs in the input's dtype; the float weight itself is left as it is)."""
+    if bits not in LM_HEAD_BITS:
+        raise ConfigError(f"bits: got {bits!r}; allowed values are {list(LM_HEAD_BITS)}")
+    if weight.dtype not in _FLOAT_ACTIVATIONS:
+        raise ConfigError(f"weight dtype {weight.dtype} is not served; expected one of {list(_FLOAT_ACTIVATIONS)}")
+    cfg = BitQuantConfig(weight_bits=bits, activation_dtype=_FLOAT_ACTIVATIONS[weight.dtype],
+                         weight_granularity="per_channel")
+    values, scale = quantize_weight(weight.detach().to(device), cfg)
+    packed = pack_weight(values, scale, bits, "per_channel")
+    out_features, in_features = weight.shape
+    kernel = KernelRegistry.get_kernel_for_config(cfg, device, in_features=in_features, out_features=out_features)
+    return PreparedLinear(kernel, kernel.prepare(packed, cfg), in_features, out_features, config=cfg,
+                          out_dtype=weight.dtype)
 
 
 def bind_fused(layers: Sequence[BitLinear], device: torch.device,

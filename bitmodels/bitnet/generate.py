@@ -21,7 +21,9 @@ One-token attention (decode) runs, on CUDA with cuda_ext available, as one fused
 (rotary + KV-cache write + attention, :mod:`backends.cuda_ext.decode_attention`); ``fused_attention=False``
 keeps the unfused path.  ``triton_attention=True`` (with ``compile``, on CUDA) runs it as a split-KV
 Triton kernel instead (:mod:`bitmodels.bitnet.triton_attention`).  ``attention_kernel`` says which
-runs, and why.
+runs, and why.  ``lm_head_bits=8`` (or 4, 2) runs the output head quantized per vocabulary row
+(:meth:`BitNetForCausalLM.bind_lm_head`: fewer bytes per step, approximate logits); ``head_kernel`` says
+what runs it.
 
 Example::
 
@@ -115,6 +117,7 @@ class Generator:
         bind: bool = True,
         triton_attention: bool = False,
         fused_attention: Optional[bool] = None,
+        lm_head_bits: Optional[int] = None,
     ) -> None:
         self.model = model.eval()
         self.device = model.lm_head.weight.device
@@ -146,7 +149,12 @@ class Generator:
             self.attention_kernel = "torch (fused_attention=False)" if not triton_attention else self.attention_kernel
         self.prefill_ops = Ops()
         if bind:  # resolve kernels and prepared weights once (see BitNetForCausalLM.prepare_for_inference)
-            model.prepare_for_inference(self.device, fuse=fuse, offload_packed=offload_packed)
+            model.prepare_for_inference(self.device, fuse=fuse, offload_packed=offload_packed,
+                                        lm_head_bits=lm_head_bits)
+        elif lm_head_bits is not None:
+            model.bind_lm_head(lm_head_bits, self.device)
+        head = model.head_binding
+        self.head_kernel = "dense (nn.Linear)" if head is None else f"{head.kernel.name} (quantized per row)"
         self.kernels = {
             name: getattr(getattr(b, "kernel", None), "name", type(b).__name__)
             for name, b in model.model.layers[0].bound.items()

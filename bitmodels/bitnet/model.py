@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from bitlayers.bitlinear import BitLinear
-from bitmodels.bitnet.bindings import PreparedLinear, bind_group, device_bytes
+from bitmodels.bitnet.bindings import PreparedLinear, bind_group, bind_quantized_dense, device_bytes
 from bitmodels.bitnet.config import BitNetConfig
 from bitmodels.bitnet.ops import CompiledOps, Ops, compiled_ops, rms_norm, rotary_table, use_fused_norm_quant
 from bitmodels.configs import register_model
@@ -158,6 +158,8 @@ class BitNetForCausalLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.ops = Ops()
         self.norm_quant = "none"  # what runs the quantizing norms (prepare_for_inference sets it)
+        # The lm_head quantized per row to 2 / 4 / 8 bits, when bind_lm_head asked for it (else the dense one).
+        self.head_binding: Optional[PreparedLinear] = None
 
     # ---------------------------------------------------------------- forward
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype):
@@ -207,7 +209,7 @@ class BitNetForCausalLM(nn.Module):
                          small and not last and layers[i + 1].quantized_inputs, small)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(x)
+        return self.lm_head(x) if self.head_binding is None else self.head_binding(x)
 
     # ------------------------------------------------------------ checkpoints
     @classmethod
@@ -229,7 +231,8 @@ class BitNetForCausalLM(nn.Module):
         return [(n, m) for n, m in self.named_modules() if isinstance(m, BitLinear)]
 
     def prepare_for_inference(
-        self, device=None, *, fuse: bool = True, offload_packed: bool = False, quantize_in_norms: bool = True
+        self, device=None, *, fuse: bool = True, offload_packed: bool = False, quantize_in_norms: bool = True,
+        lm_head_bits: Optional[int] = None,
     ) -> Dict[str, str]:
         """Resolve every projection's kernel and prepared weight once for ``device`` (see bindings).
 
@@ -237,6 +240,7 @@ class BitNetForCausalLM(nn.Module):
         whose kernels implement ``forward_quantized``), the norms before the projections quantize
         their output, fused into the norm's kernel, and the projections skip their own pass (same
         numbers: the quantization is the kernels' own).
+        ``lm_head_bits``: also quantize the ``lm_head`` (see :meth:`bind_lm_head`); None keeps it dense.
         Returns ``{binding name: kernel name}`` for layer 0, e.g. ``{"qkv": "cuda_ext.Ternary...", ...}``.
         """
         device = torch.device(device) if device is not None else self.lm_head.weight.device
@@ -249,10 +253,24 @@ class BitNetForCausalLM(nn.Module):
                                      out_dtype=self.model.embed_tokens.weight.dtype)
             layer.quantized_inputs = quantize_in_norms and all(b.takes_quantized for b in layer.bound.values())
         self.norm_quant = use_fused_norm_quant(device) if self.model.layers[0].quantized_inputs else "none"
+        self.bind_lm_head(lm_head_bits, device)
         return {name: b.kernel.name for name, b in self.model.layers[0].bound.items()}
+
+    def bind_lm_head(self, bits: Optional[int], device=None) -> str:
+        """Run the ``lm_head`` quantized per vocabulary row to ``bits`` (2, 4 or 8; float activations, the
+        registry's kernel), or dense again with None.  Trades logit accuracy for bytes: the head reads
+        ``vocab x hidden`` weights every decode step (656 MB in bf16 for BitNet 2B, 328 MB at 8 bits).
+        The embedding lookup keeps the float table.  Returns what runs the head."""
+        if bits is None:
+            self.head_binding = None
+            return "dense (nn.Linear)"
+        device = torch.device(device) if device is not None else self.lm_head.weight.device
+        self.head_binding = bind_quantized_dense(self.lm_head.weight, bits, device)
+        return f"{self.head_binding.kernel.name} ({bits}-bit per-row weights)"
 
     def release_bindings(self) -> None:
         """Drop the prepared weights; projections dispatch through ``BitLinear.forward`` again."""
+        self.head_binding = None
         for layer in self.model.layers:
             layer.bound = {}
             layer.quantized_inputs = False
@@ -267,7 +285,9 @@ class BitNetForCausalLM(nn.Module):
         bindings = [b for layer in self.model.layers for b in layer.bound.values()]
         packed = sum(m.packed_weight().nbytes() for _, m in self.bitlinears())
         floats = {p.data_ptr(): p.numel() * p.element_size() for p in self.parameters()}
-        return {"packed": packed, "prepared_gpu": device_bytes(bindings, "cuda"), "float": sum(floats.values())}
+        head = [self.head_binding] if self.head_binding is not None else []
+        return {"packed": packed, "prepared_gpu": device_bytes(bindings, "cuda"), "float": sum(floats.values()),
+                "quantized_lm_head_gpu": device_bytes(head, "cuda")}
 
 
 register_model(BitNetConfig, BitNetForCausalLM)

@@ -25,6 +25,8 @@ def register(sub) -> None:
     p.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the float ops of the decode step")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's end-of-sequence tokens")
+    p.add_argument("--lm-head-bits", type=int, choices=[2, 4, 8], default=None,
+                   help="quantize the output head per vocabulary row (faster decode, approximate logits)")
     p.set_defaults(run=run)
 
 
@@ -64,7 +66,7 @@ def run(args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     model = BitNetForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
     gen = Generator(model, cuda_graph=(device.type == "cuda" and not args.no_cuda_graph), compile=args.compile,
-                    offload_packed=(device.type == "cuda"))
+                    offload_packed=(device.type == "cuda"), lm_head_bits=args.lm_head_bits)
     prompts = [tokenizer(p)["input_ids"] for p in args.prompt]
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     stops = [] if args.ignore_eos else None

@@ -110,6 +110,39 @@ def test_quantizing_in_the_norms_computes_the_same_logits(monkeypatch):
     assert out.tokens[0] == _greedy_by_recomputation(model, ids[0].tolist(), 4)
 
 
+def test_quantized_lm_head_is_the_dequantized_product():
+    from bitcore.config import BitQuantConfig
+    from bitcore.quantize import quantize_weight
+    from bitmodels.bitnet.bindings import bind_quantized_dense
+
+    torch.manual_seed(8)
+    weight = torch.randn(257, 96) * 0.02
+    x = torch.randn(3, 5, 96)
+    for bits in (8, 4, 2):
+        values, scale = quantize_weight(weight, BitQuantConfig(weight_bits=bits, weight_granularity="per_channel"))
+        expected = x @ (values.float() * scale.view(-1, 1)).T
+        got = bind_quantized_dense(weight, bits, torch.device("cpu"))(x)
+        assert got.shape == (3, 5, 257) and torch.allclose(got, expected, rtol=1e-5, atol=1e-6), bits
+    with pytest.raises(ConfigError, match=r"bits: got 3; allowed values are \[2, 4, 8\]"):
+        bind_quantized_dense(weight, 3, torch.device("cpu"))
+
+
+def test_generation_with_an_8_bit_lm_head():
+    model = _model(seed=9)
+    ids = torch.randint(3, 71, (2, 9), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        dense = model(ids)
+        gen = Generator(model, lm_head_bits=8)
+        assert model.head_binding is not None and "quantized per row" in gen.head_kernel
+        quantized = model(ids)
+        out = gen.generate([ids[0].tolist()], max_new_tokens=4, stop_token_ids=[])
+        assert out.tokens[0] == _greedy_by_recomputation(model, ids[0].tolist(), 4)  # the same head both ways
+        assert model.bind_lm_head(None) == "dense (nn.Linear)"
+        assert torch.equal(model(ids), dense)
+    assert ((quantized - dense).norm() / dense.norm()).item() < 2e-2
+    assert (quantized.argmax(-1) == dense.argmax(-1)).float().mean().item() > 0.9
+
+
 def test_kernels_without_int8_input_keep_the_norms_float():
     model = _model(seed=6)
     model.prepare_for_inference("cpu")  # the C++ CPU kernels quantize inside forward
@@ -233,6 +266,21 @@ def test_cuda_graph_decode_equals_eager_decode(cuda_device, compile):
     assert graph.tokens == eager.tokens == again.tokens
     sampled = fast.generate(prompts, 12, SamplingConfig(temperature=0.9, top_p=0.9), seed=3, stop_token_ids=[])
     assert all(len(t) == 12 for t in sampled.tokens)
+
+
+@pytest.mark.gpu
+def test_quantized_lm_head_on_the_gpu_replays_in_a_graph(cuda_device):
+    model = _model(seed=11, vocab_size=1000).to(cuda_device, torch.bfloat16)
+    prompts = _prompts(11, (5, 9), vocab=1000)
+    ids = torch.tensor([prompts[1]], device=cuda_device)
+    with torch.no_grad():
+        dense = model(ids).float()
+        eager = Generator(model, cuda_graph=False, lm_head_bits=8)
+        assert eager.head_kernel.startswith("cuda_ext."), eager.head_kernel
+        quantized = model(ids).float()
+        graph = Generator(model, cuda_graph=True, bind=False)
+        assert graph.generate(prompts, 10, stop_token_ids=[]).tokens == eager.generate(prompts, 10, stop_token_ids=[]).tokens
+    assert ((quantized - dense).norm() / dense.norm()).item() < 3e-2
 
 
 def _decode_attention_case(device, seed):
