@@ -40,10 +40,13 @@ from bitcore.kernels import KernelRegistry  # noqa: E402
 # The shapes, then the BitNet 2B projections (2560 hidden, 6912 intermediate).
 SHAPES = [(4096, 4096), (8192, 8192), (14336, 4096), (13824, 2560), (28672, 8192),
           (2560, 2560), (3840, 2560), (2560, 6912)]
-KNOBS = ("BITLAB_CUDA_GEMV", "BITLAB_CUDA_BULK_MT", "BITLAB_CUDA_BULK_INFLIGHT", "BITLAB_CUDA_CLUSTER_MT",
+KNOBS = ("BITLAB_CUDA_GEMV", "BITLAB_CUDA_ONESHOT_MT", "BITLAB_CUDA_BULK_MT", "BITLAB_CUDA_BULK_INFLIGHT", "BITLAB_CUDA_CLUSTER_MT",
          "BITLAB_CUDA_CLUSTER_KS")
 VARIANTS = {
     "oneshot": {"BITLAB_CUDA_GEMV": "oneshot"},
+    "oneshot_mt1": {"BITLAB_CUDA_GEMV": "oneshot", "BITLAB_CUDA_ONESHOT_MT": "1"},
+    "oneshot_mt2": {"BITLAB_CUDA_GEMV": "oneshot", "BITLAB_CUDA_ONESHOT_MT": "2"},
+    "oneshot_mt4": {"BITLAB_CUDA_GEMV": "oneshot", "BITLAB_CUDA_ONESHOT_MT": "4"},
     "bulk": {"BITLAB_CUDA_GEMV": "bulk"},
     "bulk_mt1": {"BITLAB_CUDA_GEMV": "bulk", "BITLAB_CUDA_BULK_MT": "1"},
     "bulk_mt2": {"BITLAB_CUDA_GEMV": "bulk", "BITLAB_CUDA_BULK_MT": "2"},

@@ -308,7 +308,15 @@ cudaError_t launch_linear_fmt(const LinearArgs& a, cudaStream_t stream) {
     return mt2 ? launch_gemv_bulk<FMT, X, 2, 2>(a, nchunks, stream) : launch_gemv_bulk<FMT, X, 1, 2>(a, nchunks, stream);
   }
   if (a.M <= 8) {
-    if (two_tiles) return launch_gemv_oneshot<FMT, X, 2, 1>(a, nchunks, stream);
+    // Four m-tiles per block for 1- and 2-bit weights where the grid is large and K short (H100,
+    // docs/backends/cuda_ext_notes.md v7: 13824x2560 fp16 9.7 -> 8.1 us at one token, 10.9 -> 9.1 at
+    // eight; W1.58A8 11.8 -> 11.4, 12.4 -> 11.9); two or one elsewhere (four lost at 3840x2560,
+    // 2560x6912, 8192x8192, and on the int8 path at 14336x4096).  BITLAB_CUDA_ONESHOT_MT=1/2/4 forces one.
+    const bool four_tiles = FormatBits<FMT>::value <= 2 && tiles >= 6 * device_sm_count() && nchunks <= 24;
+    const char* mt_env = std::getenv("BITLAB_CUDA_ONESHOT_MT");
+    const int mt = mt_env ? mt_env[0] - '0' : (four_tiles ? 4 : (two_tiles ? 2 : 1));
+    if (mt == 4) return launch_gemv_oneshot<FMT, X, 4, 1>(a, nchunks, stream);
+    if (mt == 2) return launch_gemv_oneshot<FMT, X, 2, 1>(a, nchunks, stream);
     return launch_gemv_oneshot<FMT, X, 1, 1>(a, nchunks, stream);
   }
   return launch_gemv_oneshot<FMT, X, 1, 2>(a, nchunks, stream);

@@ -57,72 +57,132 @@ __device__ __forceinline__ float block_reduce(float v, float* shared) {
   return v;
 }
 
-template <typename T, int VPT>
-__global__ void __launch_bounds__(VPT == 8 ? 1024 : 512) rms_norm_quant_kernel(NormQuantArgs p) {
+// x of one element from a and b by mode (file comment).
+template <typename T>
+__device__ __forceinline__ float norm_input_value(float a, float b, int mode) {
+  if (mode == 1) return round_t<T>(a + b);
+  if (mode == 2) {
+    const float r = a > 0.f ? a : 0.f;
+    return round_t<T>(round_t<T>(r * r) * b);
+  }
+  return a;
+}
+
+// int8 of y at 127 / amax (inv), clamped to +-127.
+__device__ __forceinline__ int8_t quantize_value(float y, float inv) {
+  const int qi = __float2int_rn(__fmul_rn(y, inv));
+  return static_cast<int8_t>(qi > 127 ? 127 : (qi < -127 ? -127 : qi));
+}
+
+// Eight consecutive values of a row from column k0 (zeros past K): one 16-byte load when vec.
+template <typename T>
+__device__ __forceinline__ void load8(float (&v)[8], const T* __restrict__ row, int k0, int K, bool vec) {
+  if (vec) {
+    if (k0 < K) {
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + k0));
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = to_f<T>(e[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = 0.f;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = k0 + i < K ? to_f<T>(row[k0 + i]) : 0.f;
+  }
+}
+
+// Each thread owns P pieces of 8 consecutive columns (piece threadIdx.x + j * blockDim.x), so with
+// half / bf16 rows, K % 8 == 0 and 16-byte alignment every load and store is one vector access per piece (2-byte
+// strided accesses made the 6912-column norm of BitNet's MLP the slowest of its four norms).
+template <typename T, int P>
+__global__ void __launch_bounds__(P == 1 ? 1024 : 512) rms_norm_quant_kernel(NormQuantArgs p) {
   __shared__ float shared[32];
-  pdl_wait();               // launched as a dependent: every read and write comes after this
+  const int K = p.K;
+  const T* __restrict__ w = static_cast<const T*>(p.weight);
+  const bool vec = sizeof(T) == 2 && K % 8 == 0 && p.lda % 8 == 0 && (p.mode == 0 || p.ldb % 8 == 0) &&
+                   ((reinterpret_cast<uintptr_t>(p.a) | reinterpret_cast<uintptr_t>(p.b) |
+                     reinterpret_cast<uintptr_t>(p.weight) | reinterpret_cast<uintptr_t>(p.h)) % 16 == 0) &&
+                   reinterpret_cast<uintptr_t>(p.q) % 8 == 0;
+  // The norm's weight is written by no kernel: it loads before the wait for the kernel before this one.
+  float vw[P][8];
+#pragma unroll
+  for (int j = 0; j < P; ++j) load8<T>(vw[j], w, 8 * (threadIdx.x + j * blockDim.x), K, vec);
+  pdl_wait();               // launched as a dependent: every other read and every write comes after this
   pdl_launch_dependents();  // the projection after it may start fetching its weights now
   const T* __restrict__ a = static_cast<const T*>(p.a) + static_cast<long>(blockIdx.x) * p.lda;
   const T* __restrict__ b = static_cast<const T*>(p.b) + static_cast<long>(blockIdx.x) * p.ldb;
-  const T* __restrict__ w = static_cast<const T*>(p.weight);
-  const int K = p.K;
   // All loads first (one memory round trip), then the math, then the stores.
-  float va[VPT], vb[VPT];
+  float va[P][8], vb[P][8];
 #pragma unroll
-  for (int i = 0; i < VPT; ++i) {
-    const int k = threadIdx.x + i * blockDim.x;
-    va[i] = k < K ? to_f<T>(a[k]) : 0.f;
-    vb[i] = (p.mode != 0 && k < K) ? to_f<T>(b[k]) : 0.f;
+  for (int j = 0; j < P; ++j) {
+    const int k0 = 8 * (threadIdx.x + j * blockDim.x);
+    load8<T>(va[j], a, k0, K, vec);
+    if (p.mode != 0) {
+      load8<T>(vb[j], b, k0, K, vec);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) vb[j][i] = 0.f;
+    }
   }
-  float v[VPT];
   float ss = 0.f;
 #pragma unroll
-  for (int i = 0; i < VPT; ++i) {
-    float x = va[i];
-    if (p.mode == 1) {
-      x = round_t<T>(va[i] + vb[i]);
-    } else if (p.mode == 2) {
-      const float r = va[i] > 0.f ? va[i] : 0.f;
-      x = round_t<T>(round_t<T>(r * r) * vb[i]);
+  for (int j = 0; j < P; ++j)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      va[j][i] = norm_input_value<T>(va[j][i], vb[j][i], p.mode);  // x (zero past K)
+      ss = __fmaf_rn(va[j][i], va[j][i], ss);
     }
-    v[i] = x;
-    ss = __fmaf_rn(x, x, ss);
-  }
   if (p.mode == 1) {
     T* __restrict__ h = static_cast<T*>(p.h) + static_cast<long>(blockIdx.x) * K;
 #pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      const int k = threadIdx.x + i * blockDim.x;
-      if (k < K) h[k] = from_f<T>(v[i]);
-    }
-  }
-  float vw[VPT];
+    for (int j = 0; j < P; ++j) {
+      const int k0 = 8 * (threadIdx.x + j * blockDim.x);
+      if (vec) {
+        if (k0 < K) {
+          uint4 raw;
+          T* e = reinterpret_cast<T*>(&raw);
 #pragma unroll
-  for (int i = 0; i < VPT; ++i) {
-    const int k = threadIdx.x + i * blockDim.x;
-    vw[i] = k < K ? to_f<T>(w[k]) : 0.f;
+          for (int i = 0; i < 8; ++i) e[i] = from_f<T>(va[j][i]);
+          *reinterpret_cast<uint4*>(h + k0) = raw;
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          if (k0 + i < K) h[k0 + i] = from_f<T>(va[j][i]);
+      }
+    }
   }
   ss = block_reduce<false>(ss, shared);
   const float r = rsqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(K)), p.eps));
   float amax = 0.f;
 #pragma unroll
-  for (int i = 0; i < VPT; ++i) {
-    const int k = threadIdx.x + i * blockDim.x;
-    if (k < K) {
-      const float y = round_t<T>(__fmul_rn(vw[i], round_t<T>(__fmul_rn(v[i], r))));
-      v[i] = y;
+  for (int j = 0; j < P; ++j)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float y = round_t<T>(__fmul_rn(vw[j][i], round_t<T>(__fmul_rn(va[j][i], r))));  // 0 past K
+      va[j][i] = y;
       amax = fmaxf(amax, fabsf(y));
     }
-  }
   amax = fmaxf(block_reduce<true>(amax, shared), 1e-5f);
   const float inv = __fmul_rn(__frcp_rn(amax), 127.f);
   int8_t* q = p.q + static_cast<long>(blockIdx.x) * K;
 #pragma unroll
-  for (int i = 0; i < VPT; ++i) {
-    const int k = threadIdx.x + i * blockDim.x;
-    if (k < K) {
-      int qi = __float2int_rn(__fmul_rn(v[i], inv));
-      q[k] = static_cast<int8_t>(qi > 127 ? 127 : (qi < -127 ? -127 : qi));
+  for (int j = 0; j < P; ++j) {
+    const int k0 = 8 * (threadIdx.x + j * blockDim.x);
+    if (vec) {
+      if (k0 < K) {
+        uint32_t packed[2] = {0u, 0u};
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          packed[i >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(quantize_value(va[j][i], inv))) << (8 * (i & 3));
+        *reinterpret_cast<uint2*>(q + k0) = make_uint2(packed[0], packed[1]);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (k0 + i < K) q[k0 + i] = quantize_value(va[j][i], inv);
     }
   }
   if (threadIdx.x == 0) p.scale[blockIdx.x] = __fmul_rn(amax, 1.f / 127.f);
@@ -130,13 +190,13 @@ __global__ void __launch_bounds__(VPT == 8 ? 1024 : 512) rms_norm_quant_kernel(N
 
 template <typename T>
 cudaError_t launch_typed(const NormQuantArgs& p, cudaStream_t stream) {
-  // Up to 8 values per thread (K <= 8192 with 1024 threads), else up to 32 (512 threads).
+  // One piece of 8 values per thread (K <= 8192 with 1024 threads), else up to four (512 threads).
   const int per = p.K <= 8 * 1024 ? 8 : 32;
   int threads = (p.K + per - 1) / per;
   threads = (threads + 31) / 32 * 32;
   threads = threads < 64 ? 64 : threads;
-  if (per == 8) return launch_maybe_pdl(rms_norm_quant_kernel<T, 8>, dim3(p.M), dim3(threads), 0, stream, true, p);
-  return launch_maybe_pdl(rms_norm_quant_kernel<T, 32>, dim3(p.M), dim3(threads), 0, stream, true, p);
+  if (per == 8) return launch_maybe_pdl(rms_norm_quant_kernel<T, 1>, dim3(p.M), dim3(threads), 0, stream, true, p);
+  return launch_maybe_pdl(rms_norm_quant_kernel<T, 4>, dim3(p.M), dim3(threads), 0, stream, true, p);
 }
 
 }  // namespace

@@ -205,6 +205,21 @@ def test_cluster_gemv_slices_and_row_blocks(kernels, monkeypatch, bits, act, mt)
         check_against_reference(kernel, cfg, bits, act, ((300, 9000), (40, 1100)), (1, 5, 9, 16), dtype)
 
 
+@pytest.mark.parametrize("mt", ["1", "2", "4"])
+@pytest.mark.parametrize("act", ["float16", "bfloat16", "int8"])
+@pytest.mark.parametrize("bits", [1, 1.58, 2, 4, 8])
+def test_oneshot_gemv_tiles_per_block(kernels, monkeypatch, bits, act, mt):
+    # The one-shot GEMV with 1, 2 or 4 m-tiles per block (the rule picks 4 for large grids with short K),
+    # over a last block past the weight rows (40 and 300 rows) and K with a partial chunk.
+    monkeypatch.setenv("BITLAB_CUDA_GEMV", "oneshot")
+    monkeypatch.setenv("BITLAB_CUDA_ONESHOT_MT", mt)
+    cfg = BitQuantConfig(weight_bits=bits, activation_dtype=act, weight_granularity="per_channel",
+                         activation_granularity="per_token")
+    kernel = kernels.CudaExtInt8Kernel() if act == "int8" else kernels.CudaExtFloatKernel()
+    dtype = torch.bfloat16 if act == "bfloat16" else torch.float16
+    check_against_reference(kernel, cfg, bits, act, ((300, 2600), (40, 700)), (1, 3, 8), dtype)
+
+
 @pytest.mark.parametrize("act", ["float16", "int8", "binary"])
 def test_batch_zero_and_non_contiguous_input(kernels, act):
     bits = 1 if act == "binary" else 1.58
