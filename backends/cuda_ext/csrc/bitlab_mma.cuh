@@ -143,10 +143,23 @@ __device__ __forceinline__ uint32_t decode_pair(uint32_t w, const int q) {
   }
 }
 
+// Binary codes (u = 1 -> +1, 0 -> -1) straight into the sign bits of a packed pair of -1.0: the pair's
+// bits q and 16 + q move to bits 15 and 31 (one shift, none for q = 15) and one lop3 computes
+// (w & 0x80008000) ^ (-1.0, -1.0): two instructions per register instead of decode_pair's 2-3.
+template <typename T>
+__device__ __forceinline__ uint32_t decode_binary_pair(uint32_t w, const int q) {
+  constexpr uint32_t minus_one = sizeof(T) == 2 && Magic<T>::mantissa == 10 ? 0xBC00BC00u : 0xBF80BF80u;
+  const uint32_t src = q == 15 ? w : (w << (15 - q));
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0x6A;" : "=r"(d) : "r"(src), "r"(0x80008000u), "r"(minus_one));  // (a & b) ^ c
+  return d;
+}
+
 // Register r (0..31) of a chunk for the float path, from the lane's words.
 template <int FMT, typename T>
 __device__ __forceinline__ uint32_t decode_f(const uint32_t* words, const int r) {
   constexpr int P = 16 / FormatBits<FMT>::value;
+  if constexpr (FMT == kBinary) return decode_binary_pair<T>(words[r / P], r % P);
   return decode_pair<FMT, T>(words[r / P], r % P);
 }
 
