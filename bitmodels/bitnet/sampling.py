@@ -54,11 +54,32 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+ARGMAX_CHUNK = 1024
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """``torch.argmax(x, dim=-1)`` for ``x [B, V]`` (the first maximal index), in two passes over chunks.
+
+    Why: on a GPU, torch's argmax of a few long rows reduces each row in one block; over a 128256-token
+    vocabulary that took 39 us per decode step on the H100 (2.6 % of BitNet 2B's batch-1 step).  Here
+    the row is cut into chunks of ``ARGMAX_CHUNK`` (padded with -inf), each chunk's maximum and its first
+    index are found in parallel, then the first chunk holding the row's maximum wins: the same index.
+    """
+    B, V = x.shape
+    if V <= 4 * ARGMAX_CHUNK:
+        return torch.argmax(x, dim=-1)
+    chunks = -(-V // ARGMAX_CHUNK)
+    padded = torch.nn.functional.pad(x, (0, chunks * ARGMAX_CHUNK - V), value=float("-inf"))
+    values, index = padded.view(B, chunks, ARGMAX_CHUNK).max(dim=-1)
+    best = torch.argmax(values, dim=-1, keepdim=True)
+    return (best * ARGMAX_CHUNK + index.gather(-1, best)).squeeze(-1)
+
+
 def sample(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
     """Token ids ``[B]`` (int64) from logits ``[B, V]``."""
     if config.greedy:
-        return torch.argmax(logits, dim=-1)
+        return argmax_rows(logits)
     scaled = filter_logits(logits.float() / config.temperature, config.top_k, config.top_p)
     probs = torch.softmax(scaled, dim=-1)
     race = torch.empty_like(probs).exponential_()
-    return torch.argmax(probs / race, dim=-1)
+    return argmax_rows(probs / race)

@@ -225,6 +225,20 @@ def test_filter_logits_top_k_and_top_p():
     assert torch.isfinite(tiny).tolist() == [[True, False, False, False, False]]
 
 
+@pytest.mark.parametrize("vocab", [7, 4097, 5000, 128256])
+def test_chunked_argmax_is_torchs_argmax_ties_included(vocab):
+    from bitmodels.bitnet.sampling import argmax_rows
+
+    gen = torch.Generator().manual_seed(vocab)
+    for dtype in (torch.float32, torch.bfloat16):
+        ties = torch.randint(-4, 4, (3, vocab), generator=gen).to(dtype)  # the maximum repeats in every row
+        spread = torch.randn(3, vocab, generator=gen).to(dtype)
+        spread[1] = float("-inf")
+        spread[1, -1] = 0.0  # the only finite value sits in the padded last chunk
+        for x in (ties, spread):
+            assert torch.equal(argmax_rows(x), torch.argmax(x, dim=-1))
+
+
 def test_greedy_is_argmax():
     logits = torch.randn(4, 33, generator=torch.Generator().manual_seed(8))
     assert torch.equal(sample(logits, SamplingConfig()), logits.argmax(-1))
