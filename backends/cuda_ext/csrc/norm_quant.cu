@@ -93,9 +93,9 @@ __device__ __forceinline__ void load8(float (&v)[8], const T* __restrict__ row, 
   }
 }
 
-// Each thread owns P pieces of 8 consecutive columns (piece threadIdx.x + j * blockDim.x), so with
-// half / bf16 rows, K % 8 == 0 and 16-byte alignment every load and store is one vector access per piece (2-byte
-// strided accesses made the 6912-column norm of BitNet's MLP the slowest of its four norms).
+// Each thread owns P pieces of 8 consecutive columns (piece threadIdx.x + j * blockDim.x): with half /
+// bf16 rows, K % 8 == 0 and 16-byte alignment every load and store is one vector access per piece
+// (one 2-byte access per element made the 6912-column norm of BitNet's MLP the slowest of its four).
 template <typename T, int P>
 __global__ void __launch_bounds__(P == 1 ? 1024 : 512) rms_norm_quant_kernel(NormQuantArgs p) {
   __shared__ float shared[32];
