@@ -144,19 +144,29 @@ STORE = {"float": store_float, "bf16bits": store_bf16_bits}
 
 
 if SIMULATOR:
+    from numba.cuda.simulator.kernel import _get_kernel_context as _running_launch
+
+    from backends.numba_cuda.simulator_fixes import serialize_shared_allocation
+
+    serialize_shared_allocation()
+
     # The simulator has no warp shuffles: sum through a per-block shared buffer instead.
     # Every thread of the block reaches this call once, so the barriers match.
-    def _simulated_warp_reduce(a):
-        buf = cuda.shared.array((MAX_THREADS, 64), np.float64)
-        tid = cuda.threadIdx.x
+    # A plain function, not a simulated device function: the simulator swaps a device
+    # function's module globals (``cuda``) on every call from every thread, and one
+    # thread's restore could leave another mid-call on the real module ("no attribute
+    # threadIdx"). The running launch's fake ``cuda`` module is read directly instead.
+    def warp_reduce(a):
+        sim = _running_launch()
+        buf = sim.shared.array((MAX_THREADS, 64), np.float64)
+        tid = sim.threadIdx.x
         start = tid - tid % LANES
-        cuda.syncthreads()
+        sim.syncthreads()
         buf[tid, : a.size] = a.ravel()
-        cuda.syncthreads()
+        sim.syncthreads()
         a[...] = buf[start:start + LANES, : a.size].sum(axis=0).reshape(a.shape)
-        cuda.syncthreads()
+        sim.syncthreads()
 
-    warp_reduce = cuda.jit(device=True)(_simulated_warp_reduce)
 else:
 
     @cuda.jit(device=True)

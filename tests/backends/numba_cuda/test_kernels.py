@@ -237,6 +237,33 @@ def test_bias_and_epilogues(device, activation, dtype):
         assert_close_rel(got, want, tol, seed)
 
 
+@pytest.fixture
+def thread_switch_every_microsecond():
+    """Python threads switch every 1 us instead of 5 ms, so simulator races show every run."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
+
+
+@pytest.mark.skipif(not SIMULATOR, reason="numba's CUDA simulator is not active")
+def test_simulated_reductions_survive_constant_thread_switching(thread_switch_every_microsecond):
+    """Regression: the simulated warp reduction once read ``cuda`` mid-swap ("no attribute
+    threadIdx") and the simulator's shared arrays could be allocated twice; both showed as
+    rare CI failures. With a 1 us switch interval the first fails this test on every run,
+    the second on about one run in three."""
+    gen, seed = fresh_generator()
+    cases = [(1.58, "float16", NumbaFloatKernel()), (1, "int8", NumbaInt8Kernel()), (1, "binary", NumbaXnorKernel())]
+    for bits, act, kernel in cases * 4:  # each race hits a given launch only sometimes
+        cfg = BitQuantConfig(weight_bits=bits, weight_granularity="per_channel", activation_dtype=act)
+        packed = random_packed(bits, 13, 70, "per_channel", gen)
+        x = torch.randn(3, 70, generator=gen)
+        if act == "float16":
+            x = x.half()
+        got = run_kernel(kernel, "sim", x, packed, cfg)
+        assert_close_rel(got, reference(x, packed, cfg), FLOAT_TOLERANCE[x.dtype], seed)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_zero_tokens_and_bad_inputs(device):
     gen, _ = fresh_generator()
