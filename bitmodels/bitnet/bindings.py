@@ -216,6 +216,28 @@ def bind_group(
     return bound
 
 
+def bind_fused_mlp(bound: Dict[str, PreparedLinear], sub_norm_weight: torch.Tensor, eps: float):
+    """BitNet's MLP (gate/up, squared-ReLU gate, sub-norm + quantization, down) as one cuda_ext kernel over
+    the layer's bound ``gate_up`` and ``down_proj`` weights (:mod:`backends.cuda_ext.bitnet_mlp`).
+
+    Returns ``(fused, "")`` or ``(None, why not)``."""
+    gate_up, down = bound.get("gate_up"), bound.get("down_proj")
+    if gate_up is None or down is None:
+        return None, "gate and up are not bound as one fused projection"
+    if not (gate_up.takes_quantized and down.takes_quantized):
+        return None, "the projections do not take int8 per-token input"
+    if gate_up.bias is not None or down.bias is not None:
+        return None, "the projections have biases"
+    if gate_up.kernel.backend != "cuda_ext" or down.kernel.backend != "cuda_ext":
+        return None, f"the projections run on {gate_up.kernel.name} / {down.kernel.name}, not cuda_ext"
+    from backends.cuda_ext import bitnet_mlp
+
+    why = bitnet_mlp.why_not(gate_up.prepared, down.prepared, sub_norm_weight)
+    if why:
+        return None, why
+    return bitnet_mlp.prepare_bitnet_mlp(gate_up.prepared, down.prepared, sub_norm_weight, eps), ""
+
+
 def tensors_in(obj: Any, seen: Optional[set] = None) -> Iterable[torch.Tensor]:
     """Every tensor reachable from a prepared-weight object (dataclasses, tuples, lists, dicts, attributes)."""
     seen = set() if seen is None else seen

@@ -23,7 +23,9 @@ keeps the unfused path.  ``triton_attention=True`` (with ``compile``, on CUDA) r
 Triton kernel instead (:mod:`bitmodels.bitnet.triton_attention`).  ``attention_kernel`` says which
 runs, and why.  ``lm_head_bits=8`` (or 4, 2) runs the output head quantized per vocabulary row
 (:meth:`BitNetForCausalLM.bind_lm_head`: fewer bytes per step, approximate logits); ``head_kernel`` says
-what runs it.
+what runs it.  Each layer's MLP runs, for up to 8 tokens on an sm_90 GPU with the norms quantizing, as
+one kernel (:mod:`backends.cuda_ext.bitnet_mlp`); ``fused_mlp=False`` keeps three; ``mlp_kernel`` says
+which, and why.
 
 Example::
 
@@ -118,6 +120,7 @@ class Generator:
         triton_attention: bool = False,
         fused_attention: Optional[bool] = None,
         lm_head_bits: Optional[int] = None,
+        fused_mlp: bool = True,
     ) -> None:
         self.model = model.eval()
         self.device = model.lm_head.weight.device
@@ -150,11 +153,12 @@ class Generator:
         self.prefill_ops = Ops()
         if bind:  # resolve kernels and prepared weights once (see BitNetForCausalLM.prepare_for_inference)
             model.prepare_for_inference(self.device, fuse=fuse, offload_packed=offload_packed,
-                                        lm_head_bits=lm_head_bits)
+                                        lm_head_bits=lm_head_bits, fused_mlp=fused_mlp)
         elif lm_head_bits is not None:
             model.bind_lm_head(lm_head_bits, self.device)
         head = model.head_binding
         self.head_kernel = "dense (nn.Linear)" if head is None else f"{head.kernel.name} (quantized per row)"
+        self.mlp_kernel = model.mlp_kernel
         self.kernels = {
             name: getattr(getattr(b, "kernel", None), "name", type(b).__name__)
             for name, b in model.model.layers[0].bound.items()

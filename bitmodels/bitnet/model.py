@@ -32,7 +32,14 @@ import torch
 from torch import nn
 
 from bitlayers.bitlinear import BitLinear
-from bitmodels.bitnet.bindings import PreparedLinear, bind_group, bind_quantized_dense, device_bytes
+from bitmodels.bitnet.bindings import (
+    PreparedLinear,
+    QuantizedActivation,
+    bind_fused_mlp,
+    bind_group,
+    bind_quantized_dense,
+    device_bytes,
+)
 from bitmodels.bitnet.config import BitNetConfig
 from bitmodels.bitnet.ops import CompiledOps, Ops, compiled_ops, rms_norm, rotary_table, use_fused_norm_quant
 from bitmodels.configs import register_model
@@ -97,6 +104,18 @@ class BitNetDecoderLayer(nn.Module):
         # True when every bound projection takes int8 input: the norms before them then quantize
         # (fused into the norm's kernel) and the projections skip their own quantization pass.
         self.quantized_inputs = False
+        # BitNet's whole MLP as one cuda_ext kernel for a few tokens (prepare_for_inference(fused_mlp=True)).
+        self.fused_mlp = None
+
+    def _mlp(self, x, ops, quantize: bool) -> torch.Tensor:
+        """``down_proj(ffn_sub_norm(relu(gate_proj(x))**2 * up_proj(x)))``: one kernel where the fused MLP
+        takes ``x`` (int8 input, at most its token count), else the projections and the norm's kernel."""
+        mlp, fused = self.mlp, self.fused_mlp
+        if fused is not None and isinstance(x, QuantizedActivation) and x.q.numel() <= fused.max_tokens * fused.hidden:
+            return fused(x.q, x.scale)
+        gate, up = self._project("gate_up", ("gate_proj", "up_proj"), mlp, x)
+        m = ops.relu2_gate_norm(gate, up, mlp.ffn_sub_norm.weight, self.eps, quantize)
+        return self._linear("down_proj", mlp, m)
 
     def _project(self, fused: str, names: tuple, module: nn.Module, x: torch.Tensor) -> tuple:
         if fused in self.bound:
@@ -114,7 +133,7 @@ class BitNetDecoderLayer(nn.Module):
         """``h`` is the residual stream, ``x = input_layernorm(h)`` (a :class:`QuantizedActivation` when
         the caller quantized it); the norms inside quantize when ``quantized_inputs and quantize_here``;
         returns ``(h', next_norm(h'))``, quantized when ``quantize_next``."""
-        attn, mlp = self.self_attn, self.mlp
+        attn = self.self_attn
         quantize = self.quantized_inputs and quantize_here
         B, T, _ = h.shape
         q, k, v = self._project("qkv", ("q_proj", "k_proj", "v_proj"), attn, x)
@@ -126,9 +145,7 @@ class BitNetDecoderLayer(nn.Module):
         )
         h, x = ops.add_rms_norm(h, self._linear("o_proj", attn, a), self.post_attention_layernorm.weight, self.eps,
                                 quantize)
-        gate, up = self._project("gate_up", ("gate_proj", "up_proj"), mlp, x)
-        m = ops.relu2_gate_norm(gate, up, mlp.ffn_sub_norm.weight, self.eps, quantize)
-        return ops.add_rms_norm(h, self._linear("down_proj", mlp, m), next_norm, self.eps, quantize_next)
+        return ops.add_rms_norm(h, self._mlp(x, ops, quantize), next_norm, self.eps, quantize_next)
 
 
 class BitNetModel(nn.Module):
@@ -158,6 +175,7 @@ class BitNetForCausalLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.ops = Ops()
         self.norm_quant = "none"  # what runs the quantizing norms (prepare_for_inference sets it)
+        self.mlp_kernel = "separate kernels (not prepared)"  # what runs the MLPs (prepare_for_inference sets it)
         # The lm_head quantized per row to 2 / 4 / 8 bits, when bind_lm_head asked for it (else the dense one).
         self.head_binding: Optional[PreparedLinear] = None
 
@@ -232,7 +250,7 @@ class BitNetForCausalLM(nn.Module):
 
     def prepare_for_inference(
         self, device=None, *, fuse: bool = True, offload_packed: bool = False, quantize_in_norms: bool = True,
-        lm_head_bits: Optional[int] = None,
+        lm_head_bits: Optional[int] = None, fused_mlp: bool = True,
     ) -> Dict[str, str]:
         """Resolve every projection's kernel and prepared weight once for ``device`` (see bindings).
 
@@ -241,6 +259,8 @@ class BitNetForCausalLM(nn.Module):
         their output, fused into the norm's kernel, and the projections skip their own pass (same
         numbers: the quantization is the kernels' own).
         ``lm_head_bits``: also quantize the ``lm_head`` (see :meth:`bind_lm_head`); None keeps it dense.
+        ``fused_mlp``: where the layer's norms quantize and cuda_ext serves it, run each MLP as one kernel for
+        up to 8 tokens (:mod:`backends.cuda_ext.bitnet_mlp`); ``self.mlp_kernel`` says what runs and why.
         Returns ``{binding name: kernel name}`` for layer 0, e.g. ``{"qkv": "cuda_ext.Ternary...", ...}``.
         """
         device = torch.device(device) if device is not None else self.lm_head.weight.device
@@ -252,6 +272,14 @@ class BitNetForCausalLM(nn.Module):
             layer.bound = bind_group(modules, FUSED_GROUPS, device, fuse=fuse, offload_packed=offload_packed,
                                      out_dtype=self.model.embed_tokens.weight.dtype)
             layer.quantized_inputs = quantize_in_norms and all(b.takes_quantized for b in layer.bound.values())
+            layer.fused_mlp, why = None, "fused_mlp=False"
+            if fused_mlp and not layer.quantized_inputs:
+                why = "the norms do not quantize (quantize_in_norms=False or a projection takes no int8 input)"
+            elif fused_mlp:
+                layer.fused_mlp, why = bind_fused_mlp(layer.bound, mlp.ffn_sub_norm.weight, layer.eps)
+        first = self.model.layers[0].fused_mlp
+        self.mlp_kernel = (f"cuda_ext.bitnet_mlp (one kernel up to {first.max_tokens} tokens)" if first is not None
+                           else f"separate kernels ({why})")
         self.norm_quant = use_fused_norm_quant(device) if self.model.layers[0].quantized_inputs else "none"
         self.bind_lm_head(lm_head_bits, device)
         return {name: b.kernel.name for name, b in self.model.layers[0].bound.items()}
@@ -271,9 +299,11 @@ class BitNetForCausalLM(nn.Module):
     def release_bindings(self) -> None:
         """Drop the prepared weights; projections dispatch through ``BitLinear.forward`` again."""
         self.head_binding = None
+        self.mlp_kernel = "separate kernels (not prepared)"
         for layer in self.model.layers:
             layer.bound = {}
             layer.quantized_inputs = False
+            layer.fused_mlp = None
 
     def use_compiled_ops(self, enabled: bool = True, **compile_kwargs) -> None:
         """Run the float operations through ``torch.compile`` (fused kernels) or eagerly."""

@@ -271,7 +271,81 @@ at::Tensor cuda_ext_decode_attention(const at::Tensor& q, const at::Tensor& k, c
   return out;
 }
 
+// BitNet's MLP in one kernel (bitnet_mlp.cu, sm_90); inputs checked in Python first
+// (backends/cuda_ext/bitnet_mlp.py), again here.  mid and barrier are the layer's scratch.
+at::Tensor cuda_ext_bitnet_mlp(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& gate_wq,
+                               const at::Tensor& up_wq, const at::Tensor& down_wq, const at::Tensor& gate_scale,
+                               const at::Tensor& up_scale, const at::Tensor& down_scale, const at::Tensor& sub_weight,
+                               at::Tensor mid, at::Tensor barrier, double eps, int64_t H, int64_t I) {
+  const char* op = "cuda_ext_bitnet_mlp";
+  TORCH_CHECK(xq.is_cuda() && xq.dim() == 2 && xq.scalar_type() == at::kChar && xq.size(1) == H && xq.stride(1) == 1,
+              op, ": xq must be int8 [M, ", H, "] with contiguous rows on a CUDA device, got ", xq.scalar_type(), " ",
+              xq.sizes());
+  const int64_t M = xq.size(0);
+  TORCH_CHECK(M <= bitlab::kBitnetMlpMaxTokens, op, ": ", M, " tokens; at most ", bitlab::kBitnetMlpMaxTokens);
+  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.is_contiguous() && x_scale.numel() == M, op,
+              ": x_scale must be contiguous float32 with ", M, " elements");
+  TORCH_CHECK(I % 16 == 0, op, ": intermediate size ", I, " is not a multiple of 16");
+  const int64_t tile_words = (H + 127) / 128 * 128;  // words per 16-row tile of gate / up (ternary)
+  const int64_t down_words = (I + 127) / 128 * 128;
+  for (const auto& w : {gate_wq, up_wq, down_wq})
+    TORCH_CHECK(w.is_cuda() && w.scalar_type() == at::kInt && w.is_contiguous() &&
+                    reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
+                op, ": prepared weights must be contiguous, 16-byte aligned int32 lane tiles on the GPU");
+  TORCH_CHECK(gate_wq.numel() >= I / 16 * tile_words && up_wq.numel() >= I / 16 * tile_words &&
+                  down_wq.numel() >= (H + 15) / 16 * down_words,
+              op, ": prepared weights are smaller than ternary lane tiles of [", I, ", ", H, "] and [", H, ", ", I, "]");
+  TORCH_CHECK(gate_scale.scalar_type() == at::kFloat && up_scale.scalar_type() == at::kFloat &&
+                  down_scale.scalar_type() == at::kFloat && gate_scale.is_contiguous() && up_scale.is_contiguous() &&
+                  down_scale.is_contiguous() && gate_scale.numel() == I && up_scale.numel() == I &&
+                  down_scale.numel() == H,
+              op, ": scales must be contiguous float32 per row ([", I, "], [", I, "], [", H, "])");
+  const at::ScalarType dt = sub_weight.scalar_type();
+  TORCH_CHECK((dt == at::kHalf || dt == at::kBFloat16) && sub_weight.is_contiguous() && sub_weight.numel() == I, op,
+              ": sub-norm weight must be contiguous float16 / bfloat16 [", I, "], got ", dt, " ", sub_weight.sizes());
+  TORCH_CHECK(mid.scalar_type() == dt && mid.is_contiguous() && mid.numel() >= M * I, op,
+              ": mid scratch must be contiguous ", dt, " with at least ", M * I, " elements");
+  TORCH_CHECK(barrier.scalar_type() == at::kLong && barrier.numel() == 1 && barrier.is_cuda(), op,
+              ": barrier must be one int64 on the GPU");
+  const c10::cuda::CUDAGuard guard(xq.device());
+  at::Tensor y = at::empty({M, H}, xq.options().dtype(dt));
+  if (M == 0) return y;
+  bitlab::BitnetMlpArgs a = {};
+  a.xq = xq.data_ptr<int8_t>();
+  a.ldx = xq.stride(0);
+  a.x_scale = x_scale.data_ptr<float>();
+  a.gate_wq = reinterpret_cast<const uint32_t*>(gate_wq.data_ptr<int>());
+  a.up_wq = reinterpret_cast<const uint32_t*>(up_wq.data_ptr<int>());
+  a.down_wq = reinterpret_cast<const uint32_t*>(down_wq.data_ptr<int>());
+  a.gate_scale = gate_scale.data_ptr<float>();
+  a.up_scale = up_scale.data_ptr<float>();
+  a.down_scale = down_scale.data_ptr<float>();
+  a.sub_weight = sub_weight.data_ptr();
+  a.eps = static_cast<float>(eps);
+  a.dtype = dtype_code(dt);
+  a.mid = mid.data_ptr();
+  a.barrier = reinterpret_cast<unsigned long long*>(barrier.data_ptr<int64_t>());
+  a.y = y.data_ptr();
+  a.M = static_cast<int>(M);
+  a.H = static_cast<int>(H);
+  a.I = static_cast<int>(I);
+  a.pdl = 1;  // behind cuda_ext_rms_norm_quant, which lets it start at once
+  check_cuda(bitlab::launch_bitnet_mlp(a, c10::cuda::getCurrentCUDAStream()), "bitnet_mlp kernel");
+  return y;
+}
+
+// Dynamic shared memory the MLP kernel needs for M tokens on the current device (0: it does not run there).
+int64_t cuda_ext_bitnet_mlp_smem(int64_t M, int64_t H, int64_t I, at::ScalarType dtype) {
+  if (dtype != at::kHalf && dtype != at::kBFloat16) return 0;
+  return bitlab::bitnet_mlp_smem_bytes(static_cast<int>(M), static_cast<int>(H), static_cast<int>(I), dtype_code(dtype));
+}
+
 TORCH_LIBRARY_FRAGMENT(bitlab, m) {
+  m.def(
+      "cuda_ext_bitnet_mlp(Tensor xq, Tensor x_scale, Tensor gate_wq, Tensor up_wq, Tensor down_wq, "
+      "Tensor gate_scale, Tensor up_scale, Tensor down_scale, Tensor sub_weight, Tensor(a!) mid, Tensor(b!) barrier, "
+      "float eps, int H, int I) -> Tensor");
+  m.def("cuda_ext_bitnet_mlp_smem(int M, int H, int I, ScalarType dtype) -> int", &cuda_ext_bitnet_mlp_smem);
   m.def(
       "cuda_ext_decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
       "Tensor(b!) v_cache, Tensor slot, Tensor mask, float scale) -> Tensor");
@@ -289,6 +363,7 @@ TORCH_LIBRARY_IMPL(bitlab, CUDA, m) {
   m.impl("cuda_ext_linear_int8", &cuda_ext_linear_int8);
   m.impl("cuda_ext_rms_norm_quant", &cuda_ext_rms_norm_quant);
   m.impl("cuda_ext_decode_attention", &cuda_ext_decode_attention);
+  m.impl("cuda_ext_bitnet_mlp", &cuda_ext_bitnet_mlp);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "BitLab cuda_ext kernels (op: torch.ops.bitlab.cuda_ext_linear)"; }

@@ -103,4 +103,35 @@ struct DecodeAttentionArgs {
 };
 cudaError_t launch_decode_attention(const DecodeAttentionArgs& args, cudaStream_t stream);
 
+// BitNet's MLP for up to kBitnetMlpMaxTokens tokens in one persistent kernel (bitnet_mlp.cu, sm_90):
+//   g = T(xq . gate * x_scale * gate_scale), u likewise, m = T(T(relu(g)^2) * u)   (phase A)
+//   mq, ms = per-token int8 quantization of ffn_sub_norm(m)                          (every block)
+//   y = T(mq . down * ms * down_scale)                                              (phase B)
+// with ternary int8-path lane tiles (bitlab_mma.cuh) and per-row float32 scales; T is dtype.
+// One block per multiprocessor, one grid barrier between the phases.
+constexpr int kBitnetMlpMaxTokens = 8;
+struct BitnetMlpArgs {
+  const int8_t* xq;         // [M, H] rows, row stride ldx
+  long ldx;
+  const float* x_scale;     // [M]
+  const uint32_t* gate_wq;  // lane tiles of the I gate rows (tile t at word t * ceil(H / 128) * 128)
+  const uint32_t* up_wq;    // lane tiles of the I up rows
+  const uint32_t* down_wq;  // lane tiles of down [H rows, I inputs]
+  const float* gate_scale;  // [I]
+  const float* up_scale;    // [I]
+  const float* down_scale;  // [H]
+  const void* sub_weight;   // ffn_sub_norm weight [I], dtype
+  float eps;
+  int dtype;                // kDtypeHalf or kDtypeBFloat16
+  void* mid;                // scratch [M, I], dtype: m between the phases
+  unsigned long long* barrier;  // grid barrier counter, only ever incremented (zero when allocated)
+  void* y;                  // [M, H], dtype
+  int M, H, I;
+  int pdl;
+};
+// Dynamic shared memory the kernel needs for M tokens, or 0 where it cannot run (M out of range,
+// more than 4 tiles of 16 rows per block in either phase, or over the device's shared memory).
+int bitnet_mlp_smem_bytes(int M, int H, int I, int dtype);
+cudaError_t launch_bitnet_mlp(const BitnetMlpArgs& args, cudaStream_t stream);
+
 }  // namespace bitlab

@@ -19,21 +19,10 @@
 
 #include "bitlab_cp_async.cuh"
 #include "bitlab_launch.h"
+#include "bitlab_norm_math.cuh"
 
 namespace bitlab {
 namespace {
-
-template <typename T> __device__ __forceinline__ float to_f(T v);
-template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-template <typename T> __device__ __forceinline__ float round_t(float v) { return to_f<T>(from_f<T>(v)); }
 
 template <bool kMax>
 __device__ __forceinline__ float block_reduce(float v, float* shared) {
@@ -61,17 +50,8 @@ __device__ __forceinline__ float block_reduce(float v, float* shared) {
 template <typename T>
 __device__ __forceinline__ float norm_input_value(float a, float b, int mode) {
   if (mode == 1) return round_t<T>(a + b);
-  if (mode == 2) {
-    const float r = a > 0.f ? a : 0.f;
-    return round_t<T>(round_t<T>(r * r) * b);
-  }
+  if (mode == 2) return relu2_gate<T>(a, b);
   return a;
-}
-
-// int8 of y at 127 / amax (inv), clamped to +-127.
-__device__ __forceinline__ int8_t quantize_value(float y, float inv) {
-  const int qi = __float2int_rn(__fmul_rn(y, inv));
-  return static_cast<int8_t>(qi > 127 ? 127 : (qi < -127 ? -127 : qi));
 }
 
 // Eight consecutive values of a row from column k0 (zeros past K): one 16-byte load when vec.
@@ -161,12 +141,12 @@ __global__ void __launch_bounds__(P == 1 ? 1024 : 512) rms_norm_quant_kernel(Nor
   for (int j = 0; j < P; ++j)
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const float y = round_t<T>(__fmul_rn(vw[j][i], round_t<T>(__fmul_rn(va[j][i], r))));  // 0 past K
+      const float y = rms_normed<T>(va[j][i], r, vw[j][i]);  // 0 past K
       va[j][i] = y;
       amax = fmaxf(amax, fabsf(y));
     }
   amax = fmaxf(block_reduce<true>(amax, shared), 1e-5f);
-  const float inv = __fmul_rn(__frcp_rn(amax), 127.f);
+  const float inv = quant_inverse(amax);
   int8_t* q = p.q + static_cast<long>(blockIdx.x) * K;
 #pragma unroll
   for (int j = 0; j < P; ++j) {
@@ -185,7 +165,7 @@ __global__ void __launch_bounds__(P == 1 ? 1024 : 512) rms_norm_quant_kernel(Nor
         if (k0 + i < K) q[k0 + i] = quantize_value(va[j][i], inv);
     }
   }
-  if (threadIdx.x == 0) p.scale[blockIdx.x] = __fmul_rn(amax, 1.f / 127.f);
+  if (threadIdx.x == 0) p.scale[blockIdx.x] = quant_scale(amax);
 }
 
 template <typename T>

@@ -415,3 +415,40 @@ def test_fused_attention_hands_large_batches_to_the_unfused_path(cuda_device, mo
     fused.attention(q, k, v, c, s, *caches, slots, mask, w, 1e-5)
     fused.attention(q[:2], k[:2], v[:2], c[:2], s[:2], *(t[:2].contiguous() for t in caches), slots, mask[:2], w, 1e-5)
     assert calls == [B]  # the 2-row call ran the fused kernel
+
+
+def test_fused_mlp_on_cpu_says_why_not():
+    model = _model(seed=17)
+    assert Generator(model).mlp_kernel == ("separate kernels (the norms do not quantize (quantize_in_norms=False or a "
+                                           "projection takes no int8 input))")
+    assert Generator(model, fused_mlp=False).mlp_kernel == "separate kernels (fused_mlp=False)"
+    assert all(layer.fused_mlp is None for layer in model.model.layers)
+
+
+@pytest.mark.gpu
+def test_fused_mlp_generation_is_used_and_replays_deterministically(cuda_device):
+    from backends.cuda_ext import ops as cuda_ops
+
+    if not cuda_ops.availability() or torch.cuda.get_device_capability(cuda_device)[0] < 9:
+        pytest.skip("the fused MLP kernel needs cuda_ext on an sm_90 GPU")
+    model = _model(seed=18, hidden_size=256, intermediate_size=688, num_attention_heads=4,
+                   num_key_value_heads=2).to(cuda_device, torch.bfloat16)
+    prompts = _prompts(18, (5, 9, 1))
+    separate = Generator(model, cuda_graph=True, fused_mlp=False)
+    assert separate.mlp_kernel == "separate kernels (fused_mlp=False)"
+    b = separate.generate(prompts, 10, stop_token_ids=[]).tokens
+    eager = Generator(model, cuda_graph=False)
+    assert eager.mlp_kernel == "cuda_ext.bitnet_mlp (one kernel up to 8 tokens)", eager.mlp_kernel
+    a = eager.generate(prompts, 10, stop_token_ids=[]).tokens
+    graph = Generator(model, cuda_graph=True)
+    assert graph.generate(prompts, 10, stop_token_ids=[]).tokens == a
+    assert graph.generate(prompts, 10, stop_token_ids=[]).tokens == a
+    # the sub-norm's sum is added in another order (a quantization step apart, rarely): tokens agree mostly
+    agree = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / sum(len(r) for r in a)
+    assert agree >= 0.8, (a, b)
+    ids = torch.tensor([prompts[1]], device=cuda_device)
+    with torch.no_grad():
+        logits = model(ids[:, :1]).float()  # one token: the fused MLP serves it
+        model.prepare_for_inference(cuda_device, fused_mlp=False)
+        want = model(ids[:, :1]).float()
+    assert ((logits - want).norm() / want.norm()).item() < 2e-2

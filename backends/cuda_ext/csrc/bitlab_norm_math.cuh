@@ -1,0 +1,45 @@
+// BitLab cuda_ext: scalar helpers shared by the kernels that normalize and quantize rows
+// (norm_quant.cu, bitnet_mlp.cu), with torch's rounding at each step.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace bitlab {
+
+template <typename T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// v rounded to T and back (the value a tensor of dtype T would hold).
+template <typename T> __device__ __forceinline__ float round_t(float v) { return to_f<T>(from_f<T>(v)); }
+
+// BitNet's squared-ReLU gate in dtype T: T(T(relu(gate)^2) * up).
+template <typename T>
+__device__ __forceinline__ float relu2_gate(float gate, float up) {
+  const float r = gate > 0.f ? gate : 0.f;
+  return round_t<T>(__fmul_rn(round_t<T>(__fmul_rn(r, r)), up));
+}
+
+// transformers' BitNetRMSNorm of one value x, given r = rsqrt(mean(x^2) + eps) and the weight w.
+template <typename T>
+__device__ __forceinline__ float rms_normed(float x, float r, float w) {
+  return round_t<T>(__fmul_rn(w, round_t<T>(__fmul_rn(x, r))));
+}
+
+// Per-token int8 quantization (bitcore.quantize): inverse step 127 / amax, int8 of y, and the scale.
+__device__ __forceinline__ float quant_inverse(float amax) { return __fmul_rn(__frcp_rn(amax), 127.f); }
+__device__ __forceinline__ float quant_scale(float amax) { return __fmul_rn(amax, 1.f / 127.f); }
+__device__ __forceinline__ int8_t quantize_value(float y, float inv) {
+  const int qi = __float2int_rn(__fmul_rn(y, inv));
+  return static_cast<int8_t>(qi > 127 ? 127 : (qi < -127 ? -127 : qi));
+}
+
+}  // namespace bitlab

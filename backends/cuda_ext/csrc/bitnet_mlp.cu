@@ -1,0 +1,347 @@
+// BitNet's MLP (gate/up GEMV, squared-ReLU gate, ffn_sub_norm + int8 quantization, down GEMV) for a
+// few tokens in one persistent kernel (sm_90).  Math: bitlab_launch.h, BitnetMlpArgs.
+//
+// Why: as three kernels (gate/up GEMV, norm + quantization, down GEMV) the 2B model's MLP took
+// ~18 us per layer at one token for 13.3 MB of weights (4.4 us at 3 TB/s): each kernel waits for the
+// one before it and then fetches its own weights.  Here every block starts the bulk copies of all
+// the weights it will use (both phases) into shared memory at once, before it waits for the kernel
+// that produces x; the down weights stream in while phase A computes.
+//
+//   * grid: G = min(#SMs, tiles) blocks, one per multiprocessor, all resident (the grid barrier needs
+//     that; the host checks one block fits on an empty multiprocessor);
+//   * phase A: block b owns the 16-row pair tiles [b PA / G, (b + 1) PA / G) of gate and up (same
+//     rows), one mbarrier per tile; its 16 warps split each tile's 128-column chunks, meet in shared
+//     memory, and write m = T(T(relu(g)^2) * u) to the scratch `mid`;
+//   * grid barrier (a counter that only grows: arrival `old` waits for the next multiple of G);
+//   * every block reads all of `mid`, computes the sub-norm's sums itself (same order in every block,
+//     so the same result) and quantizes the whole row into shared memory;
+//   * phase B: block b owns down tiles [b PB / G, (b + 1) PB / G), already in shared memory.
+// Epilogues round exactly as the separate kernels do (epilogue_store_f, norm_quant.cu); only the
+// sub-norm's sum of squares is added in a different order than norm_quant.cu's.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "bitlab_cp_async.cuh"
+#include "bitlab_gemv_bulk.cuh"
+#include "bitlab_mma.cuh"
+#include "bitlab_norm_math.cuh"
+
+namespace bitlab {
+namespace {
+
+constexpr int kMlpWarps = 16, kMlpThreads = 32 * kMlpWarps;
+constexpr int kMlpMaxTiles = 4;             // 16-row tiles per block and phase
+constexpr int kTileChunkBytes = 512;        // one ternary (m-tile, chunk): 32 lanes x 4 words
+constexpr int kTileChunkWords = kTileChunkBytes / 4;
+constexpr int kMaxTok = kBitnetMlpMaxTokens;
+
+struct MlpPlan {
+  int M, H, I, Hp, Ip, C1, C2;  // C1 / C2: 128-column chunks of H / I
+  int PA, PB, G;                // pair tiles of gate/up, tiles of down, blocks
+  int tiles_a, tiles_b;         // most tiles one block owns in phase A / B
+  int off_b, off_x, off_a, off_q, smem;  // shared memory: down tiles, x, phase A region, quantized m
+  int stage_mid;                // m is copied into the phase A region (else re-read from global)
+};
+
+inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
+
+// The plan, or smem = 0 where the kernel does not serve the shape.
+MlpPlan make_plan(int M, int H, int I, int elem, int sms, int smem_limit) {
+  MlpPlan p = {};
+  p.M = M; p.H = H; p.I = I;
+  p.Hp = round_up(H, 128); p.Ip = round_up(I, 128);
+  p.C1 = p.Hp / 128; p.C2 = p.Ip / 128;
+  p.PA = (I + 15) / 16; p.PB = (H + 15) / 16;
+  p.G = sms < (p.PA > p.PB ? p.PA : p.PB) ? sms : (p.PA > p.PB ? p.PA : p.PB);
+  if (M < 1 || M > kMaxTok || H < 1 || I < 1 || I % 16 != 0 || p.G < 1) return p;
+  p.tiles_a = (p.PA + p.G - 1) / p.G;
+  p.tiles_b = (p.PB + p.G - 1) / p.G;
+  if (p.tiles_a > kMlpMaxTiles || p.tiles_b > kMlpMaxTiles) return p;
+  const int bars = 8 * (p.tiles_a + p.tiles_b);
+  p.off_b = round_up(bars, 128);
+  p.off_x = p.off_b + round_up(p.tiles_b * p.C2 * kTileChunkBytes, 128);
+  p.off_a = p.off_x + round_up(M * p.Hp, 128);
+  int size_a = p.tiles_a * 2 * p.C1 * kTileChunkBytes;                 // gate + up tiles
+  const int red_a = kMlpWarps * p.tiles_a * 8 * 32 * 4;                 // phase A partial sums
+  const int red_b = kMlpWarps * p.tiles_b * 4 * 32 * 4;                 // phase B partial sums
+  size_a = size_a > red_a ? size_a : red_a;
+  size_a = size_a > red_b ? size_a : red_b;
+  const int staged = M * I * elem;
+  for (int stage = 1; stage >= 0; --stage) {
+    const int sa = stage && staged > size_a ? staged : size_a;
+    p.off_q = p.off_a + round_up(sa, 128);
+    p.smem = p.off_q + round_up(M * p.Ip, 128);
+    p.stage_mid = stage;
+    if (p.smem <= smem_limit) return p;
+  }
+  p.smem = 0;
+  return p;
+}
+
+// Sums (kMax: maxima) over the block of v[t] for t < kMaxTok; every thread gets the same results (fixed order).
+template <bool kMax>
+__device__ __forceinline__ void block_reduce_tokens(float (&v)[kMaxTok], float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int t = 0; t < kMaxTok; ++t) {
+    for (int o = 16; o > 0; o >>= 1) {
+      const float other = __shfl_xor_sync(0xffffffffu, v[t], o);
+      v[t] = kMax ? fmaxf(v[t], other) : v[t] + other;
+    }
+    if (lane == 0) scratch[warp * kMaxTok + t] = v[t];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int t = 0; t < kMaxTok; ++t) {
+    float s = scratch[t];
+    for (int w = 1; w < kMlpWarps; ++w) s = kMax ? fmaxf(s, scratch[w * kMaxTok + t]) : s + scratch[w * kMaxTok + t];
+    v[t] = s;
+  }
+  __syncthreads();
+}
+
+// The block's warps multiply its n tiles (MT m-tiles each, in shared memory at `tiles`, tile lt's m-tile
+// m at (lt * MT + m) * C chunks) by the int8 rows at `xs` (pitch `pitch`), then write their partial
+// sums to `red` (over the tiles' shared memory: every warp has waited for every tile's copy).
+template <int MT>
+__device__ __forceinline__ void block_tiles_gemv(const unsigned char* tiles, int n, int C, uint64_t* bars,
+                                                 const unsigned char* xs, int pitch, int M, int* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  int acc[kMlpMaxTiles][1][MT][1][4];
+#pragma unroll
+  for (int lt = 0; lt < kMlpMaxTiles; ++lt)
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[lt][0][m][0][i] = 0;
+#pragma unroll
+  for (int lt = 0; lt < kMlpMaxTiles; ++lt) {
+    if (lt < n) {
+      mbar_wait(&bars[lt], 0);
+      for (int c = warp; c < C; c += kMlpWarps) {
+        uint32_t w[MT][4];
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+          load_lane_tile_shared<kTernary>(w[m], tiles + static_cast<long>((lt * MT + m) * C + c) * kTileChunkBytes, lane);
+        uint32_t xb[1][8];
+        load_x_shared<int8_t>(xb[0], xs + g * pitch + c * 128, g < M, t);
+        mma_chunk<kTernary, int8_t>(acc[lt], w, xb);
+      }
+    }
+  }
+  __syncthreads();  // every warp is past its last read of the tiles: the region becomes `red`
+  const int E = n * MT * 4;
+#pragma unroll
+  for (int lt = 0; lt < kMlpMaxTiles; ++lt)
+    if (lt < n)
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[(warp * E + (lt * MT + m) * 4 + i) * 32 + lane] = acc[lt][0][m][0][i];
+  __syncthreads();
+}
+
+// Sum over the warps of element (lt, m, row, token) of block_tiles_gemv's partial sums.
+template <int MT>
+__device__ __forceinline__ int reduced(const int* red, int n, int lt, int m, int row, int token) {
+  const int E = n * MT * 4;
+  const int i = (row >= 8 ? 2 : 0) + (token & 1), ln = (row & 7) * 4 + (token >> 1);
+  int s = 0;
+  for (int w = 0; w < kMlpWarps; ++w) s += red[(w * E + (lt * MT + m) * 4 + i) * 32 + ln];
+  return s;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArgs a, MlpPlan p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ float scratch[kMlpWarps * kMaxTok];
+  __shared__ float token_scale[2][kMaxTok];  // x_scale, then m's quantization scale
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem);  // phase A tiles, then phase B tiles
+  const int a0 = blockIdx.x * p.PA / p.G, na = (blockIdx.x + 1) * p.PA / p.G - a0;
+  const int b0 = blockIdx.x * p.PB / p.G, nb = (blockIdx.x + 1) * p.PB / p.G - b0;
+  const int bytes_a = p.C1 * kTileChunkBytes, bytes_b = p.C2 * kTileChunkBytes;
+
+  // Weights are written by no kernel: their copies start before the wait for the producer of x.
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < na + nb; ++i) mbar_init(&bars[i], 1);
+    mbar_init_fence();
+    for (int i = 0; i < na; ++i) {
+      const long src = static_cast<long>(a0 + i) * p.C1 * kTileChunkWords;
+      mbar_arrive_expect_bytes(&bars[i], 2 * bytes_a);
+      bulk_copy_to_shared(smem + p.off_a + (2 * i) * bytes_a, a.gate_wq + src, bytes_a, &bars[i]);
+      bulk_copy_to_shared(smem + p.off_a + (2 * i + 1) * bytes_a, a.up_wq + src, bytes_a, &bars[i]);
+    }
+    for (int i = 0; i < nb; ++i) {
+      const long src = static_cast<long>(b0 + i) * p.C2 * kTileChunkWords;
+      mbar_arrive_expect_bytes(&bars[na + i], bytes_b);
+      bulk_copy_to_shared(smem + p.off_b + i * bytes_b, a.down_wq + src, bytes_b, &bars[na + i]);
+    }
+  }
+  pdl_wait();
+
+  // x into shared memory, zero-padded to Hp columns.
+  unsigned char* xs = smem + p.off_x;
+  const bool vec = a.ldx % 16 == 0 && reinterpret_cast<uintptr_t>(a.xq) % 16 == 0;
+  for (int idx = threadIdx.x; idx < p.M * (p.Hp / 16); idx += kMlpThreads) {
+    const int tok = idx / (p.Hp / 16), c = (idx % (p.Hp / 16)) * 16;
+    const int8_t* row = a.xq + tok * a.ldx;
+    union {
+      uint4 v;
+      unsigned char b[16];
+    } piece;
+    if (vec && c + 16 <= p.H) {
+      piece.v = __ldg(reinterpret_cast<const uint4*>(row + c));
+    } else {
+#pragma unroll
+      for (int e = 0; e < 16; ++e) piece.b[e] = c + e < p.H ? static_cast<unsigned char>(row[c + e]) : 0;
+    }
+    *reinterpret_cast<uint4*>(xs + tok * p.Hp + c) = piece.v;
+  }
+  if (threadIdx.x < p.M) token_scale[0][threadIdx.x] = a.x_scale[threadIdx.x];
+  __syncthreads();  // also: the barriers are initialised before any warp waits on them
+  pdl_launch_dependents();
+
+  // Phase A: gate and up of the block's pair tiles, then m = relu(g)^2 * u into `mid`.
+  int* red = reinterpret_cast<int*>(smem + p.off_a);
+  block_tiles_gemv<2>(smem + p.off_a, na, p.C1, bars, xs, p.Hp, p.M, red);
+  T* mid = static_cast<T*>(a.mid);
+  for (int idx = threadIdx.x; idx < na * 16 * p.M; idx += kMlpThreads) {
+    const int tok = idx % p.M, row = (idx / p.M) % 16, lt = idx / (16 * p.M);
+    const int j = (a0 + lt) * 16 + row;  // < I: I % 16 == 0
+    const float xsc = token_scale[0][tok];
+    const float g = round_t<T>(__fmul_rn(__fmul_rn(static_cast<float>(reduced<2>(red, na, lt, 0, row, tok)), xsc),
+                                         a.gate_scale[j]));
+    const float u = round_t<T>(__fmul_rn(__fmul_rn(static_cast<float>(reduced<2>(red, na, lt, 1, row, tok)), xsc),
+                                         a.up_scale[j]));
+    mid[static_cast<long>(tok) * p.I + j] = from_f<T>(relu2_gate<T>(g, u));
+  }
+
+  // Grid barrier: every block's m is written.
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const unsigned long long old = atomicAdd(a.barrier, 1ull);
+    const unsigned long long target = (old / p.G + 1) * p.G;
+    unsigned long long now = 0;
+    do {
+      asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(now) : "l"(a.barrier) : "memory");
+    } while (now < target);
+    __threadfence();
+  }
+  __syncthreads();
+
+  // ffn_sub_norm + quantization of all of m, in every block (identical sums everywhere).
+  const unsigned short* mid_bits = static_cast<const unsigned short*>(a.mid);
+  T* staged = reinterpret_cast<T*>(smem + p.off_a);
+  const T* w_sub = static_cast<const T*>(a.sub_weight);
+  auto m_at = [&](int tok, int j) -> float {
+    const long k = static_cast<long>(tok) * p.I + j;
+    if (p.stage_mid) return to_f<T>(staged[k]);
+    const unsigned short bits = __ldcg(mid_bits + k);
+    return to_f<T>(*reinterpret_cast<const T*>(&bits));
+  };
+  float v[kMaxTok];
+#pragma unroll
+  for (int tok = 0; tok < kMaxTok; ++tok) {
+    v[tok] = 0.f;
+    if (tok < p.M) {
+#pragma unroll 4
+      for (int j = threadIdx.x; j < p.I; j += kMlpThreads) {
+        const long k = static_cast<long>(tok) * p.I + j;
+        const unsigned short bits = __ldcg(mid_bits + k);
+        const T x = *reinterpret_cast<const T*>(&bits);
+        if (p.stage_mid) staged[k] = x;
+        const float xf = to_f<T>(x);
+        v[tok] = __fmaf_rn(xf, xf, v[tok]);
+      }
+    }
+  }
+  block_reduce_tokens<false>(v, scratch);  // also orders the staging before the reads below
+  float r[kMaxTok];
+#pragma unroll
+  for (int tok = 0; tok < kMaxTok; ++tok) {
+    r[tok] = rsqrtf(__fadd_rn(__fdiv_rn(v[tok], static_cast<float>(p.I)), a.eps));
+    v[tok] = 0.f;
+    if (tok < p.M)
+      for (int j = threadIdx.x; j < p.I; j += kMlpThreads)
+        v[tok] = fmaxf(v[tok], fabsf(rms_normed<T>(m_at(tok, j), r[tok], to_f<T>(w_sub[j]))));
+  }
+  block_reduce_tokens<true>(v, scratch);
+  unsigned char* qs = smem + p.off_q;
+#pragma unroll
+  for (int tok = 0; tok < kMaxTok; ++tok) {
+    if (tok < p.M) {
+      const float amax = fmaxf(v[tok], 1e-5f);
+      const float inv = quant_inverse(amax);
+      if (threadIdx.x == 0) token_scale[1][tok] = quant_scale(amax);
+      for (int j = threadIdx.x; j < p.Ip; j += kMlpThreads)
+        qs[tok * p.Ip + j] = j < p.I ? static_cast<unsigned char>(
+                                           quantize_value(rms_normed<T>(m_at(tok, j), r[tok], to_f<T>(w_sub[j])), inv))
+                                     : 0;
+    }
+  }
+  __syncthreads();
+
+  // Phase B: down projection of the quantized m.
+  block_tiles_gemv<1>(smem + p.off_b, nb, p.C2, bars + na, qs, p.Ip, p.M, red);
+  T* y = static_cast<T*>(a.y);
+  for (int idx = threadIdx.x; idx < nb * 16 * p.M; idx += kMlpThreads) {
+    const int tok = idx % p.M, row = (idx / p.M) % 16, lt = idx / (16 * p.M);
+    const int n = (b0 + lt) * 16 + row;
+    if (n < p.H) {
+      const float s = static_cast<float>(reduced<1>(red, nb, lt, 0, row, tok));
+      y[static_cast<long>(tok) * p.H + n] = from_f<T>(__fmul_rn(__fmul_rn(s, token_scale[1][tok]), a.down_scale[n]));
+    }
+  }
+}
+
+struct DeviceLimits {
+  int sms = 0, smem_optin = 0, major = 0;
+};
+DeviceLimits device_limits() {
+  DeviceLimits d;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
+  cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev);
+  // The kernel's static shared memory (scratch, token scales) comes out of the same budget.
+  d.smem_optin -= static_cast<int>(sizeof(float) * (kMlpWarps * kMaxTok + 2 * kMaxTok)) + 1024;
+  return d;
+}
+
+template <typename T>
+cudaError_t launch_typed(const BitnetMlpArgs& a, const MlpPlan& p, cudaStream_t stream) {
+  static int configured = 0;  // the largest dynamic shared memory this instantiation was allowed so far
+  if (p.smem > configured) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(bitnet_mlp_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, p.smem);
+    if (err != cudaSuccess) return err;
+    configured = p.smem;
+  }
+  int per_sm = 0;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, bitnet_mlp_kernel<T>, kMlpThreads, p.smem);
+  if (per_sm < 1) return cudaErrorInvalidConfiguration;  // the grid barrier needs every block resident
+  return launch_maybe_pdl(bitnet_mlp_kernel<T>, dim3(p.G), dim3(kMlpThreads), p.smem, stream, a.pdl != 0, a, p);
+}
+
+}  // namespace
+
+int bitnet_mlp_smem_bytes(int M, int H, int I, int dtype) {
+  const DeviceLimits d = device_limits();
+  if (d.major < 9 || (dtype != kDtypeHalf && dtype != kDtypeBFloat16)) return 0;
+  return make_plan(M, H, I, 2, d.sms, d.smem_optin).smem;
+}
+
+cudaError_t launch_bitnet_mlp(const BitnetMlpArgs& a, cudaStream_t stream) {
+  if (a.M == 0) return cudaSuccess;
+  const DeviceLimits d = device_limits();
+  if (d.major < 9) return cudaErrorNotSupported;  // bulk copies and mbarrier transaction counts
+  const MlpPlan p = make_plan(a.M, a.H, a.I, 2, d.sms, d.smem_optin);
+  if (p.smem == 0) return cudaErrorInvalidValue;
+  if (a.dtype == kDtypeHalf) return launch_typed<__half>(a, p, stream);
+  if (a.dtype == kDtypeBFloat16) return launch_typed<__nv_bfloat16>(a, p, stream);
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace bitlab

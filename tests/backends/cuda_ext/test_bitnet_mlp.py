@@ -1,0 +1,164 @@
+"""BitNet's MLP in one kernel (backends/cuda_ext/bitnet_mlp.py) against the separate kernels it replaces
+(int8 gate/up GEMV, norm + quantization mode 2, int8 down GEMV) on fresh random inputs; what needs no GPU
+(the reasons it is not used) runs everywhere."""
+import os
+
+import pytest
+import torch
+
+from backends.cuda_ext import bitnet_mlp, layout, ops
+from backends.cuda_ext.kernels import CudaExtInt8Kernel, CudaExtWeight
+from bitcore.config import BitQuantConfig
+from bitcore.packing import pack_weight
+
+CFG = BitQuantConfig(weight_bits=1.58, activation_dtype="int8", activation_granularity="per_token")
+
+
+def fresh_generator():
+    seed = int.from_bytes(os.urandom(4), "little")
+    return torch.Generator().manual_seed(seed), seed
+
+
+def random_ternary(out_f, in_f, gen, per_channel):
+    values = torch.randint(-1, 2, (out_f, in_f), generator=gen, dtype=torch.int8)
+    scale = torch.rand(out_f if per_channel else 1, generator=gen) + 0.05
+    return pack_weight(values, scale, 1.58, "per_channel" if per_channel else "per_tensor")
+
+
+def to_device(packed, device):
+    from dataclasses import replace
+
+    return replace(packed, data=packed.data.to(device), scale=packed.scale.to(device))
+
+
+def prepare(packed, device):
+    """What CudaExtInt8Kernel.prepare builds (it refuses CPU weights; the layout itself is plain torch)."""
+    if device.type == "cuda":
+        return CudaExtInt8Kernel().prepare(to_device(packed, device), CFG)
+    return CudaExtWeight(wq=layout.lane_tiles(packed, "int8"), scale=packed.scale, fmt=layout.FORMAT_CODE[1.58],
+                         act_mode=ops.ACT_INT8_PER_TOKEN, out_features=packed.out_features,
+                         in_features=packed.in_features, act_dtype=None)
+
+
+def prepared_pair(hidden, intermediate, gen, device):
+    """Prepared (gate_up, down) as the model binds them: gate rows then up rows, per-channel scales."""
+    gate_up = prepare(random_ternary(2 * intermediate, hidden, gen, True), device)
+    down = prepare(random_ternary(hidden, intermediate, gen, False), device)
+    return gate_up, down
+
+
+# ----------------------------------------------------------------------------- no GPU needed
+def test_reasons_it_does_not_run():
+    gen, _ = fresh_generator()
+    gate_up, down = prepared_pair(64, 48, gen, torch.device("cpu"))
+    weight = torch.ones(48, dtype=torch.bfloat16)
+    assert bitnet_mlp.why_not(gate_up, down, weight) == "weights on cpu, not CUDA"
+    assert "not prepared by the cuda_ext kernels" in bitnet_mlp.why_not(object(), down, weight)
+    assert "float16 or bfloat16" in bitnet_mlp.why_not(gate_up, down, weight.float())
+    odd_gate_up, odd_down = prepared_pair(64, 40, gen, torch.device("cpu"))
+    assert "40 is not a multiple of 16" in bitnet_mlp.why_not(odd_gate_up, odd_down, torch.ones(40, dtype=torch.bfloat16))
+    assert "do not chain" in bitnet_mlp.why_not(gate_up, odd_down, weight)
+    binary = prepare(random_ternary(96, 64, gen, True), torch.device("cpu"))
+    binary.fmt = layout.FORMAT_CODE[1]
+    assert "ternary" in bitnet_mlp.why_not(binary, down, weight)
+    with pytest.raises(ValueError, match="bitnet_mlp: weights on cpu"):
+        bitnet_mlp.prepare_bitnet_mlp(gate_up, down, weight, 1e-5)
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.fixture(scope="module")
+def cuda_ops(cuda_ext_ops):
+    major, _ = torch.cuda.get_device_capability()
+    if major < 9:
+        pytest.skip("the fused MLP kernel needs sm_90")
+    return cuda_ext_ops
+
+
+def separate_kernels(ops, xq, xs, gate_up, down, sub_weight, eps, dtype):
+    """(m, y): the three kernels the fused one replaces, and m = T(T(relu(g)^2) * u) between them."""
+    inter = gate_up.out_features // 2
+    gu = ops.linear_int8(xq, xs, gate_up.wq, gate_up.scale, None, gate_up.fmt, 0, gate_up.out_features,
+                         gate_up.in_features, dtype)
+    gate, up = gu.split(inter, dim=-1)
+    m = (torch.relu(gate).square() * up)
+    _, mq, ms = ops.rms_norm_quant(gate, up, sub_weight, eps, 2)
+    y = ops.linear_int8(mq, ms, down.wq, down.scale, None, down.fmt, 0, down.out_features, down.in_features, dtype)
+    return m, y
+
+
+def random_input(tokens, hidden, gen):
+    xq = torch.randint(-127, 128, (tokens, hidden), generator=gen, dtype=torch.int8)
+    xs = torch.rand(tokens, generator=gen) * 0.02 + 0.001
+    return xq.cuda(), xs.cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hidden, inter, tokens", [(2560, 6912, 1), (2560, 6912, 3), (2560, 6912, 8), (70, 48, 1),
+                                                    (70, 48, 2), (300, 1040, 5), (129, 4096, 7), (1000, 16, 1)])
+def test_matches_the_separate_kernels(cuda_ops, hidden, inter, tokens, dtype):
+    gen, seed = fresh_generator()
+    gate_up, down = prepared_pair(hidden, inter, gen, torch.device("cuda"))
+    sub_weight = (torch.rand(inter, generator=gen) + 0.5).to(dtype).cuda()
+    fused = bitnet_mlp.prepare_bitnet_mlp(gate_up, down, sub_weight, 1e-5)
+    assert fused.max_tokens >= tokens, fused.max_tokens
+    xq, xs = random_input(tokens, hidden, gen)
+    y = fused(xq, xs)
+    m, want = separate_kernels(cuda_ops, xq, xs, gate_up, down, sub_weight, 1e-5, dtype)
+    torch.cuda.synchronize()
+    assert y.shape == (tokens, hidden) and y.dtype == dtype
+    # phase A is exact: the same integers, scales and roundings as the GEMV + the norm kernel's gate
+    assert torch.equal(fused.mid[: tokens * inter].view(tokens, inter), m), f"seed {seed}"
+    # the sub-norm's sum is added in another order: the quantized m may move by one step, rarely
+    err = float((y.double() - want.double()).norm() / want.double().norm())
+    assert err < 2e-3, f"relative error {err:.3g} (seed {seed})"
+    same = (y == want).float().mean().item()
+    assert same > 0.97, f"only {same:.3f} of outputs equal the separate kernels' (seed {seed})"
+
+
+@pytest.mark.gpu
+def test_repeated_launches_and_cuda_graph_replay(cuda_ops):
+    """The grid barrier's counter only grows: many launches, eager and replayed, stay correct."""
+    gen, seed = fresh_generator()
+    gate_up, down = prepared_pair(2560, 6912, gen, torch.device("cuda"))
+    sub_weight = (torch.rand(6912, generator=gen) + 0.5).bfloat16().cuda()
+    fused = bitnet_mlp.prepare_bitnet_mlp(gate_up, down, sub_weight, 1e-5)
+    xq, xs = random_input(1, 2560, gen)
+    first = fused(xq, xs)
+    for _ in range(50):
+        again = fused(xq, xs)
+    torch.cuda.synchronize()
+    assert torch.equal(first, again), f"seed {seed}"
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fused(xq, xs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused(xq, xs)
+    for _ in range(3):
+        new_q, new_s = random_input(1, 2560, gen)
+        xq.copy_(new_q)
+        xs.copy_(new_s)
+        graph.replay()
+        eager = fused(xq, xs)
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager), f"seed {seed}"
+    assert int(fused.barrier.item()) % min(torch.cuda.get_device_properties(0).multi_processor_count, 432) == 0
+
+
+@pytest.mark.gpu
+def test_bad_inputs_are_named(cuda_ops):
+    gen, _ = fresh_generator()
+    gate_up, down = prepared_pair(70, 48, gen, torch.device("cuda"))
+    fused = bitnet_mlp.prepare_bitnet_mlp(gate_up, down, torch.ones(48, dtype=torch.bfloat16, device="cuda"), 1e-5)
+    xq, xs = random_input(2, 70, gen)
+    with pytest.raises(ValueError, match=r"int8 \[tokens, 70\]"):
+        fused(xq.float(), xs)
+    with pytest.raises(ValueError, match="at most"):
+        fused(*random_input(fused.max_tokens + 1, 70, gen))
+    with pytest.raises(ValueError, match="one value per token"):
+        fused(xq, xs[:1])
+    with pytest.raises(ValueError, match="inputs on cpu"):
+        fused(xq.cpu(), xs.cpu())
