@@ -282,6 +282,8 @@ def main(argv=None) -> int:
                     help="skip the run with the unfused (torch.compile) one-token attention")
     ap.add_argument("--lm-head-bits", type=int, nargs="*", default=[8], choices=[2, 4, 8],
                     help="also run with the lm_head quantized per row to these bits (logit agreement reported)")
+    ap.add_argument("--no-separate-mlp", action="store_true",
+                    help="skip the run with each MLP as three kernels (when the fused MLP kernel is in use)")
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of a batch-1 decode step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test the script with --tiny")
@@ -314,19 +316,33 @@ def main(argv=None) -> int:
     result["kernels"] = gen.kernels
     result["norm_quant"] = model.norm_quant
     result["attention_kernel"] = gen.attention_kernel
+    result["mlp_kernel"] = gen.mlp_kernel
     result["weights"] = {
         "ternary_packed_gb": mem["packed"] / GB,
         "ternary_prepared_on_gpu_gb": mem["prepared_gpu"] / GB,
         "float_gb": mem["float"] / GB,
         "gpu_allocated_after_load_gb": torch.cuda.memory_allocated() / GB if device.type == "cuda" else float("nan"),
     }
-    print(f"kernels: {gen.kernels}\nattention: {gen.attention_kernel}\nweights: {result['weights']}", flush=True)
+    print(f"kernels: {gen.kernels}\nattention: {gen.attention_kernel}\nMLP: {gen.mlp_kernel}\n"
+          f"weights: {result['weights']}", flush=True)
     result["runs"]["bitlab"] = run_batches("bitlab", gen, batches, args, cfg.vocab_size)
     if args.profile and device.type == "cuda":
         result["profile_batch1"] = profile_decode(model, cfg.vocab_size, not args.no_compile)
         _print_profile(result["profile_batch1"])
     del gen  # its KV cache and graphs
     _free(device)
+    layers = model.model.layers
+    if not args.no_separate_mlp and any(layer.fused_mlp is not None for layer in layers):
+        # the same model and bindings; each MLP as three kernels (GEMV, norm + quantization, GEMV)
+        fused = [layer.fused_mlp for layer in layers]
+        for layer in layers:
+            layer.fused_mlp = None
+        gen_s = Generator(model, compile=not args.no_compile, bind=False)
+        result["runs"]["bitlab_separate_mlp"] = run_batches("bitlab_separate_mlp", gen_s, batches, args, cfg.vocab_size)
+        del gen_s
+        _free(device)
+        for layer, f in zip(layers, fused):
+            layer.fused_mlp = f
     for bits in args.lm_head_bits:
         result.setdefault("quantized_lm_head", {})[bits] = head_agreement(model, bits, cfg.vocab_size, args.seed)
         gen_h = Generator(model, compile=not args.no_compile, bind=False)  # the head bound above
@@ -391,7 +407,7 @@ def write_report(result: dict, out_dir: Path) -> None:
         f"{result['new_tokens']} decode steps, {result['quant']}, torch.compile of float ops: {result['compile']}.",
         f"Kernels: {', '.join(sorted(set(result['kernels'].values())))}; "
         f"norms before the projections quantize (up to 16 tokens) with: {result.get('norm_quant', 'none')}; "
-        f"one-token attention: {result.get('attention_kernel', 'torch')}.",
+        f"one-token attention: {result.get('attention_kernel', 'torch')}; MLP: {result.get('mlp_kernel', 'separate')}.",
         "",
         "| model | batch | decode tokens/s | ms / step | x bf16 | prefill tokens/s | peak GPU GB | CUDA graph |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
