@@ -301,10 +301,13 @@ at::Tensor cuda_ext_bitnet_mlp(const at::Tensor& xq, const at::Tensor& x_scale, 
                   down_scale.numel() == H,
               op, ": scales must be contiguous float32 per row ([", I, "], [", I, "], [", H, "])");
   const at::ScalarType dt = sub_weight.scalar_type();
-  TORCH_CHECK((dt == at::kHalf || dt == at::kBFloat16) && sub_weight.is_contiguous() && sub_weight.numel() == I, op,
-              ": sub-norm weight must be contiguous float16 / bfloat16 [", I, "], got ", dt, " ", sub_weight.sizes());
-  TORCH_CHECK(mid.scalar_type() == dt && mid.is_contiguous() && mid.numel() >= M * I, op,
-              ": mid scratch must be contiguous ", dt, " with at least ", M * I, " elements");
+  TORCH_CHECK((dt == at::kHalf || dt == at::kBFloat16) && sub_weight.is_contiguous() && sub_weight.numel() == I &&
+                  reinterpret_cast<uintptr_t>(sub_weight.data_ptr()) % 16 == 0,
+              op, ": sub-norm weight must be contiguous, 16-byte aligned float16 / bfloat16 [", I, "], got ", dt, " ",
+              sub_weight.sizes());
+  TORCH_CHECK(mid.scalar_type() == dt && mid.is_contiguous() && mid.numel() >= M * I &&
+                  reinterpret_cast<uintptr_t>(mid.data_ptr()) % 16 == 0,
+              op, ": mid scratch must be contiguous, 16-byte aligned ", dt, " with at least ", M * I, " elements");
   TORCH_CHECK(barrier.scalar_type() == at::kLong && barrier.numel() == 1 && barrier.is_cuda(), op,
               ": barrier must be one int64 on the GPU");
   const c10::cuda::CUDAGuard guard(xq.device());
@@ -330,6 +333,10 @@ at::Tensor cuda_ext_bitnet_mlp(const at::Tensor& xq, const at::Tensor& x_scale, 
   a.H = static_cast<int>(H);
   a.I = static_cast<int>(I);
   a.pdl = 1;  // behind cuda_ext_rms_norm_quant, which lets it start at once
+  const char* probe = std::getenv("BITLAB_CUDA_MLP_PROBE");  // diagnostic: stamps in mid's unused tail
+  if (probe && probe[0] == '1' && (mid.numel() - M * I) * mid.element_size() >= 8 * 8 * 1024 + 8)
+    a.probe = reinterpret_cast<unsigned long long*>(
+        (reinterpret_cast<uintptr_t>(static_cast<char*>(mid.data_ptr()) + M * I * mid.element_size()) + 7) & ~uintptr_t(7));
   check_cuda(bitlab::launch_bitnet_mlp(a, c10::cuda::getCurrentCUDAStream()), "bitnet_mlp kernel");
   return y;
 }

@@ -39,8 +39,10 @@ struct MlpPlan {
   int M, H, I, Hp, Ip, C1, C2;  // C1 / C2: 128-column chunks of H / I
   int PA, PB, G;                // pair tiles of gate/up, tiles of down, blocks
   int tiles_a, tiles_b;         // most tiles one block owns in phase A / B
-  int off_b, off_x, off_a, off_q, smem;  // shared memory: down tiles, x, phase A region, quantized m
-  int stage_mid;                // m is copied into the phase A region (else re-read from global)
+  int xp, qp;                   // row pitches (bytes) of x and of the quantized m in shared memory
+  // shared memory: down tiles, the sub-norm weight, x, phase A region (gate/up tiles, then partial sums,
+  // then m and y), quantized m
+  int off_b, off_w, off_x, off_a, off_q, smem;
 };
 
 inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
@@ -51,6 +53,7 @@ MlpPlan make_plan(int M, int H, int I, int elem, int sms, int smem_limit) {
   p.M = M; p.H = H; p.I = I;
   p.Hp = round_up(H, 128); p.Ip = round_up(I, 128);
   p.C1 = p.Hp / 128; p.C2 = p.Ip / 128;
+  p.xp = p.Hp + 16; p.qp = p.Ip + 16;  // +16: the 8 token rows a warp reads start on different banks
   p.PA = (I + 15) / 16; p.PB = (H + 15) / 16;
   p.G = sms < (p.PA > p.PB ? p.PA : p.PB) ? sms : (p.PA > p.PB ? p.PA : p.PB);
   if (M < 1 || M > kMaxTok || H < 1 || I < 1 || I % 16 != 0 || p.G < 1) return p;
@@ -59,45 +62,56 @@ MlpPlan make_plan(int M, int H, int I, int elem, int sms, int smem_limit) {
   if (p.tiles_a > kMlpMaxTiles || p.tiles_b > kMlpMaxTiles) return p;
   const int bars = 8 * (p.tiles_a + p.tiles_b);
   p.off_b = round_up(bars, 128);
-  p.off_x = p.off_b + round_up(p.tiles_b * p.C2 * kTileChunkBytes, 128);
-  p.off_a = p.off_x + round_up(M * p.Hp, 128);
-  int size_a = p.tiles_a * 2 * p.C1 * kTileChunkBytes;                 // gate + up tiles
-  const int red_a = kMlpWarps * p.tiles_a * 8 * 32 * 4;                 // phase A partial sums
-  const int red_b = kMlpWarps * p.tiles_b * 4 * 32 * 4;                 // phase B partial sums
+  p.off_w = p.off_b + round_up(p.tiles_b * p.C2 * kTileChunkBytes, 128);
+  p.off_x = p.off_w + round_up(I * elem, 128);
+  p.off_a = p.off_x + round_up(M * p.xp, 128);
+  int size_a = p.tiles_a * 2 * p.C1 * kTileChunkBytes;  // gate + up tiles
+  const int red_a = kMlpWarps * p.tiles_a * 8 * 32 * 4;  // phase A partial sums
+  const int red_b = kMlpWarps * p.tiles_b * 4 * 32 * 4;  // phase B partial sums
+  const int staged = M * I * elem;                       // m, then y
   size_a = size_a > red_a ? size_a : red_a;
   size_a = size_a > red_b ? size_a : red_b;
-  const int staged = M * I * elem;
-  for (int stage = 1; stage >= 0; --stage) {
-    const int sa = stage && staged > size_a ? staged : size_a;
-    p.off_q = p.off_a + round_up(sa, 128);
-    p.smem = p.off_q + round_up(M * p.Ip, 128);
-    p.stage_mid = stage;
-    if (p.smem <= smem_limit) return p;
-  }
-  p.smem = 0;
+  size_a = size_a > staged ? size_a : staged;
+  p.off_q = p.off_a + round_up(size_a, 128);
+  p.smem = p.off_q + round_up(M * p.qp, 128);
+  if (p.smem > smem_limit) p.smem = 0;
   return p;
 }
 
-// Sums (kMax: maxima) over the block of v[t] for t < kMaxTok; every thread gets the same results (fixed order).
+// Sums (kMax: maxima) over the block of v[t] for t < M; every thread gets the same results (fixed order).
+// scratch: (kMlpWarps + 1) * kMaxTok floats.
 template <bool kMax>
-__device__ __forceinline__ void block_reduce_tokens(float (&v)[kMaxTok], float* scratch) {
+__device__ __forceinline__ void block_reduce_tokens(float (&v)[kMaxTok], int M, float* scratch) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int t = 0; t < kMaxTok; ++t) {
-    for (int o = 16; o > 0; o >>= 1) {
-      const float other = __shfl_xor_sync(0xffffffffu, v[t], o);
-      v[t] = kMax ? fmaxf(v[t], other) : v[t] + other;
+    if (t < M) {
+      for (int o = 16; o > 0; o >>= 1) {
+        const float other = __shfl_xor_sync(0xffffffffu, v[t], o);
+        v[t] = kMax ? fmaxf(v[t], other) : v[t] + other;
+      }
+      if (lane == 0) scratch[warp * kMaxTok + t] = v[t];
     }
-    if (lane == 0) scratch[warp * kMaxTok + t] = v[t];
+  }
+  __syncthreads();
+  if (threadIdx.x < M) {
+    float s = scratch[threadIdx.x];
+    for (int w = 1; w < kMlpWarps; ++w)
+      s = kMax ? fmaxf(s, scratch[w * kMaxTok + threadIdx.x]) : s + scratch[w * kMaxTok + threadIdx.x];
+    scratch[kMlpWarps * kMaxTok + threadIdx.x] = s;
   }
   __syncthreads();
 #pragma unroll
-  for (int t = 0; t < kMaxTok; ++t) {
-    float s = scratch[t];
-    for (int w = 1; w < kMlpWarps; ++w) s = kMax ? fmaxf(s, scratch[w * kMaxTok + t]) : s + scratch[w * kMaxTok + t];
-    v[t] = s;
-  }
+  for (int t = 0; t < kMaxTok; ++t) v[t] = t < M ? scratch[kMlpWarps * kMaxTok + t] : 0.f;
   __syncthreads();
+}
+
+// A bulk copy cut into pieces of at most kCopyPiece bytes (more copies in flight per multiprocessor).
+constexpr int kCopyPiece = 4096;
+__device__ __forceinline__ void copy_in_pieces(unsigned char* dst, const uint32_t* src, int bytes, uint64_t* bar) {
+  for (int off = 0; off < bytes; off += kCopyPiece)
+    bulk_copy_to_shared(dst + off, reinterpret_cast<const unsigned char*>(src) + off,
+                        bytes - off < kCopyPiece ? bytes - off : kCopyPiece, bar);
 }
 
 // The block's warps multiply its n tiles (MT m-tiles each, in shared memory at `tiles`, tile lt's m-tile
@@ -154,36 +168,51 @@ __device__ __forceinline__ int reduced(const int* red, int n, int lt, int m, int
 template <typename T>
 __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArgs a, MlpPlan p) {
   extern __shared__ __align__(128) unsigned char smem[];
-  __shared__ float scratch[kMlpWarps * kMaxTok];
+  __shared__ float scratch[(kMlpWarps + 1) * kMaxTok];
+  __shared__ float row_scale[3][kMlpMaxTiles * 16];  // gate, up, down scales of the block's rows
   __shared__ float token_scale[2][kMaxTok];  // x_scale, then m's quantization scale
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem);  // phase A tiles, then phase B tiles
   const int a0 = blockIdx.x * p.PA / p.G, na = (blockIdx.x + 1) * p.PA / p.G - a0;
   const int b0 = blockIdx.x * p.PB / p.G, nb = (blockIdx.x + 1) * p.PB / p.G - b0;
   const int bytes_a = p.C1 * kTileChunkBytes, bytes_b = p.C2 * kTileChunkBytes;
+  auto stamp = [&](int k) {
+    if (a.probe != nullptr && threadIdx.x == 0) {
+      unsigned long long t;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+      a.probe[blockIdx.x * 8 + k] = t;
+    }
+  };
+  stamp(0);
 
-  // Weights are written by no kernel: their copies start before the wait for the producer of x.
+  // Weights are written by no kernel: their copies start before the wait for the producer of x.  The
+  // gate/up tiles go first; the down tiles after this block's phase A (they land during the barrier
+  // and the sub-norm instead of taking bandwidth from phase A).
   if (threadIdx.x == 0) {
     for (int i = 0; i < na + nb; ++i) mbar_init(&bars[i], 1);
     mbar_init_fence();
     for (int i = 0; i < na; ++i) {
       const long src = static_cast<long>(a0 + i) * p.C1 * kTileChunkWords;
       mbar_arrive_expect_bytes(&bars[i], 2 * bytes_a);
-      bulk_copy_to_shared(smem + p.off_a + (2 * i) * bytes_a, a.gate_wq + src, bytes_a, &bars[i]);
-      bulk_copy_to_shared(smem + p.off_a + (2 * i + 1) * bytes_a, a.up_wq + src, bytes_a, &bars[i]);
-    }
-    for (int i = 0; i < nb; ++i) {
-      const long src = static_cast<long>(b0 + i) * p.C2 * kTileChunkWords;
-      mbar_arrive_expect_bytes(&bars[na + i], bytes_b);
-      bulk_copy_to_shared(smem + p.off_b + i * bytes_b, a.down_wq + src, bytes_b, &bars[na + i]);
+      copy_in_pieces(smem + p.off_a + (2 * i) * bytes_a, a.gate_wq + src, bytes_a, &bars[i]);
+      copy_in_pieces(smem + p.off_a + (2 * i + 1) * bytes_a, a.up_wq + src, bytes_a, &bars[i]);
     }
   }
+  if (threadIdx.x < na * 16) {
+    row_scale[0][threadIdx.x] = a.gate_scale[a0 * 16 + threadIdx.x];
+    row_scale[1][threadIdx.x] = a.up_scale[a0 * 16 + threadIdx.x];
+  }
+  if (threadIdx.x < nb * 16 && b0 * 16 + threadIdx.x < p.H) row_scale[2][threadIdx.x] = a.down_scale[b0 * 16 + threadIdx.x];
+  T* w_sub = reinterpret_cast<T*>(smem + p.off_w);
+  for (int i = threadIdx.x; i < p.I / 8; i += kMlpThreads)  // I % 16 == 0: 16-byte pieces
+    reinterpret_cast<uint4*>(w_sub)[i] = __ldg(reinterpret_cast<const uint4*>(a.sub_weight) + i);
   pdl_wait();
+  stamp(1);
 
   // x into shared memory, zero-padded to Hp columns.
   unsigned char* xs = smem + p.off_x;
   const bool vec = a.ldx % 16 == 0 && reinterpret_cast<uintptr_t>(a.xq) % 16 == 0;
-  for (int idx = threadIdx.x; idx < p.M * (p.Hp / 16); idx += kMlpThreads) {
-    const int tok = idx / (p.Hp / 16), c = (idx % (p.Hp / 16)) * 16;
+  for (int idx = threadIdx.x; idx < p.M * (p.xp / 16); idx += kMlpThreads) {
+    const int tok = idx / (p.xp / 16), c = (idx % (p.xp / 16)) * 16;
     const int8_t* row = a.xq + tok * a.ldx;
     union {
       uint4 v;
@@ -195,7 +224,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
 #pragma unroll
       for (int e = 0; e < 16; ++e) piece.b[e] = c + e < p.H ? static_cast<unsigned char>(row[c + e]) : 0;
     }
-    *reinterpret_cast<uint4*>(xs + tok * p.Hp + c) = piece.v;
+    *reinterpret_cast<uint4*>(xs + tok * p.xp + c) = piece.v;
   }
   if (threadIdx.x < p.M) token_scale[0][threadIdx.x] = a.x_scale[threadIdx.x];
   __syncthreads();  // also: the barriers are initialised before any warp waits on them
@@ -203,21 +232,30 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
 
   // Phase A: gate and up of the block's pair tiles, then m = relu(g)^2 * u into `mid`.
   int* red = reinterpret_cast<int*>(smem + p.off_a);
-  block_tiles_gemv<2>(smem + p.off_a, na, p.C1, bars, xs, p.Hp, p.M, red);
+  block_tiles_gemv<2>(smem + p.off_a, na, p.C1, bars, xs, p.xp, p.M, red);
+  stamp(2);
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < nb; ++i) {
+      const long src = static_cast<long>(b0 + i) * p.C2 * kTileChunkWords;
+      mbar_arrive_expect_bytes(&bars[na + i], bytes_b);
+      copy_in_pieces(smem + p.off_b + i * bytes_b, a.down_wq + src, bytes_b, &bars[na + i]);
+    }
+  }
   T* mid = static_cast<T*>(a.mid);
   for (int idx = threadIdx.x; idx < na * 16 * p.M; idx += kMlpThreads) {
     const int tok = idx % p.M, row = (idx / p.M) % 16, lt = idx / (16 * p.M);
     const int j = (a0 + lt) * 16 + row;  // < I: I % 16 == 0
     const float xsc = token_scale[0][tok];
     const float g = round_t<T>(__fmul_rn(__fmul_rn(static_cast<float>(reduced<2>(red, na, lt, 0, row, tok)), xsc),
-                                         a.gate_scale[j]));
+                                         row_scale[0][lt * 16 + row]));
     const float u = round_t<T>(__fmul_rn(__fmul_rn(static_cast<float>(reduced<2>(red, na, lt, 1, row, tok)), xsc),
-                                         a.up_scale[j]));
+                                         row_scale[1][lt * 16 + row]));
     mid[static_cast<long>(tok) * p.I + j] = from_f<T>(relu2_gate<T>(g, u));
   }
 
   // Grid barrier: every block's m is written.
   __syncthreads();
+  stamp(3);
   if (threadIdx.x == 0) {
     __threadfence();
     const unsigned long long old = atomicAdd(a.barrier, 1ull);
@@ -229,44 +267,66 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
     __threadfence();
   }
   __syncthreads();
+  stamp(4);
 
-  // ffn_sub_norm + quantization of all of m, in every block (identical sums everywhere).
-  const unsigned short* mid_bits = static_cast<const unsigned short*>(a.mid);
-  T* staged = reinterpret_cast<T*>(smem + p.off_a);
-  const T* w_sub = static_cast<const T*>(a.sub_weight);
-  auto m_at = [&](int tok, int j) -> float {
-    const long k = static_cast<long>(tok) * p.I + j;
-    if (p.stage_mid) return to_f<T>(staged[k]);
-    const unsigned short bits = __ldcg(mid_bits + k);
-    return to_f<T>(*reinterpret_cast<const T*>(&bits));
-  };
+  // ffn_sub_norm + quantization of all of m, in every block (identical sums everywhere).  m comes into
+  // shared memory with all of a thread's 16-byte loads in flight at once (one L2 round trip); then each
+  // thread owns pieces of 8 columns p = threadIdx.x + k * kMlpThreads of every token.
+  T* staged = reinterpret_cast<T*>(smem + p.off_a);  // m, then y = the normed m
+  {
+    constexpr int kLoads = 8;
+    const int pieces = p.M * p.I / 8;
+    const uint4* src = static_cast<const uint4*>(a.mid);
+    for (int base = 0; base < pieces; base += kLoads * kMlpThreads) {
+      uint4 v[kLoads];
+#pragma unroll
+      for (int k = 0; k < kLoads; ++k) {
+        const int i = base + k * kMlpThreads + threadIdx.x;
+        if (i < pieces) v[k] = __ldcg(src + i);
+      }
+#pragma unroll
+      for (int k = 0; k < kLoads; ++k) {
+        const int i = base + k * kMlpThreads + threadIdx.x;
+        if (i < pieces) reinterpret_cast<uint4*>(staged)[i] = v[k];
+      }
+    }
+  }
+  __syncthreads();
+  const int npieces = p.I / 8;
   float v[kMaxTok];
 #pragma unroll
   for (int tok = 0; tok < kMaxTok; ++tok) {
     v[tok] = 0.f;
-    if (tok < p.M) {
-#pragma unroll 4
-      for (int j = threadIdx.x; j < p.I; j += kMlpThreads) {
-        const long k = static_cast<long>(tok) * p.I + j;
-        const unsigned short bits = __ldcg(mid_bits + k);
-        const T x = *reinterpret_cast<const T*>(&bits);
-        if (p.stage_mid) staged[k] = x;
-        const float xf = to_f<T>(x);
-        v[tok] = __fmaf_rn(xf, xf, v[tok]);
+    if (tok < p.M)
+      for (int pc = threadIdx.x; pc < npieces; pc += kMlpThreads) {
+        const uint4 raw = reinterpret_cast<const uint4*>(staged + tok * p.I)[pc];
+        const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[tok] = __fmaf_rn(to_f<T>(e[i]), to_f<T>(e[i]), v[tok]);
       }
-    }
   }
-  block_reduce_tokens<false>(v, scratch);  // also orders the staging before the reads below
-  float r[kMaxTok];
+  block_reduce_tokens<false>(v, p.M, scratch);
 #pragma unroll
   for (int tok = 0; tok < kMaxTok; ++tok) {
-    r[tok] = rsqrtf(__fadd_rn(__fdiv_rn(v[tok], static_cast<float>(p.I)), a.eps));
+    const float r = rsqrtf(__fadd_rn(__fdiv_rn(v[tok], static_cast<float>(p.I)), a.eps));
     v[tok] = 0.f;
     if (tok < p.M)
-      for (int j = threadIdx.x; j < p.I; j += kMlpThreads)
-        v[tok] = fmaxf(v[tok], fabsf(rms_normed<T>(m_at(tok, j), r[tok], to_f<T>(w_sub[j]))));
+      for (int pc = threadIdx.x; pc < npieces; pc += kMlpThreads) {
+        uint4* piece = reinterpret_cast<uint4*>(staged + tok * p.I) + pc;
+        uint4 raw = *piece;
+        const uint4 wraw = reinterpret_cast<const uint4*>(w_sub)[pc];
+        T* e = reinterpret_cast<T*>(&raw);
+        const T* w = reinterpret_cast<const T*>(&wraw);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float y = rms_normed<T>(to_f<T>(e[i]), r, to_f<T>(w[i]));
+          e[i] = from_f<T>(y);
+          v[tok] = fmaxf(v[tok], fabsf(y));
+        }
+        *piece = raw;  // y (exact: rms_normed rounds to T)
+      }
   }
-  block_reduce_tokens<true>(v, scratch);
+  block_reduce_tokens<true>(v, p.M, scratch);
   unsigned char* qs = smem + p.off_q;
 #pragma unroll
   for (int tok = 0; tok < kMaxTok; ++tok) {
@@ -274,25 +334,37 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
       const float amax = fmaxf(v[tok], 1e-5f);
       const float inv = quant_inverse(amax);
       if (threadIdx.x == 0) token_scale[1][tok] = quant_scale(amax);
-      for (int j = threadIdx.x; j < p.Ip; j += kMlpThreads)
-        qs[tok * p.Ip + j] = j < p.I ? static_cast<unsigned char>(
-                                           quantize_value(rms_normed<T>(m_at(tok, j), r[tok], to_f<T>(w_sub[j])), inv))
-                                     : 0;
+      for (int pc = threadIdx.x; pc < p.qp / 8; pc += kMlpThreads) {
+        uint2 out = make_uint2(0u, 0u);  // zeros past I
+        if (pc < npieces) {
+          const uint4 raw = reinterpret_cast<const uint4*>(staged + tok * p.I)[pc];
+          const T* e = reinterpret_cast<const T*>(&raw);
+          uint32_t packed[2] = {0u, 0u};
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+            packed[i >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(quantize_value(to_f<T>(e[i]), inv))) << (8 * (i & 3));
+          out = make_uint2(packed[0], packed[1]);
+        }
+        *reinterpret_cast<uint2*>(qs + tok * p.qp + 8 * pc) = out;
+      }
     }
   }
   __syncthreads();
+  stamp(5);
 
   // Phase B: down projection of the quantized m.
-  block_tiles_gemv<1>(smem + p.off_b, nb, p.C2, bars + na, qs, p.Ip, p.M, red);
+  block_tiles_gemv<1>(smem + p.off_b, nb, p.C2, bars + na, qs, p.qp, p.M, red);
+  stamp(6);
   T* y = static_cast<T*>(a.y);
   for (int idx = threadIdx.x; idx < nb * 16 * p.M; idx += kMlpThreads) {
     const int tok = idx % p.M, row = (idx / p.M) % 16, lt = idx / (16 * p.M);
     const int n = (b0 + lt) * 16 + row;
     if (n < p.H) {
       const float s = static_cast<float>(reduced<1>(red, nb, lt, 0, row, tok));
-      y[static_cast<long>(tok) * p.H + n] = from_f<T>(__fmul_rn(__fmul_rn(s, token_scale[1][tok]), a.down_scale[n]));
+      y[static_cast<long>(tok) * p.H + n] = from_f<T>(__fmul_rn(__fmul_rn(s, token_scale[1][tok]), row_scale[2][lt * 16 + row]));
     }
   }
+  stamp(7);
 }
 
 struct DeviceLimits {
@@ -305,8 +377,9 @@ DeviceLimits device_limits() {
   cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
   cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev);
-  // The kernel's static shared memory (scratch, token scales) comes out of the same budget.
-  d.smem_optin -= static_cast<int>(sizeof(float) * (kMlpWarps * kMaxTok + 2 * kMaxTok)) + 1024;
+  // The kernel's static shared memory (reduction scratch, token and row scales: ~1.4 KB) comes out of
+  // the same budget.
+  d.smem_optin -= 4096;
   return d;
 }
 
