@@ -104,7 +104,7 @@ class BitNetDecoderLayer(nn.Module):
         # True when every bound projection takes int8 input: the norms before them then quantize
         # (fused into the norm's kernel) and the projections skip their own quantization pass.
         self.quantized_inputs = False
-        # BitNet's whole MLP as one cuda_ext kernel for a few tokens (prepare_for_inference(fused_mlp=True)).
+        # BitNet's whole MLP as one cuda_ext kernel for a few tokens (opt-in: prepare_for_inference(fused_mlp=True)).
         self.fused_mlp = None
 
     def _mlp(self, x, ops, quantize: bool) -> torch.Tensor:
@@ -250,7 +250,7 @@ class BitNetForCausalLM(nn.Module):
 
     def prepare_for_inference(
         self, device=None, *, fuse: bool = True, offload_packed: bool = False, quantize_in_norms: bool = True,
-        lm_head_bits: Optional[int] = None, fused_mlp: bool = True,
+        lm_head_bits: Optional[int] = None, fused_mlp: bool = False,
     ) -> Dict[str, str]:
         """Resolve every projection's kernel and prepared weight once for ``device`` (see bindings).
 
@@ -259,8 +259,10 @@ class BitNetForCausalLM(nn.Module):
         their output, fused into the norm's kernel, and the projections skip their own pass (same
         numbers: the quantization is the kernels' own).
         ``lm_head_bits``: also quantize the ``lm_head`` (see :meth:`bind_lm_head`); None keeps it dense.
-        ``fused_mlp``: where the layer's norms quantize and cuda_ext serves it, run each MLP as one kernel for
-        up to 8 tokens (:mod:`backends.cuda_ext.bitnet_mlp`); ``self.mlp_kernel`` says what runs and why.
+        ``fused_mlp`` (opt-in): where the layer's norms quantize and cuda_ext serves it, run each MLP as one
+        kernel for a few tokens (:mod:`backends.cuda_ext.bitnet_mlp`; exact against the three separate
+        kernels but measured slower on an H100: 20.5 vs 18.5 us per MLP at one token, docs/bitnet.md);
+        ``self.mlp_kernel`` says what runs and why.
         Returns ``{binding name: kernel name}`` for layer 0, e.g. ``{"qkv": "cuda_ext.Ternary...", ...}``.
         """
         device = torch.device(device) if device is not None else self.lm_head.weight.device

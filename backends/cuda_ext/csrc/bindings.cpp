@@ -333,10 +333,6 @@ at::Tensor cuda_ext_bitnet_mlp(const at::Tensor& xq, const at::Tensor& x_scale, 
   a.H = static_cast<int>(H);
   a.I = static_cast<int>(I);
   a.pdl = 1;  // behind cuda_ext_rms_norm_quant, which lets it start at once
-  const char* probe = std::getenv("BITLAB_CUDA_MLP_PROBE");  // diagnostic: stamps in mid's unused tail
-  if (probe && probe[0] == '1' && (mid.numel() - M * I) * mid.element_size() >= 8 * 8 * 1024 + 8)
-    a.probe = reinterpret_cast<unsigned long long*>(
-        (reinterpret_cast<uintptr_t>(static_cast<char*>(mid.data_ptr()) + M * I * mid.element_size()) + 7) & ~uintptr_t(7));
   check_cuda(bitlab::launch_bitnet_mlp(a, c10::cuda::getCurrentCUDAStream()), "bitnet_mlp kernel");
   return y;
 }

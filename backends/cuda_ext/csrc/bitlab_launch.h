@@ -128,7 +128,6 @@ struct BitnetMlpArgs {
   void* y;                  // [M, H], dtype
   int M, H, I;
   int pdl;
-  unsigned long long* probe;  // diagnostic: 8 %globaltimer stamps per block (nullptr: none)
 };
 // Dynamic shared memory the kernel needs for M tokens, or 0 where it cannot run (M out of range,
 // more than 4 tiles of 16 rows per block in either phase, or over the device's shared memory).

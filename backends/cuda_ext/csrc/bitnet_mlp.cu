@@ -175,14 +175,6 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
   const int a0 = blockIdx.x * p.PA / p.G, na = (blockIdx.x + 1) * p.PA / p.G - a0;
   const int b0 = blockIdx.x * p.PB / p.G, nb = (blockIdx.x + 1) * p.PB / p.G - b0;
   const int bytes_a = p.C1 * kTileChunkBytes, bytes_b = p.C2 * kTileChunkBytes;
-  auto stamp = [&](int k) {
-    if (a.probe != nullptr && threadIdx.x == 0) {
-      unsigned long long t;
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-      a.probe[blockIdx.x * 8 + k] = t;
-    }
-  };
-  stamp(0);
 
   // Weights are written by no kernel: their copies start before the wait for the producer of x.  The
   // gate/up tiles go first; the down tiles after this block's phase A (they land during the barrier
@@ -206,7 +198,6 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
   for (int i = threadIdx.x; i < p.I / 8; i += kMlpThreads)  // I % 16 == 0: 16-byte pieces
     reinterpret_cast<uint4*>(w_sub)[i] = __ldg(reinterpret_cast<const uint4*>(a.sub_weight) + i);
   pdl_wait();
-  stamp(1);
 
   // x into shared memory, zero-padded to Hp columns.
   unsigned char* xs = smem + p.off_x;
@@ -233,7 +224,6 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
   // Phase A: gate and up of the block's pair tiles, then m = relu(g)^2 * u into `mid`.
   int* red = reinterpret_cast<int*>(smem + p.off_a);
   block_tiles_gemv<2>(smem + p.off_a, na, p.C1, bars, xs, p.xp, p.M, red);
-  stamp(2);
   if (threadIdx.x == 0) {
     for (int i = 0; i < nb; ++i) {
       const long src = static_cast<long>(b0 + i) * p.C2 * kTileChunkWords;
@@ -255,7 +245,6 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
 
   // Grid barrier: every block's m is written.
   __syncthreads();
-  stamp(3);
   if (threadIdx.x == 0) {
     __threadfence();
     const unsigned long long old = atomicAdd(a.barrier, 1ull);
@@ -267,7 +256,6 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
     __threadfence();
   }
   __syncthreads();
-  stamp(4);
 
   // ffn_sub_norm + quantization of all of m, in every block (identical sums everywhere).  m comes into
   // shared memory with all of a thread's 16-byte loads in flight at once (one L2 round trip); then each
@@ -350,11 +338,9 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
     }
   }
   __syncthreads();
-  stamp(5);
 
   // Phase B: down projection of the quantized m.
   block_tiles_gemv<1>(smem + p.off_b, nb, p.C2, bars + na, qs, p.qp, p.M, red);
-  stamp(6);
   T* y = static_cast<T*>(a.y);
   for (int idx = threadIdx.x; idx < nb * 16 * p.M; idx += kMlpThreads) {
     const int tok = idx % p.M, row = (idx / p.M) % 16, lt = idx / (16 * p.M);
@@ -364,7 +350,6 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
       y[static_cast<long>(tok) * p.H + n] = from_f<T>(__fmul_rn(__fmul_rn(s, token_scale[1][tok]), row_scale[2][lt * 16 + row]));
     }
   }
-  stamp(7);
 }
 
 struct DeviceLimits {
