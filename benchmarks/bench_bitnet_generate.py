@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bitcore.packing import dequantize, pack_codes  # noqa: E402
 from bitmodels.bitnet import BitNetConfig, BitNetForCausalLM  # noqa: E402
-from bitmodels.bitnet.bindings import bind_fused_mlp  # noqa: E402
 from bitmodels.bitnet.generate import Generator  # noqa: E402
 from bitmodels.bitnet.model import FUSED_GROUPS  # noqa: E402
 
@@ -283,8 +282,8 @@ def main(argv=None) -> int:
                     help="skip the run with the unfused (torch.compile) one-token attention")
     ap.add_argument("--lm-head-bits", type=int, nargs="*", default=[8], choices=[2, 4, 8],
                     help="also run with the lm_head quantized per row to these bits (logit agreement reported)")
-    ap.add_argument("--no-fused-mlp", action="store_true",
-                    help="skip the run with each MLP as one kernel (opt-in fused_mlp, cuda_ext on sm_90)")
+    ap.add_argument("--no-separate-mlp", action="store_true",
+                    help="skip the run with each MLP as three kernels (when the one-kernel MLP is in use)")
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of a batch-1 decode step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test the script with --tiny")
@@ -333,19 +332,17 @@ def main(argv=None) -> int:
     del gen  # its KV cache and graphs
     _free(device)
     layers = model.model.layers
-    if not args.no_fused_mlp:
-        # the same model and bindings; each MLP as one kernel (opt-in: fused_mlp=True)
-        for layer in layers:
-            layer.fused_mlp, why = bind_fused_mlp(layer.bound, layer.mlp.ffn_sub_norm.weight, layer.eps)
-        if layers[0].fused_mlp is not None:
-            gen_f = Generator(model, compile=not args.no_compile, bind=False)
-            result["runs"]["bitlab_fused_mlp"] = run_batches("bitlab_fused_mlp", gen_f, batches, args, cfg.vocab_size)
-            del gen_f
-            _free(device)
-        else:
-            result["fused_mlp_unavailable"] = why
+    if not args.no_separate_mlp and any(layer.fused_mlp is not None for layer in layers):
+        # the same model and bindings; each MLP as three kernels (GEMV, norm + quantization, GEMV)
+        fused = [layer.fused_mlp for layer in layers]
         for layer in layers:
             layer.fused_mlp = None
+        gen_s = Generator(model, compile=not args.no_compile, bind=False)
+        result["runs"]["bitlab_separate_mlp"] = run_batches("bitlab_separate_mlp", gen_s, batches, args, cfg.vocab_size)
+        del gen_s
+        _free(device)
+        for layer, f in zip(layers, fused):
+            layer.fused_mlp = f
     for bits in args.lm_head_bits:
         result.setdefault("quantized_lm_head", {})[bits] = head_agreement(model, bits, cfg.vocab_size, args.seed)
         gen_h = Generator(model, compile=not args.no_compile, bind=False)  # the head bound above
@@ -446,7 +443,7 @@ def write_report(result: dict, out_dir: Path) -> None:
             top = ", ".join(f"{r['kernel'][:40]} {r['us_per_step']:.0f} us" for r in prof["top"][:4])
             lines.append(f"Batch-1 decode step of {label}, eager, profiled: {prof['kernel_us_per_step']:.0f} us of "
                          f"kernel time in {prof['kernels_per_step']:.0f} kernels (top: {top}).")
-    for key in ("transformers_error", "triton_attn_error", "fused_mlp_unavailable"):
+    for key in ("transformers_error", "triton_attn_error"):
         if key in result:
             lines.append(f"{key}: {result[key]}")
     lines += [f"Note: {n}" for n in result.get("notes", [])]

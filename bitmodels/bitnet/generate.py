@@ -23,9 +23,9 @@ keeps the unfused path.  ``triton_attention=True`` (with ``compile``, on CUDA) r
 Triton kernel instead (:mod:`bitmodels.bitnet.triton_attention`).  ``attention_kernel`` says which
 runs, and why.  ``lm_head_bits=8`` (or 4, 2) runs the output head quantized per vocabulary row
 (:meth:`BitNetForCausalLM.bind_lm_head`: fewer bytes per step, approximate logits); ``head_kernel`` says
-what runs it.  ``fused_mlp=True`` runs each layer's MLP, for a few tokens on an sm_90 GPU with the norms
-quantizing, as one kernel (:mod:`backends.cuda_ext.bitnet_mlp`; opt-in, measured slower than the three
-separate kernels); ``mlp_kernel`` says which runs, and why.
+what runs it.  Each layer's MLP runs, for up to 2 tokens on an sm_90 GPU with the norms quantizing, as
+one kernel (:mod:`backends.cuda_ext.bitnet_mlp`); ``fused_mlp=False`` keeps the three separate kernels;
+``mlp_kernel`` says which runs, and why.
 
 Example::
 
@@ -120,7 +120,7 @@ class Generator:
         triton_attention: bool = False,
         fused_attention: Optional[bool] = None,
         lm_head_bits: Optional[int] = None,
-        fused_mlp: bool = False,
+        fused_mlp: bool = True,
     ) -> None:
         self.model = model.eval()
         self.device = model.lm_head.weight.device

@@ -46,6 +46,9 @@ from bitmodels.configs import register_model
 from bitmodels.hf.build import empty_frozen_bitlinear
 
 QUANTIZE_IN_NORMS_MAX_TOKENS = 16  # the cuda_ext GEMV range (bitcore: GEMV_MAX_TOKENS there)
+# Tokens up to which the one-kernel MLP runs when enabled (H100, 2B shape, norm + MLP per layer: 1 token
+# 17.7 vs 18.3 us, 2 tokens 19.1 vs 20.0, 4 tokens 22.4 vs 20.3 for the separate kernels).
+FUSED_MLP_MAX_TOKENS = 2
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 
@@ -104,14 +107,15 @@ class BitNetDecoderLayer(nn.Module):
         # True when every bound projection takes int8 input: the norms before them then quantize
         # (fused into the norm's kernel) and the projections skip their own quantization pass.
         self.quantized_inputs = False
-        # BitNet's whole MLP as one cuda_ext kernel for a few tokens (opt-in: prepare_for_inference(fused_mlp=True)).
+        # BitNet's whole MLP as one cuda_ext kernel for a few tokens (prepare_for_inference(fused_mlp=True)).
         self.fused_mlp = None
 
     def _mlp(self, x, ops, quantize: bool) -> torch.Tensor:
         """``down_proj(ffn_sub_norm(relu(gate_proj(x))**2 * up_proj(x)))``: one kernel where the fused MLP
         takes ``x`` (int8 input, at most its token count), else the projections and the norm's kernel."""
         mlp, fused = self.mlp, self.fused_mlp
-        if fused is not None and isinstance(x, QuantizedActivation) and x.q.numel() <= fused.max_tokens * fused.hidden:
+        limit = min(fused.max_tokens, FUSED_MLP_MAX_TOKENS) if fused is not None else 0
+        if fused is not None and isinstance(x, QuantizedActivation) and x.q.numel() <= limit * fused.hidden:
             return fused(x.q, x.scale)
         gate, up = self._project("gate_up", ("gate_proj", "up_proj"), mlp, x)
         m = ops.relu2_gate_norm(gate, up, mlp.ffn_sub_norm.weight, self.eps, quantize)
@@ -250,7 +254,7 @@ class BitNetForCausalLM(nn.Module):
 
     def prepare_for_inference(
         self, device=None, *, fuse: bool = True, offload_packed: bool = False, quantize_in_norms: bool = True,
-        lm_head_bits: Optional[int] = None, fused_mlp: bool = False,
+        lm_head_bits: Optional[int] = None, fused_mlp: bool = True,
     ) -> Dict[str, str]:
         """Resolve every projection's kernel and prepared weight once for ``device`` (see bindings).
 
@@ -259,10 +263,10 @@ class BitNetForCausalLM(nn.Module):
         their output, fused into the norm's kernel, and the projections skip their own pass (same
         numbers: the quantization is the kernels' own).
         ``lm_head_bits``: also quantize the ``lm_head`` (see :meth:`bind_lm_head`); None keeps it dense.
-        ``fused_mlp`` (opt-in): where the layer's norms quantize and cuda_ext serves it, run each MLP as one
-        kernel for a few tokens (:mod:`backends.cuda_ext.bitnet_mlp`; exact against the three separate
-        kernels but measured slower on an H100: 20.5 vs 18.5 us per MLP at one token, docs/bitnet.md);
-        ``self.mlp_kernel`` says what runs and why.
+        ``fused_mlp``: where the layer's norms quantize and cuda_ext serves it (sm_90), run each MLP as one
+        kernel for up to FUSED_MLP_MAX_TOKENS tokens (:mod:`backends.cuda_ext.bitnet_mlp`; exact against the
+        three separate kernels, 17.0 vs 18.2 us per layer at one token on an H100); ``self.mlp_kernel`` says
+        what runs and why.
         Returns ``{binding name: kernel name}`` for layer 0, e.g. ``{"qkv": "cuda_ext.Ternary...", ...}``.
         """
         device = torch.device(device) if device is not None else self.lm_head.weight.device
@@ -280,7 +284,8 @@ class BitNetForCausalLM(nn.Module):
             elif fused_mlp:
                 layer.fused_mlp, why = bind_fused_mlp(layer.bound, mlp.ffn_sub_norm.weight, layer.eps)
         first = self.model.layers[0].fused_mlp
-        self.mlp_kernel = (f"cuda_ext.bitnet_mlp (one kernel up to {first.max_tokens} tokens)" if first is not None
+        limit = min(first.max_tokens, FUSED_MLP_MAX_TOKENS) if first is not None else 0
+        self.mlp_kernel = (f"cuda_ext.bitnet_mlp (one kernel up to {limit} tokens)" if first is not None
                            else f"separate kernels ({why})")
         self.norm_quant = use_fused_norm_quant(device) if self.model.layers[0].quantized_inputs else "none"
         self.bind_lm_head(lm_head_bits, device)

@@ -75,6 +75,14 @@ __device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, 
 #endif
 }
 
+// Orders this thread's earlier generic-proxy accesses of shared memory before its later bulk copies into
+// it (a region reused by the copy engine after ordinary loads and stores).
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+
 // Programmatic dependent launch: a kernel launched with it (launch_maybe_pdl) may start while the
 // previous kernel on the stream still runs; it calls pdl_wait() before reading that kernel's
 // output.  The previous kernel lets it start early with pdl_launch_dependents().  Both are

@@ -1,17 +1,21 @@
 // BitNet's MLP (gate/up GEMV, squared-ReLU gate, ffn_sub_norm + int8 quantization, down GEMV) for a
 // few tokens in one persistent kernel (sm_90).  Math: bitlab_launch.h, BitnetMlpArgs.
 //
-// Why: as three kernels (gate/up GEMV, norm + quantization, down GEMV) the 2B model's MLP took
-// ~18 us per layer at one token for 13.3 MB of weights (4.4 us at 3 TB/s): each kernel waits for the
-// one before it and then fetches its own weights.  Here every block starts the bulk copies of all
-// the weights it will use (both phases) into shared memory at once, before it waits for the kernel
-// that produces x; the down weights stream in while phase A computes.
+// Why: as three kernels (gate/up GEMV, norm + quantization, down GEMV) the 2B model's MLP takes
+// ~18 us per layer at one token for 13.3 MB of weights (4.4 us at 3 TB/s).  Here every block starts
+// the bulk copies of its gate/up tiles into shared memory before it waits for the kernel that produces
+// x, and those of its down tiles while the grid barrier is pending.
+//
+// The kernel runs its code once per launch, so code size is instruction fetches from L2: loops over
+// tiles and tokens are not unrolled (unrolled, the sub-norm alone took 4400 cycles for ~2 pieces of
+// 8 values per thread; rolled, 1600).
 //
 //   * grid: G = min(#SMs, tiles) blocks, one per multiprocessor, all resident (the grid barrier needs
 //     that; the host checks one block fits on an empty multiprocessor);
 //   * phase A: block b owns the 16-row pair tiles [b PA / G, (b + 1) PA / G) of gate and up (same
 //     rows), one mbarrier per tile; its 16 warps split each tile's 128-column chunks, meet in shared
-//     memory, and write m = T(T(relu(g)^2) * u) to the scratch `mid`;
+//     memory (partial sums of the M real tokens only, in the down tiles' region before those arrive),
+//     and write m = T(T(relu(g)^2) * u) to the scratch `mid`;
 //   * grid barrier (a counter that only grows: arrival `old` waits for the next multiple of G);
 //   * every block reads all of `mid`, computes the sub-norm's sums itself (same order in every block,
 //     so the same result) and quantizes the whole row into shared memory;
@@ -61,16 +65,17 @@ MlpPlan make_plan(int M, int H, int I, int elem, int sms, int smem_limit) {
   p.tiles_b = (p.PB + p.G - 1) / p.G;
   if (p.tiles_a > kMlpMaxTiles || p.tiles_b > kMlpMaxTiles) return p;
   const int bars = 8 * (p.tiles_a + p.tiles_b);
+  const int part_a = kMlpWarps * p.tiles_a * 2 * 16 * M * 4;  // phase A partial sums (in the down region)
+  const int part_b = kMlpWarps * p.tiles_b * 16 * M * 4;      // phase B partial sums (in the phase A region)
+  int size_b = p.tiles_b * p.C2 * kTileChunkBytes;
+  size_b = size_b > part_a ? size_b : part_a;
   p.off_b = round_up(bars, 128);
-  p.off_w = p.off_b + round_up(p.tiles_b * p.C2 * kTileChunkBytes, 128);
+  p.off_w = p.off_b + round_up(size_b, 128);
   p.off_x = p.off_w + round_up(I * elem, 128);
   p.off_a = p.off_x + round_up(M * p.xp, 128);
   int size_a = p.tiles_a * 2 * p.C1 * kTileChunkBytes;  // gate + up tiles
-  const int red_a = kMlpWarps * p.tiles_a * 8 * 32 * 4;  // phase A partial sums
-  const int red_b = kMlpWarps * p.tiles_b * 4 * 32 * 4;  // phase B partial sums
   const int staged = M * I * elem;                       // m, then y
-  size_a = size_a > red_a ? size_a : red_a;
-  size_a = size_a > red_b ? size_a : red_b;
+  size_a = size_a > part_b ? size_a : part_b;
   size_a = size_a > staged ? size_a : staged;
   p.off_q = p.off_a + round_up(size_a, 128);
   p.smem = p.off_q + round_up(M * p.qp, 128);
@@ -78,21 +83,19 @@ MlpPlan make_plan(int M, int H, int I, int elem, int sms, int smem_limit) {
   return p;
 }
 
-// Sums (kMax: maxima) over the block of v[t] for t < M; every thread gets the same results (fixed order).
-// scratch: (kMlpWarps + 1) * kMaxTok floats.
+// Per-token block reductions in two steps: each warp's lane 0 writes its warp's sum (kMax: maximum) to
+// scratch[warp * kMaxTok + t] (warp_reduce_to); finish_block_reduce adds them in warp order into
+// scratch[kMlpWarps * kMaxTok + t] for t < M.  Every block gets the same results for the same data.
 template <bool kMax>
-__device__ __forceinline__ void block_reduce_tokens(float (&v)[kMaxTok], int M, float* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int t = 0; t < kMaxTok; ++t) {
-    if (t < M) {
-      for (int o = 16; o > 0; o >>= 1) {
-        const float other = __shfl_xor_sync(0xffffffffu, v[t], o);
-        v[t] = kMax ? fmaxf(v[t], other) : v[t] + other;
-      }
-      if (lane == 0) scratch[warp * kMaxTok + t] = v[t];
-    }
+__device__ __forceinline__ void warp_reduce_to(float v, float* slot, int lane) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float other = __shfl_xor_sync(0xffffffffu, v, o);
+    v = kMax ? fmaxf(v, other) : v + other;
   }
+  if (lane == 0) *slot = v;
+}
+template <bool kMax>
+__device__ __forceinline__ void finish_block_reduce(int M, float* scratch) {
   __syncthreads();
   if (threadIdx.x < M) {
     float s = scratch[threadIdx.x];
@@ -100,9 +103,6 @@ __device__ __forceinline__ void block_reduce_tokens(float (&v)[kMaxTok], int M, 
       s = kMax ? fmaxf(s, scratch[w * kMaxTok + threadIdx.x]) : s + scratch[w * kMaxTok + threadIdx.x];
     scratch[kMlpWarps * kMaxTok + threadIdx.x] = s;
   }
-  __syncthreads();
-#pragma unroll
-  for (int t = 0; t < kMaxTok; ++t) v[t] = t < M ? scratch[kMlpWarps * kMaxTok + t] : 0.f;
   __syncthreads();
 }
 
@@ -115,53 +115,49 @@ __device__ __forceinline__ void copy_in_pieces(unsigned char* dst, const uint32_
 }
 
 // The block's warps multiply its n tiles (MT m-tiles each, in shared memory at `tiles`, tile lt's m-tile
-// m at (lt * MT + m) * C chunks) by the int8 rows at `xs` (pitch `pitch`), then write their partial
-// sums to `red` (over the tiles' shared memory: every warp has waited for every tile's copy).
+// m at (lt * MT + m) * C chunks) by the int8 rows at `xs` (pitch `pitch`) and write each warp's partial
+// sums of the M real tokens to `part` (partial_index; not over the tiles).  One tile at a time and no
+// unrolled copies per tile: the code runs once per launch, so its size is instruction-cache misses.
+__device__ __forceinline__ int partial_index(int warp, int n, int MT, int lt, int m, int row, int tok, int M) {
+  return (((warp * n + lt) * MT + m) * 16 + row) * M + tok;
+}
 template <int MT>
 __device__ __forceinline__ void block_tiles_gemv(const unsigned char* tiles, int n, int C, uint64_t* bars,
-                                                 const unsigned char* xs, int pitch, int M, int* red) {
+                                                 const unsigned char* xs, int pitch, int M, int* part) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  int acc[kMlpMaxTiles][1][MT][1][4];
-#pragma unroll
-  for (int lt = 0; lt < kMlpMaxTiles; ++lt)
+#pragma unroll 1
+  for (int lt = 0; lt < n; ++lt) {
+    int acc[1][MT][1][4];
 #pragma unroll
     for (int m = 0; m < MT; ++m)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[lt][0][m][0][i] = 0;
-#pragma unroll
-  for (int lt = 0; lt < kMlpMaxTiles; ++lt) {
-    if (lt < n) {
-      mbar_wait(&bars[lt], 0);
-      for (int c = warp; c < C; c += kMlpWarps) {
-        uint32_t w[MT][4];
-#pragma unroll
-        for (int m = 0; m < MT; ++m)
-          load_lane_tile_shared<kTernary>(w[m], tiles + static_cast<long>((lt * MT + m) * C + c) * kTileChunkBytes, lane);
-        uint32_t xb[1][8];
-        load_x_shared<int8_t>(xb[0], xs + g * pitch + c * 128, g < M, t);
-        mma_chunk<kTernary, int8_t>(acc[lt], w, xb);
-      }
-    }
-  }
-  __syncthreads();  // every warp is past its last read of the tiles: the region becomes `red`
-  const int E = n * MT * 4;
-#pragma unroll
-  for (int lt = 0; lt < kMlpMaxTiles; ++lt)
-    if (lt < n)
+      for (int i = 0; i < 4; ++i) acc[0][m][0][i] = 0;
+    mbar_wait(&bars[lt], 0);
+    for (int c = warp; c < C; c += kMlpWarps) {
+      uint32_t w[MT][4];
 #pragma unroll
       for (int m = 0; m < MT; ++m)
+        load_lane_tile_shared<kTernary>(w[m], tiles + static_cast<long>((lt * MT + m) * C + c) * kTileChunkBytes, lane);
+      uint32_t xb[1][8];
+      load_x_shared<int8_t>(xb[0], xs + g * pitch + c * 128, g < M, t);
+      mma_chunk<kTernary, int8_t>(acc, w, xb);
+    }
 #pragma unroll
-        for (int i = 0; i < 4; ++i) red[(warp * E + (lt * MT + m) * 4 + i) * 32 + lane] = acc[lt][0][m][0][i];
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int tok = 2 * t + (i & 1), row = g + 8 * (i >> 1);
+        if (tok < M) part[partial_index(warp, n, MT, lt, m, row, tok, M)] = acc[0][m][0][i];
+      }
+  }
   __syncthreads();
 }
 
 // Sum over the warps of element (lt, m, row, token) of block_tiles_gemv's partial sums.
 template <int MT>
-__device__ __forceinline__ int reduced(const int* red, int n, int lt, int m, int row, int token) {
-  const int E = n * MT * 4;
-  const int i = (row >= 8 ? 2 : 0) + (token & 1), ln = (row & 7) * 4 + (token >> 1);
+__device__ __forceinline__ int reduced(const int* part, int n, int lt, int m, int row, int tok, int M) {
   int s = 0;
-  for (int w = 0; w < kMlpWarps; ++w) s += red[(w * E + (lt * MT + m) * 4 + i) * 32 + ln];
+  for (int w = 0; w < kMlpWarps; ++w) s += part[partial_index(w, n, MT, lt, m, row, tok, M)];
   return s;
 }
 
@@ -222,23 +218,16 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
   pdl_launch_dependents();
 
   // Phase A: gate and up of the block's pair tiles, then m = relu(g)^2 * u into `mid`.
-  int* red = reinterpret_cast<int*>(smem + p.off_a);
-  block_tiles_gemv<2>(smem + p.off_a, na, p.C1, bars, xs, p.xp, p.M, red);
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < nb; ++i) {
-      const long src = static_cast<long>(b0 + i) * p.C2 * kTileChunkWords;
-      mbar_arrive_expect_bytes(&bars[na + i], bytes_b);
-      copy_in_pieces(smem + p.off_b + i * bytes_b, a.down_wq + src, bytes_b, &bars[na + i]);
-    }
-  }
+  int* part_a = reinterpret_cast<int*>(smem + p.off_b);  // the down tiles' region: their copies start later
+  block_tiles_gemv<2>(smem + p.off_a, na, p.C1, bars, xs, p.xp, p.M, part_a);
   T* mid = static_cast<T*>(a.mid);
   for (int idx = threadIdx.x; idx < na * 16 * p.M; idx += kMlpThreads) {
     const int tok = idx % p.M, row = (idx / p.M) % 16, lt = idx / (16 * p.M);
     const int j = (a0 + lt) * 16 + row;  // < I: I % 16 == 0
     const float xsc = token_scale[0][tok];
-    const float g = round_t<T>(__fmul_rn(__fmul_rn(static_cast<float>(reduced<2>(red, na, lt, 0, row, tok)), xsc),
+    const float g = round_t<T>(__fmul_rn(__fmul_rn(static_cast<float>(reduced<2>(part_a, na, lt, 0, row, tok, p.M)), xsc),
                                          row_scale[0][lt * 16 + row]));
-    const float u = round_t<T>(__fmul_rn(__fmul_rn(static_cast<float>(reduced<2>(red, na, lt, 1, row, tok)), xsc),
+    const float u = round_t<T>(__fmul_rn(__fmul_rn(static_cast<float>(reduced<2>(part_a, na, lt, 1, row, tok, p.M)), xsc),
                                          row_scale[1][lt * 16 + row]));
     mid[static_cast<long>(tok) * p.I + j] = from_f<T>(relu2_gate<T>(g, u));
   }
@@ -254,6 +243,14 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
       asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(now) : "l"(a.barrier) : "memory");
     } while (now < target);
     __threadfence();
+  } else if (threadIdx.x == kMlpThreads - 32) {
+    // Meanwhile the last warp starts the down tiles' copies: the phase A partials in their region are read.
+    fence_proxy_async_shared();
+    for (int i = 0; i < nb; ++i) {
+      const long src = static_cast<long>(b0 + i) * p.C2 * kTileChunkWords;
+      mbar_arrive_expect_bytes(&bars[na + i], bytes_b);
+      copy_in_pieces(smem + p.off_b + i * bytes_b, a.down_wq + src, bytes_b, &bars[na + i]);
+    }
   }
   __syncthreads();
 
@@ -280,73 +277,73 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
     }
   }
   __syncthreads();
-  const int npieces = p.I / 8;
-  float v[kMaxTok];
+  // Token loops are not unrolled (this code runs once per launch: its size costs instruction fetches).
+  const int npieces = p.I / 8, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float* total = scratch + kMlpWarps * kMaxTok;  // per-token block results
+#pragma unroll 1
+  for (int tok = 0; tok < p.M; ++tok) {
+    float ss = 0.f;
+    for (int pc = threadIdx.x; pc < npieces; pc += kMlpThreads) {
+      const uint4 raw = reinterpret_cast<const uint4*>(staged + tok * p.I)[pc];
+      const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-  for (int tok = 0; tok < kMaxTok; ++tok) {
-    v[tok] = 0.f;
-    if (tok < p.M)
-      for (int pc = threadIdx.x; pc < npieces; pc += kMlpThreads) {
+      for (int i = 0; i < 8; ++i) ss = __fmaf_rn(to_f<T>(e[i]), to_f<T>(e[i]), ss);
+    }
+    warp_reduce_to<false>(ss, scratch + warp * kMaxTok + tok, lane);
+  }
+  finish_block_reduce<false>(p.M, scratch);
+#pragma unroll 1
+  for (int tok = 0; tok < p.M; ++tok) {
+    const float r = rsqrtf(__fadd_rn(__fdiv_rn(total[tok], static_cast<float>(p.I)), a.eps));
+    float amax = 0.f;
+    for (int pc = threadIdx.x; pc < npieces; pc += kMlpThreads) {
+      uint4* piece = reinterpret_cast<uint4*>(staged + tok * p.I) + pc;
+      uint4 raw = *piece;
+      const uint4 wraw = reinterpret_cast<const uint4*>(w_sub)[pc];
+      T* e = reinterpret_cast<T*>(&raw);
+      const T* w = reinterpret_cast<const T*>(&wraw);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float y = rms_normed<T>(to_f<T>(e[i]), r, to_f<T>(w[i]));
+        e[i] = from_f<T>(y);
+        amax = fmaxf(amax, fabsf(y));
+      }
+      *piece = raw;  // y (exact: rms_normed rounds to T)
+    }
+    warp_reduce_to<true>(amax, scratch + warp * kMaxTok + tok, lane);
+  }
+  finish_block_reduce<true>(p.M, scratch);
+  unsigned char* qs = smem + p.off_q;
+#pragma unroll 1
+  for (int tok = 0; tok < p.M; ++tok) {
+    const float amax = fmaxf(total[tok], 1e-5f);
+    const float inv = quant_inverse(amax);
+    if (threadIdx.x == 0) token_scale[1][tok] = quant_scale(amax);
+    for (int pc = threadIdx.x; pc < p.qp / 8; pc += kMlpThreads) {
+      uint2 out = make_uint2(0u, 0u);  // zeros past I
+      if (pc < npieces) {
         const uint4 raw = reinterpret_cast<const uint4*>(staged + tok * p.I)[pc];
         const T* e = reinterpret_cast<const T*>(&raw);
+        uint32_t packed[2] = {0u, 0u};
 #pragma unroll
-        for (int i = 0; i < 8; ++i) v[tok] = __fmaf_rn(to_f<T>(e[i]), to_f<T>(e[i]), v[tok]);
+        for (int i = 0; i < 8; ++i)
+          packed[i >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(quantize_value(to_f<T>(e[i]), inv))) << (8 * (i & 3));
+        out = make_uint2(packed[0], packed[1]);
       }
-  }
-  block_reduce_tokens<false>(v, p.M, scratch);
-#pragma unroll
-  for (int tok = 0; tok < kMaxTok; ++tok) {
-    const float r = rsqrtf(__fadd_rn(__fdiv_rn(v[tok], static_cast<float>(p.I)), a.eps));
-    v[tok] = 0.f;
-    if (tok < p.M)
-      for (int pc = threadIdx.x; pc < npieces; pc += kMlpThreads) {
-        uint4* piece = reinterpret_cast<uint4*>(staged + tok * p.I) + pc;
-        uint4 raw = *piece;
-        const uint4 wraw = reinterpret_cast<const uint4*>(w_sub)[pc];
-        T* e = reinterpret_cast<T*>(&raw);
-        const T* w = reinterpret_cast<const T*>(&wraw);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const float y = rms_normed<T>(to_f<T>(e[i]), r, to_f<T>(w[i]));
-          e[i] = from_f<T>(y);
-          v[tok] = fmaxf(v[tok], fabsf(y));
-        }
-        *piece = raw;  // y (exact: rms_normed rounds to T)
-      }
-  }
-  block_reduce_tokens<true>(v, p.M, scratch);
-  unsigned char* qs = smem + p.off_q;
-#pragma unroll
-  for (int tok = 0; tok < kMaxTok; ++tok) {
-    if (tok < p.M) {
-      const float amax = fmaxf(v[tok], 1e-5f);
-      const float inv = quant_inverse(amax);
-      if (threadIdx.x == 0) token_scale[1][tok] = quant_scale(amax);
-      for (int pc = threadIdx.x; pc < p.qp / 8; pc += kMlpThreads) {
-        uint2 out = make_uint2(0u, 0u);  // zeros past I
-        if (pc < npieces) {
-          const uint4 raw = reinterpret_cast<const uint4*>(staged + tok * p.I)[pc];
-          const T* e = reinterpret_cast<const T*>(&raw);
-          uint32_t packed[2] = {0u, 0u};
-#pragma unroll
-          for (int i = 0; i < 8; ++i)
-            packed[i >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(quantize_value(to_f<T>(e[i]), inv))) << (8 * (i & 3));
-          out = make_uint2(packed[0], packed[1]);
-        }
-        *reinterpret_cast<uint2*>(qs + tok * p.qp + 8 * pc) = out;
-      }
+      *reinterpret_cast<uint2*>(qs + tok * p.qp + 8 * pc) = out;
     }
   }
   __syncthreads();
 
   // Phase B: down projection of the quantized m.
-  block_tiles_gemv<1>(smem + p.off_b, nb, p.C2, bars + na, qs, p.qp, p.M, red);
+  int* part_b = reinterpret_cast<int*>(smem + p.off_a);
+  block_tiles_gemv<1>(smem + p.off_b, nb, p.C2, bars + na, qs, p.qp, p.M, part_b);
   T* y = static_cast<T*>(a.y);
   for (int idx = threadIdx.x; idx < nb * 16 * p.M; idx += kMlpThreads) {
     const int tok = idx % p.M, row = (idx / p.M) % 16, lt = idx / (16 * p.M);
     const int n = (b0 + lt) * 16 + row;
     if (n < p.H) {
-      const float s = static_cast<float>(reduced<1>(red, nb, lt, 0, row, tok));
+      const float s = static_cast<float>(reduced<1>(part_b, nb, lt, 0, row, tok, p.M));
       y[static_cast<long>(tok) * p.H + n] = from_f<T>(__fmul_rn(__fmul_rn(s, token_scale[1][tok]), row_scale[2][lt * 16 + row]));
     }
   }

@@ -419,9 +419,9 @@ def test_fused_attention_hands_large_batches_to_the_unfused_path(cuda_device, mo
 
 def test_fused_mlp_on_cpu_says_why_not():
     model = _model(seed=17)
-    assert Generator(model, fused_mlp=True).mlp_kernel == (
+    assert Generator(model).mlp_kernel == (
         "separate kernels (the norms do not quantize (quantize_in_norms=False or a projection takes no int8 input))")
-    assert Generator(model).mlp_kernel == "separate kernels (fused_mlp=False)"  # opt-in
+    assert Generator(model, fused_mlp=False).mlp_kernel == "separate kernels (fused_mlp=False)"
     assert all(layer.fused_mlp is None for layer in model.model.layers)
 
 
@@ -433,14 +433,14 @@ def test_fused_mlp_generation_is_used_and_replays_deterministically(cuda_device)
         pytest.skip("the fused MLP kernel needs cuda_ext on an sm_90 GPU")
     model = _model(seed=18, hidden_size=256, intermediate_size=688, num_attention_heads=4,
                    num_key_value_heads=2).to(cuda_device, torch.bfloat16)
-    prompts = _prompts(18, (5, 9, 1))
-    separate = Generator(model, cuda_graph=True)
+    prompts = _prompts(18, (5, 9))  # two rows: decode steps run the one-kernel MLP
+    separate = Generator(model, cuda_graph=True, fused_mlp=False)
     assert separate.mlp_kernel == "separate kernels (fused_mlp=False)"
     b = separate.generate(prompts, 10, stop_token_ids=[]).tokens
-    eager = Generator(model, cuda_graph=False, fused_mlp=True)
-    assert eager.mlp_kernel == "cuda_ext.bitnet_mlp (one kernel up to 8 tokens)", eager.mlp_kernel
+    eager = Generator(model, cuda_graph=False)
+    assert eager.mlp_kernel == "cuda_ext.bitnet_mlp (one kernel up to 2 tokens)", eager.mlp_kernel
     a = eager.generate(prompts, 10, stop_token_ids=[]).tokens
-    graph = Generator(model, cuda_graph=True, fused_mlp=True)
+    graph = Generator(model, cuda_graph=True)
     assert graph.generate(prompts, 10, stop_token_ids=[]).tokens == a
     assert graph.generate(prompts, 10, stop_token_ids=[]).tokens == a
     # the sub-norm's sum is added in another order (a quantization step apart, rarely): tokens agree mostly
