@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import platform
 import sys
 import time
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bitcore.packing import dequantize, pack_codes  # noqa: E402
 from bitmodels.bitnet import BitNetConfig, BitNetForCausalLM  # noqa: E402
 from bitmodels.bitnet.generate import Generator  # noqa: E402
-from bitmodels.bitnet.model import FUSED_GROUPS  # noqa: E402
+from bitmodels.bitnet.model import FUSED_GROUPS, QUANTIZE_IN_NORMS_MAX_TOKENS  # noqa: E402
 
 GB = 1e9
 
@@ -284,6 +285,9 @@ def main(argv=None) -> int:
                     help="also run with the lm_head quantized per row to these bits (logit agreement reported)")
     ap.add_argument("--no-separate-mlp", action="store_true",
                     help="skip the run with each MLP as three kernels (when the one-kernel MLP is in use)")
+    ap.add_argument("--gemm-past-16", action="store_true",
+                    help="also run batches > 16 as before the wide cluster GEMV: the GEMM past 16 tokens "
+                         "(BITLAB_CUDA_GEMV=oneshot) and norm-side quantization up to 16 tokens")
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of a batch-1 decode step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test the script with --tiny")
@@ -307,7 +311,8 @@ def main(argv=None) -> int:
     result = {"config": {k: v for k, v in cfg.to_dict().items() if k != "quant_config"},
               "quant": cfg.quant_config.describe(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu", "torch": torch.__version__, "python": platform.python_version(),
-              "compile": not args.no_compile, "runs": {}}
+              "compile": not args.no_compile, "runs": {},
+              "args": " ".join(a if a != args.out else "docs/benchmarks" for a in (sys.argv[1:] if argv is None else argv))}
     t_start = time.perf_counter()
     model = build_model(cfg, device, args.seed)
     gen = Generator(model, compile=not args.no_compile, offload_packed=True)
@@ -315,6 +320,7 @@ def main(argv=None) -> int:
     mem = model.weight_memory()
     result["kernels"] = gen.kernels
     result["norm_quant"] = model.norm_quant
+    result["norm_quant_max_tokens"] = model.quantize_in_norms_max_tokens
     result["attention_kernel"] = gen.attention_kernel
     result["mlp_kernel"] = gen.mlp_kernel
     result["weights"] = {
@@ -331,6 +337,16 @@ def main(argv=None) -> int:
         _print_profile(result["profile_batch1"])
     del gen  # its KV cache and graphs
     _free(device)
+    past16 = [b for b in batches if b > 16]
+    if args.gemm_past_16 and past16 and device.type == "cuda":
+        os.environ["BITLAB_CUDA_GEMV"] = "oneshot"  # read at every launch: the graphs capture the GEMM
+        model.quantize_in_norms_max_tokens = 16
+        gen_g = Generator(model, compile=not args.no_compile, bind=False)
+        result["runs"]["bitlab_gemm_past16"] = run_batches("bitlab_gemm_past16", gen_g, past16, args, cfg.vocab_size)
+        del gen_g
+        _free(device)
+        os.environ.pop("BITLAB_CUDA_GEMV")
+        model.quantize_in_norms_max_tokens = QUANTIZE_IN_NORMS_MAX_TOKENS
     layers = model.model.layers
     if not args.no_separate_mlp and any(layer.fused_mlp is not None for layer in layers):
         # the same model and bindings; each MLP as three kernels (GEMV, norm + quantization, GEMV)
@@ -406,7 +422,8 @@ def write_report(result: dict, out_dir: Path) -> None:
         f"{result['device']}, torch {result['torch']}, prompt {result['prompt_len']} tokens, "
         f"{result['new_tokens']} decode steps, {result['quant']}, torch.compile of float ops: {result['compile']}.",
         f"Kernels: {', '.join(sorted(set(result['kernels'].values())))}; "
-        f"norms before the projections quantize (up to 16 tokens) with: {result.get('norm_quant', 'none')}; "
+        f"norms before the projections quantize (up to {result.get('norm_quant_max_tokens', 16)} tokens) with: "
+        f"{result.get('norm_quant', 'none')}; "
         f"one-token attention: {result.get('attention_kernel', 'torch')}; MLP: {result.get('mlp_kernel', 'separate')}.",
         "",
         "| model | batch | decode tokens/s | ms / step | x bf16 | prefill tokens/s | peak GPU GB | CUDA graph |",
@@ -448,7 +465,7 @@ def write_report(result: dict, out_dir: Path) -> None:
             lines.append(f"{key}: {result[key]}")
     lines += [f"Note: {n}" for n in result.get("notes", [])]
     lines.append("")
-    lines.append("Command: `python benchmarks/bench_bitnet_generate.py --profile --out docs/benchmarks`")
+    lines.append(f"Command: `python benchmarks/bench_bitnet_generate.py {result.get('args', '--profile --out docs/benchmarks')}`")
     (out_dir / "bitnet_generate.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib

@@ -44,6 +44,7 @@ KNOBS = ("BITLAB_CUDA_GEMV", "BITLAB_CUDA_ONESHOT_MT", "BITLAB_CUDA_BULK_MT", "B
          "BITLAB_CUDA_CLUSTER_KS")
 VARIANTS = {
     "oneshot": {"BITLAB_CUDA_GEMV": "oneshot"},
+    "gemm": {"BITLAB_CUDA_GEMV": "oneshot"},  # past 16 tokens "oneshot" leaves the wide cluster GEMV: the GEMM runs
     "oneshot_mt1": {"BITLAB_CUDA_GEMV": "oneshot", "BITLAB_CUDA_ONESHOT_MT": "1"},
     "oneshot_mt2": {"BITLAB_CUDA_GEMV": "oneshot", "BITLAB_CUDA_ONESHOT_MT": "2"},
     "oneshot_mt4": {"BITLAB_CUDA_GEMV": "oneshot", "BITLAB_CUDA_ONESHOT_MT": "4"},

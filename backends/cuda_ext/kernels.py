@@ -1,7 +1,8 @@
 """cuda_ext kernels: BitKernel classes over the op ``bitlab::cuda_ext_linear``.
 
 * :class:`CudaExtFloatKernel`: float16 / bfloat16 activations, every weight format
-  (decode-to-half/bf16 tensor-core mma; GEMV for <= 16 tokens, GEMM above);
+  (decode-to-half/bf16 tensor-core mma; GEMV for <= 16 tokens, on sm_90 the wide cluster GEMV for
+  17-64, GEMM above);
 * :class:`CudaExtInt8Kernel`: int8 activations (per token or per tensor), every weight
   format (int8 tensor-core mma, exact int32 accumulation; W1.58A8 is BitNet's setting);
 * :class:`CudaExtXnorKernel`: binary weights with binary activations (XOR + popcount).
@@ -33,6 +34,9 @@ GRANULARITIES = ("per_tensor", "per_channel")
 ACT_GRANULARITIES = ("per_tensor", "per_token")
 GEMV_MAX_TOKENS = 16
 CLUSTER_MAX_CHUNKS = 256  # kClusterMaxChunks (csrc/bitlab_gemv_cluster.cuh): in_features <= 32768
+WIDE_GEMV_MAX_TOKENS = 64  # kClusterWideMaxTokens: the wide cluster GEMV takes 17-64 tokens on sm_90
+# Bytes of one slice's staged activations at 8 slices (kClusterStageBytes / kClusterWideStageBytes).
+CLUSTER_STAGE_BYTES, CLUSTER_WIDE_STAGE_BYTES = 128 * 1024, 192 * 1024
 LOW_BIT_FORMATS = (layout.FORMAT_CODE[1], layout.FORMAT_CODE[1.58], layout.FORMAT_CODE[2])  # 1- and 2-bit codes
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -73,8 +77,11 @@ class _CudaExtKernel(BitKernel):
 
     def route(self, batch: int, prepared: "CudaExtWeight" = None) -> str:
         """Which kernel serves ``batch`` tokens; with ``prepared``, also which GEMV (:func:`gemv_kernel`)."""
+        name = type(self).__name__
         if batch > GEMV_MAX_TOKENS:
-            return f"{type(self).__name__}.gemm"
+            if prepared is None:  # the wide cluster GEMV depends on the device and in_features
+                return f"{name}.gemv_cluster or gemm" if batch <= WIDE_GEMV_MAX_TOKENS else f"{name}.gemm"
+            return f"{name}.gemv_cluster" if gemv_kernel(prepared, batch) == "cluster" else f"{name}.gemm"
         if prepared is None:
             return f"{type(self).__name__}.gemv"
         return f"{type(self).__name__}.gemv_{gemv_kernel(prepared, batch)}"
@@ -178,9 +185,22 @@ class CudaExtXnorKernel(_CudaExtKernel):
 KERNELS = (CudaExtFloatKernel, CudaExtInt8Kernel, CudaExtXnorKernel)
 
 
+def cluster_gemv_fits(prepared: CudaExtWeight, tokens: int) -> bool:
+    """Whether a slice of the cluster GEMV's staged activations fits at 8 slices (``cluster_gemv_fits``
+    in csrc/bitlab_gemv_cluster.cuh): in_features <= 32768, and for 17-64 tokens at most 192 KB per
+    slice (float activations at 64 tokens: in_features <= 12288)."""
+    chunks = -(-prepared.in_features // 128)
+    x_bytes = 2 if prepared.act_mode == ops.ACT_FLOAT else 1
+    limit = CLUSTER_WIDE_STAGE_BYTES if tokens > GEMV_MAX_TOKENS else CLUSTER_STAGE_BYTES
+    return chunks <= CLUSTER_MAX_CHUNKS and -(-chunks // 8) * tokens * 128 * x_bytes <= limit
+
+
 def gemv_kernel(prepared: CudaExtWeight, tokens: int = 1) -> str:
     """The GEMV that ``csrc/bitlab_linear.cuh`` (launch_linear_fmt) runs for this weight and token count,
-    on sm_90+ (below it always ``"oneshot"``); "m-tiles" are 16-row tiles, counted per multiprocessor:
+    on sm_90+ (below it always ``"oneshot"``, and past 16 tokens the GEMM); "m-tiles" are 16-row tiles,
+    counted per multiprocessor.  17-64 tokens: ``"cluster"`` (its wide variant) where
+    :func:`cluster_gemv_fits`, else ``"gemm"`` (also when ``BITLAB_CUDA_GEMV=oneshot`` / ``bulk``).
+    1-16 tokens:
 
     * ``"cluster"`` (thread-block clusters split K, activations staged once per 256 or 512 rows), for
       in_features <= 32768 and: float activations with 9-16 tokens and at least 6 m-tiles per
@@ -194,11 +214,15 @@ def gemv_kernel(prepared: CudaExtWeight, tokens: int = 1) -> str:
     ``BITLAB_CUDA_GEMV=oneshot`` / ``bulk`` / ``cluster`` forces one, as the C++ does (``cluster`` still
     needs in_features <= 32768, else the one-shot kernel runs)."""
     major, _ = torch.cuda.get_device_capability(prepared.wq.device)
+    forced = os.environ.get("BITLAB_CUDA_GEMV", "")
+    if tokens > GEMV_MAX_TOKENS:
+        wide = (major >= 9 and tokens <= WIDE_GEMV_MAX_TOKENS and forced not in ("oneshot", "bulk")
+                and cluster_gemv_fits(prepared, tokens))
+        return "cluster" if wide else "gemm"
     if major < 9:
         return "oneshot"
     chunks = -(-prepared.in_features // 128)
     cluster_fits = chunks <= CLUSTER_MAX_CHUNKS
-    forced = os.environ.get("BITLAB_CUDA_GEMV", "")
     if forced == "cluster":
         return "cluster" if cluster_fits else "oneshot"
     if forced in ("oneshot", "bulk"):

@@ -45,7 +45,10 @@ from bitmodels.bitnet.ops import CompiledOps, Ops, compiled_ops, rms_norm, rotar
 from bitmodels.configs import register_model
 from bitmodels.hf.build import empty_frozen_bitlinear
 
-QUANTIZE_IN_NORMS_MAX_TOKENS = 16  # the cuda_ext GEMV range (bitcore: GEMV_MAX_TOKENS there)
+# Tokens up to which the norms quantize for the projections: the cuda_ext GEMV range (16 tokens, 64 with the
+# wide cluster GEMV on sm_90); prefill GEMMs quantize inside their own op (norm-side quantization made a
+# 512-token prefill 2x slower).  Per model: ``model.quantize_in_norms_max_tokens``.
+QUANTIZE_IN_NORMS_MAX_TOKENS = 64
 # Tokens up to which the one-kernel MLP runs when enabled (H100, 2B shape, norm + MLP per layer: 1 token
 # 17.7 vs 18.3 us, 2 tokens 19.1 vs 20.0, 4 tokens 22.4 vs 20.3 for the separate kernels).
 FUSED_MLP_MAX_TOKENS = 2
@@ -178,6 +181,7 @@ class BitNetForCausalLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.ops = Ops()
+        self.quantize_in_norms_max_tokens = QUANTIZE_IN_NORMS_MAX_TOKENS
         self.norm_quant = "none"  # what runs the quantizing norms (prepare_for_inference sets it)
         self.mlp_kernel = "separate kernels (not prepared)"  # what runs the MLPs (prepare_for_inference sets it)
         # The lm_head quantized per row to 2 / 4 / 8 bits, when bind_lm_head asked for it (else the dense one).
@@ -220,7 +224,7 @@ class BitNetForCausalLM(nn.Module):
         layers = self.model.layers
         # Quantizing in the norms pays where the projections are GEMVs (decode); a prefill's GEMMs
         # quantize inside their own op (measured: norm-side quantization made prefill slower).
-        small = B * T <= QUANTIZE_IN_NORMS_MAX_TOKENS
+        small = B * T <= self.quantize_in_norms_max_tokens
         x = ops.norm_input(h, layers[0].input_layernorm.weight, self.config.rms_norm_eps,
                            small and layers[0].quantized_inputs)
         for i, layer in enumerate(layers):

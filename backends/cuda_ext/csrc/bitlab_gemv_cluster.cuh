@@ -1,4 +1,4 @@
-// BitLab cuda_ext: the cluster GEMV (sm_90+), 1-16 tokens, activations staged once per block.
+// BitLab cuda_ext: the cluster GEMV (sm_90+), 1-64 tokens, activations staged once per block.
 //
 // Why: the one-shot and bulk GEMVs give a block one or two 16-row m-tiles over all of K, so every
 // block reads every activation row: at 16 tokens, 8192x8192 in fp16, 134 MB of activations cross
@@ -19,6 +19,12 @@
 //
 // Activation traffic: (row blocks) x (all activations) instead of (m-tiles / MT) x (all activations):
 // 16x less at MT = 2.
+//
+// Wide variant (NT = 4 or 8 n-tiles: 17-64 tokens, where the GEMM's 128-token tiles leave most of the
+// machine idle): the same kernel, one block per multiprocessor; activations are read from shared
+// memory one 16-byte piece (two k-steps) per n-tile at a time instead of a whole chunk, so the
+// registers hold MT x NT accumulators + 4 NT activation words; the partial sums reuse the staging
+// area.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -35,13 +41,28 @@ constexpr int kClusterWarps = 8;
 constexpr int kClusterMaxSlices = 8;    // the portable cluster size
 constexpr int kClusterMaxChunks = 256;  // K <= 32768: a slice's activations fit in shared memory
 constexpr int kClusterStageGroups = 4;  // the slice's activations arrive in 4 cp.async groups
+constexpr int kClusterWideMaxTokens = 64;             // NT = 8 n-tiles of 8 tokens
+constexpr int kClusterStageBytes = 128 * 1024;        // a slice's staged activations, NT <= 2
+constexpr int kClusterWideStageBytes = 192 * 1024;    // NT > 2 (one block per multiprocessor)
+
+// Bytes of one 128-column chunk of M staged token rows.
+template <typename X>
+constexpr int cluster_chunk_bytes(int M) { return M * 128 * static_cast<int>(sizeof(X)); }
+
+// Whether the staged activations of a slice fit with the most slices (8) for M tokens.
+template <typename X>
+inline bool cluster_gemv_fits(int M, int nchunks) {
+  const int limit = M > 16 ? kClusterWideStageBytes : kClusterStageBytes;
+  return nchunks <= kClusterMaxChunks &&
+         static_cast<long>((nchunks + kClusterMaxSlices - 1) / kClusterMaxSlices) * cluster_chunk_bytes<X>(M) <= limit;
+}
 
 // Shared-memory plan of one block (host-computed, identical for every block).
 struct ClusterGemvPlan {
   int slices;        // KS: blocks per cluster = K slices
   int slice_chunks;  // 128-column chunks per slice (the last slice may hold fewer)
   int x_rows;        // staged token rows: M (<= 16)
-  int red_offset;    // byte offset of the [token][row] partial sums (after the staged activations)
+  int red_offset;    // byte offset of the [token][row] partial sums (after the staged activations; 0 = over them)
   int red_pitch;     // floats / ints per token row of the partial sums: block rows + 4 (no bank conflicts)
   int smem_bytes;
 };
@@ -99,9 +120,36 @@ __device__ __forceinline__ void load_x_staged(uint32_t* dst, const unsigned char
   }
 }
 
+// Decode one (m-tile, chunk) of weights and multiply it with NT staged token groups, reading the
+// activations one 16-byte piece (two k-steps) per n-tile at a time (the wide variant's register diet;
+// same k mapping as load_x_staged + mma_chunk: piece v of lane t holds k-steps 2v and 2v + 1).
+template <int FMT, typename X, int S, int MT, int NT, typename Acc>
+__device__ __forceinline__ void mma_chunk_staged(Acc (&accs)[S][MT][NT][4],
+                                                 const uint32_t (&w)[MT][2 * FormatBits<FMT>::value],
+                                                 const unsigned char* chunk_rows, int rows, int g, int t) {
+  constexpr int NV = PathTraits<X>::xwords / 4;
+  constexpr int ROWB = 128 * static_cast<int>(sizeof(X));
+#pragma unroll
+  for (int v = 0; v < NV; ++v) {
+    uint32_t xb[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      const int row = n * 8 + g;
+      if (row < rows) {
+        const uint4 q = *reinterpret_cast<const uint4*>(chunk_rows + row * ROWB + swizzle_chunk(NV * t + v, row) * 16);
+        xb[n][0] = q.x; xb[n][1] = q.y; xb[n][2] = q.z; xb[n][3] = q.w;
+      } else {
+        xb[n][0] = xb[n][1] = xb[n][2] = xb[n][3] = 0u;
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) mma_kstep<FMT, X>(accs, w, 2 * v + h, [&](int n) { return &xb[n][2 * h]; });
+  }
+}
+
 template <int FMT, typename X, int MT, int NT>
-__global__ void __launch_bounds__(32 * kClusterWarps, 2) gemv_cluster_kernel(LinearArgs a, int nchunks,
-                                                                            ClusterGemvPlan p) {
+__global__ void __launch_bounds__(32 * kClusterWarps, NT > 2 ? 1 : 2) gemv_cluster_kernel(LinearArgs a, int nchunks,
+                                                                                       ClusterGemvPlan p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   using PT = PathTraits<X>;
@@ -143,10 +191,14 @@ __global__ void __launch_bounds__(32 * kClusterWarps, 2) gemv_cluster_kernel(Lin
     for (int d = 0; d < D; ++d)
       if (c + d < kc) {
         const unsigned char* chunk_rows = smem_raw + (c + d) * p.x_rows * ROWB;
-        uint32_t xb[NT][PT::xwords];
+        if constexpr (NT > 2) {
+          mma_chunk_staged<FMT, X>(accs, w[d], chunk_rows, p.x_rows, g, t);
+        } else {
+          uint32_t xb[NT][PT::xwords];
 #pragma unroll
-        for (int n = 0; n < NT; ++n) load_x_staged<X>(xb[n], chunk_rows, n * 8 + g, p.x_rows, t);
-        mma_chunk<FMT, X>(accs, w[d], xb);
+          for (int n = 0; n < NT; ++n) load_x_staged<X>(xb[n], chunk_rows, n * 8 + g, p.x_rows, t);
+          mma_chunk<FMT, X>(accs, w[d], xb);
+        }
       }
   };
 
@@ -188,6 +240,10 @@ __global__ void __launch_bounds__(32 * kClusterWarps, 2) gemv_cluster_kernel(Lin
   // fragment; the pitch (block rows + 4) puts the 32 lanes' stores on 32 banks.
   Acc acc[MT][NT][4];
   sum_acc_sets(accs, acc);
+  if constexpr (NT > 2) {  // the partial sums reuse the staging area (red_offset 0): every warp is done reading it
+    cp_async_wait<0>();
+    __syncthreads();
+  }
   Acc* red = reinterpret_cast<Acc*>(smem_raw + p.red_offset);
 #pragma unroll
   for (int m = 0; m < MT; ++m)
@@ -209,7 +265,15 @@ __global__ void __launch_bounds__(32 * kClusterWarps, 2) gemv_cluster_kernel(Lin
     const int token = idx / BLOCK_ROWS, row = idx - token * BLOCK_ROWS;
     const int off = token * p.red_pitch + row;
     Acc s = Acc(0);
-    for (int r = 0; r < p.slices; ++r) s += cluster.map_shared_rank(red, r)[off];
+    if constexpr (NT > 2) {  // many outputs per thread: every remote read issued before the first add
+      Acc part[kClusterMaxSlices];
+#pragma unroll
+      for (int r = 0; r < kClusterMaxSlices; ++r) part[r] = r < p.slices ? cluster.map_shared_rank(red, r)[off] : Acc(0);
+#pragma unroll
+      for (int r = 0; r < kClusterMaxSlices; ++r) s += part[r];
+    } else {
+      for (int r = 0; r < p.slices; ++r) s += cluster.map_shared_rank(red, r)[off];
+    }
     epilogue_store(a, token, row_base + row, s);
   }
   cluster.sync();  // the other blocks' shared memory stays alive until every block has read it
@@ -281,9 +345,13 @@ ClusterGemvPlan cluster_gemv_plan_for(int M, int nchunks, int slices) {
   p.slices = slices;
   p.slice_chunks = (nchunks + slices - 1) / slices;
   p.x_rows = M;
-  p.red_offset = (p.slice_chunks * M * ROWB + 15) / 16 * 16;
+  const int staged = (p.slice_chunks * M * ROWB + 15) / 16 * 16;
   p.red_pitch = kClusterWarps * MT * 16 + 4;
-  p.smem_bytes = p.red_offset + 8 * NT * p.red_pitch * static_cast<int>(sizeof(Acc));
+  const int red = 8 * NT * p.red_pitch * static_cast<int>(sizeof(Acc));
+  // Wide variant: the partial sums overwrite the staged activations (red_offset 0; the kernel waits for
+  // every warp first), so 64 tokens fit in one block's shared memory.
+  p.red_offset = NT > 2 ? 0 : staged;
+  p.smem_bytes = NT > 2 ? (staged > red ? staged : red) : staged + red;
   return p;
 }
 
@@ -305,7 +373,10 @@ ClusterChoice cluster_gemv_choose(int M, int N, int nchunks) {
   const int row_blocks = (tiles + kClusterWarps * MT - 1) / (kClusterWarps * MT);
   int forced = 0;
   if (const char* env = std::getenv("BITLAB_CUDA_CLUSTER_KS")) forced = std::atoi(env);
-  auto fits = [&](int ks) { return ks == kClusterMaxSlices || (nchunks + ks - 1) / ks * M * ROWB <= 128 * 1024; };
+  const long limit = M > 16 ? kClusterWideStageBytes : kClusterStageBytes;
+  auto fits = [&](int ks) {
+    return ks == kClusterMaxSlices || static_cast<long>((nchunks + ks - 1) / ks) * M * ROWB <= limit;
+  };
   if (forced < 1 || forced > kClusterMaxSlices || forced > nchunks || !fits(forced)) forced = 0;
   ClusterChoice best{cluster_gemv_plan_for<FMT, X, MT, NT>(M, nchunks, 1), -1};
   for (int ks = 1; ks <= kClusterMaxSlices && ks <= nchunks; ++ks) {
@@ -351,19 +422,24 @@ inline void trace_cluster_plan(const LinearArgs& a, int mt, const ClusterChoice&
 }
 
 // m-tiles per warp: 2 or 4 (4 only for 1- and 2-bit weights: wider ones spill), whichever plan costs
-// less, 4 on a tie (4 reads the activations half as often but has half the row blocks);
-// BITLAB_CUDA_CLUSTER_MT=1 / 2 / 4 forces one.
+// less, 4 on a tie (4 reads the activations half as often but has half the row blocks); the wide
+// variant (NT > 2) takes 1 or 2, 2 on a tie.  BITLAB_CUDA_CLUSTER_MT=1 / 2 / 4 forces one (4: not wide).
 template <int FMT, typename X, int NT>
 cudaError_t launch_gemv_cluster_auto(const LinearArgs& a, int nchunks, cudaStream_t stream) {
   const char* env = std::getenv("BITLAB_CUDA_CLUSTER_MT");
   const int forced = env ? std::atoi(env) : 0;
-  if (forced == 1) {
-    const ClusterChoice one = cluster_gemv_choose<FMT, X, 1, NT>(a.M, a.N, nchunks);
+  auto launch_one = [&](const ClusterChoice& one) {
     trace_cluster_plan(a, 1, one);
     return launch_gemv_cluster<FMT, X, 1, NT>(a, nchunks, one.plan, stream);
-  }
+  };
+  if (forced == 1) return launch_one(cluster_gemv_choose<FMT, X, 1, NT>(a.M, a.N, nchunks));
   const ClusterChoice two = cluster_gemv_choose<FMT, X, 2, NT>(a.M, a.N, nchunks);
-  if (FormatBits<FMT>::value <= 2 && forced != 2) {
+  if constexpr (NT > 2) {
+    if (forced != 2) {
+      const ClusterChoice one = cluster_gemv_choose<FMT, X, 1, NT>(a.M, a.N, nchunks);
+      if (one.cost < two.cost) return launch_one(one);
+    }
+  } else if (FormatBits<FMT>::value <= 2 && forced != 2) {
     const ClusterChoice four = cluster_gemv_choose<FMT, X, 4, NT>(a.M, a.N, nchunks);
     if (forced == 4 || four.cost <= two.cost) {
       trace_cluster_plan(a, 4, four);

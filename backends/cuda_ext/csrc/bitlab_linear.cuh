@@ -12,7 +12,8 @@
 //   previous one). NT = 1 (M <= 8) or 2 (M <= 16) n-tiles of 8 tokens.  On sm_90 large float
 //   layers at one token take the bulk-copy GEMV instead (bitlab_gemv_bulk.cuh), and 2-16 tokens
 //   mostly the cluster GEMV (bitlab_gemv_cluster.cuh); the rule is in launch_linear_fmt.
-// GEMM (M > 16): a block owns 128 rows x 128 tokens, 8 warps as 4 (rows, MT = 2)
+// Wide cluster GEMV (17-64 tokens, sm_90): the cluster GEMV with 4 or 8 n-tiles (bitlab_gemv_cluster.cuh).
+// GEMM (M > 16 elsewhere): a block owns 128 rows x 128 tokens, 8 warps as 4 (rows, MT = 2)
 //   x 2 (tokens, NT = 8); activation tiles are staged in shared memory with
 //   cp.async (2 stages, XOR-swizzled 16-byte chunks: conflict-free 16-byte reads),
 //   weight fragments are loaded one chunk ahead into registers.
@@ -161,13 +162,8 @@ __global__ void __launch_bounds__(kGemmThreads, 1) gemm_kernel(LinearArgs a, int
   const int token0 = blockIdx.y * kGemmTokens;
   const X* __restrict__ x = static_cast<const X*>(a.x);
 
-  Acc acc[MT][NT][4];
-#pragma unroll
-  for (int m = 0; m < MT; ++m)
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[m][n][i] = Acc(0);
+  Acc accs[1][MT][NT][4];  // one accumulator set: MT x NT independent mma chains already
+  zero_acc_sets(accs);
 
   uint32_t wa[MT][L::wpl], wn[MT][L::wpl];
   stage_x_tile<X>(smem_raw, x, token0, a.M, a.Kp, 0);
@@ -198,17 +194,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1) gemm_kernel(LinearArgs a, int
         xb[n][0] = q.x; xb[n][1] = q.y; xb[n][2] = q.z; xb[n][3] = q.w;
       }
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int j = 2 * jj + h;
-#pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          uint32_t ar[4];
-#pragma unroll
-          for (int r = 0; r < 4; ++r) ar[r] = decode<FMT, X>(wa[m], 4 * j + r);
-#pragma unroll
-          for (int n = 0; n < NT; ++n) mma(acc[m][n], ar, &xb[n][2 * h], X());
-        }
-      }
+      for (int h = 0; h < 2; ++h) mma_kstep<FMT, X>(accs, wa, 2 * jj + h, [&](int n) { return &xb[n][2 * h]; });
     }
     __syncthreads();
     if (more) {
@@ -219,7 +205,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1) gemm_kernel(LinearArgs a, int
     }
   }
 
-  store_fragment(a, acc, tile0, g, t, token0 + wt * 64);
+  store_fragment(a, accs[0], tile0, g, t, token0 + wt * 64);
 }
 
 // ------------------------------------------------------------------------ launch heuristics
@@ -270,7 +256,17 @@ template <int FMT, typename X>
 cudaError_t launch_linear_fmt(const LinearArgs& a, cudaStream_t stream) {
   if (a.M == 0 || a.N == 0) return cudaSuccess;
   const int nchunks = a.Kp / 128;
-  if (a.M > 16) return launch_gemm<FMT, X>(a, nchunks, stream);
+  if (a.M > 16) {
+    // 17-64 tokens: the wide cluster GEMV on sm_90 where a slice's activations fit (4 or 8 n-tiles),
+    // unless BITLAB_CUDA_GEMV=oneshot / bulk (then the GEMM, as below sm_90 and past 64 tokens).
+    // Mirrored in kernels.gemv_kernel.
+    const GemvChoice wide = a.M <= kClusterWideMaxTokens ? gemv_choice() : kGemvOneshot;
+    if ((wide == kGemvAuto || wide == kGemvCluster) && cluster_gemv_fits<X>(a.M, nchunks)) {
+      if (a.M <= 32) return launch_gemv_cluster_auto<FMT, X, 4>(a, nchunks, stream);
+      return launch_gemv_cluster_auto<FMT, X, 8>(a, nchunks, stream);
+    }
+    return launch_gemm<FMT, X>(a, nchunks, stream);
+  }
   // Two m-tiles per block (half the activation traffic per weight byte) once that still leaves
   // about three blocks per multiprocessor.
   const int tiles = (a.N + 127) / 128 * 8;

@@ -370,21 +370,28 @@ __device__ __forceinline__ void reduce_warps_and_store(const LinearArgs& a, cons
   }
 }
 
+// One mma k-step j of a chunk: decode the MT m-tiles' A registers and multiply each with the NT B
+// fragments (xfrag(n): the two words of n-tile n for this k-step), into accumulator set j % S.
+template <int FMT, typename X, int S, int MT, int NT, typename Acc, typename XFrag>
+__device__ __forceinline__ void mma_kstep(Acc (&accs)[S][MT][NT][4], const uint32_t (&w)[MT][2 * FormatBits<FMT>::value],
+                                          const int j, XFrag xfrag) {
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    uint32_t ar[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) ar[r] = decode<FMT, X>(w[m], 4 * j + r);
+#pragma unroll
+    for (int n = 0; n < NT; ++n) mma(accs[j % S][m][n], ar, xfrag(n), X());
+  }
+}
+
 // Decode one (m-tile, chunk) of weights and multiply it into the accumulator sets: the mma
 // k-steps of the chunk rotate over the S sets.
 template <int FMT, typename X, int S, int MT, int NT, typename Acc>
 __device__ __forceinline__ void mma_chunk(Acc (&accs)[S][MT][NT][4], const uint32_t (&w)[MT][2 * FormatBits<FMT>::value],
                                           const uint32_t (&xb)[NT][PathTraits<X>::xwords]) {
 #pragma unroll
-  for (int j = 0; j < PathTraits<X>::ksteps; ++j) {
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      uint32_t ar[4];
-#pragma unroll
-      for (int r = 0; r < 4; ++r) ar[r] = decode<FMT, X>(w[m], 4 * j + r);
-#pragma unroll
-      for (int n = 0; n < NT; ++n) mma(accs[j % S][m][n], ar, &xb[n][2 * j], X());
-    }
-  }
+  for (int j = 0; j < PathTraits<X>::ksteps; ++j) mma_kstep<FMT, X>(accs, w, j, [&](int n) { return &xb[n][2 * j]; });
 }
+
 }  // namespace bitlab

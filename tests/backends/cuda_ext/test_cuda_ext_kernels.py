@@ -205,6 +205,57 @@ def test_cluster_gemv_slices_and_row_blocks(kernels, monkeypatch, bits, act, mt)
         check_against_reference(kernel, cfg, bits, act, ((300, 9000), (40, 1100)), (1, 5, 9, 16), dtype)
 
 
+@pytest.mark.parametrize("act", ["float16", "bfloat16", "int8"])
+@pytest.mark.parametrize("bits", [1, 1.58, 2, 4, 8])
+def test_wide_cluster_gemv_17_to_64_tokens(kernels, monkeypatch, bits, act):
+    # 17-64 tokens on sm_90 run the cluster GEMV with 4 or 8 n-tiles (the GEMM elsewhere): every format
+    # and activation type, token counts on and off the 8-token tiles, K and N off every tile size,
+    # K long enough for several slices, and the route naming it.
+    if torch.cuda.get_device_capability(0)[0] < 9:
+        pytest.skip("the cluster GEMV needs sm_90 (thread-block clusters)")
+    monkeypatch.delenv("BITLAB_CUDA_GEMV", raising=False)
+    cfg = BitQuantConfig(weight_bits=bits, activation_dtype=act, weight_granularity="per_channel",
+                         activation_granularity="per_token")
+    kernel = kernels.CudaExtInt8Kernel() if act == "int8" else kernels.CudaExtFloatKernel()
+    dtype = torch.bfloat16 if act == "bfloat16" else torch.float16
+    shapes = ((33, 4097), (130, 257), (3000, 2560), (1000, 9000))
+    check_against_reference(kernel, cfg, bits, act, shapes, (17, 24, 32, 33, 47, 64), dtype)
+    prepared = kernel.prepare(make_packed(bits, "per_channel", 3000, 2560), cfg)
+    assert kernel.route(17, prepared).endswith("gemv_cluster") and kernel.route(64, prepared).endswith("gemv_cluster")
+
+
+@pytest.mark.parametrize("slices", ["1", "3", "8"])
+@pytest.mark.parametrize("mt", ["1", "2"])
+def test_wide_cluster_gemv_plans(kernels, monkeypatch, mt, slices):
+    # The wide variant with 1 or 2 m-tiles per warp and 1, 3 or 8 K-slices (a slice count that does not fit
+    # falls back to the cost model's), ternary and int4 weights, fp16 and int8 activations; against the
+    # GEMM (BITLAB_CUDA_GEMV=oneshot past 16 tokens) and the reference.
+    if torch.cuda.get_device_capability(0)[0] < 9:
+        pytest.skip("the cluster GEMV needs sm_90 (thread-block clusters)")
+    for bits in (1.58, 4):
+        for act in ("float16", "int8"):
+            cfg = BitQuantConfig(weight_bits=bits, activation_dtype=act, weight_granularity="per_channel",
+                                 activation_granularity="per_token")
+            kernel = kernels.CudaExtInt8Kernel() if act == "int8" else kernels.CudaExtFloatKernel()
+            packed = make_packed(bits, "per_channel", 700, 1500)
+            prepared, rprep = kernel.prepare(packed, cfg), REF.prepare(packed, cfg)
+            for m in (20, 64):
+                x = torch.randn(m, 1500, device="cuda", dtype=torch.float16)
+                monkeypatch.setenv("BITLAB_CUDA_GEMV", "oneshot")
+                gemm = kernel.forward(x, prepared)
+                monkeypatch.setenv("BITLAB_CUDA_GEMV", "cluster")
+                monkeypatch.setenv("BITLAB_CUDA_CLUSTER_MT", mt)
+                monkeypatch.setenv("BITLAB_CUDA_CLUSTER_KS", slices)
+                y = kernel.forward(x, prepared)
+                for knob in ("BITLAB_CUDA_GEMV", "BITLAB_CUDA_CLUSTER_MT", "BITLAB_CUDA_CLUSTER_KS"):
+                    monkeypatch.delenv(knob)
+                ref = REF.forward(x, rprep)
+                if act == "int8":
+                    assert torch.equal(y, ref) and torch.equal(gemm, ref), (bits, m)
+                else:
+                    assert rel_err(y, ref) < 1.5e-3 and rel_err(y, gemm) < 1.5e-3, (bits, m, rel_err(y, ref))
+
+
 @pytest.mark.parametrize("mt", ["1", "2", "4"])
 @pytest.mark.parametrize("act", ["float16", "bfloat16", "int8"])
 @pytest.mark.parametrize("bits", [1, 1.58, 2, 4, 8])
@@ -358,7 +409,8 @@ def test_route_names_the_gemv_it_runs(kernels, monkeypatch):
     assert fk.route(8, long_rows).endswith("gemv_oneshot")
     assert fk.route(1, fk.prepare(short_k, fcfg)).endswith("gemv_oneshot")
     assert ik.route(1, ik.prepare(big, icfg)).endswith("gemv_oneshot")
-    assert fk.route(17, fbig).endswith("gemm")
+    assert fk.route(17, fbig).endswith("gemv_cluster" if hopper else "gemm")
+    assert fk.route(65, fbig).endswith("gemm")
     long_packed = make_packed(1.58, "per_channel", 64, 40000)  # past the cluster GEMV's K
     long_k = fk.prepare(long_packed, fcfg)
     assert fk.route(16, long_k).endswith("gemv_oneshot")

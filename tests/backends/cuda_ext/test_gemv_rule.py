@@ -54,6 +54,16 @@ def weight(out_features, in_features, act="float", bits=1.58):
     # K past the cluster kernel's shared memory: the bulk kernel takes 9-16 float tokens
     ((28672, 40000), "float", 16, "bulk"),
     ((28672, 40000), "int8", 16, "oneshot"),
+    # 17-64 tokens: the wide cluster GEMV where 8 slices of staged activations fit in 192 KB, else the GEMM
+    ((3840, 2560), "int8", 17, "cluster"),
+    ((2560, 6912), "int8", 64, "cluster"),
+    ((13824, 2560), "float", 33, "cluster"),
+    ((4096, 12288), "float", 64, "cluster"),     # 12 chunks per slice x 64 rows x 256 B = 192 KB
+    ((4096, 12416), "float", 64, "gemm"),        # one chunk more
+    ((4096, 12416), "float", 32, "cluster"),
+    ((4096, 24576), "int8", 64, "cluster"),
+    ((4096, 32768), "int8", 64, "gemm"),
+    ((28672, 8192), "float", 65, "gemm"),        # past 64 tokens
 ])
 def test_rule_on_hopper(device, shape, act, tokens, expected):
     assert kernels.gemv_kernel(weight(*shape, act=act), tokens) == expected
@@ -66,9 +76,13 @@ def test_forcing_and_older_devices(device, monkeypatch):
     assert kernels.gemv_kernel(weight(64, 40000), 16) == "oneshot"  # too long for the cluster kernel
     monkeypatch.setenv("BITLAB_CUDA_GEMV", "oneshot")
     assert kernels.gemv_kernel(big, 16) == "oneshot"
+    assert kernels.gemv_kernel(big, 17) == "gemm"  # past 16 tokens "oneshot" / "bulk" leave the wide GEMV
+    monkeypatch.setenv("BITLAB_CUDA_GEMV", "bulk")
+    assert kernels.gemv_kernel(big, 64) == "gemm"
     monkeypatch.delenv("BITLAB_CUDA_GEMV")
     device["major"] = 8  # sm_80: neither the bulk nor the cluster kernel exists there
     assert {kernels.gemv_kernel(big, t) for t in (1, 8, 16)} == {"oneshot"}
+    assert {kernels.gemv_kernel(big, t) for t in (17, 64)} == {"gemm"}
 
 
 def test_route_names_kernel_and_gemv(device):
@@ -76,4 +90,9 @@ def test_route_names_kernel_and_gemv(device):
     big = weight(28672, 8192)
     assert kernel.route(16, big) == "CudaExtFloatKernel.gemv_cluster"
     assert kernel.route(1, big) == "CudaExtFloatKernel.gemv_bulk"
+    assert kernel.route(17, big) == "CudaExtFloatKernel.gemv_cluster"
+    assert kernel.route(64, big) == "CudaExtFloatKernel.gemv_cluster"
+    assert kernel.route(65, big) == "CudaExtFloatKernel.gemm"
+    assert kernel.route(64) == "CudaExtFloatKernel.gemv_cluster or gemm"  # no weight: depends on in_features
+    device["major"] = 8
     assert kernel.route(17, big) == "CudaExtFloatKernel.gemm"

@@ -77,7 +77,7 @@ def test_fused_and_unfused_projections_compute_the_same_logits():
 
 def test_quantizing_in_the_norms_computes_the_same_logits(monkeypatch):
     """With kernels that take int8 input, the norms quantize and the projections skip their own
-    quantization (up to 16 tokens, the GEMV range): the same quantization, so the same logits,
+    quantization (up to 64 tokens, the GEMV range with the wide cluster GEMV): the same quantization, so the same logits,
     bit for bit (torch_ref on the CPU)."""
     from backends.torch_ref.kernels import TorchReferenceKernel
     from bitcore.kernels import KernelRegistry
@@ -92,21 +92,29 @@ def test_quantizing_in_the_norms_computes_the_same_logits(monkeypatch):
     monkeypatch.setattr(TorchReferenceKernel, "forward_quantized", spy)
     model = _model(seed=5)
     ids = torch.randint(3, 71, (2, 7), generator=torch.Generator().manual_seed(5))
-    long_ids = torch.randint(3, 71, (2, 9), generator=torch.Generator().manual_seed(6))
+    mid_ids = torch.randint(3, 71, (2, 9), generator=torch.Generator().manual_seed(7))
+    long_ids = torch.randint(3, 71, (2, 33), generator=torch.Generator().manual_seed(6))
     with torch.no_grad(), KernelRegistry.force_backend("torch_ref"):
         model.prepare_for_inference("cpu", quantize_in_norms=False)
         assert not any(layer.quantized_inputs for layer in model.model.layers)
-        plain, plain_long = model(ids), model(long_ids)
+        plain, plain_long, plain_mid = model(ids), model(long_ids), model(mid_ids)
         assert calls == []
         model.prepare_for_inference("cpu")
         assert all(layer.quantized_inputs for layer in model.model.layers)
         assert all(b.takes_quantized for b in model.model.layers[0].bound.values())
         quantized = model(ids)
         assert calls == [14] * 4 * 2  # 4 bindings (qkv, o, gate_up, down) x 2 layers, all 14 tokens
-        quantized_long = model(long_ids)  # 18 tokens: the projections quantize themselves
+        assert model.quantize_in_norms_max_tokens == 64
+        quantized_long = model(long_ids)  # 66 tokens: the projections quantize themselves
         assert len(calls) == 8
+        quantized_mid = model(mid_ids)  # 18 tokens: the wide GEMV range, quantized in the norms
+        assert calls[8:] == [18] * 8
+        model.quantize_in_norms_max_tokens = 16
+        assert torch.equal(model(mid_ids), quantized_mid) and len(calls) == 16
+        model.quantize_in_norms_max_tokens = 64
         out = Generator(model, bind=False).generate([ids[0].tolist()], max_new_tokens=4, stop_token_ids=[])
     assert torch.equal(plain, quantized) and torch.equal(plain_long, quantized_long)
+    assert torch.equal(plain_mid, quantized_mid)
     assert out.tokens[0] == _greedy_by_recomputation(model, ids[0].tolist(), 4)
 
 
