@@ -446,6 +446,14 @@ def write_report(result: dict, out_dir: Path) -> None:
         f"copy is offloaded to the CPU), float tensors (embedding tied to lm_head, norms) {w['float_gb']:.3f} GB; "
         f"GPU memory allocated after loading {w['gpu_allocated_after_load_gb']:.3f} GB.",
     ]
+    names = {
+        "bitlab_separate_mlp": "each MLP as three kernels (GEMV, norm + quantization, GEMV) instead of one",
+        "bitlab_unfused_attn": "one-token attention through the compiled torch path instead of cuda_ext's kernel",
+        "bitlab_gemm_past16": "batches past 16 as before the wide cluster GEMV: the GEMM past 16 tokens and "
+                              "norm-side quantization up to 16 tokens",
+        "bitlab_triton_attn": "one-token attention through the split-KV Triton kernel",
+    }
+    lines += [f"{name}: {text}." for name, text in names.items() if name in runs]
     for bits, h in result.get("quantized_lm_head", {}).items():
         lines.append(f"bitlab_head{bits}: lm_head quantized per row to {bits} bits ({h['kernel']}, {h['gpu_gb']:.3f} GB "
                      f"on the GPU besides the bf16 embedding); logits vs the bf16 head (64 tokens): relative error "

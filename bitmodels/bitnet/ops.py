@@ -242,10 +242,10 @@ def fused_decode_attention_status(device) -> str:
     return "" if status else f"cuda_ext unavailable: {status.reason}"
 
 
-# Rows up to which one-token attention runs fused (H100, BitNet 2B shape, 512-token prompt: batch 1
-# 595 -> 642 tokens/s, batch 8 4052 -> 4040, batch 64 6822 -> 6104: past a few waves of clusters the
-# unfused path's batched matmuls win).
-FUSED_ATTENTION_MAX_BATCH = 16
+# Rows up to which one-token attention runs fused (H100, BitNet 2B shape, 512-token prompt, decode tokens/s
+# fused vs unfused: batch 1 642 vs 595, 8 4040 vs 4052, 32 10282 vs 9879, 64 13168 vs 13999; per layer the
+# kernel ties the compiled torch path at 16-32 rows and loses at 64, docs/benchmarks/decode_attention.md).
+FUSED_ATTENTION_MAX_BATCH = 32
 
 
 class FusedDecodeAttentionOps:

@@ -10,6 +10,18 @@
 
 namespace bitlab {
 
+// Multiprocessors of the current device (cached; 132 if the query fails).
+inline int device_sm_count() {
+  static int count = 0;
+  if (count == 0) {
+    int dev = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev);
+    if (count <= 0) count = 132;
+  }
+  return count;
+}
+
 enum OutDtype { kDtypeFloat = 0, kDtypeHalf = 1, kDtypeBFloat16 = 2 };
 enum Epilogue { kEpilogueNone = 0, kEpilogueRelu = 1, kEpilogueRelu2 = 2 };
 

@@ -209,16 +209,6 @@ __global__ void __launch_bounds__(kGemmThreads, 1) gemm_kernel(LinearArgs a, int
 }
 
 // ------------------------------------------------------------------------ launch heuristics
-inline int device_sm_count() {
-  static int count = 0;
-  if (count == 0) {
-    int dev = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev);
-    if (count <= 0) count = 132;
-  }
-  return count;
-}
 
 // v2 GEMV: one block per MT m-tiles, all of a warp's loads issued before the first use.
 template <int FMT, typename X, int MT, int NT>

@@ -95,6 +95,7 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
 
   uint4 kraw[KU];
   VRaw vraw[KPW];
+  uint8_t kmask = 0;  // the mask byte of this thread's key, loaded with the key
   // Loads of chunk c (keys beyond S read as zeros; keys past slot are loaded but never used).
   auto load_keys = [&](int c) {
     const long k0 = static_cast<long>(c) * KEYS;
@@ -102,6 +103,7 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
 #pragma unroll
     for (int u = 0; u < KU; ++u)
       kraw[u] = kin ? reinterpret_cast<const uint4*>(kc + (k0 + j) * D + hf * HALF)[u] : make_uint4(0, 0, 0, 0);
+    kmask = kin ? a.mask[b * a.mask_row + k0 + j] : 0;
   };
   auto load_values = [&](int c) {
     const long k0 = static_cast<long>(c) * KEYS;
@@ -160,7 +162,7 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
     // 2. scores
     {
       const long key = k0 + j;
-      const bool valid = j < nk && a.mask[b * a.mask_row + key] != 0;
+      const bool valid = j < nk && kmask != 0;
       float s[G];
 #pragma unroll
       for (int g = 0; g < G; ++g) s[g] = 0.f;
@@ -294,10 +296,31 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
 #endif
 }
 
+// Blocks per cluster (key chunks split over the cluster): the most (up to 8 and the chunk count) that
+// keep the grid within one wave of two blocks per multiprocessor, rounded down to a power of two when
+// the cluster does not cover every chunk, at least 1 (then one block per (row, KV head) walks its chunks
+// alone, no cluster merge).  H100, BitNet 2B heads, 601 keys (5 chunks), attention + sub-norm, us per
+// layer (docs/benchmarks/decode_attention.md): batch 1, 5 blocks 11.5 vs 4 15.2; batch 8, 5 blocks (200)
+// 16.7 vs 4 21.9; batch 16, 2 blocks 28.5 vs 3 (240 blocks, not one wave) 31.5 vs 5 31.4; batch 32, 1 block
+// 41.3 vs 2 41.3 (before, with 5: 92.6 vs 86.8 in the first run, eager norms).
+// BITLAB_ATTN_MAX_CLUSTER=1..8 caps it (read per launch, for benchmarks).
+inline int attention_cluster_size(int rows_x_heads, int chunks) {
+  int c = 2 * device_sm_count() / (rows_x_heads > 0 ? rows_x_heads : 1);
+  if (const char* env = std::getenv("BITLAB_ATTN_MAX_CLUSTER")) {
+    const int cap = std::atoi(env);
+    if (cap >= 1 && cap < c) c = cap;
+  }
+  c = c < kMaxCluster ? c : kMaxCluster;
+  if (c >= chunks) return chunks;
+  int pow2 = 1;
+  while (2 * pow2 <= c) pow2 *= 2;
+  return pow2;
+}
+
 template <typename T, int D, int G>
 cudaError_t launch_decode_attention_g(const DecodeAttentionArgs& a, cudaStream_t stream) {
   const int chunks = (a.S + D - 1) / D;
-  const int C = chunks < kMaxCluster ? chunks : kMaxCluster;
+  const int C = attention_cluster_size(a.B * a.KVH, chunks);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(a.B * a.KVH * C);
   cfg.blockDim = dim3(2 * D);

@@ -76,6 +76,26 @@ def test_matches_reference_and_writes_the_cache(cuda_ext_ops, dtype, B, H, KVH, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cap", ["1", "2", "3", "8"])
+def test_cluster_sizes_and_many_rows(cuda_ext_ops, monkeypatch, cap):
+    # Fewer blocks per cluster than key chunks (each block walks several chunks, the next chunk's keys in
+    # flight), one block per (row, KV head) at 1, and the default rule at 64 rows (one block per pair).
+    monkeypatch.setenv("BITLAB_ATTN_MAX_CLUSTER", cap)
+    for B, H, KVH, D, S, slot, pads in ((2, 20, 5, 128, 1000, 900, [0, 333]), (3, 16, 2, 64, 700, 650, None)):
+        q, k, v, cos, sin, k_cache, v_cache, slot_t, mask = make_inputs(B, H, KVH, D, S, slot, torch.bfloat16,
+                                                                         seed=B + int(cap), pads=pads)
+        ref, _, ref_v = reference(q, k, v, cos, sin, k_cache.clone(), v_cache.clone(), slot, mask)
+        out = fused.decode_attention(q, k, v, cos, sin, k_cache, v_cache, slot_t, mask)
+        assert float((out.float() - ref).norm() / ref.norm()) < 8e-3, (B, cap)
+        assert torch.equal(v_cache, ref_v)
+    monkeypatch.delenv("BITLAB_ATTN_MAX_CLUSTER")
+    q, k, v, cos, sin, k_cache, v_cache, slot_t, mask = make_inputs(64, 20, 5, 128, 640, 600, torch.bfloat16, seed=64)
+    ref, _, _ = reference(q, k, v, cos, sin, k_cache.clone(), v_cache.clone(), 600, mask)
+    out = fused.decode_attention(q, k, v, cos, sin, k_cache, v_cache, slot_t, mask)
+    assert float((out.float() - ref).norm() / ref.norm()) < 8e-3
+
+
+@pytest.mark.gpu
 def test_cuda_graph_replay_follows_the_slot_tensor(cuda_ext_ops):
     B, H, KVH, D, S = 2, 20, 5, 128, 256
     q, k, v, cos, sin, k_cache, v_cache, slot_t, mask = make_inputs(B, H, KVH, D, S, 100, torch.bfloat16, seed=5)
