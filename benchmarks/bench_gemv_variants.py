@@ -41,7 +41,7 @@ from bitcore.kernels import KernelRegistry  # noqa: E402
 SHAPES = [(4096, 4096), (8192, 8192), (14336, 4096), (13824, 2560), (28672, 8192),
           (2560, 2560), (3840, 2560), (2560, 6912)]
 KNOBS = ("BITLAB_CUDA_GEMV", "BITLAB_CUDA_ONESHOT_MT", "BITLAB_CUDA_BULK_MT", "BITLAB_CUDA_BULK_INFLIGHT", "BITLAB_CUDA_CLUSTER_MT",
-         "BITLAB_CUDA_CLUSTER_KS")
+         "BITLAB_CUDA_CLUSTER_KS", "BITLAB_CUDA_CLUSTER_TSPLIT")
 VARIANTS = {
     "oneshot": {"BITLAB_CUDA_GEMV": "oneshot"},
     "gemm": {"BITLAB_CUDA_GEMV": "oneshot"},  # past 16 tokens "oneshot" leaves the wide cluster GEMV: the GEMM runs
@@ -61,6 +61,12 @@ VARIANTS = {
     "cluster_ks4": {"BITLAB_CUDA_GEMV": "cluster", "BITLAB_CUDA_CLUSTER_KS": "4"},
     "cluster_ks6": {"BITLAB_CUDA_GEMV": "cluster", "BITLAB_CUDA_CLUSTER_KS": "6"},
     "cluster_ks8": {"BITLAB_CUDA_GEMV": "cluster", "BITLAB_CUDA_CLUSTER_KS": "8"},
+    # 33-64 tokens, int8 activations: one warp (ts1) or two warps splitting the tokens (ts2) per group of
+    # m-tiles (elsewhere the knob changes nothing)
+    "cluster_ts1": {"BITLAB_CUDA_GEMV": "cluster", "BITLAB_CUDA_CLUSTER_TSPLIT": "1"},
+    "cluster_ts2": {"BITLAB_CUDA_GEMV": "cluster", "BITLAB_CUDA_CLUSTER_TSPLIT": "2"},
+    "cluster_ts2_mt1": {"BITLAB_CUDA_GEMV": "cluster", "BITLAB_CUDA_CLUSTER_TSPLIT": "2", "BITLAB_CUDA_CLUSTER_MT": "1"},
+    "cluster_ts2_mt2": {"BITLAB_CUDA_GEMV": "cluster", "BITLAB_CUDA_CLUSTER_TSPLIT": "2", "BITLAB_CUDA_CLUSTER_MT": "2"},
 }
 DEFAULT_VARIANTS = ["oneshot", "bulk", "cluster", "cluster_mt2", "cluster_mt4", "cluster_ks4", "cluster_ks8"]
 

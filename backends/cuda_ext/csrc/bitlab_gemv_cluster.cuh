@@ -120,13 +120,13 @@ __device__ __forceinline__ void load_x_staged(uint32_t* dst, const unsigned char
   }
 }
 
-// Decode one (m-tile, chunk) of weights and multiply it with NT staged token groups, reading the
+// Decode one (m-tile, chunk) of weights and multiply it with NT staged token groups (from group n0), reading the
 // activations one 16-byte piece (two k-steps) per n-tile at a time (the wide variant's register diet;
 // same k mapping as load_x_staged + mma_chunk: piece v of lane t holds k-steps 2v and 2v + 1).
 template <int FMT, typename X, int S, int MT, int NT, typename Acc>
 __device__ __forceinline__ void mma_chunk_staged(Acc (&accs)[S][MT][NT][4],
                                                  const uint32_t (&w)[MT][2 * FormatBits<FMT>::value],
-                                                 const unsigned char* chunk_rows, int rows, int g, int t) {
+                                                 const unsigned char* chunk_rows, int rows, int g, int t, int n0) {
   constexpr int NV = PathTraits<X>::xwords / 4;
   constexpr int ROWB = 128 * static_cast<int>(sizeof(X));
 #pragma unroll
@@ -134,7 +134,7 @@ __device__ __forceinline__ void mma_chunk_staged(Acc (&accs)[S][MT][NT][4],
     uint32_t xb[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
-      const int row = n * 8 + g;
+      const int row = (n0 + n) * 8 + g;
       if (row < rows) {
         const uint4 q = *reinterpret_cast<const uint4*>(chunk_rows + row * ROWB + swizzle_chunk(NV * t + v, row) * 16);
         xb[n][0] = q.x; xb[n][1] = q.y; xb[n][2] = q.z; xb[n][3] = q.w;
@@ -147,22 +147,27 @@ __device__ __forceinline__ void mma_chunk_staged(Acc (&accs)[S][MT][NT][4],
   }
 }
 
-template <int FMT, typename X, int MT, int NT>
-__global__ void __launch_bounds__(32 * kClusterWarps, NT > 2 ? 1 : 2) gemv_cluster_kernel(LinearArgs a, int nchunks,
-                                                                                       ClusterGemvPlan p) {
+// TS (wide variant only): warps per group of m-tiles, each taking NT / TS of the n-tiles; TS = 2 runs 16
+// warps per block (half the accumulators per warp) and decodes every weight twice.
+template <int FMT, typename X, int MT, int NT, int TS = 1>
+__global__ void __launch_bounds__(32 * kClusterWarps * TS, NT > 2 ? 1 : 2) gemv_cluster_kernel(LinearArgs a, int nchunks,
+                                                                                            ClusterGemvPlan p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   using PT = PathTraits<X>;
   using Acc = typename PT::Acc;
   using L = LaneTile<FMT>;
+  static_assert(NT % TS == 0 && (TS == 1 || NT > 2), "token split: wide variant only");
+  constexpr int NTW = NT / TS;  // n-tiles of one warp
   constexpr int D = ClusterDepth<FMT, MT>::value;
-  constexpr int S = MT * NT >= 4 ? 1 : GemvAccSets<MT>::value;  // independent mma chains per k-step
+  constexpr int S = MT * NTW >= 4 ? 1 : GemvAccSets<MT>::value;  // independent mma chains per k-step
   constexpr int ROWB = 128 * static_cast<int>(sizeof(X));
   constexpr int BLOCK_ROWS = kClusterWarps * MT * 16;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   cg::cluster_group cluster = cg::this_cluster();
   const int slice = static_cast<int>(cluster.block_rank());  // == blockIdx.x: cluster dims (KS, 1, 1)
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, warp = TS == 1 ? threadIdx.x >> 5 : (threadIdx.x >> 5) % kClusterWarps;
+  const int n0 = TS == 1 ? 0 : (threadIdx.x >> 5) / kClusterWarps * NTW;  // first n-tile of this warp
   const int g = lane >> 2, t = lane & 3;
   const int tiles = (a.N + 127) / 128 * 8;
   const int tile0 = (static_cast<int>(blockIdx.y) * kClusterWarps + warp) * MT;
@@ -170,7 +175,7 @@ __global__ void __launch_bounds__(32 * kClusterWarps, NT > 2 ? 1 : 2) gemv_clust
   const int kc = max(0, min(nchunks, c_begin + p.slice_chunks) - c_begin);
   const X* __restrict__ x = static_cast<const X*>(a.x);
 
-  Acc accs[S][MT][NT][4];
+  Acc accs[S][MT][NTW][4];
   zero_acc_sets(accs);
 
   // m-tiles past the weight's last one (the last row block) re-read that tile; their rows are >= N
@@ -192,7 +197,7 @@ __global__ void __launch_bounds__(32 * kClusterWarps, NT > 2 ? 1 : 2) gemv_clust
       if (c + d < kc) {
         const unsigned char* chunk_rows = smem_raw + (c + d) * p.x_rows * ROWB;
         if constexpr (NT > 2) {
-          mma_chunk_staged<FMT, X>(accs, w[d], chunk_rows, p.x_rows, g, t);
+          mma_chunk_staged<FMT, X>(accs, w[d], chunk_rows, p.x_rows, g, t, n0);
         } else {
           uint32_t xb[NT][PT::xwords];
 #pragma unroll
@@ -238,7 +243,7 @@ __global__ void __launch_bounds__(32 * kClusterWarps, NT > 2 ? 1 : 2) gemv_clust
 
   // Partial sums as [token][block row]: lane (g, t) writes rows g, g + 8 of tokens 2t, 2t + 1 per
   // fragment; the pitch (block rows + 4) puts the 32 lanes' stores on 32 banks.
-  Acc acc[MT][NT][4];
+  Acc acc[MT][NTW][4];
   sum_acc_sets(accs, acc);
   if constexpr (NT > 2) {  // the partial sums reuse the staging area (red_offset 0): every warp is done reading it
     cp_async_wait<0>();
@@ -248,11 +253,11 @@ __global__ void __launch_bounds__(32 * kClusterWarps, NT > 2 ? 1 : 2) gemv_clust
 #pragma unroll
   for (int m = 0; m < MT; ++m)
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+    for (int n = 0; n < NTW; ++n)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int row = (warp * MT + m) * 16 + g + (i >= 2 ? 8 : 0);
-        const int token = n * 8 + 2 * t + (i & 1);
+        const int token = (n0 + n) * 8 + 2 * t + (i & 1);
         red[token * p.red_pitch + row] = acc[m][n][i];
       }
   cluster.sync();  // every block's partial sums are visible to the cluster
@@ -288,13 +293,13 @@ __global__ void __launch_bounds__(32 * kClusterWarps, NT > 2 ? 1 : 2) gemv_clust
 // 264; ncu showed a 256-block grid running 2 of its 32 clusters as a second wave, 1.6x the time).
 // The plan therefore asks the runtime how many clusters of each size fit.
 // Allows the kernel the device's whole opt-in shared memory (once per instantiation).
-template <int FMT, typename X, int MT, int NT>
+template <int FMT, typename X, int MT, int NT, int TS = 1>
 cudaError_t configure_gemv_cluster() {
   static cudaError_t status = [] {
     int dev = 0, optin = 0;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-    return cudaFuncSetAttribute(gemv_cluster_kernel<FMT, X, MT, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    return cudaFuncSetAttribute(gemv_cluster_kernel<FMT, X, MT, NT, TS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 optin);
   }();
   return status;
@@ -305,9 +310,10 @@ cudaError_t configure_gemv_cluster() {
 struct ClusterLaunch {
   cudaLaunchConfig_t cfg;
   cudaLaunchAttribute attr[2];
-  ClusterLaunch(dim3 grid, int slices, int smem_bytes, cudaStream_t stream) : cfg{}, attr{} {
+  ClusterLaunch(dim3 grid, int slices, int smem_bytes, cudaStream_t stream, int threads = 32 * kClusterWarps)
+      : cfg{}, attr{} {
     cfg.gridDim = grid;
-    cfg.blockDim = dim3(32 * kClusterWarps);
+    cfg.blockDim = dim3(threads);
     cfg.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
     cfg.stream = stream;
     attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -320,13 +326,13 @@ struct ClusterLaunch {
   ClusterLaunch(const ClusterLaunch&) = delete;  // cfg.attrs points into this object
 };
 
-template <int FMT, typename X, int MT, int NT>
+template <int FMT, typename X, int MT, int NT, int TS = 1>
 int cluster_gemv_capacity(int slices, int smem_bytes) {
   static int cached_smem[kClusterMaxSlices + 1] = {}, cached[kClusterMaxSlices + 1] = {};
   if (cached_smem[slices] == smem_bytes) return cached[slices];
-  auto kernel = gemv_cluster_kernel<FMT, X, MT, NT>;
-  configure_gemv_cluster<FMT, X, MT, NT>();
-  const ClusterLaunch launch(dim3(slices, 1), slices, smem_bytes, nullptr);
+  auto kernel = gemv_cluster_kernel<FMT, X, MT, NT, TS>;
+  configure_gemv_cluster<FMT, X, MT, NT, TS>();
+  const ClusterLaunch launch(dim3(slices, 1), slices, smem_bytes, nullptr, 32 * kClusterWarps * TS);
   int clusters = 0;
   if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.cfg) != cudaSuccess || clusters < 1) {
     cudaGetLastError();  // clear it: a plan without the query still runs, one cluster at a time
@@ -337,7 +343,7 @@ int cluster_gemv_capacity(int slices, int smem_bytes) {
   return clusters;
 }
 
-template <int FMT, typename X, int MT, int NT>
+template <int FMT, typename X, int MT, int NT, int TS = 1>
 ClusterGemvPlan cluster_gemv_plan_for(int M, int nchunks, int slices) {
   using Acc = typename PathTraits<X>::Acc;
   constexpr int ROWB = 128 * static_cast<int>(sizeof(X));
@@ -366,7 +372,7 @@ struct ClusterChoice {
 // The slice count 1..8 of least cost; BITLAB_CUDA_CLUSTER_KS forces one where it is valid (at most
 // nchunks slices, a slice's staged activations within 128 KB; the launcher takes this kernel only for
 // nchunks <= kClusterMaxChunks, so 8 slices always fit).
-template <int FMT, typename X, int MT, int NT>
+template <int FMT, typename X, int MT, int NT, int TS = 1>
 ClusterChoice cluster_gemv_choose(int M, int N, int nchunks) {
   constexpr int ROWB = 128 * static_cast<int>(sizeof(X));
   const int tiles = (N + 127) / 128 * 8;
@@ -378,11 +384,11 @@ ClusterChoice cluster_gemv_choose(int M, int N, int nchunks) {
     return ks == kClusterMaxSlices || static_cast<long>((nchunks + ks - 1) / ks) * M * ROWB <= limit;
   };
   if (forced < 1 || forced > kClusterMaxSlices || forced > nchunks || !fits(forced)) forced = 0;
-  ClusterChoice best{cluster_gemv_plan_for<FMT, X, MT, NT>(M, nchunks, 1), -1};
+  ClusterChoice best{cluster_gemv_plan_for<FMT, X, MT, NT, TS>(M, nchunks, 1), -1};
   for (int ks = 1; ks <= kClusterMaxSlices && ks <= nchunks; ++ks) {
     if ((forced && ks != forced) || !fits(ks)) continue;
-    const ClusterGemvPlan p = cluster_gemv_plan_for<FMT, X, MT, NT>(M, nchunks, ks);
-    const int capacity = cluster_gemv_capacity<FMT, X, MT, NT>(ks, p.smem_bytes);
+    const ClusterGemvPlan p = cluster_gemv_plan_for<FMT, X, MT, NT, TS>(M, nchunks, ks);
+    const int capacity = cluster_gemv_capacity<FMT, X, MT, NT, TS>(ks, p.smem_bytes);
     const long waves = (row_blocks + capacity - 1) / capacity;
     const long cost = waves * (static_cast<long>(MT) * p.slice_chunks + kClusterFixedUnits);
     if (best.cost < 0 || cost < best.cost) best = ClusterChoice{p, cost};
@@ -390,14 +396,14 @@ ClusterChoice cluster_gemv_choose(int M, int N, int nchunks) {
   return best;
 }
 
-template <int FMT, typename X, int MT, int NT>
+template <int FMT, typename X, int MT, int NT, int TS = 1>
 cudaError_t launch_gemv_cluster(const LinearArgs& a, int nchunks, const ClusterGemvPlan& p, cudaStream_t stream) {
-  auto kernel = gemv_cluster_kernel<FMT, X, MT, NT>;
-  const cudaError_t configured = configure_gemv_cluster<FMT, X, MT, NT>();
+  auto kernel = gemv_cluster_kernel<FMT, X, MT, NT, TS>;
+  const cudaError_t configured = configure_gemv_cluster<FMT, X, MT, NT, TS>();
   if (configured != cudaSuccess) return configured;
   const int tiles = (a.N + 127) / 128 * 8;
   const int row_blocks = (tiles + kClusterWarps * MT - 1) / (kClusterWarps * MT);
-  ClusterLaunch launch(dim3(p.slices, row_blocks), p.slices, p.smem_bytes, stream);
+  ClusterLaunch launch(dim3(p.slices, row_blocks), p.slices, p.smem_bytes, stream, 32 * kClusterWarps * TS);
   // Float path only: as the dependent of the int8 path's quantizer the kernel measured up to 1.5x
   // slower (14336x4096, 16 tokens: 28.5 us, 18.7 launched plainly; docs/backends/cuda_ext_notes.md v6),
   // while on the float path dependent launch helped at every shape (8192x8192 21.4 -> 20.1).
@@ -424,19 +430,19 @@ inline void trace_cluster_plan(const LinearArgs& a, int mt, const ClusterChoice&
 // m-tiles per warp: 2 or 4 (4 only for 1- and 2-bit weights: wider ones spill), whichever plan costs
 // less, 4 on a tie (4 reads the activations half as often but has half the row blocks); the wide
 // variant (NT > 2) takes 1 or 2, 2 on a tie.  BITLAB_CUDA_CLUSTER_MT=1 / 2 / 4 forces one (4: not wide).
-template <int FMT, typename X, int NT>
+template <int FMT, typename X, int NT, int TS = 1>
 cudaError_t launch_gemv_cluster_auto(const LinearArgs& a, int nchunks, cudaStream_t stream) {
   const char* env = std::getenv("BITLAB_CUDA_CLUSTER_MT");
   const int forced = env ? std::atoi(env) : 0;
   auto launch_one = [&](const ClusterChoice& one) {
     trace_cluster_plan(a, 1, one);
-    return launch_gemv_cluster<FMT, X, 1, NT>(a, nchunks, one.plan, stream);
+    return launch_gemv_cluster<FMT, X, 1, NT, TS>(a, nchunks, one.plan, stream);
   };
-  if (forced == 1) return launch_one(cluster_gemv_choose<FMT, X, 1, NT>(a.M, a.N, nchunks));
-  const ClusterChoice two = cluster_gemv_choose<FMT, X, 2, NT>(a.M, a.N, nchunks);
+  if (forced == 1) return launch_one(cluster_gemv_choose<FMT, X, 1, NT, TS>(a.M, a.N, nchunks));
+  const ClusterChoice two = cluster_gemv_choose<FMT, X, 2, NT, TS>(a.M, a.N, nchunks);
   if constexpr (NT > 2) {
     if (forced != 2) {
-      const ClusterChoice one = cluster_gemv_choose<FMT, X, 1, NT>(a.M, a.N, nchunks);
+      const ClusterChoice one = cluster_gemv_choose<FMT, X, 1, NT, TS>(a.M, a.N, nchunks);
       if (one.cost < two.cost) return launch_one(one);
     }
   } else if (FormatBits<FMT>::value <= 2 && forced != 2) {
@@ -447,7 +453,23 @@ cudaError_t launch_gemv_cluster_auto(const LinearArgs& a, int nchunks, cudaStrea
     }
   }
   trace_cluster_plan(a, 2, two);
-  return launch_gemv_cluster<FMT, X, 2, NT>(a, nchunks, two.plan, stream);
+  return launch_gemv_cluster<FMT, X, 2, NT, TS>(a, nchunks, two.plan, stream);
+}
+
+// The wide variant (17-64 tokens): NT = 4 n-tiles up to 32 tokens, 8 above; on the int8 path above 32
+// tokens two warps per group of m-tiles (TS = 2, 16 warps per block).  H100, us, W1.58A8 at 64 tokens
+// (docs/benchmarks/gpu_gemv_wide_split.md): 13824x2560 30.5 -> 26.7, 3840x2560 14.8 -> 14.0, 2560x6912
+// 19.1 -> 18.7, 8192x8192 and 28672x8192 equal; at 24-32 tokens and on the float path it lost at most
+// shapes (28672x8192 fp16, 32 tokens: 106.6 vs 128.8).  BITLAB_CUDA_CLUSTER_TSPLIT=1 / 2 forces it where
+// it exists (int8 activations, 33-64 tokens); read per launch.
+template <int FMT, typename X>
+cudaError_t launch_gemv_cluster_wide(const LinearArgs& a, int nchunks, cudaStream_t stream) {
+  if (a.M <= 32) return launch_gemv_cluster_auto<FMT, X, 4>(a, nchunks, stream);
+  if constexpr (sizeof(X) == 1) {
+    const char* env = std::getenv("BITLAB_CUDA_CLUSTER_TSPLIT");
+    if (!env || env[0] != '1') return launch_gemv_cluster_auto<FMT, X, 8, 2>(a, nchunks, stream);
+  }
+  return launch_gemv_cluster_auto<FMT, X, 8>(a, nchunks, stream);
 }
 
 }  // namespace bitlab

@@ -251,10 +251,8 @@ cudaError_t launch_linear_fmt(const LinearArgs& a, cudaStream_t stream) {
     // unless BITLAB_CUDA_GEMV=oneshot / bulk (then the GEMM, as below sm_90 and past 64 tokens).
     // Mirrored in kernels.gemv_kernel.
     const GemvChoice wide = a.M <= kClusterWideMaxTokens ? gemv_choice() : kGemvOneshot;
-    if ((wide == kGemvAuto || wide == kGemvCluster) && cluster_gemv_fits<X>(a.M, nchunks)) {
-      if (a.M <= 32) return launch_gemv_cluster_auto<FMT, X, 4>(a, nchunks, stream);
-      return launch_gemv_cluster_auto<FMT, X, 8>(a, nchunks, stream);
-    }
+    if ((wide == kGemvAuto || wide == kGemvCluster) && cluster_gemv_fits<X>(a.M, nchunks))
+      return launch_gemv_cluster_wide<FMT, X>(a, nchunks, stream);
     return launch_gemm<FMT, X>(a, nchunks, stream);
   }
   // Two m-tiles per block (half the activation traffic per weight byte) once that still leaves

@@ -224,12 +224,15 @@ def test_wide_cluster_gemv_17_to_64_tokens(kernels, monkeypatch, bits, act):
     assert kernel.route(17, prepared).endswith("gemv_cluster") and kernel.route(64, prepared).endswith("gemv_cluster")
 
 
+@pytest.mark.parametrize("split", ["1", "2"])
 @pytest.mark.parametrize("slices", ["1", "3", "8"])
 @pytest.mark.parametrize("mt", ["1", "2"])
-def test_wide_cluster_gemv_plans(kernels, monkeypatch, mt, slices):
-    # The wide variant with 1 or 2 m-tiles per warp and 1, 3 or 8 K-slices (a slice count that does not fit
-    # falls back to the cost model's), ternary and int4 weights, fp16 and int8 activations; against the
-    # GEMM (BITLAB_CUDA_GEMV=oneshot past 16 tokens) and the reference.
+def test_wide_cluster_gemv_plans(kernels, monkeypatch, mt, slices, split):
+    # The wide variant with 1 or 2 m-tiles per warp, 1, 3 or 8 K-slices (a slice count that does not fit
+    # falls back to the cost model's) and one or two warps per group of m-tiles (the second taking the
+    # upper token tiles; int8 activations past 32 tokens only), ternary and int4 weights, fp16 and int8
+    # activations; against the GEMM (BITLAB_CUDA_GEMV=oneshot past 16 tokens) and the reference.
+    monkeypatch.setenv("BITLAB_CUDA_CLUSTER_TSPLIT", split)
     if torch.cuda.get_device_capability(0)[0] < 9:
         pytest.skip("the cluster GEMV needs sm_90 (thread-block clusters)")
     for bits in (1.58, 4):
@@ -239,7 +242,7 @@ def test_wide_cluster_gemv_plans(kernels, monkeypatch, mt, slices):
             kernel = kernels.CudaExtInt8Kernel() if act == "int8" else kernels.CudaExtFloatKernel()
             packed = make_packed(bits, "per_channel", 700, 1500)
             prepared, rprep = kernel.prepare(packed, cfg), REF.prepare(packed, cfg)
-            for m in (20, 64):
+            for m in (20, 33, 64):
                 x = torch.randn(m, 1500, device="cuda", dtype=torch.float16)
                 monkeypatch.setenv("BITLAB_CUDA_GEMV", "oneshot")
                 gemm = kernel.forward(x, prepared)
