@@ -83,8 +83,8 @@ class _CudaExtKernel(BitKernel):
                 return f"{name}.gemv_cluster or gemm" if batch <= WIDE_GEMV_MAX_TOKENS else f"{name}.gemm"
             return f"{name}.gemv_cluster" if gemv_kernel(prepared, batch) == "cluster" else f"{name}.gemm"
         if prepared is None:
-            return f"{type(self).__name__}.gemv"
-        return f"{type(self).__name__}.gemv_{gemv_kernel(prepared, batch)}"
+            return f"{name}.gemv"
+        return f"{name}.gemv_{gemv_kernel(prepared, batch)}"
 
     def _check_inputs(self, x, prepared: CudaExtWeight, bias, activation) -> None:
         # Every input is checked here, before the op: a failed check inside the op's C++ code took

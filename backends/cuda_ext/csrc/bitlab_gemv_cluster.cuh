@@ -49,19 +49,24 @@ constexpr int kClusterWideStageBytes = 192 * 1024;    // NT > 2 (one block per m
 template <typename X>
 constexpr int cluster_chunk_bytes(int M) { return M * 128 * static_cast<int>(sizeof(X)); }
 
-// Whether the staged activations of a slice fit with the most slices (8) for M tokens.
+// Whether one of `slices` slices of M staged token rows fits the shared-memory budget of its variant.
+template <typename X>
+inline bool cluster_slice_fits(int M, int nchunks, int slices) {
+  const long limit = M > 16 ? kClusterWideStageBytes : kClusterStageBytes;
+  return static_cast<long>((nchunks + slices - 1) / slices) * cluster_chunk_bytes<X>(M) <= limit;
+}
+
+// Whether the kernel takes M tokens over nchunks chunks at all (with the most slices, 8).
 template <typename X>
 inline bool cluster_gemv_fits(int M, int nchunks) {
-  const int limit = M > 16 ? kClusterWideStageBytes : kClusterStageBytes;
-  return nchunks <= kClusterMaxChunks &&
-         static_cast<long>((nchunks + kClusterMaxSlices - 1) / kClusterMaxSlices) * cluster_chunk_bytes<X>(M) <= limit;
+  return nchunks <= kClusterMaxChunks && cluster_slice_fits<X>(M, nchunks, kClusterMaxSlices);
 }
 
 // Shared-memory plan of one block (host-computed, identical for every block).
 struct ClusterGemvPlan {
   int slices;        // KS: blocks per cluster = K slices
   int slice_chunks;  // 128-column chunks per slice (the last slice may hold fewer)
-  int x_rows;        // staged token rows: M (<= 16)
+  int x_rows;        // staged token rows: M (<= 64)
   int red_offset;    // byte offset of the [token][row] partial sums (after the staged activations; 0 = over them)
   int red_pitch;     // floats / ints per token row of the partial sums: block rows + 4 (no bank conflicts)
   int smem_bytes;
@@ -370,19 +375,15 @@ struct ClusterChoice {
 };
 
 // The slice count 1..8 of least cost; BITLAB_CUDA_CLUSTER_KS forces one where it is valid (at most
-// nchunks slices, a slice's staged activations within 128 KB; the launcher takes this kernel only for
-// nchunks <= kClusterMaxChunks, so 8 slices always fit).
+// nchunks slices, a slice's staged activations within cluster_slice_fits' budget; the launcher takes this
+// kernel only where cluster_gemv_fits, so 8 slices always fit).
 template <int FMT, typename X, int MT, int NT, int TS = 1>
 ClusterChoice cluster_gemv_choose(int M, int N, int nchunks) {
-  constexpr int ROWB = 128 * static_cast<int>(sizeof(X));
   const int tiles = (N + 127) / 128 * 8;
   const int row_blocks = (tiles + kClusterWarps * MT - 1) / (kClusterWarps * MT);
   int forced = 0;
   if (const char* env = std::getenv("BITLAB_CUDA_CLUSTER_KS")) forced = std::atoi(env);
-  const long limit = M > 16 ? kClusterWideStageBytes : kClusterStageBytes;
-  auto fits = [&](int ks) {
-    return ks == kClusterMaxSlices || static_cast<long>((nchunks + ks - 1) / ks) * M * ROWB <= limit;
-  };
+  auto fits = [&](int ks) { return ks == kClusterMaxSlices || cluster_slice_fits<X>(M, nchunks, ks); };
   if (forced < 1 || forced > kClusterMaxSlices || forced > nchunks || !fits(forced)) forced = 0;
   ClusterChoice best{cluster_gemv_plan_for<FMT, X, MT, NT, TS>(M, nchunks, 1), -1};
   for (int ks = 1; ks <= kClusterMaxSlices && ks <= nchunks; ++ks) {
