@@ -31,6 +31,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -132,7 +133,7 @@ def _print_profile(prof) -> None:
         print(f"  {row['us_per_step']:8.1f} us/step  x{row['calls_per_step']:.0f}  {row['kernel']}", flush=True)
 
 
-def profile_decode(model: BitNetForCausalLM, vocab: int, compile: bool, triton_attention: bool = False,
+def profile_decode(model: BitNetForCausalLM, vocab: int, compile: bool, triton_attention: Optional[bool] = None,
                    steps: int = 16) -> dict:
     """Device time per kernel of an eager batch-1 decode step (the kernels the CUDA graph replays)."""
     from torch.profiler import ProfilerActivity, profile
@@ -374,6 +375,12 @@ def main(argv=None) -> int:
         result["runs"]["bitlab_unfused_attn"] = run_batches("bitlab_unfused_attn", gen_u, batches, args, cfg.vocab_size)
         del gen_u
         _free(device)
+    if not args.no_triton_attention and "Triton kernel above" in result.get("attention_kernel", ""):
+        # the same model and bindings; the fused kernel up to 32 rows and compiled torch above (no Triton)
+        gen_n = Generator(model, compile=not args.no_compile, bind=False, triton_attention=False)
+        result["runs"]["bitlab_no_triton"] = run_batches("bitlab_no_triton", gen_n, batches, args, cfg.vocab_size)
+        del gen_n
+        _free(device)
     if not args.no_triton_attention and not args.no_compile and device.type == "cuda":
         try:  # the same model and bindings; one-token attention as the split-KV Triton kernel
             gen_t = Generator(model, compile=True, bind=False, triton_attention=True)
@@ -451,7 +458,9 @@ def write_report(result: dict, out_dir: Path) -> None:
         "bitlab_unfused_attn": "one-token attention through the compiled torch path instead of cuda_ext's kernel",
         "bitlab_gemm_past16": "batches past 16 as before the wide cluster GEMV: the GEMM past 16 tokens and "
                               "norm-side quantization up to 16 tokens",
-        "bitlab_triton_attn": "one-token attention through the split-KV Triton kernel",
+        "bitlab_triton_attn": "one-token attention through the split-KV Triton kernel at every batch",
+        "bitlab_no_triton": "one-token attention through cuda_ext's kernel up to 32 rows and compiled torch above "
+                            "(triton_attention=False; the default before the Triton kernel took 5+ rows)",
     }
     lines += [f"{name}: {text}." for name, text in names.items() if name in runs]
     for bits, h in result.get("quantized_lm_head", {}).items():

@@ -19,9 +19,10 @@ A call ``generate(prompts, max_new_tokens)``:
 rotary, residual adds) in the decode step; the BitLinear kernels are the registry's.
 One-token attention (decode) runs, on CUDA with cuda_ext available, as one fused kernel
 (rotary + KV-cache write + attention, :mod:`backends.cuda_ext.decode_attention`); ``fused_attention=False``
-keeps the unfused path.  ``triton_attention=True`` (with ``compile``, on CUDA) runs it as a split-KV
-Triton kernel instead (:mod:`bitmodels.bitnet.triton_attention`).  ``attention_kernel`` says which
-runs, and why.  ``lm_head_bits=8`` (or 4, 2) runs the output head quantized per vocabulary row
+keeps the unfused path.  It takes up to ``FUSED_ATTENTION_MAX_BATCH`` rows (32), or, with ``compile`` and
+Triton installed, up to ``FUSED_ATTENTION_MAX_BATCH_BEFORE_TRITON`` (4) with a split-KV Triton kernel
+(:mod:`bitmodels.bitnet.triton_attention`) above; ``triton_attention=True`` runs that Triton kernel at
+every batch, ``False`` never.  ``attention_kernel`` says which runs, and why.  ``lm_head_bits=8`` (or 4, 2) runs the output head quantized per vocabulary row
 (:meth:`BitNetForCausalLM.bind_lm_head`: fewer bytes per step, approximate logits); ``head_kernel`` says
 what runs it.  Each layer's MLP runs, for up to 2 tokens on an sm_90 GPU with the norms quantizing, as
 one kernel (:mod:`backends.cuda_ext.bitnet_mlp`); ``fused_mlp=False`` keeps the three separate kernels;
@@ -45,6 +46,7 @@ import torch
 from bitmodels.bitnet.model import BitNetForCausalLM
 from bitmodels.bitnet.ops import (
     FUSED_ATTENTION_MAX_BATCH,
+    FUSED_ATTENTION_MAX_BATCH_BEFORE_TRITON,
     FusedDecodeAttentionOps,
     Ops,
     compiled_ops,
@@ -117,7 +119,7 @@ class Generator:
         fuse: bool = True,
         offload_packed: bool = False,
         bind: bool = True,
-        triton_attention: bool = False,
+        triton_attention: Optional[bool] = None,
         fused_attention: Optional[bool] = None,
         lm_head_bits: Optional[int] = None,
         fused_mlp: bool = True,
@@ -128,28 +130,34 @@ class Generator:
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {self.device}")
-        if triton_attention:
-            from bitmodels.bitnet import triton_attention as ta
+        from bitmodels.bitnet import triton_attention as ta
 
+        if triton_attention:
             if not (compile and ta.available() and self.device.type == "cuda"):
                 raise ValueError(
                     "triton_attention=True needs compile=True, Triton and a CUDA model; got "
                     f"compile={compile}, triton {'available' if ta.available() else 'missing'}, device {self.device}"
                 )
-        self.decode_ops = compiled_ops(triton_attention) if compile else model.ops
-        self.attention_kernel = "triton split-KV (triton_attention=True)" if triton_attention else "torch"
-        if fused_attention is None or fused_attention:
-            why_not = "triton_attention=True" if triton_attention else fused_decode_attention_status(self.device)
-            if not why_not:
-                self.decode_ops = FusedDecodeAttentionOps(self.decode_ops)
-                self.attention_kernel = ("cuda_ext.decode_attention (rotary + cache write + attention, one kernel) "
-                                         f"up to {FUSED_ATTENTION_MAX_BATCH} rows, torch above")
-            elif fused_attention:
-                raise ValueError(f"fused_attention=True but the fused kernel cannot run: {why_not}")
-            elif not triton_attention:
-                self.attention_kernel = f"torch ({why_not})"
+        why_not = "triton_attention=True" if triton_attention else fused_decode_attention_status(self.device)
+        if fused_attention and why_not:
+            raise ValueError(f"fused_attention=True but the fused kernel cannot run: {why_not}")
+        fused = fused_attention is not False and not why_not
+        # Default (triton_attention=None): where the fused kernel runs, compiled and with Triton, the split-KV
+        # Triton kernel takes the rows past FUSED_ATTENTION_MAX_BATCH_BEFORE_TRITON.
+        triton_above = triton_attention is None and fused and compile and ta.available()
+        self.decode_ops = compiled_ops(bool(triton_attention) or triton_above) if compile else model.ops
+        if fused:
+            limit = FUSED_ATTENTION_MAX_BATCH_BEFORE_TRITON if triton_above else FUSED_ATTENTION_MAX_BATCH
+            self.decode_ops = FusedDecodeAttentionOps(self.decode_ops, limit if triton_above else None)
+            above = "the split-KV Triton kernel above" if triton_above else "torch above"
+            self.attention_kernel = ("cuda_ext.decode_attention (rotary + cache write + attention, one kernel) "
+                                     f"up to {limit} rows, {above}")
+        elif triton_attention:
+            self.attention_kernel = "triton split-KV (triton_attention=True)"
+        elif fused_attention is False:
+            self.attention_kernel = "torch (fused_attention=False)"
         else:
-            self.attention_kernel = "torch (fused_attention=False)" if not triton_attention else self.attention_kernel
+            self.attention_kernel = f"torch ({why_not})"
         self.prefill_ops = Ops()
         if bind:  # resolve kernels and prepared weights once (see BitNetForCausalLM.prepare_for_inference)
             model.prepare_for_inference(self.device, fuse=fuse, offload_packed=offload_packed,

@@ -209,7 +209,8 @@ def combine_sub_norm(acc, m, l_sum, weight: torch.Tensor, eps: float, dtype: tor
 
 class TritonDecodeOps(CompiledOps):
     """:class:`CompiledOps` whose one-token attention over a bf16/fp16 CUDA cache runs the split-KV
-    Triton kernel (3 kernels per layer instead of 5); everything else as CompiledOps."""
+    Triton kernel (3 kernels per layer instead of 5) where head_dim is a power of two >= 16; everything
+    else as CompiledOps."""
 
     def __init__(self, **compile_kwargs) -> None:
         super().__init__(**compile_kwargs)
@@ -219,9 +220,10 @@ class TritonDecodeOps(CompiledOps):
         self.attention = self._attention
 
     def _attention(self, q, k, v, cos, sin, k_cache, v_cache, slots, mask, sub_norm_weight, eps, quantize=False):
-        from bitmodels.bitnet.triton_attention import decode_attention_partials
+        from bitmodels.bitnet.triton_attention import decode_attention_partials, supports_head_dim
 
-        if q.shape[1] != 1 or k_cache is None or not q.is_cuda or q.dtype == torch.float32:
+        if (q.shape[1] != 1 or k_cache is None or not q.is_cuda or q.dtype == torch.float32
+                or not supports_head_dim(q.shape[-1])):
             return self._generic_attention(q, k, v, cos, sin, k_cache, v_cache, slots, mask, sub_norm_weight, eps,
                                            quantize)
         q_rot = self._rope_write(q, k, v, cos, sin, k_cache, v_cache, slots)
@@ -246,24 +248,30 @@ def fused_decode_attention_status(device) -> str:
 # fused vs unfused: batch 1 642 vs 595, 8 4040 vs 4052, 32 10282 vs 9879, 64 13168 vs 13999; per layer the
 # kernel ties the compiled torch path at 16-32 rows and loses at 64, docs/benchmarks/decode_attention.md).
 FUSED_ATTENTION_MAX_BATCH = 32
+# Rows up to which it runs when the set beneath is TritonDecodeOps (the Generator's default with compile and
+# Triton): past them the split-KV Triton kernel was faster (H200, same model, decode tokens/s fused vs
+# Triton: batch 1 765 vs 709, 8 4634 vs 4977, 32 10934 vs 11454; docs/bitnet.md item 12).
+FUSED_ATTENTION_MAX_BATCH_BEFORE_TRITON = 4
 
 
 class FusedDecodeAttentionOps:
     """Another ops set (eager or compiled) whose one-token attention over a CUDA cache runs as one
     cuda_ext kernel (rotary + cache write + attention, :mod:`backends.cuda_ext.decode_attention`), then
     ``attn_sub_norm`` through the set's own ``norm_input``.  What the kernel does not take (prefill,
-    more than FUSED_ATTENTION_MAX_BATCH rows, float32, head_dim other than 64 / 128) goes to the set's
-    own ``attention``."""
+    more than ``max_batch`` rows (default FUSED_ATTENTION_MAX_BATCH), float32, head_dim other than 64 /
+    128) goes to the set's own ``attention``."""
 
-    def __init__(self, base) -> None:
+    def __init__(self, base, max_batch: Optional[int] = None) -> None:
         self.base = base
+        self.max_batch = max_batch  # None: FUSED_ATTENTION_MAX_BATCH, read at every call
         self.norm_input, self.add_rms_norm = base.norm_input, base.add_rms_norm
         self.relu2_gate_norm = base.relu2_gate_norm
 
     def attention(self, q, k, v, cos, sin, k_cache, v_cache, slots, mask, sub_norm_weight, eps, quantize=False):
         from backends.cuda_ext import decode_attention as fused
 
-        if (q.shape[1] != 1 or q.shape[0] > FUSED_ATTENTION_MAX_BATCH or k_cache is None or mask is None
+        limit = FUSED_ATTENTION_MAX_BATCH if self.max_batch is None else self.max_batch
+        if (q.shape[1] != 1 or q.shape[0] > limit or k_cache is None or mask is None
                 or fused.supports(q, k_cache)):
             return self.base.attention(q, k, v, cos, sin, k_cache, v_cache, slots, mask, sub_norm_weight, eps,
                                        quantize)

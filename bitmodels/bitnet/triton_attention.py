@@ -84,6 +84,11 @@ if triton is not None:
         tl.store(ACC + row[:, None] * D + offs_d[None, :], acc, mask=g_ok[:, None])
 
 
+def supports_head_dim(head_dim: int) -> bool:
+    """Whether the split-KV kernel takes this head_dim (a power of two >= 16)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def decode_attention_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor):
     """Partials ``(acc [B, KVH, NSPLIT, G, D], m [B, KVH, NSPLIT, G], l [B, KVH, NSPLIT, G])``, float32.
 
@@ -93,7 +98,7 @@ def decode_attention_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     B, H, D = q.shape
     _, KVH, S, _ = k_cache.shape
     G = H // KVH
-    if D & (D - 1) or D < 16:
+    if not supports_head_dim(D):
         raise ValueError(f"head_dim {D}: the Triton decode kernel needs a power of two >= 16")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("q and the caches need unit stride along head_dim")

@@ -396,6 +396,32 @@ def test_fused_attention_generation_is_used_and_replays_deterministically(cuda_d
     assert agree >= 0.8, (a, b)
 
 
+@pytest.mark.gpu
+def test_triton_kernel_takes_the_rows_past_the_fused_limit(cuda_device):
+    from bitmodels.bitnet import ops
+    from bitmodels.bitnet import triton_attention as ta
+
+    if ops.fused_decode_attention_status(cuda_device) or not ta.available():
+        pytest.skip("needs cuda_ext's attention kernel and Triton")
+    model = _model(seed=17, hidden_size=256, num_attention_heads=4, num_key_value_heads=2).to(cuda_device, torch.bfloat16)
+    auto = Generator(model, cuda_graph=True, compile=True)
+    plain = Generator(model, cuda_graph=True, compile=True, triton_attention=False)
+    limit = ops.FUSED_ATTENTION_MAX_BATCH_BEFORE_TRITON
+    assert auto.attention_kernel.endswith(f"up to {limit} rows, the split-KV Triton kernel above")
+    assert isinstance(auto.decode_ops.base, ops.TritonDecodeOps) and auto.decode_ops.max_batch == limit
+    assert plain.attention_kernel.endswith(f"up to {ops.FUSED_ATTENTION_MAX_BATCH} rows, torch above")
+    assert not isinstance(plain.decode_ops.base, ops.TritonDecodeOps)
+    assert Generator(model, compile=False).attention_kernel.endswith("torch above")  # Triton needs compile
+    # 6 rows, past the limit: the same Triton attention as triton_attention=True, token for token; 3 rows: the
+    # fused kernel, as without Triton
+    everywhere = Generator(model, cuda_graph=True, compile=True, triton_attention=True)
+    six, three = _prompts(17, (5, 9, 1, 4, 7, 3)), _prompts(18, (5, 9, 2))
+    a = auto.generate(six, 8, stop_token_ids=[]).tokens
+    assert auto.generate(six, 8, stop_token_ids=[]).tokens == a
+    assert everywhere.generate(six, 8, stop_token_ids=[]).tokens == a
+    assert auto.generate(three, 8, stop_token_ids=[]).tokens == plain.generate(three, 8, stop_token_ids=[]).tokens
+
+
 def test_fused_attention_on_cpu_is_refused_with_the_reason():
     model = _model(seed=16)
     with pytest.raises(ValueError, match="not a CUDA device"):
