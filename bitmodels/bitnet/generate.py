@@ -23,8 +23,8 @@ keeps the unfused path.  It takes up to ``FUSED_ATTENTION_MAX_BATCH`` rows (32),
 Triton installed, up to ``FUSED_ATTENTION_MAX_BATCH_BEFORE_TRITON`` (4) with a split-KV Triton kernel
 (:mod:`bitmodels.bitnet.triton_attention`) above; ``triton_attention=True`` runs that Triton kernel at
 every batch, ``False`` never.  ``attention_kernel`` says which runs, and why.  ``lm_head_bits=8`` (or 4,
-2) runs the output head quantized per vocabulary row (:meth:`BitNetForCausalLM.bind_lm_head`: fewer bytes per step, approximate logits); ``head_kernel`` says
-what runs it.  Each layer's MLP runs, for up to 2 tokens on an sm_90 GPU with the norms quantizing, as
+2) runs the output head quantized per vocabulary row (:meth:`BitNetForCausalLM.bind_lm_head`: fewer
+bytes per step, approximate logits); ``head_kernel`` says what runs it.  Each layer's MLP runs, for up to 2 tokens on an sm_90 GPU with the norms quantizing, as
 one kernel (:mod:`backends.cuda_ext.bitnet_mlp`); ``fused_mlp=False`` keeps the three separate kernels;
 ``mlp_kernel`` says which runs, and why.
 
