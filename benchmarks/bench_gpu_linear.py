@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -73,6 +74,17 @@ def time_cublas(n, k, batch):
     copies = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(n_copies(w_bytes))]
     x = torch.randn(batch, k, device="cuda", dtype=torch.float16)
     stats = time_graph([lambda w=w: torch.nn.functional.linear(x, w) for w in copies])
+    del copies
+    torch.cuda.empty_cache()
+    return stats
+
+
+def time_cublas_int8(n, k, batch):
+    """cuBLAS int8 x int8 -> int32 (``torch._int_mm``), the GEMM alone: no activation quantization, no
+    epilogue; the ceiling of any W*A8 layer that runs on it."""
+    copies = [torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8) for _ in range(n_copies(n * k))]
+    x = torch.randint(-127, 128, (batch, k), device="cuda", dtype=torch.int8)
+    stats = time_graph([lambda w=w: torch._int_mm(x, w.t()) for w in copies])
     del copies
     torch.cuda.empty_cache()
     return stats
@@ -177,6 +189,8 @@ def run_case(n, k, batch, cname, backends, rows, cublas, copy, args):
             cublas[(n, k, batch)] = None
     base = cublas[(n, k, batch)]
     cfg = BitQuantConfig(**CONFIGS[cname])
+    if batch > max(BATCHES) and cname.endswith("A8") and any(b == "cuda_ext" for b, _ in backends):
+        time_int8_peers(n, k, batch, cname, cfg, base, rows)
     for backend, avail in backends:
         if backend != "cuda_ext" and (cname not in PEER_CONFIGS or batch > max(BATCHES)):
             continue
@@ -208,6 +222,38 @@ def run_case(n, k, batch, cname, backends, rows, cublas, copy, args):
         sp = f"{row['speedup']:.2f}x" if row["speedup"] else "-"
         print(f"{n}x{k} b{batch:<5} {cname:<9} {backend:<11} {st['median_us']:9.2f} us  {sp:>7} cuBLAS  "
               f"{row['gbps']:7.0f} GB/s  {100 * row['frac_copy']:5.1f}% copy  [{st['mode']}]", flush=True)
+
+
+def time_int8_peers(n, k, batch, cname, cfg, base, rows):
+    """Many tokens with int8 activations: cuBLAS int8 alone, and cuda_ext held to its mma.sync GEMM
+    (``BITLAB_CUDA_INT8_GEMM=mma``) beside its default route."""
+    peers = [("W8A8 int32 out", "cuBLAS int8", lambda: time_cublas_int8(n, k, batch))]
+    peers.append((cname, "cuda_ext mma GEMM", lambda: time_forced_mma(cfg, n, k, batch)))
+    for config, backend, fn in peers:
+        try:
+            st = fn()
+        except Exception as exc:
+            rows.append(dict(N=n, K=k, batch=batch, config=config, backend=backend, error=str(exc)[:300]))
+            print(f"{n}x{k} b{batch:<5} {config:<9} {backend} error: {exc}", flush=True)
+            continue
+        sp = base["median_us"] / st["median_us"] if base else None
+        rows.append(dict(N=n, K=k, batch=batch, config=config, backend=backend, median_us=st["median_us"],
+                         p10_us=st["p10_us"], p90_us=st["p90_us"], mode=st["mode"], speedup=sp,
+                         route=st.get("route", "torch._int_mm"), bytes=0, gbps=0.0, frac_copy=0.0, frac_read=None))
+        print(f"{n}x{k} b{batch:<5} {config:<9} {backend:<11} {st['median_us']:9.2f} us  "
+              f"{(sp or 0):.2f}x cuBLAS fp16", flush=True)
+
+
+def time_forced_mma(cfg, n, k, batch):
+    previous = os.environ.get("BITLAB_CUDA_INT8_GEMM")
+    os.environ["BITLAB_CUDA_INT8_GEMM"] = "mma"
+    try:
+        return time_backend("cuda_ext", cfg, n, k, batch)
+    finally:
+        if previous is None:
+            del os.environ["BITLAB_CUDA_INT8_GEMM"]
+        else:
+            os.environ["BITLAB_CUDA_INT8_GEMM"] = previous
 
 
 def save(meta, rows, out, with_plot=True):

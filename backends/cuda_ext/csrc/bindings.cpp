@@ -8,7 +8,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 
 #include "bitlab_launch.h"
 
@@ -57,6 +59,59 @@ bitlab::LinearArgs weight_args(const at::Tensor& wq, const at::Tensor& w_scale, 
   a.Kp = static_cast<int>(Kp);
   a.fmt = static_cast<int>(fmt);
   return a;
+}
+
+// int8 activations past kInt8CublasMinTokens tokens on sm_90+: the weight is expanded to int8 in slices and
+// multiplied by cuBLAS (expand_int8.cu says why).  BITLAB_CUDA_INT8_GEMM=mma keeps the mma.sync kernels
+// at every size, =cublas takes cuBLAS from 17 tokens up (at::_int_mm needs more than 16 rows); read per
+// call.  Mirrored in backends/cuda_ext/kernels.py (int8_gemm_on_cublas).
+constexpr int64_t kInt8CublasMinTokens = 65;
+
+bool int8_gemm_on_cublas(int64_t M) {
+  const char* env = std::getenv("BITLAB_CUDA_INT8_GEMM");
+  if (env && std::strcmp(env, "mma") == 0) return false;
+  if (env && std::strcmp(env, "cublas") == 0) return M > 16;
+  if (M < kInt8CublasMinTokens) return false;
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  return major >= 9;
+}
+
+// Rows per slice: BITLAB_CUDA_INT8_GEMM_SLICE (a multiple of 128; 0 = the whole weight at once), else
+// the whole weight.
+int64_t int8_gemm_slice_rows(int64_t Npad) {
+  const char* env = std::getenv("BITLAB_CUDA_INT8_GEMM_SLICE");
+  int64_t rows = env ? std::atoll(env) / 128 * 128 : 0;
+  return rows <= 0 || rows > Npad ? Npad : rows;
+}
+
+// xq: the quantized activations [M, Kp] (contiguous, zero-padded past K).
+void int8_gemm_via_cublas(const bitlab::LinearArgs& a, const at::Tensor& xq, cudaStream_t stream) {
+  const int64_t Npad = (a.N + 127) / 128 * 128, Kp = a.Kp, M = a.M;
+  const int64_t slice = int8_gemm_slice_rows(Npad);
+  at::Tensor w8 = at::empty({slice * Kp}, xq.options());
+  at::Tensor acc = at::empty({M * slice}, xq.options().dtype(at::kInt));
+  for (int64_t n0 = 0; n0 < Npad; n0 += slice) {
+    const int64_t rows = std::min(slice, Npad - n0);
+    check_cuda(bitlab::launch_expand_int8(a.wq, a.fmt, static_cast<int>(n0 / 16), static_cast<int>(rows / 16),
+                                          static_cast<int>(Kp / 128), w8.data_ptr<int8_t>(), stream),
+               "int8 weight expansion");
+    at::Tensor out = acc.narrow(0, 0, M * rows).view({M, rows});
+    at::_int_mm_out(out, xq, w8.narrow(0, 0, rows * Kp).view({rows, Kp}).t());
+    check_cuda(bitlab::launch_int32_epilogue(a, out.data_ptr<int>(), static_cast<int>(rows), static_cast<int>(n0),
+                                             static_cast<int>(std::min<int64_t>(rows, a.N - n0)), stream),
+               "int32 epilogue");
+  }
+}
+
+// The int8-activation GEMV / GEMM: cuBLAS where int8_gemm_on_cublas, the mma.sync kernels elsewhere.
+void run_int8_linear(const bitlab::LinearArgs& a, const at::Tensor& xq, cudaStream_t stream) {
+  if (int8_gemm_on_cublas(a.M)) {
+    int8_gemm_via_cublas(a, xq, stream);
+    return;
+  }
+  check_cuda(bitlab::launch_linear_int8(a, stream), "int8-activation kernel");
 }
 
 }  // namespace
@@ -140,7 +195,7 @@ at::Tensor cuda_ext_linear(const at::Tensor& x, const at::Tensor& wq, const at::
   // 4096x4096 8.6 / 8.9 us, 14336x4096 14.6 / 15.4, 13824x2560 11.8 / 13.0; but 8192x8192 16.4 / 15.1,
   // 28672x8192 36.5 / 35.1).  The float path always uses it (4096x4096 5.3 us with, 6.6 without).
   a.pdl = Kp <= 4096;
-  check_cuda(bitlab::launch_linear_int8(a, stream), "int8-activation kernel");
+  run_int8_linear(a, xq, stream);
   return y;
 }
 
@@ -181,7 +236,7 @@ at::Tensor cuda_ext_linear_int8(const at::Tensor& xq, const at::Tensor& x_scale,
   a.x_scale = xsc.data_ptr<float>();
   a.x_scale_per_row = x_scale.numel() == M && M > 1;
   a.pdl = 1;  // e.g. behind cuda_ext_rms_norm_quant, which lets it start at once (sm_90+)
-  check_cuda(bitlab::launch_linear_int8(a, c10::cuda::getCurrentCUDAStream()), "int8-activation kernel");
+  run_int8_linear(a, xp, c10::cuda::getCurrentCUDAStream());
   return y;
 }
 

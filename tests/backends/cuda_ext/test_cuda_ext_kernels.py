@@ -118,6 +118,26 @@ def test_int8_activations_bit_exact(kernels, gemv, bits, gran, act_gran):
                 assert torch.equal(y, ref), (n, k, m, probe, (y.float() - ref.float()).abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_int8_quantizer_vector_path(kernels, dtype):
+    # Per-token rows of half / bf16 with K % 8 == 0 and aligned rows take the vector quantizer (one
+    # read, registers); 16392 columns are past its register budget, a row stride of 8204 elements
+    # breaks the alignment: both take the scalar one.  Every case equals the reference bit for bit.
+    cfg = BitQuantConfig(weight_bits=1.58, activation_dtype="int8", weight_granularity="per_channel",
+                         activation_granularity="per_token")
+    kernel = kernels.CudaExtInt8Kernel()
+    for k in (8, 520, 4096, 16384, 16392):
+        packed = make_packed(1.58, "per_channel", 40, k)
+        prepared, rprep = kernel.prepare(packed, cfg), REF.prepare(packed, cfg)
+        for m in (1, 5, 16):
+            x = torch.randn(m, k, device="cuda", dtype=dtype) * 4
+            x[0, k // 2] = 50.0  # one outlier sets the row's scale
+            assert torch.equal(kernel.forward(x, prepared), REF.forward(x, rprep)), (k, m)
+    packed = make_packed(1.58, "per_channel", 40, 8192)
+    wide = torch.randn(3, 8204, device="cuda", dtype=dtype)[:, :8192]  # rows 8204 elements apart
+    assert torch.equal(kernel.forward(wide, kernel.prepare(packed, cfg)), REF.forward(wide, REF.prepare(packed, cfg)))
+
+
 @pytest.mark.parametrize("act_gran", ["per_tensor", "per_token"])
 @pytest.mark.parametrize("gran", ["per_tensor", "per_channel"])
 def test_w1a1_popcount(kernels, gran, act_gran):

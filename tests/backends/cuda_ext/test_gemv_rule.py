@@ -96,3 +96,29 @@ def test_route_names_kernel_and_gemv(device):
     assert kernel.route(64) == "CudaExtFloatKernel.gemv_cluster or gemm"  # no weight: depends on in_features
     device["major"] = 8
     assert kernel.route(17, big) == "CudaExtFloatKernel.gemm"
+
+
+def test_int8_activations_take_cublas_past_the_wide_gemv_on_hopper(device, monkeypatch):
+    monkeypatch.delenv("BITLAB_CUDA_INT8_GEMM", raising=False)
+    ik, fk = kernels.CudaExtInt8Kernel(), kernels.CudaExtFloatKernel()
+    big8, bigf = weight(8192, 8192, act="int8"), weight(8192, 8192)
+    assert ik.route(2048, big8) == "CudaExtInt8Kernel.gemm_cublas"
+    assert ik.route(kernels.INT8_CUBLAS_MIN_TOKENS, big8) == "CudaExtInt8Kernel.gemm_cublas"
+    assert kernels.INT8_CUBLAS_MIN_TOKENS == kernels.WIDE_GEMV_MAX_TOKENS + 1
+    assert ik.route(64, big8) == "CudaExtInt8Kernel.gemv_cluster"
+    assert ik.route(65, weight(4096, 32768, act="int8")) == "CudaExtInt8Kernel.gemm_cublas"
+    assert fk.route(2048, bigf) == "CudaExtFloatKernel.gemm"  # float activations keep the mma GEMM
+    assert ik.route(2048) == "CudaExtInt8Kernel.gemm_cublas (sm_90+) or gemm"
+    device["major"] = 8
+    assert ik.route(2048, big8) == "CudaExtInt8Kernel.gemm"
+
+
+def test_int8_gemm_forcing(device, monkeypatch):
+    ik, big8 = kernels.CudaExtInt8Kernel(), weight(8192, 8192, act="int8")
+    monkeypatch.setenv("BITLAB_CUDA_INT8_GEMM", "mma")
+    assert ik.route(4096, big8) == "CudaExtInt8Kernel.gemm"
+    monkeypatch.setenv("BITLAB_CUDA_INT8_GEMM", "cublas")
+    assert ik.route(17, big8) == "CudaExtInt8Kernel.gemm_cublas"  # ahead of the wide cluster GEMV
+    assert ik.route(16, big8) == "CudaExtInt8Kernel.gemv_oneshot"  # torch._int_mm needs more than 16 rows
+    device["major"] = 8
+    assert ik.route(17, big8) == "CudaExtInt8Kernel.gemm_cublas"

@@ -1,0 +1,135 @@
+"""The int8 GEMM on cuBLAS (csrc/expand_int8.cu + torch._int_mm) against torch_ref, on a CUDA device.
+
+Many tokens with int8 activations: the weight is expanded to int8 in slices, cuBLAS accumulates in
+int32 (exact), and our epilogue applies the scales, bias and activation with the reference's float32
+roundings, so every result must equal the reference bit for bit.
+"""
+import pytest
+import torch
+
+from backends.torch_ref.kernels import TorchReferenceKernel
+from bitcore.config import BitQuantConfig
+from .test_cuda_ext_kernels import make_packed
+
+pytestmark = pytest.mark.gpu
+
+REF = TorchReferenceKernel()
+SHAPES = [(7, 7), (33, 4097), (130, 257), (1000, 520)]  # (out_features, in_features): no tile multiples
+
+
+@pytest.fixture(scope="module")
+def kernels(cuda_ext_ops):
+    from backends.cuda_ext import kernels
+
+    return kernels
+
+
+@pytest.fixture
+def cublas(monkeypatch):
+    monkeypatch.setenv("BITLAB_CUDA_INT8_GEMM", "cublas")
+    monkeypatch.delenv("BITLAB_CUDA_INT8_GEMM_SLICE", raising=False)
+
+
+def int8_config(bits, gran="per_channel", act_gran="per_token"):
+    return BitQuantConfig(weight_bits=bits, activation_dtype="int8", weight_granularity=gran,
+                          activation_granularity=act_gran)
+
+
+@pytest.mark.parametrize("act_gran", ["per_tensor", "per_token"])
+@pytest.mark.parametrize("gran", ["per_tensor", "per_channel"])
+@pytest.mark.parametrize("bits", [1, 1.58, 2, 4, 8])
+def test_bit_exact_against_reference(kernels, cublas, bits, gran, act_gran):
+    cfg = int8_config(bits, gran, act_gran)
+    kernel = kernels.CudaExtInt8Kernel()
+    for n, k in SHAPES:
+        packed = make_packed(bits, gran, n, k)
+        prepared, rprep = kernel.prepare(packed, cfg), REF.prepare(packed, cfg)
+        for m in (17, 70, 301):
+            assert kernel.route(m, prepared).endswith("gemm_cublas")
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16) * 3
+            bias = torch.randn(n, device="cuda")
+            for b, act in ((None, "none"), (bias, "relu2"), (bias, "relu")):
+                y, ref = kernel.forward(x, prepared, b, act), REF.forward(x, rprep, b, act)
+                assert torch.equal(y, ref), (n, k, m, act, (y.float() - ref.float()).abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_output_dtypes(kernels, cublas, dtype):
+    cfg = int8_config(1.58)
+    kernel = kernels.CudaExtInt8Kernel()
+    for n, k in ((130, 257), (1000, 520)):  # element stores, then 16-byte stores (out_features % 8 == 0)
+        packed = make_packed(1.58, "per_channel", n, k)
+        x = torch.randn(40, k, device="cuda", dtype=dtype)
+        y = kernel.forward(x, kernel.prepare(packed, cfg), None, "relu")
+        assert y.dtype == dtype
+        assert torch.equal(y, REF.forward(x, REF.prepare(packed, cfg), None, "relu")), (n, k)
+
+
+@pytest.mark.parametrize("slice_rows", ["128", "384", "1000", "100000"])
+def test_slices_give_the_same_result(kernels, cublas, monkeypatch, slice_rows):
+    # 1000 rows pad to 1024: 128-row slices run 8 full ones, 384-row slices leave a 256-row remainder;
+    # 1000 rounds down to 896; more rows than the weight has means one slice.
+    cfg = int8_config(1.58)
+    kernel = kernels.CudaExtInt8Kernel()
+    packed = make_packed(1.58, "per_channel", 1000, 520)
+    prepared = kernel.prepare(packed, cfg)
+    x = torch.randn(64, 520, device="cuda", dtype=torch.float16)
+    bias = torch.randn(1000, device="cuda")
+    monkeypatch.setenv("BITLAB_CUDA_INT8_GEMM_SLICE", slice_rows)
+    sliced = kernel.forward(x, prepared, bias, "relu2")
+    monkeypatch.setenv("BITLAB_CUDA_INT8_GEMM", "mma")
+    assert torch.equal(sliced, kernel.forward(x, prepared, bias, "relu2"))
+
+
+def test_default_rule_takes_cublas_past_the_wide_gemv(kernels, monkeypatch):
+    monkeypatch.delenv("BITLAB_CUDA_INT8_GEMM", raising=False)
+    cfg = int8_config(1.58)
+    kernel = kernels.CudaExtInt8Kernel()
+    packed = make_packed(1.58, "per_channel", 300, 1024)
+    prepared = kernel.prepare(packed, cfg)
+    hopper = torch.cuda.get_device_capability(0)[0] >= 9
+    first = kernels.INT8_CUBLAS_MIN_TOKENS
+    assert kernel.route(first, prepared).endswith("gemm_cublas" if hopper else "gemm")
+    assert not kernel.route(first - 1, prepared).endswith("gemm_cublas")
+    x = torch.randn(first, 1024, device="cuda", dtype=torch.float16)
+    assert torch.equal(kernel.forward(x, prepared), REF.forward(x, REF.prepare(packed, cfg)))
+
+
+def test_pre_quantized_input_equals_forward(kernels, cublas):
+    from bitcore.quantize import quantize_activation_int8
+
+    cfg = int8_config(1.58)
+    kernel = kernels.CudaExtInt8Kernel()
+    packed = make_packed(1.58, "per_channel", 130, 257)
+    prepared = kernel.prepare(packed, cfg)
+    bias = torch.randn(130, device="cuda")
+    x = torch.randn(90, 257, device="cuda", dtype=torch.bfloat16)
+    xq, xs = quantize_activation_int8(x, "per_token")
+    y = kernel.forward_quantized(xq, xs, prepared, bias, "relu", torch.bfloat16)
+    assert torch.equal(y, kernel.forward(x, prepared, bias, "relu"))
+
+
+def test_cuda_graph_capture(kernels, cublas):
+    cfg = int8_config(1.58)
+    kernel = kernels.CudaExtInt8Kernel()
+    prepared = kernel.prepare(make_packed(1.58, "per_channel", 300, 520), cfg)
+    static_x = torch.randn(300, 520, device="cuda", dtype=torch.float16)
+    kernel.forward(static_x, prepared)  # warm up (cuBLAS handle and workspace) outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = kernel.forward(static_x, prepared)
+    fresh = torch.randn(300, 520, device="cuda", dtype=torch.float16)
+    static_x.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_y, kernel.forward(fresh, prepared))
+
+
+def test_torch_compile_traces_the_op(kernels, cublas):
+    cfg = int8_config(1.58)
+    kernel = kernels.CudaExtInt8Kernel()
+    prepared = kernel.prepare(make_packed(1.58, "per_tensor", 64, 256), cfg)
+    x = torch.randn(40, 256, device="cuda", dtype=torch.float16)
+    compiled = torch.compile(lambda t: kernel.forward(t, prepared) * 2, fullgraph=True)
+    assert torch.equal(compiled(x), kernel.forward(x, prepared) * 2)
