@@ -239,7 +239,8 @@ def time_int8_peers(n, k, batch, cname, cfg, base, rows):
         sp = base["median_us"] / st["median_us"] if base else None
         rows.append(dict(N=n, K=k, batch=batch, config=config, backend=backend, median_us=st["median_us"],
                          p10_us=st["p10_us"], p90_us=st["p90_us"], mode=st["mode"], speedup=sp,
-                         route=st.get("route", "torch._int_mm"), bytes=0, gbps=0.0, frac_copy=0.0, frac_read=None))
+                         route=st.get("route", "torch._int_mm"), bytes=None, gbps=None, frac_copy=None,
+                         frac_read=None))
         print(f"{n}x{k} b{batch:<5} {config:<9} {backend:<11} {st['median_us']:9.2f} us  "
               f"{(sp or 0):.2f}x cuBLAS fp16", flush=True)
 
@@ -291,9 +292,11 @@ def markdown(meta, rows):
         sp = f"{r['speedup']:.2f}" if r.get("speedup") else "-"
         note = r.get("route", "") + ("" if r.get("mode", "graph") == "graph" else " (eager timing)")
         fr = f"{100 * r['frac_read']:.1f}" if r.get("frac_read") else "-"
+        gb = f"{r['gbps']:.0f}" if r.get("gbps") else "-"
+        fc = f"{100 * r['frac_copy']:.1f}" if r.get("frac_copy") else "-"
         lines.append(
             f"| {shape} | {r['batch']} | {r['config']} | {r['backend']} | {r['median_us']:.2f} | {sp} | "
-            f"{r['gbps']:.0f} | {100 * r['frac_copy']:.1f} | {fr} | {note} |"
+            f"{gb} | {fc} | {fr} | {note} |"
         )
     return "\n".join(lines) + "\n"
 
