@@ -61,10 +61,12 @@ bitlab::LinearArgs weight_args(const at::Tensor& wq, const at::Tensor& w_scale, 
   return a;
 }
 
-// int8 activations past kInt8CublasMinTokens tokens on sm_90+: the weight is expanded to int8 in slices and
-// multiplied by cuBLAS (expand_int8.cu says why).  BITLAB_CUDA_INT8_GEMM=mma keeps the mma.sync kernels
-// at every size, =cublas takes cuBLAS from 17 tokens up (at::_int_mm needs more than 16 rows); read per
-// call.  Mirrored in backends/cuda_ext/kernels.py (int8_gemm_on_cublas).
+// int8 activations from kInt8CublasMinTokens tokens (right past the wide cluster GEMV) on sm_90+: the weight
+// is expanded to int8 and multiplied by cuBLAS (expand_int8.cu says why).  H200, W1.58A8, 65-2048 tokens at
+// 8192x8192 and BitNet 2B's shapes: faster than the mma.sync GEMM everywhere but one tie (13824x2560, 128
+// tokens), 8192x8192 x 2048 697 -> 368 us (notes v11).  BITLAB_CUDA_INT8_GEMM=mma keeps the mma.sync
+// kernels at every size, =cublas takes cuBLAS from 17 tokens up (at::_int_mm needs more than 16 rows);
+// read per call.  Mirrored in backends/cuda_ext/kernels.py (int8_gemm_on_cublas).
 constexpr int64_t kInt8CublasMinTokens = 65;
 
 bool int8_gemm_on_cublas(int64_t M) {
@@ -78,8 +80,8 @@ bool int8_gemm_on_cublas(int64_t M) {
   return major >= 9;
 }
 
-// Rows per slice: BITLAB_CUDA_INT8_GEMM_SLICE (a multiple of 128; 0 = the whole weight at once), else
-// the whole weight.
+// Rows per slice: the whole weight, or BITLAB_CUDA_INT8_GEMM_SLICE rows (rounded down to a multiple of 128)
+// to bound the workspace (int8 copy + int32 result); slices measured slower (notes v11).
 int64_t int8_gemm_slice_rows(int64_t Npad) {
   const char* env = std::getenv("BITLAB_CUDA_INT8_GEMM_SLICE");
   int64_t rows = env ? std::atoll(env) / 128 * 128 : 0;
