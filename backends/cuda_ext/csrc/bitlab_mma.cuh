@@ -273,16 +273,20 @@ __device__ __forceinline__ void store_out(void* y, long idx, float v, int out_dt
   else reinterpret_cast<float*>(y)[idx] = v;
 }
 
-// y[token][row] = act((acc [* x_scale[token]]) * w_scale[row] + bias[row]), same order as torch_ref.
-// Not inlined: called once per output element, it keeps the unrolled kernels small.
-static __device__ __noinline__ void epilogue_store_f(const LinearArgs& a, int token, int row, float v) {
-  if (token >= a.M || row >= a.N) return;
-  // Explicit roundings: no fma contraction, so the int8 path matches torch_ref bit for bit.
+// act((acc [* x_scale[token]]) * w_scale[row] + bias[row]), same order as torch_ref.  Explicit
+// roundings: no fma contraction, so the int8 path matches torch_ref bit for bit.
+__device__ __forceinline__ float epilogue_value(const LinearArgs& a, int token, int row, float v) {
   if (a.x_scale) v = __fmul_rn(v, a.x_scale[a.x_scale_per_row ? token : 0]);
   v = __fmul_rn(v, a.w_scale[a.w_scale_per_row ? row : 0]);
   if (a.bias) v = __fadd_rn(v, a.bias[row]);
-  v = apply_activation(v, a.epilogue);
-  store_out(a.y, static_cast<long>(token) * a.N + row, v, a.out_dtype);
+  return apply_activation(v, a.epilogue);
+}
+
+// y[token][row] = epilogue_value(...).  Not inlined: called once per output element, it keeps the
+// unrolled kernels small.
+static __device__ __noinline__ void epilogue_store_f(const LinearArgs& a, int token, int row, float v) {
+  if (token >= a.M || row >= a.N) return;
+  store_out(a.y, static_cast<long>(token) * a.N + row, epilogue_value(a, token, row, v), a.out_dtype);
 }
 template <typename Acc>
 __device__ __forceinline__ void epilogue_store(const LinearArgs& a, int token, int row, Acc acc) {

@@ -51,21 +51,13 @@ __global__ void __launch_bounds__(32 * kExpandWarps) expand_lane_tiles_kernel(co
   }
 }
 
-// The epilogue of one value: the roundings of epilogue_store_f (bitlab_mma.cuh), inlined.
-__device__ __forceinline__ float epilogue_value(const LinearArgs& a, int32_t acc, float xs, int row) {
-  float v = static_cast<float>(acc);
-  if (a.x_scale) v = __fmul_rn(v, xs);
-  v = __fmul_rn(v, a.w_scale[a.w_scale_per_row ? row : 0]);
-  if (a.bias) v = __fadd_rn(v, a.bias[row]);
-  return apply_activation(v, a.epilogue);
-}
-
 template <typename T> __device__ __forceinline__ T to_out(float v);
 template <> __device__ __forceinline__ float to_out<float>(float v) { return v; }
 template <> __device__ __forceinline__ __half to_out<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 to_out<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// y[token][n0 + c] = epilogue(acc[token][c]) for c < cols, n0 + c < N; V consecutive columns per thread.
+// y[token][n0 + c] = epilogue_value(acc[token][c]) (bitlab_mma.cuh) for c < cols, n0 + c < N; V consecutive
+// columns per thread.
 // V = 8 needs N % 8 == 0 (then cols is too, and every row of y is 16-byte aligned): one or two 16-byte
 // stores per thread.  V = 4 stores element by element.
 template <typename T, int V>
@@ -75,7 +67,6 @@ __global__ void int32_epilogue_kernel(LinearArgs a, const int32_t* __restrict__ 
   for (long i = blockIdx.x * static_cast<long>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<long>(gridDim.x) * blockDim.x) {
     const int token = static_cast<int>(i / groups), c0 = static_cast<int>(i % groups) * V;
-    const float xs = a.x_scale ? a.x_scale[a.x_scale_per_row ? token : 0] : 1.f;
     int vals[V];
 #pragma unroll
     for (int q = 0; q < V / 4; ++q) {
@@ -86,7 +77,7 @@ __global__ void int32_epilogue_kernel(LinearArgs a, const int32_t* __restrict__ 
     if constexpr (V == 8) {
       alignas(16) T out[8];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) out[e] = to_out<T>(epilogue_value(a, vals[e], xs, n0 + c0 + e));
+      for (int e = 0; e < 8; ++e) out[e] = to_out<T>(epilogue_value(a, token, n0 + c0 + e, static_cast<float>(vals[e])));
 #pragma unroll
       for (int q = 0; q < 8 * static_cast<int>(sizeof(T)) / 16; ++q)
         reinterpret_cast<uint4*>(y)[q] = reinterpret_cast<const uint4*>(out)[q];
@@ -94,7 +85,7 @@ __global__ void int32_epilogue_kernel(LinearArgs a, const int32_t* __restrict__ 
 #pragma unroll
       for (int e = 0; e < V; ++e) {
         if (c0 + e >= cols || n0 + c0 + e >= a.N) break;
-        y[e] = to_out<T>(epilogue_value(a, vals[e], xs, n0 + c0 + e));
+        y[e] = to_out<T>(epilogue_value(a, token, n0 + c0 + e, static_cast<float>(vals[e])));
       }
     }
   }
