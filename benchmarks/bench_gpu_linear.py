@@ -35,7 +35,7 @@ from bitcore.packing import pack_weight, storage_bits  # noqa: E402
 
 SHAPES = [(4096, 4096), (8192, 8192), (14336, 4096), (13824, 2560), (28672, 8192)]
 BATCHES = [1, 8, 16]
-LARGE = [((8192, 8192), 2048, "W1.58A8")]
+LARGE = [((8192, 8192), 2048, "W1.58A8"), ((8192, 8192), 2048, "W1.58A16")]
 _PC = dict(weight_granularity="per_channel")  # one scale per output row, as LLM checkpoints ship
 CONFIGS = {
     "W1.58A16": dict(weight_bits=1.58, activation_dtype="float16", **_PC),
@@ -189,8 +189,8 @@ def run_case(n, k, batch, cname, backends, rows, cublas, copy, args):
             cublas[(n, k, batch)] = None
     base = cublas[(n, k, batch)]
     cfg = BitQuantConfig(**CONFIGS[cname])
-    if batch > max(BATCHES) and cname.endswith("A8") and any(b == "cuda_ext" for b, _ in backends):
-        time_int8_peers(n, k, batch, cname, cfg, base, rows)
+    if batch > max(BATCHES) and any(b == "cuda_ext" for b, _ in backends):
+        time_large_peers(n, k, batch, cname, cfg, base, rows)
     for backend, avail in backends:
         if backend != "cuda_ext" and (cname not in PEER_CONFIGS or batch > max(BATCHES)):
             continue
@@ -224,11 +224,13 @@ def run_case(n, k, batch, cname, backends, rows, cublas, copy, args):
               f"{row['gbps']:7.0f} GB/s  {100 * row['frac_copy']:5.1f}% copy  [{st['mode']}]", flush=True)
 
 
-def time_int8_peers(n, k, batch, cname, cfg, base, rows):
-    """Many tokens with int8 activations: cuBLAS int8 alone, and cuda_ext held to its mma.sync GEMM
-    (``BITLAB_CUDA_INT8_GEMM=mma``) beside its default route."""
-    peers = [("W8A8 int32 out", "cuBLAS int8", lambda: time_cublas_int8(n, k, batch))]
-    peers.append((cname, "cuda_ext mma GEMM", lambda: time_forced_mma(cfg, n, k, batch)))
+def time_large_peers(n, k, batch, cname, cfg, base, rows):
+    """Many tokens: cuda_ext held to its mma.sync GEMM (``BITLAB_CUDA_INT8_GEMM`` / ``BITLAB_CUDA_FLOAT_GEMM``
+    ``=mma``) beside its default route, and for int8 activations cuBLAS int8 alone."""
+    int8 = cname.endswith("A8")
+    peers = [("W8A8 int32 out", "cuBLAS int8", lambda: time_cublas_int8(n, k, batch))] if int8 else []
+    env = "BITLAB_CUDA_INT8_GEMM" if int8 else "BITLAB_CUDA_FLOAT_GEMM"
+    peers.append((cname, "cuda_ext mma GEMM", lambda: time_forced_mma(cfg, n, k, batch, env)))
     for config, backend, fn in peers:
         try:
             st = fn()
@@ -245,16 +247,16 @@ def time_int8_peers(n, k, batch, cname, cfg, base, rows):
               f"{(sp or 0):.2f}x cuBLAS fp16", flush=True)
 
 
-def time_forced_mma(cfg, n, k, batch):
-    previous = os.environ.get("BITLAB_CUDA_INT8_GEMM")
-    os.environ["BITLAB_CUDA_INT8_GEMM"] = "mma"
+def time_forced_mma(cfg, n, k, batch, env):
+    previous = os.environ.get(env)
+    os.environ[env] = "mma"
     try:
         return time_backend("cuda_ext", cfg, n, k, batch)
     finally:
         if previous is None:
-            del os.environ["BITLAB_CUDA_INT8_GEMM"]
+            del os.environ[env]
         else:
-            os.environ["BITLAB_CUDA_INT8_GEMM"] = previous
+            os.environ[env] = previous
 
 
 def save(meta, rows, out, with_plot=True):

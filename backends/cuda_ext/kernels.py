@@ -2,10 +2,11 @@
 
 * :class:`CudaExtFloatKernel`: float16 / bfloat16 activations, every weight format
   (decode-to-half/bf16 tensor-core mma; GEMV for <= 16 tokens, on sm_90 the wide cluster GEMV for
-  17-64, GEMM above);
+  17-64, GEMM above; past 64 tokens on sm_90 the weight expanded to half / bf16 and multiplied by
+  cuBLAS into float32, :func:`gemm_on_cublas`);
 * :class:`CudaExtInt8Kernel`: int8 activations (per token or per tensor), every weight
   format (int8 tensor-core mma, exact int32 accumulation; W1.58A8 is BitNet's setting; past 64
-  tokens on sm_90 the weight expanded to int8 and multiplied by cuBLAS, :func:`int8_gemm_on_cublas`);
+  tokens on sm_90 the weight expanded to int8 and multiplied by cuBLAS int8, :func:`gemm_on_cublas`);
 * :class:`CudaExtXnorKernel`: binary weights with binary activations (XOR + popcount).
 
 Weight granularity per_tensor and per_channel; per_group is left to torch_ref (its
@@ -38,7 +39,8 @@ CLUSTER_MAX_CHUNKS = 256  # kClusterMaxChunks (csrc/bitlab_gemv_cluster.cuh): in
 WIDE_GEMV_MAX_TOKENS = 64  # kClusterWideMaxTokens: the wide cluster GEMV takes 17-64 tokens on sm_90
 # Bytes of one slice's staged activations at 8 slices (kClusterStageBytes / kClusterWideStageBytes).
 CLUSTER_STAGE_BYTES, CLUSTER_WIDE_STAGE_BYTES = 128 * 1024, 192 * 1024
-INT8_CUBLAS_MIN_TOKENS = 65  # kInt8CublasMinTokens (csrc/bindings.cpp)
+CUBLAS_MIN_TOKENS = 65  # kCublasMinTokens (csrc/bindings.cpp)
+GEMM_ENV = {"int8": "BITLAB_CUDA_INT8_GEMM", "float": "BITLAB_CUDA_FLOAT_GEMM"}
 LOW_BIT_FORMATS = (layout.FORMAT_CODE[1], layout.FORMAT_CODE[1.58], layout.FORMAT_CODE[2])  # 1- and 2-bit codes
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -80,11 +82,11 @@ class _CudaExtKernel(BitKernel):
     def route(self, batch: int, prepared: "CudaExtWeight" = None) -> str:
         """Which kernel serves ``batch`` tokens; with ``prepared``, also which GEMV (:func:`gemv_kernel`)."""
         name = type(self).__name__
-        if prepared is not None and int8_gemm_on_cublas(prepared, batch):
+        if prepared is not None and gemm_on_cublas(prepared, batch):
             return f"{name}.gemm_cublas"
         if batch > GEMV_MAX_TOKENS:
             if prepared is None:  # the wide cluster GEMV and cuBLAS depend on the device and in_features
-                if isinstance(self, CudaExtInt8Kernel) and batch >= INT8_CUBLAS_MIN_TOKENS:
+                if batch >= CUBLAS_MIN_TOKENS:
                     return f"{name}.gemm_cublas (sm_90+) or gemm"
                 return f"{name}.gemv_cluster or gemm" if batch <= WIDE_GEMV_MAX_TOKENS else f"{name}.gemm"
             return f"{name}.gemv_cluster" if gemv_kernel(prepared, batch) == "cluster" else f"{name}.gemm"
@@ -201,20 +203,24 @@ def cluster_gemv_fits(prepared: CudaExtWeight, tokens: int) -> bool:
     return chunks <= CLUSTER_MAX_CHUNKS and -(-chunks // 8) * tokens * 128 * x_bytes <= limit
 
 
-def int8_gemm_on_cublas(prepared: CudaExtWeight, tokens: int) -> bool:
-    """Whether int8 activations at ``tokens`` rows take the cuBLAS int8 GEMM (``int8_gemm_on_cublas`` in
-    csrc/bindings.cpp): the weight expanded to int8 in slices, ``torch._int_mm``, our int32 epilogue.
-    From INT8_CUBLAS_MIN_TOKENS tokens on sm_90+; ``BITLAB_CUDA_INT8_GEMM=mma`` never, ``=cublas`` from 17
-    tokens on any device."""
-    if prepared.act_mode not in (ops.ACT_INT8_PER_TOKEN, ops.ACT_INT8_PER_TENSOR):
+def gemm_on_cublas(prepared: CudaExtWeight, tokens: int) -> bool:
+    """Whether ``tokens`` rows take a GEMM on cuBLAS (``gemm_on_cublas`` in csrc/bindings.cpp): the weight
+    expanded to exact code values (int8 for int8 activations, half / bf16 for float ones), cuBLAS (int8 ->
+    int32, or half / bf16 -> float32), then our epilogue.  From CUBLAS_MIN_TOKENS tokens on sm_90+;
+    ``BITLAB_CUDA_INT8_GEMM`` / ``BITLAB_CUDA_FLOAT_GEMM`` ``=mma`` never, ``=cublas`` from 17 tokens on any
+    device.  W1A1 (binary activations) never."""
+    if prepared.act_mode in (ops.ACT_INT8_PER_TOKEN, ops.ACT_INT8_PER_TENSOR):
+        forced = os.environ.get(GEMM_ENV["int8"], "")
+    elif prepared.act_mode == ops.ACT_FLOAT:
+        forced = os.environ.get(GEMM_ENV["float"], "")
+    else:
         return False
-    forced = os.environ.get("BITLAB_CUDA_INT8_GEMM", "")
     if forced == "mma":
         return False
     if forced == "cublas":
         return tokens > GEMV_MAX_TOKENS
     major, _ = torch.cuda.get_device_capability(prepared.wq.device)
-    return tokens >= INT8_CUBLAS_MIN_TOKENS and major >= 9
+    return tokens >= CUBLAS_MIN_TOKENS and major >= 9
 
 
 def gemv_kernel(prepared: CudaExtWeight, tokens: int = 1) -> str:

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "bitlab_launch.h"
 
@@ -61,56 +62,78 @@ bitlab::LinearArgs weight_args(const at::Tensor& wq, const at::Tensor& w_scale, 
   return a;
 }
 
-// int8 activations from kInt8CublasMinTokens tokens (right past the wide cluster GEMV) on sm_90+: the weight
-// is expanded to int8 and multiplied by cuBLAS (expand_int8.cu says why).  H200, W1.58A8, 65-2048 tokens at
-// 8192x8192 and BitNet 2B's shapes: faster than the mma.sync GEMM everywhere but one tie (13824x2560, 128
-// tokens), 8192x8192 x 2048 697 -> 368 us (notes v11).  BITLAB_CUDA_INT8_GEMM=mma keeps the mma.sync
-// kernels at every size, =cublas takes cuBLAS from 17 tokens up (at::_int_mm needs more than 16 rows);
-// read per call.  Mirrored in backends/cuda_ext/kernels.py (int8_gemm_on_cublas).
-constexpr int64_t kInt8CublasMinTokens = 65;
+// Past the wide cluster GEMV (from kCublasMinTokens tokens) on sm_90+ the GEMMs run on cuBLAS: the weight
+// is expanded to exact code values and multiplied by cuBLAS (cublas_gemm.cu says why).  Measured (H200):
+//   * int8 activations (int8 x int8 -> int32, bit-exact): W1.58A8, 65-2048 tokens at 8192x8192 and BitNet
+//     2B's shapes, faster than the mma.sync GEMM everywhere but one tie (13824x2560, 128 tokens),
+//     8192x8192 x 2048 697 -> 368 us (notes v11);
+//   * float activations (half / bf16 -> float32, accumulated in float32 as the mma.sync kernels do): the
+//     same shapes (notes v12).
+// BITLAB_CUDA_INT8_GEMM / BITLAB_CUDA_FLOAT_GEMM = mma keeps the mma.sync kernels at every size, = cublas
+// takes cuBLAS from 17 tokens up (at::_int_mm needs more than 16 rows); read per call.  Mirrored in
+// backends/cuda_ext/kernels.py (gemm_on_cublas).
+constexpr int64_t kCublasMinTokens = 65;
+constexpr const char* kInt8GemmEnv = "BITLAB_CUDA_INT8_GEMM";
+constexpr const char* kFloatGemmEnv = "BITLAB_CUDA_FLOAT_GEMM";
 
-bool int8_gemm_on_cublas(int64_t M) {
-  const char* env = std::getenv("BITLAB_CUDA_INT8_GEMM");
+bool gemm_on_cublas(const char* env_name, int64_t M) {
+  const char* env = std::getenv(env_name);
   if (env && std::strcmp(env, "mma") == 0) return false;
   if (env && std::strcmp(env, "cublas") == 0) return M > 16;
-  if (M < kInt8CublasMinTokens) return false;
+  if (M < kCublasMinTokens) return false;
   int dev = 0, major = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
   return major >= 9;
 }
 
-// Rows per slice: the whole weight, or BITLAB_CUDA_INT8_GEMM_SLICE rows (rounded down to a multiple of 128)
-// to bound the workspace (int8 copy + int32 result); slices measured slower (notes v11).
-int64_t int8_gemm_slice_rows(int64_t Npad) {
-  const char* env = std::getenv("BITLAB_CUDA_INT8_GEMM_SLICE");
+// Rows per slice: the whole weight, or $<env>_SLICE rows (rounded down to a multiple of 128) to bound the
+// workspace (expanded weight + GEMM result); slices measured slower (notes v11).
+int64_t cublas_slice_rows(int64_t Npad, const char* env_name) {
+  const std::string name = std::string(env_name) + "_SLICE";
+  const char* env = std::getenv(name.c_str());
   int64_t rows = env ? std::atoll(env) / 128 * 128 : 0;
   return rows <= 0 || rows > Npad ? Npad : rows;
 }
 
-// xq: the quantized activations [M, Kp] (contiguous, zero-padded past K).
-void int8_gemm_via_cublas(const bitlab::LinearArgs& a, const at::Tensor& xq, cudaStream_t stream) {
+// x: int8 activations (quantized) or half / bf16 ones, [M, Kp] contiguous, zero-padded past K.  The int8
+// weight expansion reads int8-path lane tiles, the float one float-path lane tiles: a.wq must be the
+// layout prepared for x's kind, as it is for the mma.sync kernels.
+void gemm_via_cublas(const bitlab::LinearArgs& a, const at::Tensor& x, cudaStream_t stream) {
+  const bool int8 = x.scalar_type() == at::kChar;
   const int64_t Npad = (a.N + 127) / 128 * 128, Kp = a.Kp, M = a.M;
-  const int64_t slice = int8_gemm_slice_rows(Npad);
-  at::Tensor w8 = at::empty({slice * Kp}, xq.options());
-  at::Tensor acc = at::empty({M * slice}, xq.options().dtype(at::kInt));
+  const int64_t slice = cublas_slice_rows(Npad, int8 ? kInt8GemmEnv : kFloatGemmEnv);
+  at::Tensor wx = at::empty({slice * Kp}, x.options());
+  at::Tensor acc = at::empty({M * slice}, x.options().dtype(int8 ? at::kInt : at::kFloat));
   for (int64_t n0 = 0; n0 < Npad; n0 += slice) {
     const int64_t rows = std::min(slice, Npad - n0);
-    check_cuda(bitlab::launch_expand_int8(a.wq, a.fmt, static_cast<int>(n0 / 16), static_cast<int>(rows / 16),
-                                          static_cast<int>(Kp / 128), w8.data_ptr<int8_t>(), stream),
-               "int8 weight expansion");
+    const int tile0 = static_cast<int>(n0 / 16), tiles = static_cast<int>(rows / 16), nchunks = static_cast<int>(Kp / 128);
+    const int cols = static_cast<int>(std::min<int64_t>(rows, a.N - n0));
     at::Tensor out = acc.narrow(0, 0, M * rows).view({M, rows});
-    at::_int_mm_out(out, xq, w8.narrow(0, 0, rows * Kp).view({rows, Kp}).t());
-    check_cuda(bitlab::launch_int32_epilogue(a, out.data_ptr<int>(), static_cast<int>(rows), static_cast<int>(n0),
-                                             static_cast<int>(std::min<int64_t>(rows, a.N - n0)), stream),
-               "int32 epilogue");
+    at::Tensor w = wx.narrow(0, 0, rows * Kp).view({rows, Kp}).t();
+    if (int8) {
+      check_cuda(bitlab::launch_expand_int8(a.wq, a.fmt, tile0, tiles, nchunks, w.data_ptr<int8_t>(), stream),
+                 "int8 weight expansion");
+      at::_int_mm_out(out, x, w);
+      check_cuda(bitlab::launch_int32_epilogue(a, out.data_ptr<int>(), static_cast<int>(rows), static_cast<int>(n0),
+                                               cols, stream),
+                 "int32 epilogue");
+    } else {
+      check_cuda(bitlab::launch_expand_float(a.wq, a.fmt, dtype_code(x.scalar_type()), tile0, tiles, nchunks,
+                                             w.data_ptr(), stream),
+                 "float weight expansion");
+      at::mm_out(out, x, w, at::kFloat);
+      check_cuda(bitlab::launch_float_epilogue(a, out.data_ptr<float>(), static_cast<int>(rows), static_cast<int>(n0),
+                                               cols, stream),
+                 "float32 epilogue");
+    }
   }
 }
 
-// The int8-activation GEMV / GEMM: cuBLAS where int8_gemm_on_cublas, the mma.sync kernels elsewhere.
+// The int8-activation GEMV / GEMM: cuBLAS where gemm_on_cublas, the mma.sync kernels elsewhere.
 void run_int8_linear(const bitlab::LinearArgs& a, const at::Tensor& xq, cudaStream_t stream) {
-  if (int8_gemm_on_cublas(a.M)) {
-    int8_gemm_via_cublas(a, xq, stream);
+  if (gemm_on_cublas(kInt8GemmEnv, a.M)) {
+    gemm_via_cublas(a, xq, stream);
     return;
   }
   check_cuda(bitlab::launch_linear_int8(a, stream), "int8-activation kernel");
@@ -177,6 +200,10 @@ at::Tensor cuda_ext_linear(const at::Tensor& x, const at::Tensor& wq, const at::
     TORCH_CHECK(t == at::kHalf || t == at::kBFloat16, "cuda_ext_linear: float activations must be float16 or bfloat16, got ", t);
     at::Tensor xp = padded_activations(xs, K, Kp);
     a.x = xp.data_ptr();
+    if (gemm_on_cublas(kFloatGemmEnv, M)) {
+      gemm_via_cublas(a, xp, stream);
+      return y;
+    }
     a.pdl = 1;  // the GEMV's first weight loads overlap the end of the kernel before it (sm_90+)
     check_cuda(bitlab::launch_linear_float(a, dtype_code(t), stream), "float-activation kernel");
     return y;

@@ -46,12 +46,17 @@ cudaError_t launch_linear_float(const LinearArgs& args, int x_dtype, cudaStream_
 // int8 activations, int8 mma with exact int32 accumulation.
 cudaError_t launch_linear_int8(const LinearArgs& args, cudaStream_t stream);
 
-// The int8 GEMM on cuBLAS (expand_int8.cu): expand m-tiles tile0 .. tile0 + tiles - 1 of int8-path lane
-// tiles (format fmt) into out, row-major int8 [16 tiles, nchunks * 128]; then, after the caller's int32
-// GEMM acc [M, cols] (row stride ld_acc, a multiple of 4), store y[:, n0 .. n0 + cols) with a's epilogue.
+// The GEMMs on cuBLAS (cublas_gemm.cu): expand m-tiles tile0 .. tile0 + tiles - 1 of int8-path lane tiles
+// (format fmt) into out, row-major int8 [16 tiles, nchunks * 128], or of float-path lane tiles into half /
+// bf16 (x_dtype); then, after the caller's GEMM acc [M, cols] (int32 or float32, row stride ld_acc, a
+// multiple of 4), store y[:, n0 .. n0 + cols) with a's epilogue.
 cudaError_t launch_expand_int8(const uint32_t* wq, int fmt, int tile0, int tiles, int nchunks, int8_t* out,
                                cudaStream_t stream);
+cudaError_t launch_expand_float(const uint32_t* wq, int fmt, int x_dtype, int tile0, int tiles, int nchunks,
+                                void* out, cudaStream_t stream);
 cudaError_t launch_int32_epilogue(const LinearArgs& a, const int32_t* acc, int ld_acc, int n0, int cols,
+                                  cudaStream_t stream);
+cudaError_t launch_float_epilogue(const LinearArgs& a, const float* acc, int ld_acc, int n0, int cols,
                                   cudaStream_t stream);
 
 // Absmax int8 quantization of x [M, K] (row stride ldx elements) into xq [M, Kp] (zero-padded)

@@ -85,32 +85,58 @@ def test_forcing_and_older_devices(device, monkeypatch):
     assert {kernels.gemv_kernel(big, t) for t in (17, 64)} == {"gemm"}
 
 
-def test_route_names_kernel_and_gemv(device):
+def test_route_names_kernel_and_gemv(device, monkeypatch):
+    monkeypatch.delenv("BITLAB_CUDA_FLOAT_GEMM", raising=False)
     kernel = kernels.CudaExtFloatKernel()
     big = weight(28672, 8192)
     assert kernel.route(16, big) == "CudaExtFloatKernel.gemv_cluster"
     assert kernel.route(1, big) == "CudaExtFloatKernel.gemv_bulk"
     assert kernel.route(17, big) == "CudaExtFloatKernel.gemv_cluster"
     assert kernel.route(64, big) == "CudaExtFloatKernel.gemv_cluster"
-    assert kernel.route(65, big) == "CudaExtFloatKernel.gemm"
+    assert kernel.route(65, big) == "CudaExtFloatKernel.gemm_cublas"
     assert kernel.route(64) == "CudaExtFloatKernel.gemv_cluster or gemm"  # no weight: depends on in_features
+    assert kernel.route(65) == "CudaExtFloatKernel.gemm_cublas (sm_90+) or gemm"
     device["major"] = 8
     assert kernel.route(17, big) == "CudaExtFloatKernel.gemm"
+    assert kernel.route(65, big) == "CudaExtFloatKernel.gemm"
+
+
+@pytest.mark.parametrize("env", ["BITLAB_CUDA_INT8_GEMM", "BITLAB_CUDA_FLOAT_GEMM"])
+def test_the_other_paths_forcing_changes_nothing(device, monkeypatch, env):
+    # Each activation kind reads its own variable: forcing one leaves the other on its default rule.
+    ik, fk = kernels.CudaExtInt8Kernel(), kernels.CudaExtFloatKernel()
+    big8, bigf = weight(8192, 8192, act="int8"), weight(8192, 8192)
+    monkeypatch.delenv("BITLAB_CUDA_INT8_GEMM", raising=False)
+    monkeypatch.delenv("BITLAB_CUDA_FLOAT_GEMM", raising=False)
+    monkeypatch.setenv(env, "mma")
+    forced, other = (ik, fk) if env.endswith("INT8_GEMM") else (fk, ik)
+    forced_w, other_w = (big8, bigf) if forced is ik else (bigf, big8)
+    assert forced.route(2048, forced_w).endswith(".gemm")
+    assert other.route(2048, other_w).endswith(".gemm_cublas")
+
+
+def test_binary_activations_never_take_cublas(device):
+    w1a1 = kernels.CudaExtWeight(wq=torch.empty(1, dtype=torch.int32), scale=torch.ones(1), fmt=0,
+                                 act_mode=ops.ACT_BINARY_PER_TOKEN, out_features=8192, in_features=8192, act_dtype=None)
+    assert not kernels.gemm_on_cublas(w1a1, 4096)
 
 
 def test_int8_activations_take_cublas_past_the_wide_gemv_on_hopper(device, monkeypatch):
     monkeypatch.delenv("BITLAB_CUDA_INT8_GEMM", raising=False)
+    monkeypatch.delenv("BITLAB_CUDA_FLOAT_GEMM", raising=False)
     ik, fk = kernels.CudaExtInt8Kernel(), kernels.CudaExtFloatKernel()
     big8, bigf = weight(8192, 8192, act="int8"), weight(8192, 8192)
     assert ik.route(2048, big8) == "CudaExtInt8Kernel.gemm_cublas"
-    assert ik.route(kernels.INT8_CUBLAS_MIN_TOKENS, big8) == "CudaExtInt8Kernel.gemm_cublas"
-    assert kernels.INT8_CUBLAS_MIN_TOKENS == kernels.WIDE_GEMV_MAX_TOKENS + 1
+    assert ik.route(kernels.CUBLAS_MIN_TOKENS, big8) == "CudaExtInt8Kernel.gemm_cublas"
+    assert kernels.CUBLAS_MIN_TOKENS == kernels.WIDE_GEMV_MAX_TOKENS + 1
     assert ik.route(64, big8) == "CudaExtInt8Kernel.gemv_cluster"
     assert ik.route(65, weight(4096, 32768, act="int8")) == "CudaExtInt8Kernel.gemm_cublas"
-    assert fk.route(2048, bigf) == "CudaExtFloatKernel.gemm"  # float activations keep the mma GEMM
+    assert fk.route(2048, bigf) == "CudaExtFloatKernel.gemm_cublas"
+    assert fk.route(65, weight(4096, 32768)) == "CudaExtFloatKernel.gemm_cublas"  # past the wide GEMV's limit too
     assert ik.route(2048) == "CudaExtInt8Kernel.gemm_cublas (sm_90+) or gemm"
     device["major"] = 8
     assert ik.route(2048, big8) == "CudaExtInt8Kernel.gemm"
+    assert fk.route(2048, bigf) == "CudaExtFloatKernel.gemm"
 
 
 def test_int8_gemm_forcing(device, monkeypatch):

@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
-"""int8 activations at many tokens: cuda_ext's mma.sync GEMM vs its cuBLAS route, one run.
+"""Many tokens: cuda_ext's mma.sync GEMM vs its cuBLAS routes, int8 and float activations, one run.
 
 For each shape (out x in) and token count: cuBLAS fp16 (``torch.nn.functional.linear``), cuBLAS int8
-alone (``torch._int_mm``, int32 out: no quantization, no epilogue), and W1.58A8 through cuda_ext with
+alone (``torch._int_mm``, int32 out: no quantization, no epilogue), W1.58A8 through cuda_ext with
 ``BITLAB_CUDA_INT8_GEMM=mma`` (the mma.sync GEMM / wide GEMV) and ``=cublas`` at each slice height
-(``BITLAB_CUDA_INT8_GEMM_SLICE``; 0 = the whole weight at once).  Both cuda_ext rows include the
-per-token activation quantization.  This is the measurement behind the token threshold
-(kInt8CublasMinTokens, csrc/bindings.cpp) and the default slice.
+(``BITLAB_CUDA_INT8_GEMM_SLICE``; 0 = the whole weight at once), and W1.58A16 (fp16 activations) with
+``BITLAB_CUDA_FLOAT_GEMM=mma`` and ``=cublas``.  The W1.58A8 rows include the per-token activation
+quantization.  This is the measurement behind the token threshold (kCublasMinTokens,
+csrc/bindings.cpp) and the default slice.
 
-    python benchmarks/bench_int8_gemm.py --out docs/benchmarks
+    python benchmarks/bench_gemm_cublas.py --out docs/benchmarks
 
-Writes int8_gemm.json, int8_gemm.md and int8_gemm.png into --out.
+Writes gemm_cublas.json, gemm_cublas.md and gemm_cublas.png into --out.
 """
 from __future__ import annotations
 
@@ -35,15 +36,20 @@ from bitcore.kernels import KernelRegistry  # noqa: E402
 SHAPES = [(8192, 8192), (3840, 2560), (2560, 2560), (13824, 2560), (2560, 6912)]  # 8192^2, then BitNet 2B
 TOKENS = [65, 128, 512, 2048]
 SLICES = [0]
-CFG = BitQuantConfig(weight_bits=1.58, activation_dtype="int8", activation_granularity="per_token",
-                     weight_granularity="per_channel")
+CONFIGS = {
+    "W1.58A8": (BitQuantConfig(weight_bits=1.58, activation_dtype="int8", activation_granularity="per_token",
+                               weight_granularity="per_channel"), "BITLAB_CUDA_INT8_GEMM"),
+    "W1.58A16": (BitQuantConfig(weight_bits=1.58, activation_dtype="float16", weight_granularity="per_channel"),
+                 "BITLAB_CUDA_FLOAT_GEMM"),
+}
 
 
-def time_cuda_ext(n, k, tokens, mode, slice_rows=0):
-    os.environ["BITLAB_CUDA_INT8_GEMM"] = mode
-    os.environ["BITLAB_CUDA_INT8_GEMM_SLICE"] = str(slice_rows)
-    kernel = KernelRegistry.get_kernel_for_config(CFG, "cuda", backend="cuda_ext", in_features=k, out_features=n)
-    first = kernel.prepare(random_packed(1.58, n, k), CFG)
+def time_cuda_ext(n, k, tokens, config, mode, slice_rows=0):
+    cfg, env = CONFIGS[config]
+    os.environ[env] = mode
+    os.environ[env + "_SLICE"] = str(slice_rows)
+    kernel = KernelRegistry.get_kernel_for_config(cfg, "cuda", backend="cuda_ext", in_features=k, out_features=n)
+    first = kernel.prepare(random_packed(1.58, n, k), cfg)
     prepared = [first] + [first.clone() for _ in range(n_copies(first.wq.numel() * 4) - 1)]
     x = torch.randn(tokens, k, device="cuda", dtype=torch.float16)
     stats = time_graph([lambda p=p: kernel.forward(x, p) for p in prepared])
@@ -53,16 +59,18 @@ def time_cuda_ext(n, k, tokens, mode, slice_rows=0):
     return stats
 
 
-def run(shapes, tokens_list, slices):
+def run(shapes, tokens_list, slices, configs):
     rows = []
     for n, k in shapes:
         for tokens in tokens_list:
             fp16 = time_cublas(n, k, tokens)["median_us"]
             cases = [("cuBLAS int8 (GEMM alone)", lambda: time_cublas_int8(n, k, tokens))]
-            cases.append(("W1.58A8 mma", lambda: time_cuda_ext(n, k, tokens, "mma")))
-            for s in slices:
-                if tokens > 16:
-                    cases.append((f"W1.58A8 cuBLAS slice {s or 'all'}", lambda s=s: time_cuda_ext(n, k, tokens, "cublas", s)))
+            for config in configs:
+                cases.append((f"{config} mma", lambda c=config: time_cuda_ext(n, k, tokens, c, "mma")))
+                for s in slices:
+                    if tokens > 16:
+                        cases.append((f"{config} cuBLAS" + (f" slice {s}" if s else ""),
+                                      lambda c=config, s=s: time_cuda_ext(n, k, tokens, c, "cublas", s)))
             row = dict(N=n, K=k, tokens=tokens, cublas_fp16_us=fp16, variants={})
             for name, fn in cases:
                 try:
@@ -78,8 +86,8 @@ def run(shapes, tokens_list, slices):
 
 def markdown(meta, rows):
     names = list(dict.fromkeys(name for r in rows for name in r["variants"]))
-    lines = [f"# int8 activations at many tokens: {meta['device']}", "",
-             f"{meta['timing']}; torch {meta['torch']}, {meta['date']}. Microseconds (x cuBLAS fp16); cuda_ext rows "
+    lines = [f"# Many tokens: the mma.sync GEMM and the cuBLAS routes: {meta['device']}", "",
+             f"{meta['timing']}; torch {meta['torch']}, {meta['date']}. Microseconds (x cuBLAS fp16); W1.58A8 rows "
              "include the per-token activation quantization, `cuBLAS int8` is the GEMM alone.", "",
              "| out x in | tokens | cuBLAS fp16 | " + " | ".join(names) + " |",
              "|---|---:|---:|" + "---:|" * len(names)]
@@ -89,7 +97,7 @@ def markdown(meta, rows):
             v = r["variants"].get(name)
             cells.append(f"{v:.1f} ({r['cublas_fp16_us'] / v:.2f}x)" if v else "-")
         lines.append(f"| {r['N']}x{r['K']} | {r['tokens']} | {r['cublas_fp16_us']:.1f} | " + " | ".join(cells) + " |")
-    lines += ["", "Command: `python benchmarks/bench_int8_gemm.py --out docs/benchmarks`"]
+    lines += ["", "Command: `python benchmarks/bench_gemm_cublas.py --out docs/benchmarks`"]
     return "\n".join(lines) + "\n"
 
 
@@ -122,6 +130,7 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="*", default=None, help="OUTxIN shapes")
     parser.add_argument("--tokens", nargs="*", type=int, default=None, help=f"token counts instead of {TOKENS}")
     parser.add_argument("--slices", nargs="*", type=int, default=None, help=f"slice heights instead of {SLICES}")
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to benchmark")
@@ -131,14 +140,14 @@ def main(argv=None):
     meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__,
                 timing="CUDA-graph replay, rotating weight copies >= 3x L2, median per call",
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-    rows = run(shapes, args.tokens or TOKENS, SLICES if args.slices is None else args.slices)
+    rows = run(shapes, args.tokens or TOKENS, SLICES if args.slices is None else args.slices, args.configs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "int8_gemm.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / "gemm_cublas.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = markdown(meta, rows)
-    (out / "int8_gemm.md").write_text(md)
+    (out / "gemm_cublas.md").write_text(md)
     try:
-        plot(rows, out / "int8_gemm.png")
+        plot(rows, out / "gemm_cublas.png")
     except Exception as exc:
         print(f"plot failed: {exc}")
     print(md)

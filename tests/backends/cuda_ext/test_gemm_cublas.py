@@ -1,15 +1,19 @@
-"""The int8 GEMM on cuBLAS (csrc/expand_int8.cu + torch._int_mm) against torch_ref, on a CUDA device.
+"""The GEMMs on cuBLAS (csrc/cublas_gemm.cu + torch._int_mm / at::mm) against torch_ref, on a CUDA device.
 
 Many tokens with int8 activations: the weight is expanded to int8 in slices, cuBLAS accumulates in
 int32 (exact), and our epilogue applies the scales, bias and activation with the reference's float32
 roundings, so every result must equal the reference bit for bit.
+
+Many tokens with half / bf16 activations: the weight is expanded to exact half / bf16 code values,
+cuBLAS multiplies into float32, the same epilogue follows; within the float paths' tolerance of the
+reference and of the mma.sync GEMM.
 """
 import pytest
 import torch
 
 from backends.torch_ref.kernels import TorchReferenceKernel
 from bitcore.config import BitQuantConfig
-from .test_cuda_ext_kernels import make_packed
+from .test_cuda_ext_kernels import make_packed, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -26,8 +30,9 @@ def kernels(cuda_ext_ops):
 
 @pytest.fixture
 def cublas(monkeypatch):
-    monkeypatch.setenv("BITLAB_CUDA_INT8_GEMM", "cublas")
-    monkeypatch.delenv("BITLAB_CUDA_INT8_GEMM_SLICE", raising=False)
+    for kind in ("INT8", "FLOAT"):
+        monkeypatch.setenv(f"BITLAB_CUDA_{kind}_GEMM", "cublas")
+        monkeypatch.delenv(f"BITLAB_CUDA_{kind}_GEMM_SLICE", raising=False)
 
 
 def int8_config(bits, gran="per_channel", act_gran="per_token"):
@@ -88,7 +93,7 @@ def test_default_rule_takes_cublas_past_the_wide_gemv(kernels, monkeypatch):
     packed = make_packed(1.58, "per_channel", 300, 1024)
     prepared = kernel.prepare(packed, cfg)
     hopper = torch.cuda.get_device_capability(0)[0] >= 9
-    first = kernels.INT8_CUBLAS_MIN_TOKENS
+    first = kernels.CUBLAS_MIN_TOKENS
     assert kernel.route(first, prepared).endswith("gemm_cublas" if hopper else "gemm")
     assert not kernel.route(first - 1, prepared).endswith("gemm_cublas")
     x = torch.randn(first, 1024, device="cuda", dtype=torch.float16)
@@ -133,3 +138,96 @@ def test_torch_compile_traces_the_op(kernels, cublas):
     x = torch.randn(40, 256, device="cuda", dtype=torch.float16)
     compiled = torch.compile(lambda t: kernel.forward(t, prepared) * 2, fullgraph=True)
     assert torch.equal(compiled(x), kernel.forward(x, prepared) * 2)
+
+
+# ---------------------------------------------------------------- float activations
+
+def float_config(bits, dtype, gran="per_channel"):
+    return BitQuantConfig(weight_bits=bits, activation_dtype=str(dtype).split(".")[-1], weight_granularity=gran)
+
+
+def float_tolerance(dtype):
+    return 5e-3 if dtype == torch.bfloat16 else 1.5e-3  # as test_cuda_ext_kernels' float paths
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("gran", ["per_tensor", "per_channel"])
+@pytest.mark.parametrize("bits", [1, 1.58, 2, 4, 8])
+def test_float_activations_against_reference_and_mma(kernels, cublas, monkeypatch, bits, gran, dtype):
+    cfg = float_config(bits, dtype, gran)
+    kernel = kernels.CudaExtFloatKernel()
+    for n, k in SHAPES:
+        packed = make_packed(bits, gran, n, k)
+        prepared, rprep = kernel.prepare(packed, cfg), REF.prepare(packed, cfg)
+        for m in (17, 70, 301):
+            assert kernel.route(m, prepared).endswith("gemm_cublas")
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            bias = torch.randn(n, device="cuda")
+            for b, act in ((None, "none"), (bias, "relu2"), (bias, "relu")):
+                y, ref = kernel.forward(x, prepared, b, act), REF.forward(x, rprep, b, act)
+                monkeypatch.setenv("BITLAB_CUDA_FLOAT_GEMM", "mma")
+                mma = kernel.forward(x, prepared, b, act)
+                monkeypatch.setenv("BITLAB_CUDA_FLOAT_GEMM", "cublas")
+                assert y.dtype == dtype and y.shape == (m, n)
+                tol = float_tolerance(dtype)
+                assert rel_err(y, ref) < tol and rel_err(y, mma) < tol, (n, k, m, act, rel_err(y, ref), rel_err(y, mma))
+
+
+def test_float_weight_expansion_is_exact(kernels, cublas):
+    # Scale 1, no bias, float32 output: with integer-valued activations every product and partial sum is an
+    # integer below 2^24, so the cuBLAS result must equal the reference exactly.  A wrong column order in
+    # the expansion shows here at once.
+    for bits in (1, 1.58, 2, 4, 8):
+        for dtype in (torch.float16, torch.bfloat16):
+            cfg = float_config(bits, dtype, "per_tensor")
+            kernel = kernels.CudaExtFloatKernel()
+            packed = make_packed(bits, "per_tensor", 130, 257, probe=True)
+            x = torch.randint(-8, 9, (70, 257), device="cuda").to(dtype)
+            y = kernel.forward(x.float(), kernel.prepare(packed, cfg))
+            ref = REF.forward(x.float(), REF.prepare(packed, cfg))
+            assert torch.equal(y, ref), (bits, dtype, (y - ref).abs().max().item())
+
+
+@pytest.mark.parametrize("slice_rows", ["128", "384", "100000"])
+def test_float_slices_give_the_same_result(kernels, cublas, monkeypatch, slice_rows):
+    cfg = float_config(1.58, torch.float16)
+    kernel = kernels.CudaExtFloatKernel()
+    prepared = kernel.prepare(make_packed(1.58, "per_channel", 1000, 520), cfg)
+    x = torch.randn(80, 520, device="cuda", dtype=torch.float16)
+    bias = torch.randn(1000, device="cuda")
+    whole = kernel.forward(x, prepared, bias, "relu2")
+    monkeypatch.setenv("BITLAB_CUDA_FLOAT_GEMM_SLICE", slice_rows)
+    assert torch.equal(kernel.forward(x, prepared, bias, "relu2"), whole)
+
+
+def test_float_default_rule_takes_cublas_past_the_wide_gemv(kernels, monkeypatch):
+    monkeypatch.delenv("BITLAB_CUDA_FLOAT_GEMM", raising=False)
+    cfg = float_config(1.58, torch.float16)
+    kernel = kernels.CudaExtFloatKernel()
+    packed = make_packed(1.58, "per_channel", 300, 1024)
+    prepared = kernel.prepare(packed, cfg)
+    hopper = torch.cuda.get_device_capability(0)[0] >= 9
+    first = kernels.CUBLAS_MIN_TOKENS
+    assert kernel.route(first, prepared).endswith("gemm_cublas" if hopper else "gemm")
+    assert not kernel.route(first - 1, prepared).endswith("gemm_cublas")
+    x = torch.randn(first, 1024, device="cuda", dtype=torch.float16)
+    assert rel_err(kernel.forward(x, prepared), REF.forward(x, REF.prepare(packed, cfg))) < 1.5e-3
+
+
+def test_float_cuda_graph_capture_and_compile(kernels, cublas):
+    cfg = float_config(1.58, torch.bfloat16)
+    kernel = kernels.CudaExtFloatKernel()
+    prepared = kernel.prepare(make_packed(1.58, "per_channel", 300, 520), cfg)
+    static_x = torch.randn(300, 520, device="cuda", dtype=torch.bfloat16)
+    kernel.forward(static_x, prepared)  # warm up (cuBLAS handle and workspace) outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = kernel.forward(static_x, prepared)
+    fresh = torch.randn(300, 520, device="cuda", dtype=torch.bfloat16)
+    static_x.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_y, kernel.forward(fresh, prepared))
+    compiled = torch.compile(lambda t: kernel.forward(t, prepared) * 2, fullgraph=True)
+    assert torch.equal(compiled(fresh), kernel.forward(fresh, prepared) * 2)

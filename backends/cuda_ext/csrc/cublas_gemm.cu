@@ -1,0 +1,194 @@
+// BitLab cuda_ext: the pieces of the GEMMs that run on cuBLAS (many tokens).
+//
+// Why: at hundreds or thousands of tokens a linear layer is compute-bound, and the tensor cores are
+// fastest through wgmma, which cuBLAS drives and our mma.sync GEMM does not.  So past a token threshold
+// (rules and numbers: bindings.cpp, gemm_on_cublas) the op
+//
+//   1. expands a slice of the prepared weight into a row-major matrix [slice rows, Kp] of exact code
+//      values: int8 from int8-path lane tiles (expand_lane_tiles_int8), or half / bf16 from float-path
+//      lane tiles (expand_lane_tiles_float; every format's values are integers of at most 8 bits, exact
+//      in both), 1, 2, 4 or 8 bits per weight in;
+//   2. multiplies it with cuBLAS: int8 x int8 -> int32 (at::_int_mm, exact), or half / bf16 -> float32
+//      (at::mm with out_dtype float32, accumulated in float32 like the mma.sync kernels); and
+//   3. applies the epilogue to that result (cublas_epilogue: x scale, w scale, bias, ReLU / squared
+//      ReLU, output dtype) with epilogue_value's float32 roundings, so the int8 result equals the
+//      mma.sync kernels' bit for bit.
+//
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+#include "bitlab_launch.h"
+#include "bitlab_mma.cuh"
+
+namespace bitlab {
+namespace {
+
+constexpr int kExpandWarps = 8;  // one (m-tile, chunk) per warp
+
+// Warp w of block b expands unit u = b * kExpandWarps + w, u = (m-tile - tile0) * nchunks + chunk.
+// Lane (g, t) holds rows g and g + 8 of the tile, input columns [32 t, 32 t + 32) of the chunk, as the
+// int8 mma's A registers: register 4 j + R covers row g + 8 (R & 1), columns 32 t + 8 j + 4 (R >> 1) + 0..3.
+template <int FMT>
+__global__ void __launch_bounds__(32 * kExpandWarps) expand_lane_tiles_int8(const uint32_t* __restrict__ wq,
+                                                                            int tile0, int units, int nchunks,
+                                                                            int8_t* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  const int unit = blockIdx.x * kExpandWarps + (threadIdx.x >> 5);
+  if (unit >= units) return;
+  const int tile = unit / nchunks, chunk = unit % nchunks;
+  uint32_t words[LaneTile<FMT>::wpl];
+  load_lane_tile<FMT>(words, wq, static_cast<long>(tile0 + tile) * nchunks + chunk, lane);
+  uint32_t regs[16];
+#pragma unroll
+  for (int r = 0; r < 16; ++r) regs[r] = decode_s8<FMT>(words, r);
+  const int g = lane >> 2, t = lane & 3;
+  const long ld = static_cast<long>(nchunks) * 128;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {  // row g, then row g + 8
+    uint4* dst = reinterpret_cast<uint4*>(out + (static_cast<long>(tile) * 16 + g + 8 * half) * ld + chunk * 128 + 32 * t);
+    dst[0] = make_uint4(regs[half], regs[2 + half], regs[4 + half], regs[6 + half]);
+    dst[1] = make_uint4(regs[8 + half], regs[10 + half], regs[12 + half], regs[14 + half]);
+  }
+}
+
+// The same for float-path lane tiles into half / bf16 (T): register 4 j + R covers row g + 8 (R & 1),
+// columns 32 t + 4 j + 2 (R >> 1) + 0..1, so row g's 32 columns are registers 0, 2, 4, ..., 30 in order
+// (four 16-byte stores) and row g + 8's the odd ones.
+template <int FMT, typename T>
+__global__ void __launch_bounds__(32 * kExpandWarps) expand_lane_tiles_float(const uint32_t* __restrict__ wq,
+                                                                             int tile0, int units, int nchunks,
+                                                                             T* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  const int unit = blockIdx.x * kExpandWarps + (threadIdx.x >> 5);
+  if (unit >= units) return;
+  const int tile = unit / nchunks, chunk = unit % nchunks;
+  uint32_t words[LaneTile<FMT>::wpl];
+  load_lane_tile<FMT>(words, wq, static_cast<long>(tile0 + tile) * nchunks + chunk, lane);
+  const int g = lane >> 2, t = lane & 3;
+  const long ld = static_cast<long>(nchunks) * 128;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {  // row g, then row g + 8
+    uint4* dst = reinterpret_cast<uint4*>(out + (static_cast<long>(tile) * 16 + g + 8 * half) * ld + chunk * 128 + 32 * t);
+#pragma unroll
+    for (int q = 0; q < 4; ++q)  // columns 8 q .. 8 q + 7: k-steps 2 q and 2 q + 1
+      dst[q] = make_uint4(decode_f<FMT, T>(words, 8 * q + half), decode_f<FMT, T>(words, 8 * q + 2 + half),
+                          decode_f<FMT, T>(words, 8 * q + 4 + half), decode_f<FMT, T>(words, 8 * q + 6 + half));
+  }
+}
+
+template <typename T> __device__ __forceinline__ T to_out(float v);
+template <> __device__ __forceinline__ float to_out<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half to_out<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 to_out<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// y[token][n0 + c] = epilogue_value(acc[token][c]) (bitlab_mma.cuh) for c < cols, n0 + c < N; V consecutive
+// columns per thread.  Acc: int32_t (int8 GEMM) or float (half / bf16 GEMM).
+// V = 8 needs N % 8 == 0 (then cols is too, and every row of y is 16-byte aligned): one or two 16-byte
+// stores per thread.  V = 4 stores element by element.
+template <typename T, int V, typename Acc>
+__global__ void cublas_epilogue_kernel(LinearArgs a, const Acc* __restrict__ acc, int ld_acc, int n0, int cols) {
+  static_assert(sizeof(Acc) == 4, "16-byte loads of four accumulators");
+  const int groups = (cols + V - 1) / V;
+  const long total = static_cast<long>(a.M) * groups;
+  for (long i = blockIdx.x * static_cast<long>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<long>(gridDim.x) * blockDim.x) {
+    const int token = static_cast<int>(i / groups), c0 = static_cast<int>(i % groups) * V;
+    Acc vals[V];
+#pragma unroll
+    for (int q = 0; q < V / 4; ++q)
+      *reinterpret_cast<uint4*>(vals + 4 * q) = *reinterpret_cast<const uint4*>(acc + static_cast<long>(token) * ld_acc + c0 + 4 * q);
+    T* y = reinterpret_cast<T*>(a.y) + static_cast<long>(token) * a.N + n0 + c0;
+    if constexpr (V == 8) {
+      alignas(16) T out[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) out[e] = to_out<T>(epilogue_value(a, token, n0 + c0 + e, static_cast<float>(vals[e])));
+#pragma unroll
+      for (int q = 0; q < 8 * static_cast<int>(sizeof(T)) / 16; ++q)
+        reinterpret_cast<uint4*>(y)[q] = reinterpret_cast<const uint4*>(out)[q];
+    } else {
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        if (c0 + e >= cols || n0 + c0 + e >= a.N) break;
+        y[e] = to_out<T>(epilogue_value(a, token, n0 + c0 + e, static_cast<float>(vals[e])));
+      }
+    }
+  }
+}
+
+template <typename T, typename Acc>
+cudaError_t launch_epilogue_t(const LinearArgs& a, const Acc* acc, int ld_acc, int n0, int cols, cudaStream_t stream) {
+  const bool wide = a.N % 8 == 0;
+  const long groups = static_cast<long>(a.M) * ((cols + (wide ? 7 : 3)) / (wide ? 8 : 4));
+  const int threads = 256;
+  const long cap = 16L * device_sm_count();
+  const int blocks = static_cast<int>(groups / threads + 1 < cap ? groups / threads + 1 : cap);
+  if (wide) cublas_epilogue_kernel<T, 8, Acc><<<blocks, threads, 0, stream>>>(a, acc, ld_acc, n0, cols);
+  else cublas_epilogue_kernel<T, 4, Acc><<<blocks, threads, 0, stream>>>(a, acc, ld_acc, n0, cols);
+  return cudaGetLastError();
+}
+
+template <typename Acc>
+cudaError_t launch_epilogue(const LinearArgs& a, const Acc* acc, int ld_acc, int n0, int cols, cudaStream_t stream) {
+  if (a.M == 0 || cols <= 0) return cudaSuccess;
+  if (a.out_dtype == kDtypeHalf) return launch_epilogue_t<__half>(a, acc, ld_acc, n0, cols, stream);
+  if (a.out_dtype == kDtypeBFloat16) return launch_epilogue_t<__nv_bfloat16>(a, acc, ld_acc, n0, cols, stream);
+  return launch_epilogue_t<float>(a, acc, ld_acc, n0, cols, stream);
+}
+
+template <typename T>
+cudaError_t launch_expand_float_t(const uint32_t* wq, int fmt, int tile0, int units, int nchunks, T* out,
+                                  cudaStream_t stream) {
+  const dim3 grid((units + kExpandWarps - 1) / kExpandWarps), block(32 * kExpandWarps);
+  switch (fmt) {
+    case kBinary: expand_lane_tiles_float<kBinary, T><<<grid, block, 0, stream>>>(wq, tile0, units, nchunks, out); break;
+    case kTernary: expand_lane_tiles_float<kTernary, T><<<grid, block, 0, stream>>>(wq, tile0, units, nchunks, out); break;
+    case kInt2: expand_lane_tiles_float<kInt2, T><<<grid, block, 0, stream>>>(wq, tile0, units, nchunks, out); break;
+    case kInt4: expand_lane_tiles_float<kInt4, T><<<grid, block, 0, stream>>>(wq, tile0, units, nchunks, out); break;
+    case kInt8: expand_lane_tiles_float<kInt8, T><<<grid, block, 0, stream>>>(wq, tile0, units, nchunks, out); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_expand_int8(const uint32_t* wq, int fmt, int tile0, int tiles, int nchunks, int8_t* out,
+                               cudaStream_t stream) {
+  const int units = tiles * nchunks;
+  if (units == 0) return cudaSuccess;
+  const dim3 grid((units + kExpandWarps - 1) / kExpandWarps), block(32 * kExpandWarps);
+  switch (fmt) {
+    case kBinary: expand_lane_tiles_int8<kBinary><<<grid, block, 0, stream>>>(wq, tile0, units, nchunks, out); break;
+    case kTernary: expand_lane_tiles_int8<kTernary><<<grid, block, 0, stream>>>(wq, tile0, units, nchunks, out); break;
+    case kInt2: expand_lane_tiles_int8<kInt2><<<grid, block, 0, stream>>>(wq, tile0, units, nchunks, out); break;
+    case kInt4: expand_lane_tiles_int8<kInt4><<<grid, block, 0, stream>>>(wq, tile0, units, nchunks, out); break;
+    case kInt8: expand_lane_tiles_int8<kInt8><<<grid, block, 0, stream>>>(wq, tile0, units, nchunks, out); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_expand_float(const uint32_t* wq, int fmt, int x_dtype, int tile0, int tiles, int nchunks,
+                                void* out, cudaStream_t stream) {
+  const int units = tiles * nchunks;
+  if (units == 0) return cudaSuccess;
+  if (x_dtype == kDtypeHalf)
+    return launch_expand_float_t(wq, fmt, tile0, units, nchunks, static_cast<__half*>(out), stream);
+  if (x_dtype == kDtypeBFloat16)
+    return launch_expand_float_t(wq, fmt, tile0, units, nchunks, static_cast<__nv_bfloat16*>(out), stream);
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_int32_epilogue(const LinearArgs& a, const int32_t* acc, int ld_acc, int n0, int cols,
+                                  cudaStream_t stream) {
+  return launch_epilogue(a, acc, ld_acc, n0, cols, stream);
+}
+
+cudaError_t launch_float_epilogue(const LinearArgs& a, const float* acc, int ld_acc, int n0, int cols,
+                                  cudaStream_t stream) {
+  return launch_epilogue(a, acc, ld_acc, n0, cols, stream);
+}
+
+}  // namespace bitlab
