@@ -29,8 +29,14 @@ def kernels(cuda_ext_ops):
 
 @pytest.fixture(params=["bulk", "cluster", "oneshot"])
 def gemv(request, monkeypatch):
-    """Every GEMV kernel (M <= 16 tokens): bulk-copy ring and cluster split-K (sm_90+), register-only."""
+    """Every GEMV kernel (M <= 16 tokens): bulk-copy ring and cluster split-K (sm_90+), register-only.
+
+    Past 16 tokens: with "cluster" the default route (wide cluster GEMV, then cuBLAS past 64 tokens on
+    sm_90), with "bulk" and "oneshot" the mma.sync GEMM at every token count (so it stays covered there)."""
     monkeypatch.setenv("BITLAB_CUDA_GEMV", request.param)
+    if request.param != "cluster":
+        monkeypatch.setenv("BITLAB_CUDA_INT8_GEMM", "mma")
+        monkeypatch.setenv("BITLAB_CUDA_FLOAT_GEMM", "mma")
     return request.param
 
 
@@ -433,7 +439,7 @@ def test_route_names_the_gemv_it_runs(kernels, monkeypatch):
     assert fk.route(1, fk.prepare(short_k, fcfg)).endswith("gemv_oneshot")
     assert ik.route(1, ik.prepare(big, icfg)).endswith("gemv_oneshot")
     assert fk.route(17, fbig).endswith("gemv_cluster" if hopper else "gemm")
-    assert fk.route(65, fbig).endswith("gemm")
+    assert fk.route(65, fbig).endswith("gemm_cublas" if hopper else "gemm")
     long_packed = make_packed(1.58, "per_channel", 64, 40000)  # past the cluster GEMV's K
     long_k = fk.prepare(long_packed, fcfg)
     assert fk.route(16, long_k).endswith("gemv_oneshot")

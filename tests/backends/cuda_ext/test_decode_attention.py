@@ -129,3 +129,79 @@ def test_bad_inputs_are_named_before_the_op():
     with pytest.raises(ValueError, match="dtype torch.float32"):
         fused.decode_attention(q.float(), k, v, *rest)
     assert fused.supports(q, cache) == "queries on cpu, not CUDA"
+
+
+def norm_quant_reference(out, weight, eps):
+    """attn_sub_norm + per-token int8 quantization as BitNet's torch ops define them."""
+    from bitmodels.bitnet.ops import quantize_tokens, rms_norm
+
+    quantized = quantize_tokens(rms_norm(out, weight, eps))
+    return quantized.q, quantized.scale.reshape(-1)
+
+
+def assert_quantized_close(q, scale, rq, rscale):
+    # the sum of squares is reduced in another order than torch's: at most one quantization step apart, rarely
+    diff = (q.int() - rq.int()).abs()
+    assert diff.max() <= 1 and diff.float().mean() < 0.01, (diff.max().item(), diff.float().mean().item())
+    assert torch.allclose(scale, rscale, rtol=1e-2, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,KVH,D,S,slot,pads", [
+    (1, 20, 5, 128, 640, 511, None),          # BitNet 2B, one row
+    (3, 20, 5, 128, 333, 300, [0, 17, 150]),  # rows finishing in any order
+    (2, 16, 2, 64, 200, 64, [3, 0]),          # groups of 8
+    (4, 64, 8, 128, 300, 299, None),          # the longest row the fusion takes (8192 values)
+    (2, 8, 8, 64, 64, 0, None),               # 8 KV heads to count, one key
+])
+def test_fused_sub_norm_matches_the_norm_kernel(cuda_ext_ops, dtype, B, H, KVH, D, S, slot, pads):
+    inputs = make_inputs(B, H, KVH, D, S, slot, dtype, seed=7 * S + slot, pads=pads)
+    q, k, v, cos, sin, k_cache, v_cache, slot_t, mask = inputs
+    weight = (torch.rand(H * D, device="cuda") + 0.5).to(dtype)
+    row_done = torch.zeros(B + 3, dtype=torch.int32, device="cuda")
+    caches = k_cache.clone(), v_cache.clone()
+    plain = fused.decode_attention(q, k, v, cos, sin, *caches, slot_t, mask)
+    for _ in range(3):  # the counters return to zero: repeated calls give the same rows
+        out, codes, scale = fused.decode_attention_norm_quant(q, k, v, cos, sin, k_cache, v_cache, slot_t, mask,
+                                                              weight, 1e-5, row_done)
+        assert torch.equal(out, plain)  # the attention itself is unchanged
+        assert codes.dtype == torch.int8 and codes.shape == (B, H * D) and scale.shape == (B,)
+        assert_quantized_close(codes, scale, *norm_quant_reference(out, weight, 1e-5))
+        assert not row_done.any()
+    _, kernel_q, kernel_scale = cuda_ext_ops.rms_norm_quant(out, None, weight, 1e-5, 0)
+    assert_quantized_close(codes, scale, kernel_q, kernel_scale)
+
+
+@pytest.mark.gpu
+def test_fused_sub_norm_under_graph_replay(cuda_ext_ops):
+    B, H, KVH, D, S = 2, 20, 5, 128, 256
+    q, k, v, cos, sin, k_cache, v_cache, slot_t, mask = make_inputs(B, H, KVH, D, S, 100, torch.bfloat16, seed=9)
+    weight = (torch.rand(H * D, device="cuda") + 0.5).to(torch.bfloat16)
+    row_done = torch.zeros(B, dtype=torch.int32, device="cuda")
+    args = (q, k, v, cos, sin, k_cache, v_cache, slot_t, mask, weight, 1e-5, row_done)
+    fused.decode_attention_norm_quant(*args)  # eager first
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, codes, scale = fused.decode_attention_norm_quant(*args)
+    for slot in (100, 101, 180):
+        slot_t.fill_(slot)
+        mask.copy_(torch.arange(S, device="cuda")[None].expand(B, S) <= slot)
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        assert_quantized_close(codes, scale, *norm_quant_reference(out, weight, 1e-5))
+    assert not row_done.any()
+
+
+def test_fused_sub_norm_bad_inputs_are_named():
+    B, H, KVH, D, S = 1, 4, 2, 64, 32
+    half = dict(dtype=torch.float16)
+    q, k, v = torch.randn(B, H, D, **half), torch.randn(B, KVH, D, **half), torch.randn(B, KVH, D, **half)
+    cache = torch.randn(B, KVH, S, D, **half)
+    rest = (torch.randn(B, D, **half), torch.randn(B, D, **half), cache, cache.clone(), torch.tensor([3]),
+            torch.ones(B, S, dtype=torch.bool))
+    with pytest.raises(ValueError, match="not CUDA"):  # the attention's own checks come first
+        fused.decode_attention_norm_quant(q, k, v, *rest, torch.ones(H * D, **half), 1e-5,
+                                          torch.zeros(B, dtype=torch.int32))
+    assert fused.norm_max_k(128) == 8192 and fused.norm_max_k(64) == 4096
