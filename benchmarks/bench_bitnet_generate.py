@@ -280,8 +280,6 @@ def main(argv=None) -> int:
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-triton-attention", action="store_true")
-    ap.add_argument("--no-sub-norm-apart", action="store_true",
-                    help="skip the run with attn_sub_norm in its own kernel after the fused attention")
     ap.add_argument("--no-unfused-attention", action="store_true",
                     help="skip the run with the unfused (torch.compile) one-token attention")
     ap.add_argument("--lm-head-bits", type=int, nargs="*", default=[8], choices=[2, 4, 8],
@@ -369,13 +367,6 @@ def main(argv=None) -> int:
         print(f"lm_head {bits}-bit:", result["quantized_lm_head"][bits], flush=True)
         model.bind_lm_head(None)
         del gen_h
-        _free(device)
-    if not args.no_sub_norm_apart and gen_fused_attention(result):
-        # the same model and bindings; attn_sub_norm + quantization as their own kernel after the fused attention
-        gen_a = Generator(model, compile=not args.no_compile, bind=False, fused_sub_norm=False)
-        result["runs"]["bitlab_sub_norm_apart"] = run_batches("bitlab_sub_norm_apart", gen_a, batches, args,
-                                                             cfg.vocab_size)
-        del gen_a
         _free(device)
     if not args.no_unfused_attention and gen_fused_attention(result):
         # the same model and bindings; one-token attention as compiled torch ops (rotary, cache write,
@@ -465,8 +456,6 @@ def write_report(result: dict, out_dir: Path) -> None:
     names = {
         "bitlab_separate_mlp": "each MLP as three kernels (GEMV, norm + quantization, GEMV) instead of one",
         "bitlab_unfused_attn": "one-token attention through the compiled torch path instead of cuda_ext's kernel",
-        "bitlab_sub_norm_apart": "attn_sub_norm + quantization in the norm kernel after cuda_ext's attention kernel "
-                                 "(fused_sub_norm=False; the default before the attention kernel took them)",
         "bitlab_gemm_past16": "batches past 16 as before the wide cluster GEMV: the GEMM past 16 tokens and "
                               "norm-side quantization up to 16 tokens",
         "bitlab_triton_attn": "one-token attention through the split-KV Triton kernel at every batch",

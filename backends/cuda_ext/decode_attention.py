@@ -11,10 +11,6 @@ the score / softmax / value kernels and the split combine of the unfused path.  
   that ``mask`` allows, softmax in float32, ``scale`` on the scores;
 * returns ``[B, H * D]`` in the activation dtype.
 
-:func:`decode_attention_norm_quant` also applies an RMSNorm (BitNet's ``attn_sub_norm``) and per-token int8
-quantization to that output in the same kernel (the last block of each row to finish does it, as
-``rms_norm_quant`` mode 0 would), returning the int8 rows and scales the next W*A8 projection takes.
-
 The keys of each (row, KV head) are split over a thread-block cluster whose blocks merge their
 partial softmax sums through distributed shared memory, so the kernel needs sm_90 (Hopper).
 
@@ -37,20 +33,8 @@ def _fake(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale):
     return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
 
 
-def _fake_norm_quant(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale, norm_weight, eps, row_done):
-    B, K = q.shape[0], q.shape[1] * q.shape[2]
-    return q.new_empty((B, K)), q.new_empty((B, K), dtype=torch.int8), q.new_empty((B,), dtype=torch.float32)
-
-
 def register_fake() -> None:
     torch.library.register_fake("bitlab::cuda_ext_decode_attention")(_fake)
-    torch.library.register_fake("bitlab::cuda_ext_decode_attention_norm_quant")(_fake_norm_quant)
-
-
-def norm_max_k(head_dim: int) -> int:
-    """Longest row (heads x head_dim) whose sub-norm the kernel fuses: 4 pieces of 8 values per thread,
-    2 x head_dim threads (``attention_norm_max_k`` in csrc/bitlab_launch.h)."""
-    return 4 * 8 * 2 * head_dim
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> str:
@@ -110,29 +94,3 @@ def decode_attention(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale=None
     check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot, mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return ops._op("cuda_ext_decode_attention")(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale)
-
-
-def decode_attention_norm_quant(q, k, v, cos, sin, k_cache, v_cache, slot, mask, norm_weight, eps, row_done,
-                                scale=None):
-    """:func:`decode_attention`, then ``rms_norm(out) * norm_weight`` int8-quantized per row in the same kernel.
-
-    ``row_done``: int32 counters on the device, at least ``B`` of them, zero before the call (the kernel leaves
-    them zero); calls on one stream may share them.  Returns ``(out [B, H * D], q [B, H * D] int8,
-    scale [B] float32)``.
-    """
-    check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot, mask)
-    B, H, D = q.shape
-    if H * D > norm_max_k(D):
-        raise ValueError(f"decode_attention_norm_quant: rows of {H} x {D} values; the fused norm takes at most "
-                         f"{norm_max_k(D)} at head_dim {D}")
-    if (norm_weight.dtype != q.dtype or norm_weight.device != q.device or norm_weight.numel() != H * D
-            or not norm_weight.is_contiguous() or norm_weight.data_ptr() % 16):
-        raise ValueError(f"decode_attention_norm_quant: norm_weight must be a contiguous, 16-byte aligned {q.dtype} "
-                         f"[{H * D}] on {q.device}; got {norm_weight.dtype} {tuple(norm_weight.shape)} on "
-                         f"{norm_weight.device}")
-    if row_done.dtype != torch.int32 or row_done.device != q.device or row_done.numel() < B:
-        raise ValueError(f"decode_attention_norm_quant: row_done must be int32 with at least {B} elements on "
-                         f"{q.device}; got {row_done.dtype} {tuple(row_done.shape)} on {row_done.device}")
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    return ops._op("cuda_ext_decode_attention_norm_quant")(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale,
-                                                         norm_weight, float(eps), row_done)

@@ -22,9 +22,7 @@ One-token attention (decode) runs, on CUDA with cuda_ext available, as one fused
 keeps the unfused path.  It takes up to ``FUSED_ATTENTION_MAX_BATCH`` rows (32), or, with ``compile`` and
 Triton installed, up to ``FUSED_ATTENTION_MAX_BATCH_BEFORE_TRITON`` (4) with a split-KV Triton kernel
 (:mod:`bitmodels.bitnet.triton_attention`) above; ``triton_attention=True`` runs that Triton kernel at
-every batch, ``False`` never.  Where the norms quantize in cuda_ext, the fused kernel also applies
-``attn_sub_norm`` and the int8 quantization of its output (``fused_sub_norm=False`` leaves them to the norm
-kernel).  ``attention_kernel`` says which runs, and why.  ``lm_head_bits=8`` (or 4,
+every batch, ``False`` never.  ``attention_kernel`` says which runs, and why.  ``lm_head_bits=8`` (or 4,
 2) runs the output head quantized per vocabulary row (:meth:`BitNetForCausalLM.bind_lm_head`: fewer
 bytes per step, approximate logits); ``head_kernel`` says what runs it.  Each layer's MLP runs, for up to 2 tokens on an sm_90 GPU with the norms quantizing, as
 one kernel (:mod:`backends.cuda_ext.bitnet_mlp`); ``fused_mlp=False`` keeps the three separate kernels;
@@ -125,7 +123,6 @@ class Generator:
         fused_attention: Optional[bool] = None,
         lm_head_bits: Optional[int] = None,
         fused_mlp: bool = True,
-        fused_sub_norm: bool = True,
     ) -> None:
         self.model = model.eval()
         self.device = model.lm_head.weight.device
@@ -151,13 +148,10 @@ class Generator:
         self.decode_ops = compiled_ops(bool(triton_attention) or triton_above) if compile else model.ops
         if fused:
             limit = FUSED_ATTENTION_MAX_BATCH_BEFORE_TRITON if triton_above else FUSED_ATTENTION_MAX_BATCH
-            self.decode_ops = FusedDecodeAttentionOps(self.decode_ops, limit if triton_above else None,
-                                                      fuse_sub_norm=fused_sub_norm)
+            self.decode_ops = FusedDecodeAttentionOps(self.decode_ops, limit if triton_above else None)
             above = "the split-KV Triton kernel above" if triton_above else "torch above"
-            sub_norm = (" + attn_sub_norm and quantization where the norms quantize in cuda_ext" if fused_sub_norm
-                        else "; attn_sub_norm apart (fused_sub_norm=False)")
-            self.attention_kernel = (f"cuda_ext.decode_attention (rotary + cache write + attention{sub_norm}, one "
-                                     f"kernel) up to {limit} rows, {above}")
+            self.attention_kernel = ("cuda_ext.decode_attention (rotary + cache write + attention, one kernel) "
+                                     f"up to {limit} rows, {above}")
         elif triton_attention:
             self.attention_kernel = "triton split-KV (triton_attention=True)"
         elif fused_attention is False:

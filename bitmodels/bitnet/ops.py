@@ -256,35 +256,16 @@ FUSED_ATTENTION_MAX_BATCH_BEFORE_TRITON = 4
 
 class FusedDecodeAttentionOps:
     """Another ops set (eager or compiled) whose one-token attention over a CUDA cache runs as one
-    cuda_ext kernel (rotary + cache write + attention, :mod:`backends.cuda_ext.decode_attention`).  When the
-    output is quantized and the norms quantize in cuda_ext's kernel (:func:`use_fused_norm_quant`),
-    ``attn_sub_norm`` + quantization run in the attention kernel too (``fuse_sub_norm``, default on); else
-    through the set's own ``norm_input``.  What the kernel does not take (prefill, more than ``max_batch``
-    rows (default FUSED_ATTENTION_MAX_BATCH), float32, head_dim other than 64 / 128) goes to the set's own
-    ``attention``."""
+    cuda_ext kernel (rotary + cache write + attention, :mod:`backends.cuda_ext.decode_attention`), then
+    ``attn_sub_norm`` through the set's own ``norm_input``.  What the kernel does not take (prefill,
+    more than ``max_batch`` rows (default FUSED_ATTENTION_MAX_BATCH), float32, head_dim other than 64 /
+    128) goes to the set's own ``attention``."""
 
-    def __init__(self, base, max_batch: Optional[int] = None, fuse_sub_norm: bool = True) -> None:
+    def __init__(self, base, max_batch: Optional[int] = None) -> None:
         self.base = base
         self.max_batch = max_batch  # None: FUSED_ATTENTION_MAX_BATCH, read at every call
-        self.fuse_sub_norm = fuse_sub_norm
         self.norm_input, self.add_rms_norm = base.norm_input, base.add_rms_norm
         self.relu2_gate_norm = base.relu2_gate_norm
-        self._row_done = {}  # device -> int32 counters of the fused sub-norm (zero between calls)
-
-    def _counters(self, device, rows: int) -> torch.Tensor:
-        have = self._row_done.get(device)
-        if have is None or have.numel() < rows:
-            have = torch.zeros(max(rows, 64), dtype=torch.int32, device=device)
-            self._row_done[device] = have
-        return have
-
-    def sub_norm_fused(self, q: torch.Tensor, sub_norm_weight: torch.Tensor, quantize: bool) -> bool:
-        """Whether attn_sub_norm + quantization of these queries' attention run inside the attention kernel."""
-        from backends.cuda_ext import decode_attention as fused
-
-        heads, d = q.shape[-2], q.shape[-1]
-        return (self.fuse_sub_norm and quantize and _FUSED_NORM_QUANT["cuda"] and sub_norm_weight.dtype == q.dtype
-                and heads * d <= fused.norm_max_k(d))
 
     def attention(self, q, k, v, cos, sin, k_cache, v_cache, slots, mask, sub_norm_weight, eps, quantize=False):
         from backends.cuda_ext import decode_attention as fused
@@ -295,13 +276,8 @@ class FusedDecodeAttentionOps:
             return self.base.attention(q, k, v, cos, sin, k_cache, v_cache, slots, mask, sub_norm_weight, eps,
                                        quantize)
         B = q.shape[0]
-        args = (q[:, 0], k[:, 0], v[:, 0], cos.reshape(B, -1), sin.reshape(B, -1), k_cache, v_cache,
-                slots.reshape(1), mask.reshape(B, -1))
-        if self.sub_norm_fused(q, sub_norm_weight, quantize):
-            _, codes, scale = fused.decode_attention_norm_quant(*args, sub_norm_weight, eps,
-                                                                self._counters(q.device, B))
-            return QuantizedActivation(codes.view(B, 1, -1), scale.view(B, 1, 1))
-        out = fused.decode_attention(*args)
+        out = fused.decode_attention(q[:, 0], k[:, 0], v[:, 0], cos.reshape(B, -1), sin.reshape(B, -1), k_cache,
+                                     v_cache, slots.reshape(1), mask.reshape(B, -1))
         return self.base.norm_input(out.view(B, 1, -1), sub_norm_weight, eps, quantize)
 
 

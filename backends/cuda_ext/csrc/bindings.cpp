@@ -67,8 +67,9 @@ bitlab::LinearArgs weight_args(const at::Tensor& wq, const at::Tensor& w_scale, 
 //   * int8 activations (int8 x int8 -> int32, bit-exact): W1.58A8, 65-2048 tokens at 8192x8192 and BitNet
 //     2B's shapes, faster than the mma.sync GEMM everywhere but one tie (13824x2560, 128 tokens),
 //     8192x8192 x 2048 697 -> 368 us (notes v11);
-//   * float activations (half / bf16 -> float32, accumulated in float32 as the mma.sync kernels do): the
-//     same shapes (notes v12).
+//   * float activations (half / bf16 -> float32, accumulated in float32 as the mma.sync kernels do): W1.58A16
+//     at the same shapes and token counts, faster than the mma.sync GEMM everywhere (1.2-5x), 8192x8192 x 2048
+//     959 -> 446 us (0.95x cuBLAS fp16; notes v12).
 // BITLAB_CUDA_INT8_GEMM / BITLAB_CUDA_FLOAT_GEMM = mma keeps the mma.sync kernels at every size, = cublas
 // takes cuBLAS from 17 tokens up (at::_int_mm needs more than 16 rows); read per call.  Mirrored in
 // backends/cuda_ext/kernels.py (gemm_on_cublas).
@@ -313,11 +314,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_ext_rms_norm_quant(const at:
 }
 
 // One-token attention with rotary + cache write (decode_attention.cu, sm_90); inputs checked in Python
-// first (backends/cuda_ext/decode_attention.py), again here.  Fills everything but the fused sub-norm.
-bitlab::DecodeAttentionArgs attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
-                                           at::Tensor& v_cache, const at::Tensor& slot, const at::Tensor& mask,
-                                           double scale, at::Tensor& out) {
+// first (backends/cuda_ext/decode_attention.py), again here.
+at::Tensor cuda_ext_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
+                                     at::Tensor& v_cache, const at::Tensor& slot, const at::Tensor& mask,
+                                     double scale) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "cuda_ext_decode_attention: q, k, v must be 3-D CUDA tensors");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k.size(1), S = k_cache.size(2);
   TORCH_CHECK(D == 64 || D == 128, "cuda_ext_decode_attention: head_dim ", D, " not 64 or 128");
@@ -331,11 +332,13 @@ bitlab::DecodeAttentionArgs attention_args(const at::Tensor& q, const at::Tensor
   TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == S && mask.stride(1) == 1 &&
                   mask.element_size() == 1, "cuda_ext_decode_attention: mask must be [B, S] bool/uint8");
   TORCH_CHECK(slot.scalar_type() == at::kLong && slot.numel() == 1, "cuda_ext_decode_attention: slot must be int64 [1]");
-  out = at::empty({B, H * D}, q.options());
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({B, H * D}, q.options());
+  at::Tensor cs = cos.contiguous(), sn = sin.contiguous();
   bitlab::DecodeAttentionArgs a{};
   a.q = q.data_ptr(); a.k = k.data_ptr(); a.v = v.data_ptr();
   a.q_row = q.stride(0); a.k_row = k.stride(0); a.v_row = v.stride(0);
-  a.cos = cos.data_ptr(); a.sin = sin.data_ptr();
+  a.cos = cs.data_ptr(); a.sin = sn.data_ptr();
   a.k_cache = k_cache.data_ptr(); a.v_cache = v_cache.data_ptr();
   a.slot = slot.data_ptr<int64_t>();
   a.mask = static_cast<const uint8_t*>(mask.data_ptr());
@@ -349,52 +352,9 @@ bitlab::DecodeAttentionArgs attention_args(const at::Tensor& q, const at::Tensor
   // BITLAB_ATTN_PDL=1 turns it on (read per call; a CUDA graph keeps what its capture saw).
   const char* pdl = std::getenv("BITLAB_ATTN_PDL");
   a.pdl = pdl && pdl[0] == '1';
-  return a;
-}
-
-at::Tensor cuda_ext_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                     const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
-                                     at::Tensor& v_cache, const at::Tensor& slot, const at::Tensor& mask,
-                                     double scale) {
-  const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor cs = cos.contiguous(), sn = sin.contiguous(), out;
-  bitlab::DecodeAttentionArgs a = attention_args(q, k, v, cs, sn, k_cache, v_cache, slot, mask, scale, out);
   check_cuda(bitlab::launch_decode_attention(a, c10::cuda::getCurrentCUDAStream()), "decode_attention kernel");
   return out;
 }
-
-// The same, then attn_sub_norm + per-token int8 quantization of the output in the same kernel (the row's
-// last block does it); returns (out, q [B, H * D] int8, scale [B] float32).  row_done: int32 [>= B], zero.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_ext_decode_attention_norm_quant(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
-    at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot, const at::Tensor& mask, double scale,
-    const at::Tensor& norm_weight, double eps, at::Tensor& row_done) {
-  const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor cs = cos.contiguous(), sn = sin.contiguous(), out;
-  bitlab::DecodeAttentionArgs a = attention_args(q, k, v, cs, sn, k_cache, v_cache, slot, mask, scale, out);
-  const int64_t K = static_cast<int64_t>(a.H) * a.D;
-  TORCH_CHECK(K <= bitlab::attention_norm_max_k(a.D), "cuda_ext_decode_attention_norm_quant: row of ", K,
-              " values is longer than the fused norm takes (", bitlab::attention_norm_max_k(a.D), ")");
-  TORCH_CHECK(norm_weight.is_cuda() && norm_weight.is_contiguous() && norm_weight.numel() == K &&
-                  norm_weight.scalar_type() == q.scalar_type() &&
-                  reinterpret_cast<uintptr_t>(norm_weight.data_ptr()) % 16 == 0,
-              "cuda_ext_decode_attention_norm_quant: norm weight must be contiguous, 16-byte aligned ", q.scalar_type(),
-              " [", K, "]");
-  TORCH_CHECK(row_done.is_cuda() && row_done.scalar_type() == at::kInt && row_done.numel() >= a.B,
-              "cuda_ext_decode_attention_norm_quant: row_done must be int32 with at least ", a.B, " elements");
-  at::Tensor qo = at::empty({a.B, K}, q.options().dtype(at::kChar));
-  at::Tensor so = at::empty({a.B}, q.options().dtype(at::kFloat));
-  a.norm_weight = norm_weight.data_ptr();
-  a.eps = static_cast<float>(eps);
-  a.norm_q = qo.data_ptr<int8_t>();
-  a.norm_scale = so.data_ptr<float>();
-  a.row_done = row_done.data_ptr<int>();
-  check_cuda(bitlab::launch_decode_attention(a, c10::cuda::getCurrentCUDAStream()), "decode_attention kernel");
-  return {out, qo, so};
-}
-
-// Longest attention row (heads x head_dim) the fused sub-norm takes at this head_dim.
-int64_t cuda_ext_decode_attention_norm_max_k(int64_t D) { return bitlab::attention_norm_max_k(static_cast<int>(D)); }
 
 // BitNet's MLP in one kernel (bitnet_mlp.cu, sm_90); inputs checked in Python first
 // (backends/cuda_ext/bitnet_mlp.py), again here.  mid and barrier are the layer's scratch.
@@ -477,11 +437,6 @@ TORCH_LIBRARY_FRAGMENT(bitlab, m) {
   m.def(
       "cuda_ext_decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
       "Tensor(b!) v_cache, Tensor slot, Tensor mask, float scale) -> Tensor");
-  m.def(
-      "cuda_ext_decode_attention_norm_quant(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
-      "Tensor(b!) v_cache, Tensor slot, Tensor mask, float scale, Tensor norm_weight, float eps, Tensor(c!) row_done) "
-      "-> (Tensor, Tensor, Tensor)");
-  m.def("cuda_ext_decode_attention_norm_max_k(int D) -> int", &cuda_ext_decode_attention_norm_max_k);
   m.def("cuda_ext_rms_norm_quant(Tensor a, Tensor? b, Tensor weight, float eps, int mode) -> (Tensor, Tensor, Tensor)");
   m.def(
       "cuda_ext_linear_int8(Tensor xq, Tensor x_scale, Tensor wq, Tensor w_scale, Tensor? bias, int fmt, "
@@ -496,7 +451,6 @@ TORCH_LIBRARY_IMPL(bitlab, CUDA, m) {
   m.impl("cuda_ext_linear_int8", &cuda_ext_linear_int8);
   m.impl("cuda_ext_rms_norm_quant", &cuda_ext_rms_norm_quant);
   m.impl("cuda_ext_decode_attention", &cuda_ext_decode_attention);
-  m.impl("cuda_ext_decode_attention_norm_quant", &cuda_ext_decode_attention_norm_quant);
   m.impl("cuda_ext_bitnet_mlp", &cuda_ext_bitnet_mlp);
 }
 

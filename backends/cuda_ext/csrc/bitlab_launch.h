@@ -125,18 +125,7 @@ struct DecodeAttentionArgs {
   int B, H, KVH, D, S;
   float scale;
   int pdl;               // launch as a programmatic dependent of the kernel before it
-  // Optional attn_sub_norm + per-token int8 quantization of out (as rms_norm_quant mode 0) by the last
-  // block of each row to finish: norm_weight [H * D] in dtype (nullptr: off), H * D <= 32 * 2 * D;
-  // norm_q [B, H * D], norm_scale [B]; row_done [B] int32 counters, zero before the launch and after it.
-  const void* norm_weight;
-  float eps;
-  int8_t* norm_q;
-  float* norm_scale;
-  int* row_done;
 };
-// Longest row (H * D) the fused sub-norm takes: 4 pieces of 8 values per thread, 2 * D threads.
-constexpr int kAttentionNormPieces = 4;
-inline int attention_norm_max_k(int D) { return kAttentionNormPieces * 8 * 2 * D; }
 cudaError_t launch_decode_attention(const DecodeAttentionArgs& args, cudaStream_t stream);
 
 // BitNet's MLP for up to kBitnetMlpMaxTokens tokens in one persistent kernel (bitnet_mlp.cu, sm_90):

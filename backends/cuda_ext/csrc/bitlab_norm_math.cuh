@@ -34,30 +34,6 @@ __device__ __forceinline__ float rms_normed(float x, float r, float w) {
   return round_t<T>(__fmul_rn(w, round_t<T>(__fmul_rn(x, r))));
 }
 
-// Sum (kMax false) or max (true) of v over the block (blockDim.x a multiple of 32, at most 1024); every thread
-// gets the result.  shared: 32 floats.
-template <bool kMax>
-__device__ __forceinline__ float block_reduce(float v, float* shared) {
-  for (int o = 16; o > 0; o >>= 1) {
-    const float other = __shfl_xor_sync(0xffffffffu, v, o);
-    v = kMax ? fmaxf(v, other) : v + other;
-  }
-  if ((threadIdx.x & 31) == 0) shared[threadIdx.x >> 5] = v;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    v = threadIdx.x < blockDim.x / 32 ? shared[threadIdx.x] : 0.f;
-    for (int o = 16; o > 0; o >>= 1) {
-      const float other = __shfl_xor_sync(0xffffffffu, v, o);
-      v = kMax ? fmaxf(v, other) : v + other;
-    }
-    if (threadIdx.x == 0) shared[0] = v;
-  }
-  __syncthreads();
-  v = shared[0];
-  __syncthreads();
-  return v;
-}
-
 // Per-token int8 quantization (bitcore.quantize): inverse step 127 / amax, int8 of y, and the scale.
 __device__ __forceinline__ float quant_inverse(float amax) { return __fmul_rn(__frcp_rn(amax), 127.f); }
 __device__ __forceinline__ float quant_scale(float amax) { return __fmul_rn(amax, 1.f / 127.f); }

@@ -16,12 +16,7 @@
 //   3. online softmax across the block's chunks (running max m and sum l per head);
 //   4. acc = sum p v: each warp over its 16 keys of the chunk, rescaled when m grows;
 //   5. the block's warps sum acc in shared memory; block 0 of the cluster reads every block's
-//      (m, l, acc) through distributed shared memory, merges and writes out [B, H * D] in T;
-//   6. optionally (norm_weight set) the row's attn_sub_norm + int8 quantization: block 0 of each
-//      cluster counts itself done on row_done[b] (after a fence), and the last of the row's KVH
-//      clusters reads the whole row back from L2 and writes its int8 codes and scale, exactly as
-//      rms_norm_quant mode 0 computes them (the sum of squares in another order).  That replaces the
-//      norm kernel the projection after it would wait for.
+//      (m, l, acc) through distributed shared memory, merges and writes out [B, H * D] in T.
 //
 // It lets the next kernel (attn_sub_norm) launch at its start and, when launched as a programmatic
 // dependent (off by default, bindings.cpp), waits before its first read.
@@ -34,7 +29,6 @@
 
 #include "bitlab_cp_async.cuh"
 #include "bitlab_launch.h"
-#include "bitlab_norm_math.cuh"
 
 // 2 D threads per block, two blocks per multiprocessor (registers capped at 128: batch 8 of the
 // BitNet 2B shape launches 200 blocks; at one block per multiprocessor that was two waves).
@@ -76,63 +70,7 @@ struct AttentionShared {
   float acc[G][D];        // the block's sum over its warps (read by block 0 of the cluster)
   float wsum[D / 16][G][D];  // per-warp partial sums before the block sum
   float weight[kMaxCluster][G];
-  float red[32];          // block reductions of the fused sub-norm
-  int last;               // this block is the row's last to finish (fused sub-norm)
 };
-
-// Step 6 (file comment): RMSNorm + per-token int8 quantization of row b of out, by one block of NT threads.
-template <typename T, int NT>
-__device__ void sub_norm_quant_row(const DecodeAttentionArgs& a, int b, float* red) {
-  const int K = a.H * a.D, t = threadIdx.x;  // K % 8 == 0 (D is 64 or 128)
-  const T* row = static_cast<const T*>(a.out) + static_cast<long>(b) * K;
-  const T* w = static_cast<const T*>(a.norm_weight);
-  float v[kAttentionNormPieces][8], wv[kAttentionNormPieces][8];
-  float ss = 0.f;
-#pragma unroll
-  for (int j = 0; j < kAttentionNormPieces; ++j) {
-    const int k0 = 8 * (t + j * NT);
-    if (k0 < K) {
-      const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(row + k0));  // other blocks wrote it: L2, not L1
-      const uint4 wraw = __ldg(reinterpret_cast<const uint4*>(w + k0));
-      const T* e = reinterpret_cast<const T*>(&raw);
-      const T* we = reinterpret_cast<const T*>(&wraw);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        v[j][i] = to_f<T>(e[i]);
-        wv[j][i] = to_f<T>(we[i]);
-        ss = __fmaf_rn(v[j][i], v[j][i], ss);
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[j][i] = wv[j][i] = 0.f;
-    }
-  }
-  ss = block_reduce<false>(ss, red);
-  const float r = rsqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(K)), a.eps));
-  float amax = 0.f;
-#pragma unroll
-  for (int j = 0; j < kAttentionNormPieces; ++j)
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      v[j][i] = rms_normed<T>(v[j][i], r, wv[j][i]);  // 0 past K
-      amax = fmaxf(amax, fabsf(v[j][i]));
-    }
-  amax = fmaxf(block_reduce<true>(amax, red), 1e-5f);
-  const float inv = quant_inverse(amax);
-  int8_t* q = a.norm_q + static_cast<long>(b) * K;
-#pragma unroll
-  for (int j = 0; j < kAttentionNormPieces; ++j) {
-    const int k0 = 8 * (t + j * NT);
-    if (k0 < K) {
-      uint32_t packed[2] = {0u, 0u};
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-        packed[i >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(quantize_value(v[j][i], inv))) << (8 * (i & 3));
-      *reinterpret_cast<uint2*>(q + k0) = make_uint2(packed[0], packed[1]);
-    }
-  }
-  if (t == 0) a.norm_scale[b] = quant_scale(amax);
-}
 
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttentionArgs a) {
@@ -350,17 +288,6 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
       float v = 0.f;
       for (int r = 0; r < C; ++r) v += cluster.map_shared_rank(&sh, r)->acc[g][d] * sh.weight[r][g];
       out[idx] = from_float<T>(v);
-    }
-    if (a.norm_weight != nullptr) {  // 6.
-      __threadfence();  // this thread's part of out is visible device-wide before the block counts itself done
-      __syncthreads();
-      if (t == 0) sh.last = atomicAdd(a.row_done + b, 1) == a.KVH - 1;
-      __syncthreads();
-      if (sh.last) {
-        __threadfence();
-        sub_norm_quant_row<T, NT>(a, b, sh.red);
-        if (t == 0) a.row_done[b] = 0;  // ready for the next launch
-      }
     }
   }
   cluster.sync();  // the other blocks' shared memory stays alive until block 0 has read it
