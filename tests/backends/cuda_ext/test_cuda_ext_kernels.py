@@ -159,8 +159,14 @@ def test_w1a1_popcount(kernels, gran, act_gran):
             assert ((y - ref).abs() <= 1e-6 * ref.abs() + 1e-6).all(), (n, k, m)
             packed = make_packed(1, gran, n, k)
             x = torch.randn(m, k, device="cuda")
-            y, ref = run_both(kernel, cfg, packed, x, torch.randn(n, device="cuda"), "relu")
-            assert rel_err(y, ref) < 1e-5, (n, k, m, rel_err(y, ref))
+            bias = torch.randn(n, device="cuda")
+            y, ref = run_both(kernel, cfg, packed, x, bias, "relu")
+            # The scale mean|x| is summed in another order than torch's (an ulp apart), and count * scale + bias
+            # can cancel to almost nothing, so the error is bounded against the terms' size, not the result's
+            # (the relative bound used before can fail on such an output: cuda_ext notes v12).  One count off
+            # moves an output by 2 mean|x| w_scale, i.e. 2 / K of the bound's first term: far above 1e-5 of it.
+            bound = k * x.abs().mean() * packed.scale.max() + bias.abs().max()
+            assert (y - ref).abs().max() <= 1e-5 * bound, (n, k, m, (y - ref).abs().max().item(), bound.item())
 
 
 @pytest.mark.parametrize("act", ["float16", "bfloat16", "int8"])
