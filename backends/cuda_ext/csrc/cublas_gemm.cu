@@ -49,7 +49,20 @@ struct ExpandStage {
   }
 };
 
-// Warp w of block b expands unit u = b * kExpandWarps + w, u = (m-tile - tile0) * nchunks + chunk.
+// The unit this warp expands (warp w of block b: u = b * kExpandWarps + w = (m-tile - tile0) * nchunks + chunk):
+// its m-tile from tile0 and its chunk, and the lane's words of it; false past the last unit.
+template <int FMT>
+__device__ __forceinline__ bool load_expand_unit(const uint32_t* __restrict__ wq, int tile0, int units, int nchunks,
+                                                 int& tile, int& chunk, uint32_t (&words)[LaneTile<FMT>::wpl]) {
+  const int unit = blockIdx.x * kExpandWarps + (threadIdx.x >> 5);
+  if (unit >= units) return false;
+  tile = unit / nchunks;
+  chunk = unit % nchunks;
+  load_lane_tile<FMT>(words, wq, static_cast<long>(tile0 + tile) * nchunks + chunk, threadIdx.x & 31);
+  return true;
+}
+
+// Expanding one unit (load_expand_unit) into int8.
 // Lane (g, t) holds rows g and g + 8 of the tile, input columns [32 t, 32 t + 32) of the chunk, as the
 // int8 mma's A registers: register 4 j + R covers row g + 8 (R & 1), columns 32 t + 8 j + 4 (R >> 1) + 0..3.
 template <int FMT>
@@ -57,17 +70,14 @@ __global__ void __launch_bounds__(32 * kExpandWarps) expand_lane_tiles_int8(cons
                                                                             int tile0, int units, int nchunks,
                                                                             int8_t* __restrict__ out) {
   __shared__ __align__(16) ExpandStage<128> stage[kExpandWarps];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int unit = blockIdx.x * kExpandWarps + warp;
-  if (unit >= units) return;
-  const int tile = unit / nchunks, chunk = unit % nchunks;
+  int tile, chunk;
   uint32_t words[LaneTile<FMT>::wpl];
-  load_lane_tile<FMT>(words, wq, static_cast<long>(tile0 + tile) * nchunks + chunk, lane);
+  if (!load_expand_unit<FMT>(wq, tile0, units, nchunks, tile, chunk, words)) return;
   uint32_t regs[16];
 #pragma unroll
   for (int r = 0; r < 16; ++r) regs[r] = decode_s8<FMT>(words, r);
-  const int g = lane >> 2, t = lane & 3;
-  ExpandStage<128>& st = stage[warp];
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  ExpandStage<128>& st = stage[threadIdx.x >> 5];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {  // row g, then row g + 8
     st.put(g + 8 * half, 32 * t, make_uint4(regs[half], regs[2 + half], regs[4 + half], regs[6 + half]));
@@ -86,14 +96,11 @@ __global__ void __launch_bounds__(32 * kExpandWarps) expand_lane_tiles_float(con
                                                                              int tile0, int units, int nchunks,
                                                                              T* __restrict__ out) {
   __shared__ __align__(16) ExpandStage<256> stage[kExpandWarps];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int unit = blockIdx.x * kExpandWarps + warp;
-  if (unit >= units) return;
-  const int tile = unit / nchunks, chunk = unit % nchunks;
+  int tile, chunk;
   uint32_t words[LaneTile<FMT>::wpl];
-  load_lane_tile<FMT>(words, wq, static_cast<long>(tile0 + tile) * nchunks + chunk, lane);
-  const int g = lane >> 2, t = lane & 3;
-  ExpandStage<256>& st = stage[warp];
+  if (!load_expand_unit<FMT>(wq, tile0, units, nchunks, tile, chunk, words)) return;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  ExpandStage<256>& st = stage[threadIdx.x >> 5];
 #pragma unroll
   for (int half = 0; half < 2; ++half)  // row g, then row g + 8
 #pragma unroll

@@ -40,6 +40,14 @@ def int8_config(bits, gran="per_channel", act_gran="per_token"):
                           activation_granularity=act_gran)
 
 
+def float_config(bits, dtype, gran="per_channel"):
+    return BitQuantConfig(weight_bits=bits, activation_dtype=str(dtype).split(".")[-1], weight_granularity=gran)
+
+
+def float_tolerance(dtype):
+    return 5e-3 if dtype == torch.bfloat16 else 1.5e-3  # as test_cuda_ext_kernels' float paths
+
+
 @pytest.mark.parametrize("act_gran", ["per_tensor", "per_token"])
 @pytest.mark.parametrize("gran", ["per_tensor", "per_channel"])
 @pytest.mark.parametrize("bits", [1, 1.58, 2, 4, 8])
@@ -86,10 +94,13 @@ def test_slices_give_the_same_result(kernels, cublas, monkeypatch, slice_rows):
     assert torch.equal(sliced, kernel.forward(x, prepared, bias, "relu2"))
 
 
-def test_default_rule_takes_cublas_past_the_wide_gemv(kernels, monkeypatch):
+@pytest.mark.parametrize("act", ["int8", "float16"])
+def test_default_rule_takes_cublas_past_the_wide_gemv(kernels, monkeypatch, act):
     monkeypatch.delenv("BITLAB_CUDA_INT8_GEMM", raising=False)
-    cfg = int8_config(1.58)
-    kernel = kernels.CudaExtInt8Kernel()
+    monkeypatch.delenv("BITLAB_CUDA_FLOAT_GEMM", raising=False)
+    int8 = act == "int8"
+    cfg = int8_config(1.58) if int8 else float_config(1.58, torch.float16)
+    kernel = kernels.CudaExtInt8Kernel() if int8 else kernels.CudaExtFloatKernel()
     packed = make_packed(1.58, "per_channel", 300, 1024)
     prepared = kernel.prepare(packed, cfg)
     hopper = torch.cuda.get_device_capability(0)[0] >= 9
@@ -97,7 +108,8 @@ def test_default_rule_takes_cublas_past_the_wide_gemv(kernels, monkeypatch):
     assert kernel.route(first, prepared).endswith("gemm_cublas" if hopper else "gemm")
     assert not kernel.route(first - 1, prepared).endswith("gemm_cublas")
     x = torch.randn(first, 1024, device="cuda", dtype=torch.float16)
-    assert torch.equal(kernel.forward(x, prepared), REF.forward(x, REF.prepare(packed, cfg)))
+    y, ref = kernel.forward(x, prepared), REF.forward(x, REF.prepare(packed, cfg))
+    assert torch.equal(y, ref) if int8 else rel_err(y, ref) < 1.5e-3
 
 
 def test_pre_quantized_input_equals_forward(kernels, cublas):
@@ -114,21 +126,26 @@ def test_pre_quantized_input_equals_forward(kernels, cublas):
     assert torch.equal(y, kernel.forward(x, prepared, bias, "relu"))
 
 
-def test_cuda_graph_capture(kernels, cublas):
-    cfg = int8_config(1.58)
-    kernel = kernels.CudaExtInt8Kernel()
-    prepared = kernel.prepare(make_packed(1.58, "per_channel", 300, 520), cfg)
-    static_x = torch.randn(300, 520, device="cuda", dtype=torch.float16)
+def replay_equals_eager(kernel, prepared, dtype):
+    """A forward of 300 tokens captured in a CUDA graph, replayed on fresh input, equals the eager call."""
+    static_x = torch.randn(300, prepared.in_features, device="cuda", dtype=dtype)
     kernel.forward(static_x, prepared)  # warm up (cuBLAS handle and workspace) outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_y = kernel.forward(static_x, prepared)
-    fresh = torch.randn(300, 520, device="cuda", dtype=torch.float16)
+    fresh = torch.randn_like(static_x)
     static_x.copy_(fresh)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_y, kernel.forward(fresh, prepared))
+    return fresh
+
+
+def test_cuda_graph_capture(kernels, cublas):
+    kernel = kernels.CudaExtInt8Kernel()
+    replay_equals_eager(kernel, kernel.prepare(make_packed(1.58, "per_channel", 300, 520), int8_config(1.58)),
+                        torch.float16)
 
 
 def test_torch_compile_traces_the_op(kernels, cublas):
@@ -141,14 +158,6 @@ def test_torch_compile_traces_the_op(kernels, cublas):
 
 
 # ---------------------------------------------------------------- float activations
-
-def float_config(bits, dtype, gran="per_channel"):
-    return BitQuantConfig(weight_bits=bits, activation_dtype=str(dtype).split(".")[-1], weight_granularity=gran)
-
-
-def float_tolerance(dtype):
-    return 5e-3 if dtype == torch.bfloat16 else 1.5e-3  # as test_cuda_ext_kernels' float paths
-
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("gran", ["per_tensor", "per_channel"])
@@ -202,34 +211,9 @@ def test_float_slices_give_the_same_result(kernels, cublas, monkeypatch, slice_r
     assert torch.equal(kernel.forward(x, prepared, bias, "relu2"), whole)
 
 
-def test_float_default_rule_takes_cublas_past_the_wide_gemv(kernels, monkeypatch):
-    monkeypatch.delenv("BITLAB_CUDA_FLOAT_GEMM", raising=False)
-    cfg = float_config(1.58, torch.float16)
-    kernel = kernels.CudaExtFloatKernel()
-    packed = make_packed(1.58, "per_channel", 300, 1024)
-    prepared = kernel.prepare(packed, cfg)
-    hopper = torch.cuda.get_device_capability(0)[0] >= 9
-    first = kernels.CUBLAS_MIN_TOKENS
-    assert kernel.route(first, prepared).endswith("gemm_cublas" if hopper else "gemm")
-    assert not kernel.route(first - 1, prepared).endswith("gemm_cublas")
-    x = torch.randn(first, 1024, device="cuda", dtype=torch.float16)
-    assert rel_err(kernel.forward(x, prepared), REF.forward(x, REF.prepare(packed, cfg))) < 1.5e-3
-
-
 def test_float_cuda_graph_capture_and_compile(kernels, cublas):
-    cfg = float_config(1.58, torch.bfloat16)
     kernel = kernels.CudaExtFloatKernel()
-    prepared = kernel.prepare(make_packed(1.58, "per_channel", 300, 520), cfg)
-    static_x = torch.randn(300, 520, device="cuda", dtype=torch.bfloat16)
-    kernel.forward(static_x, prepared)  # warm up (cuBLAS handle and workspace) outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = kernel.forward(static_x, prepared)
-    fresh = torch.randn(300, 520, device="cuda", dtype=torch.bfloat16)
-    static_x.copy_(fresh)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(static_y, kernel.forward(fresh, prepared))
+    prepared = kernel.prepare(make_packed(1.58, "per_channel", 300, 520), float_config(1.58, torch.bfloat16))
+    fresh = replay_equals_eager(kernel, prepared, torch.bfloat16)
     compiled = torch.compile(lambda t: kernel.forward(t, prepared) * 2, fullgraph=True)
     assert torch.equal(compiled(fresh), kernel.forward(fresh, prepared) * 2)
