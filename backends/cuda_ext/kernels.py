@@ -40,6 +40,8 @@ WIDE_GEMV_MAX_TOKENS = 64  # kClusterWideMaxTokens: the wide cluster GEMV takes 
 # Bytes of one slice's staged activations at 8 slices (kClusterStageBytes / kClusterWideStageBytes).
 CLUSTER_STAGE_BYTES, CLUSTER_WIDE_STAGE_BYTES = 128 * 1024, 192 * 1024
 CUBLAS_MIN_TOKENS = 65  # kCublasMinTokens (csrc/bindings.cpp)
+# The float GEMM on cuBLAS needs at::mm with an output dtype (torch >= 2.8; BITLAB_HAS_MM_OUT_DTYPE in bindings.cpp).
+TORCH_HAS_MM_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
 GEMM_ENV = {"int8": "BITLAB_CUDA_INT8_GEMM", "float": "BITLAB_CUDA_FLOAT_GEMM"}
 LOW_BIT_FORMATS = (layout.FORMAT_CODE[1], layout.FORMAT_CODE[1.58], layout.FORMAT_CODE[2])  # 1- and 2-bit codes
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -208,10 +210,12 @@ def gemm_on_cublas(prepared: CudaExtWeight, tokens: int) -> bool:
     expanded to exact code values (int8 for int8 activations, half / bf16 for float ones), cuBLAS (int8 ->
     int32, or half / bf16 -> float32), then our epilogue.  From CUBLAS_MIN_TOKENS tokens on sm_90+;
     ``BITLAB_CUDA_INT8_GEMM`` / ``BITLAB_CUDA_FLOAT_GEMM`` ``=mma`` never, ``=cublas`` from 17 tokens on any
-    device.  W1A1 (binary activations) never."""
+    device.  W1A1 (binary activations) never; float activations never before torch 2.8."""
     if prepared.act_mode in (ops.ACT_INT8_PER_TOKEN, ops.ACT_INT8_PER_TENSOR):
         forced = os.environ.get(GEMM_ENV["int8"], "")
     elif prepared.act_mode == ops.ACT_FLOAT:
+        if not TORCH_HAS_MM_OUT_DTYPE:
+            return False
         forced = os.environ.get(GEMM_ENV["float"], "")
     else:
         return False

@@ -15,6 +15,14 @@
 
 #include "bitlab_launch.h"
 
+// at::mm with an output dtype (float32 from half / bf16 inputs) exists from torch 2.8; before it the float
+// GEMM stays on the mma.sync kernels (kernels.TORCH_HAS_MM_OUT_DTYPE mirrors this).
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#define BITLAB_HAS_MM_OUT_DTYPE 1
+#else
+#define BITLAB_HAS_MM_OUT_DTYPE 0
+#endif
+
 namespace {
 
 // Activation modes (kept in step with backends/cuda_ext/kernels.py).
@@ -78,6 +86,7 @@ constexpr const char* kInt8GemmEnv = "BITLAB_CUDA_INT8_GEMM";
 constexpr const char* kFloatGemmEnv = "BITLAB_CUDA_FLOAT_GEMM";
 
 bool gemm_on_cublas(const char* env_name, int64_t M) {
+  if (!BITLAB_HAS_MM_OUT_DTYPE && std::strcmp(env_name, kFloatGemmEnv) == 0) return false;
   const char* env = std::getenv(env_name);
   if (env && std::strcmp(env, "mma") == 0) return false;
   if (env && std::strcmp(env, "cublas") == 0) return M > 16;
@@ -123,7 +132,11 @@ void gemm_via_cublas(const bitlab::LinearArgs& a, const at::Tensor& x, cudaStrea
       check_cuda(bitlab::launch_expand_float(a.wq, a.fmt, dtype_code(x.scalar_type()), tile0, tiles, nchunks,
                                              w.data_ptr(), stream),
                  "float weight expansion");
+#if BITLAB_HAS_MM_OUT_DTYPE
       at::mm_out(out, x, w, at::kFloat);
+#else
+      TORCH_CHECK(false, "cuda_ext_linear: the float GEMM on cuBLAS needs torch >= 2.8 (at::mm with out_dtype)");
+#endif
       check_cuda(bitlab::launch_float_epilogue(a, out.data_ptr<float>(), static_cast<int>(rows), static_cast<int>(n0),
                                                cols, stream),
                  "float32 epilogue");

@@ -115,6 +115,16 @@ def test_the_other_paths_forcing_changes_nothing(device, monkeypatch, env):
     assert other.route(2048, other_w).endswith(".gemm_cublas")
 
 
+def test_float_activations_keep_the_mma_gemm_before_torch_2_8(device, monkeypatch):
+    monkeypatch.delenv("BITLAB_CUDA_FLOAT_GEMM", raising=False)
+    monkeypatch.setattr(kernels, "TORCH_HAS_MM_OUT_DTYPE", False)
+    fk, ik = kernels.CudaExtFloatKernel(), kernels.CudaExtInt8Kernel()
+    assert fk.route(2048, weight(8192, 8192)) == "CudaExtFloatKernel.gemm"
+    assert ik.route(2048, weight(8192, 8192, act="int8")) == "CudaExtInt8Kernel.gemm_cublas"
+    monkeypatch.setenv("BITLAB_CUDA_FLOAT_GEMM", "cublas")
+    assert fk.route(2048, weight(8192, 8192)) == "CudaExtFloatKernel.gemm"
+
+
 def test_binary_activations_never_take_cublas(device):
     w1a1 = kernels.CudaExtWeight(wq=torch.empty(1, dtype=torch.int32), scale=torch.ones(1), fmt=0,
                                  act_mode=ops.ACT_BINARY_PER_TOKEN, out_features=8192, in_features=8192, act_dtype=None)
