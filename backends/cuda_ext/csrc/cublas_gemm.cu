@@ -49,69 +49,59 @@ struct ExpandStage {
   }
 };
 
-// The unit this warp expands (warp w of block b: u = b * kExpandWarps + w = (m-tile - tile0) * nchunks + chunk):
-// its m-tile from tile0 and its chunk, and the lane's words of it; false past the last unit.
-template <int FMT>
-__device__ __forceinline__ bool load_expand_unit(const uint32_t* __restrict__ wq, int tile0, int units, int nchunks,
-                                                 int& tile, int& chunk, uint32_t (&words)[LaneTile<FMT>::wpl]) {
+// One unit per warp (warp w of block b: u = b * kExpandWarps + w = (m-tile - tile0) * nchunks + chunk), written
+// as rows of ROW_BYTES (128 per chunk row of int8, 256 of half / bf16) into out (row stride nchunks * ROW_BYTES).
+// Lane (g, t) holds rows g and g + 8 of the tile and input columns [32 t, 32 t + 32) of the chunk, i.e. P =
+// ROW_BYTES / 64 pieces of 16 bytes per row; piece(words, half, q) returns piece q of row g + 8 half.
+template <int FMT, int ROW_BYTES, typename Piece>
+__device__ __forceinline__ void expand_unit(const uint32_t* __restrict__ wq, int tile0, int units, int nchunks,
+                                            uint8_t* __restrict__ out, Piece piece) {
+  __shared__ __align__(16) ExpandStage<ROW_BYTES> stage[kExpandWarps];
+  constexpr int P = ROW_BYTES / 64;
   const int unit = blockIdx.x * kExpandWarps + (threadIdx.x >> 5);
-  if (unit >= units) return false;
-  tile = unit / nchunks;
-  chunk = unit % nchunks;
-  load_lane_tile<FMT>(words, wq, static_cast<long>(tile0 + tile) * nchunks + chunk, threadIdx.x & 31);
-  return true;
+  if (unit >= units) return;
+  const int tile = unit / nchunks, chunk = unit % nchunks;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  uint32_t words[LaneTile<FMT>::wpl];
+  load_lane_tile<FMT>(words, wq, static_cast<long>(tile0 + tile) * nchunks + chunk, lane);
+  ExpandStage<ROW_BYTES>& st = stage[threadIdx.x >> 5];
+#pragma unroll
+  for (int half = 0; half < 2; ++half)  // row g, then row g + 8
+#pragma unroll
+    for (int q = 0; q < P; ++q) st.put(g + 8 * half, (t * P + q) * 16, piece(words, half, q));
+  __syncwarp();
+  const long ld = static_cast<long>(nchunks) * ROW_BYTES;
+  st.store(out + static_cast<long>(tile) * 16 * ld + static_cast<long>(chunk) * ROW_BYTES, ld, lane);
 }
 
-// Expanding one unit (load_expand_unit) into int8.
-// Lane (g, t) holds rows g and g + 8 of the tile, input columns [32 t, 32 t + 32) of the chunk, as the
-// int8 mma's A registers: register 4 j + R covers row g + 8 (R & 1), columns 32 t + 8 j + 4 (R >> 1) + 0..3.
+// Registers 8 q + half, 8 q + 2 + half, 8 q + 4 + half, 8 q + 6 + half of a lane's chunk are piece q of row
+// g + 8 half in both mma layouts (bitlab_mma.cuh): int8 path, register 4 j + R covers row g + 8 (R & 1),
+// columns 32 t + 8 j + 4 (R >> 1) + 0..3; float path, columns 32 t + 4 j + 2 (R >> 1) + 0..1.
+template <typename Decode>
+__device__ __forceinline__ uint4 piece_of_registers(Decode decode, int half, int q) {
+  return make_uint4(decode(8 * q + half), decode(8 * q + 2 + half), decode(8 * q + 4 + half), decode(8 * q + 6 + half));
+}
+
+// int8-path lane tiles into int8 code values.
 template <int FMT>
 __global__ void __launch_bounds__(32 * kExpandWarps) expand_lane_tiles_int8(const uint32_t* __restrict__ wq,
                                                                             int tile0, int units, int nchunks,
                                                                             int8_t* __restrict__ out) {
-  __shared__ __align__(16) ExpandStage<128> stage[kExpandWarps];
-  int tile, chunk;
-  uint32_t words[LaneTile<FMT>::wpl];
-  if (!load_expand_unit<FMT>(wq, tile0, units, nchunks, tile, chunk, words)) return;
-  uint32_t regs[16];
-#pragma unroll
-  for (int r = 0; r < 16; ++r) regs[r] = decode_s8<FMT>(words, r);
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  ExpandStage<128>& st = stage[threadIdx.x >> 5];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {  // row g, then row g + 8
-    st.put(g + 8 * half, 32 * t, make_uint4(regs[half], regs[2 + half], regs[4 + half], regs[6 + half]));
-    st.put(g + 8 * half, 32 * t + 16, make_uint4(regs[8 + half], regs[10 + half], regs[12 + half], regs[14 + half]));
-  }
-  __syncwarp();
-  const long ld = static_cast<long>(nchunks) * 128;
-  st.store(reinterpret_cast<uint8_t*>(out + static_cast<long>(tile) * 16 * ld + chunk * 128), ld, lane);
+  expand_unit<FMT, 128>(wq, tile0, units, nchunks, reinterpret_cast<uint8_t*>(out),
+                        [](const uint32_t* words, int half, int q) {
+                          return piece_of_registers([&](int r) { return decode_s8<FMT>(words, r); }, half, q);
+                        });
 }
 
-// The same for float-path lane tiles into half / bf16 (T): register 4 j + R covers row g + 8 (R & 1),
-// columns 32 t + 4 j + 2 (R >> 1) + 0..1, so row g's 32 columns are registers 0, 2, 4, ..., 30 in order
-// and row g + 8's the odd ones.
+// float-path lane tiles into half / bf16 (T) code values.
 template <int FMT, typename T>
 __global__ void __launch_bounds__(32 * kExpandWarps) expand_lane_tiles_float(const uint32_t* __restrict__ wq,
                                                                              int tile0, int units, int nchunks,
                                                                              T* __restrict__ out) {
-  __shared__ __align__(16) ExpandStage<256> stage[kExpandWarps];
-  int tile, chunk;
-  uint32_t words[LaneTile<FMT>::wpl];
-  if (!load_expand_unit<FMT>(wq, tile0, units, nchunks, tile, chunk, words)) return;
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  ExpandStage<256>& st = stage[threadIdx.x >> 5];
-#pragma unroll
-  for (int half = 0; half < 2; ++half)  // row g, then row g + 8
-#pragma unroll
-    for (int q = 0; q < 4; ++q)  // columns 8 q .. 8 q + 7 of the lane's 32: k-steps 2 q and 2 q + 1
-      st.put(g + 8 * half, 64 * t + 16 * q,
-             make_uint4(decode_f<FMT, T>(words, 8 * q + half), decode_f<FMT, T>(words, 8 * q + 2 + half),
-                        decode_f<FMT, T>(words, 8 * q + 4 + half), decode_f<FMT, T>(words, 8 * q + 6 + half)));
-  __syncwarp();
-  const long ld = static_cast<long>(nchunks) * 128;
-  st.store(reinterpret_cast<uint8_t*>(out + static_cast<long>(tile) * 16 * ld + chunk * 128),
-           ld * static_cast<long>(sizeof(T)), lane);
+  expand_unit<FMT, 256>(wq, tile0, units, nchunks, reinterpret_cast<uint8_t*>(out),
+                        [](const uint32_t* words, int half, int q) {
+                          return piece_of_registers([&](int r) { return decode_f<FMT, T>(words, r); }, half, q);
+                        });
 }
 
 // Four int8 codes (one int8-path register) as four halves, in order: exact (|code| <= 127).
@@ -123,30 +113,19 @@ __device__ __forceinline__ uint2 s8x4_to_half4(uint32_t v) {
   return make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
 }
 
-// int8-path lane tiles (expand_lane_tiles_int8's layout) into half code values, for the int8-activation GEMM
-// on the half tensor cores (bindings.cpp, int8_gemm_on_half): row g's 8 columns of k-step j are registers
-// 4 j (columns 8 j + 0..3) and 4 j + 2 (8 j + 4..7), row g + 8's registers 4 j + 1 and 4 j + 3.
+// int8-path lane tiles into half code values, for the int8-activation GEMM on the half tensor cores
+// (bindings.cpp, int8_gemm_on_half): piece q of row g + 8 half is k-step q's registers 4 q + half (columns
+// 8 q + 0..3) and 4 q + 2 + half (8 q + 4..7), four halves each.
 template <int FMT>
 __global__ void __launch_bounds__(32 * kExpandWarps) expand_lane_tiles_int8_as_half(const uint32_t* __restrict__ wq,
                                                                                     int tile0, int units, int nchunks,
                                                                                     __half* __restrict__ out) {
-  __shared__ __align__(16) ExpandStage<256> stage[kExpandWarps];
-  int tile, chunk;
-  uint32_t words[LaneTile<FMT>::wpl];
-  if (!load_expand_unit<FMT>(wq, tile0, units, nchunks, tile, chunk, words)) return;
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  ExpandStage<256>& st = stage[threadIdx.x >> 5];
-#pragma unroll
-  for (int half = 0; half < 2; ++half)  // row g, then row g + 8
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {  // the lane's columns 8 j .. 8 j + 7
-      const uint2 a = s8x4_to_half4(decode_s8<FMT>(words, 4 * j + half));
-      const uint2 b = s8x4_to_half4(decode_s8<FMT>(words, 4 * j + 2 + half));
-      st.put(g + 8 * half, 64 * t + 16 * j, make_uint4(a.x, a.y, b.x, b.y));
-    }
-  __syncwarp();
-  const long ld = static_cast<long>(nchunks) * 128;
-  st.store(reinterpret_cast<uint8_t*>(out + static_cast<long>(tile) * 16 * ld + chunk * 128), ld * 2, lane);
+  expand_unit<FMT, 256>(wq, tile0, units, nchunks, reinterpret_cast<uint8_t*>(out),
+                        [](const uint32_t* words, int half, int q) {
+                          const uint2 a = s8x4_to_half4(decode_s8<FMT>(words, 4 * q + half));
+                          const uint2 b = s8x4_to_half4(decode_s8<FMT>(words, 4 * q + 2 + half));
+                          return make_uint4(a.x, a.y, b.x, b.y);
+                        });
 }
 
 template <typename T> __device__ __forceinline__ T to_out(float v);

@@ -51,14 +51,19 @@ def float_tolerance(dtype):
 @pytest.mark.parametrize("act_gran", ["per_tensor", "per_token"])
 @pytest.mark.parametrize("gran", ["per_tensor", "per_channel"])
 @pytest.mark.parametrize("bits", [1, 1.58, 2, 4, 8])
-def test_bit_exact_against_reference(kernels, cublas, bits, gran, act_gran):
+@pytest.mark.parametrize("mode", ["cublas", "half"])
+def test_bit_exact_against_reference(kernels, cublas, monkeypatch, mode, bits, gran, act_gran):
+    # mode "half" (BITLAB_CUDA_INT8_GEMM=half): 1- and 2-bit codes times int8 sum exactly in float32 on the half
+    # tensor cores, so those must equal the reference bit for bit too; 4- and 8-bit codes stay on the int8 GEMM.
+    monkeypatch.setenv("BITLAB_CUDA_INT8_GEMM", mode)
+    route = "gemm_cublas_half" if mode == "half" and bits <= 2 else "gemm_cublas"
     cfg = int8_config(bits, gran, act_gran)
     kernel = kernels.CudaExtInt8Kernel()
     for n, k in SHAPES:
         packed = make_packed(bits, gran, n, k)
         prepared, rprep = kernel.prepare(packed, cfg), REF.prepare(packed, cfg)
         for m in (17, 70, 301):
-            assert kernel.route(m, prepared).endswith("gemm_cublas")
+            assert kernel.route(m, prepared).endswith(route)
             x = torch.randn(m, k, device="cuda", dtype=torch.float16) * 3
             bias = torch.randn(n, device="cuda")
             for b, act in ((None, "none"), (bias, "relu2"), (bias, "relu")):
@@ -158,28 +163,6 @@ def test_torch_compile_traces_the_op(kernels, cublas):
 
 
 # ---------------------------------------------------------------- int8 activations on the half tensor cores
-
-@pytest.mark.parametrize("act_gran", ["per_tensor", "per_token"])
-@pytest.mark.parametrize("gran", ["per_tensor", "per_channel"])
-@pytest.mark.parametrize("bits", [1, 1.58, 2, 4])
-def test_int8_on_half_tensor_cores_is_bit_exact(kernels, monkeypatch, bits, gran, act_gran):
-    # BITLAB_CUDA_INT8_GEMM=half: 1- and 2-bit codes times int8 sum exactly in float32, so the result must equal
-    # the reference bit for bit; 4-bit codes stay on the int8 GEMM under the same setting.
-    monkeypatch.setenv("BITLAB_CUDA_INT8_GEMM", "half")
-    monkeypatch.delenv("BITLAB_CUDA_INT8_GEMM_SLICE", raising=False)
-    cfg = int8_config(bits, gran, act_gran)
-    kernel = kernels.CudaExtInt8Kernel()
-    for n, k in SHAPES:
-        packed = make_packed(bits, gran, n, k)
-        prepared, rprep = kernel.prepare(packed, cfg), REF.prepare(packed, cfg)
-        for m in (17, 70, 301):
-            assert kernel.route(m, prepared).endswith("gemm_cublas" if bits == 4 else "gemm_cublas_half")
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16) * 3
-            bias = torch.randn(n, device="cuda")
-            for b, act in ((None, "none"), (bias, "relu2")):
-                y, ref = kernel.forward(x, prepared, b, act), REF.forward(x, rprep, b, act)
-                assert torch.equal(y, ref), (n, k, m, act, (y.float() - ref.float()).abs().max().item())
-
 
 def test_int8_on_half_tensor_cores_in_a_graph_and_in_slices(kernels, monkeypatch):
     monkeypatch.setenv("BITLAB_CUDA_INT8_GEMM", "half")
