@@ -280,8 +280,6 @@ def main(argv=None) -> int:
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-triton-attention", action="store_true")
-    ap.add_argument("--int8-gemm-half", action="store_true",
-                    help="also run with BITLAB_CUDA_INT8_GEMM=half (prefill GEMMs on the half tensor cores)")
     ap.add_argument("--no-unfused-attention", action="store_true",
                     help="skip the run with the unfused (torch.compile) one-token attention")
     ap.add_argument("--lm-head-bits", type=int, nargs="*", default=[8], choices=[2, 4, 8],
@@ -350,15 +348,6 @@ def main(argv=None) -> int:
         _free(device)
         os.environ.pop("BITLAB_CUDA_GEMV")
         model.quantize_in_norms_max_tokens = QUANTIZE_IN_NORMS_MAX_TOKENS
-    if args.int8_gemm_half and device.type == "cuda":
-        # the same model and bindings; prefill projections (past 64 tokens) on the half tensor cores
-        os.environ["BITLAB_CUDA_INT8_GEMM"] = "half"  # read at every call
-        gen_h = Generator(model, compile=not args.no_compile, bind=False)
-        result["runs"]["bitlab_int8_gemm_half"] = run_batches("bitlab_int8_gemm_half", gen_h, batches, args,
-                                                             cfg.vocab_size)
-        del gen_h
-        _free(device)
-        os.environ.pop("BITLAB_CUDA_INT8_GEMM")
     layers = model.model.layers
     if not args.no_separate_mlp and any(layer.fused_mlp is not None for layer in layers):
         # the same model and bindings; each MLP as three kernels (GEMV, norm + quantization, GEMV)
@@ -467,8 +456,6 @@ def write_report(result: dict, out_dir: Path) -> None:
     names = {
         "bitlab_separate_mlp": "each MLP as three kernels (GEMV, norm + quantization, GEMV) instead of one",
         "bitlab_unfused_attn": "one-token attention through the compiled torch path instead of cuda_ext's kernel",
-        "bitlab_int8_gemm_half": "projections past 64 tokens (prefill) with their int8 GEMM on the half tensor "
-                                 "cores (BITLAB_CUDA_INT8_GEMM=half, bit-exact for ternary weights)",
         "bitlab_gemm_past16": "batches past 16 as before the wide cluster GEMV: the GEMM past 16 tokens and "
                               "norm-side quantization up to 16 tokens",
         "bitlab_triton_attn": "one-token attention through the split-KV Triton kernel at every batch",

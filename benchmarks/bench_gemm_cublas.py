@@ -5,8 +5,7 @@ For each shape (out x in) and token count: cuBLAS fp16 (``torch.nn.functional.li
 alone (``torch._int_mm``, int32 out: no quantization, no epilogue), W1.58A8 through cuda_ext with
 ``BITLAB_CUDA_INT8_GEMM=mma`` (the mma.sync GEMM / wide GEMV) and ``=cublas`` at each slice height
 (``BITLAB_CUDA_INT8_GEMM_SLICE``; 0 = the whole weight at once), and W1.58A16 (fp16 activations) with
-``BITLAB_CUDA_FLOAT_GEMM=mma`` and ``=cublas``, and W1.58A8 with ``BITLAB_CUDA_INT8_GEMM=half`` (its GEMM on
-the half tensor cores, bit-exact for 1- and 2-bit weights).  The W1.58A8 rows include the per-token activation
+``BITLAB_CUDA_FLOAT_GEMM=mma`` and ``=cublas``.  The W1.58A8 rows include the per-token activation
 quantization.  This is the measurement behind the token threshold (kCublasMinTokens,
 csrc/bindings.cpp) and the default slice.
 
@@ -72,8 +71,6 @@ def run(shapes, tokens_list, slices, configs):
                     if tokens > 16:
                         cases.append((f"{config} cuBLAS" + (f" slice {s}" if s else ""),
                                       lambda c=config, s=s: time_cuda_ext(n, k, tokens, c, "cublas", s)))
-                if config.endswith("A8") and tokens > 16:  # the opt-in int8 GEMM on the half tensor cores
-                    cases.append((f"{config} cuBLAS half", lambda c=config: time_cuda_ext(n, k, tokens, c, "half")))
             row = dict(N=n, K=k, tokens=tokens, cublas_fp16_us=fp16, variants={})
             for name, fn in cases:
                 try:

@@ -85,7 +85,7 @@ class _CudaExtKernel(BitKernel):
         """Which kernel serves ``batch`` tokens; with ``prepared``, also which GEMV (:func:`gemv_kernel`)."""
         name = type(self).__name__
         if prepared is not None and gemm_on_cublas(prepared, batch):
-            return f"{name}.gemm_cublas_half" if int8_gemm_on_half(prepared, batch) else f"{name}.gemm_cublas"
+            return f"{name}.gemm_cublas"
         if batch > GEMV_MAX_TOKENS:
             if prepared is None:  # the wide cluster GEMV and cuBLAS depend on the device and in_features
                 if batch >= CUBLAS_MIN_TOKENS:
@@ -210,7 +210,7 @@ def gemm_on_cublas(prepared: CudaExtWeight, tokens: int) -> bool:
     expanded to exact code values (int8 for int8 activations, half / bf16 for float ones), cuBLAS (int8 ->
     int32, or half / bf16 -> float32), then our epilogue.  From CUBLAS_MIN_TOKENS tokens on sm_90+;
     ``BITLAB_CUDA_INT8_GEMM`` / ``BITLAB_CUDA_FLOAT_GEMM`` ``=mma`` never, ``=cublas`` from 17 tokens on any
-    device (``BITLAB_CUDA_INT8_GEMM=half`` too: :func:`int8_gemm_on_half`).  W1A1 (binary activations) never;
+    device.  W1A1 (binary activations) never;
     float activations never before torch 2.8."""
     if prepared.act_mode in (ops.ACT_INT8_PER_TOKEN, ops.ACT_INT8_PER_TENSOR):
         forced = os.environ.get(GEMM_ENV["int8"], "")
@@ -222,26 +222,10 @@ def gemm_on_cublas(prepared: CudaExtWeight, tokens: int) -> bool:
         return False
     if forced == "mma":
         return False
-    if forced in ("cublas", "half"):
+    if forced == "cublas":
         return tokens > GEMV_MAX_TOKENS
     major, _ = torch.cuda.get_device_capability(prepared.wq.device)
     return tokens >= CUBLAS_MIN_TOKENS and major >= 9
-
-
-# Padded in_features below which 1- and 2-bit codes (|w| <= 3) times int8 activations (|x| <= 127) sum exactly
-# in float32 (kHalfExactMaxKp in csrc/bindings.cpp).
-HALF_EXACT_MAX_KP = (1 << 24) // (127 * 3)
-
-
-def int8_gemm_on_half(prepared: CudaExtWeight, tokens: int) -> bool:
-    """Whether int8 activations run their cuBLAS GEMM on the half tensor cores (``int8_gemm_on_half`` in
-    csrc/bindings.cpp): only with ``BITLAB_CUDA_INT8_GEMM=half`` (opt-in, not yet measured), past 16 tokens,
-    for 1- and 2-bit weights whose padded rows are shorter than HALF_EXACT_MAX_KP, on torch >= 2.8; the
-    result is the int32 GEMM's bit for bit.  Other formats take the int8 GEMM under the same setting."""
-    kp = -(-prepared.in_features // 128) * 128
-    return (os.environ.get(GEMM_ENV["int8"], "") == "half" and TORCH_HAS_MM_OUT_DTYPE
-            and prepared.act_mode in (ops.ACT_INT8_PER_TOKEN, ops.ACT_INT8_PER_TENSOR)
-            and prepared.fmt in LOW_BIT_FORMATS and kp < HALF_EXACT_MAX_KP and tokens > GEMV_MAX_TOKENS)
 
 
 def gemv_kernel(prepared: CudaExtWeight, tokens: int = 1) -> str:

@@ -89,7 +89,7 @@ bool gemm_on_cublas(const char* env_name, int64_t M) {
   if (!BITLAB_HAS_MM_OUT_DTYPE && std::strcmp(env_name, kFloatGemmEnv) == 0) return false;
   const char* env = std::getenv(env_name);
   if (env && std::strcmp(env, "mma") == 0) return false;
-  if (env && (std::strcmp(env, "cublas") == 0 || std::strcmp(env, "half") == 0)) return M > 16;
+  if (env && std::strcmp(env, "cublas") == 0) return M > 16;
   if (M < kCublasMinTokens) return false;
   int dev = 0, major = 0;
   cudaGetDevice(&dev);
@@ -106,27 +106,13 @@ int64_t cublas_slice_rows(int64_t Npad, const char* env_name) {
   return rows <= 0 || rows > Npad ? Npad : rows;
 }
 
-// int8 activations on the half tensor cores (BITLAB_CUDA_INT8_GEMM=half; opt-in, built but not yet measured,
-// notes v12): cuBLAS fp16 beats cuBLAS int8 at many of BitNet's shapes below 2048 tokens.  With 1- or 2-bit
-// weights (|code| <= 3, formats 0-2) and int8 activations (|x| <= 127) every product and every partial sum over
-// Kp < 2^24 / 381 inputs is an integer float32 holds exactly, so half inputs with float32 accumulation give the
-// int32 result bit for bit.  Other formats and longer rows stay on int8.  Mirrored in kernels.int8_gemm_on_half.
-constexpr int64_t kHalfExactMaxKp = (int64_t(1) << 24) / (127 * 3);
-
-bool int8_gemm_on_half(const bitlab::LinearArgs& a) {
-  const char* env = std::getenv(kInt8GemmEnv);
-  return BITLAB_HAS_MM_OUT_DTYPE && env && std::strcmp(env, "half") == 0 && a.fmt <= 2 && a.Kp < kHalfExactMaxKp;
-}
-
 // x: int8 activations (quantized) or half / bf16 ones, [M, Kp] contiguous, zero-padded past K.  The int8
 // weight expansion reads int8-path lane tiles, the float one float-path lane tiles: a.wq must be the
 // layout prepared for x's kind, as it is for the mma.sync kernels.
-void gemm_via_cublas(const bitlab::LinearArgs& a, const at::Tensor& x_in, cudaStream_t stream) {
-  const bool on_half = x_in.scalar_type() == at::kChar && int8_gemm_on_half(a);
-  const at::Tensor x = on_half ? x_in.to(at::kHalf) : x_in;  // int8 codes are exact in half
+void gemm_via_cublas(const bitlab::LinearArgs& a, const at::Tensor& x, cudaStream_t stream) {
   const bool int8 = x.scalar_type() == at::kChar;
   const int64_t Npad = (a.N + 127) / 128 * 128, Kp = a.Kp, M = a.M;
-  const int64_t slice = cublas_slice_rows(Npad, int8 || on_half ? kInt8GemmEnv : kFloatGemmEnv);
+  const int64_t slice = cublas_slice_rows(Npad, int8 ? kInt8GemmEnv : kFloatGemmEnv);
   at::Tensor wx = at::empty({slice * Kp}, x.options());
   at::Tensor acc = at::empty({M * slice}, x.options().dtype(int8 ? at::kInt : at::kFloat));
   for (int64_t n0 = 0; n0 < Npad; n0 += slice) {
@@ -143,14 +129,9 @@ void gemm_via_cublas(const bitlab::LinearArgs& a, const at::Tensor& x_in, cudaSt
                                                cols, stream),
                  "int32 epilogue");
     } else {
-      if (on_half) {
-        check_cuda(bitlab::launch_expand_int8_as_half(a.wq, a.fmt, tile0, tiles, nchunks, w.data_ptr(), stream),
-                   "int8 weight expansion to half");
-      } else {
-        check_cuda(bitlab::launch_expand_float(a.wq, a.fmt, dtype_code(x.scalar_type()), tile0, tiles, nchunks,
-                                               w.data_ptr(), stream),
-                   "float weight expansion");
-      }
+      check_cuda(bitlab::launch_expand_float(a.wq, a.fmt, dtype_code(x.scalar_type()), tile0, tiles, nchunks,
+                                             w.data_ptr(), stream),
+                 "float weight expansion");
 #if BITLAB_HAS_MM_OUT_DTYPE
       at::mm_out(out, x, w, at::kFloat);
 #else

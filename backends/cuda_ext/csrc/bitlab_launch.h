@@ -54,9 +54,6 @@ cudaError_t launch_expand_int8(const uint32_t* wq, int fmt, int tile0, int tiles
                                cudaStream_t stream);
 cudaError_t launch_expand_float(const uint32_t* wq, int fmt, int x_dtype, int tile0, int tiles, int nchunks,
                                 void* out, cudaStream_t stream);
-// int8-path lane tiles of 1- or 2-bit codes into half code values (the int8-activation GEMM on half tensor cores).
-cudaError_t launch_expand_int8_as_half(const uint32_t* wq, int fmt, int tile0, int tiles, int nchunks, void* out,
-                                      cudaStream_t stream);
 cudaError_t launch_int32_epilogue(const LinearArgs& a, const int32_t* acc, int ld_acc, int n0, int cols,
                                   cudaStream_t stream);
 cudaError_t launch_float_epilogue(const LinearArgs& a, const float* acc, int ld_acc, int n0, int cols,

@@ -104,30 +104,6 @@ __global__ void __launch_bounds__(32 * kExpandWarps) expand_lane_tiles_float(con
                         });
 }
 
-// Four int8 codes (one int8-path register) as four halves, in order: exact (|code| <= 127).
-__device__ __forceinline__ uint2 s8x4_to_half4(uint32_t v) {
-  const __half2 lo = __floats2half2_rn(static_cast<float>(static_cast<int8_t>(v & 0xffu)),
-                                       static_cast<float>(static_cast<int8_t>((v >> 8) & 0xffu)));
-  const __half2 hi = __floats2half2_rn(static_cast<float>(static_cast<int8_t>((v >> 16) & 0xffu)),
-                                       static_cast<float>(static_cast<int8_t>(v >> 24)));
-  return make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
-}
-
-// int8-path lane tiles into half code values, for the int8-activation GEMM on the half tensor cores
-// (bindings.cpp, int8_gemm_on_half): piece q of row g + 8 half is k-step q's registers 4 q + half (columns
-// 8 q + 0..3) and 4 q + 2 + half (8 q + 4..7), four halves each.
-template <int FMT>
-__global__ void __launch_bounds__(32 * kExpandWarps) expand_lane_tiles_int8_as_half(const uint32_t* __restrict__ wq,
-                                                                                    int tile0, int units, int nchunks,
-                                                                                    __half* __restrict__ out) {
-  expand_unit<FMT, 256>(wq, tile0, units, nchunks, reinterpret_cast<uint8_t*>(out),
-                        [](const uint32_t* words, int half, int q) {
-                          const uint2 a = s8x4_to_half4(decode_s8<FMT>(words, 4 * q + half));
-                          const uint2 b = s8x4_to_half4(decode_s8<FMT>(words, 4 * q + 2 + half));
-                          return make_uint4(a.x, a.y, b.x, b.y);
-                        });
-}
-
 template <typename T> __device__ __forceinline__ T to_out(float v);
 template <> __device__ __forceinline__ float to_out<float>(float v) { return v; }
 template <> __device__ __forceinline__ __half to_out<__half>(float v) { return __float2half_rn(v); }
@@ -229,21 +205,6 @@ cudaError_t launch_expand_float(const uint32_t* wq, int fmt, int x_dtype, int ti
   if (x_dtype == kDtypeBFloat16)
     return launch_expand_float_t(wq, fmt, tile0, units, nchunks, static_cast<__nv_bfloat16*>(out), stream);
   return cudaErrorInvalidValue;
-}
-
-cudaError_t launch_expand_int8_as_half(const uint32_t* wq, int fmt, int tile0, int tiles, int nchunks, void* out,
-                                      cudaStream_t stream) {
-  const int units = tiles * nchunks;
-  if (units == 0) return cudaSuccess;
-  const dim3 grid((units + kExpandWarps - 1) / kExpandWarps), block(32 * kExpandWarps);
-  __half* o = static_cast<__half*>(out);
-  switch (fmt) {  // 1- and 2-bit codes only: their products with int8 sum exactly in float32 (bindings.cpp)
-    case kBinary: expand_lane_tiles_int8_as_half<kBinary><<<grid, block, 0, stream>>>(wq, tile0, units, nchunks, o); break;
-    case kTernary: expand_lane_tiles_int8_as_half<kTernary><<<grid, block, 0, stream>>>(wq, tile0, units, nchunks, o); break;
-    case kInt2: expand_lane_tiles_int8_as_half<kInt2><<<grid, block, 0, stream>>>(wq, tile0, units, nchunks, o); break;
-    default: return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
 }
 
 cudaError_t launch_int32_epilogue(const LinearArgs& a, const int32_t* acc, int ld_acc, int n0, int cols,

@@ -51,19 +51,14 @@ def float_tolerance(dtype):
 @pytest.mark.parametrize("act_gran", ["per_tensor", "per_token"])
 @pytest.mark.parametrize("gran", ["per_tensor", "per_channel"])
 @pytest.mark.parametrize("bits", [1, 1.58, 2, 4, 8])
-@pytest.mark.parametrize("mode", ["cublas", "half"])
-def test_bit_exact_against_reference(kernels, cublas, monkeypatch, mode, bits, gran, act_gran):
-    # mode "half" (BITLAB_CUDA_INT8_GEMM=half): 1- and 2-bit codes times int8 sum exactly in float32 on the half
-    # tensor cores, so those must equal the reference bit for bit too; 4- and 8-bit codes stay on the int8 GEMM.
-    monkeypatch.setenv("BITLAB_CUDA_INT8_GEMM", mode)
-    route = "gemm_cublas_half" if mode == "half" and bits <= 2 else "gemm_cublas"
+def test_bit_exact_against_reference(kernels, cublas, bits, gran, act_gran):
     cfg = int8_config(bits, gran, act_gran)
     kernel = kernels.CudaExtInt8Kernel()
     for n, k in SHAPES:
         packed = make_packed(bits, gran, n, k)
         prepared, rprep = kernel.prepare(packed, cfg), REF.prepare(packed, cfg)
         for m in (17, 70, 301):
-            assert kernel.route(m, prepared).endswith(route)
+            assert kernel.route(m, prepared).endswith("gemm_cublas")
             x = torch.randn(m, k, device="cuda", dtype=torch.float16) * 3
             bias = torch.randn(n, device="cuda")
             for b, act in ((None, "none"), (bias, "relu2"), (bias, "relu")):
@@ -160,21 +155,6 @@ def test_torch_compile_traces_the_op(kernels, cublas):
     x = torch.randn(40, 256, device="cuda", dtype=torch.float16)
     compiled = torch.compile(lambda t: kernel.forward(t, prepared) * 2, fullgraph=True)
     assert torch.equal(compiled(x), kernel.forward(x, prepared) * 2)
-
-
-# ---------------------------------------------------------------- int8 activations on the half tensor cores
-
-def test_int8_on_half_tensor_cores_in_a_graph_and_in_slices(kernels, monkeypatch):
-    monkeypatch.setenv("BITLAB_CUDA_INT8_GEMM", "half")
-    kernel = kernels.CudaExtInt8Kernel()
-    prepared = kernel.prepare(make_packed(1.58, "per_channel", 1000, 520), int8_config(1.58))
-    replay_equals_eager(kernel, prepared, torch.bfloat16)
-    x = torch.randn(80, 520, device="cuda", dtype=torch.bfloat16)
-    whole = kernel.forward(x, prepared)
-    monkeypatch.setenv("BITLAB_CUDA_INT8_GEMM_SLICE", "384")
-    assert torch.equal(kernel.forward(x, prepared), whole)
-    monkeypatch.setenv("BITLAB_CUDA_INT8_GEMM", "mma")
-    assert torch.equal(kernel.forward(x, prepared), whole)
 
 
 # ---------------------------------------------------------------- float activations

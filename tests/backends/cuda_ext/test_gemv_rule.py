@@ -158,22 +158,3 @@ def test_int8_gemm_forcing(device, monkeypatch):
     assert ik.route(16, big8) == "CudaExtInt8Kernel.gemv_oneshot"  # torch._int_mm needs more than 16 rows
     device["major"] = 8
     assert ik.route(17, big8) == "CudaExtInt8Kernel.gemm_cublas"
-
-
-def test_int8_gemm_on_half_is_opt_in_and_limited_to_exact_cases(device, monkeypatch):
-    ik = kernels.CudaExtInt8Kernel()
-    ternary = weight(2560, 6912, act="int8")
-    monkeypatch.delenv("BITLAB_CUDA_INT8_GEMM", raising=False)
-    assert ik.route(512, ternary) == "CudaExtInt8Kernel.gemm_cublas"  # not by default
-    monkeypatch.setenv("BITLAB_CUDA_INT8_GEMM", "half")
-    assert ik.route(512, ternary) == "CudaExtInt8Kernel.gemm_cublas_half"
-    assert ik.route(17, ternary) == "CudaExtInt8Kernel.gemm_cublas_half"
-    assert ik.route(16, ternary).startswith("CudaExtInt8Kernel.gemv")
-    assert ik.route(512, weight(2560, 6912, act="int8", bits=2)) == "CudaExtInt8Kernel.gemm_cublas_half"
-    assert ik.route(512, weight(2560, 6912, act="int8", bits=1)) == "CudaExtInt8Kernel.gemm_cublas_half"
-    # 4- and 8-bit codes, or rows long enough that a sum could pass 2^24, stay on the int8 GEMM
-    assert ik.route(512, weight(2560, 6912, act="int8", bits=4)) == "CudaExtInt8Kernel.gemm_cublas"
-    assert ik.route(512, weight(2560, kernels.HALF_EXACT_MAX_KP, act="int8")) == "CudaExtInt8Kernel.gemm_cublas"
-    assert kernels.HALF_EXACT_MAX_KP * 127 * 3 < 2 ** 24
-    monkeypatch.setattr(kernels, "TORCH_HAS_MM_OUT_DTYPE", False)
-    assert ik.route(512, ternary) == "CudaExtInt8Kernel.gemm_cublas"
