@@ -258,7 +258,7 @@ def head_agreement(model, bits: int, vocab: int, seed: int) -> dict:
     """Binds the lm_head quantized to ``bits`` and compares the logits of one 64-token prompt with the
     dense head's: relative error, top-1 agreement, the kernel and its weight bytes on the GPU."""
     ids = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(seed))
-    ids = ids.to(model.lm_head.weight.device)
+    ids = ids.to(model.compute_device)
     model.bind_lm_head(None)
     with torch.no_grad():
         dense = model(ids).float()
@@ -284,6 +284,9 @@ def main(argv=None) -> int:
                     help="skip the run with the unfused (torch.compile) one-token attention")
     ap.add_argument("--lm-head-bits", type=int, nargs="*", default=[8], choices=[2, 4, 8],
                     help="also run with the lm_head quantized per row to these bits (logit agreement reported)")
+    ap.add_argument("--embedding-on-host", action="store_true",
+                    help="with each --lm-head-bits run, also one with the embedding table in pinned host memory "
+                         "(its weights on the GPU reported)")
     ap.add_argument("--no-separate-mlp", action="store_true",
                     help="skip the run with each MLP as three kernels (when the one-kernel MLP is in use)")
     ap.add_argument("--gemm-past-16", action="store_true",
@@ -365,9 +368,19 @@ def main(argv=None) -> int:
         gen_h = Generator(model, compile=not args.no_compile, bind=False)  # the head bound above
         result["runs"][f"bitlab_head{bits}"] = run_batches(f"bitlab_head{bits}", gen_h, batches, args, cfg.vocab_size)
         print(f"lm_head {bits}-bit:", result["quantized_lm_head"][bits], flush=True)
-        model.bind_lm_head(None)
         del gen_h
         _free(device)
+        if args.embedding_on_host and device.type == "cuda":
+            model.offload_embedding(True)
+            mem = model.weight_memory()
+            result["quantized_lm_head"][bits]["gpu_weights_with_host_embedding_gb"] = (
+                mem["prepared_gpu"] + mem["quantized_lm_head_gpu"] + mem["float_gpu"]) / GB
+            gen_e = Generator(model, compile=not args.no_compile, bind=False)
+            name = f"bitlab_head{bits}_host_embedding"
+            result["runs"][name] = run_batches(name, gen_e, batches, args, cfg.vocab_size)
+            del gen_e
+            _free(device)
+        model.bind_lm_head(None)  # brings an offloaded table back too
     if not args.no_unfused_attention and gen_fused_attention(result):
         # the same model and bindings; one-token attention as compiled torch ops (rotary, cache write,
         # grouped matmul / softmax / matmul) instead of the fused kernel
@@ -467,6 +480,11 @@ def write_report(result: dict, out_dir: Path) -> None:
         lines.append(f"bitlab_head{bits}: lm_head quantized per row to {bits} bits ({h['kernel']}, {h['gpu_gb']:.3f} GB "
                      f"on the GPU besides the bf16 embedding); logits vs the bf16 head (64 tokens): relative error "
                      f"{h['rel_err']:.2e}, top-1 agreement {h['top1_agree']:.3f}.")
+        if "gpu_weights_with_host_embedding_gb" in h:
+            lines.append(f"bitlab_head{bits}_host_embedding: the same head, the embedding table in pinned host memory "
+                         f"(rows gathered by the GPU each step): weights on the GPU "
+                         f"{h['gpu_weights_with_host_embedding_gb']:.3f} GB (prepared projections, quantized head, "
+                         f"norms).")
     if "logits_vs_transformers" in result:
         a = result["logits_vs_transformers"]
         lines.append(f"Logits vs transformers' BitNetForCausalLM (bf16, same weights, 64 tokens): "

@@ -8,7 +8,9 @@
 * ``bitlab::cuda_ext_decode_attention``: one-token attention with rotary and the KV-cache write
   (:mod:`backends.cuda_ext.decode_attention`);
 * ``bitlab::cuda_ext_bitnet_mlp``: BitNet's MLP for up to 8 tokens in one kernel
-  (:mod:`backends.cuda_ext.bitnet_mlp`).
+  (:mod:`backends.cuda_ext.bitnet_mlp`);
+* ``bitlab::cuda_ext_gather_host_rows``: rows of a pinned host table gathered by GPU indices (an embedding
+  kept off the GPU, :mod:`backends.cuda_ext.host_embedding`).
 
 The schema and CUDA implementation live in ``csrc/bindings.cpp``; the fake (meta)
 implementation is registered here, so ``torch.compile`` traces the op and CUDA graphs
@@ -65,10 +67,11 @@ def load():
             torch.library.register_fake("bitlab::cuda_ext_linear")(_linear_fake)
             torch.library.register_fake("bitlab::cuda_ext_linear_int8")(_linear_int8_fake)
             torch.library.register_fake("bitlab::cuda_ext_rms_norm_quant")(_rms_norm_quant_fake)
-            from backends.cuda_ext import bitnet_mlp, decode_attention
+            from backends.cuda_ext import bitnet_mlp, decode_attention, host_embedding
 
             decode_attention.register_fake()
             bitnet_mlp.register_fake()
+            host_embedding.register_fake()
             _fake_registered = True
     return module
 

@@ -24,7 +24,9 @@ Triton installed, up to ``FUSED_ATTENTION_MAX_BATCH_BEFORE_TRITON`` (4) with a s
 (:mod:`bitmodels.bitnet.triton_attention`) above; ``triton_attention=True`` runs that Triton kernel at
 every batch, ``False`` never.  ``attention_kernel`` says which runs, and why.  ``lm_head_bits=8`` (or 4,
 2) runs the output head quantized per vocabulary row (:meth:`BitNetForCausalLM.bind_lm_head`: fewer
-bytes per step, approximate logits); ``head_kernel`` says what runs it.  Each layer's MLP runs, for up to 2 tokens on an sm_90 GPU with the norms quantizing, as
+bytes per step, approximate logits); ``head_kernel`` says what runs it; with it, ``embedding_on_host=True``
+keeps the embedding table in pinned host memory (:meth:`BitNetForCausalLM.offload_embedding`), so the GPU holds
+only the packed projections, the quantized head and the norms; ``embedding`` says where the table lives.  Each layer's MLP runs, for up to 2 tokens on an sm_90 GPU with the norms quantizing, as
 one kernel (:mod:`backends.cuda_ext.bitnet_mlp`); ``fused_mlp=False`` keeps the three separate kernels;
 ``mlp_kernel`` says which runs, and why.
 
@@ -123,9 +125,10 @@ class Generator:
         fused_attention: Optional[bool] = None,
         lm_head_bits: Optional[int] = None,
         fused_mlp: bool = True,
+        embedding_on_host: bool = False,
     ) -> None:
         self.model = model.eval()
-        self.device = model.lm_head.weight.device
+        self.device = model.compute_device
         self.dtype = model.lm_head.weight.dtype
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
@@ -161,9 +164,14 @@ class Generator:
         self.prefill_ops = Ops()
         if bind:  # resolve kernels and prepared weights once (see BitNetForCausalLM.prepare_for_inference)
             model.prepare_for_inference(self.device, fuse=fuse, offload_packed=offload_packed,
-                                        lm_head_bits=lm_head_bits, fused_mlp=fused_mlp)
-        elif lm_head_bits is not None:
-            model.bind_lm_head(lm_head_bits, self.device)
+                                        lm_head_bits=lm_head_bits, fused_mlp=fused_mlp,
+                                        embedding_on_host=embedding_on_host)
+        else:
+            if lm_head_bits is not None:
+                model.bind_lm_head(lm_head_bits, self.device)
+            if embedding_on_host:
+                model.offload_embedding(True)
+        self.embedding = "pinned host memory (GPU lookup)" if model.host_embedding is not None else f"on {self.device}"
         head = model.head_binding
         self.head_kernel = "dense (nn.Linear)" if head is None else f"{head.kernel.name} (quantized per row)"
         self.mlp_kernel = model.mlp_kernel

@@ -186,6 +186,8 @@ class BitNetForCausalLM(nn.Module):
         self.mlp_kernel = "separate kernels (not prepared)"  # what runs the MLPs (prepare_for_inference sets it)
         # The lm_head quantized per row to 2 / 4 / 8 bits, when bind_lm_head asked for it (else the dense one).
         self.head_binding: Optional[PreparedLinear] = None
+        # The embedding table in pinned host memory, looked up by the GPU (offload_embedding), else None.
+        self.host_embedding = None
 
     # ---------------------------------------------------------------- forward
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype):
@@ -219,7 +221,7 @@ class BitNetForCausalLM(nn.Module):
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        h = self.model.embed_tokens(input_ids)
+        h = self.model.embed_tokens(input_ids) if self.host_embedding is None else self.host_embedding(input_ids)
         cos, sin = self.rotary(positions, h.dtype)
         layers = self.model.layers
         # Quantizing in the norms pays where the projections are GEMVs (decode); a prefill's GEMMs
@@ -258,7 +260,7 @@ class BitNetForCausalLM(nn.Module):
 
     def prepare_for_inference(
         self, device=None, *, fuse: bool = True, offload_packed: bool = False, quantize_in_norms: bool = True,
-        lm_head_bits: Optional[int] = None, fused_mlp: bool = True,
+        lm_head_bits: Optional[int] = None, fused_mlp: bool = True, embedding_on_host: bool = False,
     ) -> Dict[str, str]:
         """Resolve every projection's kernel and prepared weight once for ``device`` (see bindings).
 
@@ -271,9 +273,11 @@ class BitNetForCausalLM(nn.Module):
         kernel for up to FUSED_MLP_MAX_TOKENS tokens (:mod:`backends.cuda_ext.bitnet_mlp`; exact against the
         three separate kernels, 17.0 vs 18.2 us per layer at one token on an H100); ``self.mlp_kernel`` says
         what runs and why.
+        ``embedding_on_host``: keep the embedding table in pinned host memory (see :meth:`offload_embedding`;
+        with a tied table this needs ``lm_head_bits``).
         Returns ``{binding name: kernel name}`` for layer 0, e.g. ``{"qkv": "cuda_ext.Ternary...", ...}``.
         """
-        device = torch.device(device) if device is not None else self.lm_head.weight.device
+        device = torch.device(device) if device is not None else self.compute_device
         self.eval()
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -293,22 +297,59 @@ class BitNetForCausalLM(nn.Module):
                            else f"separate kernels ({why})")
         self.norm_quant = use_fused_norm_quant(device) if self.model.layers[0].quantized_inputs else "none"
         self.bind_lm_head(lm_head_bits, device)
+        if embedding_on_host:
+            self.offload_embedding(True)
         return {name: b.kernel.name for name, b in self.model.layers[0].bound.items()}
 
     def bind_lm_head(self, bits: Optional[int], device=None) -> str:
         """Run the ``lm_head`` quantized per vocabulary row to ``bits`` (2, 4 or 8; float activations, the
         registry's kernel), or dense again with None.  Trades logit accuracy for bytes: the head reads
         ``vocab x hidden`` weights every decode step (656 MB in bf16 for BitNet 2B, 328 MB at 8 bits).
-        The embedding lookup keeps the float table.  Returns what runs the head."""
+        The embedding lookup keeps the float table (on the GPU, or on the host after :meth:`offload_embedding`;
+        going back to the dense head brings a tied table back to the GPU).  Returns what runs the head."""
         if bits is None:
+            if self.host_embedding is not None and self.config.tie_word_embeddings:
+                self.offload_embedding(False)
             self.head_binding = None
             return "dense (nn.Linear)"
-        device = torch.device(device) if device is not None else self.lm_head.weight.device
+        device = torch.device(device) if device is not None else self.compute_device
         self.head_binding = bind_quantized_dense(self.lm_head.weight, bits, device)
         return f"{self.head_binding.kernel.name} ({bits}-bit per-row weights)"
 
+    @property
+    def compute_device(self) -> torch.device:
+        """Where the model computes (the norms' device; the embedding table may live on the host)."""
+        return self.model.norm.weight.device
+
+    def offload_embedding(self, enabled: bool = True) -> str:
+        """Keep the embedding table in pinned host memory and look rows up from the GPU
+        (:mod:`backends.cuda_ext.host_embedding`: one kernel, CUDA-graph safe, the table's values bit for
+        bit), freeing its GPU memory (656 MB for BitNet 2B in bf16); ``False`` brings it back.  A table tied
+        to a dense ``lm_head`` is read whole by the head every step, so this needs the head quantized
+        first (:meth:`bind_lm_head`).  Returns where the table lives."""
+        weight = self.model.embed_tokens.weight
+        if not enabled:
+            if self.host_embedding is not None:
+                weight.data = self.host_embedding.table.to(self.compute_device)
+                self.host_embedding = None
+            return f"on {weight.device}"
+        if self.host_embedding is not None:
+            return "pinned host memory"
+        from backends.cuda_ext import host_embedding
+
+        why = host_embedding.status(self.compute_device)
+        if why:
+            raise ValueError(f"offload_embedding: {why}")
+        if self.config.tie_word_embeddings and self.head_binding is None:
+            raise ValueError("offload_embedding: the lm_head is tied to the embedding and dense, so it reads the "
+                             "whole table on the GPU every step; quantize the head first (lm_head_bits=8, 4 or 2)")
+        self.host_embedding = host_embedding.HostEmbedding(weight)
+        weight.data = self.host_embedding.table  # the tied lm_head.weight is this Parameter too
+        return "pinned host memory"
+
     def release_bindings(self) -> None:
         """Drop the prepared weights; projections dispatch through ``BitLinear.forward`` again."""
+        self.offload_embedding(False)
         self.head_binding = None
         self.mlp_kernel = "separate kernels (not prepared)"
         for layer in self.model.layers:
@@ -322,12 +363,15 @@ class BitNetForCausalLM(nn.Module):
 
     def weight_memory(self) -> Dict[str, int]:
         """Bytes of the weights: canonical packed projections (wherever they are), the kernels' prepared
-        projections on the GPU, and float parameters (embeddings, lm_head, norms; a tied matrix once)."""
+        projections on the GPU, float parameters (embeddings, lm_head, norms; a tied matrix once) and those of
+        them on the GPU (not an offloaded embedding table)."""
         bindings = [b for layer in self.model.layers for b in layer.bound.values()]
         packed = sum(m.packed_weight().nbytes() for _, m in self.bitlinears())
-        floats = {p.data_ptr(): p.numel() * p.element_size() for p in self.parameters()}
+        floats = {p.data_ptr(): (p.numel() * p.element_size(), p.is_cuda) for p in self.parameters()}
         head = [self.head_binding] if self.head_binding is not None else []
-        return {"packed": packed, "prepared_gpu": device_bytes(bindings, "cuda"), "float": sum(floats.values()),
+        return {"packed": packed, "prepared_gpu": device_bytes(bindings, "cuda"),
+                "float": sum(b for b, _ in floats.values()),
+                "float_gpu": sum(b for b, on_gpu in floats.values() if on_gpu),
                 "quantized_lm_head_gpu": device_bytes(head, "cuda")}
 
 

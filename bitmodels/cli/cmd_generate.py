@@ -27,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's end-of-sequence tokens")
     p.add_argument("--lm-head-bits", type=int, choices=[2, 4, 8], default=None,
                    help="quantize the output head per vocabulary row (faster decode, approximate logits)")
+    p.add_argument("--embedding-on-host", action="store_true",
+                   help="with --lm-head-bits on CUDA: keep the embedding table in pinned host memory (less GPU memory)")
     p.set_defaults(run=run)
 
 
@@ -60,13 +62,18 @@ def run(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"error: --device {args.device}: torch sees no CUDA device", file=sys.stderr)
         return 2
+    if args.embedding_on_host and (args.lm_head_bits is None or device.type != "cuda"):
+        print("error: --embedding-on-host needs --lm-head-bits (the dense head reads the tied table on the GPU) "
+              f"and a CUDA device (got {device})", file=sys.stderr)
+        return 2
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     model = BitNetForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
     gen = Generator(model, cuda_graph=(device.type == "cuda" and not args.no_cuda_graph), compile=args.compile,
-                    offload_packed=(device.type == "cuda"), lm_head_bits=args.lm_head_bits)
+                    offload_packed=(device.type == "cuda"), lm_head_bits=args.lm_head_bits,
+                    embedding_on_host=args.embedding_on_host)
     prompts = [tokenizer(p)["input_ids"] for p in args.prompt]
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     stops = [] if args.ignore_eos else None

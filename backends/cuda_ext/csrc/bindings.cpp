@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "bitlab_launch.h"
 
@@ -441,6 +442,34 @@ int64_t cuda_ext_bitnet_mlp_smem(int64_t M, int64_t H, int64_t I, at::ScalarType
   return bitlab::bitnet_mlp_smem_bytes(static_cast<int>(M), static_cast<int>(H), static_cast<int>(I), dtype_code(dtype));
 }
 
+// Rows of a pinned host table gathered by CUDA indices (host_gather.cu): [*ids.shape, H] on ids' device.
+at::Tensor cuda_ext_gather_host_rows(const at::Tensor& table, const at::Tensor& ids) {
+  const char* op = "cuda_ext_gather_host_rows";
+  TORCH_CHECK(table.device().is_cpu() && table.is_pinned(), op, ": table must be in pinned host memory "
+              "(tensor.pin_memory()), got a tensor on ", table.device(), table.device().is_cpu() ? " (not pinned)" : "");
+  TORCH_CHECK(table.dim() == 2 && table.is_contiguous(), op, ": table must be contiguous [rows, H], got ", table.sizes());
+  const at::ScalarType dt = table.scalar_type();
+  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, op, ": table dtype ", dt,
+              " is not supported; expected float16, bfloat16 or float32");
+  TORCH_CHECK(ids.is_cuda() && ids.scalar_type() == at::kLong, op, ": ids must be int64 on a CUDA device, got ",
+              ids.scalar_type(), " on ", ids.device());
+  const c10::cuda::CUDAGuard guard(ids.device());
+  void* mapped = nullptr;
+  const cudaError_t err = cudaHostGetDevicePointer(&mapped, table.data_ptr(), 0);
+  if (err != cudaSuccess) cudaGetLastError();  // clear it; the check below names the problem
+  TORCH_CHECK(err == cudaSuccess && mapped != nullptr, op, ": the table's pinned memory is not mapped into the ",
+              "GPU's address space (", cudaGetErrorString(err), ")");
+  const at::Tensor flat = ids.contiguous().view(-1);
+  std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
+  shape.push_back(table.size(1));
+  at::Tensor out = at::empty(shape, ids.options().dtype(dt));
+  check_cuda(bitlab::launch_gather_host_rows(mapped, flat.data_ptr<int64_t>(), flat.numel(), table.size(0),
+                                             table.size(1) * table.element_size(), out.data_ptr(),
+                                             c10::cuda::getCurrentCUDAStream()),
+             "gather_host_rows kernel");
+  return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(bitlab, m) {
   m.def(
       "cuda_ext_bitnet_mlp(Tensor xq, Tensor x_scale, Tensor gate_wq, Tensor up_wq, Tensor down_wq, "
@@ -450,6 +479,7 @@ TORCH_LIBRARY_FRAGMENT(bitlab, m) {
   m.def(
       "cuda_ext_decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
       "Tensor(b!) v_cache, Tensor slot, Tensor mask, float scale) -> Tensor");
+  m.def("cuda_ext_gather_host_rows(Tensor table, Tensor ids) -> Tensor");
   m.def("cuda_ext_rms_norm_quant(Tensor a, Tensor? b, Tensor weight, float eps, int mode) -> (Tensor, Tensor, Tensor)");
   m.def(
       "cuda_ext_linear_int8(Tensor xq, Tensor x_scale, Tensor wq, Tensor w_scale, Tensor? bias, int fmt, "
@@ -465,6 +495,7 @@ TORCH_LIBRARY_IMPL(bitlab, CUDA, m) {
   m.impl("cuda_ext_rms_norm_quant", &cuda_ext_rms_norm_quant);
   m.impl("cuda_ext_decode_attention", &cuda_ext_decode_attention);
   m.impl("cuda_ext_bitnet_mlp", &cuda_ext_bitnet_mlp);
+  m.impl("cuda_ext_gather_host_rows", &cuda_ext_gather_host_rows);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "BitLab cuda_ext kernels (op: torch.ops.bitlab.cuda_ext_linear)"; }

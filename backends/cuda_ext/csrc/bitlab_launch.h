@@ -159,4 +159,9 @@ struct BitnetMlpArgs {
 int bitnet_mlp_smem_bytes(int M, int H, int I, int dtype);
 cudaError_t launch_bitnet_mlp(const BitnetMlpArgs& args, cudaStream_t stream);
 
+// host_gather.cu: out[i] = table[ids[i]] for count indices; table is pinned host memory (its device-mapped
+// address), rows of row_bytes bytes (even); the kernel traps on an index outside [0, rows).
+cudaError_t launch_gather_host_rows(const void* table, const int64_t* ids, int64_t count, int64_t rows,
+                                    int64_t row_bytes, void* out, cudaStream_t stream);
+
 }  // namespace bitlab

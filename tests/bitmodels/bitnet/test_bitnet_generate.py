@@ -305,6 +305,36 @@ def test_quantized_lm_head_on_the_gpu_replays_in_a_graph(cuda_device):
     assert ((quantized - dense).norm() / dense.norm()).item() < 3e-2
 
 
+def test_embedding_offload_is_refused_where_it_cannot_help():
+    model = _model(seed=12, tie_word_embeddings=True)
+    with pytest.raises(ValueError, match="is on cpu: its embedding already lives in host memory"):
+        model.offload_embedding()
+    assert model.host_embedding is None and model.offload_embedding(False) == "on cpu"
+    with pytest.raises(ValueError, match="already lives in host memory"):
+        Generator(model, lm_head_bits=8, embedding_on_host=True)
+
+
+@pytest.mark.gpu
+def test_embedding_on_host_with_a_quantized_head_generates_the_same_tokens(cuda_device):
+    model = _model(seed=13, vocab_size=1000, tie_word_embeddings=True).to(cuda_device, torch.bfloat16)
+    prompts = _prompts(13, (5, 9), vocab=1000)
+    ids = torch.tensor([prompts[1]], device=cuda_device)
+    with pytest.raises(ValueError, match="tied to the embedding and dense"):
+        model.offload_embedding()
+    with torch.no_grad():
+        on_gpu = Generator(model, lm_head_bits=4)
+        logits = model(ids)
+        expected = on_gpu.generate(prompts, 10, stop_token_ids=[]).tokens
+        before = model.weight_memory()["float_gpu"]
+        off = Generator(model, lm_head_bits=4, embedding_on_host=True)
+        assert off.embedding.startswith("pinned host memory") and model.model.embed_tokens.weight.is_pinned()
+        assert before - model.weight_memory()["float_gpu"] == 1000 * 48 * 2  # the table left the GPU
+        assert torch.equal(model(ids), logits)  # the lookup copies the table's values
+        assert off.generate(prompts, 10, stop_token_ids=[]).tokens == expected  # in a CUDA graph
+        assert model.bind_lm_head(None) == "dense (nn.Linear)"  # the dense head needs the table back
+        assert model.host_embedding is None and model.model.embed_tokens.weight.is_cuda
+
+
 def _decode_attention_case(device, seed):
     """One decode step's attention inputs (2B-shape heads, a padded batch of 3, 333 cache slots) and
     the eager grouped-matmul result on copies of the caches: ``(args, ref, ref_caches)``."""
