@@ -90,7 +90,7 @@ class _CudaExtKernel(BitKernel):
             if prepared is None:  # the wide cluster GEMV and cuBLAS depend on the device and in_features
                 if batch >= CUBLAS_MIN_TOKENS:
                     return f"{name}.gemm_cublas (sm_90+) or gemm"
-                return f"{name}.gemv_cluster or gemm" if batch <= WIDE_GEMV_MAX_TOKENS else f"{name}.gemm"
+                return f"{name}.gemv_cluster or gemm_cublas (sm_90+) or gemm"
             return f"{name}.gemv_cluster" if gemv_kernel(prepared, batch) == "cluster" else f"{name}.gemm"
         if prepared is None:
             return f"{name}.gemv"
@@ -208,10 +208,11 @@ def cluster_gemv_fits(prepared: CudaExtWeight, tokens: int) -> bool:
 def gemm_on_cublas(prepared: CudaExtWeight, tokens: int) -> bool:
     """Whether ``tokens`` rows take a GEMM on cuBLAS (``gemm_on_cublas`` in csrc/bindings.cpp): the weight
     expanded to exact code values (int8 for int8 activations, half / bf16 for float ones), cuBLAS (int8 ->
-    int32, or half / bf16 -> float32), then our epilogue.  From CUBLAS_MIN_TOKENS tokens on sm_90+;
-    ``BITLAB_CUDA_INT8_GEMM`` / ``BITLAB_CUDA_FLOAT_GEMM`` ``=mma`` never, ``=cublas`` from 17 tokens on any
-    device.  W1A1 (binary activations) never;
-    float activations never before torch 2.8."""
+    int32, or half / bf16 -> float32), then our epilogue.  On sm_90+ from CUBLAS_MIN_TOKENS tokens, and from 17
+    where the wide cluster GEMV does not take them (:func:`gemv_kernel` says ``"gemm"``: rows too long, or
+    ``BITLAB_CUDA_GEMV=oneshot`` / ``bulk``); ``BITLAB_CUDA_INT8_GEMM`` / ``BITLAB_CUDA_FLOAT_GEMM`` ``=mma``
+    never, ``=cublas`` from 17 tokens on any device.  W1A1 (binary activations) never; float activations
+    never before torch 2.8."""
     if prepared.act_mode in (ops.ACT_INT8_PER_TOKEN, ops.ACT_INT8_PER_TENSOR):
         forced = os.environ.get(GEMM_ENV["int8"], "")
     elif prepared.act_mode == ops.ACT_FLOAT:
@@ -220,24 +221,27 @@ def gemm_on_cublas(prepared: CudaExtWeight, tokens: int) -> bool:
         forced = os.environ.get(GEMM_ENV["float"], "")
     else:
         return False
-    if forced == "mma":
+    if forced == "mma" or tokens <= GEMV_MAX_TOKENS:
         return False
     if forced == "cublas":
-        return tokens > GEMV_MAX_TOKENS
+        return True
+    if tokens < CUBLAS_MIN_TOKENS and gemv_kernel(prepared, tokens) == "cluster":
+        return False
     major, _ = torch.cuda.get_device_capability(prepared.wq.device)
-    return tokens >= CUBLAS_MIN_TOKENS and major >= 9
+    return major >= 9
 
 
 def gemv_kernel(prepared: CudaExtWeight, tokens: int = 1) -> str:
     """The GEMV that ``csrc/bitlab_linear.cuh`` (launch_linear_fmt) runs for this weight and token count,
     on sm_90+ (below it always ``"oneshot"``, and past 16 tokens the GEMM); "m-tiles" are 16-row tiles,
     counted per multiprocessor.  17-64 tokens: ``"cluster"`` (its wide variant) where
-    :func:`cluster_gemv_fits`, else ``"gemm"`` (also when ``BITLAB_CUDA_GEMV=oneshot`` / ``bulk``).
-    1-16 tokens:
+    :func:`cluster_gemv_fits`, else ``"gemm"`` (also when ``BITLAB_CUDA_GEMV=oneshot`` / ``bulk``; on sm_90
+    that GEMM runs on cuBLAS, :func:`gemm_on_cublas`).  1-16 tokens:
 
     * ``"cluster"`` (thread-block clusters split K, activations staged once per 256 or 512 rows), for
       in_features <= 32768 and: float activations with 9-16 tokens and at least 6 m-tiles per
-      multiprocessor or in_features >= 6144, or 2-8 tokens with at least 6 m-tiles per multiprocessor;
+      multiprocessor or in_features >= 6144, with 2-8 tokens and at least 6 m-tiles per multiprocessor, or
+      with one token and at least 6 (4- and 8-bit weights) or 32 (1- and 2-bit) m-tiles per multiprocessor;
       int8 activations with 9-16 tokens and at least 6 m-tiles per multiprocessor;
     * ``"bulk"`` (bulk-copy ring) for float activations, 1- or 2-bit weights, at least 6 m-tiles per
       multiprocessor, in_features >= 4096 and one token (or more than 8 tokens where the cluster GEMV
@@ -263,8 +267,10 @@ def gemv_kernel(prepared: CudaExtWeight, tokens: int = 1) -> str:
     tiles = -(-prepared.out_features // 128) * 8
     sms = torch.cuda.get_device_properties(prepared.wq.device).multi_processor_count
     many_tiles = tiles >= 6 * sms
-    if prepared.act_mode == ops.ACT_FLOAT:
-        cluster_pays = (many_tiles or chunks >= 48) if tokens > 8 else (tokens > 1 and many_tiles)
+    if prepared.act_mode == ops.ACT_FLOAT and tokens == 1:
+        cluster_pays = tiles >= (6 if prepared.fmt not in LOW_BIT_FORMATS else 32) * sms
+    elif prepared.act_mode == ops.ACT_FLOAT:
+        cluster_pays = (many_tiles or chunks >= 48) if tokens > 8 else many_tiles
     else:
         cluster_pays = tokens > 8 and many_tiles
     if cluster_fits and cluster_pays:

@@ -71,14 +71,18 @@ bitlab::LinearArgs weight_args(const at::Tensor& wq, const at::Tensor& w_scale, 
   return a;
 }
 
-// Past the wide cluster GEMV (from kCublasMinTokens tokens) on sm_90+ the GEMMs run on cuBLAS: the weight
-// is expanded to exact code values and multiplied by cuBLAS (cublas_gemm.cu says why).  Measured (H200):
+// Past the GEMVs the GEMMs run on cuBLAS on sm_90+: the weight is expanded to exact code values and multiplied
+// by cuBLAS (cublas_gemm.cu says why): from kCublasMinTokens tokens, and from 17 where the wide cluster GEMV does
+// not take the call (rows too long for its staged activations, or BITLAB_CUDA_GEMV=oneshot / bulk).  Measured (H200):
 //   * int8 activations (int8 x int8 -> int32, bit-exact): W1.58A8, 65-2048 tokens at 8192x8192 and BitNet
 //     2B's shapes, faster than the mma.sync GEMM everywhere but one tie (13824x2560, 128 tokens),
 //     8192x8192 x 2048 697 -> 368 us (notes v11);
 //   * float activations (half / bf16 -> float32, accumulated in float32 as the mma.sync kernels do): W1.58A16
 //     at the same shapes and token counts, faster than the mma.sync GEMM everywhere (1.2-5x), 8192x8192 x 2048
-//     959 -> 446 us (0.95x cuBLAS fp16; notes v12).
+//     959 -> 446 us (0.95x cuBLAS fp16; notes v12);
+//   * 17-64 tokens where the wide GEMV does not fit: 1.6-2.9x faster than the mma.sync GEMM (4096x14336 fp16 at
+//     64 tokens 224 -> 77 us, 8192x28672 W1.58A8 at 64 326 -> 165; notes v13).  Where it fits the wide GEMV
+//     stays: it beat cuBLAS there (4096x14336 W1.58A8 at 33 tokens 31 vs 58 us).
 // BITLAB_CUDA_INT8_GEMM / BITLAB_CUDA_FLOAT_GEMM = mma keeps the mma.sync kernels at every size, = cublas
 // takes cuBLAS from 17 tokens up (at::_int_mm needs more than 16 rows); read per call.  Mirrored in
 // backends/cuda_ext/kernels.py (gemm_on_cublas).
@@ -86,12 +90,14 @@ constexpr int64_t kCublasMinTokens = 65;
 constexpr const char* kInt8GemmEnv = "BITLAB_CUDA_INT8_GEMM";
 constexpr const char* kFloatGemmEnv = "BITLAB_CUDA_FLOAT_GEMM";
 
-bool gemm_on_cublas(const char* env_name, int64_t M) {
-  if (!BITLAB_HAS_MM_OUT_DTYPE && std::strcmp(env_name, kFloatGemmEnv) == 0) return false;
+bool gemm_on_cublas(const char* env_name, const bitlab::LinearArgs& a) {
+  const bool int8 = std::strcmp(env_name, kInt8GemmEnv) == 0;
+  if (!BITLAB_HAS_MM_OUT_DTYPE && !int8) return false;
   const char* env = std::getenv(env_name);
   if (env && std::strcmp(env, "mma") == 0) return false;
-  if (env && std::strcmp(env, "cublas") == 0) return M > 16;
-  if (M < kCublasMinTokens) return false;
+  if (a.M <= 16) return false;
+  if (env && std::strcmp(env, "cublas") == 0) return true;
+  if (a.M < kCublasMinTokens && bitlab::wide_gemv_runs(a.M, a.Kp / 128, int8)) return false;
   int dev = 0, major = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
@@ -147,7 +153,7 @@ void gemm_via_cublas(const bitlab::LinearArgs& a, const at::Tensor& x, cudaStrea
 
 // The int8-activation GEMV / GEMM: cuBLAS where gemm_on_cublas, the mma.sync kernels elsewhere.
 void run_int8_linear(const bitlab::LinearArgs& a, const at::Tensor& xq, cudaStream_t stream) {
-  if (gemm_on_cublas(kInt8GemmEnv, a.M)) {
+  if (gemm_on_cublas(kInt8GemmEnv, a)) {
     gemm_via_cublas(a, xq, stream);
     return;
   }
@@ -215,7 +221,7 @@ at::Tensor cuda_ext_linear(const at::Tensor& x, const at::Tensor& wq, const at::
     TORCH_CHECK(t == at::kHalf || t == at::kBFloat16, "cuda_ext_linear: float activations must be float16 or bfloat16, got ", t);
     at::Tensor xp = padded_activations(xs, K, Kp);
     a.x = xp.data_ptr();
-    if (gemm_on_cublas(kFloatGemmEnv, M)) {
+    if (gemm_on_cublas(kFloatGemmEnv, a)) {
       gemm_via_cublas(a, xp, stream);
       return y;
     }

@@ -159,6 +159,11 @@ struct BitnetMlpArgs {
 int bitnet_mlp_smem_bytes(int M, int H, int I, int dtype);
 cudaError_t launch_bitnet_mlp(const BitnetMlpArgs& args, cudaStream_t stream);
 
+// Whether M tokens (17-64) over nchunks 128-column chunks run the wide cluster GEMV on this device
+// (launch_linear_fmt in bitlab_linear.cuh; BITLAB_CUDA_GEMV=oneshot / bulk turn it off); float activations
+// of either type stage the same bytes.
+bool wide_gemv_runs(int M, int nchunks, bool int8_activations);
+
 // host_gather.cu: out[i] = table[ids[i]] for count indices; table is pinned host memory (its device-mapped
 // address), rows of row_bytes bytes (even); the kernel traps on an index outside [0, rows).
 cudaError_t launch_gather_host_rows(const void* table, const int64_t* ids, int64_t count, int64_t rows,

@@ -273,11 +273,17 @@ cudaError_t launch_linear_fmt(const LinearArgs& a, cudaStream_t stream) {
   // tokens with >= 6 m-tiles per multiprocessor (28672x8192 batch 8 44.3 -> 34.2, 14336x4096 15.2 ->
   // 13.0; it lost at 8192x8192, 13.8 vs 16.3); int8 activations at 9-16 tokens with >= 6 m-tiles per
   // multiprocessor (launched plainly: 28672x8192 59.3 -> 43.4, 14336x4096 21.0 -> 18.7, 13824x2560
-  // 17.9 -> 15.7; it lost at 8192x8192, 4096x4096 and 2560x6912).  One token keeps the kernels below.
-  // Mirrored in kernels.gemv_kernel.
+  // 17.9 -> 15.7; it lost at 8192x8192, 4096x4096 and 2560x6912).  One token with float activations
+  // (H200, notes v13): 4- and 8-bit weights with >= 6 m-tiles per multiprocessor (128256x2560 W4A16 72.5 ->
+  // 53.7 us, W8A16 94.5 -> 85.9, 32000x4096 W4A16 26.9 -> 23.1, 13824x2560 11.4 -> 9.6; it lost at 8192x8192),
+  // 1- and 2-bit weights with >= 32 m-tiles per multiprocessor (128256x2560 W1.58A16 47.2 (bulk) -> 37.5; the
+  // bulk and one-shot kernels won at 13-15 per multiprocessor and below).  Other one-token cases keep the
+  // kernels below.  Mirrored in kernels.gemv_kernel.
   const bool many_tiles = tiles >= 6 * device_sm_count();
+  const bool one_token_pays = FormatBits<FMT>::value >= 4 ? many_tiles : tiles >= 32 * device_sm_count();
   const bool cluster_pays =
-      sizeof(X) == 2 ? (a.M > 8 ? (many_tiles || nchunks >= 48) : (a.M > 1 && many_tiles)) : (a.M > 8 && many_tiles);
+      sizeof(X) == 2 ? (a.M > 8 ? (many_tiles || nchunks >= 48) : (a.M > 1 ? many_tiles : one_token_pays))
+                     : (a.M > 8 && many_tiles);
   if (nchunks <= kClusterMaxChunks && (choice == kGemvCluster || (choice == kGemvAuto && cluster_pays))) {
     if (a.M <= 8) return launch_gemv_cluster_auto<FMT, X, 1>(a, nchunks, stream);
     return launch_gemv_cluster_auto<FMT, X, 2>(a, nchunks, stream);

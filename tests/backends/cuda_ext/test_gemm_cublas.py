@@ -112,6 +112,27 @@ def test_default_rule_takes_cublas_past_the_wide_gemv(kernels, monkeypatch, act)
     assert torch.equal(y, ref) if int8 else rel_err(y, ref) < 1.5e-3
 
 
+@pytest.mark.parametrize("act, k, tokens", [("int8", 32896, 20), ("float16", 12416, 64), ("float16", 20096, 40)])
+def test_rows_too_long_for_the_wide_gemv_take_cublas_from_17_tokens(kernels, monkeypatch, act, k, tokens):
+    # 257 chunks (int8), or 13 chunks per slice x 64 rows and 20 x 40 rows of 2 B (float) do not fit the wide GEMV's staging
+    monkeypatch.delenv("BITLAB_CUDA_INT8_GEMM", raising=False)
+    monkeypatch.delenv("BITLAB_CUDA_FLOAT_GEMM", raising=False)
+    monkeypatch.delenv("BITLAB_CUDA_GEMV", raising=False)
+    int8 = act == "int8"
+    cfg = int8_config(1.58) if int8 else float_config(1.58, torch.float16)
+    kernel = kernels.CudaExtInt8Kernel() if int8 else kernels.CudaExtFloatKernel()
+    packed = make_packed(1.58, "per_channel", 136, k)
+    prepared = kernel.prepare(packed, cfg)
+    hopper = torch.cuda.get_device_capability(0)[0] >= 9
+    assert kernel.route(tokens, prepared).endswith("gemm_cublas" if hopper else "gemm")
+    x = torch.randn(tokens, k, device="cuda", dtype=torch.float16) / (1 if int8 else k ** 0.5)
+    y, ref = kernel.forward(x, prepared), REF.forward(x, REF.prepare(packed, cfg))
+    assert torch.equal(y, ref) if int8 else rel_err(y, ref) < 1.5e-3
+    monkeypatch.setenv("BITLAB_CUDA_INT8_GEMM" if int8 else "BITLAB_CUDA_FLOAT_GEMM", "mma")
+    mma = kernel.forward(x, prepared)
+    assert torch.equal(mma, y) if int8 else rel_err(mma, ref) < 1.5e-3
+
+
 def test_pre_quantized_input_equals_forward(kernels, cublas):
     from bitcore.quantize import quantize_activation_int8
 

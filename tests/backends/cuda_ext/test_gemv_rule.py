@@ -33,12 +33,29 @@ def weight(out_features, in_features, act="float", bits=1.58):
     )
 
 
+@pytest.mark.parametrize("bits, shape, expected", [
+    # one token, float activations, 4- and 8-bit weights: cluster from 6 tiles per multiprocessor
+    (4, (128256, 2560), "cluster"),
+    (8, (32000, 4096), "cluster"),
+    (4, (13824, 2560), "cluster"),   # 864 tiles >= 6 x 132
+    (4, (8192, 8192), "oneshot"),    # 512 tiles
+    (8, (8192, 8192), "oneshot"),
+])
+def test_one_token_rule_for_wider_weights(device, bits, shape, expected):
+    assert kernels.gemv_kernel(weight(*shape, bits=bits), 1) == expected
+
+
 @pytest.mark.parametrize("shape, act, tokens, expected", [
     # one token: bulk for many tiles and long K, else one-shot
     ((28672, 8192), "float", 1, "bulk"),
     ((8192, 8192), "float", 1, "oneshot"),
     ((13824, 2560), "float", 1, "oneshot"),
     ((28672, 8192), "int8", 1, "oneshot"),
+    # one token, float activations: cluster for 1- and 2-bit weights with >= 32 tiles per multiprocessor
+    ((128256, 2560), "float", 1, "cluster"),
+    ((67584, 2560), "float", 1, "cluster"),      # 4224 tiles = 32 x 132
+    ((67456, 2560), "float", 1, "oneshot"),      # one 128-row block fewer
+    ((128256, 2560), "int8", 1, "oneshot"),
     # 2-8 tokens: cluster for float activations with >= 6 tiles per multiprocessor
     ((28672, 8192), "float", 8, "cluster"),
     ((13824, 2560), "float", 2, "cluster"),
@@ -94,7 +111,7 @@ def test_route_names_kernel_and_gemv(device, monkeypatch):
     assert kernel.route(17, big) == "CudaExtFloatKernel.gemv_cluster"
     assert kernel.route(64, big) == "CudaExtFloatKernel.gemv_cluster"
     assert kernel.route(65, big) == "CudaExtFloatKernel.gemm_cublas"
-    assert kernel.route(64) == "CudaExtFloatKernel.gemv_cluster or gemm"  # no weight: depends on in_features
+    assert kernel.route(64) == "CudaExtFloatKernel.gemv_cluster or gemm_cublas (sm_90+) or gemm"  # no weight
     assert kernel.route(65) == "CudaExtFloatKernel.gemm_cublas (sm_90+) or gemm"
     device["major"] = 8
     assert kernel.route(17, big) == "CudaExtFloatKernel.gemm"
@@ -140,6 +157,17 @@ def test_int8_activations_take_cublas_past_the_wide_gemv_on_hopper(device, monke
     assert ik.route(kernels.CUBLAS_MIN_TOKENS, big8) == "CudaExtInt8Kernel.gemm_cublas"
     assert kernels.CUBLAS_MIN_TOKENS == kernels.WIDE_GEMV_MAX_TOKENS + 1
     assert ik.route(64, big8) == "CudaExtInt8Kernel.gemv_cluster"
+    # 17-64 tokens where the wide GEMV does not fit (or is switched off): cuBLAS too
+    assert ik.route(64, weight(4096, 32768, act="int8")) == "CudaExtInt8Kernel.gemm_cublas"
+    assert fk.route(64, weight(4096, 12416)) == "CudaExtFloatKernel.gemm_cublas"
+    assert fk.route(32, weight(4096, 12416)) == "CudaExtFloatKernel.gemv_cluster"
+    assert ik.route(16, weight(4096, 32768, act="int8")).startswith("CudaExtInt8Kernel.gemv_")
+    monkeypatch.setenv("BITLAB_CUDA_GEMV", "oneshot")
+    assert ik.route(17, big8) == "CudaExtInt8Kernel.gemm_cublas"
+    monkeypatch.setenv("BITLAB_CUDA_INT8_GEMM", "mma")
+    assert ik.route(17, big8) == "CudaExtInt8Kernel.gemm"
+    monkeypatch.delenv("BITLAB_CUDA_INT8_GEMM")
+    monkeypatch.delenv("BITLAB_CUDA_GEMV")
     assert ik.route(65, weight(4096, 32768, act="int8")) == "CudaExtInt8Kernel.gemm_cublas"
     assert fk.route(2048, bigf) == "CudaExtFloatKernel.gemm_cublas"
     assert fk.route(65, weight(4096, 32768)) == "CudaExtFloatKernel.gemm_cublas"  # past the wide GEMV's limit too
