@@ -40,7 +40,7 @@ from bitcore.kernels import KernelRegistry  # noqa: E402
 # The shapes, then the BitNet 2B projections (2560 hidden, 6912 intermediate).
 SHAPES = [(4096, 4096), (8192, 8192), (14336, 4096), (13824, 2560), (28672, 8192),
           (2560, 2560), (3840, 2560), (2560, 6912)]
-KNOBS = ("BITLAB_CUDA_GEMV", "BITLAB_CUDA_ONESHOT_MT", "BITLAB_CUDA_BULK_MT", "BITLAB_CUDA_BULK_INFLIGHT", "BITLAB_CUDA_CLUSTER_MT",
+KNOBS = ("BITLAB_CUDA_GEMV", "BITLAB_CUDA_ONESHOT_MT", "BITLAB_CUDA_PREFETCH_MT", "BITLAB_CUDA_BULK_MT", "BITLAB_CUDA_BULK_INFLIGHT", "BITLAB_CUDA_CLUSTER_MT",
          "BITLAB_CUDA_CLUSTER_KS", "BITLAB_CUDA_CLUSTER_TSPLIT")
 VARIANTS = {
     "oneshot": {"BITLAB_CUDA_GEMV": "oneshot"},
@@ -54,6 +54,10 @@ VARIANTS = {
     "bulk_8k": {"BITLAB_CUDA_GEMV": "bulk", "BITLAB_CUDA_BULK_INFLIGHT": "8192"},
     "bulk_32k": {"BITLAB_CUDA_GEMV": "bulk", "BITLAB_CUDA_BULK_INFLIGHT": "32768"},
     "cluster": {"BITLAB_CUDA_GEMV": "cluster"},
+    "prefetch": {"BITLAB_CUDA_GEMV": "prefetch"},
+    "prefetch_mt1": {"BITLAB_CUDA_GEMV": "prefetch", "BITLAB_CUDA_PREFETCH_MT": "1"},
+    "prefetch_mt2": {"BITLAB_CUDA_GEMV": "prefetch", "BITLAB_CUDA_PREFETCH_MT": "2"},
+    "prefetch_mt4": {"BITLAB_CUDA_GEMV": "prefetch", "BITLAB_CUDA_PREFETCH_MT": "4"},
     "cluster_mt1": {"BITLAB_CUDA_GEMV": "cluster", "BITLAB_CUDA_CLUSTER_MT": "1"},
     "cluster_mt2": {"BITLAB_CUDA_GEMV": "cluster", "BITLAB_CUDA_CLUSTER_MT": "2"},
     "cluster_mt4": {"BITLAB_CUDA_GEMV": "cluster", "BITLAB_CUDA_CLUSTER_MT": "4"},

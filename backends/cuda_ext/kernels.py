@@ -30,7 +30,7 @@ import torch
 from backends.cuda_ext import layout, ops
 from bitcore.config import WEIGHT_BITS, BitQuantConfig
 from bitcore.kernels.interface import Availability, BitKernel, check_quantized_input, keys_product
-from bitcore.packing import PackedWeight
+from bitcore.packing import PackedWeight, storage_bits
 
 GRANULARITIES = ("per_tensor", "per_channel")
 ACT_GRANULARITIES = ("per_tensor", "per_token")
@@ -44,6 +44,11 @@ CUBLAS_MIN_TOKENS = 65  # kCublasMinTokens (csrc/bindings.cpp)
 TORCH_HAS_MM_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
 GEMM_ENV = {"int8": "BITLAB_CUDA_INT8_GEMM", "float": "BITLAB_CUDA_FLOAT_GEMM"}
 LOW_BIT_FORMATS = (layout.FORMAT_CODE[1], layout.FORMAT_CODE[1.58], layout.FORMAT_CODE[2])  # 1- and 2-bit codes
+FORMAT_STORAGE_BITS = {layout.FORMAT_CODE[b]: storage_bits(b) for b in (1, 1.58, 2, 4, 8)}
+# csrc/bitlab_gemv_prefetch.cuh: warps per block, mbarrier area, shared memory per block / multiprocessor
+# (sm_90) and the runtime's reserve per block.
+PREFETCH_WARPS, PREFETCH_MAX_PIECES, PREFETCH_MAX_SMEM = 8, 64, 227 * 1024
+SMEM_PER_SM, SMEM_RESERVED_PER_BLOCK = 228 * 1024, 1024
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -205,6 +210,39 @@ def cluster_gemv_fits(prepared: CudaExtWeight, tokens: int) -> bool:
     return chunks <= CLUSTER_MAX_CHUNKS and -(-chunks // 8) * tokens * 128 * x_bytes <= limit
 
 
+def prefetch_gemv_mt(prepared: CudaExtWeight, sms: int) -> int:
+    """m-tiles per block of the prefetch-all GEMV (``prefetch_gemv_mt`` in csrc/bitlab_gemv_prefetch.cuh),
+    0 where no plan keeps the layer's whole weight resident in one wave of blocks' shared memory: the
+    largest of 4, 2, 1 resident with blocks for >= 95 % of the ``sms`` multiprocessors, else the smallest
+    resident one.  ``BITLAB_CUDA_PREFETCH_MT=1/2/4`` forces one where it is resident."""
+    chunks = -(-prepared.in_features // 128)
+    warps = min(chunks, PREFETCH_WARPS)
+    if warps < 1 or -(-chunks // warps) > PREFETCH_MAX_PIECES:
+        return 0
+    tiles = -(-prepared.out_features // 128) * 8
+    tile_bytes = 128 * 2 * FORMAT_STORAGE_BITS[prepared.fmt]
+
+    def resident_blocks(mt: int) -> int:
+        smem = PREFETCH_MAX_PIECES * 8 + mt * chunks * tile_bytes + warps * mt * 4 * 32 * 4
+        if smem > PREFETCH_MAX_SMEM:
+            return 0
+        return 2 if 2 * (smem + SMEM_RESERVED_PER_BLOCK) <= SMEM_PER_SM else 1
+
+    occ = {mt: resident_blocks(mt) for mt in (1, 2, 4)}
+    forced = os.environ.get("BITLAB_CUDA_PREFETCH_MT", "")[:1]
+    if forced in ("1", "2", "4"):
+        return int(forced) if occ[int(forced)] else 0
+    fallback = 0
+    for mt in (4, 2, 1):
+        blocks = tiles // mt
+        if not occ[mt] or blocks > occ[mt] * sms:
+            continue
+        if blocks * 100 >= 95 * sms:
+            return mt
+        fallback = mt
+    return fallback
+
+
 def gemm_on_cublas(prepared: CudaExtWeight, tokens: int) -> bool:
     """Whether ``tokens`` rows take a GEMM on cuBLAS (``gemm_on_cublas`` in csrc/bindings.cpp): the weight
     expanded to exact code values (int8 for int8 activations, half / bf16 for float ones), cuBLAS (int8 ->
@@ -238,6 +276,9 @@ def gemv_kernel(prepared: CudaExtWeight, tokens: int = 1) -> str:
     :func:`cluster_gemv_fits`, else ``"gemm"`` (also when ``BITLAB_CUDA_GEMV=oneshot`` / ``bulk``; on sm_90
     that GEMM runs on cuBLAS, :func:`gemm_on_cublas`).  1-16 tokens:
 
+    * ``"prefetch"`` (the whole weight requested into shared memory at the start) for float activations,
+      1- or 2-bit weights, 1-8 tokens, at least 6 m-tiles per multiprocessor and in_features <= 4096,
+      where :func:`prefetch_gemv_mt` finds a resident plan;
     * ``"cluster"`` (thread-block clusters split K, activations staged once per 256 or 512 rows), for
       in_features <= 32768 and: float activations with 9-16 tokens and at least 6 m-tiles per
       multiprocessor or in_features >= 6144, with 2-8 tokens and at least 6 m-tiles per multiprocessor, or
@@ -248,12 +289,13 @@ def gemv_kernel(prepared: CudaExtWeight, tokens: int = 1) -> str:
       does not fit);
     * else ``"oneshot"``.
 
-    ``BITLAB_CUDA_GEMV=oneshot`` / ``bulk`` / ``cluster`` forces one, as the C++ does (``cluster`` still
-    needs in_features <= 32768, else the one-shot kernel runs)."""
+    ``BITLAB_CUDA_GEMV=oneshot`` / ``bulk`` / ``cluster`` / ``prefetch`` forces one, as the C++ does
+    (``cluster`` still needs in_features <= 32768, ``prefetch`` a resident plan and 1-8 tokens; else the
+    one-shot kernel runs, and past 16 tokens the GEMM)."""
     major, _ = torch.cuda.get_device_capability(prepared.wq.device)
     forced = os.environ.get("BITLAB_CUDA_GEMV", "")
     if tokens > GEMV_MAX_TOKENS:
-        wide = (major >= 9 and tokens <= WIDE_GEMV_MAX_TOKENS and forced not in ("oneshot", "bulk")
+        wide = (major >= 9 and tokens <= WIDE_GEMV_MAX_TOKENS and forced not in ("oneshot", "bulk", "prefetch")
                 and cluster_gemv_fits(prepared, tokens))
         return "cluster" if wide else "gemm"
     if major < 9:
@@ -267,6 +309,12 @@ def gemv_kernel(prepared: CudaExtWeight, tokens: int = 1) -> str:
     tiles = -(-prepared.out_features // 128) * 8
     sms = torch.cuda.get_device_properties(prepared.wq.device).multi_processor_count
     many_tiles = tiles >= 6 * sms
+    prefetch_pays = (prepared.act_mode == ops.ACT_FLOAT and prepared.fmt in LOW_BIT_FORMATS and many_tiles
+                     and chunks <= 32)
+    if tokens <= 8 and (forced == "prefetch" or prefetch_pays) and prefetch_gemv_mt(prepared, sms):
+        return "prefetch"
+    if forced == "prefetch":
+        return "oneshot"
     if prepared.act_mode == ops.ACT_FLOAT and tokens == 1:
         cluster_pays = tiles >= (6 if prepared.fmt not in LOW_BIT_FORMATS else 32) * sms
     elif prepared.act_mode == ops.ACT_FLOAT:

@@ -175,10 +175,10 @@ __global__ void __launch_bounds__(32 * (kBulkMaxWarps + 1)) gemv_bulk_kernel(Lin
 #endif
 }
 
-// Which GEMV runs on this device: BITLAB_CUDA_GEMV=oneshot / bulk / cluster forces one (bulk and
-// cluster need sm_90; read at every launch, so tests and benchmarks can compare them in one process);
+// Which GEMV runs on this device: BITLAB_CUDA_GEMV=oneshot / bulk / cluster / prefetch forces one (bulk,
+// cluster and prefetch need sm_90; read at every launch, so tests and benchmarks can compare them in one process);
 // unset or "auto" leaves the choice to launch_linear_fmt's rule.
-enum GemvChoice { kGemvAuto = 0, kGemvOneshot = 1, kGemvBulk = 2, kGemvCluster = 3 };
+enum GemvChoice { kGemvAuto = 0, kGemvOneshot = 1, kGemvBulk = 2, kGemvCluster = 3, kGemvPrefetch = 4 };
 inline GemvChoice gemv_choice() {
   static int major = -1;
   if (major < 0) {
@@ -191,6 +191,7 @@ inline GemvChoice gemv_choice() {
   if (env && std::strcmp(env, "oneshot") == 0) return kGemvOneshot;
   if (env && std::strcmp(env, "bulk") == 0) return kGemvBulk;
   if (env && std::strcmp(env, "cluster") == 0) return kGemvCluster;
+  if (env && std::strcmp(env, "prefetch") == 0) return kGemvPrefetch;
   return kGemvAuto;
 }
 

@@ -26,6 +26,7 @@
 #include "bitlab_cp_async.cuh"
 #include "bitlab_gemv_bulk.cuh"
 #include "bitlab_gemv_cluster.cuh"
+#include "bitlab_gemv_prefetch.cuh"
 #include "bitlab_mma.cuh"
 
 namespace bitlab {
@@ -39,24 +40,6 @@ struct GemvDepth {
   static constexpr bool wide = NT > 1 || (MT > 1 && sizeof(X) == 2);
   static constexpr int value = (wide && base > 2) ? 2 : base;
 };
-// Load the lane's activations of one chunk for token row `row` (zeros past M).
-template <typename X>
-__device__ __forceinline__ void load_x_chunk(uint32_t* dst, const X* __restrict__ x, int row, int M, int Kp,
-                                             int chunk, int t) {
-  constexpr int NV = PathTraits<X>::xwords / 4;
-  if (row < M) {
-    const uint4* p = reinterpret_cast<const uint4*>(x + static_cast<long>(row) * Kp + chunk * 128 + 32 * t);
-#pragma unroll
-    for (int v = 0; v < NV; ++v) {
-      uint4 q = __ldg(p + v);
-      dst[4 * v] = q.x; dst[4 * v + 1] = q.y; dst[4 * v + 2] = q.z; dst[4 * v + 3] = q.w;
-    }
-  } else {
-#pragma unroll
-    for (int v = 0; v < 4 * NV; ++v) dst[v] = 0u;
-  }
-}
-
 template <int FMT, typename X, int MT, int NT, bool PIPE>
 __global__ void __launch_bounds__(256, PIPE ? 2 : 1) gemv_oneshot_kernel(LinearArgs a, int nchunks) {
   using PT = PathTraits<X>;
@@ -280,6 +263,18 @@ cudaError_t launch_linear_fmt(const LinearArgs& a, cudaStream_t stream) {
   // bulk and one-shot kernels won at 13-15 per multiprocessor and below).  Other one-token cases keep the
   // kernels below.  Mirrored in kernels.gemv_kernel.
   const bool many_tiles = tiles >= 6 * device_sm_count();
+  // The prefetch-all GEMV (bitlab_gemv_prefetch.cuh: the layer's whole weight requested into one wave of
+  // blocks' shared memory at the start) where it measured faster (H200, notes v14): float activations,
+  // 1- or 2-bit weights, 1-8 tokens, at least 6 m-tiles per multiprocessor and K <= 4096, where a resident
+  // plan exists (13824x2560 W1.58A16 one token 8.0 -> 7.2 us, 8 tokens 9.4 -> 7.9; 14336x4096 10.4 -> 10.0,
+  // 12.4 -> 11.2; W1A16 7.5 -> 6.5 and 9.4 -> 8.5).  It lost at 8192x8192, 4096x4096, on the int8 path
+  // (mixed, within 5 %) and for 4- and 8-bit weights (not resident).  BITLAB_CUDA_GEMV=prefetch forces it
+  // wherever a plan is resident.  Mirrored in kernels.gemv_kernel.
+  const bool prefetch_pays = sizeof(X) == 2 && FormatBits<FMT>::value <= 2 && many_tiles && nchunks <= 32;
+  if (a.M <= 8 && (choice == kGemvPrefetch || (choice == kGemvAuto && prefetch_pays))) {
+    const int mt = prefetch_gemv_mt<FMT, X>(a.N, nchunks);
+    if (mt > 0) return launch_gemv_prefetch_mt<FMT, X>(a, nchunks, mt, stream);
+  }
   const bool one_token_pays = FormatBits<FMT>::value >= 4 ? many_tiles : tiles >= 32 * device_sm_count();
   const bool cluster_pays =
       sizeof(X) == 2 ? (a.M > 8 ? (many_tiles || nchunks >= 48) : (a.M > 1 ? many_tiles : one_token_pays))

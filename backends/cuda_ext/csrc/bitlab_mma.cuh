@@ -254,6 +254,24 @@ __device__ __forceinline__ void load_lane_tile(uint32_t* dst, const uint32_t* __
   }
 }
 
+// Load the lane's activations of one chunk for token row `row` (zeros past M).
+template <typename X>
+__device__ __forceinline__ void load_x_chunk(uint32_t* dst, const X* __restrict__ x, int row, int M, int Kp,
+                                             int chunk, int t) {
+  constexpr int NV = PathTraits<X>::xwords / 4;
+  if (row < M) {
+    const uint4* p = reinterpret_cast<const uint4*>(x + static_cast<long>(row) * Kp + chunk * 128 + 32 * t);
+#pragma unroll
+    for (int v = 0; v < NV; ++v) {
+      uint4 q = __ldg(p + v);
+      dst[4 * v] = q.x; dst[4 * v + 1] = q.y; dst[4 * v + 2] = q.z; dst[4 * v + 3] = q.w;
+    }
+  } else {
+#pragma unroll
+    for (int v = 0; v < 4 * NV; ++v) dst[v] = 0u;
+  }
+}
+
 // Activations staged in shared memory (GEMM and cluster GEMV): 16-byte piece c of token row r of a
 // 128-column chunk sits at position swizzle_chunk(c, r).  A lane (g, t) reads pieces of row g from
 // column 32 t on; with this XOR the 8 lanes of a quarter-warp hit 8 different 16-byte bank groups,

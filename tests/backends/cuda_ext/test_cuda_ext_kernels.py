@@ -74,6 +74,23 @@ def check_against_reference(kernel, cfg, bits, act, shapes, tokens, dtype):
                 assert rel_err(y, r) < (5e-3 if act == "bfloat16" else 1.5e-3), (n, k, m, rel_err(y, r))
 
 
+def per_channel_setup(kernels, bits, act):
+    """Config (per-channel weights, per-token activations), kernel and input dtype for one activation kind."""
+    cfg = BitQuantConfig(weight_bits=bits, activation_dtype=act, weight_granularity="per_channel",
+                         activation_granularity="per_token")
+    kernel = kernels.CudaExtInt8Kernel() if act == "int8" else kernels.CudaExtFloatKernel()
+    return cfg, kernel, torch.bfloat16 if act == "bfloat16" else torch.float16
+
+
+def force_hopper_gemv(monkeypatch, name, needs, **knobs):
+    """Force one sm_90 GEMV (BITLAB_CUDA_GEMV=name) and its knobs; skip on older devices."""
+    if torch.cuda.get_device_capability(0)[0] < 9:
+        pytest.skip(f"the {name} GEMV needs sm_90 ({needs})")
+    monkeypatch.setenv("BITLAB_CUDA_GEMV", name)
+    for knob, value in knobs.items():
+        monkeypatch.setenv(knob, value)
+
+
 def rel_err(y, ref):
     return ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
@@ -210,10 +227,7 @@ def test_bulk_gemv_ring_wraps(kernels, monkeypatch, bits, act, mt):
     monkeypatch.setenv("BITLAB_CUDA_GEMV", "bulk")
     monkeypatch.setenv("BITLAB_CUDA_BULK_INFLIGHT", "1")
     monkeypatch.setenv("BITLAB_CUDA_BULK_MT", mt)
-    cfg = BitQuantConfig(weight_bits=bits, activation_dtype=act, weight_granularity="per_channel",
-                         activation_granularity="per_token")
-    kernel = kernels.CudaExtInt8Kernel() if act == "int8" else kernels.CudaExtFloatKernel()
-    dtype = torch.bfloat16 if act == "bfloat16" else torch.float16
+    cfg, kernel, dtype = per_channel_setup(kernels, bits, act)
     check_against_reference(kernel, cfg, bits, act, ((300, 9000), (129, 2000), (40, 130)), (1, 2, 9, 16), dtype)
 
 
@@ -224,14 +238,8 @@ def test_cluster_gemv_slices_and_row_blocks(kernels, monkeypatch, bits, act, mt)
     # The cluster GEMV at cluster sizes 1, 3 and 8: a last slice shorter than the others (9000 columns =
     # 71 chunks), empty slices (1100 columns = 9 chunks over 8 blocks), row blocks past the last weight
     # tile (300 and 40 rows), one to four m-tiles per warp, both tile widths.
-    if torch.cuda.get_device_capability(0)[0] < 9:
-        pytest.skip("the cluster GEMV needs sm_90 (thread-block clusters)")
-    monkeypatch.setenv("BITLAB_CUDA_GEMV", "cluster")
-    monkeypatch.setenv("BITLAB_CUDA_CLUSTER_MT", mt)
-    cfg = BitQuantConfig(weight_bits=bits, activation_dtype=act, weight_granularity="per_channel",
-                         activation_granularity="per_token")
-    kernel = kernels.CudaExtInt8Kernel() if act == "int8" else kernels.CudaExtFloatKernel()
-    dtype = torch.bfloat16 if act == "bfloat16" else torch.float16
+    force_hopper_gemv(monkeypatch, "cluster", "thread-block clusters", BITLAB_CUDA_CLUSTER_MT=mt)
+    cfg, kernel, dtype = per_channel_setup(kernels, bits, act)
     for slices in ("1", "3", "8"):
         monkeypatch.setenv("BITLAB_CUDA_CLUSTER_KS", slices)
         check_against_reference(kernel, cfg, bits, act, ((300, 9000), (40, 1100)), (1, 5, 9, 16), dtype)
@@ -246,10 +254,7 @@ def test_wide_cluster_gemv_17_to_64_tokens(kernels, monkeypatch, bits, act):
     if torch.cuda.get_device_capability(0)[0] < 9:
         pytest.skip("the cluster GEMV needs sm_90 (thread-block clusters)")
     monkeypatch.delenv("BITLAB_CUDA_GEMV", raising=False)
-    cfg = BitQuantConfig(weight_bits=bits, activation_dtype=act, weight_granularity="per_channel",
-                         activation_granularity="per_token")
-    kernel = kernels.CudaExtInt8Kernel() if act == "int8" else kernels.CudaExtFloatKernel()
-    dtype = torch.bfloat16 if act == "bfloat16" else torch.float16
+    cfg, kernel, dtype = per_channel_setup(kernels, bits, act)
     shapes = ((33, 4097), (130, 257), (3000, 2560), (1000, 9000))
     check_against_reference(kernel, cfg, bits, act, shapes, (17, 24, 32, 33, 47, 64), dtype)
     prepared = kernel.prepare(make_packed(bits, "per_channel", 3000, 2560), cfg)
@@ -299,11 +304,21 @@ def test_oneshot_gemv_tiles_per_block(kernels, monkeypatch, bits, act, mt):
     # over a last block past the weight rows (40 and 300 rows) and K with a partial chunk.
     monkeypatch.setenv("BITLAB_CUDA_GEMV", "oneshot")
     monkeypatch.setenv("BITLAB_CUDA_ONESHOT_MT", mt)
-    cfg = BitQuantConfig(weight_bits=bits, activation_dtype=act, weight_granularity="per_channel",
-                         activation_granularity="per_token")
-    kernel = kernels.CudaExtInt8Kernel() if act == "int8" else kernels.CudaExtFloatKernel()
-    dtype = torch.bfloat16 if act == "bfloat16" else torch.float16
+    cfg, kernel, dtype = per_channel_setup(kernels, bits, act)
     check_against_reference(kernel, cfg, bits, act, ((300, 2600), (40, 700)), (1, 3, 8), dtype)
+
+
+@pytest.mark.parametrize("mt", ["1", "2", "4"])
+@pytest.mark.parametrize("act", ["float16", "bfloat16", "int8"])
+@pytest.mark.parametrize("bits", [1, 1.58, 2, 4, 8])
+def test_prefetch_gemv_pieces_and_tiles_per_block(kernels, monkeypatch, bits, act, mt):
+    # The prefetch-all GEMV with 1, 2 or 4 m-tiles per block: an odd number of pieces (9000 columns = 71
+    # chunks = 9 pieces of 8), a partial last piece, fewer chunks than warps (7 and 700 columns), a last
+    # block past the weight rows (40 and 300 rows), 1 to 8 tokens.
+    force_hopper_gemv(monkeypatch, "prefetch", "bulk copies", BITLAB_CUDA_PREFETCH_MT=mt)
+    cfg, kernel, dtype = per_channel_setup(kernels, bits, act)
+    shapes = ((300, 9000), (40, 700), (7, 7)) if bits != 8 else ((300, 2600), (40, 700), (7, 7))
+    check_against_reference(kernel, cfg, bits, act, shapes, (1, 3, 8), dtype)
 
 
 @pytest.mark.parametrize("act", ["float16", "int8", "binary"])
@@ -429,9 +444,9 @@ def test_route_names_the_gemv_it_runs(kernels, monkeypatch):
     icfg = BitQuantConfig(weight_bits=1.58, activation_dtype="int8", weight_granularity="per_channel")
     hopper = torch.cuda.get_device_capability(0)[0] >= 9
     fbig = fk.prepare(big, fcfg)
-    assert fk.route(1, fbig).endswith("gemv_bulk" if hopper else "gemv_oneshot")
+    assert fk.route(1, fbig).endswith("gemv_prefetch" if hopper else "gemv_oneshot")
     assert fk.route(16, fbig).endswith("gemv_cluster" if hopper else "gemv_oneshot")
-    assert fk.route(2, fbig).endswith("gemv_cluster" if hopper else "gemv_oneshot")
+    assert fk.route(2, fbig).endswith("gemv_prefetch" if hopper else "gemv_oneshot")
     assert ik.route(9, ik.prepare(big, icfg)).endswith("gemv_cluster" if hopper else "gemv_oneshot")
     assert ik.route(8, ik.prepare(big, icfg)).endswith("gemv_oneshot")
     long_rows_int8 = ik.prepare(make_packed(1.58, "per_channel", 1024, 8192), icfg)
@@ -442,7 +457,7 @@ def test_route_names_the_gemv_it_runs(kernels, monkeypatch):
     long_rows = fk.prepare(make_packed(1.58, "per_channel", 1024, 6144), fcfg)
     assert fk.route(16, long_rows).endswith("gemv_cluster" if hopper else "gemv_oneshot")
     assert fk.route(8, long_rows).endswith("gemv_oneshot")
-    assert fk.route(1, fk.prepare(short_k, fcfg)).endswith("gemv_oneshot")
+    assert fk.route(1, fk.prepare(short_k, fcfg)).endswith("gemv_prefetch" if hopper else "gemv_oneshot")
     assert ik.route(1, ik.prepare(big, icfg)).endswith("gemv_oneshot")
     assert fk.route(17, fbig).endswith("gemv_cluster" if hopper else "gemm")
     assert fk.route(65, fbig).endswith("gemm_cublas" if hopper else "gemm")

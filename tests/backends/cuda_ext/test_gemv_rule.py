@@ -49,7 +49,7 @@ def test_one_token_rule_for_wider_weights(device, bits, shape, expected):
     # one token: bulk for many tiles and long K, else one-shot
     ((28672, 8192), "float", 1, "bulk"),
     ((8192, 8192), "float", 1, "oneshot"),
-    ((13824, 2560), "float", 1, "oneshot"),
+    ((13824, 2560), "int8", 1, "oneshot"),
     ((28672, 8192), "int8", 1, "oneshot"),
     # one token, float activations: cluster for 1- and 2-bit weights with >= 32 tiles per multiprocessor
     ((128256, 2560), "float", 1, "cluster"),
@@ -58,9 +58,20 @@ def test_one_token_rule_for_wider_weights(device, bits, shape, expected):
     ((128256, 2560), "int8", 1, "oneshot"),
     # 2-8 tokens: cluster for float activations with >= 6 tiles per multiprocessor
     ((28672, 8192), "float", 8, "cluster"),
-    ((13824, 2560), "float", 2, "cluster"),
+    ((3840, 2560), "float", 2, "oneshot"),
     ((8192, 8192), "float", 8, "oneshot"),
     ((28672, 8192), "int8", 8, "oneshot"),
+    # 1-8 tokens, float activations, 1- and 2-bit weights, many tiles, K <= 4096: the prefetch GEMV where
+    # the whole weight is resident in one wave (here 4 m-tiles per block, 2 blocks per multiprocessor)
+    ((13824, 2560), "float", 1, "prefetch"),
+    ((13824, 2560), "float", 2, "prefetch"),
+    ((14336, 4096), "float", 1, "prefetch"),
+    ((14336, 4096), "float", 8, "prefetch"),
+    ((14336, 4096), "float", 9, "cluster"),
+    ((14336, 4096), "int8", 1, "oneshot"),
+    ((14336, 4224), "float", 1, "bulk"),         # 33 chunks: past the prefetch rule
+    ((34816, 4096), "float", 1, "bulk"),         # 544 blocks at 4 m-tiles: not resident
+    ((34816, 4096), "float", 8, "cluster"),
     # 9-16 tokens: float with many tiles or K >= 6144; int8 with many tiles
     ((8192, 8192), "float", 16, "cluster"),
     ((2560, 6912), "float", 16, "cluster"),
@@ -86,8 +97,32 @@ def test_rule_on_hopper(device, shape, act, tokens, expected):
     assert kernels.gemv_kernel(weight(*shape, act=act), tokens) == expected
 
 
+def test_prefetch_plans(device, monkeypatch):
+    # m-tiles per block: the largest resident one with blocks for >= 95 % of the multiprocessors
+    assert kernels.prefetch_gemv_mt(weight(13824, 2560), H100_SMS) == 4   # 216 blocks, 2 per multiprocessor
+    assert kernels.prefetch_gemv_mt(weight(8192, 8192), H100_SMS) == 4    # 128 blocks of 144 KB, 1 each
+    assert kernels.prefetch_gemv_mt(weight(4096, 4096), H100_SMS) == 2    # 128 blocks (4: 64, too few)
+    assert kernels.prefetch_gemv_mt(weight(3840, 2560), H100_SMS) == 1    # 2 m-tiles: 120 blocks < 95 %
+    assert kernels.prefetch_gemv_mt(weight(2560, 2560), H100_SMS) == 1
+    assert kernels.prefetch_gemv_mt(weight(1024, 2560), H100_SMS) == 1    # 64 blocks: resident, idle SMs
+    assert kernels.prefetch_gemv_mt(weight(28672, 8192), H100_SMS) == 0   # 58.7 MB: never resident
+    assert kernels.prefetch_gemv_mt(weight(8192, 8192, bits=8), H100_SMS) == 0
+    assert kernels.prefetch_gemv_mt(weight(64, 128 * 513), H100_SMS) == 0  # more than 64 pieces
+    monkeypatch.setenv("BITLAB_CUDA_PREFETCH_MT", "2")
+    assert kernels.prefetch_gemv_mt(weight(13824, 2560), H100_SMS) == 2
+    monkeypatch.setenv("BITLAB_CUDA_PREFETCH_MT", "4")  # forced: any plan whose block fits, in several waves
+    assert kernels.prefetch_gemv_mt(weight(28672, 8192), H100_SMS) == 4
+    assert kernels.prefetch_gemv_mt(weight(8192, 8192, bits=8), H100_SMS) == 0  # 512 KB per block
+
+
 def test_forcing_and_older_devices(device, monkeypatch):
     big = weight(28672, 8192)
+    monkeypatch.setenv("BITLAB_CUDA_GEMV", "prefetch")
+    assert kernels.gemv_kernel(weight(8192, 8192), 1) == "prefetch"
+    assert kernels.gemv_kernel(weight(8192, 8192, act="int8"), 8) == "prefetch"
+    assert kernels.gemv_kernel(weight(8192, 8192), 9) == "oneshot"
+    assert kernels.gemv_kernel(big, 1) == "oneshot"  # not resident
+    assert kernels.gemv_kernel(big, 17) == "gemm"
     monkeypatch.setenv("BITLAB_CUDA_GEMV", "cluster")
     assert kernels.gemv_kernel(big, 1) == "cluster"
     assert kernels.gemv_kernel(weight(64, 40000), 16) == "oneshot"  # too long for the cluster kernel
@@ -97,7 +132,7 @@ def test_forcing_and_older_devices(device, monkeypatch):
     monkeypatch.setenv("BITLAB_CUDA_GEMV", "bulk")
     assert kernels.gemv_kernel(big, 64) == "gemm"
     monkeypatch.delenv("BITLAB_CUDA_GEMV")
-    device["major"] = 8  # sm_80: neither the bulk nor the cluster kernel exists there
+    device["major"] = 8  # sm_80: neither the bulk, the cluster nor the prefetch kernel exists there
     assert {kernels.gemv_kernel(big, t) for t in (1, 8, 16)} == {"oneshot"}
     assert {kernels.gemv_kernel(big, t) for t in (17, 64)} == {"gemm"}
 
