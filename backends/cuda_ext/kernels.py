@@ -45,10 +45,10 @@ TORCH_HAS_MM_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= 
 GEMM_ENV = {"int8": "BITLAB_CUDA_INT8_GEMM", "float": "BITLAB_CUDA_FLOAT_GEMM"}
 LOW_BIT_FORMATS = (layout.FORMAT_CODE[1], layout.FORMAT_CODE[1.58], layout.FORMAT_CODE[2])  # 1- and 2-bit codes
 FORMAT_STORAGE_BITS = {layout.FORMAT_CODE[b]: storage_bits(b) for b in (1, 1.58, 2, 4, 8)}
-# csrc/bitlab_gemv_prefetch.cuh: warps per block, mbarrier area, shared memory per block / multiprocessor
-# (sm_90) and the runtime's reserve per block.
-PREFETCH_WARPS, PREFETCH_MAX_PIECES, PREFETCH_MAX_SMEM = 8, 64, 227 * 1024
-SMEM_PER_SM, SMEM_RESERVED_PER_BLOCK = 228 * 1024, 1024
+# csrc/bitlab_gemv_prefetch.cuh: warps per block, mbarrier area, the runtime's reserve per block, and the
+# sm_90 shared-memory limits (per block with opt-in, per multiprocessor) where the device does not report them.
+PREFETCH_WARPS, PREFETCH_MAX_PIECES, SMEM_RESERVED_PER_BLOCK = 8, 64, 1024
+SM90_SMEM_PER_BLOCK, SM90_SMEM_PER_SM = 227 * 1024, 228 * 1024
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -210,11 +210,13 @@ def cluster_gemv_fits(prepared: CudaExtWeight, tokens: int) -> bool:
     return chunks <= CLUSTER_MAX_CHUNKS and -(-chunks // 8) * tokens * 128 * x_bytes <= limit
 
 
-def prefetch_gemv_mt(prepared: CudaExtWeight, sms: int) -> int:
+def prefetch_gemv_mt(prepared: CudaExtWeight, sms: int, smem_per_block: int = SM90_SMEM_PER_BLOCK,
+                     smem_per_sm: int = SM90_SMEM_PER_SM) -> int:
     """m-tiles per block of the prefetch-all GEMV (``prefetch_gemv_mt`` in csrc/bitlab_gemv_prefetch.cuh),
     0 where no plan keeps the layer's whole weight resident in one wave of blocks' shared memory: the
     largest of 4, 2, 1 resident with blocks for >= 95 % of the ``sms`` multiprocessors, else the smallest
-    resident one.  ``BITLAB_CUDA_PREFETCH_MT=1/2/4`` forces one where it is resident."""
+    resident one.  ``BITLAB_CUDA_PREFETCH_MT=1/2/4`` forces one where it is resident.  The shared-memory
+    limits are the device's (``gemv_kernel`` reads them off its properties; sm_90 values by default)."""
     chunks = -(-prepared.in_features // 128)
     warps = min(chunks, PREFETCH_WARPS)
     if warps < 1 or -(-chunks // warps) > PREFETCH_MAX_PIECES:
@@ -224,9 +226,9 @@ def prefetch_gemv_mt(prepared: CudaExtWeight, sms: int) -> int:
 
     def resident_blocks(mt: int) -> int:
         smem = PREFETCH_MAX_PIECES * 8 + mt * chunks * tile_bytes + warps * mt * 4 * 32 * 4
-        if smem > PREFETCH_MAX_SMEM:
+        if smem > smem_per_block:
             return 0
-        return 2 if 2 * (smem + SMEM_RESERVED_PER_BLOCK) <= SMEM_PER_SM else 1
+        return 2 if 2 * (smem + SMEM_RESERVED_PER_BLOCK) <= smem_per_sm else 1
 
     occ = {mt: resident_blocks(mt) for mt in (1, 2, 4)}
     forced = os.environ.get("BITLAB_CUDA_PREFETCH_MT", "")[:1]
@@ -311,7 +313,10 @@ def gemv_kernel(prepared: CudaExtWeight, tokens: int = 1) -> str:
     many_tiles = tiles >= 6 * sms
     prefetch_pays = (prepared.act_mode == ops.ACT_FLOAT and prepared.fmt in LOW_BIT_FORMATS and many_tiles
                      and chunks <= 32)
-    if tokens <= 8 and (forced == "prefetch" or prefetch_pays) and prefetch_gemv_mt(prepared, sms):
+    props = torch.cuda.get_device_properties(prepared.wq.device)
+    smem = (getattr(props, "shared_memory_per_block_optin", SM90_SMEM_PER_BLOCK),
+            getattr(props, "shared_memory_per_multiprocessor", SM90_SMEM_PER_SM))
+    if tokens <= 8 and (forced == "prefetch" or prefetch_pays) and prefetch_gemv_mt(prepared, sms, *smem):
         return "prefetch"
     if forced == "prefetch":
         return "oneshot"

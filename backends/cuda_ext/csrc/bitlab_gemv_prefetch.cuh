@@ -27,9 +27,25 @@ namespace bitlab {
 constexpr int kPrefetchWarps = 8;
 constexpr int kPrefetchMaxPieces = 64;
 constexpr int kPrefetchBarrierBytes = kPrefetchMaxPieces * 8;
-constexpr int kPrefetchMaxSmem = 227 * 1024;        // per block (sm_90)
-constexpr int kSmemPerMultiprocessor = 228 * 1024;  // sm_90
-constexpr int kSmemReservedPerBlock = 1024;         // the runtime's share of each block
+constexpr int kSmemReservedPerBlock = 1024;  // the runtime's share of each block
+
+// The device's shared-memory limits (227 KB per block and 228 KB per multiprocessor on sm_90).
+struct SmemLimits {
+  int per_block;
+  int per_sm;
+};
+inline SmemLimits device_smem_limits() {
+  static SmemLimits limits{0, 0};
+  if (limits.per_block == 0) {
+    int dev = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&limits.per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    cudaDeviceGetAttribute(&limits.per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+    if (limits.per_block <= 0) limits.per_block = 48 * 1024;
+    if (limits.per_sm <= 0) limits.per_sm = limits.per_block;
+  }
+  return limits;
+}
 
 template <int FMT, typename X, int MT>
 __global__ void __launch_bounds__(32 * kPrefetchWarps, 2) gemv_prefetch_kernel(LinearArgs a, int nchunks) {
@@ -113,8 +129,9 @@ size_t prefetch_gemv_smem(int nchunks, int kw) {
 template <int FMT, typename X, int MT>
 int prefetch_gemv_occupancy(int nchunks, int kw) {
   const size_t smem = prefetch_gemv_smem<FMT, X, MT>(nchunks, kw);
-  if (smem > static_cast<size_t>(kPrefetchMaxSmem)) return 0;
-  return 2 * (smem + kSmemReservedPerBlock) <= static_cast<size_t>(kSmemPerMultiprocessor) ? 2 : 1;
+  const SmemLimits limits = device_smem_limits();
+  if (smem > static_cast<size_t>(limits.per_block)) return 0;
+  return 2 * (smem + kSmemReservedPerBlock) <= static_cast<size_t>(limits.per_sm) ? 2 : 1;
 }
 
 inline int prefetch_gemv_warps(int nchunks) { return nchunks < kPrefetchWarps ? nchunks : kPrefetchWarps; }

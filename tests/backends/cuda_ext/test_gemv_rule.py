@@ -108,6 +108,11 @@ def test_prefetch_plans(device, monkeypatch):
     assert kernels.prefetch_gemv_mt(weight(28672, 8192), H100_SMS) == 0   # 58.7 MB: never resident
     assert kernels.prefetch_gemv_mt(weight(8192, 8192, bits=8), H100_SMS) == 0
     assert kernels.prefetch_gemv_mt(weight(64, 128 * 513), H100_SMS) == 0  # more than 64 pieces
+    # a device with 99 KB per block and 100 KB per multiprocessor: fewer plans are resident
+    small_smem = (H100_SMS, 99 * 1024, 100 * 1024)
+    assert kernels.prefetch_gemv_mt(weight(8192, 8192), *small_smem) == 0
+    assert kernels.prefetch_gemv_mt(weight(13824, 2560), *small_smem) == 0
+    assert kernels.prefetch_gemv_mt(weight(2560, 2560), *small_smem) == 1
     monkeypatch.setenv("BITLAB_CUDA_PREFETCH_MT", "2")
     assert kernels.prefetch_gemv_mt(weight(13824, 2560), H100_SMS) == 2
     monkeypatch.setenv("BITLAB_CUDA_PREFETCH_MT", "4")  # forced: any plan whose block fits, in several waves
