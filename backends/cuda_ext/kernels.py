@@ -7,7 +7,8 @@
 * :class:`CudaExtInt8Kernel`: int8 activations (per token or per tensor), every weight
   format (int8 tensor-core mma, exact int32 accumulation; W1.58A8 is BitNet's setting; past 64
   tokens on sm_90 the weight expanded to int8 and multiplied by cuBLAS int8, :func:`gemm_on_cublas`);
-* :class:`CudaExtXnorKernel`: binary weights with binary activations (XOR + popcount).
+* :class:`CudaExtXnorKernel`: binary weights with binary activations (XOR + popcount; from 33 tokens
+  AND + popcount ``mma`` on the tensor cores).
 
 Weight granularity per_tensor and per_channel; per_group is left to torch_ref (its
 scale changes inside a row, which the fused epilogue does not model).  float32
@@ -40,6 +41,7 @@ WIDE_GEMV_MAX_TOKENS = 64  # kClusterWideMaxTokens: the wide cluster GEMV takes 
 # Bytes of one slice's staged activations at 8 slices (kClusterStageBytes / kClusterWideStageBytes).
 CLUSTER_STAGE_BYTES, CLUSTER_WIDE_STAGE_BYTES = 128 * 1024, 192 * 1024
 CUBLAS_MIN_TOKENS = 65  # kCublasMinTokens (csrc/bindings.cpp)
+XNOR_MMA_MIN_TOKENS = 33  # kXnorMmaMinTokens (csrc/bitlab_launch.h): W1A1 on the tensor cores from here
 # The float GEMM on cuBLAS needs at::mm with an output dtype (torch >= 2.8; BITLAB_HAS_MM_OUT_DTYPE in bindings.cpp).
 TORCH_HAS_MM_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
 GEMM_ENV = {"int8": "BITLAB_CUDA_INT8_GEMM", "float": "BITLAB_CUDA_FLOAT_GEMM"}
@@ -176,12 +178,21 @@ class CudaExtInt8Kernel(_CudaExtKernel):
 
 
 class CudaExtXnorKernel(_CudaExtKernel):
-    """Binary weights x binary activations (W1A1): XOR + popcount, exact integer counts."""
+    """Binary weights x binary activations (W1A1), exact integer counts: XOR + popcount on the CUDA cores,
+    or from :data:`XNOR_MMA_MIN_TOKENS` tokens on sm_80+ AND + popcount ``mma`` (.b1) on the tensor cores."""
 
     keys = keys_product([1], ["binary"], GRANULARITIES, ACT_GRANULARITIES)
 
     def route(self, batch: int) -> str:
-        return "CudaExtXnorKernel.popcount"
+        """``...popcount`` or ``...mma``, as ``xnor_on_tensor_cores`` (csrc/xnor.cu) decides;
+        ``BITLAB_CUDA_XNOR=popcount`` / ``mma`` forces one on sm_80+."""
+        if not torch.cuda.is_available():
+            return "CudaExtXnorKernel.popcount or mma (sm_80+, from 33 tokens)"
+        if torch.cuda.get_device_capability()[0] < 8:
+            return "CudaExtXnorKernel.popcount"
+        forced = os.environ.get("BITLAB_CUDA_XNOR", "")
+        mma = forced == "mma" or (forced != "popcount" and batch >= XNOR_MMA_MIN_TOKENS)
+        return "CudaExtXnorKernel.mma" if mma else "CudaExtXnorKernel.popcount"
 
     def prepare(self, packed: PackedWeight, config: BitQuantConfig) -> CudaExtWeight:
         self._check_packed(packed)

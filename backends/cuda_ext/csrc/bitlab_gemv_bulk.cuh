@@ -180,18 +180,11 @@ __global__ void __launch_bounds__(32 * (kBulkMaxWarps + 1)) gemv_bulk_kernel(Lin
 // unset or "auto" leaves the choice to launch_linear_fmt's rule.
 enum GemvChoice { kGemvAuto = 0, kGemvOneshot = 1, kGemvBulk = 2, kGemvCluster = 3, kGemvPrefetch = 4 };
 inline GemvChoice gemv_choice() {
-  static int major = -1;
-  if (major < 0) {
-    int dev = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  }
-  if (major < 9) return kGemvOneshot;
-  const char* env = std::getenv("BITLAB_CUDA_GEMV");
-  if (env && std::strcmp(env, "oneshot") == 0) return kGemvOneshot;
-  if (env && std::strcmp(env, "bulk") == 0) return kGemvBulk;
-  if (env && std::strcmp(env, "cluster") == 0) return kGemvCluster;
-  if (env && std::strcmp(env, "prefetch") == 0) return kGemvPrefetch;
+  if (device_major() < 9) return kGemvOneshot;
+  if (env_is("BITLAB_CUDA_GEMV", "oneshot")) return kGemvOneshot;
+  if (env_is("BITLAB_CUDA_GEMV", "bulk")) return kGemvBulk;
+  if (env_is("BITLAB_CUDA_GEMV", "cluster")) return kGemvCluster;
+  if (env_is("BITLAB_CUDA_GEMV", "prefetch")) return kGemvPrefetch;
   return kGemvAuto;
 }
 

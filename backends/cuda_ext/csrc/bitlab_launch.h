@@ -8,6 +8,9 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <cstdlib>
+#include <cstring>
+
 namespace bitlab {
 
 // Multiprocessors of the current device (cached; 132 if the query fails).
@@ -20,6 +23,23 @@ inline int device_sm_count() {
     if (count <= 0) count = 132;
   }
   return count;
+}
+
+// Compute-capability major of the current device (cached).
+inline int device_major() {
+  static int major = -1;
+  if (major < 0) {
+    int dev = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  }
+  return major;
+}
+
+// Whether the environment variable `name` is set to `value`.
+inline bool env_is(const char* name, const char* value) {
+  const char* env = std::getenv(name);
+  return env && std::strcmp(env, value) == 0;
 }
 
 enum OutDtype { kDtypeFloat = 0, kDtypeHalf = 1, kDtypeBFloat16 = 2 };
@@ -84,6 +104,9 @@ struct XnorArgs {
   int M, N, K, Kp;
 };
 cudaError_t launch_xnor(const XnorArgs& args, cudaStream_t stream);
+// W1A1 from this many tokens runs on the tensor cores (mma .b1) on sm_80+ (xnor.cu).
+constexpr int kXnorMmaMinTokens = 33;
+bool xnor_on_tensor_cores(int M);
 
 // RMSNorm + per-token int8 quantization of rows of a (norm_quant.cu): mode 0 x = a, mode 1
 // h = a + b (written to h, [M, K] contiguous), mode 2 x = relu(a)^2 * b; q [M, K], scale [M].

@@ -163,7 +163,12 @@ def test_int8_quantizer_vector_path(kernels, dtype):
 
 @pytest.mark.parametrize("act_gran", ["per_tensor", "per_token"])
 @pytest.mark.parametrize("gran", ["per_tensor", "per_channel"])
-def test_w1a1_popcount(kernels, gran, act_gran):
+@pytest.mark.parametrize("path", ["auto", "popcount", "mma"])
+def test_w1a1_popcount(kernels, monkeypatch, gran, act_gran, path):
+    # Both W1A1 kernels (XOR + popcount on the CUDA cores, AND + popcount mma on the tensor cores) and the
+    # default split between them (the mma kernel from 33 tokens on sm_80+).
+    if path != "auto":
+        monkeypatch.setenv("BITLAB_CUDA_XNOR", path)
     cfg = BitQuantConfig(weight_bits=1, activation_dtype="binary", weight_granularity=gran,
                          activation_granularity=act_gran)
     kernel = kernels.CudaExtXnorKernel()
@@ -184,6 +189,26 @@ def test_w1a1_popcount(kernels, gran, act_gran):
             # moves an output by 2 mean|x| w_scale, i.e. 2 / K of the bound's first term: far above 1e-5 of it.
             bound = k * x.abs().mean() * packed.scale.max() + bias.abs().max()
             assert (y - ref).abs().max() <= 1e-5 * bound, (n, k, m, (y - ref).abs().max().item(), bound.item())
+
+
+@pytest.mark.parametrize("act_gran", ["per_tensor", "per_token"])
+def test_w1a1_tensor_core_kernel_equals_popcount_kernel(kernels, monkeypatch, act_gran):
+    # The same integer dot product and epilogue: the two kernels' outputs are identical, at K on and off
+    # the 512-bit step (128-bit tails of 1 to 3 words per lane), rows and tokens past the 128 x 128 tiles.
+    cfg = BitQuantConfig(weight_bits=1, activation_dtype="binary", weight_granularity="per_channel",
+                         activation_granularity=act_gran)
+    kernel = kernels.CudaExtXnorKernel()
+    for n, k in ((300, 4097), (129, 1024), (64, 640), (1000, 8192)):
+        packed = make_packed(1, "per_channel", n, k)
+        prep = kernel.prepare(packed, cfg)
+        bias = torch.randn(n, device="cuda")
+        for m in (1, 17, 130, 300):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            out = {}
+            for path in ("popcount", "mma"):
+                monkeypatch.setenv("BITLAB_CUDA_XNOR", path)
+                out[path] = kernel.forward(x, prep, bias, "relu")
+            assert torch.equal(out["mma"], out["popcount"]), (n, k, m)
 
 
 @pytest.mark.parametrize("act", ["float16", "bfloat16", "int8"])

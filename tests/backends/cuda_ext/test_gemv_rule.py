@@ -226,3 +226,17 @@ def test_int8_gemm_forcing(device, monkeypatch):
     assert ik.route(16, big8) == "CudaExtInt8Kernel.gemv_oneshot"  # torch._int_mm needs more than 16 rows
     device["major"] = 8
     assert ik.route(17, big8) == "CudaExtInt8Kernel.gemm_cublas"
+
+
+def test_w1a1_route_mirrors_the_launcher(device, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("BITLAB_CUDA_XNOR", raising=False)
+    kernel = kernels.CudaExtXnorKernel()
+    assert kernel.route(32) == "CudaExtXnorKernel.popcount"
+    assert kernel.route(33) == "CudaExtXnorKernel.mma"
+    monkeypatch.setenv("BITLAB_CUDA_XNOR", "popcount")
+    assert kernel.route(2048) == "CudaExtXnorKernel.popcount"
+    monkeypatch.setenv("BITLAB_CUDA_XNOR", "mma")
+    assert kernel.route(1) == "CudaExtXnorKernel.mma"
+    device["major"] = 7  # no .b1 AND + popcount mma before sm_80
+    assert kernel.route(2048) == "CudaExtXnorKernel.popcount"
