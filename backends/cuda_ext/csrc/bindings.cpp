@@ -98,10 +98,7 @@ bool gemm_on_cublas(const char* env_name, const bitlab::LinearArgs& a) {
   if (a.M <= 16) return false;
   if (env && std::strcmp(env, "cublas") == 0) return true;
   if (a.M < kCublasMinTokens && bitlab::wide_gemv_runs(a.M, a.Kp / 128, int8)) return false;
-  int dev = 0, major = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  return major >= 9;
+  return bitlab::device_major() >= 9;
 }
 
 // Rows per slice: the whole weight, or $<env>_SLICE rows (rounded down to a multiple of 128) to bound the

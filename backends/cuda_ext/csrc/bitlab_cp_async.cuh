@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "bitlab_launch.h"
+
 namespace bitlab {
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
@@ -103,11 +105,8 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 inline bool device_has_pdl() {
   static int enabled = -1;
   if (enabled < 0) {
-    int dev = 0, major = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
     const char* env = std::getenv("BITLAB_CUDA_PDL");
-    enabled = major >= 9 && !(env && env[0] == '0');
+    enabled = device_major() >= 9 && !(env && env[0] == '0');
   }
   return enabled == 1;
 }

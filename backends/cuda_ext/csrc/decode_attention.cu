@@ -353,10 +353,7 @@ cudaError_t launch_decode_attention_d(const DecodeAttentionArgs& a, cudaStream_t
 
 cudaError_t launch_decode_attention(const DecodeAttentionArgs& a, cudaStream_t stream) {
   if (a.B == 0) return cudaSuccess;
-  int dev = 0, major = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  if (major < 9) return cudaErrorNotSupported;
+  if (device_major() < 9) return cudaErrorNotSupported;
   const bool half = a.dtype == kDtypeHalf;
   if (a.dtype != kDtypeHalf && a.dtype != kDtypeBFloat16) return cudaErrorInvalidValue;
   if (a.D == 128) return half ? launch_decode_attention_d<__half, 128>(a, stream)
