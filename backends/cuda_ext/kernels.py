@@ -65,14 +65,11 @@ class CudaExtWeight:
     out_features: int
     in_features: int
     act_dtype: Optional[torch.dtype]  # float path: the dtype activations are rounded to
-    # Ternary weights on the int8 path: the same weight as bit masks for the bit-plane GEMV
-    # (layout.bitplane_tiles), built where bitplane_wanted() says so; else None.
-    planes: Optional[torch.Tensor] = None
 
     def clone(self) -> "CudaExtWeight":
         """A copy with its own weight storage (benchmarks rotate copies to defeat the L2 cache)."""
         return CudaExtWeight(self.wq.clone(), self.scale, self.fmt, self.act_mode, self.out_features,
-                             self.in_features, self.act_dtype, None if self.planes is None else self.planes.clone())
+                             self.in_features, self.act_dtype)
 
 
 class _CudaExtKernel(BitKernel):
@@ -96,8 +93,6 @@ class _CudaExtKernel(BitKernel):
         name = type(self).__name__
         if prepared is not None and gemm_on_cublas(prepared, batch):
             return f"{name}.gemm_cublas"
-        if prepared is not None and uses_bitplane(prepared, batch):
-            return f"{name}.gemv_bitplane"
         if batch > GEMV_MAX_TOKENS:
             if prepared is None:  # the wide cluster GEMV and cuBLAS depend on the device and in_features
                 if batch >= CUBLAS_MIN_TOKENS:
@@ -126,13 +121,6 @@ class _CudaExtKernel(BitKernel):
             raise ValueError(f"{self.name}: x dtype {x.dtype} is not served; expected float16, bfloat16 or float32")
         self._check_inputs(x, prepared, bias, activation)
         x2 = x.reshape(-1, prepared.in_features)
-        if uses_bitplane(prepared, x2.shape[0]):
-            xq, x_scale = ops.quantize_int8(x2 if x2.stride(-1) == 1 else x2.contiguous(),
-                                            layout.padded_k_planes(prepared.in_features),
-                                            prepared.act_mode == ops.ACT_INT8_PER_TOKEN)
-            y = ops.linear_bitplane(xq, x_scale, prepared.planes, prepared.scale, bias, ops.EPILOGUE_CODE[activation],
-                                    prepared.out_features, prepared.in_features, x.dtype)
-            return y.reshape(*x.shape[:-1], prepared.out_features)
         xa = x2 if prepared.act_dtype is None else x2.to(prepared.act_dtype)
         y = ops.linear(xa, prepared.wq, prepared.scale, bias, prepared.fmt, prepared.act_mode,
                        ops.EPILOGUE_CODE[activation], prepared.out_features, prepared.in_features, x.dtype)
@@ -173,7 +161,6 @@ class CudaExtInt8Kernel(_CudaExtKernel):
             out_features=packed.out_features,
             in_features=packed.in_features,
             act_dtype=None,
-            planes=layout.bitplane_tiles(packed) if bitplane_wanted(packed) else None,
         )
 
 
@@ -186,10 +173,6 @@ class CudaExtInt8Kernel(_CudaExtKernel):
         self._check_inputs(xq, prepared, bias, activation)
         if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"{self.name}: out_dtype {out_dtype} is not served; expected float16, bfloat16 or float32")
-        if uses_bitplane(prepared, xq.reshape(-1, prepared.in_features).shape[0]):
-            return ops.linear_bitplane(xq, x_scale.reshape(-1), prepared.planes, prepared.scale, bias,
-                                       ops.EPILOGUE_CODE[activation], prepared.out_features, prepared.in_features,
-                                       out_dtype)
         return ops.linear_int8(xq, x_scale.reshape(-1), prepared.wq, prepared.scale, bias, prepared.fmt,
                                ops.EPILOGUE_CODE[activation], prepared.out_features, prepared.in_features, out_dtype)
 
@@ -226,23 +209,6 @@ class CudaExtXnorKernel(_CudaExtKernel):
 
 
 KERNELS = (CudaExtFloatKernel, CudaExtInt8Kernel, CudaExtXnorKernel)
-
-
-BITPLANE_ENV = "BITLAB_CUDA_BITPLANE"
-
-
-def bitplane_wanted(packed: PackedWeight) -> bool:
-    """Whether the int8 kernel also prepares a ternary weight as bit masks for the bit-plane GEMV: on sm_80+,
-    when ``BITLAB_CUDA_BITPLANE=1`` (opt-in: it is a second copy of the weight)."""
-    if packed.weight_bits != 1.58 or os.environ.get(BITPLANE_ENV, "") != "1":
-        return False
-    return packed.device.type == "cuda" and torch.cuda.get_device_capability(packed.device)[0] >= 8
-
-
-def uses_bitplane(prepared: CudaExtWeight, tokens: int) -> bool:
-    """The bit-plane GEMV serves 1-8 tokens where the weight has plane tiles (``forward`` quantizes with
-    ``ops.quantize_int8`` first; ``forward_quantized`` takes the caller's int8 rows)."""
-    return prepared.planes is not None and 1 <= tokens <= ops.BITPLANE_MAX_TOKENS
 
 
 def cluster_gemv_fits(prepared: CudaExtWeight, tokens: int) -> bool:

@@ -98,42 +98,6 @@ def lane_tiles(packed: PackedWeight, path: str) -> torch.Tensor:
     return out.reshape(-1)
 
 
-PLANE_CHUNK = 256  # inputs per unit of the bit-plane GEMV (one mma.m16n8k256)
-
-
-def padded_k_planes(in_features: int) -> int:
-    return (in_features + PLANE_CHUNK - 1) // PLANE_CHUNK * PLANE_CHUNK
-
-
-def bitplane_tiles(packed: PackedWeight) -> torch.Tensor:
-    """int32 "plane tiles" of a ternary weight for the bit-plane GEMV (``csrc/gemv_bitplane.cu`` documents
-    the layout): masks P (w = +1) and N (w = -1), rows padded to 128, inputs to a multiple of 256; unit
-    (16-row tile, 256-input chunk) = [mask][lane (g, t)][word w: row g + 8 (w & 1), half w >> 1], bit i of
-    a word = input 4 i + t of its half.  Same bytes as the int8 lane tiles (2 bits per weight)."""
-    if packed.weight_bits != 1.58:
-        raise ValueError(f"bitplane_tiles needs ternary weights (weight_bits=1.58), got {packed.weight_bits!r}")
-    n, k = packed.out_features, packed.in_features
-    npad, kp = padded_n(n), padded_k_planes(k)
-    n_tiles, n_chunks = npad // 16, kp // PLANE_CHUNK
-    codes = unpack_codes(packed.data, packed.storage_bits, k)  # canonical: 0 -> 0, 1 -> +1, 2 -> -1
-    bit_weights = (1 << torch.arange(8, device=packed.device, dtype=torch.int32)).to(torch.uint8)
-    out = torch.empty(n_tiles, n_chunks, 2, 32, 4, dtype=torch.int32, device=packed.device)
-    tiles_per_step = max(1, (1 << 22) // (16 * kp))
-    for t0 in range(0, n_tiles, tiles_per_step):
-        t1 = min(n_tiles, t0 + tiles_per_step)
-        block = torch.zeros((t1 - t0) * 16, kp, dtype=torch.uint8, device=packed.device)
-        rows = codes[t0 * 16 : min(n, t1 * 16)]
-        block[: rows.shape[0], :k] = rows
-        for v, code in enumerate((1, 2)):
-            mask = (block == code).to(torch.uint8)
-            # [tiles, rh, g, chunk, half, i, t] -> [tiles, chunk, g, t, half, rh, i]
-            mask = mask.view(t1 - t0, 2, 8, n_chunks, 2, 32, 4).permute(0, 3, 2, 6, 4, 1, 5)
-            packed_bytes = (mask.reshape(-1, 4, 8) * bit_weights).sum(dim=-1, dtype=torch.uint8)
-            words = packed_bytes.contiguous().view(torch.int32).view(t1 - t0, n_chunks, 32, 4)
-            out[t0:t1, :, v] = words
-    return out.reshape(-1)
-
-
 def xnor_bits(packed: PackedWeight) -> torch.Tensor:
     """Binary weight bits as int32 words [Npad, Kp / 32] (canonical bytes read little-endian, zero-padded)."""
     if packed.weight_bits != 1:

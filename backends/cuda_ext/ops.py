@@ -3,9 +3,6 @@
 * ``bitlab::cuda_ext_linear``: the low-bit linear layer (every format; quantizes int8 / binary
   activations itself);
 * ``bitlab::cuda_ext_linear_int8``: the same with int8 activations the caller quantized;
-* ``bitlab::cuda_ext_linear_bitplane``: ternary weights as bit masks x int8 activations of 1-8 tokens
-  (the bit-plane GEMV, ``csrc/gemv_bitplane.cu``), the same result as ``cuda_ext_linear_int8``;
-* ``bitlab::cuda_ext_quantize_int8``: absmax int8 quantization of activation rows (per token / tensor);
 * ``bitlab::cuda_ext_rms_norm_quant``: RMSNorm + per-token int8 quantization (the input of a
   W*A8 projection, one kernel);
 * ``bitlab::cuda_ext_decode_attention``: one-token attention with rotary and the KV-cache write
@@ -69,9 +66,7 @@ def load():
         if not _fake_registered:
             torch.library.register_fake("bitlab::cuda_ext_linear")(_linear_fake)
             torch.library.register_fake("bitlab::cuda_ext_linear_int8")(_linear_int8_fake)
-            torch.library.register_fake("bitlab::cuda_ext_linear_bitplane")(_linear_bitplane_fake)
             torch.library.register_fake("bitlab::cuda_ext_rms_norm_quant")(_rms_norm_quant_fake)
-            torch.library.register_fake("bitlab::cuda_ext_quantize_int8")(_quantize_int8_fake)
             from backends.cuda_ext import bitnet_mlp, decode_attention, host_embedding
 
             decode_attention.register_fake()
@@ -101,15 +96,6 @@ def _linear_int8_fake(xq, x_scale, wq, w_scale, bias, fmt, epilogue, N, K, out_d
     return xq.new_empty((xq.shape[0], N), dtype=out_dtype)
 
 
-def _linear_bitplane_fake(xq, x_scale, planes, w_scale, bias, epilogue, N, K, out_dtype):
-    return xq.new_empty((xq.shape[0], N), dtype=out_dtype)
-
-
-def _quantize_int8_fake(x, Kp, per_token):
-    m = x.shape[0]
-    return x.new_empty((m, Kp), dtype=torch.int8), x.new_empty((m if per_token else 1,), dtype=torch.float32)
-
-
 def _rms_norm_quant_fake(a, b, weight, eps, mode):
     m, k = a.shape
     h = a.new_empty((m, k)) if mode == 1 else a.new_empty((0,))
@@ -126,21 +112,6 @@ def _op(name: str):
 def linear_int8(xq, x_scale, wq, w_scale, bias, fmt: int, epilogue: int, n: int, k: int, out_dtype: torch.dtype):
     """``torch.ops.bitlab.cuda_ext_linear_int8``: pre-quantized int8 activations, y [tokens, n] in ``out_dtype``."""
     return _op("cuda_ext_linear_int8")(xq, x_scale, wq, w_scale, bias, fmt, epilogue, n, k, out_dtype)
-
-
-BITPLANE_MAX_TOKENS = 8  # csrc/bitlab_launch.h kBitplaneMaxTokens
-
-
-def linear_bitplane(xq, x_scale, planes, w_scale, bias, epilogue: int, n: int, k: int, out_dtype: torch.dtype):
-    """``torch.ops.bitlab.cuda_ext_linear_bitplane``: ternary plane tiles x pre-quantized int8 activations of
-    1-8 tokens (the bit-plane GEMV), y [tokens, n] in ``out_dtype``; equal to :func:`linear_int8`."""
-    return _op("cuda_ext_linear_bitplane")(xq, x_scale, planes, w_scale, bias, epilogue, n, k, out_dtype)
-
-
-def quantize_int8(x, kp: int, per_token: bool):
-    """``torch.ops.bitlab.cuda_ext_quantize_int8``: absmax int8 rows of ``x [M, K]`` zero-padded to ``kp``
-    columns and their scales ([M] per token, [1] per tensor), as ``bitcore.quantize`` defines them."""
-    return _op("cuda_ext_quantize_int8")(x, kp, per_token)
 
 
 NORM_QUANT_MODES = {"norm": 0, "add_norm": 1, "relu2_gate_norm": 2}

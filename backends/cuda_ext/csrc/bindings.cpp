@@ -287,69 +287,6 @@ at::Tensor cuda_ext_linear_int8(const at::Tensor& xq, const at::Tensor& x_scale,
   return y;
 }
 
-// Absmax int8 quantization of x [M, K] (quantize.cu, exactly bitcore.quantize.quantize_activation_int8):
-// returns (xq [M, Kp] zero-padded past K, scale [M] per token or [1] per tensor).
-std::tuple<at::Tensor, at::Tensor> cuda_ext_quantize_int8(const at::Tensor& x, int64_t Kp, bool per_token) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "cuda_ext_quantize_int8: x must be a 2-D CUDA tensor "
-              "with contiguous rows, got ", x.sizes(), " strides ", x.strides(), " on ", x.device());
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(Kp >= K && Kp % 16 == 0, "cuda_ext_quantize_int8: Kp=", Kp, " must be >= K=", K, " and a multiple of 16");
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor xq = at::empty({M, Kp}, x.options().dtype(at::kChar));
-  at::Tensor scale = at::empty({per_token ? M : 1}, x.options().dtype(at::kFloat));
-  if (M == 0) return {xq, scale};
-  at::Tensor work = at::empty({per_token ? 1 : M}, x.options().dtype(at::kFloat));
-  check_cuda(bitlab::launch_quantize_int8(x.data_ptr(), dtype_code(x.scalar_type()), M, K, x.stride(0), Kp, per_token,
-                                          xq.data_ptr<int8_t>(), scale.data_ptr<float>(), work.data_ptr<float>(),
-                                          c10::cuda::getCurrentCUDAStream()),
-             "int8 activation quantization");
-  return {xq, scale};
-}
-
-// The bit-plane GEMV (gemv_bitplane.cu): ternary plane tiles (layout.bitplane_tiles), int8 activations of
-// 1 .. kBitplaneMaxTokens tokens quantized by the caller; otherwise as cuda_ext_linear_int8.
-at::Tensor cuda_ext_linear_bitplane(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& planes,
-                                    const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, int64_t epilogue,
-                                    int64_t N, int64_t K, at::ScalarType out_dtype) {
-  TORCH_CHECK(xq.is_cuda() && x_scale.is_cuda() && planes.is_cuda() && w_scale.is_cuda(),
-              "cuda_ext_linear_bitplane: tensors must be on a CUDA device");
-  TORCH_CHECK(xq.dim() == 2 && xq.scalar_type() == at::kChar, "cuda_ext_linear_bitplane: xq must be 2-D int8, got ",
-              xq.scalar_type(), " ", xq.sizes());
-  const int64_t Kp = (K + 255) / 256 * 256, Npad = (N + 127) / 128 * 128;
-  TORCH_CHECK(xq.size(1) == K || (xq.size(1) == Kp && xq.is_contiguous()), "cuda_ext_linear_bitplane: xq has ",
-              xq.size(1), " columns, expected in_features=", K, " (or ", Kp, ", zero-padded and contiguous)");
-  TORCH_CHECK(xq.size(0) <= bitlab::kBitplaneMaxTokens, "cuda_ext_linear_bitplane: ", xq.size(0),
-              " tokens; the bit-plane GEMV takes at most ", bitlab::kBitplaneMaxTokens);
-  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && (x_scale.numel() == 1 || x_scale.numel() == xq.size(0)),
-              "cuda_ext_linear_bitplane: x_scale must be float32 with 1 or ", xq.size(0), " elements, got ",
-              x_scale.scalar_type(), " with ", x_scale.numel());
-  TORCH_CHECK(epilogue >= 0 && epilogue <= 2, "cuda_ext_linear_bitplane: epilogue ", epilogue, " not in [0, 2]");
-  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
-                  (w_scale.numel() == 1 || w_scale.numel() == N),
-              "cuda_ext_linear_bitplane: w_scale must be contiguous float32 with 1 or out_features=", N, " elements");
-  TORCH_CHECK(planes.scalar_type() == at::kInt && planes.is_contiguous() && planes.numel() == Npad / 16 * (Kp / 256) * 256,
-              "cuda_ext_linear_bitplane: planes must be contiguous int32 plane tiles with ", Npad / 16 * (Kp / 256) * 256,
-              " words for ", N, " x ", K, ", got ", planes.scalar_type(), " with ", planes.numel());
-  const c10::cuda::CUDAGuard guard(xq.device());
-  const int64_t M = xq.size(0);
-  at::Tensor y = at::empty({M, N}, xq.options().dtype(out_dtype));
-  if (M == 0 || N == 0) return y;
-  at::Tensor bias_f;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == N, "cuda_ext_linear_bitplane: bias has ", bias->numel(), " elements, expected ", N);
-    bias_f = bias->to(at::kFloat).contiguous();
-  }
-  at::Tensor xp = xq.size(1) == Kp ? xq : padded_activations(xq.stride(1) == 1 ? xq : xq.contiguous(), K, Kp);
-  at::Tensor xsc = x_scale.contiguous();
-  bitlab::LinearArgs a = weight_args(planes, w_scale, bias_f, y, 1, epilogue, M, N, Kp);
-  a.x = xp.data_ptr();
-  a.x_scale = xsc.data_ptr<float>();
-  a.x_scale_per_row = x_scale.numel() == M && M > 1;
-  a.pdl = 1;  // behind cuda_ext_rms_norm_quant, which lets it start at once (sm_90+)
-  check_cuda(bitlab::launch_gemv_bitplane(a, c10::cuda::getCurrentCUDAStream()), "bit-plane GEMV");
-  return y;
-}
-
 // RMSNorm + per-token int8 quantization (norm_quant.cu): returns (h or an empty tensor, q, scale).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_ext_rms_norm_quant(const at::Tensor& a,
                                                                        const c10::optional<at::Tensor>& b,
@@ -547,10 +484,6 @@ TORCH_LIBRARY_FRAGMENT(bitlab, m) {
       "Tensor(b!) v_cache, Tensor slot, Tensor mask, float scale) -> Tensor");
   m.def("cuda_ext_gather_host_rows(Tensor table, Tensor ids) -> Tensor");
   m.def("cuda_ext_rms_norm_quant(Tensor a, Tensor? b, Tensor weight, float eps, int mode) -> (Tensor, Tensor, Tensor)");
-  m.def("cuda_ext_quantize_int8(Tensor x, int Kp, bool per_token) -> (Tensor, Tensor)");
-  m.def(
-      "cuda_ext_linear_bitplane(Tensor xq, Tensor x_scale, Tensor planes, Tensor w_scale, Tensor? bias, "
-      "int epilogue, int N, int K, ScalarType out_dtype) -> Tensor");
   m.def(
       "cuda_ext_linear_int8(Tensor xq, Tensor x_scale, Tensor wq, Tensor w_scale, Tensor? bias, int fmt, "
       "int epilogue, int N, int K, ScalarType out_dtype) -> Tensor");
@@ -562,8 +495,6 @@ TORCH_LIBRARY_FRAGMENT(bitlab, m) {
 TORCH_LIBRARY_IMPL(bitlab, CUDA, m) {
   m.impl("cuda_ext_linear", &cuda_ext_linear);
   m.impl("cuda_ext_linear_int8", &cuda_ext_linear_int8);
-  m.impl("cuda_ext_linear_bitplane", &cuda_ext_linear_bitplane);
-  m.impl("cuda_ext_quantize_int8", &cuda_ext_quantize_int8);
   m.impl("cuda_ext_rms_norm_quant", &cuda_ext_rms_norm_quant);
   m.impl("cuda_ext_decode_attention", &cuda_ext_decode_attention);
   m.impl("cuda_ext_bitnet_mlp", &cuda_ext_bitnet_mlp);

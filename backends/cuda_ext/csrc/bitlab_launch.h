@@ -61,14 +61,6 @@ struct LinearArgs {
   int pdl;               // launch as a programmatic dependent of the previous kernel (sm_90+)
 };
 
-// The bit-plane GEMV (gemv_bitplane.cu, sm_80+): ternary weights as two bit masks ("plane tiles",
-// layout.bitplane_tiles; a.wq), int8 activations [M, Kp] with Kp a multiple of 256, 1 .. kBitplaneMaxTokens
-// tokens; AND + popcount mma against the activations' bit planes, exact, the int8 path's epilogue.
-constexpr int kBitplaneMaxTokens = 8;
-cudaError_t launch_gemv_bitplane(const LinearArgs& args, cudaStream_t stream);
-// 16-row tiles per block it uses for N rows and M tokens (BITLAB_CUDA_BITPLANE_MT=1/2/4 forces it up to 2 tokens).
-int bitplane_gemv_mt(int N, int M);
-
 // Float activations (x_dtype kDtypeHalf / kDtypeBFloat16), decode-to-half/bf16 mma.
 cudaError_t launch_linear_float(const LinearArgs& args, int x_dtype, cudaStream_t stream);
 // int8 activations, int8 mma with exact int32 accumulation.

@@ -72,36 +72,3 @@ def test_xnor_bits_match_canonical_bytes():
     tail = torch.arange(77, bits.shape[1] * 32)
     assert int(((words[:5, tail // 32] >> (tail % 32)) & 1).sum()) == 0, "padding bits must be 0"
     assert int(words[5:].abs().sum()) == 0, "padded rows must be 0"
-
-
-def read_back_planes(words, n, k):
-    """Invert the plane-tile layout (csrc/gemv_bitplane.cu) with its documented rules: int values [n, k]."""
-    npad, kp = layout.padded_n(n), layout.padded_k_planes(k)
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    # [tile, chunk, mask, g, t, half, rh] words -> bits i
-    w = w.view(npad // 16, kp // 256, 2, 8, 4, 2, 2)
-    bits = (w.unsqueeze(-1) >> torch.arange(32)) & 1  # [..., i]
-    # -> [mask, tile, rh, g, chunk, half, i, t]
-    bits = bits.permute(2, 0, 6, 3, 1, 5, 7, 4).reshape(2, npad, kp)
-    plus, minus = bits[0], bits[1]
-    assert int((plus & minus).sum()) == 0, "a weight is both +1 and -1"
-    return (plus - minus)[:n, :k], (plus - minus)[n:].abs().sum() + (plus - minus)[:, k:].abs().sum()
-
-
-@pytest.mark.parametrize("n,k", [(19, 300), (16, 256), (130, 1000), (1, 1)])
-def test_bitplane_tiles_round_trip(n, k):
-    gen = torch.Generator().manual_seed(n * 7919 + k)
-    values = random_values(1.58, n, k, gen)
-    packed = pack_weight(values, torch.tensor([1.0]), 1.58)
-    words = layout.bitplane_tiles(packed)
-    assert words.dtype == torch.int32
-    assert words.numel() == layout.padded_n(n) // 16 * (layout.padded_k_planes(k) // 256) * 256
-    got, padding = read_back_planes(words, n, k)
-    assert torch.equal(got, values.to(torch.int64))
-    assert int(padding) == 0, "padded rows / inputs must hold no weight"
-
-
-def test_bitplane_tiles_rejects_other_formats():
-    packed = pack_weight(random_values(2, 4, 8, torch.Generator().manual_seed(0)), torch.tensor([1.0]), 2)
-    with pytest.raises(ValueError, match="ternary"):
-        layout.bitplane_tiles(packed)
