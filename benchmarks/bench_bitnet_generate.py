@@ -292,8 +292,6 @@ def main(argv=None) -> int:
     ap.add_argument("--gemm-past-16", action="store_true",
                     help="also run batches > 16 as before the wide cluster GEMV: the GEMM past 16 tokens "
                          "(BITLAB_CUDA_GEMV=oneshot) and norm-side quantization up to 16 tokens")
-    ap.add_argument("--l2-prefetch", action="store_true",
-                    help="also run with each next layer's weights and KV cache prefetched into L2 (side stream)")
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of a batch-1 decode step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test the script with --tiny")
@@ -365,21 +363,6 @@ def main(argv=None) -> int:
         _free(device)
         for layer, f in zip(layers, fused):
             layer.fused_mlp = f
-    if args.l2_prefetch and device.type == "cuda":
-        # the same model and bindings; each decode step asks the L2 for the next layer's weights and KV cache
-        result["l2_prefetch"] = model.enable_l2_prefetch(True)
-        print(f"L2 prefetch: {result['l2_prefetch']}", flush=True)
-        gen_p = Generator(model, compile=not args.no_compile, bind=False)
-        result["runs"]["bitlab_l2_prefetch"] = run_batches("bitlab_l2_prefetch", gen_p, batches, args, cfg.vocab_size)
-        del gen_p
-        _free(device)
-        result["l2_prefetch_in_chain"] = model.enable_l2_prefetch(True, in_chain=True)
-        gen_p = Generator(model, compile=not args.no_compile, bind=False)
-        result["runs"]["bitlab_l2_prefetch_chain"] = run_batches("bitlab_l2_prefetch_chain", gen_p, batches, args,
-                                                                 cfg.vocab_size)
-        del gen_p
-        _free(device)
-        model.enable_l2_prefetch(False)
     for bits in args.lm_head_bits:
         result.setdefault("quantized_lm_head", {})[bits] = head_agreement(model, bits, cfg.vocab_size, args.seed)
         gen_h = Generator(model, compile=not args.no_compile, bind=False)  # the head bound above
@@ -485,9 +468,6 @@ def write_report(result: dict, out_dir: Path) -> None:
     ]
     names = {
         "bitlab_separate_mlp": "each MLP as three kernels (GEMV, norm + quantization, GEMV) instead of one",
-        "bitlab_l2_prefetch": "each decode step asks the L2 for the next layer's weights and KV cache on a side "
-                              "stream (BitNetForCausalLM.enable_l2_prefetch)",
-        "bitlab_l2_prefetch_chain": "the same prefetch as a link of the kernel chain (programmatic dependent)",
         "bitlab_unfused_attn": "one-token attention through the compiled torch path instead of cuda_ext's kernel",
         "bitlab_gemm_past16": "batches past 16 as before the wide cluster GEMV: the GEMM past 16 tokens and "
                               "norm-side quantization up to 16 tokens",

@@ -9,8 +9,6 @@
   (:mod:`backends.cuda_ext.decode_attention`);
 * ``bitlab::cuda_ext_bitnet_mlp``: BitNet's MLP for up to 8 tokens in one kernel
   (:mod:`backends.cuda_ext.bitnet_mlp`);
-* ``bitlab::cuda_ext_prefetch_l2``: request tensors' bytes into the L2 cache (fire and forget;
-  :mod:`backends.cuda_ext.l2_prefetch`);
 * ``bitlab::cuda_ext_gather_host_rows``: rows of a pinned host table gathered by GPU indices (an embedding
   kept off the GPU, :mod:`backends.cuda_ext.host_embedding`).
 

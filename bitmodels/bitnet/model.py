@@ -39,7 +39,6 @@ from bitmodels.bitnet.bindings import (
     bind_group,
     bind_quantized_dense,
     device_bytes,
-    tensors_in,
 )
 from bitmodels.bitnet.config import BitNetConfig
 from bitmodels.bitnet.ops import CompiledOps, Ops, compiled_ops, rms_norm, rotary_table, use_fused_norm_quant
@@ -113,8 +112,6 @@ class BitNetDecoderLayer(nn.Module):
         self.quantized_inputs = False
         # BitNet's whole MLP as one cuda_ext kernel for a few tokens (prepare_for_inference(fused_mlp=True)).
         self.fused_mlp = None
-        # Distinct device storages of the bound weights, requested into L2 ahead of the layer (enable_l2_prefetch).
-        self.prefetch_tensors = []
 
     def _mlp(self, x, ops, quantize: bool) -> torch.Tensor:
         """``down_proj(ffn_sub_norm(relu(gate_proj(x))**2 * up_proj(x)))``: one kernel where the fused MLP
@@ -191,10 +188,6 @@ class BitNetForCausalLM(nn.Module):
         self.head_binding: Optional[PreparedLinear] = None
         # The embedding table in pinned host memory, looked up by the GPU (offload_embedding), else None.
         self.host_embedding = None
-        # Decode steps request each next layer's weights and KV cache into L2 on a side stream
-        # (enable_l2_prefetch); l2_prefetch says whether and why not.
-        self.l2_prefetcher = None
-        self.l2_prefetch = "off"
 
     # ---------------------------------------------------------------- forward
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype):
@@ -236,58 +229,15 @@ class BitNetForCausalLM(nn.Module):
         small = B * T <= self.quantize_in_norms_max_tokens
         x = ops.norm_input(h, layers[0].input_layernorm.weight, self.config.rms_norm_eps,
                            small and layers[0].quantized_inputs)
-        prefetcher = self.l2_prefetcher if (small and cache is not None and h.is_cuda) else None
         for i, layer in enumerate(layers):
-            if prefetcher is not None:
-                self._prefetch_ahead(prefetcher, i, cache)
             last = i + 1 == len(layers)
             nxt = self.model.norm.weight if last else layers[i + 1].input_layernorm.weight
             kc, vc = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
             h, x = layer(h, x, nxt, ops, cos, sin, kc, vc, slots, mask,
                          small and not last and layers[i + 1].quantized_inputs, small)
-        if prefetcher is not None:
-            prefetcher.join()
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x) if self.head_binding is None else self.head_binding(x)
-
-    def _prefetch_ahead(self, prefetcher, i: int, cache) -> None:
-        """At layer i of a decode step: the next layer's weights and KV cache into L2 (layers 0 and 1 at i = 0,
-        since the lm_head of the step before has flushed the L2)."""
-        layers = self.model.layers
-        ahead = [j for j in ((0, 1) if i == 0 else (i + 1,)) if j < len(layers)]
-        tensors = [t for j in ahead for t in layers[j].prefetch_tensors]
-        prefetcher.prefetch(tensors + [c[j] for j in ahead for c in (cache.k, cache.v)])
-
-    def enable_l2_prefetch(self, enabled: bool = True, in_chain: bool = False) -> str:
-        """Decode steps (at most ``quantize_in_norms_max_tokens`` tokens, with a KV cache) ask the L2 for each
-        next layer's prepared weights and KV cache while the current layer runs (cuda_ext's prefetch kernel on a
-        side stream, :mod:`backends.cuda_ext.l2_prefetch`).  Call after :meth:`prepare_for_inference`.
-        Returns (and keeps in ``self.l2_prefetch``) what runs, or why it does not."""
-        self.l2_prefetcher = None
-        if not enabled:
-            self.l2_prefetch = "off"
-            return self.l2_prefetch
-        device = self.compute_device
-        if device.type != "cuda":
-            self.l2_prefetch = f"off (the model is on {device}, not a CUDA device)"
-            return self.l2_prefetch
-        from backends.cuda_ext import ops as cuda_ops
-
-        status = cuda_ops.availability()
-        if not status:
-            self.l2_prefetch = f"off (cuda_ext unavailable: {status.reason})"
-            return self.l2_prefetch
-        from backends.cuda_ext.l2_prefetch import L2Prefetcher, distinct_storages
-
-        for layer in self.model.layers:
-            bound = [(b.prepared, b.bias) for b in layer.bound.values()]
-            layer.prefetch_tensors = distinct_storages([*tensors_in(bound), *tensors_in(layer.fused_mlp)])
-        self.l2_prefetcher = L2Prefetcher(device, in_chain)
-        per_layer = sum(t.numel() for t in self.model.layers[0].prefetch_tensors) / 2**20
-        where = "in the kernel chain" if in_chain else "on a side stream"
-        self.l2_prefetch = f"cuda_ext (next layer's weights, {per_layer:.1f} MiB, and KV cache into L2 {where})"
-        return self.l2_prefetch
 
     # ------------------------------------------------------------ checkpoints
     @classmethod

@@ -473,23 +473,6 @@ at::Tensor cuda_ext_gather_host_rows(const at::Tensor& table, const at::Tensor& 
   return out;
 }
 
-// Bring the tensors' bytes into the L2 cache (prefetch_l2.cu), on the current stream; returns at once.
-void cuda_ext_prefetch_l2(const std::vector<at::Tensor>& tensors, bool in_chain) {
-  bitlab::PrefetchL2Args a{};
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for (const at::Tensor& t : tensors) {
-    TORCH_CHECK(t.is_cuda(), "cuda_ext_prefetch_l2: tensors must be on a CUDA device, got one on ", t.device());
-    if (t.numel() == 0) continue;
-    a.ptr[a.count] = t.data_ptr();
-    a.bytes[a.count] = static_cast<long long>(t.numel()) * t.element_size();
-    if (++a.count == bitlab::kPrefetchMaxRanges) {
-      check_cuda(bitlab::launch_prefetch_l2(a, in_chain, stream), "L2 prefetch kernel");
-      a.count = 0;
-    }
-  }
-  check_cuda(bitlab::launch_prefetch_l2(a, in_chain, stream), "L2 prefetch kernel");
-}
-
 TORCH_LIBRARY_FRAGMENT(bitlab, m) {
   m.def(
       "cuda_ext_bitnet_mlp(Tensor xq, Tensor x_scale, Tensor gate_wq, Tensor up_wq, Tensor down_wq, "
@@ -500,7 +483,6 @@ TORCH_LIBRARY_FRAGMENT(bitlab, m) {
       "cuda_ext_decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
       "Tensor(b!) v_cache, Tensor slot, Tensor mask, float scale) -> Tensor");
   m.def("cuda_ext_gather_host_rows(Tensor table, Tensor ids) -> Tensor");
-  m.def("cuda_ext_prefetch_l2(Tensor[] tensors, bool in_chain) -> ()");
   m.def("cuda_ext_rms_norm_quant(Tensor a, Tensor? b, Tensor weight, float eps, int mode) -> (Tensor, Tensor, Tensor)");
   m.def(
       "cuda_ext_linear_int8(Tensor xq, Tensor x_scale, Tensor wq, Tensor w_scale, Tensor? bias, int fmt, "
@@ -517,7 +499,6 @@ TORCH_LIBRARY_IMPL(bitlab, CUDA, m) {
   m.impl("cuda_ext_decode_attention", &cuda_ext_decode_attention);
   m.impl("cuda_ext_bitnet_mlp", &cuda_ext_bitnet_mlp);
   m.impl("cuda_ext_gather_host_rows", &cuda_ext_gather_host_rows);
-  m.impl("cuda_ext_prefetch_l2", &cuda_ext_prefetch_l2);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "BitLab cuda_ext kernels (op: torch.ops.bitlab.cuda_ext_linear)"; }

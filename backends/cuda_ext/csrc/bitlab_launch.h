@@ -187,16 +187,6 @@ cudaError_t launch_bitnet_mlp(const BitnetMlpArgs& args, cudaStream_t stream);
 // of either type stage the same bytes.
 bool wide_gemv_runs(int M, int nchunks, bool int8_activations);
 
-// prefetch_l2.cu: ask the L2 for up to kPrefetchMaxRanges byte ranges (device memory), fire and forget.
-constexpr int kPrefetchMaxRanges = 16;
-struct PrefetchL2Args {
-  const void* ptr[kPrefetchMaxRanges];
-  long long bytes[kPrefetchMaxRanges];
-  int count;
-};
-// in_chain: a programmatic dependent of the kernel before it that completes after it (sm_90).
-cudaError_t launch_prefetch_l2(const PrefetchL2Args& args, bool in_chain, cudaStream_t stream);
-
 // host_gather.cu: out[i] = table[ids[i]] for count indices; table is pinned host memory (its device-mapped
 // address), rows of row_bytes bytes (even); the kernel traps on an index outside [0, rows).
 cudaError_t launch_gather_host_rows(const void* table, const int64_t* ids, int64_t count, int64_t rows,

@@ -516,32 +516,3 @@ def test_fused_mlp_generation_is_used_and_replays_deterministically(cuda_device)
         model.prepare_for_inference(cuda_device, fused_mlp=False)
         want = model(ids[:, :1]).float()
     assert ((logits - want).norm() / want.norm()).item() < 2e-2
-
-
-def test_l2_prefetch_on_cpu_says_why_not():
-    model = _model(seed=19)
-    Generator(model)
-    assert model.enable_l2_prefetch(True).startswith("off (the model is on cpu")
-    assert model.l2_prefetcher is None
-
-
-@pytest.mark.gpu
-def test_l2_prefetch_changes_no_token_and_replays(cuda_device):
-    """The prefetch only asks the L2 for bytes: greedy tokens are those without it, eager and in a graph."""
-    from backends.cuda_ext import ops as cuda_ops
-
-    if not cuda_ops.availability():
-        pytest.skip("needs cuda_ext")
-    model = _model(seed=20, hidden_size=256, intermediate_size=688, num_attention_heads=4,
-                   num_key_value_heads=2, num_hidden_layers=3).to(cuda_device, torch.bfloat16)
-    prompts = _prompts(20, (5, 9))
-    want = Generator(model, cuda_graph=True).generate(prompts, 12, stop_token_ids=[]).tokens
-    for in_chain in (False, True):
-        assert model.enable_l2_prefetch(True, in_chain).startswith("cuda_ext (next layer's weights")
-        assert all(layer.prefetch_tensors for layer in model.model.layers)
-        for cuda_graph in (False, True):
-            gen = Generator(model, cuda_graph=cuda_graph, bind=False)
-            assert gen.generate(prompts, 12, stop_token_ids=[]).tokens == want, (in_chain, cuda_graph)
-            assert gen.generate(prompts, 12, stop_token_ids=[]).tokens == want, (in_chain, cuda_graph)
-    model.enable_l2_prefetch(False)
-    assert model.l2_prefetcher is None and model.l2_prefetch == "off"
