@@ -3,8 +3,8 @@
 
 For each batch: cuda_ext's one-token attention kernel (rotary + cache write + grouped-query attention,
 then ``attn_sub_norm`` + int8 quantization, as :class:`bitmodels.bitnet.ops.FusedDecodeAttentionOps`
-runs it) with its default cluster size and with the cluster capped at 8 / 4 / 2 / 1 blocks
-(``BITLAB_ATTN_MAX_CLUSTER``, read at every launch), against the torch path of the same step
+runs it) with its launch rule, with chunks of head_dim keys forced (``BITLAB_ATTN_KEYS=full``) and with the
+cluster capped at 8 / 4 / 3 / 2 / 1 blocks (``BITLAB_ATTN_MAX_CLUSTER``; both read at every launch), against the torch path of the same step
 (:func:`bitmodels.bitnet.ops.attention`: rotary, ``index_copy`` cache writes, grouped matmuls, softmax,
 norm), eager and, with ``--compile``, through ``torch.compile`` as the generation engine runs it.
 Timing: CUDA-graph replay over 30 layers' caches (rotating; together larger than L2), median per layer
@@ -32,7 +32,12 @@ from gpu_timing import time_graph  # noqa: E402
 import bitmodels.bitnet.ops as bitnet_ops  # noqa: E402
 from bitmodels.bitnet.ops import FusedDecodeAttentionOps, Ops, compiled_ops, rotary_table, use_fused_norm_quant  # noqa: E402,E501
 
-CAPS = {"fused": None, "fused_c8": "8", "fused_c4": "4", "fused_c3": "3", "fused_c2": "2", "fused_c1": "1"}
+# The fused kernel's variants: environment of each (read at every launch).  `fused` = the launch rule;
+# `fused_full` = chunks of head_dim keys forced (the rule before chunks of head_dim / 2 keys); `fused_cN` =
+# the cluster capped at N blocks.
+VARIANTS = {"fused": {}, "fused_full": {"BITLAB_ATTN_KEYS": "full"},
+            **{f"fused_c{n}": {"BITLAB_ATTN_MAX_CLUSTER": str(n)} for n in (8, 4, 3, 2, 1)}}
+KNOBS = ("BITLAB_ATTN_KEYS", "BITLAB_ATTN_MAX_CLUSTER")
 
 
 def make_layers(batch, layers, heads, kv_heads, dim, seq, dtype, gen):
@@ -69,17 +74,17 @@ def measure(batch, args, dtype) -> dict:
     fused = FusedDecodeAttentionOps(Ops()).attention
     row = {"batch": batch}
     ref = step(Ops.attention, 0)
-    for name, fn in list(paths.items()) + [(c, fused) for c in CAPS]:
-        cap = CAPS.get(name)
-        os.environ.pop("BITLAB_ATTN_MAX_CLUSTER", None)
-        if cap is not None:
-            os.environ["BITLAB_ATTN_MAX_CLUSTER"] = cap
+    for name, fn in list(paths.items()) + [(c, fused) for c in VARIANTS]:
+        for knob in KNOBS:
+            os.environ.pop(knob, None)
+        os.environ.update(VARIANTS.get(name, {}))
         out = step(fn, 0)
         deq = lambda a: a.q.float() * a.scale  # noqa: E731  (scale [..., 1])
         err = float((deq(out) - deq(ref)).norm() / deq(ref).norm())
         row[name] = time_graph([functools.partial(step, fn, i) for i in range(args.layers)])["median_us"]
         row[name + "_rel_err"] = err
-    os.environ.pop("BITLAB_ATTN_MAX_CLUSTER", None)
+    for knob in KNOBS:
+        os.environ.pop(knob, None)
     print(json.dumps({key: round(val, 4) if isinstance(val, float) else val for key, val in row.items()}), flush=True)
     del caches
     torch.cuda.empty_cache()
@@ -93,7 +98,9 @@ def markdown(meta, rows, names) -> str:
         f"CUDA-graph replay over {meta['layers']} layers' caches of {meta['seq']} positions (attending "
         f"{meta['position'] + 1}), median us per layer, {meta['dtype']}, attn_sub_norm + int8 quantization included "
         f"(run by {meta['norm']}); "
-        f"torch {meta['torch']}, {meta['date']}.  `fused` = cuda_ext kernel with its default cluster size, "
+        f"torch {meta['torch']}, {meta['date']}.  `fused` = cuda_ext kernel with its launch rule (chunks of head_dim / 2 keys where one wave holds a "
+        "block for each, else head_dim keys; clusters of up to 16 / 8 blocks), "
+        "`fused_full` = chunks of head_dim keys forced (BITLAB_ATTN_KEYS=full), "
         "`fused_cN` = cluster capped at N blocks (before the kernel's rounding to a power of two where the "
         "cluster does not cover every key chunk: 3 runs as 2 there); fastest in bold.",
         "",
@@ -149,7 +156,7 @@ def main(argv=None) -> int:
     bitnet_ops.FUSED_ATTENTION_MAX_BATCH = max(args.batches)  # the kernel at every batch here
     norm = use_fused_norm_quant("cuda")  # attn_sub_norm + quantization on cuda_ext's kernel, as in the model
     rows = [measure(b, args, dtype) for b in args.batches]
-    names = ["torch"] + list(CAPS)
+    names = ["torch"] + list(VARIANTS)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers, "norm": norm,
             "seq": args.seq, "position": args.position, "dtype": args.dtype,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -310,27 +310,6 @@ cudaError_t configure_gemv_cluster() {
   return status;
 }
 
-// Launch configuration of the cluster GEMV: `slices` blocks per cluster along x; room for one more
-// attribute (dependent launch) after the cluster dimension.
-struct ClusterLaunch {
-  cudaLaunchConfig_t cfg;
-  cudaLaunchAttribute attr[2];
-  ClusterLaunch(dim3 grid, int slices, int smem_bytes, cudaStream_t stream, int threads = 32 * kClusterWarps)
-      : cfg{}, attr{} {
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(threads);
-    cfg.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
-    cfg.stream = stream;
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = slices;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-  }
-  ClusterLaunch(const ClusterLaunch&) = delete;  // cfg.attrs points into this object
-};
-
 template <int FMT, typename X, int MT, int NT, int TS = 1>
 int cluster_gemv_capacity(int slices, int smem_bytes) {
   static int cached_smem[kClusterMaxSlices + 1] = {}, cached[kClusterMaxSlices + 1] = {};

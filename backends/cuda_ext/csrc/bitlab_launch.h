@@ -42,6 +42,26 @@ inline bool env_is(const char* name, const char* value) {
   return env && std::strcmp(env, value) == 0;
 }
 
+// Launch configuration of a kernel with thread-block clusters: `cluster` blocks per cluster along x; room
+// for one more attribute (dependent launch) after the cluster dimension.
+struct ClusterLaunch {
+  cudaLaunchConfig_t cfg;
+  cudaLaunchAttribute attr[2];
+  ClusterLaunch(dim3 grid, int cluster, int smem_bytes, cudaStream_t stream, int threads) : cfg{}, attr{} {
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+    cfg.stream = stream;
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = cluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;  // cfg.attrs points into this object
+};
+
 enum OutDtype { kDtypeFloat = 0, kDtypeHalf = 1, kDtypeBFloat16 = 2 };
 enum Epilogue { kEpilogueNone = 0, kEpilogueRelu = 1, kEpilogueRelu2 = 2 };
 

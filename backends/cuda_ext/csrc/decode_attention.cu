@@ -2,21 +2,26 @@
 // write, in one kernel (sm_90: thread-block clusters).
 //
 // Replaces, per layer and step, the rotary kernels, the cache writes, the score / softmax / value
-// kernels and the split combine of the unfused path.  One cluster of C blocks (C = min(8, key
-// chunks)) per (row b, KV head h), 2 D threads per block; block r of the cluster takes the chunks of
-// D keys r, r + C, ... up to the new token at `slot` (later keys are never attended in decode):
+// kernels and the split combine of the unfused path.  One cluster of C blocks per (row b, KV head h),
+// 2 D threads per block; a chunk is KEYS = D keys (TPK = 2 threads per key, C <= 8) or, where one wave
+// holds a block for every chunk of D / 2 keys, KEYS = D / 2 (TPK = 4, C <= 16: a non-portable cluster
+// size); block r of the cluster takes the chunks r, r + C, ... up to the new token at `slot` (later keys
+// are never attended in decode):
 //
-//   0. a chunk's global loads are issued together: each thread pair's key half-rows, each warp's
-//      16 value rows (D / 32 dimensions per lane); they do not depend on `slot`, so the first chunk's
-//      loads leave with the rotary inputs and `slot` itself (one round trip); the next chunk's keys
-//      are loaded while this chunk's softmax and values run;
+//   0. a chunk's global loads are issued together: each thread's part of its key row, each warp's
+//      KEYS / 8 value rows (D / 32 dimensions per lane); they do not depend on `slot`, so the first
+//      chunk's loads leave with the rotary inputs and `slot` itself (one round trip); the next chunk's
+//      keys are loaded while this chunk's softmax and values run;
 //   1. rotate the G = H / KVH queries and the new key (float32, rounded to T as the cache stores it);
 //      block 0 writes the new key and value at `slot`; every block uses them from shared memory there;
-//   2. scores: two threads per key (each half of D), q . k in float32 (queries pre-scaled);
+//   2. scores: TPK threads per key (each a D / TPK part), q . k in float32 (queries pre-scaled);
 //   3. online softmax across the block's chunks (running max m and sum l per head);
-//   4. acc = sum p v: each warp over its 16 keys of the chunk, rescaled when m grows;
+//   4. acc = sum p v: each warp over its keys of the chunk, rescaled when m grows;
 //   5. the block's warps sum acc in shared memory; block 0 of the cluster reads every block's
 //      (m, l, acc) through distributed shared memory, merges and writes out [B, H * D] in T.
+//
+// Half chunks at batch 1 of BitNet 2B (640 positions: 10 blocks of 64 keys per KV head instead of 5 of
+// 128): attention + sub-norm 11.62 -> 10.39 us per layer on the H200; equal at 2 and 4 rows (notes v16).
 //
 // It lets the next kernel (attn_sub_norm) launch at its start and, when launched as a programmatic
 // dependent (off by default, bindings.cpp), waits before its first read.
@@ -26,6 +31,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 
 #include "bitlab_cp_async.cuh"
 #include "bitlab_launch.h"
@@ -58,29 +64,32 @@ __device__ __forceinline__ void raw_to_float(const typename RawWords<N * sizeof(
 namespace {
 using namespace attention_detail;
 
-constexpr int kMaxCluster = 8;
+constexpr int kMaxCluster = 16;  // 9-16 blocks only for chunks of D / 2 keys (non-portable cluster sizes)
+constexpr int kMaxPortableCluster = 8;
 
-template <typename T, int D, int G>
+template <typename T, int D, int G, int TPK>
 struct AttentionShared {
-  static constexpr int HALF = D / 2, QP = HALF + 4;  // +4: the two halves on different banks, 16-byte rows
-  float qs[G][2][QP];     // rotated queries times the softmax scale
+  static constexpr int PART = D / TPK, QP = PART + 4;  // +4: the parts on different banks, 16-byte rows
+  float qs[G][TPK][QP];   // rotated queries times the softmax scale
   float kn[D], vn[D];     // the new key (rotated) and value
-  float pr[G][D];         // a chunk's scores, then exp(s - m)
+  float pr[G][2 * D / TPK];  // a chunk's scores, then exp(s - m)
   float m_run[G], l_run[G], alpha[G];
   float acc[G][D];        // the block's sum over its warps (read by block 0 of the cluster)
   float wsum[D / 16][G][D];  // per-warp partial sums before the block sum
   float weight[kMaxCluster][G];
 };
 
-template <typename T, int D, int G>
+// TPK threads per key in the score pass (each a D / TPK part of the row): a chunk is 2 D / TPK keys.
+template <typename T, int D, int G, int TPK>
 __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttentionArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
-  constexpr int NT = 2 * D, KEYS = D, HALF = D / 2, WARPS = NT / 32, DPL = D / 32, KPW = KEYS / WARPS;
-  constexpr int KU = HALF * sizeof(T) / 16;  // 16-byte loads per half key row
+  constexpr int NT = 2 * D, KEYS = NT / TPK, PART = D / TPK, WARPS = NT / 32, DPL = D / 32, KPW = KEYS / WARPS;
+  constexpr int KU = PART * sizeof(T) / 16;  // 16-byte loads per part of a key row
   using VRaw = typename RawWords<DPL * sizeof(T)>::type;
-  using Shared = AttentionShared<T, D, G>;
-  static_assert(KPW == 16, "16 keys per warp in the value pass");
+  using Shared = AttentionShared<T, D, G, TPK>;
+  static_assert(TPK == 2 || TPK == 4, "two or four threads per key");
+  static_assert(KPW * WARPS == KEYS && KU >= 1, "whole keys per warp in the value pass");
   __shared__ __align__(16) Shared sh;
   cg::cluster_group cluster = cg::this_cluster();
   const int C = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
@@ -91,7 +100,7 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
   pdl_wait();
   T* kc = static_cast<T*>(a.k_cache) + static_cast<long>(bh) * a.S * D;
   T* vc = static_cast<T*>(a.v_cache) + static_cast<long>(bh) * a.S * D;
-  const int j = t >> 1, hf = t & 1;  // score pass: key j of the chunk, half hf of its row
+  const int j = t / TPK, hf = t % TPK;  // score pass: key j of the chunk, part hf of its row
 
   uint4 kraw[KU];
   VRaw vraw[KPW];
@@ -102,7 +111,7 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
     const bool kin = k0 + j < a.S;
 #pragma unroll
     for (int u = 0; u < KU; ++u)
-      kraw[u] = kin ? reinterpret_cast<const uint4*>(kc + (k0 + j) * D + hf * HALF)[u] : make_uint4(0, 0, 0, 0);
+      kraw[u] = kin ? reinterpret_cast<const uint4*>(kc + (k0 + j) * D + hf * PART)[u] : make_uint4(0, 0, 0, 0);
     kmask = kin ? a.mask[b * a.mask_row + k0 + j] : 0;
   };
   auto load_values = [&](int c) {
@@ -127,12 +136,13 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
     const T* vx = static_cast<const T*>(a.v) + b * a.v_row + static_cast<long>(h) * D;
     const float c = to_float(static_cast<const T*>(a.cos)[static_cast<long>(b) * D + d]);
     const float sn = to_float(static_cast<const T*>(a.sin)[static_cast<long>(b) * D + d]);
+    constexpr int HALF = D / 2;
     const int pd = d < HALF ? d + HALF : d - HALF;
     const float sign = d < HALF ? -1.f : 1.f;
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       const float r = to_float(q[g * D + d]) * c + sign * to_float(q[g * D + pd]) * sn;
-      sh.qs[g][d / HALF][d % HALF] = to_float(from_float<T>(r)) * a.scale;
+      sh.qs[g][d / PART][d % PART] = to_float(from_float<T>(r)) * a.scale;
     }
     const T knew = from_float<T>(to_float(kx[d]) * c + sign * to_float(kx[pd]) * sn);
     const T vnew = vx[d];
@@ -167,8 +177,8 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
 #pragma unroll
       for (int g = 0; g < G; ++g) s[g] = 0.f;
       if (valid && key == slot) {
-        for (int i = 0; i < HALF; ++i) {
-          const float kv = sh.kn[hf * HALF + i];
+        for (int i = 0; i < PART; ++i) {
+          const float kv = sh.kn[hf * PART + i];
 #pragma unroll
           for (int g = 0; g < G; ++g) s[g] += sh.qs[g][hf][i] * kv;
         }
@@ -186,7 +196,9 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
         }
       }
 #pragma unroll
-      for (int g = 0; g < G; ++g) s[g] += __shfl_xor_sync(0xffffffffu, s[g], 1);
+      for (int o = 1; o < TPK; o <<= 1)
+#pragma unroll
+        for (int g = 0; g < G; ++g) s[g] += __shfl_xor_sync(0xffffffffu, s[g], o);
       if (hf == 0)
 #pragma unroll
         for (int g = 0; g < G; ++g) sh.pr[g][j] = valid ? s[g] : -INFINITY;
@@ -296,46 +308,69 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
 #endif
 }
 
-// Blocks per cluster (key chunks split over the cluster): the most (up to 8 and the chunk count) that
-// keep the grid within one wave of two blocks per multiprocessor, rounded down to a power of two when
+// Blocks per cluster (key chunks split over the cluster): the most (up to max_cluster and the chunk count)
+// that keep the grid within one wave of two blocks per multiprocessor, rounded down to a power of two when
 // the cluster does not cover every chunk, at least 1 (then one block per (row, KV head) walks its chunks
 // alone, no cluster merge).  H100, BitNet 2B heads, 601 keys (5 chunks), attention + sub-norm, us per
 // layer (docs/benchmarks/decode_attention.md): batch 1, 5 blocks 11.5 vs 4 15.2; batch 8, 5 blocks (200)
 // 16.7 vs 4 21.9; batch 16, 2 blocks 28.5 vs 3 (240 blocks, not one wave) 31.5 vs 5 31.4; batch 32, 1 block
 // 41.3 vs 2 41.3 (before, with 5: 92.6 vs 86.8 in the first run, eager norms).
-// BITLAB_ATTN_MAX_CLUSTER=1..8 caps it (read per launch, for benchmarks).
-inline int attention_cluster_size(int rows_x_heads, int chunks) {
+// BITLAB_ATTN_MAX_CLUSTER=1..16 caps it (read per launch, for benchmarks).
+inline int attention_cluster_size(int rows_x_heads, int chunks, int max_cluster) {
   int c = 2 * device_sm_count() / (rows_x_heads > 0 ? rows_x_heads : 1);
   if (const char* env = std::getenv("BITLAB_ATTN_MAX_CLUSTER")) {
     const int cap = std::atoi(env);
     if (cap >= 1 && cap < c) c = cap;
   }
-  c = c < kMaxCluster ? c : kMaxCluster;
+  c = c < max_cluster ? c : max_cluster;
   if (c >= chunks) return chunks;
   int pow2 = 1;
   while (2 * pow2 <= c) pow2 *= 2;
   return pow2;
 }
 
+template <typename T, int D, int G, int TPK>
+cudaError_t launch_decode_attention_tpk(const DecodeAttentionArgs& a, int C, cudaStream_t stream) {
+  ClusterLaunch launch(dim3(a.B * a.KVH * C), C, 0, stream, 2 * D);
+  if (a.pdl && device_has_pdl()) {
+    launch.attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    launch.attr[1].val.programmaticStreamSerializationAllowed = 1;
+    launch.cfg.numAttrs = 2;
+  }
+  return cudaLaunchKernelEx(&launch.cfg, decode_attention_kernel<T, D, G, TPK>, a);
+}
+
+// Whether clusters of C blocks of the half-chunk kernel can be resident (C > 8 is a non-portable size:
+// the kernel must allow it, and the GPU must have C / 2 free multiprocessors in one GPC); cached per C.
+template <typename T, int D, int G>
+bool large_clusters_fit(int C) {
+  static int fits[kMaxCluster + 1] = {};  // 0 unknown, 1 yes, -1 no
+  if (C <= kMaxPortableCluster) return true;
+  if (fits[C] == 0) {
+    auto kernel = decode_attention_kernel<T, D, G, 4>;
+    const ClusterLaunch launch(dim3(C), C, 0, nullptr, 2 * D);
+    int n = 0;
+    const bool ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess &&
+                    cudaOccupancyMaxActiveClusters(&n, kernel, &launch.cfg) == cudaSuccess && n > 0;
+    cudaGetLastError();  // a refused query leaves no error behind for the launch
+    fits[C] = ok ? 1 : -1;
+  }
+  return fits[C] == 1;
+}
+
+// Chunks of D keys (two threads per key) or, where one wave holds a block for every chunk of D / 2 keys
+// and such a cluster fits, chunks of D / 2 keys (four threads per key: half the keys, loads and math per
+// block, up to 16 blocks per cluster).  BITLAB_ATTN_KEYS=full / half forces one (read per launch).
 template <typename T, int D, int G>
 cudaError_t launch_decode_attention_g(const DecodeAttentionArgs& a, cudaStream_t stream) {
-  const int chunks = (a.S + D - 1) / D;
-  const int C = attention_cluster_size(a.B * a.KVH, chunks);
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(a.B * a.KVH * C);
-  cfg.blockDim = dim3(2 * D);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = C;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = a.pdl && device_has_pdl() ? 2 : 1;
-  return cudaLaunchKernelEx(&cfg, decode_attention_kernel<T, D, G>, a);
+  const int rows = a.B * a.KVH;
+  const int chunks = (a.S + D - 1) / D, half_chunks = (a.S + D / 2 - 1) / (D / 2);
+  const char* env = std::getenv("BITLAB_ATTN_KEYS");
+  const bool force_full = env && std::strcmp(env, "full") == 0, force_half = env && std::strcmp(env, "half") == 0;
+  const int C_half = attention_cluster_size(rows, half_chunks, kMaxCluster);
+  const bool half = !force_full && (force_half || C_half == half_chunks) && large_clusters_fit<T, D, G>(C_half);
+  if (half) return launch_decode_attention_tpk<T, D, G, 4>(a, C_half, stream);
+  return launch_decode_attention_tpk<T, D, G, 2>(a, attention_cluster_size(rows, chunks, kMaxPortableCluster), stream);
 }
 
 template <typename T, int D>

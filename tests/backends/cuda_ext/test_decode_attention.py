@@ -48,6 +48,7 @@ def make_inputs(B, H, KVH, D, S, slot, dtype, seed, pads=None):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("keys", [None, "full", "half"])  # the launch rule; chunks of D keys; of D / 2 keys
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,H,KVH,D,S,slot,pads", [
     (1, 20, 5, 128, 640, 511, None),      # BitNet 2B: 5 KV heads of 4 queries, many splits
@@ -59,7 +60,9 @@ def make_inputs(B, H, KVH, D, S, slot, dtype, seed, pads=None):
     (2, 16, 2, 64, 1000, 999, [0, 500]),  # 16 chunks of 64 keys, groups of 8
     (1, 2, 1, 128, 1100, 700, None),      # groups of 2, the blocks past the new token idle
 ])
-def test_matches_reference_and_writes_the_cache(cuda_ext_ops, dtype, B, H, KVH, D, S, slot, pads):
+def test_matches_reference_and_writes_the_cache(cuda_ext_ops, monkeypatch, keys, dtype, B, H, KVH, D, S, slot, pads):
+    if keys:
+        monkeypatch.setenv("BITLAB_ATTN_KEYS", keys)
     inputs = make_inputs(B, H, KVH, D, S, slot, dtype, seed=S + slot, pads=pads)
     q, k, v, cos, sin, k_cache, v_cache, slot_t, mask = inputs
     untouched = k_cache.clone(), v_cache.clone()
@@ -76,10 +79,13 @@ def test_matches_reference_and_writes_the_cache(cuda_ext_ops, dtype, B, H, KVH, 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cap", ["1", "2", "3", "8"])
-def test_cluster_sizes_and_many_rows(cuda_ext_ops, monkeypatch, cap):
+@pytest.mark.parametrize("keys", ["full", "half"])
+@pytest.mark.parametrize("cap", ["1", "2", "3", "8", "12", "16"])
+def test_cluster_sizes_and_many_rows(cuda_ext_ops, monkeypatch, keys, cap):
     # Fewer blocks per cluster than key chunks (each block walks several chunks, the next chunk's keys in
     # flight), one block per (row, KV head) at 1, and the default rule at 64 rows (one block per pair).
+    # Chunks of D keys take at most 8 blocks per cluster, chunks of D / 2 keys up to 16 (non-portable).
+    monkeypatch.setenv("BITLAB_ATTN_KEYS", keys)
     monkeypatch.setenv("BITLAB_ATTN_MAX_CLUSTER", cap)
     for B, H, KVH, D, S, slot, pads in ((2, 20, 5, 128, 1000, 900, [0, 333]), (3, 16, 2, 64, 700, 650, None)):
         q, k, v, cos, sin, k_cache, v_cache, slot_t, mask = make_inputs(B, H, KVH, D, S, slot, torch.bfloat16,
@@ -89,6 +95,7 @@ def test_cluster_sizes_and_many_rows(cuda_ext_ops, monkeypatch, cap):
         assert float((out.float() - ref).norm() / ref.norm()) < 8e-3, (B, cap)
         assert torch.equal(v_cache, ref_v)
     monkeypatch.delenv("BITLAB_ATTN_MAX_CLUSTER")
+    monkeypatch.delenv("BITLAB_ATTN_KEYS")
     q, k, v, cos, sin, k_cache, v_cache, slot_t, mask = make_inputs(64, 20, 5, 128, 640, 600, torch.bfloat16, seed=64)
     ref, _, _ = reference(q, k, v, cos, sin, k_cache.clone(), v_cache.clone(), 600, mask)
     out = fused.decode_attention(q, k, v, cos, sin, k_cache, v_cache, slot_t, mask)
