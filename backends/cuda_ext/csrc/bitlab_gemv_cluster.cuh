@@ -387,11 +387,7 @@ cudaError_t launch_gemv_cluster(const LinearArgs& a, int nchunks, const ClusterG
   // Float path only: as the dependent of the int8 path's quantizer the kernel measured up to 1.5x
   // slower (14336x4096, 16 tokens: 28.5 us, 18.7 launched plainly; docs/backends/cuda_ext_notes.md v6),
   // while on the float path dependent launch helped at every shape (8192x8192 21.4 -> 20.1).
-  if (a.pdl != 0 && sizeof(X) == 2 && device_has_pdl()) {
-    launch.attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    launch.attr[1].val.programmaticStreamSerializationAllowed = 1;
-    launch.cfg.numAttrs = 2;
-  }
+  if (a.pdl != 0 && sizeof(X) == 2 && device_has_pdl()) launch.as_dependent();
   return cudaLaunchKernelEx(&launch.cfg, kernel, a, nchunks, p);
 }
 

@@ -60,6 +60,12 @@ struct ClusterLaunch {
     cfg.numAttrs = 1;
   }
   ClusterLaunch(const ClusterLaunch&) = delete;  // cfg.attrs points into this object
+  // Launch as a programmatic dependent of the stream's previous kernel (the caller checks the device has it).
+  void as_dependent() {
+    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[1].val.programmaticStreamSerializationAllowed = 1;
+    cfg.numAttrs = 2;
+  }
 };
 
 enum OutDtype { kDtypeFloat = 0, kDtypeHalf = 1, kDtypeBFloat16 = 2 };

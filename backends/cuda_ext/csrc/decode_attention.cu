@@ -31,7 +31,6 @@
 
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
 
 #include "bitlab_cp_async.cuh"
 #include "bitlab_launch.h"
@@ -332,11 +331,7 @@ inline int attention_cluster_size(int rows_x_heads, int chunks, int max_cluster)
 template <typename T, int D, int G, int TPK>
 cudaError_t launch_decode_attention_tpk(const DecodeAttentionArgs& a, int C, cudaStream_t stream) {
   ClusterLaunch launch(dim3(a.B * a.KVH * C), C, 0, stream, 2 * D);
-  if (a.pdl && device_has_pdl()) {
-    launch.attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    launch.attr[1].val.programmaticStreamSerializationAllowed = 1;
-    launch.cfg.numAttrs = 2;
-  }
+  if (a.pdl && device_has_pdl()) launch.as_dependent();
   return cudaLaunchKernelEx(&launch.cfg, decode_attention_kernel<T, D, G, TPK>, a);
 }
 
@@ -365,8 +360,7 @@ template <typename T, int D, int G>
 cudaError_t launch_decode_attention_g(const DecodeAttentionArgs& a, cudaStream_t stream) {
   const int rows = a.B * a.KVH;
   const int chunks = (a.S + D - 1) / D, half_chunks = (a.S + D / 2 - 1) / (D / 2);
-  const char* env = std::getenv("BITLAB_ATTN_KEYS");
-  const bool force_full = env && std::strcmp(env, "full") == 0, force_half = env && std::strcmp(env, "half") == 0;
+  const bool force_full = env_is("BITLAB_ATTN_KEYS", "full"), force_half = env_is("BITLAB_ATTN_KEYS", "half");
   const int C_half = attention_cluster_size(rows, half_chunks, kMaxCluster);
   const bool half = !force_full && (force_half || C_half == half_chunks) && large_clusters_fit<T, D, G>(C_half);
   if (half) return launch_decode_attention_tpk<T, D, G, 4>(a, C_half, stream);
