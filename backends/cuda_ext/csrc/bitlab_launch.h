@@ -174,6 +174,7 @@ struct DecodeAttentionArgs {
   int B, H, KVH, D, S;
   float scale;
   int pdl;               // launch as a programmatic dependent of the kernel before it
+  int merge_in_block0;   // set by the launcher: the cluster's merge in block 0 only (BITLAB_ATTN_MERGE=block0)
 };
 cudaError_t launch_decode_attention(const DecodeAttentionArgs& args, cudaStream_t stream);
 

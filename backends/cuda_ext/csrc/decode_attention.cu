@@ -17,8 +17,9 @@
 //   2. scores: TPK threads per key (each a D / TPK part), q . k in float32 (queries pre-scaled);
 //   3. online softmax across the block's chunks (running max m and sum l per head);
 //   4. acc = sum p v: each warp over its keys of the chunk, rescaled when m grows;
-//   5. the block's warps sum acc in shared memory; block 0 of the cluster reads every block's
-//      (m, l, acc) through distributed shared memory, merges and writes out [B, H * D] in T.
+//   5. the block's warps sum acc in shared memory; every block of the cluster reads every block's
+//      (m, l) and, for its slice of the G x D outputs, acc through distributed shared memory, merges
+//      and writes out [B, H * D] in T.
 //
 // Half chunks at batch 1 of BitNet 2B (640 positions: 10 blocks of 64 keys per KV head instead of 5 of
 // 128): attention + sub-norm 11.62 -> 10.39 us per layer on the H200; equal at 2 and 4 rows (notes v16).
@@ -271,8 +272,13 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
     for (int w = 0; w < WARPS; ++w) s += sh.wsum[w][g][d];
     sh.acc[g][d] = s;
   }
-  cluster.sync();  // every block's (m, l, acc) is visible to block 0
-  if (rank == 0) {
+  cluster.sync();  // every block's (m, l, acc) is visible to every block of the cluster
+  // Every block weighs the cluster's partial sums (the same numbers in each), then merges a slice of the
+  // G x D outputs; with merge_in_block0 block 0 merges all of them (one block's threads then make every
+  // distributed-shared-memory read: G x D x C).
+  const int per = a.merge_in_block0 ? G * D : (G * D + C - 1) / C;
+  const int lo = a.merge_in_block0 ? 0 : rank * per;
+  if (lo < G * D) {
     if (t < G) {
       float M = -INFINITY, ms[kMaxCluster], ls[kMaxCluster];
 #pragma unroll
@@ -294,14 +300,17 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
     }
     __syncthreads();
     T* out = static_cast<T*>(a.out) + static_cast<long>(b) * a.H * D + static_cast<long>(h) * G * D;
-    for (int idx = t; idx < G * D; idx += NT) {
+    const int hi = lo + per < G * D ? lo + per : G * D;
+    for (int idx = lo + t; idx < hi; idx += NT) {
       const int g = idx / D, d = idx % D;
-      float v = 0.f;
-      for (int r = 0; r < C; ++r) v += cluster.map_shared_rank(&sh, r)->acc[g][d] * sh.weight[r][g];
+      float v = 0.f;  // summed over r in order, as before: the same output wherever it is merged
+#pragma unroll
+      for (int r = 0; r < kMaxCluster; ++r)
+        if (r < C) v += cluster.map_shared_rank(&sh, r)->acc[g][d] * sh.weight[r][g];
       out[idx] = from_float<T>(v);
     }
   }
-  cluster.sync();  // the other blocks' shared memory stays alive until block 0 has read it
+  cluster.sync();  // every block's shared memory stays alive until the others have read it
 #else
   __trap();  // sm_90 only (launch_decode_attention checks the device)
 #endif
@@ -329,7 +338,9 @@ inline int attention_cluster_size(int rows_x_heads, int chunks, int max_cluster)
 }
 
 template <typename T, int D, int G, int TPK>
-cudaError_t launch_decode_attention_tpk(const DecodeAttentionArgs& a, int C, cudaStream_t stream) {
+cudaError_t launch_decode_attention_tpk(const DecodeAttentionArgs& args, int C, cudaStream_t stream) {
+  DecodeAttentionArgs a = args;
+  a.merge_in_block0 = env_is("BITLAB_ATTN_MERGE", "block0");  // for A/B timing (read per launch)
   ClusterLaunch launch(dim3(a.B * a.KVH * C), C, 0, stream, 2 * D);
   if (a.pdl && device_has_pdl()) launch.as_dependent();
   return cudaLaunchKernelEx(&launch.cfg, decode_attention_kernel<T, D, G, TPK>, a);

@@ -103,6 +103,25 @@ def test_cluster_sizes_and_many_rows(cuda_ext_ops, monkeypatch, keys, cap):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("keys", ["full", "half"])
+def test_merge_spread_over_the_cluster_equals_merge_in_block0(cuda_ext_ops, monkeypatch, keys):
+    # Every block merges a slice of the outputs, in the same order over the cluster's blocks as block 0 alone
+    # would (BITLAB_ATTN_MERGE=block0): the outputs are bit for bit the same.
+    monkeypatch.setenv("BITLAB_ATTN_KEYS", keys)
+    for B, H, KVH, D, S, slot, pads in ((1, 20, 5, 128, 640, 600, None), (3, 16, 2, 64, 700, 650, [0, 5, 300]),
+                                        (2, 8, 8, 64, 200, 150, None)):
+        inputs = make_inputs(B, H, KVH, D, S, slot, torch.bfloat16, seed=B + S, pads=pads)
+        q, k, v, cos, sin, k_cache, v_cache, slot_t, mask = inputs
+        monkeypatch.delenv("BITLAB_ATTN_MERGE", raising=False)
+        spread = fused.decode_attention(q, k, v, cos, sin, k_cache, v_cache, slot_t, mask)
+        monkeypatch.setenv("BITLAB_ATTN_MERGE", "block0")
+        block0 = fused.decode_attention(q, k, v, cos, sin, k_cache, v_cache, slot_t, mask)
+        assert torch.equal(spread, block0), (B, H, KVH, D, S)
+        ref, _, _ = reference(q, k, v, cos, sin, k_cache.clone(), v_cache.clone(), slot, mask)
+        assert float((spread.float() - ref).norm() / ref.norm()) < 8e-3
+
+
+@pytest.mark.gpu
 def test_cuda_graph_replay_follows_the_slot_tensor(cuda_ext_ops):
     B, H, KVH, D, S = 2, 20, 5, 128, 256
     q, k, v, cos, sin, k_cache, v_cache, slot_t, mask = make_inputs(B, H, KVH, D, S, 100, torch.bfloat16, seed=5)
