@@ -203,6 +203,9 @@ struct BitnetMlpArgs {
   void* y;                  // [M, H], dtype
   int M, H, I;
   int pdl;
+  // set by the launcher (read per launch, for A/B timing): a block's down tiles one at a time
+  // (BITLAB_MLP_DOWN=single), its gate/up pair tiles one pair at a time (BITLAB_MLP_GATE_UP=single)
+  int down_tiles_apart, gate_up_apart;
 };
 // Dynamic shared memory the kernel needs for M tokens, or 0 where it cannot run (M out of range,
 // more than 4 tiles of 16 rows per block in either phase, or over the device's shared memory).

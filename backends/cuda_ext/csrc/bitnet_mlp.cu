@@ -14,12 +14,14 @@
 //     that; the host checks one block fits on an empty multiprocessor);
 //   * phase A: block b owns the 16-row pair tiles [b PA / G, (b + 1) PA / G) of gate and up (same
 //     rows), one mbarrier per tile; its 16 warps split each tile's 128-column chunks, meet in shared
-//     memory (partial sums of the M real tokens only, in the down tiles' region before those arrive),
+//     memory (partial sums of the M real tokens only, in the down tiles' region before those arrive;
+//     an even number of pair tiles is taken two pairs at a time),
 //     and write m = T(T(relu(g)^2) * u) to the scratch `mid`;
 //   * grid barrier (a counter that only grows: arrival `old` waits for the next multiple of G);
 //   * every block reads all of `mid`, computes the sub-norm's sums itself (same order in every block,
 //     so the same result) and quantizes the whole row into shared memory;
-//   * phase B: block b owns down tiles [b PB / G, (b + 1) PB / G), already in shared memory.
+//   * phase B: block b owns down tiles [b PB / G, (b + 1) PB / G), already in shared memory (an even
+//     number of them multiplied two at a time).
 // Epilogues round exactly as the separate kernels do (epilogue_store_f, norm_quant.cu); only the
 // sub-norm's sum of squares is added in a different order than norm_quant.cu's.
 #include <cuda_bf16.h>
@@ -121,7 +123,8 @@ __device__ __forceinline__ void copy_in_pieces(unsigned char* dst, const uint32_
 __device__ __forceinline__ int partial_index(int warp, int n, int MT, int lt, int m, int row, int tok, int M) {
   return (((warp * n + lt) * MT + m) * 16 + row) * M + tok;
 }
-template <int MT>
+// Tile lt waits for barriers [lt * BARS, (lt + 1) * BARS) (BARS > 1: tiles of several copies' m-tiles).
+template <int MT, int BARS = 1>
 __device__ __forceinline__ void block_tiles_gemv(const unsigned char* tiles, int n, int C, uint64_t* bars,
                                                  const unsigned char* xs, int pitch, int M, int* part) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -132,7 +135,8 @@ __device__ __forceinline__ void block_tiles_gemv(const unsigned char* tiles, int
     for (int m = 0; m < MT; ++m)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[0][m][0][i] = 0;
-    mbar_wait(&bars[lt], 0);
+#pragma unroll
+    for (int b = 0; b < BARS; ++b) mbar_wait(&bars[lt * BARS + b], 0);
     for (int c = warp; c < C; c += kMlpWarps) {
       uint32_t w[MT][4];
 #pragma unroll
@@ -219,7 +223,12 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
 
   // Phase A: gate and up of the block's pair tiles, then m = relu(g)^2 * u into `mid`.
   int* part_a = reinterpret_cast<int*>(smem + p.off_b);  // the down tiles' region: their copies start later
-  block_tiles_gemv<2>(smem + p.off_a, na, p.C1, bars, xs, p.xp, p.M, part_a);
+  // An even number of pair tiles is multiplied two pairs at a time (the blocks with the most tiles set the
+  // grid barrier's time); partial_index puts the sums where one pair at a time would.
+  if (na % 2 == 0 && !a.gate_up_apart)
+    block_tiles_gemv<4, 2>(smem + p.off_a, na / 2, p.C1, bars, xs, p.xp, p.M, part_a);
+  else
+    block_tiles_gemv<2>(smem + p.off_a, na, p.C1, bars, xs, p.xp, p.M, part_a);
   T* mid = static_cast<T*>(a.mid);
   for (int idx = threadIdx.x; idx < na * 16 * p.M; idx += kMlpThreads) {
     const int tok = idx % p.M, row = (idx / p.M) % 16, lt = idx / (16 * p.M);
@@ -232,7 +241,9 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
     mid[static_cast<long>(tok) * p.I + j] = from_f<T>(relu2_gate<T>(g, u));
   }
 
-  // Grid barrier: every block's m is written.
+  // Grid barrier: every block's m is written.  A block with an even number of down tiles multiplies them
+  // in pairs (two m-tiles per chunk load: the 28 blocks of BitNet 2B with two tiles finish sooner).
+  const bool down_pairs = nb % 2 == 0 && !a.down_tiles_apart;
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
@@ -245,11 +256,13 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
     __threadfence();
   } else if (threadIdx.x == kMlpThreads - 32) {
     // Meanwhile the last warp starts the down tiles' copies: the phase A partials in their region are read.
+    // With down_pairs, tiles 2 k and 2 k + 1 share barrier k (phase B multiplies them together).
     fence_proxy_async_shared();
     for (int i = 0; i < nb; ++i) {
       const long src = static_cast<long>(b0 + i) * p.C2 * kTileChunkWords;
-      mbar_arrive_expect_bytes(&bars[na + i], bytes_b);
-      copy_in_pieces(smem + p.off_b + i * bytes_b, a.down_wq + src, bytes_b, &bars[na + i]);
+      uint64_t* bar = &bars[na + (down_pairs ? i / 2 : i)];
+      if (!down_pairs || i % 2 == 0) mbar_arrive_expect_bytes(bar, (down_pairs ? 2 : 1) * bytes_b);
+      copy_in_pieces(smem + p.off_b + i * bytes_b, a.down_wq + src, bytes_b, bar);
     }
   }
   __syncthreads();
@@ -337,7 +350,11 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
 
   // Phase B: down projection of the quantized m.
   int* part_b = reinterpret_cast<int*>(smem + p.off_a);
-  block_tiles_gemv<1>(smem + p.off_b, nb, p.C2, bars + na, qs, p.qp, p.M, part_b);
+  // (Tiles taken in pairs leave their partial sums where one at a time would: partial_index.)
+  if (down_pairs)
+    block_tiles_gemv<2>(smem + p.off_b, nb / 2, p.C2, bars + na, qs, p.qp, p.M, part_b);
+  else
+    block_tiles_gemv<1>(smem + p.off_b, nb, p.C2, bars + na, qs, p.qp, p.M, part_b);
   T* y = static_cast<T*>(a.y);
   for (int idx = threadIdx.x; idx < nb * 16 * p.M; idx += kMlpThreads) {
     const int tok = idx % p.M, row = (idx / p.M) % 16, lt = idx / (16 * p.M);
@@ -394,8 +411,11 @@ cudaError_t launch_bitnet_mlp(const BitnetMlpArgs& a, cudaStream_t stream) {
   if (d.major < 9) return cudaErrorNotSupported;  // bulk copies and mbarrier transaction counts
   const MlpPlan p = make_plan(a.M, a.H, a.I, 2, d.sms, d.smem_optin);
   if (p.smem == 0) return cudaErrorInvalidValue;
-  if (a.dtype == kDtypeHalf) return launch_typed<__half>(a, p, stream);
-  if (a.dtype == kDtypeBFloat16) return launch_typed<__nv_bfloat16>(a, p, stream);
+  BitnetMlpArgs args = a;
+  args.down_tiles_apart = env_is("BITLAB_MLP_DOWN", "single");  // for A/B timing (read per launch)
+  args.gate_up_apart = env_is("BITLAB_MLP_GATE_UP", "single");
+  if (a.dtype == kDtypeHalf) return launch_typed<__half>(args, p, stream);
+  if (a.dtype == kDtypeBFloat16) return launch_typed<__nv_bfloat16>(args, p, stream);
   return cudaErrorInvalidValue;
 }
 

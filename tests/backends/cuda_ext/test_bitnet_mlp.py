@@ -96,7 +96,8 @@ def random_input(tokens, hidden, gen):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hidden, inter, tokens", [(2560, 6912, 1), (2560, 6912, 3), (2560, 6912, 8), (70, 48, 1),
-                                                    (70, 48, 2), (300, 1040, 5), (129, 4096, 7), (1000, 16, 1)])
+                                                    (70, 48, 2), (300, 1040, 5), (129, 4096, 7), (1000, 16, 1),
+                                                    (8000, 64, 2)])
 def test_matches_the_separate_kernels(cuda_ops, hidden, inter, tokens, dtype):
     gen, seed = fresh_generator()
     gate_up, down = prepared_pair(hidden, inter, gen, torch.device("cuda"))
@@ -116,6 +117,28 @@ def test_matches_the_separate_kernels(cuda_ops, hidden, inter, tokens, dtype):
     assert err < 2e-3, f"relative error {err:.3g} (seed {seed})"
     same = (y == want).float().mean().item()
     assert same > 0.97, f"only {same:.3f} of outputs equal the separate kernels' (seed {seed})"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("knob", ["BITLAB_MLP_DOWN", "BITLAB_MLP_GATE_UP"])
+@pytest.mark.parametrize("hidden, inter, tokens", [(2560, 6912, 1), (2560, 6912, 2), (8000, 64, 2), (256, 4096, 3)])
+def test_tiles_in_pairs_equal_one_at_a_time(cuda_ops, monkeypatch, knob, hidden, inter, tokens):
+    """Blocks with an even number of down tiles (of gate/up pair tiles) multiply them two at a time;
+    BITLAB_MLP_DOWN=single (BITLAB_MLP_GATE_UP=single) takes them one at a time: the same integer sums, so
+    the same m and outputs.  On 132 multiprocessors: 2560 x 6912 has one or two down tiles and three or
+    four pair tiles per block, 8000 x 64 three or four down tiles, 256 x 4096 one or two pair tiles."""
+    gen, seed = fresh_generator()
+    gate_up, down = prepared_pair(hidden, inter, gen, torch.device("cuda"))
+    sub_weight = (torch.rand(inter, generator=gen) + 0.5).bfloat16().cuda()
+    fused = bitnet_mlp.prepare_bitnet_mlp(gate_up, down, sub_weight, 1e-5)
+    xq, xs = random_input(tokens, hidden, gen)
+    pairs = fused(xq, xs).clone()
+    mid = fused.mid[: tokens * inter].clone()
+    monkeypatch.setenv(knob, "single")
+    apart = fused(xq, xs)
+    torch.cuda.synchronize()
+    assert torch.equal(fused.mid[: tokens * inter], mid), f"seed {seed}"
+    assert torch.equal(pairs, apart), f"seed {seed}"
 
 
 @pytest.mark.gpu
