@@ -29,7 +29,7 @@ GROUPS = (1, 2, 4, 8)  # query heads per KV head (csrc/decode_attention.cu insta
 HEAD_DIMS = (64, 128)
 
 
-def _fake(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale):
+def _fake(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale, dependent_launch=False):
     return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
 
 
@@ -89,8 +89,14 @@ def check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot, mask) -> None:
                          f"{tuple(slot.shape)} on {slot.device}")
 
 
-def decode_attention(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale=None) -> torch.Tensor:
-    """``[B, H * D]`` attention output of one new token per row; writes ``k``, ``v`` at ``slot`` (module docstring)."""
+def decode_attention(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale=None,
+                     dependent_launch: bool = False) -> torch.Tensor:
+    """``[B, H * D]`` attention output of one new token per row; writes ``k``, ``v`` at ``slot`` (module docstring).
+
+    ``dependent_launch=True`` promises that the kernel just before this call on the stream does not write
+    the caches (BitNet's q/k/v projection does not): the kernel then launches as its programmatic dependent
+    and starts loading cache rows before it waits for that kernel's q, k, v."""
     check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot, mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return ops._op("cuda_ext_decode_attention")(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale)
+    return ops._op("cuda_ext_decode_attention")(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale,
+                                                bool(dependent_launch))

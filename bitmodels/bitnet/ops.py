@@ -277,7 +277,8 @@ class FusedDecodeAttentionOps:
                                        quantize)
         B = q.shape[0]
         out = fused.decode_attention(q[:, 0], k[:, 0], v[:, 0], cos.reshape(B, -1), sin.reshape(B, -1), k_cache,
-                                     v_cache, slots.reshape(1), mask.reshape(B, -1))
+                                     v_cache, slots.reshape(1), mask.reshape(B, -1),
+                                     dependent_launch=True)  # after the q/k/v projection, which writes no cache
         return self.base.norm_input(out.view(B, 1, -1), sub_norm_weight, eps, quantize)
 
 

@@ -335,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_ext_rms_norm_quant(const at:
 at::Tensor cuda_ext_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
                                      at::Tensor& v_cache, const at::Tensor& slot, const at::Tensor& mask,
-                                     double scale) {
+                                     double scale, bool dependent_launch) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "cuda_ext_decode_attention: q, k, v must be 3-D CUDA tensors");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k.size(1), S = k_cache.size(2);
   TORCH_CHECK(D == 64 || D == 128, "cuda_ext_decode_attention: head_dim ", D, " not 64 or 128");
@@ -364,11 +364,11 @@ at::Tensor cuda_ext_decode_attention(const at::Tensor& q, const at::Tensor& k, c
   a.dtype = dtype_code(q.scalar_type());
   a.B = B; a.H = H; a.KVH = KVH; a.D = D; a.S = S;
   a.scale = static_cast<float>(scale);
-  // Launched as a plain kernel: as a programmatic dependent of the projection before it, BitNet 2B decode
-  // measured 618-641 tokens/s against 639 plain (batch 1), 3991 against 4016 (batch 8).
-  // BITLAB_ATTN_PDL=1 turns it on (read per call; a CUDA graph keeps what its capture saw).
-  const char* pdl = std::getenv("BITLAB_ATTN_PDL");
-  a.pdl = pdl && pdl[0] == '1';
+  // dependent_launch (the caller's promise that the kernel before it on the stream does not write the
+  // caches, as BitNet's q/k/v projection): launched as that kernel's programmatic dependent, the first
+  // chunk's cache loads leave before the wait for q, k, v (decode_attention.cu).  BITLAB_ATTN_PDL=0 launches
+  // it plainly all the same (read per call; a CUDA graph keeps what its capture saw).
+  a.pdl = dependent_launch && !bitlab::env_is("BITLAB_ATTN_PDL", "0");
   check_cuda(bitlab::launch_decode_attention(a, c10::cuda::getCurrentCUDAStream()), "decode_attention kernel");
   return out;
 }
@@ -481,7 +481,7 @@ TORCH_LIBRARY_FRAGMENT(bitlab, m) {
   m.def("cuda_ext_bitnet_mlp_smem(int M, int H, int I, ScalarType dtype) -> int", &cuda_ext_bitnet_mlp_smem);
   m.def(
       "cuda_ext_decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
-      "Tensor(b!) v_cache, Tensor slot, Tensor mask, float scale) -> Tensor");
+      "Tensor(b!) v_cache, Tensor slot, Tensor mask, float scale, bool dependent_launch=False) -> Tensor");
   m.def("cuda_ext_gather_host_rows(Tensor table, Tensor ids) -> Tensor");
   m.def("cuda_ext_rms_norm_quant(Tensor a, Tensor? b, Tensor weight, float eps, int mode) -> (Tensor, Tensor, Tensor)");
   m.def(

@@ -25,7 +25,8 @@
 // 128): attention + sub-norm 11.62 -> 10.39 us per layer on the H200; equal at 2 and 4 rows (notes v16).
 //
 // It lets the next kernel (attn_sub_norm) launch at its start and, when launched as a programmatic
-// dependent (off by default, bindings.cpp), waits before its first read.
+// dependent of the q/k/v projection (bindings.cpp), starts the first chunk's cache loads, which do not
+// depend on that kernel, before it waits.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -97,14 +98,13 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
   const int b = bh / a.KVH, h = bh % a.KVH;
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
   pdl_launch_dependents();
-  pdl_wait();
   T* kc = static_cast<T*>(a.k_cache) + static_cast<long>(bh) * a.S * D;
   T* vc = static_cast<T*>(a.v_cache) + static_cast<long>(bh) * a.S * D;
   const int j = t / TPK, hf = t % TPK;  // score pass: key j of the chunk, part hf of its row
 
   uint4 kraw[KU];
   VRaw vraw[KPW];
-  uint8_t kmask = 0;  // the mask byte of this thread's key, loaded with the key
+  uint8_t kmask = 0;  // the mask byte of this thread's key
   // Loads of chunk c (keys beyond S read as zeros; keys past slot are loaded but never used).
   auto load_keys = [&](int c) {
     const long k0 = static_cast<long>(c) * KEYS;
@@ -112,7 +112,10 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
 #pragma unroll
     for (int u = 0; u < KU; ++u)
       kraw[u] = kin ? reinterpret_cast<const uint4*>(kc + (k0 + j) * D + hf * PART)[u] : make_uint4(0, 0, 0, 0);
-    kmask = kin ? a.mask[b * a.mask_row + k0 + j] : 0;
+  };
+  auto load_mask = [&](int c) {
+    const long key = static_cast<long>(c) * KEYS + j;
+    kmask = key < a.S ? a.mask[b * a.mask_row + key] : 0;
   };
   auto load_values = [&](int c) {
     const long k0 = static_cast<long>(c) * KEYS;
@@ -122,10 +125,17 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
       vraw[i] = kk < a.S ? *reinterpret_cast<const VRaw*>(vc + kk * D + lane * DPL) : VRaw{};
     }
   };
-  if (static_cast<long>(rank) * KEYS < a.S) {
+  // The first chunk's cache rows were written by earlier steps, not by the kernel this one may depend on
+  // (the row at `slot`, written below, is taken from shared memory): their loads leave before the wait
+  // for that kernel's q, k, v (when launched as a programmatic dependent).  The mask may be written in
+  // this step: it is read after the wait.
+  const bool first_chunk = static_cast<long>(rank) * KEYS < a.S;
+  if (first_chunk) {
     load_keys(rank);
     load_values(rank);
   }
+  pdl_wait();
+  if (first_chunk) load_mask(rank);
 
   // 1. rotary (x * cos + rotate_half(x) * sin) of the queries and the new key; cache write.
   const long slot = *a.slot;
@@ -203,7 +213,10 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
 #pragma unroll
         for (int g = 0; g < G; ++g) sh.pr[g][j] = valid ? s[g] : -INFINITY;
     }
-    if (static_cast<long>(c + C) * KEYS <= last) load_keys(c + C);  // in flight during softmax and values
+    if (static_cast<long>(c + C) * KEYS <= last) {  // in flight during softmax and values
+      load_keys(c + C);
+      load_mask(c + C);
+    }
     __syncthreads();
     // 3. online softmax: warp w takes heads w, w + WARPS, ...
     for (int g = warp; g < G; g += WARPS) {

@@ -122,6 +122,45 @@ def test_merge_spread_over_the_cluster_equals_merge_in_block0(cuda_ext_ops, monk
 
 
 @pytest.mark.gpu
+def test_dependent_launch_after_the_projection_equals_a_plain_launch(cuda_ext_ops):
+    # As in the model: a kernel writes the projection output q, k, v are views of, then the attention launches
+    # as its programmatic dependent (its first cache loads before the wait for q, k, v), in a CUDA graph with
+    # new projection outputs each replay.  Same outputs and caches as plain launches.
+    B, H, KVH, D, S, slot = 1, 20, 5, 128, 640, 600
+    q, k, v, cos, sin, k_cache, v_cache, slot_t, mask = make_inputs(B, H, KVH, D, S, slot, torch.bfloat16, seed=11)
+    qkv = q.view(B, -1).as_strided((B, (H + 2 * KVH) * D), (q.stride(0), 1))  # the projection output
+    source = torch.randn_like(qkv)
+    kc0, vc0 = k_cache.clone(), v_cache.clone()
+
+    def step():
+        torch.mul(source, 0.5, out=qkv)  # the "projection": writes q, k, v right before the attention
+        return fused.decode_attention(q, k, v, cos, sin, k_cache, v_cache, slot_t, mask, dependent_launch=True)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for i in range(3):
+        source.copy_(torch.randn_like(source))
+        k_cache.copy_(kc0)
+        v_cache.copy_(vc0)
+        graph.replay()
+        got, kc, vc = out.clone(), k_cache.clone(), v_cache.clone()
+        k_cache.copy_(kc0)
+        v_cache.copy_(vc0)
+        torch.mul(source, 0.5, out=qkv)
+        torch.cuda.synchronize()
+        plain = fused.decode_attention(q, k, v, cos, sin, k_cache, v_cache, slot_t, mask)
+        torch.cuda.synchronize()
+        assert torch.equal(got, plain), i
+        assert torch.equal(kc, k_cache) and torch.equal(vc, v_cache), i
+
+
+@pytest.mark.gpu
 def test_cuda_graph_replay_follows_the_slot_tensor(cuda_ext_ops):
     B, H, KVH, D, S = 2, 20, 5, 128, 256
     q, k, v, cos, sin, k_cache, v_cache, slot_t, mask = make_inputs(B, H, KVH, D, S, 100, torch.bfloat16, seed=5)
