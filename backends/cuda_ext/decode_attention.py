@@ -93,9 +93,10 @@ def decode_attention(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale=None
                      dependent_launch: bool = False) -> torch.Tensor:
     """``[B, H * D]`` attention output of one new token per row; writes ``k``, ``v`` at ``slot`` (module docstring).
 
-    ``dependent_launch=True`` promises that the kernel just before this call on the stream does not write
-    the caches (BitNet's q/k/v projection does not): the kernel then launches as its programmatic dependent
-    and starts loading cache rows before it waits for that kernel's q, k, v."""
+    ``dependent_launch=True`` promises that no kernel that may still run when this one starts writes the
+    caches: neither the kernel just before this call on the stream nor one that kernel lets start before it
+    waits itself (BitNet's q/k/v projection and the norm before it write none).  The kernel then launches as
+    a programmatic dependent and starts loading cache rows before it waits for q, k, v."""
     check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot, mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return ops._op("cuda_ext_decode_attention")(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale,

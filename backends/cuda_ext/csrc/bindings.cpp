@@ -364,8 +364,9 @@ at::Tensor cuda_ext_decode_attention(const at::Tensor& q, const at::Tensor& k, c
   a.dtype = dtype_code(q.scalar_type());
   a.B = B; a.H = H; a.KVH = KVH; a.D = D; a.S = S;
   a.scale = static_cast<float>(scale);
-  // dependent_launch (the caller's promise that the kernel before it on the stream does not write the
-  // caches, as BitNet's q/k/v projection): launched as that kernel's programmatic dependent, the first
+  // dependent_launch (the caller's promise that no kernel still running when this one starts writes the
+  // caches: not the one before it on the stream, nor one that kernel lets start early; BitNet's q/k/v
+  // projection and the norm before it write none): launched as a programmatic dependent, the first
   // chunk's cache loads leave before the wait for q, k, v (decode_attention.cu).  BITLAB_ATTN_PDL=0 launches
   // it plainly all the same (read per call; a CUDA graph keeps what its capture saw).
   a.pdl = dependent_launch && !bitlab::env_is("BITLAB_ATTN_PDL", "0");

@@ -125,10 +125,9 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
       vraw[i] = kk < a.S ? *reinterpret_cast<const VRaw*>(vc + kk * D + lane * DPL) : VRaw{};
     }
   };
-  // The first chunk's cache rows were written by earlier steps, not by the kernel this one may depend on
-  // (the row at `slot`, written below, is taken from shared memory): their loads leave before the wait
-  // for that kernel's q, k, v (when launched as a programmatic dependent).  The mask may be written in
-  // this step: it is read after the wait.
+  // The first chunk's cache rows were written by earlier steps, by no kernel that may still run (the
+  // caller's promise with dependent_launch; the row at `slot`, written below, is taken from shared memory):
+  // their loads leave before the wait for q, k, v.  The mask may be written in this step: read after it.
   const bool first_chunk = static_cast<long>(rank) * KEYS < a.S;
   if (first_chunk) {
     load_keys(rank);
