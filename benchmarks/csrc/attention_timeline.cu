@@ -38,13 +38,13 @@ constexpr long kProjectionBytes = 3840L * 2560 / 4;                // its q/k/v 
 // Reads its weight bytes (before the wait, as the GEMVs prefetch theirs), then writes the q/k/v rows.
 __global__ void projection_kernel(const uint4* weights, long words, const __nv_bfloat16* src, __nv_bfloat16* dst,
                                   int n) {
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  bitlab::pdl_launch_dependents();
   unsigned acc = 0;
   for (long i = blockIdx.x * blockDim.x + threadIdx.x; i < words; i += static_cast<long>(gridDim.x) * blockDim.x) {
     const uint4 w = __ldg(weights + i);
     acc ^= w.x ^ w.y ^ w.z ^ w.w;
   }
-  asm volatile("griddepcontrol.wait;" ::: "memory");
+  bitlab::pdl_wait();
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
     dst[i] = __float2bfloat16(__bfloat162float(src[i]) + (acc == 0x12345678u ? 1e-30f : 0.f));
 }
@@ -110,17 +110,9 @@ int main(int argc, char** argv) {
   CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
   for (int l = 0; l < layers; ++l) {
     const Layer& L = ls[l];
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = 132;
-    cfg.blockDim = 256;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    CHECK(cudaLaunchKernelEx(&cfg, projection_kernel, static_cast<const uint4*>(L.weights),
-                             kProjectionBytes / 16, static_cast<const __nv_bfloat16*>(L.src), L.qkv, B * row));
+    CHECK(bitlab::launch_maybe_pdl(projection_kernel, dim3(bitlab::device_sm_count()), dim3(256), 0, stream, true,
+                                   static_cast<const uint4*>(L.weights), kProjectionBytes / 16,
+                                   static_cast<const __nv_bfloat16*>(L.src), L.qkv, B * row));
     bitlab::DecodeAttentionArgs a{};
     a.q = L.qkv;
     a.k = L.qkv + kHeads * kHeadDim;
