@@ -12,14 +12,7 @@
 #include <cstdlib>
 #include <vector>
 
-#define CHECK(x)                                                                          \
-  do {                                                                                    \
-    cudaError_t e = (x);                                                                  \
-    if (e != cudaSuccess) {                                                               \
-      std::fprintf(stderr, "%s failed: %s (line %d)\n", #x, cudaGetErrorString(e), __LINE__); \
-      std::exit(1);                                                                       \
-    }                                                                                     \
-  } while (0)
+#include "graph_timing.cuh"
 
 __global__ void step_kernel(float* buf, int step) {
 #if __CUDA_ARCH__ >= 900
@@ -89,17 +82,7 @@ int main(int argc, char** argv) {
       }
       CHECK(cudaStreamEndCapture(stream, &graph));
       CHECK(cudaGraphInstantiate(&exec, graph, 0));
-      std::vector<float> ms;
-      for (int r = 0; r < reps; ++r) {
-        CHECK(cudaEventRecord(e0, stream));
-        CHECK(cudaGraphLaunch(exec, stream));
-        CHECK(cudaEventRecord(e1, stream));
-        CHECK(cudaEventSynchronize(e1));
-        float t;
-        CHECK(cudaEventElapsedTime(&t, e0, e1));
-        ms.push_back(t);
-      }
-      std::printf("kernel_boundary %d %d %.4f\n", blocks, pdl, median(ms) * 1000.f / steps);
+      std::printf("kernel_boundary %d %d %.4f\n", blocks, pdl, median_replay_ms(exec, stream, reps) * 1000.f / steps);
       CHECK(cudaGraphExecDestroy(exec));
       CHECK(cudaGraphDestroy(graph));
     }
