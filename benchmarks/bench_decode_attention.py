@@ -36,7 +36,7 @@ from bitmodels.bitnet.ops import FusedDecodeAttentionOps, Ops, compiled_ops, rot
 # `fused_full` = chunks of head_dim keys forced (the rule before chunks of head_dim / 2 keys); `fused_cN` =
 # the cluster capped at N blocks.
 VARIANTS = {"fused": {}, "fused_full": {"BITLAB_ATTN_KEYS": "full"},
-            "fused_merge0": {"BITLAB_ATTN_MERGE": "block0"},
+            "fused_spread": {"BITLAB_ATTN_MERGE": "spread"}, "fused_merge0": {"BITLAB_ATTN_MERGE": "block0"},
             **{f"fused_c{n}": {"BITLAB_ATTN_MAX_CLUSTER": str(n)} for n in (8, 4, 3, 2, 1)}}
 KNOBS = ("BITLAB_ATTN_KEYS", "BITLAB_ATTN_MAX_CLUSTER", "BITLAB_ATTN_MERGE")
 
@@ -102,7 +102,9 @@ def markdown(meta, rows, names) -> str:
         f"torch {meta['torch']}, {meta['date']}.  `fused` = cuda_ext kernel with its launch rule (chunks of head_dim / 2 keys where one wave holds a "
         "block for each, else head_dim keys; clusters of up to 16 / 8 blocks), "
         "`fused_full` = chunks of head_dim keys forced (BITLAB_ATTN_KEYS=full), "
-        "`fused_merge0` = the cluster's merge in its block 0 only (BITLAB_ATTN_MERGE=block0), "
+        "`fused_spread` = each block of the cluster reads its slice of the partial sums from every block after the "
+        "barrier (BITLAB_ATTN_MERGE=spread; `fused` pushes them before it), "
+        "`fused_merge0` = block 0 reads all of them (BITLAB_ATTN_MERGE=block0), "
         "`fused_cN` = cluster capped at N blocks (before the kernel's rounding to a power of two where the "
         "cluster does not cover every key chunk: 3 runs as 2 there); fastest in bold.",
         "",

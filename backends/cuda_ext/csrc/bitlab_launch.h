@@ -174,7 +174,13 @@ struct DecodeAttentionArgs {
   int B, H, KVH, D, S;
   float scale;
   int pdl;               // launch as a programmatic dependent of the kernel before it
-  int merge_in_block0;   // set by the launcher: the cluster's merge in block 0 only (BITLAB_ATTN_MERGE=block0)
+  int merge;             // set by the launcher: kAttentionMergePush, or for A/B (BITLAB_ATTN_MERGE) a pull merge
+};
+// How the blocks of an attention cluster combine their partial sums (decode_attention.cu).
+enum AttentionMerge : int {
+  kAttentionMergePush = 0,    // each block sends its sums for every other block's slice before the barrier
+  kAttentionMergeSpread = 1,  // BITLAB_ATTN_MERGE=spread: each block reads its slice from every block after it
+  kAttentionMergeBlock0 = 2,  // BITLAB_ATTN_MERGE=block0: block 0 reads every output from every block
 };
 cudaError_t launch_decode_attention(const DecodeAttentionArgs& args, cudaStream_t stream);
 

@@ -17,9 +17,10 @@
 //   2. scores: TPK threads per key (each a D / TPK part), q . k in float32 (queries pre-scaled);
 //   3. online softmax across the block's chunks (running max m and sum l per head);
 //   4. acc = sum p v: each warp over its keys of the chunk, rescaled when m grows;
-//   5. the block's warps sum acc in shared memory; every block of the cluster reads every block's
-//      (m, l) and, for its slice of the G x D outputs, acc through distributed shared memory, merges
-//      and writes out [B, H * D] in T.
+//   5. the block's warps sum acc in shared memory; each block stores its (m, l) and its sums for every
+//      slice of the G x D outputs in the shared memory of the block that merges that slice (distributed
+//      shared memory, before the cluster barrier); after it every block merges its slice from its own
+//      shared memory and writes out [B, H * D] in T.
 //
 // Half chunks at batch 1 of BitNet 2B (640 positions: 10 blocks of 64 keys per KV head instead of 5 of
 // 128): attention + sub-norm 11.62 -> 10.39 us per layer on the H200; equal at 2 and 4 rows (notes v16).
@@ -97,13 +98,18 @@ struct AttentionShared {
   float kn[D], vn[D];     // the new key (rotated) and value
   float pr[G][2 * D / TPK];  // a chunk's scores, then exp(s - m)
   float m_run[G], l_run[G], alpha[G];
-  float acc[G][D];        // the block's sum over its warps (read by block 0 of the cluster)
+  float acc[G][D];        // pull merges: the block's sum over its warps (read by the merging blocks)
   float wsum[D / 16][G][D];  // per-warp partial sums before the block sum
   float weight[kMaxCluster][G];
+  // Push merge: every block's sums for this block's slice of the G x D outputs ([C][per]) and (m, l).
+  float gathered[G * D + kMaxCluster];
+  float m_part[kMaxCluster][G], l_part[kMaxCluster][G];
 };
 
 // TPK threads per key in the score pass (each a D / TPK part of the row): a chunk is 2 D / TPK keys.
-template <typename T, int D, int G, int TPK>
+// PUSH: the push merge (below); without it a pull merge, a.merge (for A/B: a kernel of its own, as the pull
+// merge's registers made the push kernel spill).
+template <typename T, int D, int G, int TPK, bool PUSH>
 __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttentionArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
@@ -300,38 +306,57 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
     ATTN_STAMP(6);  // values of the chunk
   }
 
-  // 5. the block's sum over its warps, then block 0 merges the cluster.
+  // 5. the block's sum over its warps, then the cluster's merge: block r merges the slice [r per, (r + 1) per)
+  // of the G x D outputs (block 0 all of them with kAttentionMergeBlock0).  Push: before the cluster barrier,
+  // each block stores its sums for every slice, and its (m, l), in the merging block's shared memory; after it
+  // every block reads only its own, and leaves without a second barrier.  Pull (A/B): each block keeps its
+  // sums, and the merging blocks read them after the barrier through distributed shared memory, one round
+  // trip for (m, l) and one for the sums, then a second barrier keeps every block alive until all have read.
+  // Either way the partial sums are added in the order of r: the outputs are the same bits.
 #pragma unroll
   for (int g = 0; g < G; ++g)
 #pragma unroll
     for (int e = 0; e < DPL; ++e) sh.wsum[warp][g][lane * DPL + e] = acc[g][e];
   __syncthreads();
   ATTN_STAMP(7);  // per-warp sums stored
+  constexpr bool push = PUSH;
+  const int per = a.merge == kAttentionMergeBlock0 ? G * D : (G * D + C - 1) / C;
   for (int idx = t; idx < G * D; idx += NT) {
     const int g = idx / D, d = idx % D;
     float s = 0.f;
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) s += sh.wsum[w][g][d];
-    sh.acc[g][d] = s;
+    if (push) {
+      const int k = idx / per;
+      cluster.map_shared_rank(&sh, k)->gathered[rank * per + idx - k * per] = s;
+    } else {
+      sh.acc[g][d] = s;
+    }
   }
-  cluster.sync();  // every block's (m, l, acc) is visible to every block of the cluster
+  if (push && t < C * G) {
+    Shared* merger = cluster.map_shared_rank(&sh, t / G);
+    merger->m_part[rank][t % G] = sh.m_run[t % G];
+    merger->l_part[rank][t % G] = sh.l_run[t % G];
+  }
+  cluster.sync();  // every block's (m, l) and sums are visible where they are merged
   ATTN_STAMP(8);  // the cluster's partial sums visible
-  // Every block weighs the cluster's partial sums (the same numbers in each), then merges a slice of the
-  // G x D outputs; with merge_in_block0 block 0 merges all of them (one block's threads then make every
-  // distributed-shared-memory read: G x D x C).
-  const int per = a.merge_in_block0 ? G * D : (G * D + C - 1) / C;
-  const int lo = a.merge_in_block0 ? 0 : rank * per;
+  const int lo = rank * per;
   if (lo < G * D) {
-    if (t < G) {
+    if (t < G) {  // the weight of every block's sums (the same numbers in each merging block)
       float M = -INFINITY, ms[kMaxCluster], ls[kMaxCluster];
 #pragma unroll
       for (int r = 0; r < kMaxCluster; ++r) {
         ms[r] = -INFINITY;
         ls[r] = 0.f;
         if (r < C) {
-          const Shared* other = cluster.map_shared_rank(&sh, r);
-          ms[r] = other->m_run[t];
-          ls[r] = other->l_run[t];
+          if (push) {
+            ms[r] = sh.m_part[r][t];
+            ls[r] = sh.l_part[r][t];
+          } else {
+            const Shared* other = cluster.map_shared_rank(&sh, r);
+            ms[r] = other->m_run[t];
+            ls[r] = other->l_run[t];
+          }
           M = fmaxf(M, ms[r]);
         }
       }
@@ -346,15 +371,15 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
     const int hi = lo + per < G * D ? lo + per : G * D;
     for (int idx = lo + t; idx < hi; idx += NT) {
       const int g = idx / D, d = idx % D;
-      float v = 0.f;  // summed over r in order, as before: the same output wherever it is merged
+      float v = 0.f;
 #pragma unroll
       for (int r = 0; r < kMaxCluster; ++r)
-        if (r < C) v += cluster.map_shared_rank(&sh, r)->acc[g][d] * sh.weight[r][g];
+        if (r < C) v += (push ? sh.gathered[r * per + idx - lo] : cluster.map_shared_rank(&sh, r)->acc[g][d]) * sh.weight[r][g];
       out[idx] = from_float<T>(v);
     }
   }
   ATTN_STAMP(9);  // this block's slice merged and written
-  cluster.sync();  // every block's shared memory stays alive until the others have read it
+  if (!push) cluster.sync();  // pull: every block's shared memory stays alive until the others have read it
   ATTN_STAMP(10);  // the end
 #else
   __trap();  // sm_90 only (launch_decode_attention checks the device)
@@ -385,10 +410,13 @@ inline int attention_cluster_size(int rows_x_heads, int chunks, int max_cluster)
 template <typename T, int D, int G, int TPK>
 cudaError_t launch_decode_attention_tpk(const DecodeAttentionArgs& args, int C, cudaStream_t stream) {
   DecodeAttentionArgs a = args;
-  a.merge_in_block0 = env_is("BITLAB_ATTN_MERGE", "block0");  // for A/B timing (read per launch)
+  a.merge = env_is("BITLAB_ATTN_MERGE", "spread")   ? kAttentionMergeSpread  // for A/B timing (read per launch)
+            : env_is("BITLAB_ATTN_MERGE", "block0") ? kAttentionMergeBlock0
+                                                    : kAttentionMergePush;
   ClusterLaunch launch(dim3(a.B * a.KVH * C), C, 0, stream, 2 * D);
   if (a.pdl && device_has_pdl()) launch.as_dependent();
-  return cudaLaunchKernelEx(&launch.cfg, decode_attention_kernel<T, D, G, TPK>, a);
+  return a.merge == kAttentionMergePush ? cudaLaunchKernelEx(&launch.cfg, decode_attention_kernel<T, D, G, TPK, true>, a)
+                                        : cudaLaunchKernelEx(&launch.cfg, decode_attention_kernel<T, D, G, TPK, false>, a);
 }
 
 // Whether clusters of C blocks of the half-chunk kernel can be resident (C > 8 is a non-portable size:
@@ -398,11 +426,13 @@ bool large_clusters_fit(int C) {
   static int fits[kMaxCluster + 1] = {};  // 0 unknown, 1 yes, -1 no
   if (C <= kMaxPortableCluster) return true;
   if (fits[C] == 0) {
-    auto kernel = decode_attention_kernel<T, D, G, 4>;
     const ClusterLaunch launch(dim3(C), C, 0, nullptr, 2 * D);
-    int n = 0;
-    const bool ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess &&
-                    cudaOccupancyMaxActiveClusters(&n, kernel, &launch.cfg) == cudaSuccess && n > 0;
+    auto fits_kernel = [&](auto kernel) {  // (the push and the pull kernel are each allowed the size)
+      int n = 0;
+      return cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess &&
+             cudaOccupancyMaxActiveClusters(&n, kernel, &launch.cfg) == cudaSuccess && n > 0;
+    };
+    const bool ok = fits_kernel(decode_attention_kernel<T, D, G, 4, true>) && fits_kernel(decode_attention_kernel<T, D, G, 4, false>);
     cudaGetLastError();  // a refused query leaves no error behind for the launch
     fits[C] = ok ? 1 : -1;
   }

@@ -104,21 +104,29 @@ def test_cluster_sizes_and_many_rows(cuda_ext_ops, monkeypatch, keys, cap):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("keys", ["full", "half"])
-def test_merge_spread_over_the_cluster_equals_merge_in_block0(cuda_ext_ops, monkeypatch, keys):
-    # Every block merges a slice of the outputs, in the same order over the cluster's blocks as block 0 alone
-    # would (BITLAB_ATTN_MERGE=block0): the outputs are bit for bit the same.
+def test_pushed_merge_equals_the_pull_merges(cuda_ext_ops, monkeypatch, keys):
+    # The blocks push their partial sums to the block that merges each slice of the outputs; the pull merges
+    # (each block reading its slice from every block: BITLAB_ATTN_MERGE=spread; block 0 reading all of them:
+    # block0) add the same numbers in the same order: the outputs are bit for bit the same, the caches too.
     monkeypatch.setenv("BITLAB_ATTN_KEYS", keys)
     for B, H, KVH, D, S, slot, pads in ((1, 20, 5, 128, 640, 600, None), (3, 16, 2, 64, 700, 650, [0, 5, 300]),
-                                        (2, 8, 8, 64, 200, 150, None)):
+                                        (2, 8, 8, 64, 200, 150, None), (5, 32, 4, 128, 333, 301, [0, 0, 7, 0, 290]),
+                                        (48, 20, 5, 128, 300, 280, None)):  # the last: one block per cluster
         inputs = make_inputs(B, H, KVH, D, S, slot, torch.bfloat16, seed=B + S, pads=pads)
         q, k, v, cos, sin, k_cache, v_cache, slot_t, mask = inputs
-        monkeypatch.delenv("BITLAB_ATTN_MERGE", raising=False)
-        spread = fused.decode_attention(q, k, v, cos, sin, k_cache, v_cache, slot_t, mask)
-        monkeypatch.setenv("BITLAB_ATTN_MERGE", "block0")
-        block0 = fused.decode_attention(q, k, v, cos, sin, k_cache, v_cache, slot_t, mask)
-        assert torch.equal(spread, block0), (B, H, KVH, D, S)
+        outputs = {}
+        for merge in ("push", "spread", "block0"):
+            if merge == "push":
+                monkeypatch.delenv("BITLAB_ATTN_MERGE", raising=False)
+            else:
+                monkeypatch.setenv("BITLAB_ATTN_MERGE", merge)
+            k_run, v_run = k_cache.clone(), v_cache.clone()
+            outputs[merge] = (fused.decode_attention(q, k, v, cos, sin, k_run, v_run, slot_t, mask), k_run, v_run)
+        for merge in ("spread", "block0"):
+            for pushed, pulled in zip(outputs["push"], outputs[merge]):
+                assert torch.equal(pushed, pulled), (merge, B, H, KVH, D, S)
         ref, _, _ = reference(q, k, v, cos, sin, k_cache.clone(), v_cache.clone(), slot, mask)
-        assert float((spread.float() - ref).norm() / ref.norm()) < 8e-3
+        assert float((outputs["push"][0].float() - ref).norm() / ref.norm()) < 8e-3
 
 
 @pytest.mark.gpu
