@@ -31,6 +31,7 @@
 #include "bitlab_gemv_bulk.cuh"
 #include "bitlab_mma.cuh"
 #include "bitlab_norm_math.cuh"
+#include "bitlab_timeline.cuh"
 
 namespace bitlab {
 namespace {
@@ -123,10 +124,12 @@ __device__ __forceinline__ void copy_in_pieces(unsigned char* dst, const uint32_
 __device__ __forceinline__ int partial_index(int warp, int n, int MT, int lt, int m, int row, int tok, int M) {
   return (((warp * n + lt) * MT + m) * 16 + row) * M + tok;
 }
-// Tile lt waits for barriers [lt * BARS, (lt + 1) * BARS) (BARS > 1: tiles of several copies' m-tiles).
+// Tile lt waits for barriers [lt * BARS, (lt + 1) * BARS) (BARS > 1: tiles of several copies' m-tiles);
+// `landed` marks the first tile's arrival in the timeline probe (benchmarks/csrc/mlp_timeline.cu).
 template <int MT, int BARS = 1>
 __device__ __forceinline__ void block_tiles_gemv(const unsigned char* tiles, int n, int C, uint64_t* bars,
-                                                 const unsigned char* xs, int pitch, int M, int* part) {
+                                                 const unsigned char* xs, int pitch, int M, int* part,
+                                                 TimelineMark landed = {}) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
 #pragma unroll 1
   for (int lt = 0; lt < n; ++lt) {
@@ -137,6 +140,7 @@ __device__ __forceinline__ void block_tiles_gemv(const unsigned char* tiles, int
       for (int i = 0; i < 4; ++i) acc[0][m][0][i] = 0;
 #pragma unroll
     for (int b = 0; b < BARS; ++b) mbar_wait(&bars[lt * BARS + b], 0);
+    if (lt == 0) landed();
     for (int c = warp; c < C; c += kMlpWarps) {
       uint32_t w[MT][4];
 #pragma unroll
@@ -175,6 +179,8 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
   const int a0 = blockIdx.x * p.PA / p.G, na = (blockIdx.x + 1) * p.PA / p.G - a0;
   const int b0 = blockIdx.x * p.PB / p.G, nb = (blockIdx.x + 1) * p.PB / p.G - b0;
   const int bytes_a = p.C1 * kTileChunkBytes, bytes_b = p.C2 * kTileChunkBytes;
+  BITLAB_TIMELINE_BEGIN(a.down_wq);  // stage clocks in benchmarks/csrc/mlp_timeline.cu only
+  BITLAB_STAMP(0);
 
   // Weights are written by no kernel: their copies start before the wait for the producer of x.  The
   // gate/up tiles go first; the down tiles after this block's phase A (they land during the barrier
@@ -189,6 +195,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
       copy_in_pieces(smem + p.off_a + (2 * i + 1) * bytes_a, a.up_wq + src, bytes_a, &bars[i]);
     }
   }
+  BITLAB_STAMP(1);  // the gate/up copies issued
   if (threadIdx.x < na * 16) {
     row_scale[0][threadIdx.x] = a.gate_scale[a0 * 16 + threadIdx.x];
     row_scale[1][threadIdx.x] = a.up_scale[a0 * 16 + threadIdx.x];
@@ -198,6 +205,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
   for (int i = threadIdx.x; i < p.I / 8; i += kMlpThreads)  // I % 16 == 0: 16-byte pieces
     reinterpret_cast<uint4*>(w_sub)[i] = __ldg(reinterpret_cast<const uint4*>(a.sub_weight) + i);
   pdl_wait();
+  BITLAB_STAMP(2);  // the wait for x returned
 
   // x into shared memory, zero-padded to Hp columns.
   unsigned char* xs = smem + p.off_x;
@@ -219,6 +227,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
   }
   if (threadIdx.x < p.M) token_scale[0][threadIdx.x] = a.x_scale[threadIdx.x];
   __syncthreads();  // also: the barriers are initialised before any warp waits on them
+  BITLAB_STAMP(3);  // x in shared memory
   pdl_launch_dependents();
 
   // Phase A: gate and up of the block's pair tiles, then m = relu(g)^2 * u into `mid`.
@@ -226,9 +235,10 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
   // An even number of pair tiles is multiplied two pairs at a time (the blocks with the most tiles set the
   // grid barrier's time); partial_index puts the sums where one pair at a time would.
   if (na % 2 == 0 && !a.gate_up_apart)
-    block_tiles_gemv<4, 2>(smem + p.off_a, na / 2, p.C1, bars, xs, p.xp, p.M, part_a);
+    block_tiles_gemv<4, 2>(smem + p.off_a, na / 2, p.C1, bars, xs, p.xp, p.M, part_a, BITLAB_MARK(4));
   else
-    block_tiles_gemv<2>(smem + p.off_a, na, p.C1, bars, xs, p.xp, p.M, part_a);
+    block_tiles_gemv<2>(smem + p.off_a, na, p.C1, bars, xs, p.xp, p.M, part_a, BITLAB_MARK(4));
+  BITLAB_STAMP(5);  // gate and up multiplied (4: the first pair tile landed)
   T* mid = static_cast<T*>(a.mid);
   for (int idx = threadIdx.x; idx < na * 16 * p.M; idx += kMlpThreads) {
     const int tok = idx % p.M, row = (idx / p.M) % 16, lt = idx / (16 * p.M);
@@ -240,6 +250,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
                                          row_scale[1][lt * 16 + row]));
     mid[static_cast<long>(tok) * p.I + j] = from_f<T>(relu2_gate<T>(g, u));
   }
+  BITLAB_STAMP(6);  // this thread's m written
 
   // Grid barrier: every block's m is written.  A block with an even number of down tiles multiplies them
   // in pairs (two m-tiles per chunk load: the 28 blocks of BitNet 2B with two tiles finish sooner).
@@ -254,6 +265,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
       asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(now) : "l"(a.barrier) : "memory");
     } while (now < target);
     __threadfence();
+    BITLAB_STAMP(7);  // the grid barrier passed
   } else if (threadIdx.x == kMlpThreads - 32) {
     // Meanwhile the last warp starts the down tiles' copies: the phase A partials in their region are read.
     // With down_pairs, tiles 2 k and 2 k + 1 share barrier k (phase B multiplies them together).
@@ -290,6 +302,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
     }
   }
   __syncthreads();
+  BITLAB_STAMP(8);  // all of m in shared memory
   // Token loops are not unrolled (this code runs once per launch: its size costs instruction fetches).
   const int npieces = p.I / 8, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float* total = scratch + kMlpWarps * kMaxTok;  // per-token block results
@@ -305,6 +318,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
     warp_reduce_to<false>(ss, scratch + warp * kMaxTok + tok, lane);
   }
   finish_block_reduce<false>(p.M, scratch);
+  BITLAB_STAMP(9);  // the sub-norm's sums of squares
 #pragma unroll 1
   for (int tok = 0; tok < p.M; ++tok) {
     const float r = rsqrtf(__fadd_rn(__fdiv_rn(total[tok], static_cast<float>(p.I)), a.eps));
@@ -326,6 +340,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
     warp_reduce_to<true>(amax, scratch + warp * kMaxTok + tok, lane);
   }
   finish_block_reduce<true>(p.M, scratch);
+  BITLAB_STAMP(10);  // normed, absolute maxima
   unsigned char* qs = smem + p.off_q;
 #pragma unroll 1
   for (int tok = 0; tok < p.M; ++tok) {
@@ -347,14 +362,16 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
     }
   }
   __syncthreads();
+  BITLAB_STAMP(11);  // quantized
 
   // Phase B: down projection of the quantized m.
   int* part_b = reinterpret_cast<int*>(smem + p.off_a);
   // (Tiles taken in pairs leave their partial sums where one at a time would: partial_index.)
   if (down_pairs)
-    block_tiles_gemv<2>(smem + p.off_b, nb / 2, p.C2, bars + na, qs, p.qp, p.M, part_b);
+    block_tiles_gemv<2>(smem + p.off_b, nb / 2, p.C2, bars + na, qs, p.qp, p.M, part_b, BITLAB_MARK(12));
   else
-    block_tiles_gemv<1>(smem + p.off_b, nb, p.C2, bars + na, qs, p.qp, p.M, part_b);
+    block_tiles_gemv<1>(smem + p.off_b, nb, p.C2, bars + na, qs, p.qp, p.M, part_b, BITLAB_MARK(12));
+  BITLAB_STAMP(13);  // down multiplied (12: the first down tile landed)
   T* y = static_cast<T*>(a.y);
   for (int idx = threadIdx.x; idx < nb * 16 * p.M; idx += kMlpThreads) {
     const int tok = idx % p.M, row = (idx / p.M) % 16, lt = idx / (16 * p.M);
@@ -364,6 +381,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
       y[static_cast<long>(tok) * p.H + n] = from_f<T>(__fmul_rn(__fmul_rn(s, token_scale[1][tok]), row_scale[2][lt * 16 + row]));
     }
   }
+  BITLAB_STAMP(14);  // this thread's y written
 }
 
 struct DeviceLimits {

@@ -37,6 +37,7 @@
 
 #include "bitlab_cp_async.cuh"
 #include "bitlab_launch.h"
+#include "bitlab_timeline.cuh"
 
 // 2 D threads per block, two blocks per multiprocessor (registers capped at 128: batch 8 of the
 // BitNet 2B shape launches 200 blocks; at one block per multiprocessor that was two waves).
@@ -65,28 +66,6 @@ __device__ __forceinline__ void raw_to_float(const typename RawWords<N * sizeof(
 
 namespace {
 using namespace attention_detail;
-
-// Stage clocks for benchmarks/csrc/attention_timeline.cu, compiled in only with BITLAB_ATTN_TIMELINE: in the
-// launches over the cache at g_attention_cache, thread 0 of each block records clock64() at each ATTN_STAMP
-// and %globaltimer at the first and last.
-#ifdef BITLAB_ATTN_TIMELINE
-constexpr int kTimelineStages = 11, kTimelineBlocks = 2048;
-__device__ long long g_attention_clock[kTimelineBlocks][kTimelineStages];
-__device__ unsigned long long g_attention_ns[kTimelineBlocks][2];
-__device__ unsigned long long g_attention_cache;  // the recorded launch's k_cache address
-__device__ __forceinline__ void attention_stamp(int stage, const void* cache) {
-  if (threadIdx.x != 0 || blockIdx.x >= kTimelineBlocks || reinterpret_cast<unsigned long long>(cache) != g_attention_cache) return;
-  g_attention_clock[blockIdx.x][stage] = clock64();
-  if (stage == 0 || stage == kTimelineStages - 1) {
-    unsigned long long ns;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
-    g_attention_ns[blockIdx.x][stage == 0 ? 0 : 1] = ns;
-  }
-}
-#define ATTN_STAMP(stage) attention_stamp(stage, a.k_cache)
-#else
-#define ATTN_STAMP(stage)
-#endif
 
 constexpr int kMaxCluster = 16;  // 9-16 blocks only for chunks of D / 2 keys (non-portable cluster sizes)
 constexpr int kMaxPortableCluster = 8;
@@ -125,7 +104,8 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
   const int bh = blockIdx.x / C;
   const int b = bh / a.KVH, h = bh % a.KVH;
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
-  ATTN_STAMP(0);
+  BITLAB_TIMELINE_BEGIN(a.k_cache);  // (benchmarks/csrc/attention_timeline.cu)
+  BITLAB_STAMP(0);
   pdl_launch_dependents();
   T* kc = static_cast<T*>(a.k_cache) + static_cast<long>(bh) * a.S * D;
   T* vc = static_cast<T*>(a.v_cache) + static_cast<long>(bh) * a.S * D;
@@ -162,9 +142,9 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
     load_keys(rank);
     load_values(rank);
   }
-  ATTN_STAMP(1);  // the first chunk's loads issued
+  BITLAB_STAMP(1);  // the first chunk's loads issued
   pdl_wait();
-  ATTN_STAMP(2);  // the wait returned
+  BITLAB_STAMP(2);  // the wait returned
   if (first_chunk) load_mask(rank);
 
   // 1. rotary (x * cos + rotate_half(x) * sin) of the queries and the new key; cache write.
@@ -203,7 +183,7 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
 #pragma unroll
     for (int e = 0; e < DPL; ++e) acc[g][e] = 0.f;
   __syncthreads();
-  ATTN_STAMP(3);  // rotary done, new key and value in shared memory
+  BITLAB_STAMP(3);  // rotary done, new key and value in shared memory
 
   const long last = slot < a.S - 1 ? slot : a.S - 1;  // the last attended key
   for (int c = rank; static_cast<long>(c) * KEYS <= last; c += C) {
@@ -249,7 +229,7 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
       load_mask(c + C);
     }
     __syncthreads();
-    ATTN_STAMP(4);  // scores of the chunk
+    BITLAB_STAMP(4);  // scores of the chunk
     // 3. online softmax: warp w takes heads w, w + WARPS, ...
     for (int g = warp; g < G; g += WARPS) {
       float m = -INFINITY;
@@ -275,7 +255,7 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
       }
     }
     __syncthreads();
-    ATTN_STAMP(5);  // softmax of the chunk
+    BITLAB_STAMP(5);  // softmax of the chunk
     // 4. values
 #pragma unroll
     for (int g = 0; g < G; ++g) {
@@ -303,7 +283,7 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
       }
     }
     __syncthreads();  // pr and alpha are rewritten by the next chunk
-    ATTN_STAMP(6);  // values of the chunk
+    BITLAB_STAMP(6);  // values of the chunk
   }
 
   // 5. the block's sum over its warps, then the cluster's merge: block r merges the slice [r per, (r + 1) per)
@@ -318,7 +298,7 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
 #pragma unroll
     for (int e = 0; e < DPL; ++e) sh.wsum[warp][g][lane * DPL + e] = acc[g][e];
   __syncthreads();
-  ATTN_STAMP(7);  // per-warp sums stored
+  BITLAB_STAMP(7);  // per-warp sums stored
   constexpr bool push = PUSH;
   const int per = a.merge == kAttentionMergeBlock0 ? G * D : (G * D + C - 1) / C;
   for (int idx = t; idx < G * D; idx += NT) {
@@ -339,7 +319,7 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
     merger->l_part[rank][t % G] = sh.l_run[t % G];
   }
   cluster.sync();  // every block's (m, l) and sums are visible where they are merged
-  ATTN_STAMP(8);  // the cluster's partial sums visible
+  BITLAB_STAMP(8);  // the cluster's partial sums visible
   const int lo = rank * per;
   if (lo < G * D) {
     if (t < G) {  // the weight of every block's sums (the same numbers in each merging block)
@@ -378,9 +358,9 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
       out[idx] = from_float<T>(v);
     }
   }
-  ATTN_STAMP(9);  // this block's slice merged and written
+  BITLAB_STAMP(9);  // this block's slice merged and written
   if (!push) cluster.sync();  // pull: every block's shared memory stays alive until the others have read it
-  ATTN_STAMP(10);  // the end
+  BITLAB_STAMP(10);  // the end
 #else
   __trap();  // sm_90 only (launch_decode_attention checks the device)
 #endif

@@ -57,14 +57,16 @@ def test_kernel_sources_are_torch_free():
         assert "torch/" not in text and "ATen/" not in text, f"{src.name} includes torch headers"
 
 
-def test_attention_timeline_probe_compiles(tmp_path):
-    # benchmarks/csrc/attention_timeline.cu compiles decode_attention.cu with its BITLAB_ATTN_TIMELINE stamps
-    # (compiled out of the extension): a change to the kernel must keep the probe building.
+@pytest.mark.parametrize("probe", ["attention_timeline", "mlp_timeline"])
+def test_timeline_probe_compiles(tmp_path, probe):
+    # benchmarks/csrc/<probe>.cu compiles a kernel file with its BITLAB_TIMELINE stamps (compiled out of the
+    # extension): a change to the kernel must keep the probe building.
     if NVCC is None:
         pytest.skip("nvcc not on PATH: the CUDA toolkit is not installed here")
-    source = CSRC.parents[2] / "benchmarks" / "csrc" / "attention_timeline.cu"
+    source = CSRC.parents[2] / "benchmarks" / "csrc" / f"{probe}.cu"
     flags = [f for f in NVCC_FLAGS if f != "-lineinfo"] + gencode_flags(["90a"])
-    cmd = [NVCC, *flags, "-c", str(source), "-o", str(tmp_path / "attention_timeline.o")]
+    cmd = [NVCC, *flags, "-c", str(source), "-o", str(tmp_path / f"{probe}.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"nvcc failed on {source.name}:\n{proc.stderr[-4000:]}"
     assert "warning" not in proc.stderr.lower(), f"nvcc warned on {source.name}:\n{proc.stderr[-4000:]}"
+
