@@ -12,7 +12,8 @@ Measured in one run, on one GPU:
   (its ``torch.compile``'d helpers disabled to keep compile time out of the run), batch 1 only.
 
 Per batch size: prefill tokens/s (prompt of ``--prompt-len`` random tokens per row), decode
-tokens/s over ``--new-tokens`` steps (all rows), peak GPU memory.  Weights are never zeros:
+tokens/s over ``--new-tokens`` steps (all rows), each the median of ``--repeats`` generations after a
+warm-up one, and peak GPU memory.  Weights are never zeros:
 codes are uniform over {-1, 0, +1}, scales uniform in [0.01, 0.03], embeddings N(0, 1).
 
 Example::
@@ -28,6 +29,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -103,21 +105,29 @@ def bind_dense(model: BitNetForCausalLM, device) -> None:
         }
 
 
-def run_engine(gen: Generator, batch: int, prompt_len: int, new_tokens: int, vocab: int, seed: int) -> dict:
+def run_engine(gen: Generator, batch: int, prompt_len: int, new_tokens: int, vocab: int, seed: int,
+               repeats: int = 3) -> dict:
+    """Median prefill and decode over `repeats` generations after a warm-up one (a prefill is one eager
+    forward, timed once per generation: single runs of it vary by up to 2x between runs)."""
     g = torch.Generator().manual_seed(seed + batch)
     prompts = torch.randint(0, vocab, (batch, prompt_len), generator=g).tolist()
     gen.generate(prompts, new_tokens, stop_token_ids=[], sync_every=10**9)  # compile, capture, warm caches
     _reset_peak()
-    out = gen.generate(prompts, new_tokens, stop_token_ids=[], sync_every=10**9)
+    outs = [gen.generate(prompts, new_tokens, stop_token_ids=[], sync_every=10**9) for _ in range(repeats)]
+    prefill_s = statistics.median(o.prefill_s for o in outs)
+    step_s = statistics.median(o.decode_s / o.decode_steps for o in outs)
     return {
         "batch": batch,
-        "prefill_tokens_per_s": batch * prompt_len / out.prefill_s,
-        "prefill_ms": out.prefill_s * 1e3,
-        "decode_tokens_per_s": batch * out.decode_steps / out.decode_s,
-        "decode_ms_per_step": out.decode_s / out.decode_steps * 1e3,
-        "cuda_graph": out.stats["cuda_graph"],
+        "prefill_tokens_per_s": batch * prompt_len / prefill_s,
+        "prefill_ms": prefill_s * 1e3,
+        "decode_tokens_per_s": batch / step_s,
+        "decode_ms_per_step": step_s * 1e3,
+        "runs": repeats,
+        "prefill_ms_runs": [round(o.prefill_s * 1e3, 3) for o in outs],
+        "decode_ms_per_step_runs": [round(o.decode_s / o.decode_steps * 1e3, 4) for o in outs],
+        "cuda_graph": outs[0].stats["cuda_graph"],
         "peak_gb": _peak_gb(),
-        "sample_tokens": out.tokens[0][:8],
+        "sample_tokens": outs[0].tokens[0][:8],
     }
 
 
@@ -163,7 +173,7 @@ def gen_fused_attention(result: dict) -> bool:
 def run_batches(name: str, gen: Generator, batches, args, vocab: int) -> list:
     rows = []
     for b in batches:
-        rows.append(run_engine(gen, b, args.prompt_len, args.new_tokens, vocab, args.seed))
+        rows.append(run_engine(gen, b, args.prompt_len, args.new_tokens, vocab, args.seed, args.repeats))
         print(name, rows[-1], flush=True)
     return rows
 
@@ -209,7 +219,9 @@ def transformers_model(model: BitNetForCausalLM, cfg: BitNetConfig, device):
 
 
 @torch.no_grad()
-def run_transformers(hf, batch: int, prompt_len: int, new_tokens: int, vocab: int, seed: int) -> dict:
+def run_transformers(hf, batch: int, prompt_len: int, new_tokens: int, vocab: int, seed: int,
+                     repeats: int = 3) -> dict:
+    """Median of `repeats` prefills; one decode of `new_tokens` (eager: seconds per run)."""
     import torch._dynamo
 
     g = torch.Generator().manual_seed(seed + batch)
@@ -218,10 +230,13 @@ def run_transformers(hf, batch: int, prompt_len: int, new_tokens: int, vocab: in
         hf(input_ids=ids[:, :16], use_cache=True)  # warm-up
         _sync()
         _reset_peak()
-        t0 = time.perf_counter()
-        out = hf(input_ids=ids, use_cache=True)
-        _sync()
-        t1 = time.perf_counter()
+        prefill_runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = hf(input_ids=ids, use_cache=True)
+            _sync()
+            t1 = time.perf_counter()
+            prefill_runs.append(t1 - t0)
         past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
         for _ in range(new_tokens):
             out = hf(input_ids=nxt, past_key_values=past, use_cache=True)
@@ -230,8 +245,9 @@ def run_transformers(hf, batch: int, prompt_len: int, new_tokens: int, vocab: in
         t2 = time.perf_counter()
     return {
         "batch": batch,
-        "prefill_tokens_per_s": batch * prompt_len / (t1 - t0),
-        "prefill_ms": (t1 - t0) * 1e3,
+        "prefill_tokens_per_s": batch * prompt_len / statistics.median(prefill_runs),
+        "prefill_ms": statistics.median(prefill_runs) * 1e3,
+        "prefill_ms_runs": [round(t * 1e3, 3) for t in prefill_runs],
         "decode_tokens_per_s": batch * new_tokens / (t2 - t1),
         "decode_ms_per_step": (t2 - t1) / new_tokens * 1e3,
         "cuda_graph": False,
@@ -276,6 +292,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--hf-new-tokens", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="measured generations per model and batch (medians; transformers: prefills)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--no-transformers", action="store_true")
@@ -299,6 +317,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="docs/benchmarks", help="folder for bitnet_generate.{json,md,png}")
     ap.add_argument("--plot", metavar="JSON", help="only redraw the table and plot from a saved JSON")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats {args.repeats}: at least one measured generation is needed")
     out_dir = Path(args.out)
     if args.plot:
         result = json.loads(Path(args.plot).read_text())
@@ -314,6 +334,7 @@ def main(argv=None) -> int:
     cfg = BitNetConfig(num_hidden_layers=args.layers, max_position_embeddings=4096, **shape)
     result = {"config": {k: v for k, v in cfg.to_dict().items() if k != "quant_config"},
               "quant": cfg.quant_config.describe(), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "repeats": args.repeats,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu", "torch": torch.__version__, "python": platform.python_version(),
               "compile": not args.no_compile, "runs": {},
               "args": " ".join(a if a != args.out else "docs/benchmarks" for a in (sys.argv[1:] if argv is None else argv))}
@@ -412,7 +433,7 @@ def main(argv=None) -> int:
             result["logits_vs_transformers"] = logits_agreement(model, hf, cfg.vocab_size, args.seed)
             print("logits vs transformers:", result["logits_vs_transformers"], flush=True)
             result["runs"]["transformers"] = [
-                run_transformers(hf, 1, args.prompt_len, args.hf_new_tokens, cfg.vocab_size, args.seed)
+                run_transformers(hf, 1, args.prompt_len, args.hf_new_tokens, cfg.vocab_size, args.seed, args.repeats)
             ]
             print("transformers", result["runs"]["transformers"][-1], flush=True)
             del hf
@@ -440,7 +461,9 @@ def write_report(result: dict, out_dir: Path) -> None:
         f"# BitNet b1.58 generation, 2B4T shape ({result['config']['num_hidden_layers']} layers), random ternary weights",
         "",
         f"{result['device']}, torch {result['torch']}, prompt {result['prompt_len']} tokens, "
-        f"{result['new_tokens']} decode steps, {result['quant']}, torch.compile of float ops: {result['compile']}.",
+        f"{result['new_tokens']} decode steps, {result['quant']}, torch.compile of float ops: {result['compile']}; "
+        + (f"medians of {result['repeats']} generations after a warm-up one (transformers: of {result['repeats']} "
+           "prefills, one decode)." if "repeats" in result else "one measured generation."),
         f"Kernels: {', '.join(sorted(set(result['kernels'].values())))}; "
         f"norms before the projections quantize (up to {result.get('norm_quant_max_tokens', 16)} tokens) with: "
         f"{result.get('norm_quant', 'none')}; "
