@@ -31,7 +31,8 @@ from kernel_timeline import (block_summary, build_probe, plot_stages, run_line, 
 
 STAGES = ("first chunk's cache loads issued", "dependent-launch wait returned", "rotary, new key and value (sync)",
           "scores (sync)", "softmax (sync)", "values (sync)", "per-warp sums stored (sync)",
-          "cluster barrier: partial sums visible", "this block's slice merged and written",
+          "cluster barrier: partial sums visible", "weights of the cluster's blocks (sync)",
+          "this block's slice merged and written",
           "the end (pull merges: a second cluster barrier)")
 MODES = {"dependent": 1, "plain": 0}
 

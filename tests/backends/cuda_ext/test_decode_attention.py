@@ -130,6 +130,24 @@ def test_pushed_merge_equals_the_pull_merges(cuda_ext_ops, monkeypatch, keys):
 
 
 @pytest.mark.gpu
+def test_weights_in_parallel_match_one_thread_per_head(cuda_ext_ops, monkeypatch):
+    # The merge's weights from a thread per (head, rank) add the weighted sum of l in tree order instead of rank
+    # order (BITLAB_ATTN_WEIGHTS=serial): the outputs agree to bfloat16 rounding, and both match the reference.
+    for B, H, KVH, D, S, slot, pads in ((1, 20, 5, 128, 640, 600, None), (3, 8, 8, 64, 300, 250, [0, 4, 100]),
+                                        (2, 32, 4, 128, 500, 480, None)):
+        q, k, v, cos, sin, k_cache, v_cache, slot_t, mask = make_inputs(B, H, KVH, D, S, slot, torch.bfloat16,
+                                                                        seed=7 * B + S, pads=pads)
+        monkeypatch.delenv("BITLAB_ATTN_WEIGHTS", raising=False)
+        parallel = fused.decode_attention(q, k, v, cos, sin, k_cache.clone(), v_cache.clone(), slot_t, mask)
+        monkeypatch.setenv("BITLAB_ATTN_WEIGHTS", "serial")
+        serial = fused.decode_attention(q, k, v, cos, sin, k_cache.clone(), v_cache.clone(), slot_t, mask)
+        torch.testing.assert_close(parallel.float(), serial.float(), rtol=8e-3, atol=1e-3)
+        ref, _, _ = reference(q, k, v, cos, sin, k_cache.clone(), v_cache.clone(), slot, mask)
+        for out in (parallel, serial):
+            assert float((out.float() - ref).norm() / ref.norm()) < 8e-3, (B, H, KVH, D, S)
+
+
+@pytest.mark.gpu
 def test_dependent_launch_after_the_projection_equals_a_plain_launch(cuda_ext_ops):
     # As in the model: a kernel writes the projection output q, k, v are views of, then the attention launches
     # as its programmatic dependent (its first cache loads before the wait for q, k, v), in a CUDA graph with
