@@ -7,7 +7,8 @@ projections)::
 
     g, u = gate(xq), up(xq)                           # rounded to the model dtype, as the GEMV outputs
     m    = T(T(relu(g) ** 2) * u)                      # written to the layer's scratch `mid`
-    mq   = quantize_per_token(ffn_sub_norm(m))         # int8, every block of the grid computes it
+    mq   = quantize_per_token(ffn_sub_norm(m))         # int8, every block of the grid computes it (from
+                                                       # the blocks' sums of m^2, published at the barrier)
     y    = down(mq)                                    # [M, hidden] in the model dtype
 
 The kernel reuses the lane tiles the registry's ``cuda_ext`` int8 kernel prepared for the fused
@@ -29,6 +30,7 @@ import torch
 from backends.cuda_ext import ops
 
 MAX_TOKENS = 8  # kBitnetMlpMaxTokens (csrc/bitlab_launch.h)
+MAX_BLOCKS = 1024  # kBitnetMlpMaxBlocks: the blocks' sums of squares follow m in `mid`
 TERNARY_FORMAT = 1  # layout.FORMAT_CODE[1.58]
 WORDS_PER_TILE_CHUNK = 128  # ternary int8-path lane tile of 16 rows x 128 inputs
 
@@ -39,6 +41,12 @@ def _fake(xq, x_scale, gate_wq, up_wq, down_wq, gate_scale, up_scale, down_scale
 
 def register_fake() -> None:
     torch.library.register_fake("bitlab::cuda_ext_bitnet_mlp")(_fake)
+
+
+def mid_elements(intermediate: int) -> int:
+    """Elements of a layer's ``mid`` scratch (model dtype): m of MAX_TOKENS tokens, then the float32 sums of
+    squares of m per (block, token) that the grid barrier publishes (bitnet_mlp_mid_elements in bitlab_launch.h)."""
+    return MAX_TOKENS * intermediate + 2 * MAX_BLOCKS * MAX_TOKENS
 
 
 def smem_bytes(tokens: int, hidden: int, intermediate: int, dtype: torch.dtype) -> int:
@@ -150,6 +158,6 @@ def prepare_bitnet_mlp(gate_up, down, sub_weight: torch.Tensor, eps: float) -> F
         hidden=hidden,
         intermediate=intermediate,
         max_tokens=max_tokens,
-        mid=torch.empty(MAX_TOKENS * intermediate, dtype=sub_weight.dtype, device=device),
+        mid=torch.empty(mid_elements(intermediate), dtype=sub_weight.dtype, device=device),
         barrier=torch.zeros(1, dtype=torch.int64, device=device),
     )

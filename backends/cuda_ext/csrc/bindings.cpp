@@ -408,9 +408,11 @@ at::Tensor cuda_ext_bitnet_mlp(const at::Tensor& xq, const at::Tensor& x_scale, 
                   reinterpret_cast<uintptr_t>(sub_weight.data_ptr()) % 16 == 0,
               op, ": sub-norm weight must be contiguous, 16-byte aligned float16 / bfloat16 [", I, "], got ", dt, " ",
               sub_weight.sizes());
-  TORCH_CHECK(mid.scalar_type() == dt && mid.is_contiguous() && mid.numel() >= M * I &&
+  const int64_t mid_elements = bitlab::bitnet_mlp_mid_elements(I);
+  TORCH_CHECK(mid.scalar_type() == dt && mid.is_contiguous() && mid.numel() >= mid_elements &&
                   reinterpret_cast<uintptr_t>(mid.data_ptr()) % 16 == 0,
-              op, ": mid scratch must be contiguous, 16-byte aligned ", dt, " with at least ", M * I, " elements");
+              op, ": mid scratch must be contiguous, 16-byte aligned ", dt, " with at least ", mid_elements,
+              " elements (m of ", bitlab::kBitnetMlpMaxTokens, " tokens, then the blocks' sums of squares)");
   TORCH_CHECK(barrier.scalar_type() == at::kLong && barrier.numel() == 1 && barrier.is_cuda(), op,
               ": barrier must be one int64 on the GPU");
   const c10::cuda::CUDAGuard guard(xq.device());

@@ -112,6 +112,10 @@ def test_matches_the_separate_kernels(cuda_ops, hidden, inter, tokens, dtype):
     assert y.shape == (tokens, hidden) and y.dtype == dtype
     # phase A is exact: the same integers, scales and roundings as the GEMV + the norm kernel's gate
     assert torch.equal(fused.mid[: tokens * inter].view(tokens, inter), m), f"seed {seed}"
+    # each block's sums of m^2 per token, after m in the scratch: together the sub-norm's sum
+    blocks = min(torch.cuda.get_device_properties(0).multi_processor_count, max(inter // 16, (hidden + 15) // 16))
+    sums = fused.mid[bitnet_mlp.MAX_TOKENS * inter:].view(torch.float32).view(bitnet_mlp.MAX_BLOCKS, -1)
+    torch.testing.assert_close(sums[:blocks, :tokens].double().sum(0), m.double().square().sum(-1), rtol=1e-5, atol=0)
     # the sub-norm's sum is added in another order: the quantized m may move by one step, rarely
     err = float((y.double() - want.double()).norm() / want.double().norm())
     assert err < 2e-3, f"relative error {err:.3g} (seed {seed})"
@@ -120,13 +124,15 @@ def test_matches_the_separate_kernels(cuda_ops, hidden, inter, tokens, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("knob", ["BITLAB_MLP_DOWN", "BITLAB_MLP_GATE_UP"])
+@pytest.mark.parametrize("knob, value", [("BITLAB_MLP_DOWN", "single"), ("BITLAB_MLP_GATE_UP", "single"),
+                                         ("BITLAB_MLP_BARRIER", "fence")])
 @pytest.mark.parametrize("hidden, inter, tokens", [(2560, 6912, 1), (2560, 6912, 2), (8000, 64, 2), (256, 4096, 3)])
-def test_tiles_in_pairs_equal_one_at_a_time(cuda_ops, monkeypatch, knob, hidden, inter, tokens):
+def test_tiles_in_pairs_equal_one_at_a_time(cuda_ops, monkeypatch, knob, value, hidden, inter, tokens):
     """Blocks with an even number of down tiles (of gate/up pair tiles) multiply them two at a time;
     BITLAB_MLP_DOWN=single (BITLAB_MLP_GATE_UP=single) takes them one at a time: the same integer sums, so
     the same m and outputs.  On 132 multiprocessors: 2560 x 6912 has one or two down tiles and three or
-    four pair tiles per block, 8000 x 64 three or four down tiles, 256 x 4096 one or two pair tiles."""
+    four pair tiles per block, 8000 x 64 three or four down tiles, 256 x 4096 one or two pair tiles.  The
+    grid barrier with fences (BITLAB_MLP_BARRIER=fence) instead of release / acquire gives the same too."""
     gen, seed = fresh_generator()
     gate_up, down = prepared_pair(hidden, inter, gen, torch.device("cuda"))
     sub_weight = (torch.rand(inter, generator=gen) + 0.5).bfloat16().cuda()
@@ -134,11 +140,33 @@ def test_tiles_in_pairs_equal_one_at_a_time(cuda_ops, monkeypatch, knob, hidden,
     xq, xs = random_input(tokens, hidden, gen)
     pairs = fused(xq, xs).clone()
     mid = fused.mid[: tokens * inter].clone()
-    monkeypatch.setenv(knob, "single")
+    monkeypatch.setenv(knob, value)
     apart = fused(xq, xs)
     torch.cuda.synchronize()
     assert torch.equal(fused.mid[: tokens * inter], mid), f"seed {seed}"
     assert torch.equal(pairs, apart), f"seed {seed}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden, inter, tokens", [(2560, 6912, 1), (2560, 6912, 6), (300, 1040, 5), (1000, 16, 1)])
+def test_subnorm_from_block_sums_matches_the_passes_over_m(cuda_ops, monkeypatch, hidden, inter, tokens):
+    """The sub-norm from the blocks' published sums of m^2 against three passes over all of m in every block
+    (BITLAB_MLP_SUBNORM=passes): the same m; the sums are added in other orders, so y rarely moves."""
+    gen, seed = fresh_generator()
+    gate_up, down = prepared_pair(hidden, inter, gen, torch.device("cuda"))
+    sub_weight = (torch.rand(inter, generator=gen) + 0.5).bfloat16().cuda()
+    fused = bitnet_mlp.prepare_bitnet_mlp(gate_up, down, sub_weight, 1e-5)
+    tokens = min(tokens, fused.max_tokens)
+    xq, xs = random_input(tokens, hidden, gen)
+    published = fused(xq, xs).clone()
+    mid = fused.mid[: tokens * inter].clone()
+    monkeypatch.setenv("BITLAB_MLP_SUBNORM", "passes")
+    passes = fused(xq, xs)
+    torch.cuda.synchronize()
+    assert torch.equal(fused.mid[: tokens * inter], mid), f"seed {seed}"
+    err = float((published.double() - passes.double()).norm() / passes.double().norm())
+    assert err < 2e-3, f"relative error {err:.3g} (seed {seed})"
+    assert (published == passes).float().mean().item() > 0.97, f"seed {seed}"
 
 
 @pytest.mark.gpu
