@@ -31,11 +31,11 @@ from kernel_timeline import (block_summary, build_probe, plot_stages, run_line, 
 
 STAGES = ("gate/up copies issued", "dependent-launch wait returned", "x in shared memory (sync)",
           "first gate/up pair tile landed (warp 0)", "gate and up multiplied (sync)", "m written (thread 0's part)",
-          "grid barrier passed", "m loaded, sums of squares over the blocks (sync)",
+          "grid barrier passed", "all of m in shared memory (sync)", "sub-norm sums of squares (sync)",
           "normed, absolute maxima (sync)", "quantized (sync)", "first down tile landed (warp 0)",
           "down multiplied (sync)", "y written (thread 0's part)")
 # Stages reported per group of blocks (indices into STAGES).
-GROUP_STAGES = (3, 4, 5, 6, 10, 11, 12)
+GROUP_STAGES = (3, 4, 5, 6, 11, 12, 13)
 
 
 def tiles_of_block(plan: list, block: int) -> tuple:

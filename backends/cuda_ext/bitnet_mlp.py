@@ -7,8 +7,7 @@ projections)::
 
     g, u = gate(xq), up(xq)                           # rounded to the model dtype, as the GEMV outputs
     m    = T(T(relu(g) ** 2) * u)                      # written to the layer's scratch `mid`
-    mq   = quantize_per_token(ffn_sub_norm(m))         # int8, every block of the grid computes it (from
-                                                       # the blocks' sums of m^2, published at the barrier)
+    mq   = quantize_per_token(ffn_sub_norm(m))         # int8, every block of the grid computes it
     y    = down(mq)                                    # [M, hidden] in the model dtype
 
 The kernel reuses the lane tiles the registry's ``cuda_ext`` int8 kernel prepared for the fused
@@ -24,13 +23,14 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from backends.cuda_ext import ops
 
 MAX_TOKENS = 8  # kBitnetMlpMaxTokens (csrc/bitlab_launch.h)
-MAX_BLOCKS = 1024  # kBitnetMlpMaxBlocks: the blocks' sums of squares follow m in `mid`
+NORM_ELEMENTS = 4 * 8 * 512  # kBitnetMlpNormElements: most tokens x hidden the kernel norms itself
 TERNARY_FORMAT = 1  # layout.FORMAT_CODE[1.58]
 WORDS_PER_TILE_CHUNK = 128  # ternary int8-path lane tile of 16 rows x 128 inputs
 
@@ -39,14 +39,14 @@ def _fake(xq, x_scale, gate_wq, up_wq, down_wq, gate_scale, up_scale, down_scale
     return xq.new_empty((xq.shape[0], H), dtype=sub_weight.dtype)
 
 
+def _norm_fake(res, delta, norm_weight, norm_eps, gate_wq, up_wq, down_wq, gate_scale, up_scale, down_scale,
+               sub_weight, mid, barrier, eps, H, I):
+    return torch.empty_like(res), res.new_empty((res.shape[0], H))
+
+
 def register_fake() -> None:
     torch.library.register_fake("bitlab::cuda_ext_bitnet_mlp")(_fake)
-
-
-def mid_elements(intermediate: int) -> int:
-    """Elements of a layer's ``mid`` scratch (model dtype): m of MAX_TOKENS tokens, then the float32 sums of
-    squares of m per (block, token) that the grid barrier publishes (bitnet_mlp_mid_elements in bitlab_launch.h)."""
-    return MAX_TOKENS * intermediate + 2 * MAX_BLOCKS * MAX_TOKENS
+    torch.library.register_fake("bitlab::cuda_ext_bitnet_mlp_norm")(_norm_fake)
 
 
 def smem_bytes(tokens: int, hidden: int, intermediate: int, dtype: torch.dtype) -> int:
@@ -73,6 +73,16 @@ class FusedBitnetMLP:
     max_tokens: int
     mid: torch.Tensor
     barrier: torch.Tensor
+    # The post-attention norm's weight where the kernel also takes that norm (norm_and_mlp), else None.
+    norm_weight: Optional[torch.Tensor] = None
+    norm_eps: float = 0.0
+
+    @property
+    def norm_max_tokens(self) -> int:
+        """Most tokens :meth:`norm_and_mlp` takes (0: not this layer)."""
+        if self.norm_weight is None or self.hidden % 8:
+            return 0
+        return min(self.max_tokens, NORM_ELEMENTS // self.hidden)
 
     def __call__(self, xq: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
         """``y [*lead, hidden]`` for ``xq [*lead, hidden]`` int8 and ``x_scale [*lead, 1]`` (or ``[*lead]``)."""
@@ -84,6 +94,40 @@ class FusedBitnetMLP:
                                                  self.up_scale, self.down_scale, self.sub_weight, self.mid,
                                                  self.barrier, self.eps, self.hidden, self.intermediate)
         return y.view(*lead, self.hidden)
+
+    def norm_and_mlp(self, res: torch.Tensor, delta: torch.Tensor) -> tuple:
+        """``(h, mlp(x))`` for ``h = res + delta`` (in the model dtype) and ``x`` the post-attention norm of ``h``
+        quantized per token, all in the one kernel (every block norms ``h``; the norm_quant kernel's numbers up to
+        the order of its sum of squares).  ``res``, ``delta``: contiguous ``[*lead, hidden]``."""
+        lead = res.shape[:-1]
+        a, b = res.reshape(-1, self.hidden), delta.reshape(-1, self.hidden)
+        check_norm_inputs(a, b, self)
+        h, y = torch.ops.bitlab.cuda_ext_bitnet_mlp_norm(a, b, self.norm_weight, self.norm_eps, self.gate_wq,
+                                                         self.up_wq, self.down_wq, self.gate_scale, self.up_scale,
+                                                         self.down_scale, self.sub_weight, self.mid, self.barrier,
+                                                         self.eps, self.hidden, self.intermediate)
+        return h.view(*lead, self.hidden), y.view(*lead, self.hidden)
+
+
+def check_norm_inputs(res: torch.Tensor, delta: torch.Tensor, fused: FusedBitnetMLP) -> None:
+    """ValueError naming the problem with :meth:`FusedBitnetMLP.norm_and_mlp`'s inputs."""
+    if fused.norm_max_tokens == 0:
+        raise ValueError("bitnet_mlp: this layer's kernel was prepared without the post-attention norm"
+                         if fused.norm_weight is None else
+                         f"bitnet_mlp: hidden size {fused.hidden} is not a multiple of 8 (the norm's 16-byte loads)")
+    for name, t in (("res", res), ("delta", delta)):
+        if t.dtype != fused.sub_weight.dtype or t.dim() != 2 or t.shape[1] != fused.hidden:
+            raise ValueError(f"bitnet_mlp: {name} must be {fused.sub_weight.dtype} [tokens, {fused.hidden}], got "
+                             f"{t.dtype} {tuple(t.shape)}")
+        if t.device != fused.gate_wq.device:
+            raise ValueError(f"bitnet_mlp: {name} on {t.device}, weights on {fused.gate_wq.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"bitnet_mlp: {name} must be contiguous, got strides {t.stride()}")
+    if res.shape[0] != delta.shape[0]:
+        raise ValueError(f"bitnet_mlp: res has {res.shape[0]} rows, delta {delta.shape[0]}")
+    if res.shape[0] > fused.norm_max_tokens:
+        raise ValueError(f"bitnet_mlp: {res.shape[0]} tokens; with the norm this layer's kernel takes at most "
+                         f"{fused.norm_max_tokens}")
 
 
 def check_inputs(xq: torch.Tensor, x_scale: torch.Tensor, fused: FusedBitnetMLP) -> None:
@@ -133,8 +177,10 @@ def why_not(gate_up, down, sub_weight: torch.Tensor) -> str:
     return ""
 
 
-def prepare_bitnet_mlp(gate_up, down, sub_weight: torch.Tensor, eps: float) -> FusedBitnetMLP:
-    """The fused MLP over the prepared ``gate_up`` (gate rows then up rows) and ``down`` weights."""
+def prepare_bitnet_mlp(gate_up, down, sub_weight: torch.Tensor, eps: float,
+                       norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 0.0) -> FusedBitnetMLP:
+    """The fused MLP over the prepared ``gate_up`` (gate rows then up rows) and ``down`` weights; with
+    ``norm_weight`` (the post-attention norm's, ``[hidden]``) it can take that norm too (norm_and_mlp)."""
     why = why_not(gate_up, down, sub_weight)
     if why:
         raise ValueError(f"bitnet_mlp: {why}")
@@ -158,6 +204,8 @@ def prepare_bitnet_mlp(gate_up, down, sub_weight: torch.Tensor, eps: float) -> F
         hidden=hidden,
         intermediate=intermediate,
         max_tokens=max_tokens,
-        mid=torch.empty(mid_elements(intermediate), dtype=sub_weight.dtype, device=device),
+        mid=torch.empty(MAX_TOKENS * intermediate, dtype=sub_weight.dtype, device=device),
         barrier=torch.zeros(1, dtype=torch.int64, device=device),
+        norm_weight=None if norm_weight is None else norm_weight.detach().to(device, sub_weight.dtype).contiguous(),
+        norm_eps=float(norm_eps),
     )

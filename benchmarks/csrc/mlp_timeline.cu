@@ -67,7 +67,7 @@ int main(int argc, char** argv) {
     CHECK(cudaMalloc(&L.up_scale, sizeof(float) * kInter));
     CHECK(cudaMalloc(&L.down_scale, sizeof(float) * kHidden));
     CHECK(cudaMalloc(&L.sub_weight, sizeof(__nv_bfloat16) * kInter));
-    CHECK(cudaMalloc(&L.mid, sizeof(__nv_bfloat16) * bitlab::bitnet_mlp_mid_elements(kInter)));
+    CHECK(cudaMalloc(&L.mid, sizeof(__nv_bfloat16) * M * kInter));
     CHECK(cudaMalloc(&L.y, sizeof(__nv_bfloat16) * M * kHidden));
     CHECK(cudaMalloc(&L.producer_weights, kProducerBytes));
     probe::fill_random<<<64, 256>>>(reinterpret_cast<uint32_t*>(L.src), M * kHidden / 4, seed++);

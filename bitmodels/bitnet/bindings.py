@@ -216,9 +216,11 @@ def bind_group(
     return bound
 
 
-def bind_fused_mlp(bound: Dict[str, PreparedLinear], sub_norm_weight: torch.Tensor, eps: float):
+def bind_fused_mlp(bound: Dict[str, PreparedLinear], sub_norm_weight: torch.Tensor, eps: float,
+                   norm_weight: Optional[torch.Tensor] = None):
     """BitNet's MLP (gate/up, squared-ReLU gate, sub-norm + quantization, down) as one cuda_ext kernel over
-    the layer's bound ``gate_up`` and ``down_proj`` weights (:mod:`backends.cuda_ext.bitnet_mlp`).
+    the layer's bound ``gate_up`` and ``down_proj`` weights (:mod:`backends.cuda_ext.bitnet_mlp`); with
+    ``norm_weight`` (the post-attention norm's) the kernel can also take that norm and the residual add.
 
     Returns ``(fused, "")`` or ``(None, why not)``."""
     gate_up, down = bound.get("gate_up"), bound.get("down_proj")
@@ -235,7 +237,7 @@ def bind_fused_mlp(bound: Dict[str, PreparedLinear], sub_norm_weight: torch.Tens
     why = bitnet_mlp.why_not(gate_up.prepared, down.prepared, sub_norm_weight)
     if why:
         return None, why
-    return bitnet_mlp.prepare_bitnet_mlp(gate_up.prepared, down.prepared, sub_norm_weight, eps), ""
+    return bitnet_mlp.prepare_bitnet_mlp(gate_up.prepared, down.prepared, sub_norm_weight, eps, norm_weight, eps), ""
 
 
 def tensors_in(obj: Any, seen: Optional[set] = None) -> Iterable[torch.Tensor]:

@@ -26,6 +26,7 @@ Example::
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, Optional
 
 import torch
@@ -112,6 +113,8 @@ class BitNetDecoderLayer(nn.Module):
         self.quantized_inputs = False
         # BitNet's whole MLP as one cuda_ext kernel for a few tokens (prepare_for_inference(fused_mlp=True)).
         self.fused_mlp = None
+        # True when that kernel also takes the residual add and the post-attention norm (norm_and_mlp).
+        self.norm_in_mlp = False
 
     def _mlp(self, x, ops, quantize: bool) -> torch.Tensor:
         """``down_proj(ffn_sub_norm(relu(gate_proj(x))**2 * up_proj(x)))``: one kernel where the fused MLP
@@ -150,9 +153,28 @@ class BitNetDecoderLayer(nn.Module):
             v.view(B, T, attn.n_kv_heads, attn.head_dim),
             cos, sin, k_cache, v_cache, slots, mask, attn.attn_sub_norm.weight, self.eps, quantize,
         )
-        h, x = ops.add_rms_norm(h, self._linear("o_proj", attn, a), self.post_attention_layernorm.weight, self.eps,
-                                quantize)
-        return ops.add_rms_norm(h, self._mlp(x, ops, quantize), next_norm, self.eps, quantize_next)
+        o = self._linear("o_proj", attn, a)
+        both = self._norm_and_mlp(h, o, quantize)
+        if both is None:
+            h, x = ops.add_rms_norm(h, o, self.post_attention_layernorm.weight, self.eps, quantize)
+            y = self._mlp(x, ops, quantize)
+        else:
+            h, y = both
+        return ops.add_rms_norm(h, y, next_norm, self.eps, quantize_next)
+
+    def _norm_and_mlp(self, h: torch.Tensor, o: torch.Tensor, quantize: bool):
+        """``(h + o, mlp(post_attention_layernorm(h + o)))`` from the one MLP kernel where it takes the norm too
+        (``norm_in_mlp``, quantizing norms, contiguous CUDA rows of its dtype, at most its token count), else
+        None: then the norm's own kernel and :meth:`_mlp` run."""
+        fused = self.fused_mlp
+        if not (self.norm_in_mlp and quantize and fused is not None):
+            return None
+        tokens = h.numel() // h.shape[-1]
+        if (tokens > min(fused.norm_max_tokens, FUSED_MLP_MAX_TOKENS) or not h.is_cuda or h.shape != o.shape
+                or h.dtype != fused.sub_weight.dtype or o.dtype != h.dtype or not h.is_contiguous()
+                or not o.is_contiguous()):
+            return None
+        return fused.norm_and_mlp(h, o)
 
 
 class BitNetModel(nn.Module):
@@ -290,11 +312,18 @@ class BitNetForCausalLM(nn.Module):
             if fused_mlp and not layer.quantized_inputs:
                 why = "the norms do not quantize (quantize_in_norms=False or a projection takes no int8 input)"
             elif fused_mlp:
-                layer.fused_mlp, why = bind_fused_mlp(layer.bound, mlp.ffn_sub_norm.weight, layer.eps)
-        first = self.model.layers[0].fused_mlp
-        limit = min(first.max_tokens, FUSED_MLP_MAX_TOKENS) if first is not None else 0
-        self.mlp_kernel = (f"cuda_ext.bitnet_mlp (one kernel up to {limit} tokens)" if first is not None
-                           else f"separate kernels ({why})")
+                layer.fused_mlp, why = bind_fused_mlp(layer.bound, mlp.ffn_sub_norm.weight, layer.eps,
+                                                      layer.post_attention_layernorm.weight)
+            layer.norm_in_mlp = (layer.fused_mlp is not None and layer.fused_mlp.norm_max_tokens > 0
+                                 and os.environ.get("BITLAB_MLP_NORM", "") != "separate")
+        first = self.model.layers[0]
+        self.mlp_kernel = f"separate kernels ({why})"
+        if first.fused_mlp is not None:
+            limit = min(first.fused_mlp.max_tokens, FUSED_MLP_MAX_TOKENS)
+            norm = (f", with the residual add and post-attention norm up to "
+                    f"{min(first.fused_mlp.norm_max_tokens, FUSED_MLP_MAX_TOKENS)}" if first.norm_in_mlp
+                    else ", the post-attention norm apart (BITLAB_MLP_NORM=separate or hidden % 8 != 0)")
+            self.mlp_kernel = f"cuda_ext.bitnet_mlp (one kernel up to {limit} tokens{norm})"
         self.norm_quant = use_fused_norm_quant(device) if self.model.layers[0].quantized_inputs else "none"
         self.bind_lm_head(lm_head_bits, device)
         if embedding_on_host:
@@ -356,6 +385,7 @@ class BitNetForCausalLM(nn.Module):
             layer.bound = {}
             layer.quantized_inputs = False
             layer.fused_mlp = None
+            layer.norm_in_mlp = False
 
     def use_compiled_ops(self, enabled: bool = True, **compile_kwargs) -> None:
         """Run the float operations through ``torch.compile`` (fused kernels) or eagerly."""

@@ -375,19 +375,14 @@ at::Tensor cuda_ext_decode_attention(const at::Tensor& q, const at::Tensor& k, c
 }
 
 // BitNet's MLP in one kernel (bitnet_mlp.cu, sm_90); inputs checked in Python first
-// (backends/cuda_ext/bitnet_mlp.py), again here.  mid and barrier are the layer's scratch.
-at::Tensor cuda_ext_bitnet_mlp(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& gate_wq,
-                               const at::Tensor& up_wq, const at::Tensor& down_wq, const at::Tensor& gate_scale,
-                               const at::Tensor& up_scale, const at::Tensor& down_scale, const at::Tensor& sub_weight,
-                               at::Tensor mid, at::Tensor barrier, double eps, int64_t H, int64_t I) {
-  const char* op = "cuda_ext_bitnet_mlp";
-  TORCH_CHECK(xq.is_cuda() && xq.dim() == 2 && xq.scalar_type() == at::kChar && xq.size(1) == H && xq.stride(1) == 1,
-              op, ": xq must be int8 [M, ", H, "] with contiguous rows on a CUDA device, got ", xq.scalar_type(), " ",
-              xq.sizes());
-  const int64_t M = xq.size(0);
+// (backends/cuda_ext/bitnet_mlp.py), again here.  mid and barrier are the layer's scratch.  The arguments
+// every form shares: the prepared weights, scales, sub-norm and scratch for M tokens.
+bitlab::BitnetMlpArgs bitnet_mlp_args(const char* op, int64_t M, const at::Tensor& gate_wq, const at::Tensor& up_wq,
+                                      const at::Tensor& down_wq, const at::Tensor& gate_scale,
+                                      const at::Tensor& up_scale, const at::Tensor& down_scale,
+                                      const at::Tensor& sub_weight, at::Tensor& mid, at::Tensor& barrier, double eps,
+                                      int64_t H, int64_t I) {
   TORCH_CHECK(M <= bitlab::kBitnetMlpMaxTokens, op, ": ", M, " tokens; at most ", bitlab::kBitnetMlpMaxTokens);
-  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.is_contiguous() && x_scale.numel() == M, op,
-              ": x_scale must be contiguous float32 with ", M, " elements");
   TORCH_CHECK(I % 16 == 0, op, ": intermediate size ", I, " is not a multiple of 16");
   const int64_t tile_words = (H + 127) / 128 * 128;  // words per 16-row tile of gate / up (ternary)
   const int64_t down_words = (I + 127) / 128 * 128;
@@ -408,20 +403,12 @@ at::Tensor cuda_ext_bitnet_mlp(const at::Tensor& xq, const at::Tensor& x_scale, 
                   reinterpret_cast<uintptr_t>(sub_weight.data_ptr()) % 16 == 0,
               op, ": sub-norm weight must be contiguous, 16-byte aligned float16 / bfloat16 [", I, "], got ", dt, " ",
               sub_weight.sizes());
-  const int64_t mid_elements = bitlab::bitnet_mlp_mid_elements(I);
-  TORCH_CHECK(mid.scalar_type() == dt && mid.is_contiguous() && mid.numel() >= mid_elements &&
+  TORCH_CHECK(mid.scalar_type() == dt && mid.is_contiguous() && mid.numel() >= M * I &&
                   reinterpret_cast<uintptr_t>(mid.data_ptr()) % 16 == 0,
-              op, ": mid scratch must be contiguous, 16-byte aligned ", dt, " with at least ", mid_elements,
-              " elements (m of ", bitlab::kBitnetMlpMaxTokens, " tokens, then the blocks' sums of squares)");
+              op, ": mid scratch must be contiguous, 16-byte aligned ", dt, " with at least ", M * I, " elements");
   TORCH_CHECK(barrier.scalar_type() == at::kLong && barrier.numel() == 1 && barrier.is_cuda(), op,
               ": barrier must be one int64 on the GPU");
-  const c10::cuda::CUDAGuard guard(xq.device());
-  at::Tensor y = at::empty({M, H}, xq.options().dtype(dt));
-  if (M == 0) return y;
   bitlab::BitnetMlpArgs a = {};
-  a.xq = xq.data_ptr<int8_t>();
-  a.ldx = xq.stride(0);
-  a.x_scale = x_scale.data_ptr<float>();
   a.gate_wq = reinterpret_cast<const uint32_t*>(gate_wq.data_ptr<int>());
   a.up_wq = reinterpret_cast<const uint32_t*>(up_wq.data_ptr<int>());
   a.down_wq = reinterpret_cast<const uint32_t*>(down_wq.data_ptr<int>());
@@ -433,13 +420,75 @@ at::Tensor cuda_ext_bitnet_mlp(const at::Tensor& xq, const at::Tensor& x_scale, 
   a.dtype = dtype_code(dt);
   a.mid = mid.data_ptr();
   a.barrier = reinterpret_cast<unsigned long long*>(barrier.data_ptr<int64_t>());
-  a.y = y.data_ptr();
   a.M = static_cast<int>(M);
   a.H = static_cast<int>(H);
   a.I = static_cast<int>(I);
-  a.pdl = 1;  // behind cuda_ext_rms_norm_quant, which lets it start at once
+  a.pdl = 1;  // behind a kernel that lets it start at once (cuda_ext_rms_norm_quant, a GEMV)
+  return a;
+}
+
+// The MLP of int8 rows xq [M, H] with per-token scales (the post-attention norm's output).
+at::Tensor cuda_ext_bitnet_mlp(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& gate_wq,
+                               const at::Tensor& up_wq, const at::Tensor& down_wq, const at::Tensor& gate_scale,
+                               const at::Tensor& up_scale, const at::Tensor& down_scale, const at::Tensor& sub_weight,
+                               at::Tensor mid, at::Tensor barrier, double eps, int64_t H, int64_t I) {
+  const char* op = "cuda_ext_bitnet_mlp";
+  TORCH_CHECK(xq.is_cuda() && xq.dim() == 2 && xq.scalar_type() == at::kChar && xq.size(1) == H && xq.stride(1) == 1,
+              op, ": xq must be int8 [M, ", H, "] with contiguous rows on a CUDA device, got ", xq.scalar_type(), " ",
+              xq.sizes());
+  const int64_t M = xq.size(0);
+  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.is_contiguous() && x_scale.numel() == M, op,
+              ": x_scale must be contiguous float32 with ", M, " elements");
+  bitlab::BitnetMlpArgs a = bitnet_mlp_args(op, M, gate_wq, up_wq, down_wq, gate_scale, up_scale, down_scale,
+                                            sub_weight, mid, barrier, eps, H, I);
+  const c10::cuda::CUDAGuard guard(xq.device());
+  at::Tensor y = at::empty({M, H}, xq.options().dtype(sub_weight.scalar_type()));
+  if (M == 0) return y;
+  a.xq = xq.data_ptr<int8_t>();
+  a.ldx = xq.stride(0);
+  a.x_scale = x_scale.data_ptr<float>();
+  a.y = y.data_ptr();
   check_cuda(bitlab::launch_bitnet_mlp(a, c10::cuda::getCurrentCUDAStream()), "bitnet_mlp kernel");
   return y;
+}
+
+// The post-attention norm and the MLP in one kernel: h = T(res + delta), x = quantize(RMSNorm(h) * norm_weight)
+// in every block; returns (h, y).
+std::tuple<at::Tensor, at::Tensor> cuda_ext_bitnet_mlp_norm(
+    const at::Tensor& res, const at::Tensor& delta, const at::Tensor& norm_weight, double norm_eps,
+    const at::Tensor& gate_wq, const at::Tensor& up_wq, const at::Tensor& down_wq, const at::Tensor& gate_scale,
+    const at::Tensor& up_scale, const at::Tensor& down_scale, const at::Tensor& sub_weight, at::Tensor mid,
+    at::Tensor barrier, double eps, int64_t H, int64_t I) {
+  const char* op = "cuda_ext_bitnet_mlp_norm";
+  const at::ScalarType dt = sub_weight.scalar_type();
+  TORCH_CHECK(H % 8 == 0, op, ": hidden size ", H, " is not a multiple of 8");
+  for (const auto& t : {res, delta})
+    TORCH_CHECK(t.is_cuda() && t.dim() == 2 && t.scalar_type() == dt && t.size(1) == H && t.is_contiguous() &&
+                    reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
+                op, ": res and delta must be contiguous, 16-byte aligned ", dt, " [M, ", H, "] on a CUDA device, got ",
+                t.scalar_type(), " ", t.sizes());
+  const int64_t M = res.size(0);
+  TORCH_CHECK(delta.size(0) == M, op, ": res has ", M, " rows, delta ", delta.size(0));
+  TORCH_CHECK(M * H <= bitlab::kBitnetMlpNormElements, op, ": ", M, " x ", H, " values to norm; at most ",
+              bitlab::kBitnetMlpNormElements);
+  TORCH_CHECK(norm_weight.scalar_type() == dt && norm_weight.is_contiguous() && norm_weight.numel() == H &&
+                  reinterpret_cast<uintptr_t>(norm_weight.data_ptr()) % 16 == 0,
+              op, ": norm weight must be contiguous, 16-byte aligned ", dt, " [", H, "]");
+  bitlab::BitnetMlpArgs a = bitnet_mlp_args(op, M, gate_wq, up_wq, down_wq, gate_scale, up_scale, down_scale,
+                                            sub_weight, mid, barrier, eps, H, I);
+  const c10::cuda::CUDAGuard guard(res.device());
+  at::Tensor h = at::empty_like(res);
+  at::Tensor y = at::empty({M, H}, res.options());
+  if (M == 0) return {h, y};
+  a.res = res.data_ptr();
+  a.delta = delta.data_ptr();
+  a.norm_weight = norm_weight.data_ptr();
+  a.res_out = h.data_ptr();
+  a.norm_eps = static_cast<float>(norm_eps);
+  a.norm_input = 1;
+  a.y = y.data_ptr();
+  check_cuda(bitlab::launch_bitnet_mlp(a, c10::cuda::getCurrentCUDAStream()), "bitnet_mlp kernel");
+  return {h, y};
 }
 
 // Dynamic shared memory the MLP kernel needs for M tokens on the current device (0: it does not run there).
@@ -481,6 +530,10 @@ TORCH_LIBRARY_FRAGMENT(bitlab, m) {
       "cuda_ext_bitnet_mlp(Tensor xq, Tensor x_scale, Tensor gate_wq, Tensor up_wq, Tensor down_wq, "
       "Tensor gate_scale, Tensor up_scale, Tensor down_scale, Tensor sub_weight, Tensor(a!) mid, Tensor(b!) barrier, "
       "float eps, int H, int I) -> Tensor");
+  m.def(
+      "cuda_ext_bitnet_mlp_norm(Tensor res, Tensor delta, Tensor norm_weight, float norm_eps, Tensor gate_wq, "
+      "Tensor up_wq, Tensor down_wq, Tensor gate_scale, Tensor up_scale, Tensor down_scale, Tensor sub_weight, "
+      "Tensor(a!) mid, Tensor(b!) barrier, float eps, int H, int I) -> (Tensor, Tensor)");
   m.def("cuda_ext_bitnet_mlp_smem(int M, int H, int I, ScalarType dtype) -> int", &cuda_ext_bitnet_mlp_smem);
   m.def(
       "cuda_ext_decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
@@ -501,6 +554,7 @@ TORCH_LIBRARY_IMPL(bitlab, CUDA, m) {
   m.impl("cuda_ext_rms_norm_quant", &cuda_ext_rms_norm_quant);
   m.impl("cuda_ext_decode_attention", &cuda_ext_decode_attention);
   m.impl("cuda_ext_bitnet_mlp", &cuda_ext_bitnet_mlp);
+  m.impl("cuda_ext_bitnet_mlp_norm", &cuda_ext_bitnet_mlp_norm);
   m.impl("cuda_ext_gather_host_rows", &cuda_ext_gather_host_rows);
 }
 

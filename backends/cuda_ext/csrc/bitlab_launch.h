@@ -192,11 +192,8 @@ cudaError_t launch_decode_attention(const DecodeAttentionArgs& args, cudaStream_
 // with ternary int8-path lane tiles (bitlab_mma.cuh) and per-row float32 scales; T is dtype.
 // One block per multiprocessor, one grid barrier between the phases.
 constexpr int kBitnetMlpMaxTokens = 8;
-// Most blocks of the MLP kernel (one per multiprocessor): its per-block sums of squares live in `mid`'s tail.
-constexpr int kBitnetMlpMaxBlocks = 1024;
-// Elements of `mid` (in the model's 16-bit dtype) for I intermediate columns: m of kBitnetMlpMaxTokens tokens,
-// then kBitnetMlpMaxBlocks x kBitnetMlpMaxTokens float sums of squares.
-inline long bitnet_mlp_mid_elements(long I) { return kBitnetMlpMaxTokens * I + 2L * kBitnetMlpMaxBlocks * kBitnetMlpMaxTokens; }
+// Most elements M * H of the rows the kernel norms itself (norm_input): 4 pieces of 8 per thread, in registers.
+constexpr int kBitnetMlpNormElements = 4 * 8 * 512;
 struct BitnetMlpArgs {
   const int8_t* xq;         // [M, H] rows, row stride ldx
   long ldx;
@@ -210,18 +207,26 @@ struct BitnetMlpArgs {
   const void* sub_weight;   // ffn_sub_norm weight [I], dtype
   float eps;
   int dtype;                // kDtypeHalf or kDtypeBFloat16
-  void* mid;                // scratch of bitnet_mlp_mid_elements(I), dtype: m [M, I] between the phases, then
-                           // each block's per-token sums of squares of its m (float [G, kBitnetMlpMaxTokens])
+  void* mid;                // scratch [M, I], dtype: m between the phases
   unsigned long long* barrier;  // grid barrier counter, only ever incremented (zero when allocated)
   void* y;                  // [M, H], dtype
   int M, H, I;
   int pdl;
+  // The post-attention norm inside the kernel (norm_input != 0; then xq and x_scale are not read): every block
+  // computes x = int8 per-token quantization of RMSNorm(h) * norm_weight for h = T(res + delta) (the residual
+  // stream plus the o projection's output, [M, H] contiguous, H % 8 == 0, M * H <= kBitnetMlpNormElements), as
+  // norm_quant.cu's mode 1 does (its sum of squares in another order); block 0 writes h to res_out.
+  const void* res;
+  const void* delta;
+  const void* norm_weight;  // [H], dtype
+  void* res_out;            // [M, H], dtype; not res
+  float norm_eps;
+  int norm_input;
   // set by the launcher (read per launch, for A/B timing): a block's down tiles one at a time
   // (BITLAB_MLP_DOWN=single), its gate/up pair tiles one pair at a time (BITLAB_MLP_GATE_UP=single)
   int down_tiles_apart, gate_up_apart;
-  // set by the launcher: the grid barrier with __threadfence around a relaxed atomic, as before (BITLAB_MLP_BARRIER=fence),
-  // and the sub-norm's three passes over all of m in every block (BITLAB_MLP_SUBNORM=passes), for A/B timing
-  int fenced_barrier, subnorm_passes;
+  // set by the launcher: the grid barrier with __threadfence around a relaxed atomic (BITLAB_MLP_BARRIER=fence, A/B)
+  int fenced_barrier;
 };
 // Dynamic shared memory the kernel needs for M tokens, or 0 where it cannot run (M out of range,
 // more than 4 tiles of 16 rows per block in either phase, or over the device's shared memory).

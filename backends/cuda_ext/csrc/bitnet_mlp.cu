@@ -16,12 +16,11 @@
 //     rows), one mbarrier per tile; its 16 warps split each tile's 128-column chunks, meet in shared
 //     memory (partial sums of the M real tokens only, in the down tiles' region before those arrive;
 //     an even number of pair tiles is taken two pairs at a time),
-//     and write m = T(T(relu(g)^2) * u) to the scratch `mid`, with the block's per-token sums of m^2
-//     after it;
+//     and write m = T(T(relu(g)^2) * u) to the scratch `mid`;
 //   * grid barrier (a counter that only grows: arrival `old`, a release, waits by acquire loads for the
 //     next multiple of G);
-//   * every block adds the G blocks' sums (same order in every block, so the same result), norms all of m
-//     in registers as it arrives from L2 and quantizes the whole row into shared memory;
+//   * every block reads all of `mid`, computes the sub-norm's sums itself (same order in every block,
+//     so the same result) and quantizes the whole row into shared memory;
 //   * phase B: block b owns down tiles [b PB / G, (b + 1) PB / G), already in shared memory (an even
 //     number of them multiplied two at a time).
 // Epilogues round exactly as the separate kernels do (epilogue_store_f, norm_quant.cu); only the
@@ -65,7 +64,7 @@ MlpPlan make_plan(int M, int H, int I, int elem, int sms, int smem_limit) {
   p.xp = p.Hp + 16; p.qp = p.Ip + 16;  // +16: the 8 token rows a warp reads start on different banks
   p.PA = (I + 15) / 16; p.PB = (H + 15) / 16;
   p.G = sms < (p.PA > p.PB ? p.PA : p.PB) ? sms : (p.PA > p.PB ? p.PA : p.PB);
-  if (M < 1 || M > kMaxTok || H < 1 || I < 1 || I % 16 != 0 || p.G < 1 || p.G > kBitnetMlpMaxBlocks) return p;
+  if (M < 1 || M > kMaxTok || H < 1 || I < 1 || I % 16 != 0 || p.G < 1) return p;
   p.tiles_a = (p.PA + p.G - 1) / p.G;
   p.tiles_b = (p.PB + p.G - 1) / p.G;
   if (p.tiles_a > kMlpMaxTiles || p.tiles_b > kMlpMaxTiles) return p;
@@ -111,31 +110,16 @@ __device__ __forceinline__ void finish_block_reduce(int M, float* scratch) {
   __syncthreads();
 }
 
-// Warp 0 sums the per-token values its 16 warps stored with warp_reduce_to (lane w < kMlpWarps reads warp w's,
-// then a shuffle tree) and returns them in lane 0 (token t of t < M: one call per token).
-__device__ __forceinline__ float warp0_sum_of_warps(const float* scratch, int t, int lane) {
-  float v = lane < kMlpWarps ? scratch[lane * kMaxTok + t] : 0.f;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+// One warp combines the per-token values the 16 warps stored with warp_reduce_to (lane w < kMlpWarps reads
+// warp w's, then a shuffle tree; kMax: maximum) for token t, in every lane: the same order in every block.
+template <bool kMax>
+__device__ __forceinline__ float reduce_warps(const float* scratch, int t, int lane) {
+  float v = lane < kMlpWarps ? scratch[lane * kMaxTok + t] : 0.f;  // 0: also the maximum's identity here (>= 0)
+  for (int o = 16; o > 0; o >>= 1) {
+    const float other = __shfl_xor_sync(0xffffffffu, v, o);
+    v = kMax ? fmaxf(v, other) : v + other;
+  }
   return v;
-}
-
-// The sum over the G blocks of their per-token values in `sums` ([G, kMaxTok], written before the grid barrier),
-// in lane 0 of the calling warp: lane l adds blocks l, l + 32, ... in order, then a shuffle tree.  The same
-// order in every block, so every block gets the same total.
-__device__ __forceinline__ float sum_over_blocks(const float* sums, int G, int t, int lane) {
-  float v = 0.f;
-  for (int b = lane; b < G; b += 32) v += __ldcg(sums + b * kMaxTok + t);
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Per-token maximum of non-negative values into amax_bits[key] (float bits compare as unsigned): the lanes of a
-// warp with the same key combine first, then one shared-memory atomic per key.  All 32 lanes call it; a lane
-// with nothing to add passes key < 0.
-__device__ __forceinline__ void warp_max_by_key(float v, int key, unsigned* amax_bits, int lane) {
-  const unsigned same = __match_any_sync(0xffffffffu, key);
-  const unsigned m = __reduce_max_sync(same, __float_as_uint(v));
-  if (key >= 0 && lane == __ffs(same) - 1) atomicMax(amax_bits + key, m);
 }
 
 // A bulk copy cut into pieces of at most kCopyPiece bytes (more copies in flight per multiprocessor).
@@ -198,78 +182,27 @@ __device__ __forceinline__ int reduced(const int* part, int n, int lt, int m, in
   return s;
 }
 
-// ffn_sub_norm of all of m (`mid`, M x I) in every block, from the blocks' sums of squares (`block_sums`, written
-// before the grid barrier).  Every thread loads its 16-byte pieces of m (8 columns; piece i is token
-// i / (I / 8)) while warp 0 adds the blocks' sums (the same order in every block) into rnorm; then each thread
-// norms its pieces in registers, stores y into `staged` and adds their absolute maxima into amax_bits per token.
-constexpr int kSubnormLoads = 8;  // pieces in flight per thread
-__device__ __forceinline__ void load_pieces(uint4 (&v)[kSubnormLoads], const uint4* src, int base, int pieces) {
-#pragma unroll
-  for (int k = 0; k < kSubnormLoads; ++k) {
-    const int i = base + k * kMlpThreads + threadIdx.x;
-    if (i < pieces) v[k] = __ldcg(src + i);
-  }
-}
-template <typename T>
-__device__ __forceinline__ void subnorm_from_block_sums(const MlpPlan& p, float eps, const void* mid,
-                                                        const float* block_sums, const T* w_sub, T* staged,
-                                                        float* rnorm, unsigned* amax_bits, TimelineMark loaded = {}) {
-  const int lane = threadIdx.x & 31, npieces = p.I / 8, pieces = p.M * npieces;
-  const uint4* src = static_cast<const uint4*>(mid);
-  uint4 v[kSubnormLoads];
-  load_pieces(v, src, 0, pieces);
-  if (threadIdx.x < 32) {
-#pragma unroll 1
-    for (int t = 0; t < p.M; ++t) {
-      const float ss = sum_over_blocks(block_sums, p.G, t, lane);
-      if (lane == 0) rnorm[t] = rsqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(p.I)), eps));
-    }
-  }
-  __syncthreads();
-  loaded();  // m loaded (this thread's first pieces), the sub-norm's sums over the blocks
-#pragma unroll 1
-  for (int base = 0; base < pieces; base += kSubnormLoads * kMlpThreads) {
-    if (base > 0) load_pieces(v, src, base, pieces);  // more than 4 tokens at the 2B shape
-#pragma unroll
-    for (int k = 0; k < kSubnormLoads; ++k) {
-      if (base + k * kMlpThreads >= pieces) break;  // the same for the whole block
-      const int i = base + k * kMlpThreads + threadIdx.x;
-      int key = -1;
-      float amax = 0.f;
-      if (i < pieces) {
-        const int tok = i / npieces, pc = i - tok * npieces;
-        const float r = rnorm[tok];
-        const uint4 wraw = reinterpret_cast<const uint4*>(w_sub)[pc];
-        T* e = reinterpret_cast<T*>(&v[k]);
-        const T* w = reinterpret_cast<const T*>(&wraw);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const float y = rms_normed<T>(to_f<T>(e[j]), r, to_f<T>(w[j]));
-          e[j] = from_f<T>(y);  // exact: rms_normed rounds to T
-          amax = fmaxf(amax, fabsf(y));
-        }
-        reinterpret_cast<uint4*>(staged)[i] = v[k];
-        key = tok;
-      }
-      warp_max_by_key(amax, key, amax_bits, lane);
-    }
-  }
-  __syncthreads();
-}
-
-// The same in three passes over all of m in shared memory (BITLAB_MLP_SUBNORM=passes, for A/B timing): sums of
-// squares, norm and absolute maxima (into scratch[kMlpWarps * kMaxTok + t]).  Token loops are not unrolled
-// (this code runs once per launch: its size costs instruction fetches).
+// ffn_sub_norm of all of m (`mid`, M x I) in every block, into `staged` as y: m comes into shared memory with all
+// of a thread's 16-byte loads in flight at once (one L2 round trip); then each thread owns pieces of 8 columns
+// p = threadIdx.x + k * kMlpThreads of every token: sums of squares, then norm and absolute maxima (into
+// scratch[kMlpWarps * kMaxTok + t]).  Token loops are not unrolled (this code runs once per launch: its size
+// costs instruction fetches; unrolled, the sub-norm alone took 4400 cycles, rolled 1600).
 template <typename T>
 __device__ __forceinline__ void subnorm_in_passes(const MlpPlan& p, float eps, const void* mid, const T* w_sub,
-                                                  T* staged, float* scratch, TimelineMark loaded = {}) {
+                                                  T* staged, float* scratch, TimelineMark loaded = {},
+                                                  TimelineMark summed = {}) {
   const int npieces = p.I / 8, pieces = p.M * npieces, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const uint4* src = static_cast<const uint4*>(mid);
-  for (int base = 0; base < pieces; base += kSubnormLoads * kMlpThreads) {
-    uint4 v[kSubnormLoads];
-    load_pieces(v, src, base, pieces);
+  constexpr int kLoads = 8;  // pieces in flight per thread
+  for (int base = 0; base < pieces; base += kLoads * kMlpThreads) {
+    uint4 v[kLoads];
 #pragma unroll
-    for (int k = 0; k < kSubnormLoads; ++k) {
+    for (int k = 0; k < kLoads; ++k) {
+      const int i = base + k * kMlpThreads + threadIdx.x;
+      if (i < pieces) v[k] = __ldcg(src + i);
+    }
+#pragma unroll
+    for (int k = 0; k < kLoads; ++k) {
       const int i = base + k * kMlpThreads + threadIdx.x;
       if (i < pieces) reinterpret_cast<uint4*>(staged)[i] = v[k];
     }
@@ -289,6 +222,7 @@ __device__ __forceinline__ void subnorm_in_passes(const MlpPlan& p, float eps, c
     warp_reduce_to<false>(ss, scratch + warp * kMaxTok + tok, lane);
   }
   finish_block_reduce<false>(p.M, scratch);
+  summed();  // the sub-norm's sums of squares
 #pragma unroll 1
   for (int tok = 0; tok < p.M; ++tok) {
     const float r = rsqrtf(__fadd_rn(__fdiv_rn(total[tok], static_cast<float>(p.I)), eps));
@@ -312,14 +246,128 @@ __device__ __forceinline__ void subnorm_in_passes(const MlpPlan& p, float eps, c
   finish_block_reduce<true>(p.M, scratch);
 }
 
+// The post-attention norm in the kernel (BitnetMlpArgs::norm_input): x = int8 per-token quantization of
+// RMSNorm(h) * w for h = T(res + delta), into the block's x rows `xs` (pitch p.xp, zeros past H) and x_scale,
+// as norm_quant.cu's mode 1 computes it.  Every block computes it from the same data in the same order (the
+// same x everywhere); block 0 writes h to res_out.  Each thread holds its pieces of 8 columns in registers
+// (piece i is token i / (H / 8)): the sums of squares per token, then the norm and the maxima per token.
+constexpr int kNormLoads = kBitnetMlpNormElements / (8 * kMlpThreads);
+template <typename T>
+__device__ __forceinline__ void norm_into_x(const BitnetMlpArgs& a, const MlpPlan& p, unsigned char* xs,
+                                            float* x_scale, float* scratch, float* rnorm) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, hp = p.H / 8, pieces = p.M * hp;
+  const uint4* res = static_cast<const uint4*>(a.res);
+  const uint4* delta = static_cast<const uint4*>(a.delta);
+  const uint4* weight = static_cast<const uint4*>(a.norm_weight);
+  uint4 v[kNormLoads], w[kNormLoads];
+  float ss[kMaxTok];
+#pragma unroll
+  for (int t = 0; t < kMaxTok; ++t) ss[t] = 0.f;
+#pragma unroll
+  for (int k = 0; k < kNormLoads; ++k) {  // all loads first: one round trip
+    const int i = k * kMlpThreads + threadIdx.x;
+    if (i < pieces) {
+      v[k] = __ldcg(res + i);
+      w[k] = __ldcg(delta + i);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kNormLoads; ++k) {
+    const int i = k * kMlpThreads + threadIdx.x;
+    if (i < pieces) {
+      const int tok = i / hp;
+      T* e = reinterpret_cast<T*>(&v[k]);
+      const T* d = reinterpret_cast<const T*>(&w[k]);
+      float sq = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float h = round_t<T>(to_f<T>(e[j]) + to_f<T>(d[j]));
+        e[j] = from_f<T>(h);
+        sq = __fmaf_rn(h, h, sq);
+      }
+#pragma unroll
+      for (int t = 0; t < kMaxTok; ++t)
+        if (t == tok) ss[t] += sq;
+      if (blockIdx.x == 0) reinterpret_cast<uint4*>(a.res_out)[i] = v[k];
+      w[k] = __ldg(weight + (i - tok * hp));  // the norm's weight (d is used up)
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kMaxTok; ++t)
+    if (t < p.M) warp_reduce_to<false>(ss[t], scratch + warp * kMaxTok + t, lane);
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll 1
+    for (int t = 0; t < p.M; ++t) {
+      const float sum = reduce_warps<false>(scratch, t, lane);
+      if (lane == 0) rnorm[t] = rsqrtf(__fadd_rn(__fdiv_rn(sum, static_cast<float>(p.H)), a.norm_eps));
+    }
+  }
+  __syncthreads();
+  float amax[kMaxTok];  // this thread's maxima of |y| per token
+#pragma unroll
+  for (int t = 0; t < kMaxTok; ++t) amax[t] = 0.f;
+#pragma unroll
+  for (int k = 0; k < kNormLoads; ++k) {
+    const int i = k * kMlpThreads + threadIdx.x;
+    if (i < pieces) {
+      const int tok = i / hp;
+      const float r = rnorm[tok];
+      T* e = reinterpret_cast<T*>(&v[k]);
+      const T* wt = reinterpret_cast<const T*>(&w[k]);
+      float most = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float y = rms_normed<T>(to_f<T>(e[j]), r, to_f<T>(wt[j]));
+        e[j] = from_f<T>(y);
+        most = fmaxf(most, fabsf(y));
+      }
+#pragma unroll
+      for (int t = 0; t < kMaxTok; ++t)
+        if (t == tok) amax[t] = fmaxf(amax[t], most);
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kMaxTok; ++t)
+    if (t < p.M) warp_reduce_to<true>(amax[t], scratch + warp * kMaxTok + t, lane);
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll 1
+    for (int t = 0; t < p.M; ++t) {
+      const float most = fmaxf(reduce_warps<true>(scratch, t, lane), 1e-5f);
+      if (lane == 0) {
+        rnorm[t] = quant_inverse(most);  // the sums are used up: rnorm now holds 127 / amax
+        x_scale[t] = quant_scale(most);
+      }
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < kNormLoads; ++k) {
+    const int i = k * kMlpThreads + threadIdx.x;
+    if (i < pieces) {
+      const int tok = i / hp, pc = i - tok * hp;
+      const float inv = rnorm[tok];
+      const T* e = reinterpret_cast<const T*>(&v[k]);
+      uint32_t packed[2] = {0u, 0u};
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        packed[j >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(quantize_value(to_f<T>(e[j]), inv))) << (8 * (j & 3));
+      *reinterpret_cast<uint2*>(xs + tok * p.xp + 8 * pc) = make_uint2(packed[0], packed[1]);
+    }
+  }
+  const int pad = (p.xp - p.H) / 8;  // zeros past H (H % 8 == 0)
+  for (int idx = threadIdx.x; idx < p.M * pad; idx += kMlpThreads)
+    *reinterpret_cast<uint2*>(xs + (idx / pad) * p.xp + p.H + 8 * (idx % pad)) = make_uint2(0u, 0u);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArgs a, MlpPlan p) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ float scratch[(kMlpWarps + 1) * kMaxTok];
   __shared__ float row_scale[3][kMlpMaxTiles * 16];  // gate, up, down scales of the block's rows
   __shared__ float token_scale[2][kMaxTok];  // x_scale, then m's quantization scale
-  __shared__ float token_rnorm[kMaxTok];     // the sub-norm's rsqrt(mean(m^2) + eps) per token
-  __shared__ unsigned token_amax[kMaxTok];   // bits of the normed m's absolute maximum per token
+  __shared__ float x_rnorm[kMaxTok];         // the post-attention norm's rsqrt(mean(h^2) + eps) (norm_input)
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem);  // phase A tiles, then phase B tiles
   const int a0 = blockIdx.x * p.PA / p.G, na = (blockIdx.x + 1) * p.PA / p.G - a0;
   const int b0 = blockIdx.x * p.PB / p.G, nb = (blockIdx.x + 1) * p.PB / p.G - b0;
@@ -352,10 +400,11 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
   pdl_wait();
   BITLAB_STAMP(2);  // the wait for x returned
 
-  // x into shared memory, zero-padded to Hp columns.
+  // x into shared memory, zero-padded to Hp columns: the int8 rows given, or the post-attention norm's.
   unsigned char* xs = smem + p.off_x;
   const bool vec = a.ldx % 16 == 0 && reinterpret_cast<uintptr_t>(a.xq) % 16 == 0;
-  for (int idx = threadIdx.x; idx < p.M * (p.xp / 16); idx += kMlpThreads) {
+  if (a.norm_input) norm_into_x<T>(a, p, xs, token_scale[0], scratch, x_rnorm);
+  for (int idx = threadIdx.x; !a.norm_input && idx < p.M * (p.xp / 16); idx += kMlpThreads) {
     const int tok = idx / (p.xp / 16), c = (idx % (p.xp / 16)) * 16;
     const int8_t* row = a.xq + tok * a.ldx;
     union {
@@ -370,10 +419,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
     }
     *reinterpret_cast<uint4*>(xs + tok * p.xp + c) = piece.v;
   }
-  if (threadIdx.x < p.M) {
-    token_scale[0][threadIdx.x] = a.x_scale[threadIdx.x];
-    token_amax[threadIdx.x] = 0u;
-  }
+  if (threadIdx.x < p.M && !a.norm_input) token_scale[0][threadIdx.x] = a.x_scale[threadIdx.x];
   __syncthreads();  // also: the barriers are initialised before any warp waits on them
   BITLAB_STAMP(3);  // x in shared memory
   pdl_launch_dependents();
@@ -388,11 +434,6 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
     block_tiles_gemv<2>(smem + p.off_a, na, p.C1, bars, xs, p.xp, p.M, part_a, BITLAB_MARK(4));
   BITLAB_STAMP(5);  // gate and up multiplied (4: the first pair tile landed)
   T* mid = static_cast<T*>(a.mid);
-  float* block_sums = reinterpret_cast<float*>(mid + static_cast<long>(kMaxTok) * p.I);  // [G, kMaxTok]
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  float ss[kMaxTok];  // this thread's sums of its m values' squares, per token (the sub-norm's, in parts)
-#pragma unroll
-  for (int t = 0; t < kMaxTok; ++t) ss[t] = 0.f;
   for (int idx = threadIdx.x; idx < na * 16 * p.M; idx += kMlpThreads) {
     const int tok = idx % p.M, row = (idx / p.M) % 16, lt = idx / (16 * p.M);
     const int j = (a0 + lt) * 16 + row;  // < I: I % 16 == 0
@@ -401,16 +442,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
                                          row_scale[0][lt * 16 + row]));
     const float u = round_t<T>(__fmul_rn(__fmul_rn(static_cast<float>(reduced<2>(part_a, na, lt, 1, row, tok, p.M)), xsc),
                                          row_scale[1][lt * 16 + row]));
-    const float m = relu2_gate<T>(g, u);  // exact in T
-    mid[static_cast<long>(tok) * p.I + j] = from_f<T>(m);
-#pragma unroll
-    for (int t = 0; t < kMaxTok; ++t)
-      if (t == tok) ss[t] = __fmaf_rn(m, m, ss[t]);
-  }
-  if (!a.subnorm_passes) {
-#pragma unroll
-    for (int t = 0; t < kMaxTok; ++t)
-      if (t < p.M) warp_reduce_to<false>(ss[t], scratch + warp * kMaxTok + t, lane);
+    mid[static_cast<long>(tok) * p.I + j] = from_f<T>(relu2_gate<T>(g, u));
   }
   BITLAB_STAMP(6);  // this thread's m written
 
@@ -418,34 +450,24 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
   // in pairs (two m-tiles per chunk load: the 28 blocks of BitNet 2B with two tiles finish sooner).
   const bool down_pairs = nb % 2 == 0 && !a.down_tiles_apart;
   __syncthreads();
-  if (warp == 0) {
-    // This block's sums of squares per token, stored before it arrives.
-    if (!a.subnorm_passes) {
-#pragma unroll 1
-      for (int t = 0; t < p.M; ++t) {
-        const float v = warp0_sum_of_warps(scratch, t, lane);
-        if (lane == 0) block_sums[blockIdx.x * kMaxTok + t] = v;
-      }
+  if (threadIdx.x == 0) {
+    // Arrival releases what the block wrote (its threads' writes are ordered before by __syncthreads); the
+    // spin's acquire loads order the reads after it.  BITLAB_MLP_BARRIER=fence: __threadfence around a
+    // relaxed atomic, as before (0.5 us slower per MLP at one token on the H200).
+    unsigned long long old;
+    if (a.fenced_barrier) {
+      __threadfence();
+      old = atomicAdd(a.barrier, 1ull);
+    } else {
+      asm volatile("atom.add.release.gpu.global.u64 %0, [%1], 1;" : "=l"(old) : "l"(a.barrier) : "memory");
     }
-    if (lane == 0) {
-      // Arrival releases what the block wrote (its threads' writes are ordered before by __syncthreads); the
-      // spin's acquire loads order the reads after it.  BITLAB_MLP_BARRIER=fence: the fences around a relaxed
-      // atomic, as before.
-      unsigned long long old;
-      if (a.fenced_barrier) {
-        __threadfence();
-        old = atomicAdd(a.barrier, 1ull);
-      } else {
-        asm volatile("atom.add.release.gpu.global.u64 %0, [%1], 1;" : "=l"(old) : "l"(a.barrier) : "memory");
-      }
-      const unsigned long long target = (old / p.G + 1) * p.G;
-      unsigned long long now = 0;
-      do {
-        asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(now) : "l"(a.barrier) : "memory");
-      } while (now < target);
-      if (a.fenced_barrier) __threadfence();
-      BITLAB_STAMP(7);  // the grid barrier passed
-    }
+    const unsigned long long target = (old / p.G + 1) * p.G;
+    unsigned long long now = 0;
+    do {
+      asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(now) : "l"(a.barrier) : "memory");
+    } while (now < target);
+    if (a.fenced_barrier) __threadfence();
+    BITLAB_STAMP(7);  // the grid barrier passed
   } else if (threadIdx.x == kMlpThreads - 32) {
     // Meanwhile the last warp starts the down tiles' copies: the phase A partials in their region are read.
     // With down_pairs, tiles 2 k and 2 k + 1 share barrier k (phase B multiplies them together).
@@ -462,16 +484,13 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
   // ffn_sub_norm of all of m in every block, into shared memory as y, with y's absolute maximum per token.
   T* staged = reinterpret_cast<T*>(smem + p.off_a);  // m, then y = the normed m
   const int npieces = p.I / 8;  // 8 columns each
-  if (a.subnorm_passes)
-    subnorm_in_passes<T>(p, a.eps, a.mid, w_sub, staged, scratch, BITLAB_MARK(8));
-  else
-    subnorm_from_block_sums<T>(p, a.eps, a.mid, block_sums, w_sub, staged, token_rnorm, token_amax, BITLAB_MARK(8));
-  BITLAB_STAMP(9);  // normed, absolute maxima
-  const float* amax_passes = scratch + kMlpWarps * kMaxTok;
+  subnorm_in_passes<T>(p, a.eps, a.mid, w_sub, staged, scratch, BITLAB_MARK(8), BITLAB_MARK(9));
+  BITLAB_STAMP(10);  // normed, absolute maxima
+  const float* amax_of = scratch + kMlpWarps * kMaxTok;  // per token
   unsigned char* qs = smem + p.off_q;
 #pragma unroll 1
   for (int tok = 0; tok < p.M; ++tok) {
-    const float amax = fmaxf(a.subnorm_passes ? amax_passes[tok] : __uint_as_float(token_amax[tok]), 1e-5f);
+    const float amax = fmaxf(amax_of[tok], 1e-5f);
     const float inv = quant_inverse(amax);
     if (threadIdx.x == 0) token_scale[1][tok] = quant_scale(amax);
     for (int pc = threadIdx.x; pc < p.qp / 8; pc += kMlpThreads) {
@@ -489,16 +508,16 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
     }
   }
   __syncthreads();
-  BITLAB_STAMP(10);  // quantized
+  BITLAB_STAMP(11);  // quantized
 
   // Phase B: down projection of the quantized m.
   int* part_b = reinterpret_cast<int*>(smem + p.off_a);
   // (Tiles taken in pairs leave their partial sums where one at a time would: partial_index.)
   if (down_pairs)
-    block_tiles_gemv<2>(smem + p.off_b, nb / 2, p.C2, bars + na, qs, p.qp, p.M, part_b, BITLAB_MARK(11));
+    block_tiles_gemv<2>(smem + p.off_b, nb / 2, p.C2, bars + na, qs, p.qp, p.M, part_b, BITLAB_MARK(12));
   else
-    block_tiles_gemv<1>(smem + p.off_b, nb, p.C2, bars + na, qs, p.qp, p.M, part_b, BITLAB_MARK(11));
-  BITLAB_STAMP(12);  // down multiplied (11: the first down tile landed)
+    block_tiles_gemv<1>(smem + p.off_b, nb, p.C2, bars + na, qs, p.qp, p.M, part_b, BITLAB_MARK(12));
+  BITLAB_STAMP(13);  // down multiplied (12: the first down tile landed)
   T* y = static_cast<T*>(a.y);
   for (int idx = threadIdx.x; idx < nb * 16 * p.M; idx += kMlpThreads) {
     const int tok = idx % p.M, row = (idx / p.M) % 16, lt = idx / (16 * p.M);
@@ -508,7 +527,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
       y[static_cast<long>(tok) * p.H + n] = from_f<T>(__fmul_rn(__fmul_rn(s, token_scale[1][tok]), row_scale[2][lt * 16 + row]));
     }
   }
-  BITLAB_STAMP(13);  // this thread's y written
+  BITLAB_STAMP(14);  // this thread's y written
 }
 
 struct DeviceLimits {
@@ -556,11 +575,11 @@ cudaError_t launch_bitnet_mlp(const BitnetMlpArgs& a, cudaStream_t stream) {
   if (d.major < 9) return cudaErrorNotSupported;  // bulk copies and mbarrier transaction counts
   const MlpPlan p = make_plan(a.M, a.H, a.I, 2, d.sms, d.smem_optin);
   if (p.smem == 0) return cudaErrorInvalidValue;
+  if (a.norm_input && (a.H % 8 != 0 || a.M * a.H > kBitnetMlpNormElements)) return cudaErrorInvalidValue;
   BitnetMlpArgs args = a;
   args.down_tiles_apart = env_is("BITLAB_MLP_DOWN", "single");  // for A/B timing (read per launch)
   args.gate_up_apart = env_is("BITLAB_MLP_GATE_UP", "single");
   args.fenced_barrier = env_is("BITLAB_MLP_BARRIER", "fence");
-  args.subnorm_passes = env_is("BITLAB_MLP_SUBNORM", "passes");
   if (a.dtype == kDtypeHalf) return launch_typed<__half>(args, p, stream);
   if (a.dtype == kDtypeBFloat16) return launch_typed<__nv_bfloat16>(args, p, stream);
   return cudaErrorInvalidValue;
