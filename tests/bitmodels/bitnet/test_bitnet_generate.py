@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -502,7 +503,12 @@ def test_fused_mlp_generation_is_used_and_replays_deterministically(cuda_device)
     assert separate.mlp_kernel == "separate kernels (fused_mlp=False)"
     b = separate.generate(prompts, 10, stop_token_ids=[]).tokens
     eager = Generator(model, cuda_graph=False)
-    assert eager.mlp_kernel == "cuda_ext.bitnet_mlp (one kernel up to 2 tokens)", eager.mlp_kernel
+    norm_in = os.environ.get("BITLAB_MLP_NORM", "") != "separate"
+    assert eager.mlp_kernel == ("cuda_ext.bitnet_mlp (one kernel up to 2 tokens, with the residual add and "
+                                "post-attention norm up to 2)" if norm_in else
+                                "cuda_ext.bitnet_mlp (one kernel up to 2 tokens, the post-attention norm apart "
+                                "(BITLAB_MLP_NORM=separate or hidden % 8 != 0))"), eager.mlp_kernel
+    assert all(layer.norm_in_mlp == norm_in for layer in model.model.layers)
     a = eager.generate(prompts, 10, stop_token_ids=[]).tokens
     graph = Generator(model, cuda_graph=True)
     assert graph.generate(prompts, 10, stop_token_ids=[]).tokens == a
