@@ -283,6 +283,7 @@ class BitNetForCausalLM(nn.Module):
     def prepare_for_inference(
         self, device=None, *, fuse: bool = True, offload_packed: bool = False, quantize_in_norms: bool = True,
         lm_head_bits: Optional[int] = None, fused_mlp: bool = True, embedding_on_host: bool = False,
+        norm_in_mlp: Optional[bool] = None,
     ) -> Dict[str, str]:
         """Resolve every projection's kernel and prepared weight once for ``device`` (see bindings).
 
@@ -295,6 +296,9 @@ class BitNetForCausalLM(nn.Module):
         kernel for up to FUSED_MLP_MAX_TOKENS tokens (:mod:`backends.cuda_ext.bitnet_mlp`; exact against the
         three separate kernels, 17.0 vs 18.2 us per layer at one token on an H100); ``self.mlp_kernel`` says
         what runs and why.
+        ``norm_in_mlp``: with the one-kernel MLP, let that kernel also take the residual add and the
+        post-attention norm (one kernel fewer per layer; not yet timed, so off by default; None reads
+        ``BITLAB_MLP_NORM=in`` from the environment).
         ``embedding_on_host``: keep the embedding table in pinned host memory (see :meth:`offload_embedding`;
         with a tied table this needs ``lm_head_bits``).
         Returns ``{binding name: kernel name}`` for layer 0, e.g. ``{"qkv": "cuda_ext.Ternary...", ...}``.
@@ -314,15 +318,19 @@ class BitNetForCausalLM(nn.Module):
             elif fused_mlp:
                 layer.fused_mlp, why = bind_fused_mlp(layer.bound, mlp.ffn_sub_norm.weight, layer.eps,
                                                       layer.post_attention_layernorm.weight)
-            layer.norm_in_mlp = (layer.fused_mlp is not None and layer.fused_mlp.norm_max_tokens > 0
-                                 and os.environ.get("BITLAB_MLP_NORM", "") != "separate")
+            if norm_in_mlp is None:
+                norm_in_mlp = os.environ.get("BITLAB_MLP_NORM", "") == "in"
+            layer.norm_in_mlp = bool(norm_in_mlp) and layer.fused_mlp is not None and layer.fused_mlp.norm_max_tokens > 0
         first = self.model.layers[0]
         self.mlp_kernel = f"separate kernels ({why})"
         if first.fused_mlp is not None:
             limit = min(first.fused_mlp.max_tokens, FUSED_MLP_MAX_TOKENS)
-            norm = (f", with the residual add and post-attention norm up to "
-                    f"{min(first.fused_mlp.norm_max_tokens, FUSED_MLP_MAX_TOKENS)}" if first.norm_in_mlp
-                    else ", the post-attention norm apart (BITLAB_MLP_NORM=separate or hidden % 8 != 0)")
+            norm = ""
+            if first.norm_in_mlp:
+                norm = (f", with the residual add and post-attention norm up to "
+                        f"{min(first.fused_mlp.norm_max_tokens, FUSED_MLP_MAX_TOKENS)}")
+            elif norm_in_mlp:
+                norm = f", the post-attention norm apart (hidden {first.fused_mlp.hidden} is not a multiple of 8)"
             self.mlp_kernel = f"cuda_ext.bitnet_mlp (one kernel up to {limit} tokens{norm})"
         self.norm_quant = use_fused_norm_quant(device) if self.model.layers[0].quantized_inputs else "none"
         self.bind_lm_head(lm_head_bits, device)

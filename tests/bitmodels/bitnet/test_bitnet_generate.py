@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -490,8 +489,31 @@ def test_fused_mlp_on_cpu_says_why_not():
     assert all(layer.fused_mlp is None for layer in model.model.layers)
 
 
+def test_layer_hands_the_norm_to_the_mlp_kernel_only_where_it_takes_it():
+    """_norm_and_mlp is None (the norm kernel, then the MLP) for CPU rows or without norm_in_mlp; the GPU test
+    below runs the kernel's side."""
+    layer = _model(seed=19).model.layers[0]
+
+    class Kernel:  # stands in for FusedBitnetMLP (no GPU here)
+        norm_max_tokens, sub_weight, calls = 6, torch.ones(2, dtype=torch.bfloat16), []
+
+        def norm_and_mlp(self, h, o):
+            self.calls.append(h.shape)
+            return h + o, o
+
+    h = torch.ones(1, 1, 64, dtype=torch.bfloat16)
+    layer.fused_mlp, layer.norm_in_mlp = Kernel(), True
+    assert layer._norm_and_mlp(h, h, quantize=True) is None  # CPU rows
+    layer.norm_in_mlp = False
+    assert layer._norm_and_mlp(h, h, quantize=True) is None
+    assert Kernel.calls == []
+
+
 @pytest.mark.gpu
-def test_fused_mlp_generation_is_used_and_replays_deterministically(cuda_device):
+@pytest.mark.parametrize("norm_in", [False, True])
+def test_fused_mlp_generation_is_used_and_replays_deterministically(cuda_device, monkeypatch, norm_in):
+    """The one-kernel MLP in generation, eager and replayed; with BITLAB_MLP_NORM=in the kernel also takes the
+    residual add and the post-attention norm."""
     from backends.cuda_ext import ops as cuda_ops
 
     if not cuda_ops.availability() or torch.cuda.get_device_capability(cuda_device)[0] < 9:
@@ -502,12 +524,11 @@ def test_fused_mlp_generation_is_used_and_replays_deterministically(cuda_device)
     separate = Generator(model, cuda_graph=True, fused_mlp=False)
     assert separate.mlp_kernel == "separate kernels (fused_mlp=False)"
     b = separate.generate(prompts, 10, stop_token_ids=[]).tokens
+    monkeypatch.setenv("BITLAB_MLP_NORM", "in" if norm_in else "")
     eager = Generator(model, cuda_graph=False)
-    norm_in = os.environ.get("BITLAB_MLP_NORM", "") != "separate"
     assert eager.mlp_kernel == ("cuda_ext.bitnet_mlp (one kernel up to 2 tokens, with the residual add and "
                                 "post-attention norm up to 2)" if norm_in else
-                                "cuda_ext.bitnet_mlp (one kernel up to 2 tokens, the post-attention norm apart "
-                                "(BITLAB_MLP_NORM=separate or hidden % 8 != 0))"), eager.mlp_kernel
+                                "cuda_ext.bitnet_mlp (one kernel up to 2 tokens)"), eager.mlp_kernel
     assert all(layer.norm_in_mlp == norm_in for layer in model.model.layers)
     a = eager.generate(prompts, 10, stop_token_ids=[]).tokens
     graph = Generator(model, cuda_graph=True)
