@@ -307,6 +307,9 @@ def main(argv=None) -> int:
                          "(its weights on the GPU reported)")
     ap.add_argument("--no-separate-mlp", action="store_true",
                     help="skip the run with each MLP as three kernels (when the one-kernel MLP is in use)")
+    ap.add_argument("--norm-in-mlp", action="store_true",
+                    help="also run with the one-kernel MLP taking the residual add and post-attention norm itself "
+                         "(prepare_for_inference(norm_in_mlp=True))")
     ap.add_argument("--gemm-past-16", action="store_true",
                     help="also run batches > 16 as before the wide cluster GEMV: the GEMM past 16 tokens "
                          "(BITLAB_CUDA_GEMV=oneshot) and norm-side quantization up to 16 tokens")
@@ -384,6 +387,21 @@ def main(argv=None) -> int:
         _free(device)
         for layer, f in zip(layers, fused):
             layer.fused_mlp = f
+    if args.norm_in_mlp:
+        takes = [layer.fused_mlp is not None and layer.fused_mlp.norm_max_tokens > 0 for layer in layers]
+        if any(takes):
+            # the same model and bindings; the MLP kernel also takes the residual add and post-attention norm
+            for layer, t in zip(layers, takes):
+                layer.norm_in_mlp = t
+            gen_n = Generator(model, compile=not args.no_compile, bind=False)
+            result["runs"]["bitlab_norm_in_mlp"] = run_batches("bitlab_norm_in_mlp", gen_n, batches, args,
+                                                               cfg.vocab_size)
+            del gen_n
+            _free(device)
+            for layer in layers:
+                layer.norm_in_mlp = False
+        else:
+            print(f"--norm-in-mlp: no layer's MLP kernel takes the norm ({model.mlp_kernel})")
     for bits in args.lm_head_bits:
         result.setdefault("quantized_lm_head", {})[bits] = head_agreement(model, bits, cfg.vocab_size, args.seed)
         gen_h = Generator(model, compile=not args.no_compile, bind=False)  # the head bound above
@@ -491,6 +509,8 @@ def write_report(result: dict, out_dir: Path) -> None:
     ]
     names = {
         "bitlab_separate_mlp": "each MLP as three kernels (GEMV, norm + quantization, GEMV) instead of one",
+        "bitlab_norm_in_mlp": "the one-kernel MLP also takes the residual add and the post-attention norm (one "
+                              "norm kernel fewer per layer)",
         "bitlab_unfused_attn": "one-token attention through the compiled torch path instead of cuda_ext's kernel",
         "bitlab_gemm_past16": "batches past 16 as before the wide cluster GEMV: the GEMM past 16 tokens and "
                               "norm-side quantization up to 16 tokens",

@@ -6,6 +6,8 @@ Per decode batch (tokens), both preceded by the post-attention norm + quantizati
 
 * **separate**: int8 gate/up GEMV -> norm + quantization mode 2 (squared-ReLU gate) -> int8 down GEMV;
 * **fused**: ``cuda_ext_bitnet_mlp`` (backends/cuda_ext/bitnet_mlp.py), one kernel;
+* **norm in**: ``cuda_ext_bitnet_mlp_norm``, the same kernel taking the residual add and the norm itself
+  (no norm kernel before it; ``FusedBitnetMLP.norm_and_mlp``);
 * **floor**: the weight bytes (gate, up, down: 2 bits each) over 3.0 TB/s.
 
 Timing: CUDA-graph replay over rotating weight copies (>= 3x L2), median per MLP (gpu_timing.py).
@@ -54,7 +56,7 @@ class Layer:
         self.down = kernel.prepare(random_ternary(hidden, inter, gen, device, False), CFG)
         self.post_norm = (torch.rand(hidden, generator=gen, device=device) + 0.5).to(dtype)
         self.sub_norm = (torch.rand(inter, generator=gen, device=device) + 0.5).to(dtype)
-        self.fused = bitnet_mlp.prepare_bitnet_mlp(self.gate_up, self.down, self.sub_norm, 1e-5)
+        self.fused = bitnet_mlp.prepare_bitnet_mlp(self.gate_up, self.down, self.sub_norm, 1e-5, self.post_norm, 1e-5)
         self.inter = inter
 
     def separate(self, h, delta):
@@ -69,6 +71,9 @@ class Layer:
     def fused_mlp(self, h, delta):
         _, xq, xs = ops.rms_norm_quant(h, delta, self.post_norm, 1e-5, 1)
         return self.fused(xq, xs)
+
+    def norm_in(self, h, delta):
+        return self.fused.norm_and_mlp(h, delta)[1]
 
 
 def main(argv=None) -> int:
@@ -95,6 +100,8 @@ def main(argv=None) -> int:
         h = torch.randn(batch, H, generator=gen, device=device).to(dtype)
         delta = torch.randn(batch, H, generator=gen, device=device).to(dtype)
         want, got = layers[0].separate(h, delta), layers[0].fused_mlp(h, delta)
+        norm_in = batch <= layers[0].fused.norm_max_tokens
+        got_in = layers[0].norm_in(h, delta) if norm_in else None
         torch.cuda.synchronize()
         err = float((got.double() - want.double()).norm() / want.double().norm())
         same = float((got == want).float().mean())
@@ -102,7 +109,12 @@ def main(argv=None) -> int:
         fus = time_graph([functools.partial(layer.fused_mlp, h, delta) for layer in layers])
         row = {"batch": batch, "separate_us": sep["median_us"], "fused_us": fus["median_us"],
                "speedup": sep["median_us"] / fus["median_us"], "floor_us": weight_bytes / (FLOOR_TBPS * 1e6),
-               "rel_err": err, "equal_share": same, "timing_mode": [sep["mode"], fus["mode"]]}
+               "rel_err": err, "equal_share": same, "timing_mode": [sep["mode"], fus["mode"]],
+               "norm_in_us": None, "norm_in_rel_err": None}
+        if norm_in:
+            nin = time_graph([functools.partial(layer.norm_in, h, delta) for layer in layers])
+            row.update(norm_in_us=nin["median_us"], timing_mode=row["timing_mode"] + [nin["mode"]],
+                       norm_in_rel_err=float((got_in.double() - want.double()).norm() / want.double().norm()))
         rows.append(row)
         print(json.dumps(row), flush=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "hidden": H, "intermediate": I,
@@ -114,11 +126,14 @@ def main(argv=None) -> int:
     lines = [f"# BitNet MLP ({H} x {I}, {args.dtype}): fused kernel vs separate kernels", "",
              f"{meta['device']}, torch {meta['torch']}; {meta['timing']}; weights {meta['weight_mb']:.1f} MB "
              f"(floor at {FLOOR_TBPS} TB/s).", "",
-             "| tokens | separate us | fused us | speed-up | floor us | rel. error | equal outputs |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| tokens | separate us | fused us | speed-up | norm in us | floor us | rel. error | equal outputs | "
+             "norm in rel. error |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['separate_us']:.2f} | {r['fused_us']:.2f} | {r['speedup']:.2f}x | "
-                     f"{r['floor_us']:.2f} | {r['rel_err']:.2e} | {100 * r['equal_share']:.1f} % |")
+        nin = "" if r["norm_in_us"] is None else f"{r['norm_in_us']:.2f}"
+        nerr = "" if r["norm_in_rel_err"] is None else f"{r['norm_in_rel_err']:.2e}"
+        lines.append(f"| {r['batch']} | {r['separate_us']:.2f} | {r['fused_us']:.2f} | {r['speedup']:.2f}x | {nin} | "
+                     f"{r['floor_us']:.2f} | {r['rel_err']:.2e} | {100 * r['equal_share']:.1f} % | {nerr} |")
     (out / "bitnet_mlp.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
@@ -129,8 +144,9 @@ def main(argv=None) -> int:
 
         fig, ax = plt.subplots(figsize=(6, 3.5))
         xs = range(len(rows))
-        ax.bar([x - 0.2 for x in xs], [r["separate_us"] for r in rows], 0.4, label="separate kernels")
-        ax.bar([x + 0.2 for x in xs], [r["fused_us"] for r in rows], 0.4, label="fused kernel")
+        ax.bar([x - 0.27 for x in xs], [r["separate_us"] for r in rows], 0.27, label="separate kernels")
+        ax.bar(list(xs), [r["fused_us"] for r in rows], 0.27, label="norm kernel + fused kernel")
+        ax.bar([x + 0.27 for x in xs], [r["norm_in_us"] or 0 for r in rows], 0.27, label="fused kernel, norm in")
         ax.plot(list(xs), [r["floor_us"] for r in rows], "k--", label="weight bytes / 3 TB/s")
         ax.set_xticks(list(xs), [str(r["batch"]) for r in rows])
         ax.set_xlabel("tokens")
