@@ -85,6 +85,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2], help="token counts (1-8), one run each")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--norm-in", action="store_true",
+                    help="also run each token count with the kernel taking the residual add and post-attention norm "
+                         "(norm_in_mlp; stage 3 is then the norm's x)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
@@ -95,10 +98,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         exe = build_probe("mlp_timeline", Path(tmp))
         for tokens in args.tokens:
-            run = run_probe(exe, tokens, args.layers, args.reps)
-            rows.append({"mode": f"{tokens} token" + ("s" if tokens > 1 else ""), "tokens": tokens,
-                         "span_us_per_layer_pair": run["span_us"], "plan": run["plan"], **block_summary(run),
-                         "stages": stage_summary(run, STAGES), "groups": group_summary(run)})
+            for norm_in in (False, True) if args.norm_in else (False,):
+                run = run_probe(exe, tokens, args.layers, args.reps, int(norm_in))
+                mode = f"{tokens} token" + ("s" if tokens > 1 else "") + (", norm in" if norm_in else "")
+                rows.append({"mode": mode, "tokens": tokens, "norm_in": norm_in,
+                             "span_us_per_layer_pair": run["span_us"], "plan": run["plan"], **block_summary(run),
+                             "stages": stage_summary(run, STAGES), "groups": group_summary(run)})
     meta = run_meta(" ".join(sys.argv[1:] if argv is None else argv))
     meta.update(layers=args.layers)
     print(write_outputs(Path(args.out), "mlp_timeline", meta, rows, markdown, plot_stages))

@@ -5,8 +5,10 @@
 // The graph mimics BitNet 2B's decode at one layer per pair: a producer kernel standing in for the o
 // projection and the norm (reads 2560 x 2560 ternary weight bytes, then writes the int8 rows x the MLP reads,
 // letting its dependent start at once) and the MLP kernel launched as its programmatic dependent, as in the
-// model; LAYERS pairs over separate weights (more bytes than L2 holds).  Arguments:
-//   mlp_timeline M LAYERS REPS
+// model; LAYERS pairs over separate weights (more bytes than L2 holds).  With NORM_IN = 1 the producer writes
+// the o projection's bf16 output instead and the MLP kernel takes the residual add and the post-attention norm
+// itself (BitnetMlpArgs::norm_input; stage 3 is then "x normed and quantized").  Arguments:
+//   mlp_timeline M LAYERS REPS [NORM_IN]
 // Prints "span_us <median per layer pair>", "plan <blocks> <gate/up pair tiles> <down tiles>", "clock_khz <SM
 // clock>", then for every block of the last layer's MLP one line "block <i> <ns at start> <ns at its last
 // stamp> <cycles at stages 1..15 from stage 0, -1 if unset>".
@@ -31,12 +33,17 @@ __global__ void fill_uniform(float* p, long n, unsigned seed, float lo, float hi
   for (long i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += static_cast<long>(gridDim.x) * blockDim.x)
     p[i] = lo + (hi - lo) * static_cast<float>(probe::hash(i, seed) & 0xffff) / 65536.f;
 }
+__global__ void fill_uniform_bf16(__nv_bfloat16* p, long n, unsigned seed, float lo, float hi) {
+  for (long i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += static_cast<long>(gridDim.x) * blockDim.x)
+    p[i] = __float2bfloat16(lo + (hi - lo) * static_cast<float>(probe::hash(i, seed) & 0xffff) / 65536.f);
+}
 
 struct Layer {
   int8_t *xq, *src;
   uint32_t *gate, *up, *down;
   float *gate_scale, *up_scale, *down_scale;
   __nv_bfloat16 *sub_weight, *mid, *y;
+  __nv_bfloat16 *res, *delta_src, *delta, *norm_weight, *res_out;  // NORM_IN: the post-attention norm's inputs
   uint4* producer_weights;
 };
 
@@ -44,10 +51,15 @@ struct Layer {
 
 int main(int argc, char** argv) {
   if (argc < 4) {
-    std::fprintf(stderr, "usage: %s M LAYERS REPS\n", argv[0]);
+    std::fprintf(stderr, "usage: %s M LAYERS REPS [NORM_IN]\n", argv[0]);
     return 2;
   }
   const int M = std::atoi(argv[1]), layers = std::atoi(argv[2]), reps = std::atoi(argv[3]);
+  const bool norm_in = argc > 4 && std::atoi(argv[4]) != 0;
+  if (norm_in && M * kHidden > bitlab::kBitnetMlpNormElements) {
+    std::fprintf(stderr, "NORM_IN: M x %d must be at most %d\n", kHidden, bitlab::kBitnetMlpNormElements);
+    return 2;
+  }
   if (M < 1 || M > bitlab::kBitnetMlpMaxTokens || layers < 1 || reps < 1) {
     std::fprintf(stderr, "M must lie in [1, %d], LAYERS and REPS at least 1\n", bitlab::kBitnetMlpMaxTokens);
     return 2;
@@ -70,6 +82,12 @@ int main(int argc, char** argv) {
     CHECK(cudaMalloc(&L.mid, sizeof(__nv_bfloat16) * M * kInter));
     CHECK(cudaMalloc(&L.y, sizeof(__nv_bfloat16) * M * kHidden));
     CHECK(cudaMalloc(&L.producer_weights, kProducerBytes));
+    for (__nv_bfloat16** t : {&L.res, &L.delta_src, &L.delta, &L.res_out})
+      CHECK(cudaMalloc(t, sizeof(__nv_bfloat16) * M * kHidden));
+    CHECK(cudaMalloc(&L.norm_weight, sizeof(__nv_bfloat16) * kHidden));
+    fill_uniform_bf16<<<32, 256>>>(L.res, M * kHidden, seed++, -2.f, 2.f);
+    fill_uniform_bf16<<<32, 256>>>(L.delta_src, M * kHidden, seed++, -1.f, 1.f);
+    fill_uniform_bf16<<<32, 256>>>(L.norm_weight, kHidden, seed++, 0.5f, 1.5f);
     probe::fill_random<<<64, 256>>>(reinterpret_cast<uint32_t*>(L.src), M * kHidden / 4, seed++);
     probe::fill_random<<<256, 256>>>(L.gate, gate_words, seed++);
     probe::fill_random<<<256, 256>>>(L.up, gate_words, seed++);
@@ -109,6 +127,14 @@ int main(int argc, char** argv) {
     a.H = kHidden;
     a.I = kInter;
     a.pdl = 1;
+    if (norm_in) {  // as the model with prepare_for_inference(norm_in_mlp=True): no x, the norm's inputs
+      a.res = L.res;
+      a.delta = L.delta;
+      a.norm_weight = L.norm_weight;
+      a.res_out = L.res_out;
+      a.norm_eps = 1e-5f;
+      a.norm_input = 1;
+    }
     return a;
   };
   cudaStream_t stream;
@@ -119,9 +145,14 @@ int main(int argc, char** argv) {
   cudaGraphExec_t exec;
   CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
   for (const Layer& L : ls) {
-    CHECK(bitlab::launch_maybe_pdl(probe::producer_kernel<int8_t>, dim3(bitlab::device_sm_count()), dim3(256), 0, stream, true,
-                                   static_cast<const uint4*>(L.producer_weights), kProducerBytes / 16,
-                                   static_cast<const int8_t*>(L.src), L.xq, M * kHidden));
+    if (norm_in)  // the producer writes the o projection's output (bf16), not int8 rows
+      CHECK(bitlab::launch_maybe_pdl(probe::producer_kernel<__nv_bfloat16>, dim3(bitlab::device_sm_count()), dim3(256), 0,
+                                     stream, true, static_cast<const uint4*>(L.producer_weights), kProducerBytes / 16,
+                                     static_cast<const __nv_bfloat16*>(L.delta_src), L.delta, M * kHidden));
+    else
+      CHECK(bitlab::launch_maybe_pdl(probe::producer_kernel<int8_t>, dim3(bitlab::device_sm_count()), dim3(256), 0, stream, true,
+                                     static_cast<const uint4*>(L.producer_weights), kProducerBytes / 16,
+                                     static_cast<const int8_t*>(L.src), L.xq, M * kHidden));
     CHECK(bitlab::launch_bitnet_mlp(mlp_args(L), stream));
   }
   CHECK(cudaStreamEndCapture(stream, &graph));
