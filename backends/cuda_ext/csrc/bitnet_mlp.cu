@@ -12,6 +12,8 @@
 //
 //   * grid: G = min(#SMs, tiles) blocks, one per multiprocessor, all resident (the grid barrier needs
 //     that; the host checks one block fits on an empty multiprocessor);
+//   * x: the int8 rows given, or (norm_input) every block computes them from the residual stream and the o
+//     projection's output, as the post-attention norm's kernel would (norm_into_x);
 //   * phase A: block b owns the 16-row pair tiles [b PA / G, (b + 1) PA / G) of gate and up (same
 //     rows), one mbarrier per tile; its 16 warps split each tile's 128-column chunks, meet in shared
 //     memory (partial sums of the M real tokens only, in the down tiles' region before those arrive;
@@ -24,7 +26,7 @@
 //   * phase B: block b owns down tiles [b PB / G, (b + 1) PB / G), already in shared memory (an even
 //     number of them multiplied two at a time).
 // Epilogues round exactly as the separate kernels do (epilogue_store_f, norm_quant.cu); only the
-// sub-norm's sum of squares is added in a different order than norm_quant.cu's.
+// norms' sums of squares are added in a different order than norm_quant.cu's.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
