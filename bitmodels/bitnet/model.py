@@ -304,6 +304,8 @@ class BitNetForCausalLM(nn.Module):
         Returns ``{binding name: kernel name}`` for layer 0, e.g. ``{"qkv": "cuda_ext.Ternary...", ...}``.
         """
         device = torch.device(device) if device is not None else self.compute_device
+        if norm_in_mlp is None:
+            norm_in_mlp = os.environ.get("BITLAB_MLP_NORM", "") == "in"
         self.eval()
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -318,8 +320,6 @@ class BitNetForCausalLM(nn.Module):
             elif fused_mlp:
                 layer.fused_mlp, why = bind_fused_mlp(layer.bound, mlp.ffn_sub_norm.weight, layer.eps,
                                                       layer.post_attention_layernorm.weight)
-            if norm_in_mlp is None:
-                norm_in_mlp = os.environ.get("BITLAB_MLP_NORM", "") == "in"
             layer.norm_in_mlp = bool(norm_in_mlp) and layer.fused_mlp is not None and layer.fused_mlp.norm_max_tokens > 0
         first = self.model.layers[0]
         self.mlp_kernel = f"separate kernels ({why})"

@@ -112,18 +112,6 @@ __device__ __forceinline__ void finish_block_reduce(int M, float* scratch) {
   __syncthreads();
 }
 
-// One warp combines the per-token values the 16 warps stored with warp_reduce_to (lane w < kMlpWarps reads
-// warp w's, then a shuffle tree; kMax: maximum) for token t, in every lane: the same order in every block.
-template <bool kMax>
-__device__ __forceinline__ float reduce_warps(const float* scratch, int t, int lane) {
-  float v = lane < kMlpWarps ? scratch[lane * kMaxTok + t] : 0.f;  // 0: also the maximum's identity here (>= 0)
-  for (int o = 16; o > 0; o >>= 1) {
-    const float other = __shfl_xor_sync(0xffffffffu, v, o);
-    v = kMax ? fmaxf(v, other) : v + other;
-  }
-  return v;
-}
-
 // A bulk copy cut into pieces of at most kCopyPiece bytes (more copies in flight per multiprocessor).
 constexpr int kCopyPiece = 4096;
 __device__ __forceinline__ void copy_in_pieces(unsigned char* dst, const uint32_t* src, int bytes, uint64_t* bar) {
@@ -256,7 +244,7 @@ __device__ __forceinline__ void subnorm_in_passes(const MlpPlan& p, float eps, c
 constexpr int kNormLoads = kBitnetMlpNormElements / (8 * kMlpThreads);
 template <typename T>
 __device__ __forceinline__ void norm_into_x(const BitnetMlpArgs& a, const MlpPlan& p, unsigned char* xs,
-                                            float* x_scale, float* scratch, float* rnorm) {
+                                            float* x_scale, float* scratch) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, hp = p.H / 8, pieces = p.M * hp;
   const uint4* res = static_cast<const uint4*>(a.res);
   const uint4* delta = static_cast<const uint4*>(a.delta);
@@ -297,15 +285,8 @@ __device__ __forceinline__ void norm_into_x(const BitnetMlpArgs& a, const MlpPla
 #pragma unroll
   for (int t = 0; t < kMaxTok; ++t)
     if (t < p.M) warp_reduce_to<false>(ss[t], scratch + warp * kMaxTok + t, lane);
-  __syncthreads();
-  if (warp == 0) {
-#pragma unroll 1
-    for (int t = 0; t < p.M; ++t) {
-      const float sum = reduce_warps<false>(scratch, t, lane);
-      if (lane == 0) rnorm[t] = rsqrtf(__fadd_rn(__fdiv_rn(sum, static_cast<float>(p.H)), a.norm_eps));
-    }
-  }
-  __syncthreads();
+  finish_block_reduce<false>(p.M, scratch);
+  const float* total = scratch + kMlpWarps * kMaxTok;  // per token: sums of squares, then maxima of |y|
   float amax[kMaxTok];  // this thread's maxima of |y| per token
 #pragma unroll
   for (int t = 0; t < kMaxTok; ++t) amax[t] = 0.f;
@@ -314,7 +295,7 @@ __device__ __forceinline__ void norm_into_x(const BitnetMlpArgs& a, const MlpPla
     const int i = k * kMlpThreads + threadIdx.x;
     if (i < pieces) {
       const int tok = i / hp;
-      const float r = rnorm[tok];
+      const float r = rsqrtf(__fadd_rn(__fdiv_rn(total[tok], static_cast<float>(p.H)), a.norm_eps));
       T* e = reinterpret_cast<T*>(&v[k]);
       const T* wt = reinterpret_cast<const T*>(&w[k]);
       float most = 0.f;
@@ -332,24 +313,14 @@ __device__ __forceinline__ void norm_into_x(const BitnetMlpArgs& a, const MlpPla
 #pragma unroll
   for (int t = 0; t < kMaxTok; ++t)
     if (t < p.M) warp_reduce_to<true>(amax[t], scratch + warp * kMaxTok + t, lane);
-  __syncthreads();
-  if (warp == 0) {
-#pragma unroll 1
-    for (int t = 0; t < p.M; ++t) {
-      const float most = fmaxf(reduce_warps<true>(scratch, t, lane), 1e-5f);
-      if (lane == 0) {
-        rnorm[t] = quant_inverse(most);  // the sums are used up: rnorm now holds 127 / amax
-        x_scale[t] = quant_scale(most);
-      }
-    }
-  }
-  __syncthreads();
+  finish_block_reduce<true>(p.M, scratch);
+  if (threadIdx.x < p.M) x_scale[threadIdx.x] = quant_scale(fmaxf(total[threadIdx.x], 1e-5f));
 #pragma unroll
   for (int k = 0; k < kNormLoads; ++k) {
     const int i = k * kMlpThreads + threadIdx.x;
     if (i < pieces) {
       const int tok = i / hp, pc = i - tok * hp;
-      const float inv = rnorm[tok];
+      const float inv = quant_inverse(fmaxf(total[tok], 1e-5f));
       const T* e = reinterpret_cast<const T*>(&v[k]);
       uint32_t packed[2] = {0u, 0u};
 #pragma unroll
@@ -369,7 +340,6 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
   __shared__ float scratch[(kMlpWarps + 1) * kMaxTok];
   __shared__ float row_scale[3][kMlpMaxTiles * 16];  // gate, up, down scales of the block's rows
   __shared__ float token_scale[2][kMaxTok];  // x_scale, then m's quantization scale
-  __shared__ float x_rnorm[kMaxTok];         // the post-attention norm's rsqrt(mean(h^2) + eps) (norm_input)
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem);  // phase A tiles, then phase B tiles
   const int a0 = blockIdx.x * p.PA / p.G, na = (blockIdx.x + 1) * p.PA / p.G - a0;
   const int b0 = blockIdx.x * p.PB / p.G, nb = (blockIdx.x + 1) * p.PB / p.G - b0;
@@ -405,7 +375,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
   // x into shared memory, zero-padded to Hp columns: the int8 rows given, or the post-attention norm's.
   unsigned char* xs = smem + p.off_x;
   const bool vec = a.ldx % 16 == 0 && reinterpret_cast<uintptr_t>(a.xq) % 16 == 0;
-  if (a.norm_input) norm_into_x<T>(a, p, xs, token_scale[0], scratch, x_rnorm);
+  if (a.norm_input) norm_into_x<T>(a, p, xs, token_scale[0], scratch);
   for (int idx = threadIdx.x; !a.norm_input && idx < p.M * (p.xp / 16); idx += kMlpThreads) {
     const int tok = idx / (p.xp / 16), c = (idx % (p.xp / 16)) * 16;
     const int8_t* row = a.xq + tok * a.ldx;
