@@ -310,6 +310,9 @@ def main(argv=None) -> int:
     ap.add_argument("--norm-in-mlp", action="store_true",
                     help="also run with the one-kernel MLP taking the residual add and post-attention norm itself "
                          "(prepare_for_inference(norm_in_mlp=True))")
+    ap.add_argument("--norm-in-gemv", action="store_true",
+                    help="also run with input_layernorm inside the q/k/v GEMV and attn_sub_norm inside the o GEMV "
+                         "(prepare_for_inference(norm_in_gemv=True)); with --norm-in-mlp also a run with all three")
     ap.add_argument("--gemm-past-16", action="store_true",
                     help="also run batches > 16 as before the wide cluster GEMV: the GEMM past 16 tokens "
                          "(BITLAB_CUDA_GEMV=oneshot) and norm-side quantization up to 16 tokens")
@@ -351,6 +354,7 @@ def main(argv=None) -> int:
     result["norm_quant_max_tokens"] = model.quantize_in_norms_max_tokens
     result["attention_kernel"] = gen.attention_kernel
     result["mlp_kernel"] = gen.mlp_kernel
+    result["norm_gemv"] = gen.norm_gemv
     result["weights"] = {
         "ternary_packed_gb": mem["packed"] / GB,
         "ternary_prepared_on_gpu_gb": mem["prepared_gpu"] / GB,
@@ -358,7 +362,7 @@ def main(argv=None) -> int:
         "gpu_allocated_after_load_gb": torch.cuda.memory_allocated() / GB if device.type == "cuda" else float("nan"),
     }
     print(f"kernels: {gen.kernels}\nattention: {gen.attention_kernel}\nMLP: {gen.mlp_kernel}\n"
-          f"weights: {result['weights']}", flush=True)
+          f"norms before q/k/v and o: {gen.norm_gemv}\nweights: {result['weights']}", flush=True)
     result["runs"]["bitlab"] = run_batches("bitlab", gen, batches, args, cfg.vocab_size)
     if args.profile and device.type == "cuda":
         result["profile_batch1"] = profile_decode(model, cfg.vocab_size, not args.no_compile)
@@ -402,6 +406,27 @@ def main(argv=None) -> int:
                 layer.norm_in_mlp = False
         else:
             print(f"--norm-in-mlp: no layer's MLP kernel takes the norm ({model.mlp_kernel})")
+    if args.norm_in_gemv:
+        from bitmodels.bitnet.bindings import bind_norm_linears
+
+        for layer in layers:  # the same model and bindings; the norms before q/k/v and o inside their GEMVs
+            norms = {"qkv": layer.input_layernorm.weight, "o_proj": layer.self_attn.attn_sub_norm.weight}
+            layer.norm_linears, why = bind_norm_linears(layer.bound, norms, layer.eps)
+        if any(layer.norm_linears for layer in layers):
+            variants = [("bitlab_norm_in_gemv", False)]
+            if args.norm_in_mlp:
+                variants.append(("bitlab_norms_in_gemv_mlp", True))
+            for name, in_mlp in variants:
+                for layer in layers:
+                    layer.norm_in_mlp = in_mlp and layer.fused_mlp is not None and layer.fused_mlp.norm_max_tokens > 0
+                gen_g = Generator(model, compile=not args.no_compile, bind=False)
+                result["runs"][name] = run_batches(name, gen_g, batches, args, cfg.vocab_size)
+                del gen_g
+                _free(device)
+        else:
+            print(f"--norm-in-gemv: no projection takes its norm ({why})")
+        for layer in layers:
+            layer.norm_linears, layer.norm_in_mlp = {}, False
     for bits in args.lm_head_bits:
         result.setdefault("quantized_lm_head", {})[bits] = head_agreement(model, bits, cfg.vocab_size, args.seed)
         gen_h = Generator(model, compile=not args.no_compile, bind=False)  # the head bound above
@@ -511,6 +536,10 @@ def write_report(result: dict, out_dir: Path) -> None:
         "bitlab_separate_mlp": "each MLP as three kernels (GEMV, norm + quantization, GEMV) instead of one",
         "bitlab_norm_in_mlp": "the one-kernel MLP also takes the residual add and the post-attention norm (one "
                               "norm kernel fewer per layer)",
+        "bitlab_norm_in_gemv": "input_layernorm inside the q/k/v GEMV and attn_sub_norm inside the o GEMV (two "
+                               "norm kernels fewer per layer)",
+        "bitlab_norms_in_gemv_mlp": "those two norms inside the GEMVs and the post-attention norm inside the MLP "
+                                    "kernel (three norm kernels fewer per layer)",
         "bitlab_unfused_attn": "one-token attention through the compiled torch path instead of cuda_ext's kernel",
         "bitlab_gemm_past16": "batches past 16 as before the wide cluster GEMV: the GEMM past 16 tokens and "
                               "norm-side quantization up to 16 tokens",

@@ -58,18 +58,19 @@ class Twice:
 
 
 class ResidualNormsTwice:
-    """An ops set whose ``add_rms_norm`` runs twice on every other call: a layer calls it first after the
-    attention (``post_attention_norm``), then after the MLP (``input_norm`` of the next layer)."""
+    """An ops set whose ``add_rms_norm`` runs twice for one of its two uses, told apart by the norm's weight:
+    ``post_attention_norm`` (a layer's post_attention_layernorm) or ``input_norm`` (every other weight: a
+    layer's input_layernorm after the layer before it, and the final norm)."""
 
-    def __init__(self, base, part: str) -> None:
-        self.base, self.part, self.calls = base, part, 0
+    def __init__(self, base, part: str, post_attention_weights) -> None:
+        self.base, self.part = base, part
+        self.post_attention = {id(w) for w in post_attention_weights}
         self.norm_input, self.relu2_gate_norm, self.attention = base.norm_input, base.relu2_gate_norm, base.attention
 
-    def add_rms_norm(self, *args, **kwargs):
-        which = "post_attention_norm" if self.calls % 2 == 0 else "input_norm"
-        self.calls += 1
-        out = self.base.add_rms_norm(*args, **kwargs)
-        return self.base.add_rms_norm(*args, **kwargs) if which == self.part else out
+    def add_rms_norm(self, residual, delta, weight, *args, **kwargs):
+        which = "post_attention_norm" if id(weight) in self.post_attention else "input_norm"
+        out = self.base.add_rms_norm(residual, delta, weight, *args, **kwargs)
+        return self.base.add_rms_norm(residual, delta, weight, *args, **kwargs) if which == self.part else out
 
 
 class SubNormTwice:
@@ -89,7 +90,8 @@ def doubled(model, gen: Generator, part: str):
 
     layers = model.model.layers
     if part in ("input_norm", "post_attention_norm"):
-        gen.decode_ops = ResidualNormsTwice(gen.decode_ops, part)
+        gen.decode_ops = ResidualNormsTwice(gen.decode_ops, part,
+                                            [layer.post_attention_layernorm.weight for layer in layers])
         return lambda: None
     if part == "attn_sub_norm":
         ops = gen.decode_ops

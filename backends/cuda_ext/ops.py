@@ -5,6 +5,8 @@
 * ``bitlab::cuda_ext_linear_int8``: the same with int8 activations the caller quantized;
 * ``bitlab::cuda_ext_rms_norm_quant``: RMSNorm + per-token int8 quantization (the input of a
   W*A8 projection, one kernel);
+* ``bitlab::cuda_ext_linear_int8_norm``: that norm and the projection after it in one kernel, for a few
+  tokens (:mod:`backends.cuda_ext.norm_linear`);
 * ``bitlab::cuda_ext_decode_attention``: one-token attention with rotary and the KV-cache write
   (:mod:`backends.cuda_ext.decode_attention`);
 * ``bitlab::cuda_ext_bitnet_mlp``: BitNet's MLP for up to 8 tokens in one kernel
@@ -67,9 +69,10 @@ def load():
             torch.library.register_fake("bitlab::cuda_ext_linear")(_linear_fake)
             torch.library.register_fake("bitlab::cuda_ext_linear_int8")(_linear_int8_fake)
             torch.library.register_fake("bitlab::cuda_ext_rms_norm_quant")(_rms_norm_quant_fake)
-            from backends.cuda_ext import bitnet_mlp, decode_attention, host_embedding
+            from backends.cuda_ext import bitnet_mlp, decode_attention, host_embedding, norm_linear
 
             decode_attention.register_fake()
+            norm_linear.register_fake()
             bitnet_mlp.register_fake()
             host_embedding.register_fake()
             _fake_registered = True

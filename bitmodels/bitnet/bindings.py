@@ -27,7 +27,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -238,6 +238,44 @@ def bind_fused_mlp(bound: Dict[str, PreparedLinear], sub_norm_weight: torch.Tens
     if why:
         return None, why
     return bitnet_mlp.prepare_bitnet_mlp(gate_up.prepared, down.prepared, sub_norm_weight, eps, norm_weight, eps), ""
+
+
+def bind_norm_linears(bound: Dict[str, PreparedLinear], norms: Dict[str, torch.Tensor],
+                      eps: float) -> Tuple[Dict[str, Any], str]:
+    """For each ``{binding name: weight of the norm before it}``, the bound projection with that norm in its own
+    kernel (:class:`backends.cuda_ext.norm_linear.NormLinear`) where cuda_ext serves it.
+
+    Returns ``(fused by name, why some are not)`` (an empty reason when all are)."""
+    fused: Dict[str, Any] = {}
+    why = []
+    for name, weight in norms.items():
+        binding = bound.get(name)
+        if binding is None:
+            why.append(f"{name} is not bound as one projection")
+            continue
+        if binding.kernel.backend != "cuda_ext":
+            why.append(f"{name} runs on {binding.kernel.name}, not cuda_ext")
+            continue
+        if not binding.takes_quantized:
+            why.append(f"{name} does not take int8 per-token input")
+            continue
+        from backends.cuda_ext import norm_linear
+
+        reason = norm_linear.why_not(binding.prepared, weight)
+        if reason:
+            why.append(f"{name}: {reason}")
+            continue
+        fused[name] = norm_linear.NormLinear.prepare(binding.prepared, weight, eps, binding.bias, binding.out_dtype)
+    return fused, "; ".join(why)
+
+
+def describe_norm_linears(fused: Dict[str, Any], why: str) -> str:
+    """What runs the norms before the projections, e.g. for ``model.norm_gemv``."""
+    if not fused:
+        return f"separate kernels ({why})"
+    parts = ", ".join(f"{name} up to {f.max_tokens} tokens" for name, f in fused.items())
+    rest = f"; not: {why}" if why else ""
+    return f"cuda_ext.linear_int8_norm (the norm inside the GEMV: {parts}{rest})"
 
 
 def tensors_in(obj: Any, seen: Optional[set] = None) -> Iterable[torch.Tensor]:

@@ -28,7 +28,9 @@ bytes per step, approximate logits); ``head_kernel`` says what runs it; with it,
 keeps the embedding table in pinned host memory (:meth:`BitNetForCausalLM.offload_embedding`), so the GPU holds
 only the packed projections, the quantized head and the norms; ``embedding`` says where the table lives.  Each layer's MLP runs, for up to 2 tokens on an sm_90 GPU with the norms quantizing, as
 one kernel (:mod:`backends.cuda_ext.bitnet_mlp`); ``fused_mlp=False`` keeps the three separate kernels;
-``mlp_kernel`` says which runs, and why.
+``mlp_kernel`` says which runs, and why.  ``norm_in_gemv=True`` (or ``BITLAB_NORM_GEMV=in``) runs the norms
+before q/k/v and o inside those projections' GEMVs (:mod:`backends.cuda_ext.norm_linear`); ``norm_gemv`` says
+what runs them, and why.
 
 Example::
 
@@ -126,6 +128,7 @@ class Generator:
         lm_head_bits: Optional[int] = None,
         fused_mlp: bool = True,
         embedding_on_host: bool = False,
+        norm_in_gemv: Optional[bool] = None,
     ) -> None:
         self.model = model.eval()
         self.device = model.compute_device
@@ -165,7 +168,7 @@ class Generator:
         if bind:  # resolve kernels and prepared weights once (see BitNetForCausalLM.prepare_for_inference)
             model.prepare_for_inference(self.device, fuse=fuse, offload_packed=offload_packed,
                                         lm_head_bits=lm_head_bits, fused_mlp=fused_mlp,
-                                        embedding_on_host=embedding_on_host)
+                                        embedding_on_host=embedding_on_host, norm_in_gemv=norm_in_gemv)
         else:
             if lm_head_bits is not None:
                 model.bind_lm_head(lm_head_bits, self.device)
@@ -175,6 +178,7 @@ class Generator:
         head = model.head_binding
         self.head_kernel = "dense (nn.Linear)" if head is None else f"{head.kernel.name} (quantized per row)"
         self.mlp_kernel = model.mlp_kernel
+        self.norm_gemv = model.norm_gemv
         self.kernels = {
             name: getattr(getattr(b, "kernel", None), "name", type(b).__name__)
             for name, b in model.model.layers[0].bound.items()

@@ -38,6 +38,8 @@ from bitmodels.bitnet.bindings import (
     QuantizedActivation,
     bind_fused_mlp,
     bind_group,
+    bind_norm_linears,
+    describe_norm_linears,
     bind_quantized_dense,
     device_bytes,
 )
@@ -115,6 +117,9 @@ class BitNetDecoderLayer(nn.Module):
         self.fused_mlp = None
         # True when that kernel also takes the residual add and the post-attention norm (norm_and_mlp).
         self.norm_in_mlp = False
+        # Projections that take the norm before them in their own kernel (prepare_for_inference(norm_in_gemv=True)):
+        # "qkv" with input_layernorm (and the residual add), "o_proj" with attn_sub_norm.
+        self.norm_linears: Dict[str, object] = {}
 
     def _mlp(self, x, ops, quantize: bool) -> torch.Tensor:
         """``down_proj(ffn_sub_norm(relu(gate_proj(x))**2 * up_proj(x)))``: one kernel where the fused MLP
@@ -138,29 +143,52 @@ class BitNetDecoderLayer(nn.Module):
         bound = self.bound.get(name)
         return bound(x) if bound is not None else getattr(module, name)(x)
 
-    def forward(self, h, x, next_norm: torch.Tensor, ops, cos, sin, k_cache=None, v_cache=None, slots=None, mask=None,
-                quantize_next: bool = False, quantize_here: bool = True):
-        """``h`` is the residual stream, ``x = input_layernorm(h)`` (a :class:`QuantizedActivation` when
-        the caller quantized it); the norms inside quantize when ``quantized_inputs and quantize_here``;
-        returns ``(h', next_norm(h'))``, quantized when ``quantize_next``."""
+    def forward(self, h, delta, ops, cos, sin, k_cache=None, v_cache=None, slots=None, mask=None,
+                quantize_here: bool = True):
+        """``h`` is the residual stream and ``delta`` what the layer before adds to it (None in the first layer);
+        the norms quantize when ``quantized_inputs and quantize_here``.  Returns ``(h + delta + o, mlp output)``:
+        the next layer (or the final norm) adds the MLP's output."""
         attn = self.self_attn
         quantize = self.quantized_inputs and quantize_here
         B, T, _ = h.shape
-        q, k, v = self._project("qkv", ("q_proj", "k_proj", "v_proj"), attn, x)
+        h, (q, k, v) = self._norm_and_qkv(h, delta, ops, quantize)
+        fold_o = self._norm_linear("o_proj", quantize, h)
         a = ops.attention(
             q.view(B, T, attn.n_heads, attn.head_dim),
             k.view(B, T, attn.n_kv_heads, attn.head_dim),
             v.view(B, T, attn.n_kv_heads, attn.head_dim),
-            cos, sin, k_cache, v_cache, slots, mask, attn.attn_sub_norm.weight, self.eps, quantize,
+            cos, sin, k_cache, v_cache, slots, mask, None if fold_o else attn.attn_sub_norm.weight, self.eps, quantize,
         )
-        o = self._linear("o_proj", attn, a)
+        o = fold_o(a.contiguous())[1] if fold_o else self._linear("o_proj", attn, a)
         both = self._norm_and_mlp(h, o, quantize)
         if both is None:
             h, x = ops.add_rms_norm(h, o, self.post_attention_layernorm.weight, self.eps, quantize)
             y = self._mlp(x, ops, quantize)
         else:
             h, y = both
-        return ops.add_rms_norm(h, y, next_norm, self.eps, quantize_next)
+        return h, y
+
+    def _norm_and_qkv(self, h, delta, ops, quantize: bool):
+        """``(h + delta, (q, k, v))`` of ``input_layernorm(h + delta)``: one kernel where the q/k/v projection
+        takes its norm (:attr:`norm_linears`), else the norm's kernel, then the projection."""
+        fold = self._norm_linear("qkv", quantize, h)
+        if fold is not None and fold.serves(h, delta):
+            summed, out = fold(h, delta)
+            return (h if delta is None else summed), out.split(self.bound["qkv"].splits, dim=-1)
+        weight = self.input_layernorm.weight
+        if delta is None:
+            x = ops.norm_input(h, weight, self.eps, quantize)
+        else:
+            h, x = ops.add_rms_norm(h, delta, weight, self.eps, quantize)
+        return h, self._project("qkv", ("q_proj", "k_proj", "v_proj"), self.self_attn, x)
+
+    def _norm_linear(self, name: str, quantize: bool, h: torch.Tensor):
+        """The projection ``name`` with its norm in one kernel, where bound and it takes rows like ``h`` (the
+        norms quantize, CUDA, the norm's dtype, at most its token count), else None."""
+        fold = self.norm_linears.get(name)
+        if fold is None or not quantize or not h.is_cuda or h.dtype != fold.norm_weight.dtype:
+            return None
+        return fold if h.numel() // h.shape[-1] <= fold.max_tokens else None
 
     def _norm_and_mlp(self, h: torch.Tensor, o: torch.Tensor, quantize: bool):
         """``(h + o, mlp(post_attention_layernorm(h + o)))`` from the one MLP kernel where it takes the norm too
@@ -206,6 +234,7 @@ class BitNetForCausalLM(nn.Module):
         self.quantize_in_norms_max_tokens = QUANTIZE_IN_NORMS_MAX_TOKENS
         self.norm_quant = "none"  # what runs the quantizing norms (prepare_for_inference sets it)
         self.mlp_kernel = "separate kernels (not prepared)"  # what runs the MLPs (prepare_for_inference sets it)
+        self.norm_gemv = "separate kernels (not prepared)"  # what runs the norms before q/k/v and o (likewise)
         # The lm_head quantized per row to 2 / 4 / 8 bits, when bind_lm_head asked for it (else the dense one).
         self.head_binding: Optional[PreparedLinear] = None
         # The embedding table in pinned host memory, looked up by the GPU (offload_embedding), else None.
@@ -245,18 +274,18 @@ class BitNetForCausalLM(nn.Module):
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         h = self.model.embed_tokens(input_ids) if self.host_embedding is None else self.host_embedding(input_ids)
         cos, sin = self.rotary(positions, h.dtype)
-        layers = self.model.layers
         # Quantizing in the norms pays where the projections are GEMVs (decode); a prefill's GEMMs
         # quantize inside their own op (measured: norm-side quantization made prefill slower).
         small = B * T <= self.quantize_in_norms_max_tokens
-        x = ops.norm_input(h, layers[0].input_layernorm.weight, self.config.rms_norm_eps,
-                           small and layers[0].quantized_inputs)
-        for i, layer in enumerate(layers):
-            last = i + 1 == len(layers)
-            nxt = self.model.norm.weight if last else layers[i + 1].input_layernorm.weight
+        delta = None
+        for i, layer in enumerate(self.model.layers):
             kc, vc = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
-            h, x = layer(h, x, nxt, ops, cos, sin, kc, vc, slots, mask,
-                         small and not last and layers[i + 1].quantized_inputs, small)
+            h, delta = layer(h, delta, ops, cos, sin, kc, vc, slots, mask, small)
+        eps = self.config.rms_norm_eps
+        if delta is None:
+            x = ops.norm_input(h, self.model.norm.weight, eps)
+        else:
+            _, x = ops.add_rms_norm(h, delta, self.model.norm.weight, eps)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x) if self.head_binding is None else self.head_binding(x)
@@ -283,7 +312,7 @@ class BitNetForCausalLM(nn.Module):
     def prepare_for_inference(
         self, device=None, *, fuse: bool = True, offload_packed: bool = False, quantize_in_norms: bool = True,
         lm_head_bits: Optional[int] = None, fused_mlp: bool = True, embedding_on_host: bool = False,
-        norm_in_mlp: Optional[bool] = None,
+        norm_in_mlp: Optional[bool] = None, norm_in_gemv: Optional[bool] = None,
     ) -> Dict[str, str]:
         """Resolve every projection's kernel and prepared weight once for ``device`` (see bindings).
 
@@ -299,6 +328,10 @@ class BitNetForCausalLM(nn.Module):
         ``norm_in_mlp``: with the one-kernel MLP, let that kernel also take the residual add and the
         post-attention norm (one kernel fewer per layer; not yet timed, so off by default; None reads
         ``BITLAB_MLP_NORM=in`` from the environment).
+        ``norm_in_gemv``: where the norms quantize and cuda_ext serves the projection, run ``input_layernorm``
+        (with the residual add) inside the q/k/v GEMV and ``attn_sub_norm`` inside the o GEMV, for as many
+        tokens as :mod:`backends.cuda_ext.norm_linear` takes (two kernels fewer per layer; the same bits);
+        None reads ``BITLAB_NORM_GEMV=in`` from the environment.  ``self.norm_gemv`` says what runs and why.
         ``embedding_on_host``: keep the embedding table in pinned host memory (see :meth:`offload_embedding`;
         with a tied table this needs ``lm_head_bits``).
         Returns ``{binding name: kernel name}`` for layer 0, e.g. ``{"qkv": "cuda_ext.Ternary...", ...}``.
@@ -306,6 +339,8 @@ class BitNetForCausalLM(nn.Module):
         device = torch.device(device) if device is not None else self.compute_device
         if norm_in_mlp is None:
             norm_in_mlp = os.environ.get("BITLAB_MLP_NORM", "") == "in"
+        if norm_in_gemv is None:
+            norm_in_gemv = os.environ.get("BITLAB_NORM_GEMV", "") == "in"
         self.eval()
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -321,6 +356,13 @@ class BitNetForCausalLM(nn.Module):
                 layer.fused_mlp, why = bind_fused_mlp(layer.bound, mlp.ffn_sub_norm.weight, layer.eps,
                                                       layer.post_attention_layernorm.weight)
             layer.norm_in_mlp = bool(norm_in_mlp) and layer.fused_mlp is not None and layer.fused_mlp.norm_max_tokens > 0
+            layer.norm_linears, norm_why = {}, "norm_in_gemv=False"
+            if norm_in_gemv and not layer.quantized_inputs:
+                norm_why = "the norms do not quantize"
+            elif norm_in_gemv:
+                norms = {"qkv": layer.input_layernorm.weight, "o_proj": attn.attn_sub_norm.weight}
+                layer.norm_linears, norm_why = bind_norm_linears(layer.bound, norms, layer.eps)
+        self.norm_gemv = describe_norm_linears(self.model.layers[0].norm_linears, norm_why)
         first = self.model.layers[0]
         self.mlp_kernel = f"separate kernels ({why})"
         if first.fused_mlp is not None:
@@ -389,11 +431,13 @@ class BitNetForCausalLM(nn.Module):
         self.offload_embedding(False)
         self.head_binding = None
         self.mlp_kernel = "separate kernels (not prepared)"
+        self.norm_gemv = "separate kernels (not prepared)"
         for layer in self.model.layers:
             layer.bound = {}
             layer.quantized_inputs = False
             layer.fused_mlp = None
             layer.norm_in_mlp = False
+            layer.norm_linears = {}
 
     def use_compiled_ops(self, enabled: bool = True, **compile_kwargs) -> None:
         """Run the float operations through ``torch.compile`` (fused kernels) or eagerly."""

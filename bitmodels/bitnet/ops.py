@@ -148,7 +148,8 @@ def attention(
     (``[B, KVH, S, D]``), ``k, v`` are written at cache positions ``slots [T]``
     and the queries attend over the whole cache under ``mask [B, 1, T, S]``
     (True = attend).  Without one, attention is causal over the chunk (and
-    ``mask``, when given, is ``[B, 1, T, T]``).  Returns ``[B, T, H * D]``.
+    ``mask``, when given, is ``[B, 1, T, T]``).  Returns ``[B, T, H * D]``; with ``sub_norm_weight`` None
+    the output before ``attn_sub_norm`` (for a projection that takes the norm itself).
     """
     B, T, H, D = q.shape
     kvh = k.shape[2]
@@ -171,7 +172,7 @@ def attention(
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         out = out.transpose(1, 2).reshape(B, T, H * D)
-    return norm_input(out, sub_norm_weight, eps, quantize)
+    return out if sub_norm_weight is None else norm_input(out, sub_norm_weight, eps, quantize)
 
 
 class Ops:
@@ -201,10 +202,12 @@ def decode_rope_write(q, k, v, cos, sin, k_cache, v_cache, slots) -> torch.Tenso
 
 
 def combine_sub_norm(acc, m, l_sum, weight: torch.Tensor, eps: float, dtype: torch.dtype, quantize: bool = False):
-    """Merge split-KV partials (:mod:`bitmodels.bitnet.triton_attention`) and apply ``attn_sub_norm``."""
+    """Merge split-KV partials (:mod:`bitmodels.bitnet.triton_attention`) and apply ``attn_sub_norm`` (not
+    with ``weight`` None)."""
     from bitmodels.bitnet.triton_attention import combine_partials
 
-    return norm_input(combine_partials(acc, m, l_sum).to(dtype), weight, eps, quantize)
+    out = combine_partials(acc, m, l_sum).to(dtype)
+    return out if weight is None else norm_input(out, weight, eps, quantize)
 
 
 class TritonDecodeOps(CompiledOps):
@@ -279,6 +282,8 @@ class FusedDecodeAttentionOps:
         out = fused.decode_attention(q[:, 0], k[:, 0], v[:, 0], cos.reshape(B, -1), sin.reshape(B, -1), k_cache,
                                      v_cache, slots.reshape(1), mask.reshape(B, -1),
                                      dependent_launch=True)  # after the q/k/v projection, which writes no cache
+        if sub_norm_weight is None:
+            return out.view(B, 1, -1)
         return self.base.norm_input(out.view(B, 1, -1), sub_norm_weight, eps, quantize)
 
 

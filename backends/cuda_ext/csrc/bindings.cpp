@@ -287,6 +287,66 @@ at::Tensor cuda_ext_linear_int8(const at::Tensor& xq, const at::Tensor& x_scale,
   return y;
 }
 
+// The norm before an int8 projection and the projection in one kernel (linear_norm.cu): x = per-token int8 of
+// RMSNorm(a) * norm_weight (mode 0) or of RMSNorm(h) * norm_weight with h = a + b (mode 1); returns (h or an
+// empty tensor, y), the same bits as cuda_ext_rms_norm_quant then cuda_ext_linear_int8.  Inputs checked in
+// Python first (backends/cuda_ext/norm_linear.py), again here.
+std::tuple<at::Tensor, at::Tensor> cuda_ext_linear_int8_norm(const at::Tensor& a, const c10::optional<at::Tensor>& b,
+                                                            const at::Tensor& norm_weight, double eps, int64_t mode,
+                                                            const at::Tensor& wq, const at::Tensor& w_scale,
+                                                            const c10::optional<at::Tensor>& bias, int64_t fmt,
+                                                            int64_t epilogue, int64_t N, at::ScalarType out_dtype) {
+  const char* op = "cuda_ext_linear_int8_norm";
+  TORCH_CHECK(a.is_cuda() && norm_weight.is_cuda() && wq.is_cuda() && w_scale.is_cuda(), op,
+              ": tensors must be on a CUDA device");
+  TORCH_CHECK(a.dim() == 2 && a.is_contiguous() && (a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16),
+              op, ": a must be contiguous 2-D float16 / bfloat16, got ", a.scalar_type(), " ", a.sizes());
+  TORCH_CHECK(mode == 0 || mode == 1, op, ": mode ", mode, " not 0 (norm) or 1 (add, norm)");
+  const int64_t M = a.size(0), K = a.size(1);
+  TORCH_CHECK(bitlab::norm_gemv_serves(static_cast<int>(M), static_cast<int>(K)), op, ": ", M, " rows of ", K,
+              " columns not served (at most ", bitlab::kNormGemvMaxTokens, " rows, K a multiple of 8 up to ",
+              bitlab::kNormGemvMaxK, ", rows x K up to ", bitlab::kNormGemvMaxElements, ")");
+  TORCH_CHECK(norm_weight.dim() == 1 && norm_weight.numel() == K && norm_weight.is_contiguous() &&
+                  norm_weight.scalar_type() == a.scalar_type(),
+              op, ": norm_weight must be contiguous [", K, "] in ", a.scalar_type());
+  if (mode == 1) {
+    TORCH_CHECK(b.has_value() && b->is_cuda() && b->sizes() == a.sizes() && b->is_contiguous() &&
+                    b->scalar_type() == a.scalar_type(),
+                op, ": mode 1 needs b contiguous and shaped like a");
+  }
+  const bool aligned = (reinterpret_cast<uintptr_t>(a.data_ptr()) | reinterpret_cast<uintptr_t>(norm_weight.data_ptr()) |
+                        (mode == 1 ? reinterpret_cast<uintptr_t>(b->data_ptr()) : 0)) % 16 == 0;
+  TORCH_CHECK(aligned, op, ": a, b and norm_weight must be 16-byte aligned");
+  TORCH_CHECK(fmt >= 0 && fmt <= 4, op, ": fmt ", fmt, " not in [0, 4]");
+  TORCH_CHECK(epilogue >= 0 && epilogue <= 2, op, ": epilogue ", epilogue, " not in [0, 2]");
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
+                  (w_scale.numel() == 1 || w_scale.numel() == N),
+              op, ": w_scale must be contiguous float32 with 1 or out_features=", N, " elements");
+  TORCH_CHECK(wq.scalar_type() == at::kInt, op, ": prepared weight must be int32 lane tiles");
+  const c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor h = mode == 1 ? at::empty_like(a) : at::empty({0}, a.options());
+  at::Tensor y = at::empty({M, N}, a.options().dtype(out_dtype));
+  if (M == 0 || N == 0) return {h, y};
+  at::Tensor bias_f;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == N, op, ": bias has ", bias->numel(), " elements, expected ", N);
+    bias_f = bias->to(at::kFloat).contiguous();
+  }
+  bitlab::LinearArgs args = weight_args(wq, w_scale, bias_f, y, fmt, epilogue, M, N, (K + 127) / 128 * 128);
+  args.pdl = 1;  // behind the kernel that produced a (and b)
+  bitlab::NormInputArgs n{};
+  n.a = a.data_ptr();
+  n.b = mode == 1 ? b->data_ptr() : nullptr;
+  n.weight = norm_weight.data_ptr();
+  n.h = mode == 1 ? h.data_ptr() : nullptr;
+  n.dtype = dtype_code(a.scalar_type());
+  n.mode = static_cast<int>(mode);
+  n.K = static_cast<int>(K);
+  n.eps = static_cast<float>(eps);
+  check_cuda(bitlab::launch_linear_int8_norm(args, n, c10::cuda::getCurrentCUDAStream()), "linear_int8_norm kernel");
+  return {h, y};
+}
+
 // RMSNorm + per-token int8 quantization (norm_quant.cu): returns (h or an empty tensor, q, scale).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_ext_rms_norm_quant(const at::Tensor& a,
                                                                        const c10::optional<at::Tensor>& b,
@@ -541,6 +601,9 @@ TORCH_LIBRARY_FRAGMENT(bitlab, m) {
   m.def("cuda_ext_gather_host_rows(Tensor table, Tensor ids) -> Tensor");
   m.def("cuda_ext_rms_norm_quant(Tensor a, Tensor? b, Tensor weight, float eps, int mode) -> (Tensor, Tensor, Tensor)");
   m.def(
+      "cuda_ext_linear_int8_norm(Tensor a, Tensor? b, Tensor norm_weight, float eps, int mode, Tensor wq, "
+      "Tensor w_scale, Tensor? bias, int fmt, int epilogue, int N, ScalarType out_dtype) -> (Tensor, Tensor)");
+  m.def(
       "cuda_ext_linear_int8(Tensor xq, Tensor x_scale, Tensor wq, Tensor w_scale, Tensor? bias, int fmt, "
       "int epilogue, int N, int K, ScalarType out_dtype) -> Tensor");
   m.def(
@@ -552,6 +615,7 @@ TORCH_LIBRARY_IMPL(bitlab, CUDA, m) {
   m.impl("cuda_ext_linear", &cuda_ext_linear);
   m.impl("cuda_ext_linear_int8", &cuda_ext_linear_int8);
   m.impl("cuda_ext_rms_norm_quant", &cuda_ext_rms_norm_quant);
+  m.impl("cuda_ext_linear_int8_norm", &cuda_ext_linear_int8_norm);
   m.impl("cuda_ext_decode_attention", &cuda_ext_decode_attention);
   m.impl("cuda_ext_bitnet_mlp", &cuda_ext_bitnet_mlp);
   m.impl("cuda_ext_bitnet_mlp_norm", &cuda_ext_bitnet_mlp_norm);

@@ -152,6 +152,28 @@ struct NormQuantArgs {
 };
 cudaError_t launch_rms_norm_quant(const NormQuantArgs& args, cudaStream_t stream);
 
+// The int8 GEMV with its input's RMSNorm + quantization in the same kernel (linear_norm.cu): every block
+// computes x = int8 per-token quantization of RMSNorm(r) * weight for r = a (mode 0) or h = T(a + b) (mode 1;
+// block 0 writes h, [M, K] contiguous), into shared memory, exactly as norm_quant.cu computes it (same
+// reduction order, so the same bits), then y = x . W with launch_linear_int8's epilogue (args.x and
+// args.x_scale are not read).  a, b, weight, h: half / bf16 (dtype), contiguous rows, 16-byte aligned.
+constexpr int kNormGemvMaxTokens = 8;
+constexpr int kNormGemvMaxK = 8192;         // norm_quant.cu's one-piece-per-thread range
+constexpr int kNormGemvMaxElements = 8192;  // M * K: the block stages r (2 bytes each) and x in shared memory
+struct NormInputArgs {
+  const void* a;
+  const void* b;       // mode 1
+  const void* weight;  // [K]
+  void* h;             // mode 1
+  int dtype;           // kDtypeHalf or kDtypeBFloat16
+  int mode;            // 0: r = a, 1: r = h = T(a + b)
+  int K;               // columns of a (args.Kp: K padded to 128)
+  float eps;
+};
+// Whether launch_linear_int8_norm serves M tokens of K columns.
+bool norm_gemv_serves(int M, int K);
+cudaError_t launch_linear_int8_norm(const LinearArgs& args, const NormInputArgs& norm, cudaStream_t stream);
+
 // One-token grouped-query attention with rotary embedding and KV-cache write (decode_attention.cu,
 // sm_90). q [B, H, D], k, v [B, KVH, D] (row strides below; heads contiguous, D unit stride),
 // cos / sin [B, D], caches [B, KVH, S, D] contiguous, mask [B, S] (nonzero = attend), all of dtype

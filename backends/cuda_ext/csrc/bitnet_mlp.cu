@@ -240,16 +240,24 @@ __device__ __forceinline__ void subnorm_in_passes(const MlpPlan& p, float eps, c
 // RMSNorm(h) * w for h = T(res + delta), into the block's x rows `xs` (pitch p.xp, zeros past H) and x_scale,
 // as norm_quant.cu's mode 1 computes it.  Every block computes it from the same data in the same order (the
 // same x everywhere); block 0 writes h to res_out.  Each thread holds its pieces of 8 columns in registers
-// (piece i is token i / (H / 8)): the sums of squares per token, then the norm and the maxima per token.
+// (piece i is token i / (H / 8)): the sums of squares per token, then the norm and the maxima per token.  The
+// norm's weight `w` comes loaded (load_norm_weight, before the wait for the kernel before this one).
 constexpr int kNormLoads = kBitnetMlpNormElements / (8 * kMlpThreads);
+__device__ __forceinline__ void load_norm_weight(const BitnetMlpArgs& a, const MlpPlan& p, uint4 (&w)[kNormLoads]) {
+  const int hp = p.H / 8;
+#pragma unroll
+  for (int k = 0; k < kNormLoads; ++k) {
+    const int i = k * kMlpThreads + threadIdx.x;
+    if (i < p.M * hp) w[k] = __ldg(static_cast<const uint4*>(a.norm_weight) + i % hp);
+  }
+}
 template <typename T>
 __device__ __forceinline__ void norm_into_x(const BitnetMlpArgs& a, const MlpPlan& p, unsigned char* xs,
-                                            float* x_scale, float* scratch) {
+                                            float* x_scale, float* scratch, const uint4 (&w)[kNormLoads]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, hp = p.H / 8, pieces = p.M * hp;
   const uint4* res = static_cast<const uint4*>(a.res);
   const uint4* delta = static_cast<const uint4*>(a.delta);
-  const uint4* weight = static_cast<const uint4*>(a.norm_weight);
-  uint4 v[kNormLoads], w[kNormLoads];
+  uint4 v[kNormLoads], d4[kNormLoads];
   float ss[kMaxTok];
 #pragma unroll
   for (int t = 0; t < kMaxTok; ++t) ss[t] = 0.f;
@@ -258,7 +266,7 @@ __device__ __forceinline__ void norm_into_x(const BitnetMlpArgs& a, const MlpPla
     const int i = k * kMlpThreads + threadIdx.x;
     if (i < pieces) {
       v[k] = __ldcg(res + i);
-      w[k] = __ldcg(delta + i);
+      d4[k] = __ldcg(delta + i);
     }
   }
 #pragma unroll
@@ -267,7 +275,7 @@ __device__ __forceinline__ void norm_into_x(const BitnetMlpArgs& a, const MlpPla
     if (i < pieces) {
       const int tok = i / hp;
       T* e = reinterpret_cast<T*>(&v[k]);
-      const T* d = reinterpret_cast<const T*>(&w[k]);
+      const T* d = reinterpret_cast<const T*>(&d4[k]);
       float sq = 0.f;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
@@ -279,7 +287,6 @@ __device__ __forceinline__ void norm_into_x(const BitnetMlpArgs& a, const MlpPla
       for (int t = 0; t < kMaxTok; ++t)
         if (t == tok) ss[t] += sq;
       if (blockIdx.x == 0) reinterpret_cast<uint4*>(a.res_out)[i] = v[k];
-      w[k] = __ldg(weight + (i - tok * hp));  // the norm's weight (d is used up)
     }
   }
 #pragma unroll
@@ -369,13 +376,15 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
   T* w_sub = reinterpret_cast<T*>(smem + p.off_w);
   for (int i = threadIdx.x; i < p.I / 8; i += kMlpThreads)  // I % 16 == 0: 16-byte pieces
     reinterpret_cast<uint4*>(w_sub)[i] = __ldg(reinterpret_cast<const uint4*>(a.sub_weight) + i);
+  uint4 norm_w[kNormLoads];  // the post-attention norm's weight, where the kernel takes that norm
+  if (a.norm_input) load_norm_weight(a, p, norm_w);
   pdl_wait();
   BITLAB_STAMP(2);  // the wait for x returned
 
   // x into shared memory, zero-padded to Hp columns: the int8 rows given, or the post-attention norm's.
   unsigned char* xs = smem + p.off_x;
   const bool vec = a.ldx % 16 == 0 && reinterpret_cast<uintptr_t>(a.xq) % 16 == 0;
-  if (a.norm_input) norm_into_x<T>(a, p, xs, token_scale[0], scratch);
+  if (a.norm_input) norm_into_x<T>(a, p, xs, token_scale[0], scratch, norm_w);
   for (int idx = threadIdx.x; !a.norm_input && idx < p.M * (p.xp / 16); idx += kMlpThreads) {
     const int tok = idx / (p.xp / 16), c = (idx % (p.xp / 16)) * 16;
     const int8_t* row = a.xq + tok * a.ldx;

@@ -509,6 +509,51 @@ def test_layer_hands_the_norm_to_the_mlp_kernel_only_where_it_takes_it():
     assert Kernel.calls == []
 
 
+def test_norms_in_the_gemvs_on_cpu_say_why_not(monkeypatch):
+    model = _model(seed=20)
+    monkeypatch.delenv("BITLAB_NORM_GEMV", raising=False)
+    assert Generator(model).norm_gemv == "separate kernels (norm_in_gemv=False)"
+    why = Generator(model, norm_in_gemv=True).norm_gemv
+    assert why.startswith("separate kernels (") and why != "separate kernels (norm_in_gemv=False)", why
+    assert all(layer.norm_linears == {} for layer in model.model.layers)
+
+
+@pytest.mark.gpu
+def test_norms_in_the_gemvs_give_the_same_logits_and_tokens(cuda_device, monkeypatch):
+    """input_layernorm inside the q/k/v GEMV and attn_sub_norm inside the o GEMV: the same bits as the norm
+    kernels before the GEMVs, so the same logits and tokens, eager and replayed."""
+    from backends.cuda_ext import ops as cuda_ops
+
+    if not cuda_ops.availability():
+        pytest.skip("needs cuda_ext")
+    monkeypatch.delenv("BITLAB_NORM_GEMV", raising=False)
+    model = _model(seed=21, hidden_size=256, intermediate_size=688, num_attention_heads=4,
+                   num_key_value_heads=2).to(cuda_device, torch.bfloat16)
+    prompts = _prompts(21, (5, 9))
+    separate = Generator(model, cuda_graph=True)
+    assert separate.norm_gemv == "separate kernels (norm_in_gemv=False)"
+    want = separate.generate(prompts, 10, stop_token_ids=[]).tokens
+    ids = torch.tensor([prompts[1][:2]], device=cuda_device)
+    with torch.no_grad():
+        want_logits = [model(ids[:, :1]), model(ids.view(2, 1))]
+    monkeypatch.setenv("BITLAB_NORM_GEMV", "in")
+    eager = Generator(model, cuda_graph=False)
+    assert eager.norm_gemv == ("cuda_ext.linear_int8_norm (the norm inside the GEMV: qkv up to 8 tokens, "
+                               "o_proj up to 8 tokens)"), eager.norm_gemv
+    from backends.cuda_ext.norm_linear import NormLinear
+
+    calls, original = [], NormLinear.__call__
+    monkeypatch.setattr(NormLinear, "__call__", lambda self, a, b=None: calls.append(a.shape) or original(self, a, b))
+    with torch.no_grad():
+        got_logits = [model(ids[:, :1]), model(ids.view(2, 1))]
+    assert len(calls) == 2 * 2 * len(model.model.layers)  # q/k/v and o of every layer, two forwards
+    for got, logits in zip(got_logits, want_logits):
+        assert torch.equal(got, logits)
+    assert eager.generate(prompts, 10, stop_token_ids=[]).tokens == want
+    graph = Generator(model, cuda_graph=True)
+    assert graph.generate(prompts, 10, stop_token_ids=[]).tokens == want
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("norm_in", [False, True])
 def test_fused_mlp_generation_is_used_and_replays_deterministically(cuda_device, monkeypatch, norm_in):
