@@ -42,4 +42,15 @@ __device__ __forceinline__ int8_t quantize_value(float y, float inv) {
   return static_cast<int8_t>(qi > 127 ? 127 : (qi < -127 ? -127 : qi));
 }
 
+// Eight values of dtype T (one 16-byte piece of a row) quantized with inverse step inv: 8 int8 bytes.
+template <typename T>
+__device__ __forceinline__ uint2 quantize_piece(const uint4& raw, float inv) {
+  const T* e = reinterpret_cast<const T*>(&raw);
+  uint32_t packed[2] = {0u, 0u};
+#pragma unroll
+  for (int k = 0; k < 8; ++k)
+    packed[k >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(quantize_value(to_f<T>(e[k]), inv))) << (8 * (k & 3));
+  return make_uint2(packed[0], packed[1]);
+}
+
 }  // namespace bitlab

@@ -328,12 +328,7 @@ __device__ __forceinline__ void norm_into_x(const BitnetMlpArgs& a, const MlpPla
     if (i < pieces) {
       const int tok = i / hp, pc = i - tok * hp;
       const float inv = quant_inverse(fmaxf(total[tok], 1e-5f));
-      const T* e = reinterpret_cast<const T*>(&v[k]);
-      uint32_t packed[2] = {0u, 0u};
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-        packed[j >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(quantize_value(to_f<T>(e[j]), inv))) << (8 * (j & 3));
-      *reinterpret_cast<uint2*>(xs + tok * p.xp + 8 * pc) = make_uint2(packed[0], packed[1]);
+      *reinterpret_cast<uint2*>(xs + tok * p.xp + 8 * pc) = quantize_piece<T>(v[k], inv);
     }
   }
   const int pad = (p.xp - p.H) / 8;  // zeros past H (H % 8 == 0)
@@ -476,15 +471,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
     if (threadIdx.x == 0) token_scale[1][tok] = quant_scale(amax);
     for (int pc = threadIdx.x; pc < p.qp / 8; pc += kMlpThreads) {
       uint2 out = make_uint2(0u, 0u);  // zeros past I
-      if (pc < npieces) {
-        const uint4 raw = reinterpret_cast<const uint4*>(staged + tok * p.I)[pc];
-        const T* e = reinterpret_cast<const T*>(&raw);
-        uint32_t packed[2] = {0u, 0u};
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-          packed[i >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(quantize_value(to_f<T>(e[i]), inv))) << (8 * (i & 3));
-        out = make_uint2(packed[0], packed[1]);
-      }
+      if (pc < npieces) out = quantize_piece<T>(reinterpret_cast<const uint4*>(staged + tok * p.I)[pc], inv);
       *reinterpret_cast<uint2*>(qs + tok * p.qp + 8 * pc) = out;
     }
   }

@@ -153,16 +153,7 @@ __device__ void norm_rows_into_x(const NormInputArgs& n, int M, const NormGemvLa
   for (int i = threadIdx.x; i < M * row_pieces; i += blockDim.x) {
     const int tok = i / row_pieces, pc = i % row_pieces;
     uint2 out = make_uint2(0u, 0u);  // zeros past K
-    if (pc < L.np) {
-      const uint4 raw = rs[tok * L.np + pc];
-      const T* e = reinterpret_cast<const T*>(&raw);
-      const float inv = inverse[tok];
-      uint32_t packed[2] = {0u, 0u};
-#pragma unroll
-      for (int k = 0; k < 8; ++k)
-        packed[k >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(quantize_value(to_f<T>(e[k]), inv))) << (8 * (k & 3));
-      out = make_uint2(packed[0], packed[1]);
-    }
+    if (pc < L.np) out = quantize_piece<T>(rs[tok * L.np + pc], inverse[tok]);
     *reinterpret_cast<uint2*>(smem + L.off_x + tok * L.xp + 8 * pc) = out;
   }
   __syncthreads();
