@@ -92,11 +92,12 @@ class NormLinear:
         return max_rows(self.in_features)
 
     def serves(self, a: torch.Tensor, b: Optional[torch.Tensor] = None) -> bool:
-        """Whether ``self(a, b)`` runs: CUDA rows in the norm weight's dtype, contiguous, at most max_tokens."""
+        """Whether ``self(a, b)`` runs: CUDA rows in the norm weight's dtype, contiguous and 16-byte aligned, at
+        most max_tokens."""
         rows = a.numel() // max(a.shape[-1], 1)
         return (a.is_cuda and a.shape[-1] == self.in_features and a.dtype == self.norm_weight.dtype
-                and a.is_contiguous() and 1 <= rows <= self.max_tokens
-                and (b is None or (b.shape == a.shape and b.dtype == a.dtype and b.is_contiguous())))
+                and _dense(a) and 1 <= rows <= self.max_tokens
+                and (b is None or (b.shape == a.shape and b.dtype == a.dtype and _dense(b))))
 
     def __call__(self, a: torch.Tensor, b: Optional[torch.Tensor] = None):
         """``(h, y)``: ``h = a + b`` (None without ``b``) and ``y = W . quantize(RMSNorm(h or a) * w)``,
@@ -110,15 +111,20 @@ class NormLinear:
         return (None if b is None else h.view(a.shape)), y.view(*lead, p.out_features)
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Contiguous and 16-byte aligned (the kernel reads rows 16 bytes at a time)."""
+    return t.is_contiguous() and t.data_ptr() % 16 == 0
+
+
 def check_inputs(a: torch.Tensor, b: Optional[torch.Tensor], norm_weight: torch.Tensor) -> None:
     """ValueError naming what the kernel does not take (the op checks again)."""
     k = norm_weight.numel()
-    if not a.is_cuda or a.dtype != norm_weight.dtype or a.shape[-1] != k or not a.is_contiguous():
-        raise ValueError(f"a must be contiguous [..., {k}] {norm_weight.dtype} on CUDA; got {a.dtype} "
-                         f"{tuple(a.shape)} on {a.device}")
+    if not a.is_cuda or a.dtype != norm_weight.dtype or a.shape[-1] != k or not _dense(a):
+        raise ValueError(f"a must be contiguous, 16-byte aligned [..., {k}] {norm_weight.dtype} on CUDA; got "
+                         f"{a.dtype} {tuple(a.shape)} on {a.device}" + ("" if _dense(a) else " (not contiguous or aligned)"))
     rows = a.numel() // k
     if not 1 <= rows <= max_rows(k):
         raise ValueError(f"{rows} rows of {k} columns: the kernel takes 1 to {max_rows(k)}")
-    if b is not None and (b.shape != a.shape or b.dtype != a.dtype or not b.is_contiguous() or b.device != a.device):
-        raise ValueError(f"b must be shaped like a ({a.dtype} {tuple(a.shape)}, contiguous, {a.device}); got "
+    if b is not None and (b.shape != a.shape or b.dtype != a.dtype or not _dense(b) or b.device != a.device):
+        raise ValueError(f"b must be shaped like a ({a.dtype} {tuple(a.shape)}, contiguous, aligned, {a.device}); got "
                          f"{b.dtype} {tuple(b.shape)} on {b.device}")

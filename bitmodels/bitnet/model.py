@@ -159,7 +159,9 @@ class BitNetDecoderLayer(nn.Module):
             v.view(B, T, attn.n_kv_heads, attn.head_dim),
             cos, sin, k_cache, v_cache, slots, mask, None if fold_o else attn.attn_sub_norm.weight, self.eps, quantize,
         )
-        o = fold_o(a.contiguous())[1] if fold_o else self._linear("o_proj", attn, a)
+        if fold_o is not None and not fold_o.serves(a):  # e.g. a view the kernel cannot read: the norm apart
+            a, fold_o = ops.norm_input(a, attn.attn_sub_norm.weight, self.eps, quantize), None
+        o = fold_o(a)[1] if fold_o is not None else self._linear("o_proj", attn, a)
         both = self._norm_and_mlp(h, o, quantize)
         if both is None:
             h, x = ops.add_rms_norm(h, o, self.post_attention_layernorm.weight, self.eps, quantize)

@@ -148,10 +148,14 @@ def test_bad_inputs_raise_and_name_the_problem(cuda_ops):
     fused = norm_linear.NormLinear.prepare(prepared, torch.ones(2560, dtype=torch.bfloat16).cuda(), 1e-5)
     with pytest.raises(ValueError, match="1 to 3"):
         fused(torch.randn(4, 2560).bfloat16().cuda())
-    with pytest.raises(ValueError, match=r"contiguous \[\.\.\., 2560\] torch.bfloat16"):
+    with pytest.raises(ValueError, match=r"16-byte aligned \[\.\.\., 2560\] torch.bfloat16"):
         fused(torch.randn(1, 2560).half().cuda())
     with pytest.raises(ValueError, match="b must be shaped like a"):
         fused(torch.randn(1, 2560).bfloat16().cuda(), torch.randn(2, 2560).bfloat16().cuda())
+    odd = torch.randn(2 * 2560 + 1).bfloat16().cuda()[1:2561].view(1, 2560)  # contiguous, 2 bytes off alignment
+    assert not fused.serves(odd)
+    with pytest.raises(ValueError, match="not contiguous or aligned"):
+        fused(odd)
     with pytest.raises(RuntimeError, match="not served"):
         torch.ops.bitlab.cuda_ext_linear_int8_norm(torch.randn(4, 2560).bfloat16().cuda(), None, fused.norm_weight,
                                                    1e-5, 0, prepared.wq, prepared.scale, None, prepared.fmt, 0, 256,
