@@ -25,13 +25,16 @@ namespace {
 struct NormGemvLayout {
   int K, Kp, np, nw;  // columns, padded columns, pieces of 8 per row, norm_quant's warps per row
   int xp;             // x row pitch (bytes): +16 so that token rows start on different banks
-  int off_stat, off_w, off_r, off_x, bytes;
+  int off_stat, off_w, off_a, off_b, off_x, bytes;
 };
 
-// stat: per-(token, unit) partial results [kNormGemvMaxTokens][32], then per token r (rsqrt), scale, inverse.
-constexpr int kStatFloats = kNormGemvMaxTokens * 32 + 3 * kNormGemvMaxTokens;
+// stat (floats): per-(token, unit) sums of squares [kNormGemvMaxTokens][32], then maxima of |y| (same shape), the
+// epilogue's per-token scales [kNormGemvMaxTokens], each warp's per-token inverse steps [8 warps][tokens].
+constexpr int kStatSums = 0, kStatMax = kNormGemvMaxTokens * 32, kStatScale = 2 * kStatMax;
+constexpr int kStatInverse = kStatScale + kNormGemvMaxTokens;
+constexpr int kStatFloats = kStatInverse + 8 * kNormGemvMaxTokens;
 
-NormGemvLayout make_layout(int M, int K, int Kp, int kw) {
+NormGemvLayout make_layout(int M, int K, int Kp, int kw, int mode) {
   NormGemvLayout L = {};
   L.K = K; L.Kp = Kp; L.np = K / 8;
   L.nw = (L.np + 31) / 32 < 2 ? 2 : (L.np + 31) / 32;
@@ -39,11 +42,14 @@ NormGemvLayout make_layout(int M, int K, int Kp, int kw) {
   const int red = kw * 4 * 32 * 4;  // reduce_warps_and_store: kw warps x one fragment of 4 x 32 int32
   L.off_stat = (red + 15) / 16 * 16;
   L.off_w = L.off_stat + kStatFloats * 4;
-  L.off_r = L.off_w + K * 2;
-  L.off_x = L.off_r + M * K * 2;
+  L.off_a = L.off_w + K * 2;                       // the rows a (then r, then y), T
+  L.off_b = L.off_a + M * K * 2;                   // the rows b (mode 1)
+  L.off_x = L.off_b + (mode == 1 ? M * K * 2 : 0);
   L.bytes = L.off_x + M * L.xp;
   return L;
 }
+// The launch attribute: more than any block takes (the most is K = 8192, one row, mode 1, 8 warps: 62.3 KB).
+constexpr int kNormGemvMaxSmem = 64 * 1024;
 
 template <bool kMax>
 __device__ __forceinline__ float warp_tree(float v) {  // norm_quant.cu's block_reduce, warp part
@@ -55,106 +61,111 @@ __device__ __forceinline__ float warp_tree(float v) {  // norm_quant.cu's block_
   return v;
 }
 
-// Per token, the tree over its nw unit results (lanes past nw add zeros): thread-block wide, warp w takes
-// tokens w, w + kw, ...; lane 0 gets the result.
+// A token's result: the tree over its nw unit results (lanes past nw add zeros); every lane gets it (a xor
+// tree adds the same pairs in every lane, and float addition commutes).
 template <bool kMax>
-__device__ __forceinline__ float token_tree(const float* stat, int tok, int nw, int lane) {
-  return warp_tree<kMax>(lane < nw ? stat[tok * 32 + lane] : 0.f);
+__device__ __forceinline__ float token_tree(const float* units, int tok, int nw, int lane) {
+  return warp_tree<kMax>(lane < nw ? units[tok * 32 + lane] : 0.f);
 }
 
 // x (int8, pitch L.xp, zeros in [K, Kp)) and the per-token scales into shared memory; see the file comment.
+// The code runs once per launch, so its loops stay rolled (its size costs instruction fetches); the rows
+// arrive by cp.async (each thread's own pieces: no barrier before it uses them), three block barriers in all.
 template <typename T>
 __device__ void norm_rows_into_x(const NormInputArgs& n, int M, const NormGemvLayout& L, unsigned char* smem) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, kw = blockDim.x >> 5;
   float* stat = reinterpret_cast<float*>(smem + L.off_stat);
-  float* rnorm = stat + kNormGemvMaxTokens * 32;
-  float* scale = rnorm + kNormGemvMaxTokens;
-  float* inverse = scale + kNormGemvMaxTokens;
+  uint4* ra = reinterpret_cast<uint4*>(smem + L.off_a);  // [M][np] pieces: a, then r, then y
+  const uint4* rb = reinterpret_cast<const uint4*>(smem + L.off_b);
   const uint4* wsm = reinterpret_cast<const uint4*>(smem + L.off_w);
-  uint4* rs = reinterpret_cast<uint4*>(smem + L.off_r);  // [M][np] pieces: r, then y
-  const uint4* a = static_cast<const uint4*>(n.a);
-  const uint4* b = static_cast<const uint4*>(n.b);
-  const int units = M * L.nw;
 
-  // Pass 1: r = a or T(a + b) (block 0 writes h), each unit's sum of squares.  Loads of kBatch units first.
-  constexpr int kBatch = 4;
-  for (int u0 = warp; u0 < units; u0 += kBatch * kw) {
-    uint4 va[kBatch], vb[kBatch];
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int u = u0 + j * kw, tok = u / L.nw, piece = (u % L.nw) * 32 + lane;
-      if (u < units && piece < L.np) {
-        va[j] = __ldcg(a + tok * L.np + piece);
-        if (n.mode == 1) vb[j] = __ldcg(b + tok * L.np + piece);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int u = u0 + j * kw, tok = u / L.nw, piece = (u % L.nw) * 32 + lane;
-      if (u >= units) break;  // the same for the whole warp
-      float ss = 0.f;
+  // A unit (tok, v): pieces 32 v + lane of row tok; warp w takes units v = w, w + kw, ... of every row.
+#pragma unroll 1
+  for (int tok = 0; tok < M; ++tok)
+#pragma unroll 1
+    for (int v = warp; v < L.nw; v += kw) {  // this thread's pieces of the rows, all in flight at once
+      const int piece = 32 * v + lane, at = tok * L.np + piece;
       if (piece < L.np) {
-        T* e = reinterpret_cast<T*>(&va[j]);
-        const T* d = reinterpret_cast<const T*>(&vb[j]);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const float x = n.mode == 1 ? round_t<T>(to_f<T>(e[i]) + to_f<T>(d[i])) : to_f<T>(e[i]);
-          e[i] = from_f<T>(x);
-          ss = __fmaf_rn(x, x, ss);
-        }
-        rs[tok * L.np + piece] = va[j];
-        if (n.mode == 1 && blockIdx.x == 0) static_cast<uint4*>(n.h)[tok * L.np + piece] = va[j];
+        cp_async16(ra + at, static_cast<const uint4*>(n.a) + at);
+        if (n.mode == 1) cp_async16(smem + L.off_b + 16 * at, static_cast<const uint4*>(n.b) + at);
       }
-      ss = warp_tree<false>(ss);
-      if (lane == 0) stat[tok * 32 + u % L.nw] = ss;
     }
-  }
-  cp_async_wait<0>();  // this thread's copies of the norm's weight
-  __syncthreads();
-  for (int tok = warp; tok < M; tok += kw) {
-    const float ss = token_tree<false>(stat, tok, L.nw, lane);
-    if (lane == 0) rnorm[tok] = rsqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(L.K)), n.eps));
+  cp_async_commit();
+  cp_async_wait<0>();  // this thread's copies (and, from before the wait, its pieces of the norm's weight)
+
+  // Pass 1: r = a or T(a + b) in place (block 0 writes h), each unit's sum of squares.
+#pragma unroll 1
+  for (int tok = 0; tok < M; ++tok)
+#pragma unroll 1
+  for (int v = warp; v < L.nw; v += kw) {
+    const int piece = 32 * v + lane, at = tok * L.np + piece;
+    float ss = 0.f;
+    if (piece < L.np) {
+      uint4 va = ra[at];
+      const uint4 vb = n.mode == 1 ? rb[at] : va;
+      T* e = reinterpret_cast<T*>(&va);
+      const T* d = reinterpret_cast<const T*>(&vb);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float x = n.mode == 1 ? round_t<T>(to_f<T>(e[i]) + to_f<T>(d[i])) : to_f<T>(e[i]);
+        e[i] = from_f<T>(x);
+        ss = __fmaf_rn(x, x, ss);
+      }
+      if (n.mode == 1) {
+        ra[at] = va;
+        if (blockIdx.x == 0) static_cast<uint4*>(n.h)[at] = va;
+      }
+    }
+    ss = warp_tree<false>(ss);
+    if (lane == 0) stat[kStatSums + tok * 32 + v] = ss;
   }
   __syncthreads();
 
-  // Pass 2: y = T(w * T(r * rsqrt)) in place, each unit's maximum of |y|.
-  for (int u = warp; u < units; u += kw) {
-    const int tok = u / L.nw, piece = (u % L.nw) * 32 + lane;
+  // Pass 2: y = T(w * T(r * rsqrt(mean + eps))) in place, each unit's maximum of |y|.
+#pragma unroll 1
+  for (int tok = 0; tok < M; ++tok)
+#pragma unroll 1
+  for (int v = warp; v < L.nw; v += kw) {
+    const int piece = 32 * v + lane, at = tok * L.np + piece;
+    const float ss = token_tree<false>(stat + kStatSums, tok, L.nw, lane);
+    const float r = rsqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(L.K)), n.eps));
     float amax = 0.f;
     if (piece < L.np) {
-      uint4 raw = rs[tok * L.np + piece];
+      uint4 raw = ra[at];
       const uint4 wraw = wsm[piece];
       T* e = reinterpret_cast<T*>(&raw);
       const T* w = reinterpret_cast<const T*>(&wraw);
-      const float r = rnorm[tok];
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const float y = rms_normed<T>(to_f<T>(e[i]), r, to_f<T>(w[i]));
         e[i] = from_f<T>(y);
         amax = fmaxf(amax, fabsf(y));
       }
-      rs[tok * L.np + piece] = raw;
+      ra[at] = raw;
     }
     amax = warp_tree<true>(amax);
-    if (lane == 0) stat[tok * 32 + u % L.nw] = amax;
-  }
-  __syncthreads();
-  for (int tok = warp; tok < M; tok += kw) {
-    const float amax = fmaxf(token_tree<true>(stat, tok, L.nw, lane), 1e-5f);
-    if (lane == 0) {
-      scale[tok] = quant_scale(amax);
-      inverse[tok] = quant_inverse(amax);
-    }
+    if (lane == 0) stat[kStatMax + tok * 32 + v] = amax;
   }
   __syncthreads();
 
-  // Pass 3: the int8 rows.
+  // Each warp's inverse steps per token (warp 0 also stores the scales for the epilogue), then the int8 rows.
+  float* inverse = stat + kStatInverse + warp * kNormGemvMaxTokens;
+#pragma unroll 1
+  for (int tok = 0; tok < M; ++tok) {
+    const float amax = fmaxf(token_tree<true>(stat + kStatMax, tok, L.nw, lane), 1e-5f);
+    if (lane == 0) {
+      inverse[tok] = quant_inverse(amax);
+      if (warp == 0) stat[kStatScale + tok] = quant_scale(amax);
+    }
+  }
+  __syncwarp();
   const int row_pieces = L.Kp / 8;
-  for (int i = threadIdx.x; i < M * row_pieces; i += blockDim.x) {
-    const int tok = i / row_pieces, pc = i % row_pieces;
-    uint2 out = make_uint2(0u, 0u);  // zeros past K
-    if (pc < L.np) out = quantize_piece<T>(rs[tok * L.np + pc], inverse[tok]);
-    *reinterpret_cast<uint2*>(smem + L.off_x + tok * L.xp + 8 * pc) = out;
+#pragma unroll 1
+  for (int tok = 0; tok < M; ++tok)
+#pragma unroll 1
+  for (int pc = threadIdx.x; pc < row_pieces; pc += blockDim.x) {
+    const uint2 out = pc < L.np ? quantize_piece<T>(ra[tok * L.np + pc], inverse[tok]) : make_uint2(0u, 0u);
+    *reinterpret_cast<uint2*>(smem + L.off_x + tok * L.xp + 8 * pc) = out;  // zeros past K
   }
   __syncthreads();
 }
@@ -218,7 +229,7 @@ __global__ void __launch_bounds__(256) gemv_norm_kernel(LinearArgs a, NormInputA
   int acc[1][1][4];
   sum_acc_sets(accs, acc);
   LinearArgs out = a;  // the epilogue's activation scales: this block's, in shared memory
-  out.x_scale = reinterpret_cast<const float*>(smem_raw + L.off_stat) + kNormGemvMaxTokens * 33;
+  out.x_scale = reinterpret_cast<const float*>(smem_raw + L.off_stat) + kStatScale;
   out.x_scale_per_row = 1;
   reduce_warps_and_store(out, acc, reinterpret_cast<int*>(smem_raw), kw, tile0);
 }
@@ -229,7 +240,15 @@ cudaError_t launch_fmt(const LinearArgs& a, const NormInputArgs& n, cudaStream_t
   constexpr int D = GemvDepth<FMT, int8_t, 1, 1>::value;
   int kw = nchunks / D;  // warps per block as launch_gemv_oneshot chooses them
   kw = kw < 1 ? 1 : (kw > 8 ? 8 : kw);
-  const NormGemvLayout L = make_layout(a.M, n.K, a.Kp, kw);
+  const NormGemvLayout L = make_layout(a.M, n.K, a.Kp, kw, n.mode);
+  if (L.bytes > kNormGemvMaxSmem) return cudaErrorInvalidValue;
+  static bool configured = false;  // per instantiation: past 48 KB the kernel needs the attribute
+  if (!configured) {
+    const cudaError_t err = cudaFuncSetAttribute(gemv_norm_kernel<FMT, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 kNormGemvMaxSmem);
+    if (err != cudaSuccess) return err;
+    configured = true;
+  }
   const int tiles = (a.N + 127) / 128 * 8;
   return launch_maybe_pdl(gemv_norm_kernel<FMT, T>, dim3(tiles), dim3(32 * kw), static_cast<size_t>(L.bytes), stream,
                           a.pdl != 0, a, n, L, nchunks);
