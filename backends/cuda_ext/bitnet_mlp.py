@@ -31,6 +31,7 @@ from backends.cuda_ext import ops
 
 MAX_TOKENS = 8  # kBitnetMlpMaxTokens (csrc/bitlab_launch.h)
 NORM_ELEMENTS = 4 * 8 * 512  # kBitnetMlpNormElements: most tokens x hidden the kernel norms itself
+NORM_MAX_HIDDEN = 8192  # kNormRowsMaxK: the norm's reduction order is norm_quant's up to this row length
 TERNARY_FORMAT = 1  # layout.FORMAT_CODE[1.58]
 WORDS_PER_TILE_CHUNK = 128  # ternary int8-path lane tile of 16 rows x 128 inputs
 
@@ -49,10 +50,11 @@ def register_fake() -> None:
     torch.library.register_fake("bitlab::cuda_ext_bitnet_mlp_norm")(_norm_fake)
 
 
-def smem_bytes(tokens: int, hidden: int, intermediate: int, dtype: torch.dtype) -> int:
-    """Shared memory the kernel needs for ``tokens`` on the current device; 0 where it cannot run."""
+def smem_bytes(tokens: int, hidden: int, intermediate: int, dtype: torch.dtype, norm: bool = False) -> int:
+    """Shared memory the kernel needs for ``tokens`` on the current device (with ``norm``: also taking the
+    post-attention norm, whose rows it stages); 0 where it cannot run."""
     ops.load()
-    return int(torch.ops.bitlab.cuda_ext_bitnet_mlp_smem(tokens, hidden, intermediate, dtype))
+    return int(torch.ops.bitlab.cuda_ext_bitnet_mlp_smem(tokens, hidden, intermediate, dtype, norm))
 
 
 @dataclass
@@ -76,13 +78,15 @@ class FusedBitnetMLP:
     # The post-attention norm's weight where the kernel also takes that norm (norm_and_mlp), else None.
     norm_weight: Optional[torch.Tensor] = None
     norm_eps: float = 0.0
+    # Most tokens whose staged rows fit the kernel's shared memory with the norm (prepare_bitnet_mlp measures it).
+    norm_fits_tokens: int = MAX_TOKENS
 
     @property
     def norm_max_tokens(self) -> int:
         """Most tokens :meth:`norm_and_mlp` takes (0: not this layer)."""
-        if self.norm_weight is None or self.hidden % 8:
+        if self.norm_weight is None or self.hidden % 8 or self.hidden > NORM_MAX_HIDDEN:
             return 0
-        return min(self.max_tokens, NORM_ELEMENTS // self.hidden)
+        return min(self.max_tokens, NORM_ELEMENTS // self.hidden, self.norm_fits_tokens)
 
     def __call__(self, xq: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
         """``y [*lead, hidden]`` for ``xq [*lead, hidden]`` int8 and ``x_scale [*lead, 1]`` (or ``[*lead]``)."""
@@ -97,8 +101,7 @@ class FusedBitnetMLP:
 
     def norm_and_mlp(self, res: torch.Tensor, delta: torch.Tensor) -> tuple:
         """``(h, mlp(x))`` for ``h = res + delta`` (in the model dtype) and ``x`` the post-attention norm of ``h``
-        quantized per token, all in the one kernel (every block norms ``h``; the norm_quant kernel's numbers up to
-        the order of its sum of squares).  ``res``, ``delta``: contiguous ``[*lead, hidden]``."""
+        quantized per token, all in the one kernel (every block norms ``h``, with the norm_quant kernel's bits).  ``res``, ``delta``: contiguous ``[*lead, hidden]``."""
         lead = res.shape[:-1]
         a, b = res.reshape(-1, self.hidden), delta.reshape(-1, self.hidden)
         check_norm_inputs(a, b, self)
@@ -112,9 +115,13 @@ class FusedBitnetMLP:
 def check_norm_inputs(res: torch.Tensor, delta: torch.Tensor, fused: FusedBitnetMLP) -> None:
     """ValueError naming the problem with :meth:`FusedBitnetMLP.norm_and_mlp`'s inputs."""
     if fused.norm_max_tokens == 0:
-        raise ValueError("bitnet_mlp: this layer's kernel was prepared without the post-attention norm"
-                         if fused.norm_weight is None else
-                         f"bitnet_mlp: hidden size {fused.hidden} is not a multiple of 8 (the norm's 16-byte loads)")
+        if fused.norm_weight is None:
+            raise ValueError("bitnet_mlp: this layer's kernel was prepared without the post-attention norm")
+        if fused.hidden % 8 or fused.hidden > NORM_MAX_HIDDEN:
+            raise ValueError(f"bitnet_mlp: hidden size {fused.hidden} is not a multiple of 8 (the norm's 16-byte "
+                             f"loads) up to {NORM_MAX_HIDDEN}")
+        raise ValueError(f"bitnet_mlp: hidden size {fused.hidden}: the norm's rows do not fit the kernel's shared "
+                         "memory for one token")
     for name, t in (("res", res), ("delta", delta)):
         if t.dtype != fused.sub_weight.dtype or t.dim() != 2 or t.shape[1] != fused.hidden:
             raise ValueError(f"bitnet_mlp: {name} must be {fused.sub_weight.dtype} [tokens, {fused.hidden}], got "
@@ -189,6 +196,9 @@ def prepare_bitnet_mlp(gate_up, down, sub_weight: torch.Tensor, eps: float,
     with torch.cuda.device(device):
         max_tokens = max(m for m in range(1, MAX_TOKENS + 1)
                          if smem_bytes(m, hidden, intermediate, sub_weight.dtype) > 0)
+        norm_fits = 0 if norm_weight is None else max(
+            (m for m in range(1, max_tokens + 1) if smem_bytes(m, hidden, intermediate, sub_weight.dtype, norm=True)),
+            default=0)
     tile_words = (hidden + 127) // 128 * WORDS_PER_TILE_CHUNK
     up_start = intermediate // 16 * tile_words
     scale = gate_up.scale.expand(gate_up.out_features) if gate_up.scale.numel() == 1 else gate_up.scale
@@ -208,4 +218,5 @@ def prepare_bitnet_mlp(gate_up, down, sub_weight: torch.Tensor, eps: float,
         barrier=torch.zeros(1, dtype=torch.int64, device=device),
         norm_weight=None if norm_weight is None else norm_weight.detach().to(device, sub_weight.dtype).contiguous(),
         norm_eps=float(norm_eps),
+        norm_fits_tokens=norm_fits,
     )

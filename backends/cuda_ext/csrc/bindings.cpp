@@ -521,7 +521,8 @@ std::tuple<at::Tensor, at::Tensor> cuda_ext_bitnet_mlp_norm(
     at::Tensor barrier, double eps, int64_t H, int64_t I) {
   const char* op = "cuda_ext_bitnet_mlp_norm";
   const at::ScalarType dt = sub_weight.scalar_type();
-  TORCH_CHECK(H % 8 == 0, op, ": hidden size ", H, " is not a multiple of 8");
+  TORCH_CHECK(H % 8 == 0 && H <= bitlab::kNormGemvMaxK, op, ": hidden size ", H, " is not a multiple of 8 up to ",
+              bitlab::kNormGemvMaxK);
   for (const auto& t : {res, delta})
     TORCH_CHECK(t.is_cuda() && t.dim() == 2 && t.scalar_type() == dt && t.size(1) == H && t.is_contiguous() &&
                     reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
@@ -551,10 +552,12 @@ std::tuple<at::Tensor, at::Tensor> cuda_ext_bitnet_mlp_norm(
   return {h, y};
 }
 
-// Dynamic shared memory the MLP kernel needs for M tokens on the current device (0: it does not run there).
-int64_t cuda_ext_bitnet_mlp_smem(int64_t M, int64_t H, int64_t I, at::ScalarType dtype) {
+// Dynamic shared memory the MLP kernel needs for M tokens on the current device (0: it does not run there); with
+// norm, the kernel that also takes the post-attention norm.
+int64_t cuda_ext_bitnet_mlp_smem(int64_t M, int64_t H, int64_t I, at::ScalarType dtype, bool norm) {
   if (dtype != at::kHalf && dtype != at::kBFloat16) return 0;
-  return bitlab::bitnet_mlp_smem_bytes(static_cast<int>(M), static_cast<int>(H), static_cast<int>(I), dtype_code(dtype));
+  return bitlab::bitnet_mlp_smem_bytes(static_cast<int>(M), static_cast<int>(H), static_cast<int>(I), dtype_code(dtype),
+                                       norm);
 }
 
 // Rows of a pinned host table gathered by CUDA indices (host_gather.cu): [*ids.shape, H] on ids' device.
@@ -594,7 +597,8 @@ TORCH_LIBRARY_FRAGMENT(bitlab, m) {
       "cuda_ext_bitnet_mlp_norm(Tensor res, Tensor delta, Tensor norm_weight, float norm_eps, Tensor gate_wq, "
       "Tensor up_wq, Tensor down_wq, Tensor gate_scale, Tensor up_scale, Tensor down_scale, Tensor sub_weight, "
       "Tensor(a!) mid, Tensor(b!) barrier, float eps, int H, int I) -> (Tensor, Tensor)");
-  m.def("cuda_ext_bitnet_mlp_smem(int M, int H, int I, ScalarType dtype) -> int", &cuda_ext_bitnet_mlp_smem);
+  m.def("cuda_ext_bitnet_mlp_smem(int M, int H, int I, ScalarType dtype, bool norm=False) -> int",
+        &cuda_ext_bitnet_mlp_smem);
   m.def(
       "cuda_ext_decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
       "Tensor(b!) v_cache, Tensor slot, Tensor mask, float scale, bool dependent_launch=False) -> Tensor");

@@ -214,7 +214,7 @@ cudaError_t launch_decode_attention(const DecodeAttentionArgs& args, cudaStream_
 // with ternary int8-path lane tiles (bitlab_mma.cuh) and per-row float32 scales; T is dtype.
 // One block per multiprocessor, one grid barrier between the phases.
 constexpr int kBitnetMlpMaxTokens = 8;
-// Most elements M * H of the rows the kernel norms itself (norm_input): 4 pieces of 8 per thread, in registers.
+// Most elements M * H of the rows the kernel norms itself (norm_input; also H <= 8192 and the staged rows fit).
 constexpr int kBitnetMlpNormElements = 4 * 8 * 512;
 struct BitnetMlpArgs {
   const int8_t* xq;         // [M, H] rows, row stride ldx
@@ -236,8 +236,8 @@ struct BitnetMlpArgs {
   int pdl;
   // The post-attention norm inside the kernel (norm_input != 0; then xq and x_scale are not read): every block
   // computes x = int8 per-token quantization of RMSNorm(h) * norm_weight for h = T(res + delta) (the residual
-  // stream plus the o projection's output, [M, H] contiguous, H % 8 == 0, M * H <= kBitnetMlpNormElements), as
-  // norm_quant.cu's mode 1 does (its sum of squares in another order); block 0 writes h to res_out.
+  // stream plus the o projection's output, [M, H] contiguous and 16-byte aligned, H % 8 == 0, H <= 8192,
+  // M * H <= kBitnetMlpNormElements) with norm_quant.cu's mode-1 bits; block 0 writes h to res_out.
   const void* res;
   const void* delta;
   const void* norm_weight;  // [H], dtype
@@ -252,7 +252,8 @@ struct BitnetMlpArgs {
 };
 // Dynamic shared memory the kernel needs for M tokens, or 0 where it cannot run (M out of range,
 // more than 4 tiles of 16 rows per block in either phase, or over the device's shared memory).
-int bitnet_mlp_smem_bytes(int M, int H, int I, int dtype);
+// With norm, for the kernel that also takes the post-attention norm (its rows staged in shared memory too).
+int bitnet_mlp_smem_bytes(int M, int H, int I, int dtype, bool norm = false);
 cudaError_t launch_bitnet_mlp(const BitnetMlpArgs& args, cudaStream_t stream);
 
 // Whether M tokens (17-64) over nchunks 128-column chunks run the wide cluster GEMV on this device

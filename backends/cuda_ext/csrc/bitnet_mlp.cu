@@ -13,7 +13,7 @@
 //   * grid: G = min(#SMs, tiles) blocks, one per multiprocessor, all resident (the grid barrier needs
 //     that; the host checks one block fits on an empty multiprocessor);
 //   * x: the int8 rows given, or (norm_input) every block computes them from the residual stream and the o
-//     projection's output, as the post-attention norm's kernel would (norm_into_x);
+//     projection's output, as the post-attention norm's kernel would (norm_rows_into_x, its bits);
 //   * phase A: block b owns the 16-row pair tiles [b PA / G, (b + 1) PA / G) of gate and up (same
 //     rows), one mbarrier per tile; its 16 warps split each tile's 128-column chunks, meet in shared
 //     memory (partial sums of the M real tokens only, in the down tiles' region before those arrive;
@@ -34,6 +34,7 @@
 #include "bitlab_gemv_bulk.cuh"
 #include "bitlab_mma.cuh"
 #include "bitlab_norm_math.cuh"
+#include "bitlab_norm_rows.cuh"
 #include "bitlab_timeline.cuh"
 
 namespace bitlab {
@@ -58,7 +59,7 @@ struct MlpPlan {
 inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
 
 // The plan, or smem = 0 where the kernel does not serve the shape.
-MlpPlan make_plan(int M, int H, int I, int elem, int sms, int smem_limit) {
+MlpPlan make_plan(int M, int H, int I, int elem, int sms, int smem_limit, bool norm = false) {
   MlpPlan p = {};
   p.M = M; p.H = H; p.I = I;
   p.Hp = round_up(H, 128); p.Ip = round_up(I, 128);
@@ -75,6 +76,8 @@ MlpPlan make_plan(int M, int H, int I, int elem, int sms, int smem_limit) {
   const int part_b = kMlpWarps * p.tiles_b * 16 * M * 4;      // phase B partial sums (in the phase A region)
   int size_b = p.tiles_b * p.C2 * kTileChunkBytes;
   size_b = size_b > part_a ? size_b : part_a;
+  const int stage = norm ? norm_rows_stage_bytes(M, H, 1) : 0;  // the post-attention norm's rows and weight
+  size_b = size_b > stage ? size_b : stage;
   p.off_b = round_up(bars, 128);
   p.off_w = p.off_b + round_up(size_b, 128);
   p.off_x = p.off_w + round_up(I * elem, 128);
@@ -237,103 +240,33 @@ __device__ __forceinline__ void subnorm_in_passes(const MlpPlan& p, float eps, c
 }
 
 // The post-attention norm in the kernel (BitnetMlpArgs::norm_input): x = int8 per-token quantization of
-// RMSNorm(h) * w for h = T(res + delta), into the block's x rows `xs` (pitch p.xp, zeros past H) and x_scale,
-// as norm_quant.cu's mode 1 computes it.  Every block computes it from the same data in the same order (the
-// same x everywhere); block 0 writes h to res_out.  Each thread holds its pieces of 8 columns in registers
-// (piece i is token i / (H / 8)): the sums of squares per token, then the norm and the maxima per token.  The
-// norm's weight `w` comes loaded (load_norm_weight, before the wait for the kernel before this one).
-constexpr int kNormLoads = kBitnetMlpNormElements / (8 * kMlpThreads);
-__device__ __forceinline__ void load_norm_weight(const BitnetMlpArgs& a, const MlpPlan& p, uint4 (&w)[kNormLoads]) {
-  const int hp = p.H / 8;
-#pragma unroll
-  for (int k = 0; k < kNormLoads; ++k) {
-    const int i = k * kMlpThreads + threadIdx.x;
-    if (i < p.M * hp) w[k] = __ldg(static_cast<const uint4*>(a.norm_weight) + i % hp);
-  }
+// RMSNorm(h) * w for h = T(res + delta), into the block's x rows (pitch p.xp, zeros past H) and x_scale, with
+// norm_quant.cu's bits (bitlab_norm_rows.cuh); block 0 writes h to res_out.  The rows and the weight are staged
+// in the down tiles' region, whose copies start after phase A (the plan reserves norm_rows_stage_bytes there).
+__device__ __forceinline__ NormInputArgs post_attention_norm(const BitnetMlpArgs& a) {
+  NormInputArgs n{};
+  n.a = a.res;
+  n.b = a.delta;
+  n.weight = a.norm_weight;
+  n.h = a.res_out;
+  n.dtype = a.dtype;
+  n.mode = 1;
+  n.K = a.H;
+  n.eps = a.norm_eps;
+  return n;
 }
-template <typename T>
-__device__ __forceinline__ void norm_into_x(const BitnetMlpArgs& a, const MlpPlan& p, unsigned char* xs,
-                                            float* x_scale, float* scratch, const uint4 (&w)[kNormLoads]) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, hp = p.H / 8, pieces = p.M * hp;
-  const uint4* res = static_cast<const uint4*>(a.res);
-  const uint4* delta = static_cast<const uint4*>(a.delta);
-  uint4 v[kNormLoads], d4[kNormLoads];
-  float ss[kMaxTok];
-#pragma unroll
-  for (int t = 0; t < kMaxTok; ++t) ss[t] = 0.f;
-#pragma unroll
-  for (int k = 0; k < kNormLoads; ++k) {  // all loads first: one round trip
-    const int i = k * kMlpThreads + threadIdx.x;
-    if (i < pieces) {
-      v[k] = __ldcg(res + i);
-      d4[k] = __ldcg(delta + i);
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < kNormLoads; ++k) {
-    const int i = k * kMlpThreads + threadIdx.x;
-    if (i < pieces) {
-      const int tok = i / hp;
-      T* e = reinterpret_cast<T*>(&v[k]);
-      const T* d = reinterpret_cast<const T*>(&d4[k]);
-      float sq = 0.f;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const float h = round_t<T>(to_f<T>(e[j]) + to_f<T>(d[j]));
-        e[j] = from_f<T>(h);
-        sq = __fmaf_rn(h, h, sq);
-      }
-#pragma unroll
-      for (int t = 0; t < kMaxTok; ++t)
-        if (t == tok) ss[t] += sq;
-      if (blockIdx.x == 0) reinterpret_cast<uint4*>(a.res_out)[i] = v[k];
-    }
-  }
-#pragma unroll
-  for (int t = 0; t < kMaxTok; ++t)
-    if (t < p.M) warp_reduce_to<false>(ss[t], scratch + warp * kMaxTok + t, lane);
-  finish_block_reduce<false>(p.M, scratch);
-  const float* total = scratch + kMlpWarps * kMaxTok;  // per token: sums of squares, then maxima of |y|
-  float amax[kMaxTok];  // this thread's maxima of |y| per token
-#pragma unroll
-  for (int t = 0; t < kMaxTok; ++t) amax[t] = 0.f;
-#pragma unroll
-  for (int k = 0; k < kNormLoads; ++k) {
-    const int i = k * kMlpThreads + threadIdx.x;
-    if (i < pieces) {
-      const int tok = i / hp;
-      const float r = rsqrtf(__fadd_rn(__fdiv_rn(total[tok], static_cast<float>(p.H)), a.norm_eps));
-      T* e = reinterpret_cast<T*>(&v[k]);
-      const T* wt = reinterpret_cast<const T*>(&w[k]);
-      float most = 0.f;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const float y = rms_normed<T>(to_f<T>(e[j]), r, to_f<T>(wt[j]));
-        e[j] = from_f<T>(y);
-        most = fmaxf(most, fabsf(y));
-      }
-#pragma unroll
-      for (int t = 0; t < kMaxTok; ++t)
-        if (t == tok) amax[t] = fmaxf(amax[t], most);
-    }
-  }
-#pragma unroll
-  for (int t = 0; t < kMaxTok; ++t)
-    if (t < p.M) warp_reduce_to<true>(amax[t], scratch + warp * kMaxTok + t, lane);
-  finish_block_reduce<true>(p.M, scratch);
-  if (threadIdx.x < p.M) x_scale[threadIdx.x] = quant_scale(fmaxf(total[threadIdx.x], 1e-5f));
-#pragma unroll
-  for (int k = 0; k < kNormLoads; ++k) {
-    const int i = k * kMlpThreads + threadIdx.x;
-    if (i < pieces) {
-      const int tok = i / hp, pc = i - tok * hp;
-      const float inv = quant_inverse(fmaxf(total[tok], 1e-5f));
-      *reinterpret_cast<uint2*>(xs + tok * p.xp + 8 * pc) = quantize_piece<T>(v[k], inv);
-    }
-  }
-  const int pad = (p.xp - p.H) / 8;  // zeros past H (H % 8 == 0)
-  for (int idx = threadIdx.x; idx < p.M * pad; idx += kMlpThreads)
-    *reinterpret_cast<uint2*>(xs + (idx / pad) * p.xp + p.H + 8 * (idx % pad)) = make_uint2(0u, 0u);
+__device__ __forceinline__ NormRowsSmem post_attention_norm_smem(const MlpPlan& p, unsigned char* smem,
+                                                                 float* x_scale) {
+  NormRowsSmem st;
+  st.stat = reinterpret_cast<float*>(smem + p.off_b);
+  st.weight = smem + p.off_b + kNormRowsStatFloats * 4;
+  st.rows_a = st.weight + 2 * p.H;
+  st.rows_b = st.rows_a + 2 * p.M * p.H;
+  st.x = smem + p.off_x;
+  st.x_pitch = p.xp;
+  st.x_cols = p.Hp;
+  st.scale = x_scale;
+  return st;
 }
 
 template <typename T>
@@ -371,15 +304,14 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
   T* w_sub = reinterpret_cast<T*>(smem + p.off_w);
   for (int i = threadIdx.x; i < p.I / 8; i += kMlpThreads)  // I % 16 == 0: 16-byte pieces
     reinterpret_cast<uint4*>(w_sub)[i] = __ldg(reinterpret_cast<const uint4*>(a.sub_weight) + i);
-  uint4 norm_w[kNormLoads];  // the post-attention norm's weight, where the kernel takes that norm
-  if (a.norm_input) load_norm_weight(a, p, norm_w);
+  if (a.norm_input) norm_rows_copy_weight(post_attention_norm(a), smem + p.off_b + kNormRowsStatFloats * 4);
   pdl_wait();
   BITLAB_STAMP(2);  // the wait for x returned
 
   // x into shared memory, zero-padded to Hp columns: the int8 rows given, or the post-attention norm's.
   unsigned char* xs = smem + p.off_x;
   const bool vec = a.ldx % 16 == 0 && reinterpret_cast<uintptr_t>(a.xq) % 16 == 0;
-  if (a.norm_input) norm_into_x<T>(a, p, xs, token_scale[0], scratch, norm_w);
+  if (a.norm_input) norm_rows_into_x<T>(post_attention_norm(a), p.M, post_attention_norm_smem(p, smem, token_scale[0]));
   for (int idx = threadIdx.x; !a.norm_input && idx < p.M * (p.xp / 16); idx += kMlpThreads) {
     const int tok = idx / (p.xp / 16), c = (idx % (p.xp / 16)) * 16;
     const int8_t* row = a.xq + tok * a.ldx;
@@ -531,19 +463,21 @@ cudaError_t launch_typed(const BitnetMlpArgs& a, const MlpPlan& p, cudaStream_t 
 
 }  // namespace
 
-int bitnet_mlp_smem_bytes(int M, int H, int I, int dtype) {
+int bitnet_mlp_smem_bytes(int M, int H, int I, int dtype, bool norm) {
   const DeviceLimits d = device_limits();
   if (d.major < 9 || (dtype != kDtypeHalf && dtype != kDtypeBFloat16)) return 0;
-  return make_plan(M, H, I, 2, d.sms, d.smem_optin).smem;
+  if (norm && (H % 8 != 0 || H > kNormRowsMaxK || M * H > kBitnetMlpNormElements)) return 0;
+  return make_plan(M, H, I, 2, d.sms, d.smem_optin, norm).smem;
 }
 
 cudaError_t launch_bitnet_mlp(const BitnetMlpArgs& a, cudaStream_t stream) {
   if (a.M == 0) return cudaSuccess;
   const DeviceLimits d = device_limits();
   if (d.major < 9) return cudaErrorNotSupported;  // bulk copies and mbarrier transaction counts
-  const MlpPlan p = make_plan(a.M, a.H, a.I, 2, d.sms, d.smem_optin);
+  if (a.norm_input && (a.H % 8 != 0 || a.H > kNormRowsMaxK || a.M * a.H > kBitnetMlpNormElements))
+    return cudaErrorInvalidValue;
+  const MlpPlan p = make_plan(a.M, a.H, a.I, 2, d.sms, d.smem_optin, a.norm_input != 0);
   if (p.smem == 0) return cudaErrorInvalidValue;
-  if (a.norm_input && (a.H % 8 != 0 || a.M * a.H > kBitnetMlpNormElements)) return cudaErrorInvalidValue;
   BitnetMlpArgs args = a;
   args.down_tiles_apart = env_is("BITLAB_MLP_DOWN", "single");  // for A/B timing (read per launch)
   args.gate_up_apart = env_is("BITLAB_MLP_GATE_UP", "single");
