@@ -34,6 +34,22 @@ __device__ __forceinline__ float rms_normed(float x, float r, float w) {
   return round_t<T>(__fmul_rn(w, round_t<T>(__fmul_rn(x, r))));
 }
 
+// Eight values of dtype T (one 16-byte piece of a row) normed in place, y = rms_normed(x, r, w) with the matching
+// piece of the weight; returns the largest |y|.
+template <typename T>
+__device__ __forceinline__ float rms_normed_piece(uint4& piece, const uint4& weight, float r) {
+  T* e = reinterpret_cast<T*>(&piece);
+  const T* w = reinterpret_cast<const T*>(&weight);
+  float amax = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float y = rms_normed<T>(to_f<T>(e[i]), r, to_f<T>(w[i]));
+    e[i] = from_f<T>(y);
+    amax = fmaxf(amax, fabsf(y));
+  }
+  return amax;
+}
+
 // Per-token int8 quantization (bitcore.quantize): inverse step 127 / amax, int8 of y, and the scale.
 __device__ __forceinline__ float quant_inverse(float amax) { return __fmul_rn(__frcp_rn(amax), 127.f); }
 __device__ __forceinline__ float quant_scale(float amax) { return __fmul_rn(amax, 1.f / 127.f); }

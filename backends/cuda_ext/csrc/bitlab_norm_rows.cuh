@@ -50,6 +50,21 @@ __host__ __device__ inline int norm_rows_stage_bytes(int M, int K, int mode) {
   return kNormRowsStatFloats * 4 + 2 * K + 2 * M * K + (mode == 1 ? 2 * M * K : 0);
 }
 
+// stat, weight, rows_a, rows_b laid out from `stage` (norm_rows_stage_bytes of room); x and scale as given.
+__device__ __forceinline__ NormRowsSmem norm_rows_smem(unsigned char* stage, int M, int K, unsigned char* x,
+                                                       int x_pitch, int x_cols, float* scale) {
+  NormRowsSmem s;
+  s.stat = reinterpret_cast<float*>(stage);
+  s.weight = stage + kNormRowsStatFloats * 4;
+  s.rows_a = s.weight + 2 * K;
+  s.rows_b = s.rows_a + 2 * M * K;
+  s.x = x;
+  s.x_pitch = x_pitch;
+  s.x_cols = x_cols;
+  s.scale = scale;
+  return s;
+}
+
 // The norm's weight into shared memory by cp.async (one commit group; norm_rows_into_x waits for it).  No kernel
 // writes it, so this may run before the dependent-launch wait.
 __device__ __forceinline__ void norm_rows_copy_weight(const NormInputArgs& n, unsigned char* weight) {
@@ -139,15 +154,7 @@ __device__ void norm_rows_into_x(const NormInputArgs& n, int M, const NormRowsSm
     float amax = 0.f;
     if (piece < np) {
       uint4 raw = ra[at];
-      const uint4 wraw = wsm[piece];
-      T* e = reinterpret_cast<T*>(&raw);
-      const T* w = reinterpret_cast<const T*>(&wraw);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float y = rms_normed<T>(to_f<T>(e[i]), r, to_f<T>(w[i]));
-        e[i] = from_f<T>(y);
-        amax = fmaxf(amax, fabsf(y));
-      }
+      amax = rms_normed_piece<T>(raw, wsm[piece], r);
       ra[at] = raw;
     }
     amax = warp_tree<true>(amax);

@@ -223,15 +223,7 @@ __device__ __forceinline__ void subnorm_in_passes(const MlpPlan& p, float eps, c
     for (int pc = threadIdx.x; pc < npieces; pc += kMlpThreads) {
       uint4* piece = reinterpret_cast<uint4*>(staged + tok * p.I) + pc;
       uint4 raw = *piece;
-      const uint4 wraw = reinterpret_cast<const uint4*>(w_sub)[pc];
-      T* e = reinterpret_cast<T*>(&raw);
-      const T* w = reinterpret_cast<const T*>(&wraw);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float y = rms_normed<T>(to_f<T>(e[i]), r, to_f<T>(w[i]));
-        e[i] = from_f<T>(y);
-        amax = fmaxf(amax, fabsf(y));
-      }
+      amax = fmaxf(amax, rms_normed_piece<T>(raw, reinterpret_cast<const uint4*>(w_sub)[pc], r));
       *piece = raw;  // y (exact: rms_normed rounds to T)
     }
     warp_reduce_to<true>(amax, scratch + warp * kMaxTok + tok, lane);
@@ -257,16 +249,7 @@ __device__ __forceinline__ NormInputArgs post_attention_norm(const BitnetMlpArgs
 }
 __device__ __forceinline__ NormRowsSmem post_attention_norm_smem(const MlpPlan& p, unsigned char* smem,
                                                                  float* x_scale) {
-  NormRowsSmem st;
-  st.stat = reinterpret_cast<float*>(smem + p.off_b);
-  st.weight = smem + p.off_b + kNormRowsStatFloats * 4;
-  st.rows_a = st.weight + 2 * p.H;
-  st.rows_b = st.rows_a + 2 * p.M * p.H;
-  st.x = smem + p.off_x;
-  st.x_pitch = p.xp;
-  st.x_cols = p.Hp;
-  st.scale = x_scale;
-  return st;
+  return norm_rows_smem(smem + p.off_b, p.M, p.H, smem + p.off_x, p.xp, p.Hp, x_scale);
 }
 
 template <typename T>
@@ -304,7 +287,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
   T* w_sub = reinterpret_cast<T*>(smem + p.off_w);
   for (int i = threadIdx.x; i < p.I / 8; i += kMlpThreads)  // I % 16 == 0: 16-byte pieces
     reinterpret_cast<uint4*>(w_sub)[i] = __ldg(reinterpret_cast<const uint4*>(a.sub_weight) + i);
-  if (a.norm_input) norm_rows_copy_weight(post_attention_norm(a), smem + p.off_b + kNormRowsStatFloats * 4);
+  if (a.norm_input) norm_rows_copy_weight(post_attention_norm(a), post_attention_norm_smem(p, smem, nullptr).weight);
   pdl_wait();
   BITLAB_STAMP(2);  // the wait for x returned
 

@@ -72,15 +72,8 @@ __global__ void __launch_bounds__(256) gemv_norm_kernel(LinearArgs a, NormInputA
   const int stride = kw * D;
   int c0 = warp * D;
   if (c0 < nchunks) load_w(c0);
-  NormRowsSmem stage;
-  stage.stat = reinterpret_cast<float*>(smem_raw + L.off_stage);
-  stage.weight = smem_raw + L.off_stage + kNormRowsStatFloats * 4;
-  stage.rows_a = stage.weight + 2 * n.K;
-  stage.rows_b = stage.rows_a + 2 * a.M * n.K;
-  stage.x = smem_raw + L.off_x;
-  stage.x_pitch = L.xp;
-  stage.x_cols = a.Kp;
-  stage.scale = reinterpret_cast<float*>(smem_raw + L.off_scale);
+  const NormRowsSmem stage = norm_rows_smem(smem_raw + L.off_stage, a.M, n.K, smem_raw + L.off_x, L.xp, a.Kp,
+                                            reinterpret_cast<float*>(smem_raw + L.off_scale));
   norm_rows_copy_weight(n, stage.weight);
   pdl_launch_dependents();  // the kernel after this one may start fetching its weights
   pdl_wait();               // the input comes from the kernel before this one
