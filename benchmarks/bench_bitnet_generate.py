@@ -410,8 +410,7 @@ def main(argv=None) -> int:
         from bitmodels.bitnet.bindings import bind_norm_linears
 
         for layer in layers:  # the same model and bindings; the norms before q/k/v and o inside their GEMVs
-            norms = {"qkv": layer.input_layernorm.weight, "o_proj": layer.self_attn.attn_sub_norm.weight}
-            layer.norm_linears, why = bind_norm_linears(layer.bound, norms, layer.eps)
+            layer.norm_linears, why = bind_norm_linears(layer.bound, layer.norms_before_projections(), layer.eps)
         if any(layer.norm_linears for layer in layers):
             variants = [("bitlab_norm_in_gemv", False)]
             if args.norm_in_mlp:

@@ -101,7 +101,8 @@ class FusedBitnetMLP:
 
     def norm_and_mlp(self, res: torch.Tensor, delta: torch.Tensor) -> tuple:
         """``(h, mlp(x))`` for ``h = res + delta`` (in the model dtype) and ``x`` the post-attention norm of ``h``
-        quantized per token, all in the one kernel (every block norms ``h``, with the norm_quant kernel's bits).  ``res``, ``delta``: contiguous ``[*lead, hidden]``."""
+        quantized per token, all in the one kernel (every block norms ``h``, with the norm_quant kernel's bits).
+        ``res``, ``delta``: contiguous ``[*lead, hidden]``."""
         lead = res.shape[:-1]
         a, b = res.reshape(-1, self.hidden), delta.reshape(-1, self.hidden)
         check_norm_inputs(a, b, self)

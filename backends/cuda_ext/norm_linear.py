@@ -105,9 +105,9 @@ class NormLinear:
         check_inputs(a, b, self.norm_weight)
         lead, k = a.shape[:-1], self.in_features
         p = self.prepared
-        h, y = ops._op("cuda_ext_linear_int8_norm")(
-            a.reshape(-1, k), None if b is None else b.reshape(-1, k), self.norm_weight, self.eps, 0 if b is None else 1,
-            p.wq, p.scale, self.bias, p.fmt, 0, p.out_features, self.out_dtype)
+        rows_b, mode = (None, 0) if b is None else (b.reshape(-1, k), 1)
+        h, y = ops._op("cuda_ext_linear_int8_norm")(a.reshape(-1, k), rows_b, self.norm_weight, self.eps, mode, p.wq,
+                                                    p.scale, self.bias, p.fmt, 0, p.out_features, self.out_dtype)
         return (None if b is None else h.view(a.shape)), y.view(*lead, p.out_features)
 
 
@@ -120,8 +120,9 @@ def check_inputs(a: torch.Tensor, b: Optional[torch.Tensor], norm_weight: torch.
     """ValueError naming what the kernel does not take (the op checks again)."""
     k = norm_weight.numel()
     if not a.is_cuda or a.dtype != norm_weight.dtype or a.shape[-1] != k or not _dense(a):
+        layout = "" if _dense(a) else " (not contiguous or aligned)"
         raise ValueError(f"a must be contiguous, 16-byte aligned [..., {k}] {norm_weight.dtype} on CUDA; got "
-                         f"{a.dtype} {tuple(a.shape)} on {a.device}" + ("" if _dense(a) else " (not contiguous or aligned)"))
+                         f"{a.dtype} {tuple(a.shape)} on {a.device}{layout}")
     rows = a.numel() // k
     if not 1 <= rows <= max_rows(k):
         raise ValueError(f"{rows} rows of {k} columns: the kernel takes 1 to {max_rows(k)}")

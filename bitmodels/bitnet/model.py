@@ -184,6 +184,10 @@ class BitNetDecoderLayer(nn.Module):
             h, x = ops.add_rms_norm(h, delta, weight, self.eps, quantize)
         return h, self._project("qkv", ("q_proj", "k_proj", "v_proj"), self.self_attn, x)
 
+    def norms_before_projections(self) -> Dict[str, torch.Tensor]:
+        """``{binding name: weight of the norm right before it}`` for the projections that can take their norm."""
+        return {"qkv": self.input_layernorm.weight, "o_proj": self.self_attn.attn_sub_norm.weight}
+
     def _norm_linear(self, name: str, quantize: bool, h: torch.Tensor):
         """The projection ``name`` with its norm in one kernel, where bound and it takes rows like ``h`` (the
         norms quantize, CUDA, the norm's dtype, at most its token count), else None."""
@@ -362,7 +366,7 @@ class BitNetForCausalLM(nn.Module):
             if norm_in_gemv and not layer.quantized_inputs:
                 norm_why = "the norms do not quantize"
             elif norm_in_gemv:
-                norms = {"qkv": layer.input_layernorm.weight, "o_proj": attn.attn_sub_norm.weight}
+                norms = layer.norms_before_projections()
                 layer.norm_linears, norm_why = bind_norm_linears(layer.bound, norms, layer.eps)
         self.norm_gemv = describe_norm_linears(self.model.layers[0].norm_linears, norm_why)
         first = self.model.layers[0]
