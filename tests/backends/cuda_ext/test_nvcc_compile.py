@@ -57,10 +57,18 @@ def test_kernel_sources_are_torch_free():
         assert "torch/" not in text and "ATen/" not in text, f"{src.name} includes torch headers"
 
 
-@pytest.mark.parametrize("probe", ["attention_timeline", "mlp_timeline"])
-def test_timeline_probe_compiles(tmp_path, probe):
-    # benchmarks/csrc/<probe>.cu compiles a kernel file with its BITLAB_TIMELINE stamps (compiled out of the
-    # extension): a change to the kernel must keep the probe building.
+PROBES = sorted(p.stem for p in (CSRC.parents[2] / "benchmarks" / "csrc").glob("*.cu"))
+
+
+def test_the_probes_are_found():
+    assert {"attention_timeline", "mlp_timeline", "code_fetch"} <= set(PROBES)
+
+
+@pytest.mark.parametrize("probe", PROBES)
+def test_benchmark_probe_compiles(tmp_path, probe):
+    # benchmarks/csrc/<probe>.cu are the benchmarks' standalone programs; the timeline probes compile a kernel
+    # file with its BITLAB_TIMELINE stamps (compiled out of the extension): a change to the kernel must keep
+    # them building, and a probe that fails to build would first show on the GPU machine.
     if NVCC is None:
         pytest.skip("nvcc not on PATH: the CUDA toolkit is not installed here")
     source = CSRC.parents[2] / "benchmarks" / "csrc" / f"{probe}.cu"
