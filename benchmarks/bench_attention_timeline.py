@@ -8,9 +8,11 @@ letting the attention start early as BitNet's GEMVs do.  In one more replay thre
 layer's attention records ``clock64()`` at each stage.  The table gives, per stage, the median over blocks of
 the microseconds since the block started and since the stage before, with the attention launched as a
 programmatic dependent of the projection (its first cache loads before the wait, as in BitNet's decode) and
-plainly.
+plainly.  ``--evict-code KB`` adds a dependent run with KB kilobytes of other code before each projection
+(``benchmarks/csrc/code_flush.cuh``): the attention then starts with none of its code in the instruction caches,
+as in a model step whose layer runs more code than they hold; its replay time includes that code's kernels.
 
-    python benchmarks/bench_attention_timeline.py --out docs/benchmarks
+    python benchmarks/bench_attention_timeline.py --out docs/benchmarks [--evict-code 256]
 
 Writes attention_timeline.json, .md and .png into --out.
 """
@@ -45,7 +47,8 @@ def markdown(meta: dict, rows: list) -> str:
              "(projection, attention) pairs in a CUDA graph; stage clocks of thread 0 of every block of the last "
              "layer's attention (`clock64()`, SM clock from the device attribute), median over blocks.  "
              "`dependent`: launched as a programmatic dependent of the projection (first cache loads before the "
-             "wait); `plain`: launched after it.", ""]
+             "wait); `plain`: launched after it; `code evicted`: dependent, after other code that evicts the "
+             "attention's from the instruction caches.", ""]
     lines += stage_rows(by_mode, STAGES)
     lines.append("")
     lines += [run_line(m, r, "(projection, attention)") for m, r in by_mode.items()]
@@ -61,17 +64,25 @@ def main(argv=None) -> int:
     ap.add_argument("--position", type=int, default=600)
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--evict-code", type=int, default=0, metavar="KB",
+                    help="also a dependent run with KB (a multiple of 32) kilobytes of other code before each "
+                         "projection: the attention's code is not cached when it starts")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
     if not 0 <= args.position < args.seq:
         raise SystemExit(f"--position {args.position} must lie in [0, --seq {args.seq})")
+    if args.evict_code < 0 or args.evict_code % 32:
+        raise SystemExit(f"--evict-code {args.evict_code}: give a multiple of 32 (kilobytes)")
+    runs = [(mode, pdl, 0) for mode, pdl in MODES.items()]
+    if args.evict_code:
+        runs.append((f"code evicted ({args.evict_code} KB)", 1, args.evict_code))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         exe = build_probe("attention_timeline", Path(tmp))
-        for mode, pdl in MODES.items():
-            run = run_probe(exe, args.batch, args.seq, args.position, args.layers, pdl, args.reps)
+        for mode, pdl, evict in runs:
+            run = run_probe(exe, args.batch, args.seq, args.position, args.layers, pdl, args.reps, evict)
             rows.append({"mode": mode, "span_us_per_layer_pair": run["span_us"], **block_summary(run),
                          "stages": stage_summary(run, STAGES)})
     meta = run_meta(" ".join(sys.argv[1:] if argv is None else argv))

@@ -155,7 +155,8 @@ def plot(rows: list, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for key in dict.fromkeys((r["threads"], r["kb"]) for r in rows):
-        pts = sorted((r["footprint_kb"], r["cycles_median"] / r["kb"]) for r in rows if (r["threads"], r["kb"]) == key)
+        pts = sorted((r["footprint_kb"], r["cycles_median"] / r["kb"]) for r in rows
+                     if (r["threads"], r["kb"]) == key)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} threads, {key[1]} KB kernels")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("code footprint of the launches cycled through (KB)")

@@ -10,7 +10,11 @@ microseconds since its start and since the stage before, and the slowest block's
 blocks by their tiles (gate/up pair tiles and down tiles per block: the grid barrier waits for the slowest
 block of phase A, the step for the slowest of phase B).
 
-    python benchmarks/bench_mlp_timeline.py --out docs/benchmarks
+``--evict-code KB`` adds, per token count, a run with KB kilobytes of other code before each producer
+(``benchmarks/csrc/code_flush.cuh``): the MLP kernel then starts with none of its code in the instruction caches,
+as in a model step whose layer runs more code than they hold; its replay time includes that code's kernels.
+
+    python benchmarks/bench_mlp_timeline.py --out docs/benchmarks [--norm-in] [--evict-code 256]
 
 Writes mlp_timeline.json, .md and .png into --out.
 """
@@ -63,7 +67,9 @@ def markdown(meta: dict, rows: list) -> str:
              f"torch {meta['torch']}, {meta['date']}.  BitNet 2B shape (hidden 2560, intermediate 6912, bfloat16), "
              f"{meta['layers']} (producer, MLP) pairs in a CUDA graph, the MLP launched as a programmatic dependent "
              "of the producer; stage clocks of thread 0 of every block of the last layer's MLP (`clock64()`, SM "
-             "clock from the device attribute): median block and slowest block, us since the block started.", ""]
+             "clock from the device attribute): median block and slowest block, us since the block started.  "
+             "`code evicted`: other code ran before each producer, so the MLP kernel starts with none of its code "
+             "in the instruction caches.", ""]
     lines += stage_rows(by_mode, STAGES, with_max=True)
     lines.append("")
     lines += [run_line(m, r, "(producer, MLP)") for m, r in by_mode.items()]
@@ -88,20 +94,28 @@ def main(argv=None) -> int:
     ap.add_argument("--norm-in", action="store_true",
                     help="also run each token count with the kernel taking the residual add and post-attention norm "
                          "(norm_in_mlp; stage 3 is then the norm's x)")
+    ap.add_argument("--evict-code", type=int, default=0, metavar="KB",
+                    help="also run each token count with KB (a multiple of 32) kilobytes of other code before each "
+                         "producer: the MLP kernel's code is not cached when it starts")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
     if any(not 1 <= t <= 8 for t in args.tokens):
         raise SystemExit(f"--tokens {args.tokens}: the MLP kernel serves 1 to 8 tokens")
+    if args.evict_code < 0 or args.evict_code % 32:
+        raise SystemExit(f"--evict-code {args.evict_code}: give a multiple of 32 (kilobytes)")
+    variants = [(False, 0)] + ([(True, 0)] if args.norm_in else [])
+    variants += [(False, args.evict_code)] if args.evict_code else []
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         exe = build_probe("mlp_timeline", Path(tmp))
         for tokens in args.tokens:
-            for norm_in in (False, True) if args.norm_in else (False,):
-                run = run_probe(exe, tokens, args.layers, args.reps, int(norm_in))
-                mode = f"{tokens} token" + ("s" if tokens > 1 else "") + (", norm in" if norm_in else "")
-                rows.append({"mode": mode, "tokens": tokens, "norm_in": norm_in,
+            for norm_in, evict in variants:
+                run = run_probe(exe, tokens, args.layers, args.reps, int(norm_in), evict)
+                mode = (f"{tokens} token" + ("s" if tokens > 1 else "") + (", norm in" if norm_in else "")
+                        + (f", code evicted ({evict} KB)" if evict else ""))
+                rows.append({"mode": mode, "tokens": tokens, "norm_in": norm_in, "evicted_code_kb": evict,
                              "span_us_per_layer_pair": run["span_us"], "plan": run["plan"], **block_summary(run),
                              "stages": stage_summary(run, STAGES), "groups": group_summary(run)})
     meta = run_meta(" ".join(sys.argv[1:] if argv is None else argv))

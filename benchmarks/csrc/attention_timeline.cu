@@ -5,12 +5,15 @@
 //
 // The graph mimics BitNet 2B's decode at one layer per pair: a "projection" kernel (reads its own weight bytes,
 // then writes the q/k/v row the attention reads, letting its dependent start at once, as the GEMVs do) and the
-// attention kernel, LAYERS pairs over separate caches and weights (more bytes than L2 holds).  Arguments:
-//   attention_timeline B S POS LAYERS PDL REPS
+// attention kernel, LAYERS pairs over separate caches and weights (more bytes than L2 holds).  With EVICT_KB > 0,
+// EVICT_KB kilobytes of other code run before each projection (code_flush.cuh): the attention kernel starts with
+// none of its code in the instruction caches.  Arguments:
+//   attention_timeline B S POS LAYERS PDL REPS [EVICT_KB]
 // Prints "span_us <median per layer pair>", "clock_khz <SM clock>", then for every block of the last layer's
 // attention one line "block <i> <ns at start> <ns at end> <cycles at stages 1..15 from stage 0, -1 if unset>".
 #define BITLAB_TIMELINE 1
 #include "../../backends/cuda_ext/csrc/decode_attention.cu"
+#include "code_flush.cuh"
 #include "timeline_probe.cuh"
 
 #include <cuda_bf16.h>
@@ -34,11 +37,12 @@ struct Layer {
 
 int main(int argc, char** argv) {
   if (argc < 7) {
-    std::fprintf(stderr, "usage: %s B S POS LAYERS PDL REPS\n", argv[0]);
+    std::fprintf(stderr, "usage: %s B S POS LAYERS PDL REPS [EVICT_KB]\n", argv[0]);
     return 2;
   }
   const int B = std::atoi(argv[1]), S = std::atoi(argv[2]), pos = std::atoi(argv[3]), layers = std::atoi(argv[4]);
   const int pdl = std::atoi(argv[5]), reps = std::atoi(argv[6]);
+  const int evict_kb = argc > 7 ? std::atoi(argv[7]) : 0;
   const int row = (kHeads + 2 * kKvHeads) * kHeadDim;
   const long cache = static_cast<long>(B) * kKvHeads * S * kHeadDim;
   std::vector<Layer> ls(layers);
@@ -69,6 +73,8 @@ int main(int argc, char** argv) {
   CHECK(cudaMemcpy(slot, &pos_l, sizeof(long), cudaMemcpyHostToDevice));
   CHECK(cudaDeviceSynchronize());
 
+  float* evict_scratch;
+  CHECK(cudaMalloc(&evict_scratch, sizeof(float) * 128 * bitlab::device_sm_count()));
   cudaStream_t stream;
   CHECK(cudaStreamCreate(&stream));
   cudaGraph_t graph;
@@ -76,6 +82,7 @@ int main(int argc, char** argv) {
   CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
   for (int l = 0; l < layers; ++l) {
     const Layer& L = ls[l];
+    if (evict_kb > 0) probe::evict_code(stream, evict_kb, bitlab::device_sm_count(), evict_scratch);
     CHECK(bitlab::launch_maybe_pdl(probe::producer_kernel<__nv_bfloat16>, dim3(bitlab::device_sm_count()), dim3(256), 0, stream, true,
                                    static_cast<const uint4*>(L.weights), kProjectionBytes / 16,
                                    static_cast<const __nv_bfloat16*>(L.src), L.qkv, B * row));

@@ -14,53 +14,16 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <array>
 #include <cstdio>
 #include <cstdlib>
-#include <utility>
 #include <vector>
 
+#include "code_flush.cuh"
 #include "graph_timing.cuh"
 
 namespace {
 
-constexpr int kChains = 8;       // independent FFMA chains per thread (keeps one FFMA issuing per cycle)
-constexpr int kFmaPerKb = 64;    // 16-byte instructions
-constexpr int kMaxKernels = 16;  // distinct kernels per size
-constexpr int kLaunches = 240;   // a multiple of every kernel count used
-
-using CodeKernel = void (*)(float*, long long*, int, float);
-
-// KB kilobytes of straight-line FFMAs; ID only makes each instantiation a distinct piece of code.
-template <int ID, int KB>
-__global__ void code_kernel(float* out, long long* cycles, int launch, float a) {
-  const long long start = clock64();
-  const float c = 1e-3f + ID * 1e-6f;
-  float acc[kChains];
-#pragma unroll
-  for (int j = 0; j < kChains; ++j) acc[j] = threadIdx.x * 1e-3f + j;
-#pragma unroll
-  for (int i = 0; i < KB * kFmaPerKb / kChains; ++i)
-#pragma unroll
-    for (int j = 0; j < kChains; ++j) acc[j] = fmaf(acc[j], a, c);
-  float s = 0.f;
-#pragma unroll
-  for (int j = 0; j < kChains; ++j) s += acc[j];
-  __syncthreads();
-  if (threadIdx.x == 0) cycles[static_cast<long>(launch) * gridDim.x + blockIdx.x] = clock64() - start;
-  out[blockIdx.x * blockDim.x + threadIdx.x] = s;
-}
-
-template <int KB, int... IDs>
-std::array<CodeKernel, sizeof...(IDs)> kernels_of(std::integer_sequence<int, IDs...>) {
-  return {code_kernel<IDs, KB>...};
-}
-
-template <int KB>
-const std::array<CodeKernel, kMaxKernels>& kernels() {
-  static const auto table = kernels_of<KB>(std::make_integer_sequence<int, kMaxKernels>{});
-  return table;
-}
+constexpr int kLaunches = 240;  // a multiple of every kernel count used
 
 template <typename T>
 T percentile(std::vector<T> v, double q) {
@@ -68,8 +31,8 @@ T percentile(std::vector<T> v, double q) {
   return v[static_cast<size_t>(q * (v.size() - 1))];
 }
 
-void run_case(const std::array<CodeKernel, kMaxKernels>& table, int kb, int n, int threads, int sms, float* out,
-              long long* cycles, cudaStream_t stream) {
+void run_case(const std::array<probe::CodeKernel, probe::kCodeKernels>& table, int kb, int n, int threads, int sms,
+              float* out, long long* cycles, cudaStream_t stream) {
   cudaGraph_t graph;
   cudaGraphExec_t exec;
   CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
@@ -103,8 +66,10 @@ int main() {
   cudaStream_t stream;
   CHECK(cudaStreamCreate(&stream));
   for (int threads : {128, 512}) {
-    for (int n : {1, 2, 4, 6, 8, 10, 12, 16}) run_case(kernels<8>(), 8, n, threads, sms, out, cycles, stream);
-    for (int n : {1, 2, 3, 4, 5, 6, 8, 12, 16}) run_case(kernels<32>(), 32, n, threads, sms, out, cycles, stream);
+    for (int n : {1, 2, 4, 6, 8, 10, 12, 16})
+      run_case(probe::code_kernels<8>(), 8, n, threads, sms, out, cycles, stream);
+    for (int n : {1, 2, 3, 4, 5, 6, 8, 12, 16})
+      run_case(probe::code_kernels<32>(), 32, n, threads, sms, out, cycles, stream);
   }
   CHECK(cudaGetLastError());
   return 0;

@@ -7,13 +7,16 @@
 // letting its dependent start at once) and the MLP kernel launched as its programmatic dependent, as in the
 // model; LAYERS pairs over separate weights (more bytes than L2 holds).  With NORM_IN = 1 the producer writes
 // the o projection's bf16 output instead and the MLP kernel takes the residual add and the post-attention norm
-// itself (BitnetMlpArgs::norm_input; stage 3 is then "x normed and quantized").  Arguments:
-//   mlp_timeline M LAYERS REPS [NORM_IN]
+// itself (BitnetMlpArgs::norm_input; stage 3 is then "x normed and quantized").  With EVICT_KB > 0, EVICT_KB
+// kilobytes of other code run before each producer (code_flush.cuh): the MLP kernel starts with none of its code
+// in the instruction caches, as in a model whose layer runs more code than they hold.  Arguments:
+//   mlp_timeline M LAYERS REPS [NORM_IN [EVICT_KB]]
 // Prints "span_us <median per layer pair>", "plan <blocks> <gate/up pair tiles> <down tiles>", "clock_khz <SM
 // clock>", then for every block of the last layer's MLP one line "block <i> <ns at start> <ns at its last
 // stamp> <cycles at stages 1..15 from stage 0, -1 if unset>".
 #define BITLAB_TIMELINE 1
 #include "../../backends/cuda_ext/csrc/bitnet_mlp.cu"
+#include "code_flush.cuh"
 #include "timeline_probe.cuh"
 
 #include <cuda_bf16.h>
@@ -51,11 +54,12 @@ struct Layer {
 
 int main(int argc, char** argv) {
   if (argc < 4) {
-    std::fprintf(stderr, "usage: %s M LAYERS REPS [NORM_IN]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s M LAYERS REPS [NORM_IN [EVICT_KB]]\n", argv[0]);
     return 2;
   }
   const int M = std::atoi(argv[1]), layers = std::atoi(argv[2]), reps = std::atoi(argv[3]);
   const bool norm_in = argc > 4 && std::atoi(argv[4]) != 0;
+  const int evict_kb = argc > 5 ? std::atoi(argv[5]) : 0;
   if (norm_in && M * kHidden > bitlab::kBitnetMlpNormElements) {
     std::fprintf(stderr, "NORM_IN: M x %d must be at most %d\n", kHidden, bitlab::kBitnetMlpNormElements);
     return 2;
@@ -137,6 +141,8 @@ int main(int argc, char** argv) {
     }
     return a;
   };
+  float* evict_scratch;
+  CHECK(cudaMalloc(&evict_scratch, sizeof(float) * 128 * bitlab::device_sm_count()));
   cudaStream_t stream;
   CHECK(cudaStreamCreate(&stream));
   CHECK(bitlab::launch_bitnet_mlp(mlp_args(ls[0]), stream));  // once outside the graph: the kernel's attributes
@@ -145,6 +151,7 @@ int main(int argc, char** argv) {
   cudaGraphExec_t exec;
   CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
   for (const Layer& L : ls) {
+    if (evict_kb > 0) probe::evict_code(stream, evict_kb, bitlab::device_sm_count(), evict_scratch);
     if (norm_in)  // the producer writes the o projection's output (bf16), not int8 rows
       CHECK(bitlab::launch_maybe_pdl(probe::producer_kernel<__nv_bfloat16>, dim3(bitlab::device_sm_count()), dim3(256), 0,
                                      stream, true, static_cast<const uint4*>(L.producer_weights), kProducerBytes / 16,
