@@ -270,17 +270,19 @@ def logits_agreement(model, hf, vocab: int, seed: int) -> dict:
     }
 
 
-def head_agreement(model, bits: int, vocab: int, seed: int) -> dict:
-    """Binds the lm_head quantized to ``bits`` and compares the logits of one 64-token prompt with the
-    dense head's: relative error, top-1 agreement, the kernel and its weight bytes on the GPU."""
+def head_agreement(model, bits: int, vocab: int, seed: int, activations: str = "float") -> dict:
+    """Binds the lm_head quantized to ``bits`` (``activations``: float or int8 per token) and compares the
+    logits of one 64-token prompt with the dense head's: relative error, top-1 agreement, the kernel and its
+    weight bytes on the GPU."""
     ids = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(seed))
     ids = ids.to(model.compute_device)
     model.bind_lm_head(None)
     with torch.no_grad():
         dense = model(ids).float()
-        kernel = model.bind_lm_head(bits)
+        kernel = model.bind_lm_head(bits, activations=activations)
         quantized = model(ids).float()
-    return {"kernel": kernel, "rel_err": float((quantized - dense).norm() / dense.norm()),
+    return {"kernel": kernel, "bits": bits, "activations": activations,
+            "rel_err": float((quantized - dense).norm() / dense.norm()),
             "top1_agree": float((quantized.argmax(-1) == dense.argmax(-1)).float().mean()),
             "gpu_gb": model.weight_memory()["quantized_lm_head_gpu"] / GB}
 
@@ -302,6 +304,9 @@ def main(argv=None) -> int:
                     help="skip the run with the unfused (torch.compile) one-token attention")
     ap.add_argument("--lm-head-bits", type=int, nargs="*", default=[8], choices=[2, 4, 8],
                     help="also run with the lm_head quantized per row to these bits (logit agreement reported)")
+    ap.add_argument("--lm-head-a8", action="store_true",
+                    help="with each --lm-head-bits run, also one with the head's input quantized per token to int8 "
+                         "(lm_head_activations='int8': the int8 tensor-core path; rows bitlab_head<bits>_a8)")
     ap.add_argument("--embedding-on-host", action="store_true",
                     help="with each --lm-head-bits run, also one with the embedding table in pinned host memory "
                          "(its weights on the GPU reported)")
@@ -426,20 +431,23 @@ def main(argv=None) -> int:
             print(f"--norm-in-gemv: no projection takes its norm ({why})")
         for layer in layers:
             layer.norm_linears, layer.norm_in_mlp = {}, False
-    for bits in args.lm_head_bits:
-        result.setdefault("quantized_lm_head", {})[bits] = head_agreement(model, bits, cfg.vocab_size, args.seed)
+    heads = [(bits, act) for bits in args.lm_head_bits for act in ("float", "int8")[:2 if args.lm_head_a8 else 1]]
+    for bits, act in heads:
+        head = f"bitlab_head{bits}" + ("_a8" if act == "int8" else "")
+        agreement = head_agreement(model, bits, cfg.vocab_size, args.seed, act)
+        result.setdefault("quantized_lm_head", {})[head] = agreement
         gen_h = Generator(model, compile=not args.no_compile, bind=False)  # the head bound above
-        result["runs"][f"bitlab_head{bits}"] = run_batches(f"bitlab_head{bits}", gen_h, batches, args, cfg.vocab_size)
-        print(f"lm_head {bits}-bit:", result["quantized_lm_head"][bits], flush=True)
+        result["runs"][head] = run_batches(head, gen_h, batches, args, cfg.vocab_size)
+        print(f"{head}:", agreement, flush=True)
         del gen_h
         _free(device)
         if args.embedding_on_host and device.type == "cuda":
             model.offload_embedding(True)
             mem = model.weight_memory()
-            result["quantized_lm_head"][bits]["gpu_weights_with_host_embedding_gb"] = (
+            agreement["gpu_weights_with_host_embedding_gb"] = (
                 mem["prepared_gpu"] + mem["quantized_lm_head_gpu"] + mem["float_gpu"]) / GB
             gen_e = Generator(model, compile=not args.no_compile, bind=False)
-            name = f"bitlab_head{bits}_host_embedding"
+            name = f"{head}_host_embedding"
             result["runs"][name] = run_batches(name, gen_e, batches, args, cfg.vocab_size)
             del gen_e
             _free(device)
@@ -547,12 +555,15 @@ def write_report(result: dict, out_dir: Path) -> None:
                             "(triton_attention=False; the default before the Triton kernel took 5+ rows)",
     }
     lines += [f"{name}: {text}." for name, text in names.items() if name in runs]
-    for bits, h in result.get("quantized_lm_head", {}).items():
-        lines.append(f"bitlab_head{bits}: lm_head quantized per row to {bits} bits ({h['kernel']}, {h['gpu_gb']:.3f} GB "
+    for key, h in result.get("quantized_lm_head", {}).items():
+        # (runs before the int8-activation head keyed these by the bit count alone)
+        head, bits = (key, h["bits"]) if "bits" in h else (f"bitlab_head{key}", key)
+        inputs = ", the input quantized per token to int8" if h.get("activations") == "int8" else ""
+        lines.append(f"{head}: lm_head quantized per row to {bits} bits{inputs} ({h['kernel']}, {h['gpu_gb']:.3f} GB "
                      f"on the GPU besides the bf16 embedding); logits vs the bf16 head (64 tokens): relative error "
                      f"{h['rel_err']:.2e}, top-1 agreement {h['top1_agree']:.3f}.")
         if "gpu_weights_with_host_embedding_gb" in h:
-            lines.append(f"bitlab_head{bits}_host_embedding: the same head, the embedding table in pinned host memory "
+            lines.append(f"{head}_host_embedding: the same head, the embedding table in pinned host memory "
                          f"(rows gathered by the GPU each step): weights on the GPU "
                          f"{h['gpu_weights_with_host_embedding_gb']:.3f} GB (prepared projections, quantized head, "
                          f"norms).")

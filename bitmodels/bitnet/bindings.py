@@ -140,16 +140,28 @@ LM_HEAD_BITS = (2, 4, 8)
 _FLOAT_ACTIVATIONS = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
-def bind_quantized_dense(weight: torch.Tensor, bits: int, device: torch.device) -> PreparedLinear:
+LM_HEAD_ACTIVATIONS = ("float", "int8")
+
+
+def bind_quantized_dense(weight: torch.Tensor, bits: int, device: torch.device,
+                         activations: str = "float") -> PreparedLinear:
     """A dense ``[out, in]`` float weight quantized per output row to ``bits`` (2, 4, 8) and bound to the
-    registry's kernel for float activations of the weight's dtype, e.g. a quantized ``lm_head``
-    (outputs in the input's dtype; the float weight itself is left as it is)."""
+    registry's kernel, e.g. a quantized ``lm_head`` (outputs in the weight's dtype; the float weight itself
+    is left as it is).  ``activations``: ``"float"`` multiplies inputs of the weight's dtype as they are;
+    ``"int8"`` quantizes them per token first (W{bits}A8: integer products, one more rounding of the input),
+    and the binding then also takes :class:`QuantizedActivation` input where its kernel does."""
     if bits not in LM_HEAD_BITS:
         raise ConfigError(f"bits: got {bits!r}; allowed values are {list(LM_HEAD_BITS)}")
+    if activations not in LM_HEAD_ACTIVATIONS:
+        raise ConfigError(f"activations: got {activations!r}; allowed values are {list(LM_HEAD_ACTIVATIONS)}")
     if weight.dtype not in _FLOAT_ACTIVATIONS:
         raise ConfigError(f"weight dtype {weight.dtype} is not served; expected one of {list(_FLOAT_ACTIVATIONS)}")
-    cfg = BitQuantConfig(weight_bits=bits, activation_dtype=_FLOAT_ACTIVATIONS[weight.dtype],
-                         weight_granularity="per_channel")
+    if activations == "int8":
+        cfg = BitQuantConfig(weight_bits=bits, activation_dtype="int8", activation_granularity="per_token",
+                             weight_granularity="per_channel")
+    else:
+        cfg = BitQuantConfig(weight_bits=bits, activation_dtype=_FLOAT_ACTIVATIONS[weight.dtype],
+                             weight_granularity="per_channel")
     values, scale = quantize_weight(weight.detach().to(device), cfg)
     packed = pack_weight(values, scale, bits, "per_channel")
     out_features, in_features = weight.shape

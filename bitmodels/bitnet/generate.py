@@ -24,7 +24,8 @@ Triton installed, up to ``FUSED_ATTENTION_MAX_BATCH_BEFORE_TRITON`` (4) with a s
 (:mod:`bitmodels.bitnet.triton_attention`) above; ``triton_attention=True`` runs that Triton kernel at
 every batch, ``False`` never.  ``attention_kernel`` says which runs, and why.  ``lm_head_bits=8`` (or 4,
 2) runs the output head quantized per vocabulary row (:meth:`BitNetForCausalLM.bind_lm_head`: fewer
-bytes per step, approximate logits); ``head_kernel`` says what runs it; with it, ``embedding_on_host=True``
+bytes per step, approximate logits; ``lm_head_activations="int8"`` also quantizes its input per token, for the
+int8 tensor-core path); ``head_kernel`` says what runs it; with it, ``embedding_on_host=True``
 keeps the embedding table in pinned host memory (:meth:`BitNetForCausalLM.offload_embedding`), so the GPU holds
 only the packed projections, the quantized head and the norms; ``embedding`` says where the table lives.  Each layer's MLP runs, for up to 2 tokens on an sm_90 GPU with the norms quantizing, as
 one kernel (:mod:`backends.cuda_ext.bitnet_mlp`); ``fused_mlp=False`` keeps the three separate kernels;
@@ -129,6 +130,7 @@ class Generator:
         fused_mlp: bool = True,
         embedding_on_host: bool = False,
         norm_in_gemv: Optional[bool] = None,
+        lm_head_activations: str = "float",
     ) -> None:
         self.model = model.eval()
         self.device = model.compute_device
@@ -168,15 +170,15 @@ class Generator:
         if bind:  # resolve kernels and prepared weights once (see BitNetForCausalLM.prepare_for_inference)
             model.prepare_for_inference(self.device, fuse=fuse, offload_packed=offload_packed,
                                         lm_head_bits=lm_head_bits, fused_mlp=fused_mlp,
-                                        embedding_on_host=embedding_on_host, norm_in_gemv=norm_in_gemv)
+                                        embedding_on_host=embedding_on_host, norm_in_gemv=norm_in_gemv,
+                                        lm_head_activations=lm_head_activations)
         else:
             if lm_head_bits is not None:
-                model.bind_lm_head(lm_head_bits, self.device)
+                model.bind_lm_head(lm_head_bits, self.device, activations=lm_head_activations)
             if embedding_on_host:
                 model.offload_embedding(True)
         self.embedding = "pinned host memory (GPU lookup)" if model.host_embedding is not None else f"on {self.device}"
-        head = model.head_binding
-        self.head_kernel = "dense (nn.Linear)" if head is None else f"{head.kernel.name} (quantized per row)"
+        self.head_kernel = model.head_kernel
         self.mlp_kernel = model.mlp_kernel
         self.norm_gemv = model.norm_gemv
         self.kernels = {

@@ -243,6 +243,7 @@ class BitNetForCausalLM(nn.Module):
         self.norm_gemv = "separate kernels (not prepared)"  # what runs the norms before q/k/v and o (likewise)
         # The lm_head quantized per row to 2 / 4 / 8 bits, when bind_lm_head asked for it (else the dense one).
         self.head_binding: Optional[PreparedLinear] = None
+        self.head_kernel = "dense (nn.Linear)"  # what runs the lm_head (bind_lm_head sets it)
         # The embedding table in pinned host memory, looked up by the GPU (offload_embedding), else None.
         self.host_embedding = None
 
@@ -288,12 +289,14 @@ class BitNetForCausalLM(nn.Module):
             kc, vc = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
             h, delta = layer(h, delta, ops, cos, sin, kc, vc, slots, mask, small)
         eps = self.config.rms_norm_eps
+        # A head with int8 activations takes the final norm's output quantized, as the projections do.
+        quantize = small and self.head_binding is not None and self.head_binding.takes_quantized
         if delta is None:
-            x = ops.norm_input(h, self.model.norm.weight, eps)
+            x = ops.norm_input(h, self.model.norm.weight, eps, quantize)
         else:
-            _, x = ops.add_rms_norm(h, delta, self.model.norm.weight, eps)
+            _, x = ops.add_rms_norm(h, delta, self.model.norm.weight, eps, quantize)
         if last_only:
-            x = x[:, -1:]
+            x = QuantizedActivation(x.q[:, -1:], x.scale[:, -1:]) if quantize else x[:, -1:]
         return self.lm_head(x) if self.head_binding is None else self.head_binding(x)
 
     # ------------------------------------------------------------ checkpoints
@@ -318,7 +321,7 @@ class BitNetForCausalLM(nn.Module):
     def prepare_for_inference(
         self, device=None, *, fuse: bool = True, offload_packed: bool = False, quantize_in_norms: bool = True,
         lm_head_bits: Optional[int] = None, fused_mlp: bool = True, embedding_on_host: bool = False,
-        norm_in_mlp: Optional[bool] = None, norm_in_gemv: Optional[bool] = None,
+        norm_in_mlp: Optional[bool] = None, norm_in_gemv: Optional[bool] = None, lm_head_activations: str = "float",
     ) -> Dict[str, str]:
         """Resolve every projection's kernel and prepared weight once for ``device`` (see bindings).
 
@@ -327,6 +330,8 @@ class BitNetForCausalLM(nn.Module):
         their output, fused into the norm's kernel, and the projections skip their own pass (same
         numbers: the quantization is the kernels' own).
         ``lm_head_bits``: also quantize the ``lm_head`` (see :meth:`bind_lm_head`); None keeps it dense.
+        ``lm_head_activations``: with ``lm_head_bits``, ``"float"`` (the default) or ``"int8"`` (see
+        :meth:`bind_lm_head`).
         ``fused_mlp``: where the layer's norms quantize and cuda_ext serves it (sm_90), run each MLP as one
         kernel for up to FUSED_MLP_MAX_TOKENS tokens (:mod:`backends.cuda_ext.bitnet_mlp`; exact against the
         three separate kernels, 17.0 vs 18.2 us per layer at one token on an H100); ``self.mlp_kernel`` says
@@ -381,25 +386,31 @@ class BitNetForCausalLM(nn.Module):
                 norm = f", the post-attention norm apart (hidden {first.fused_mlp.hidden} is not a multiple of 8)"
             self.mlp_kernel = f"cuda_ext.bitnet_mlp (one kernel up to {limit} tokens{norm})"
         self.norm_quant = use_fused_norm_quant(device) if self.model.layers[0].quantized_inputs else "none"
-        self.bind_lm_head(lm_head_bits, device)
+        self.bind_lm_head(lm_head_bits, device, activations=lm_head_activations)
         if embedding_on_host:
             self.offload_embedding(True)
         return {name: b.kernel.name for name, b in self.model.layers[0].bound.items()}
 
-    def bind_lm_head(self, bits: Optional[int], device=None) -> str:
-        """Run the ``lm_head`` quantized per vocabulary row to ``bits`` (2, 4 or 8; float activations, the
-        registry's kernel), or dense again with None.  Trades logit accuracy for bytes: the head reads
-        ``vocab x hidden`` weights every decode step (656 MB in bf16 for BitNet 2B, 328 MB at 8 bits).
-        The embedding lookup keeps the float table (on the GPU, or on the host after :meth:`offload_embedding`;
-        going back to the dense head brings a tied table back to the GPU).  Returns what runs the head."""
+    def bind_lm_head(self, bits: Optional[int], device=None, activations: str = "float") -> str:
+        """Run the ``lm_head`` quantized per vocabulary row to ``bits`` (2, 4 or 8; the registry's kernel), or
+        dense again with None.  Trades logit accuracy for bytes: the head reads ``vocab x hidden`` weights every
+        decode step (656 MB in bf16 for BitNet 2B, 328 MB at 8 bits).  ``activations``: ``"float"`` multiplies
+        the final norm's output as it is; ``"int8"`` quantizes it per token first (in the norm's kernel where
+        the projections' inputs are quantized there too), so the head runs on the int8 tensor-core path
+        (W{bits}A8).  The embedding lookup keeps the float table (on the GPU, or on the host after
+        :meth:`offload_embedding`; going back to the dense head brings a tied table back to the GPU).
+        Returns what runs the head."""
         if bits is None:
             if self.host_embedding is not None and self.config.tie_word_embeddings:
                 self.offload_embedding(False)
             self.head_binding = None
-            return "dense (nn.Linear)"
+            self.head_kernel = "dense (nn.Linear)"
+            return self.head_kernel
         device = torch.device(device) if device is not None else self.compute_device
-        self.head_binding = bind_quantized_dense(self.lm_head.weight, bits, device)
-        return f"{self.head_binding.kernel.name} ({bits}-bit per-row weights)"
+        self.head_binding = bind_quantized_dense(self.lm_head.weight, bits, device, activations)
+        inputs = "int8 per-token activations" if activations == "int8" else "float activations"
+        self.head_kernel = f"{self.head_binding.kernel.name} (quantized per row: {bits}-bit weights, {inputs})"
+        return self.head_kernel
 
     @property
     def compute_device(self) -> torch.device:
@@ -436,6 +447,7 @@ class BitNetForCausalLM(nn.Module):
         """Drop the prepared weights; projections dispatch through ``BitLinear.forward`` again."""
         self.offload_embedding(False)
         self.head_binding = None
+        self.head_kernel = "dense (nn.Linear)"
         self.mlp_kernel = "separate kernels (not prepared)"
         self.norm_gemv = "separate kernels (not prepared)"
         for layer in self.model.layers:

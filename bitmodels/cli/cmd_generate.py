@@ -27,6 +27,9 @@ def register(sub) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's end-of-sequence tokens")
     p.add_argument("--lm-head-bits", type=int, choices=[2, 4, 8], default=None,
                    help="quantize the output head per vocabulary row (faster decode, approximate logits)")
+    p.add_argument("--lm-head-activations", choices=["float", "int8"], default="float",
+                   help="with --lm-head-bits: multiply the head's input as it is (float) or quantized per token (int8: "
+                        "the int8 tensor-core path)")
     p.add_argument("--embedding-on-host", action="store_true",
                    help="with --lm-head-bits on CUDA: keep the embedding table in pinned host memory (less GPU memory)")
     p.set_defaults(run=run)
@@ -36,8 +39,9 @@ class _TextStream:
     """Prints the new text of one sequence as token chunks arrive (decoding the whole prefix each time,
     so multi-token characters come out whole)."""
 
-    def __init__(self, tokenizer, out=sys.stdout) -> None:
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer, out=None) -> None:
+        # sys.stdout when the stream starts, not when this module was imported (it may have been replaced since)
+        self.tokenizer, self.out = tokenizer, sys.stdout if out is None else out
         self.ids, self.shown = [], ""
 
     def __call__(self, chunks) -> None:
@@ -62,6 +66,10 @@ def run(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"error: --device {args.device}: torch sees no CUDA device", file=sys.stderr)
         return 2
+    if args.lm_head_activations != "float" and args.lm_head_bits is None:
+        print("error: --lm-head-activations int8 needs --lm-head-bits (the dense head takes float input)",
+              file=sys.stderr)
+        return 2
     if args.embedding_on_host and (args.lm_head_bits is None or device.type != "cuda"):
         print("error: --embedding-on-host needs --lm-head-bits (the dense head reads the tied table on the GPU) "
               f"and a CUDA device (got {device})", file=sys.stderr)
@@ -73,7 +81,7 @@ def run(args) -> int:
     model = BitNetForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
     gen = Generator(model, cuda_graph=(device.type == "cuda" and not args.no_cuda_graph), compile=args.compile,
                     offload_packed=(device.type == "cuda"), lm_head_bits=args.lm_head_bits,
-                    embedding_on_host=args.embedding_on_host)
+                    embedding_on_host=args.embedding_on_host, lm_head_activations=args.lm_head_activations)
     prompts = [tokenizer(p)["input_ids"] for p in args.prompt]
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     stops = [] if args.ignore_eos else None

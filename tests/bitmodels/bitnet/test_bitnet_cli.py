@@ -33,3 +33,23 @@ def test_generate_batch_prints_one_line_per_prompt(tmp_path, capsys):
     assert code == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("w1 w2") and lines[1].startswith("w9 w8 w7 w6")
+
+
+def test_generate_with_a_quantized_head_on_int8_activations(tmp_path, capsys):
+    write_hf_bitnet(tmp_path, seed=14)
+    tokenizer = write_tiny_tokenizer(tmp_path)
+    prompt = "w4 w11 w2"
+    assert main(["generate", "--model", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "5", "--ignore-eos",
+                 "--lm-head-bits", "8", "--lm-head-activations", "int8"]) == 0
+    out = capsys.readouterr()
+    ids = tokenizer(prompt)["input_ids"]
+    gen = Generator(BitNetForCausalLM.from_pretrained(tmp_path), lm_head_bits=8, lm_head_activations="int8")
+    expected = tokenizer.decode(gen.generate([ids], 5, stop_token_ids=[]).tokens[0], skip_special_tokens=True)
+    assert out.out.rstrip("\n").endswith(expected)
+
+
+def test_int8_head_activations_without_a_quantized_head_are_refused(tmp_path, capsys):
+    write_hf_bitnet(tmp_path, seed=15)
+    write_tiny_tokenizer(tmp_path)
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "w1", "--lm-head-activations", "int8"]) == 2
+    assert "--lm-head-activations int8 needs --lm-head-bits" in capsys.readouterr().err

@@ -135,6 +135,79 @@ def test_quantized_lm_head_is_the_dequantized_product():
         bind_quantized_dense(weight, 3, torch.device("cpu"))
 
 
+def test_int8_activation_lm_head_multiplies_the_quantized_input():
+    from bitcore.config import BitQuantConfig
+    from bitcore.quantize import quantize_activation_int8, quantize_weight
+    from bitmodels.bitnet.bindings import bind_quantized_dense
+
+    torch.manual_seed(18)
+    weight = torch.randn(131, 80) * 0.02
+    x = torch.randn(2, 3, 80)
+    xq, xs = quantize_activation_int8(x.reshape(-1, 80), "per_token")
+    for bits in (8, 4):
+        values, scale = quantize_weight(weight, BitQuantConfig(weight_bits=bits, weight_granularity="per_channel"))
+        expected = ((xq.float() * xs) @ (values.float() * scale.view(-1, 1)).T).view(2, 3, 131)
+        got = bind_quantized_dense(weight, bits, torch.device("cpu"), "int8")(x)
+        assert got.shape == (2, 3, 131) and torch.allclose(got, expected, rtol=1e-4, atol=1e-6), bits
+    with pytest.raises(ConfigError, match=r"activations: got 'int4'; allowed values are \['float', 'int8'\]"):
+        bind_quantized_dense(weight, 4, torch.device("cpu"), "int4")
+
+
+def test_generation_with_an_int8_activation_lm_head():
+    model = _model(seed=19)
+    ids = torch.randint(3, 71, (2, 9), generator=torch.Generator().manual_seed(19))
+    with torch.no_grad():
+        gen = Generator(model, lm_head_bits=4)
+        float_inputs = model(ids)
+        gen = Generator(model, lm_head_bits=4, lm_head_activations="int8")
+        assert gen.head_kernel.endswith("(quantized per row: 4-bit weights, int8 per-token activations)"), gen.head_kernel
+        int8_inputs = model(ids)
+        out = gen.generate([ids[0].tolist()], max_new_tokens=4, stop_token_ids=[])
+        assert out.tokens[0] == _greedy_by_recomputation(model, ids[0].tolist(), 4)
+    # one more rounding (the head's input to int8 per token) on top of the 4-bit weights
+    assert ((int8_inputs - float_inputs).norm() / float_inputs.norm()).item() < 2e-2
+    assert (int8_inputs.argmax(-1) == float_inputs.argmax(-1)).float().mean().item() > 0.9
+
+
+def test_a_head_that_takes_int8_input_gets_it_from_the_final_norm():
+    """Where the head's kernel takes pre-quantized input, the final norm quantizes (as before the projections)
+    and the logits equal those of the same kernel quantizing the float input itself; prefill's last-token
+    slice keeps the quantized rows and their scales together."""
+    from bitcore.config import BitQuantConfig
+    from bitcore.kernels import KernelRegistry
+    from bitcore.packing import pack_weight
+    from bitcore.quantize import quantize_weight
+    from bitmodels.bitnet.bindings import PreparedLinear, QuantizedActivation
+
+    model = _model(seed=20)
+    cfg = BitQuantConfig(weight_bits=4, activation_dtype="int8", activation_granularity="per_token",
+                         weight_granularity="per_channel")
+    kernel = KernelRegistry.get_kernel_for_config(cfg, "cpu", backend="torch_ref")
+    values, scale = quantize_weight(model.lm_head.weight.detach(), cfg)
+    head = PreparedLinear(kernel, kernel.prepare(pack_weight(values, scale, 4, "per_channel"), cfg), 48, 71,
+                          config=cfg)
+    assert head.takes_quantized
+    seen = []
+
+    class Recording:
+        takes_quantized = True
+
+        def __call__(self, x):
+            seen.append(type(x))
+            return head(x)
+
+    ids = torch.randint(3, 71, (2, 7), generator=torch.Generator().manual_seed(20))
+    with torch.no_grad():
+        model.head_binding = Recording()
+        quantized = model(ids)
+        last = model(ids, last_only=True)
+        model.quantize_in_norms_max_tokens = 0  # the norm gives float rows: the kernel quantizes them
+        floats = model(ids)
+    assert seen == [QuantizedActivation, QuantizedActivation, torch.Tensor]
+    assert torch.equal(quantized, floats)
+    assert torch.equal(last, quantized[:, -1:])
+
+
 def test_generation_with_an_8_bit_lm_head():
     model = _model(seed=9)
     ids = torch.randint(3, 71, (2, 9), generator=torch.Generator().manual_seed(9))
@@ -291,18 +364,25 @@ def test_cuda_graph_decode_equals_eager_decode(cuda_device, compile):
 
 
 @pytest.mark.gpu
-def test_quantized_lm_head_on_the_gpu_replays_in_a_graph(cuda_device):
+@pytest.mark.parametrize("bits, activations, tolerance", [(8, "float", 3e-2), (4, "int8", 0.3)])
+def test_quantized_lm_head_on_the_gpu_replays_in_a_graph(cuda_device, bits, activations, tolerance):
     model = _model(seed=11, vocab_size=1000).to(cuda_device, torch.bfloat16)
     prompts = _prompts(11, (5, 9), vocab=1000)
     ids = torch.tensor([prompts[1]], device=cuda_device)
     with torch.no_grad():
         dense = model(ids).float()
-        eager = Generator(model, cuda_graph=False, lm_head_bits=8)
+        eager = Generator(model, cuda_graph=False, lm_head_bits=bits, lm_head_activations=activations)
         assert eager.head_kernel.startswith("cuda_ext."), eager.head_kernel
+        # an int8-activation head takes the final norm's int8 rows, as the projections do
+        assert model.head_binding.takes_quantized == (activations == "int8")
         quantized = model(ids).float()
+        model.quantize_in_norms_max_tokens = 0  # float rows: the head's kernel quantizes them itself
+        apart = model(ids).float()  # (the layers' norms then run in torch too: their sums in another order)
+        model.quantize_in_norms_max_tokens = 64
         graph = Generator(model, cuda_graph=True, bind=False)
         assert graph.generate(prompts, 10, stop_token_ids=[]).tokens == eager.generate(prompts, 10, stop_token_ids=[]).tokens
-    assert ((quantized - dense).norm() / dense.norm()).item() < 3e-2
+    assert ((quantized - dense).norm() / dense.norm()).item() < tolerance
+    assert ((apart - quantized).norm() / quantized.norm()).item() < 1e-2
 
 
 def test_embedding_offload_is_refused_where_it_cannot_help():
