@@ -197,7 +197,6 @@ struct DecodeAttentionArgs {
   float scale;
   int pdl;               // launch as a programmatic dependent of the kernel before it
   int merge;             // set by the launcher: kAttentionMergePush, or for A/B (BITLAB_ATTN_MERGE) a pull merge
-  int serial_weights;    // set by the launcher: the merge's weights one head per thread (BITLAB_ATTN_WEIGHTS=serial)
 };
 // How the blocks of an attention cluster combine their partial sums (decode_attention.cu).
 enum AttentionMerge : int {

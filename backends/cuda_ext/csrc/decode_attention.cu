@@ -322,58 +322,31 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
   BITLAB_STAMP(8);  // the cluster's partial sums visible
   const int lo = rank * per;
   if (lo < G * D) {
-    if (a.serial_weights) {  // A/B (BITLAB_ATTN_WEIGHTS=serial): thread g < G weighs all ranks of head g
-      if (t < G) {
-        float M = -INFINITY, ms[kMaxCluster], ls[kMaxCluster];
-#pragma unroll
-        for (int r = 0; r < kMaxCluster; ++r) {
-          ms[r] = -INFINITY;
-          ls[r] = 0.f;
-          if (r < C) {
-            if (push) {
-              ms[r] = sh.m_part[r][t];
-              ls[r] = sh.l_part[r][t];
-            } else {
-              const Shared* other = cluster.map_shared_rank(&sh, r);
-              ms[r] = other->m_run[t];
-              ls[r] = other->l_run[t];
-            }
-            M = fmaxf(M, ms[r]);
-          }
+    // thread (g, r) of the first G x 16 threads: the 16 ranks of a head in half a warp (whole warps take
+    // part in the shuffles); the max and the weighted sum of l over the ranks by shuffles.
+    constexpr int WT = (G * kMaxCluster + 31) / 32 * 32;
+    static_assert(WT <= NT, "a thread per (head, rank)");
+    if (t < WT) {
+      const int g = t / kMaxCluster, r = t % kMaxCluster;
+      float m = -INFINITY, l = 0.f;
+      if (g < G && r < C) {
+        if (push) {
+          m = sh.m_part[r][g];
+          l = sh.l_part[r][g];
+        } else {
+          const Shared* other = cluster.map_shared_rank(&sh, r);
+          m = other->m_run[g];
+          l = other->l_run[g];
         }
-        float L = 0.f;
-#pragma unroll
-        for (int r = 0; r < kMaxCluster; ++r) L += ms[r] == -INFINITY ? 0.f : ls[r] * __expf(ms[r] - M);
-#pragma unroll
-        for (int r = 0; r < kMaxCluster; ++r) sh.weight[r][t] = ms[r] == -INFINITY ? 0.f : __expf(ms[r] - M) / L;
       }
-    } else {
-      // thread (g, r) of the first G x 16 threads: the 16 ranks of a head in half a warp (whole warps take
-      // part in the shuffles); the max and the weighted sum of l over the ranks by shuffles.
-      constexpr int WT = (G * kMaxCluster + 31) / 32 * 32;
-      static_assert(WT <= NT, "a thread per (head, rank)");
-      if (t < WT) {
-        const int g = t / kMaxCluster, r = t % kMaxCluster;
-        float m = -INFINITY, l = 0.f;
-        if (g < G && r < C) {
-          if (push) {
-            m = sh.m_part[r][g];
-            l = sh.l_part[r][g];
-          } else {
-            const Shared* other = cluster.map_shared_rank(&sh, r);
-            m = other->m_run[g];
-            l = other->l_run[g];
-          }
-        }
-        float M = m;
+      float M = m;
 #pragma unroll
-        for (int o = kMaxCluster / 2; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-        const float e = m == -INFINITY ? 0.f : __expf(m - M);
-        float L = l * e;
+      for (int o = kMaxCluster / 2; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+      const float e = m == -INFINITY ? 0.f : __expf(m - M);
+      float L = l * e;
 #pragma unroll
-        for (int o = kMaxCluster / 2; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
-        if (g < G) sh.weight[r][g] = m == -INFINITY ? 0.f : e / L;
-      }
+      for (int o = kMaxCluster / 2; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
+      if (g < G) sh.weight[r][g] = m == -INFINITY ? 0.f : e / L;
     }
     __syncthreads();
     BITLAB_STAMP(9);  // the weights of the cluster's blocks
@@ -423,7 +396,6 @@ cudaError_t launch_decode_attention_tpk(const DecodeAttentionArgs& args, int C, 
   a.merge = env_is("BITLAB_ATTN_MERGE", "spread")   ? kAttentionMergeSpread  // for A/B timing (read per launch)
             : env_is("BITLAB_ATTN_MERGE", "block0") ? kAttentionMergeBlock0
                                                     : kAttentionMergePush;
-  a.serial_weights = env_is("BITLAB_ATTN_WEIGHTS", "serial");
   ClusterLaunch launch(dim3(a.B * a.KVH * C), C, 0, stream, 2 * D);
   if (a.pdl && device_has_pdl()) launch.as_dependent();
   return a.merge == kAttentionMergePush ? cudaLaunchKernelEx(&launch.cfg, decode_attention_kernel<T, D, G, TPK, true>, a)
