@@ -32,8 +32,11 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from bitcore.errors import ConfigError
 from bitlayers.bitlinear import BitLinear
 from bitmodels.bitnet.bindings import (
+    LM_HEAD_ACTIVATIONS,
+    LM_HEAD_BITS,
     PreparedLinear,
     QuantizedActivation,
     bind_fused_mlp,
@@ -219,6 +222,17 @@ class BitNetModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+def check_head_request(bits: Optional[int], activations: str) -> None:
+    """ConfigError unless ``bits`` / ``activations`` describe a head :meth:`BitNetForCausalLM.bind_lm_head` binds."""
+    if bits is not None and bits not in LM_HEAD_BITS:
+        raise ConfigError(f"lm_head bits: got {bits!r}; allowed values are {list(LM_HEAD_BITS)} or None (dense)")
+    if activations not in LM_HEAD_ACTIVATIONS:
+        raise ConfigError(f"lm_head activations: got {activations!r}; allowed values are {list(LM_HEAD_ACTIVATIONS)}")
+    if bits is None and activations != "float":
+        raise ConfigError(f"lm_head activations={activations!r} needs a quantized head (bits 8, 4 or 2); the dense "
+                          "head takes float input")
+
+
 class BitNetForCausalLM(nn.Module):
     """BitNet b1.58 causal LM; see the module docstring.
 
@@ -348,6 +362,7 @@ class BitNetForCausalLM(nn.Module):
         Returns ``{binding name: kernel name}`` for layer 0, e.g. ``{"qkv": "cuda_ext.Ternary...", ...}``.
         """
         device = torch.device(device) if device is not None else self.compute_device
+        check_head_request(lm_head_bits, lm_head_activations)  # before any binding changes
         if norm_in_mlp is None:
             norm_in_mlp = os.environ.get("BITLAB_MLP_NORM", "") == "in"
         if norm_in_gemv is None:
@@ -400,6 +415,7 @@ class BitNetForCausalLM(nn.Module):
         (W{bits}A8).  The embedding lookup keeps the float table (on the GPU, or on the host after
         :meth:`offload_embedding`; going back to the dense head brings a tied table back to the GPU).
         Returns what runs the head."""
+        check_head_request(bits, activations)
         if bits is None:
             if self.host_embedding is not None and self.config.tie_word_embeddings:
                 self.offload_embedding(False)

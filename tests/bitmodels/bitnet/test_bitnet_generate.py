@@ -164,6 +164,14 @@ def test_generation_with_an_int8_activation_lm_head():
         int8_inputs = model(ids)
         out = gen.generate([ids[0].tolist()], max_new_tokens=4, stop_token_ids=[])
         assert out.tokens[0] == _greedy_by_recomputation(model, ids[0].tolist(), 4)
+    bound = model.head_binding
+    with pytest.raises(ConfigError, match="activations='int8' needs a quantized head"):
+        Generator(model, lm_head_activations="int8")
+    with pytest.raises(ConfigError, match=r"lm_head activations: got 'fp8'; allowed values are \['float', 'int8'\]"):
+        model.prepare_for_inference(lm_head_bits=4, lm_head_activations="fp8")
+    with pytest.raises(ConfigError, match=r"lm_head bits: got 3; allowed values are \[2, 4, 8\] or None"):
+        model.bind_lm_head(3)
+    assert model.head_binding is bound  # refused before anything was rebound
     # one more rounding (the head's input to int8 per token) on top of the 4-bit weights
     assert ((int8_inputs - float_inputs).norm() / float_inputs.norm()).item() < 2e-2
     assert (int8_inputs.argmax(-1) == float_inputs.argmax(-1)).float().mean().item() > 0.9
