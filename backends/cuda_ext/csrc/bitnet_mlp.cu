@@ -8,7 +8,8 @@
 //
 // The kernel runs its code once per launch, so code size is instruction fetches from L2: loops over
 // tiles and tokens are not unrolled (unrolled, the sub-norm alone took 4400 cycles for ~2 pieces of
-// 8 values per thread; rolled, 1600).
+// 8 values per thread; rolled, 1600), nor are the loops over a thread's pieces or elements, which run once
+// or twice per thread (the compiler unrolled those four times: 75.3 KB of code against 60.5 rolled).
 //
 //   * grid: G = min(#SMs, tiles) blocks, one per multiprocessor, all resident (the grid barrier needs
 //     that; the host checks one block fits on an empty multiprocessor);
@@ -187,6 +188,7 @@ __device__ __forceinline__ void subnorm_in_passes(const MlpPlan& p, float eps, c
   const int npieces = p.I / 8, pieces = p.M * npieces, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const uint4* src = static_cast<const uint4*>(mid);
   constexpr int kLoads = 8;  // pieces in flight per thread
+#pragma unroll 1
   for (int base = 0; base < pieces; base += kLoads * kMlpThreads) {
     uint4 v[kLoads];
 #pragma unroll
@@ -206,6 +208,7 @@ __device__ __forceinline__ void subnorm_in_passes(const MlpPlan& p, float eps, c
 #pragma unroll 1
   for (int tok = 0; tok < p.M; ++tok) {
     float ss = 0.f;
+#pragma unroll 1
     for (int pc = threadIdx.x; pc < npieces; pc += kMlpThreads) {
       const uint4 raw = reinterpret_cast<const uint4*>(staged + tok * p.I)[pc];
       const T* e = reinterpret_cast<const T*>(&raw);
@@ -220,6 +223,7 @@ __device__ __forceinline__ void subnorm_in_passes(const MlpPlan& p, float eps, c
   for (int tok = 0; tok < p.M; ++tok) {
     const float r = rsqrtf(__fadd_rn(__fdiv_rn(total[tok], static_cast<float>(p.I)), eps));
     float amax = 0.f;
+#pragma unroll 1
     for (int pc = threadIdx.x; pc < npieces; pc += kMlpThreads) {
       uint4* piece = reinterpret_cast<uint4*>(staged + tok * p.I) + pc;
       uint4 raw = *piece;
@@ -285,6 +289,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
   }
   if (threadIdx.x < nb * 16 && b0 * 16 + threadIdx.x < p.H) row_scale[2][threadIdx.x] = a.down_scale[b0 * 16 + threadIdx.x];
   T* w_sub = reinterpret_cast<T*>(smem + p.off_w);
+#pragma unroll 1
   for (int i = threadIdx.x; i < p.I / 8; i += kMlpThreads)  // I % 16 == 0: 16-byte pieces
     reinterpret_cast<uint4*>(w_sub)[i] = __ldg(reinterpret_cast<const uint4*>(a.sub_weight) + i);
   if (a.norm_input) norm_rows_copy_weight(post_attention_norm(a), post_attention_norm_smem(p, smem, nullptr).weight);
@@ -295,6 +300,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
   unsigned char* xs = smem + p.off_x;
   const bool vec = a.ldx % 16 == 0 && reinterpret_cast<uintptr_t>(a.xq) % 16 == 0;
   if (a.norm_input) norm_rows_into_x<T>(post_attention_norm(a), p.M, post_attention_norm_smem(p, smem, token_scale[0]));
+#pragma unroll 1
   for (int idx = threadIdx.x; !a.norm_input && idx < p.M * (p.xp / 16); idx += kMlpThreads) {
     const int tok = idx / (p.xp / 16), c = (idx % (p.xp / 16)) * 16;
     const int8_t* row = a.xq + tok * a.ldx;
@@ -325,6 +331,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
     block_tiles_gemv<2>(smem + p.off_a, na, p.C1, bars, xs, p.xp, p.M, part_a, BITLAB_MARK(4));
   BITLAB_STAMP(5);  // gate and up multiplied (4: the first pair tile landed)
   T* mid = static_cast<T*>(a.mid);
+#pragma unroll 1
   for (int idx = threadIdx.x; idx < na * 16 * p.M; idx += kMlpThreads) {
     const int tok = idx % p.M, row = (idx / p.M) % 16, lt = idx / (16 * p.M);
     const int j = (a0 + lt) * 16 + row;  // < I: I % 16 == 0
@@ -384,6 +391,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
     const float amax = fmaxf(amax_of[tok], 1e-5f);
     const float inv = quant_inverse(amax);
     if (threadIdx.x == 0) token_scale[1][tok] = quant_scale(amax);
+#pragma unroll 1
     for (int pc = threadIdx.x; pc < p.qp / 8; pc += kMlpThreads) {
       uint2 out = make_uint2(0u, 0u);  // zeros past I
       if (pc < npieces) out = quantize_piece<T>(reinterpret_cast<const uint4*>(staged + tok * p.I)[pc], inv);
@@ -402,6 +410,7 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
     block_tiles_gemv<1>(smem + p.off_b, nb, p.C2, bars + na, qs, p.qp, p.M, part_b, BITLAB_MARK(12));
   BITLAB_STAMP(13);  // down multiplied (12: the first down tile landed)
   T* y = static_cast<T*>(a.y);
+#pragma unroll 1
   for (int idx = threadIdx.x; idx < nb * 16 * p.M; idx += kMlpThreads) {
     const int tok = idx % p.M, row = (idx / p.M) % 16, lt = idx / (16 * p.M);
     const int n = (b0 + lt) * 16 + row;
