@@ -301,6 +301,8 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
   BITLAB_STAMP(7);  // per-warp sums stored
   constexpr bool push = PUSH;
   const int per = a.merge == kAttentionMergeBlock0 ? G * D : (G * D + C - 1) / C;
+  // push: two iterations per thread, 3.4 KB more of once-run code unrolled (the pull A/B kernels keep the unroll)
+#pragma unroll(PUSH ? 1 : 4)
   for (int idx = t; idx < G * D; idx += NT) {
     const int g = idx / D, d = idx % D;
     float s = 0.f;
