@@ -39,7 +39,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_output import cuda_available  # noqa: E402
 from bitcore.packing import dequantize, pack_codes  # noqa: E402
 from bitmodels.bitnet import BitNetConfig, BitNetForCausalLM  # noqa: E402
 from bitmodels.bitnet.generate import Generator  # noqa: E402
@@ -336,8 +338,7 @@ def main(argv=None) -> int:
         write_report(result, Path(args.plot).parent)
         return 0
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
+    if device.type == "cuda" and not cuda_available():
         return 2
     batches = [int(b) for b in args.batches.split(",")]
     shape = dict(vocab_size=1000, hidden_size=128, intermediate_size=344, num_attention_heads=4,

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_output import cuda_available  # noqa: E402
 from gpu_timing import n_copies, time_graph  # noqa: E402
 
 from backends.cuda_ext import bitnet_mlp, ops  # noqa: E402
@@ -84,8 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--out", default="docs/benchmarks")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
+    if not cuda_available():
         return 2
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
     H, I = args.hidden, args.intermediate

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_bitnet_generate import build_model  # noqa: E402
-from bench_output import run_meta, write_outputs  # noqa: E402
+from bench_output import cuda_available, run_meta, write_outputs  # noqa: E402
 from bitmodels.bitnet import BitNetConfig  # noqa: E402
 from bitmodels.bitnet.generate import Generator  # noqa: E402
 
@@ -195,8 +195,7 @@ def main(argv=None) -> int:
         (Path(args.plot).with_suffix(".md")).write_text(markdown(saved["meta"], saved["rows"]))
         plot(saved["rows"], Path(args.plot).with_suffix(".png"))
         return 0
-    if not torch.cuda.is_available():
-        print("needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
+    if not cuda_available():
         return 2
     device = torch.device("cuda")
     cfg = BitNetConfig(num_hidden_layers=args.layers, max_position_embeddings=4096)

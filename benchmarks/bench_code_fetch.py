@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_output import run_meta, write_outputs  # noqa: E402
+from bench_output import cuda_available, run_meta, write_outputs  # noqa: E402
 from kernel_timeline import build_probe  # noqa: E402
 
 CSRC = Path(__file__).resolve().parents[1] / "backends" / "cuda_ext" / "csrc"
@@ -175,11 +175,7 @@ def main(argv=None) -> int:
     if args.sizes_only:
         print("\n".join(size_lines(kernel_code_sizes(), top=60)))
         return 0
-    import torch
-
-    if not torch.cuda.is_available():
-        print("needs a CUDA device (torch.cuda.is_available() is False); --sizes-only runs without one",
-              file=sys.stderr)
+    if not cuda_available("--sizes-only runs without one"):
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         exe = build_probe("code_fetch", Path(tmp))

@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_output import cuda_available  # noqa: E402
 from bench_gpu_linear import CONFIGS, random_packed  # noqa: E402
 from gpu_timing import n_copies, time_graph  # noqa: E402
 
@@ -163,8 +164,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, choices=sorted(VARIANTS),
                     help="the first one is the reference of the error check and the plot")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
+    if not cuda_available():
         return 2
     if any(c == "W1A1" for c in args.configs):
         ap.error("W1A1 runs the popcount kernel, not a GEMV variant")

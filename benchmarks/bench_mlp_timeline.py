@@ -25,11 +25,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_output import run_meta, write_outputs  # noqa: E402
+from bench_output import cuda_available, run_meta, write_outputs  # noqa: E402
 from kernel_timeline import (block_summary, build_probe, plot_stages, run_line, run_probe, stage_rows,  # noqa: E402
                              stage_summary)
 
@@ -98,8 +96,7 @@ def main(argv=None) -> int:
                     help="also run each token count with KB (a multiple of 32) kilobytes of other code before each "
                          "producer: the MLP kernel's code is not cached when it starts")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
+    if not cuda_available():
         return 2
     if any(not 1 <= t <= 8 for t in args.tokens):
         raise SystemExit(f"--tokens {args.tokens}: the MLP kernel serves 1 to 8 tokens")

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_output import run_meta, write_outputs  # noqa: E402
+from bench_output import cuda_available, run_meta, write_outputs  # noqa: E402
 from gpu_timing import n_copies, time_graph  # noqa: E402
 
 from backends.cuda_ext import norm_linear, ops  # noqa: E402
@@ -113,8 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--out", default="docs/benchmarks")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
+    if not cuda_available():
         return 2
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
     gen = torch.Generator(device=device).manual_seed(0)

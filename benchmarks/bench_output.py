@@ -11,6 +11,16 @@ import torch
 GRAPH_TIMING = "CUDA-graph replay, rotating weight copies >= 3x L2, median per call"
 
 
+def cuda_available(hint: str = "") -> bool:
+    """True when torch sees a CUDA device; else says so on stderr (with ``hint``) for the script to exit 2."""
+    if torch.cuda.is_available():
+        return True
+    import sys
+
+    print("needs a CUDA device (torch.cuda.is_available() is False)" + (f"; {hint}" if hint else ""), file=sys.stderr)
+    return False
+
+
 def run_meta(args: str) -> dict:
     """Device, torch version, timing method, date and the command line of a GPU benchmark run."""
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": args,

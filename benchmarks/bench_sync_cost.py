@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_output import run_meta, write_outputs  # noqa: E402
+from bench_output import cuda_available, run_meta, write_outputs  # noqa: E402
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "sync_cost.cu"
 KIND = {("kernel_boundary", 0): "kernel boundary (plain launch)",
@@ -83,8 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="docs/benchmarks")
     ap.add_argument("--steps", type=int, default=300)
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
+    if not cuda_available():
         return 2
     rows = build_and_run(args.steps)
     meta = run_meta(" ".join(sys.argv[1:] if argv is None else argv))

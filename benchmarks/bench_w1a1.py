@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_gpu_linear import random_packed  # noqa: E402
-from bench_output import run_meta, write_outputs  # noqa: E402
+from bench_output import cuda_available, run_meta, write_outputs  # noqa: E402
 from gpu_timing import n_copies, time_graph  # noqa: E402
 
 from bitcore.config import BitQuantConfig  # noqa: E402
@@ -99,8 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="*", default=None, help="OUTxIN shapes instead of the default list")
     ap.add_argument("--tokens", nargs="*", type=int, default=TOKENS)
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
+    if not cuda_available():
         return 2
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes] if args.shapes else SHAPES
     rows = [r for n, k in shapes for r in measure(n, k, args.tokens)]
