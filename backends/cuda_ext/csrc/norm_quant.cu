@@ -47,17 +47,17 @@ __device__ __forceinline__ float block_reduce(float v, float* shared) {
 }
 
 // x of one element from a and b by mode (file comment).
-template <typename T>
-__device__ __forceinline__ float norm_input_value(float a, float b, int mode) {
-  if (mode == 1) return round_t<T>(a + b);
-  if (mode == 2) return relu2_gate<T>(a, b);
+template <typename T, int kMode>
+__device__ __forceinline__ float norm_input_value(float a, float b) {
+  if (kMode == 1) return round_t<T>(a + b);
+  if (kMode == 2) return relu2_gate<T>(a, b);
   return a;
 }
 
-// Eight consecutive values of a row from column k0 (zeros past K): one 16-byte load when vec.
-template <typename T>
-__device__ __forceinline__ void load8(float (&v)[8], const T* __restrict__ row, int k0, int K, bool vec) {
-  if (vec) {
+// Eight consecutive values of a row from column k0 (zeros past K): one 16-byte load when kVec.
+template <typename T, bool kVec>
+__device__ __forceinline__ void load8(float (&v)[8], const T* __restrict__ row, int k0, int K) {
+  if (kVec) {
     if (k0 < K) {
       const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + k0));
       const T* e = reinterpret_cast<const T*>(&raw);
@@ -74,21 +74,20 @@ __device__ __forceinline__ void load8(float (&v)[8], const T* __restrict__ row, 
 }
 
 // Each thread owns P pieces of 8 consecutive columns (piece threadIdx.x + j * blockDim.x): with half /
-// bf16 rows, K % 8 == 0 and 16-byte alignment every load and store is one vector access per piece
-// (one 2-byte access per element made the 6912-column norm of BitNet's MLP the slowest of its four).
-template <typename T, int P>
+// bf16 rows, K % 8 == 0 and 16-byte alignment (kVec, vector_access) every load and store is one vector access
+// per piece (one 2-byte access per element made the 6912-column norm of BitNet's MLP the slowest of its four).
+// The mode and the access width are template arguments, so a kernel holds only the code its launch runs: code
+// that runs once per launch is fetched again at every launch of the decode step, and the one kernel for every
+// mode and width was 15 KB of it.
+template <typename T, int P, int kMode, bool kVec>
 __global__ void __launch_bounds__(P == 1 ? 1024 : 512) rms_norm_quant_kernel(NormQuantArgs p) {
   __shared__ float shared[32];
   const int K = p.K;
   const T* __restrict__ w = static_cast<const T*>(p.weight);
-  const bool vec = sizeof(T) == 2 && K % 8 == 0 && p.lda % 8 == 0 && (p.mode == 0 || p.ldb % 8 == 0) &&
-                   ((reinterpret_cast<uintptr_t>(p.a) | reinterpret_cast<uintptr_t>(p.b) |
-                     reinterpret_cast<uintptr_t>(p.weight) | reinterpret_cast<uintptr_t>(p.h)) % 16 == 0) &&
-                   reinterpret_cast<uintptr_t>(p.q) % 8 == 0;
   // The norm's weight is written by no kernel: it loads before the wait for the kernel before this one.
   float vw[P][8];
 #pragma unroll
-  for (int j = 0; j < P; ++j) load8<T>(vw[j], w, 8 * (threadIdx.x + j * blockDim.x), K, vec);
+  for (int j = 0; j < P; ++j) load8<T, kVec>(vw[j], w, 8 * (threadIdx.x + j * blockDim.x), K);
   pdl_wait();               // launched as a dependent: every other read and every write comes after this
   pdl_launch_dependents();  // the projection after it may start fetching its weights now
   const T* __restrict__ a = static_cast<const T*>(p.a) + static_cast<long>(blockIdx.x) * p.lda;
@@ -98,9 +97,9 @@ __global__ void __launch_bounds__(P == 1 ? 1024 : 512) rms_norm_quant_kernel(Nor
 #pragma unroll
   for (int j = 0; j < P; ++j) {
     const int k0 = 8 * (threadIdx.x + j * blockDim.x);
-    load8<T>(va[j], a, k0, K, vec);
-    if (p.mode != 0) {
-      load8<T>(vb[j], b, k0, K, vec);
+    load8<T, kVec>(va[j], a, k0, K);
+    if (kMode != 0) {
+      load8<T, kVec>(vb[j], b, k0, K);
     } else {
 #pragma unroll
       for (int i = 0; i < 8; ++i) vb[j][i] = 0.f;
@@ -111,15 +110,15 @@ __global__ void __launch_bounds__(P == 1 ? 1024 : 512) rms_norm_quant_kernel(Nor
   for (int j = 0; j < P; ++j)
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      va[j][i] = norm_input_value<T>(va[j][i], vb[j][i], p.mode);  // x (zero past K)
+      va[j][i] = norm_input_value<T, kMode>(va[j][i], vb[j][i]);  // x (zero past K)
       ss = __fmaf_rn(va[j][i], va[j][i], ss);
     }
-  if (p.mode == 1) {
+  if (kMode == 1) {
     T* __restrict__ h = static_cast<T*>(p.h) + static_cast<long>(blockIdx.x) * K;
 #pragma unroll
     for (int j = 0; j < P; ++j) {
       const int k0 = 8 * (threadIdx.x + j * blockDim.x);
-      if (vec) {
+      if (kVec) {
         if (k0 < K) {
           uint4 raw;
           T* e = reinterpret_cast<T*>(&raw);
@@ -151,7 +150,7 @@ __global__ void __launch_bounds__(P == 1 ? 1024 : 512) rms_norm_quant_kernel(Nor
 #pragma unroll
   for (int j = 0; j < P; ++j) {
     const int k0 = 8 * (threadIdx.x + j * blockDim.x);
-    if (vec) {
+    if (kVec) {
       if (k0 < K) {
         uint32_t packed[2] = {0u, 0u};
 #pragma unroll
@@ -168,6 +167,29 @@ __global__ void __launch_bounds__(P == 1 ? 1024 : 512) rms_norm_quant_kernel(Nor
   if (threadIdx.x == 0) p.scale[blockIdx.x] = quant_scale(amax);
 }
 
+// Whether every row access can be one 16-byte vector per piece of 8 (half / bf16 rows, K % 8 == 0, aligned).
+template <typename T>
+bool vector_access(const NormQuantArgs& p) {
+  return sizeof(T) == 2 && p.K % 8 == 0 && p.lda % 8 == 0 && (p.mode == 0 || p.ldb % 8 == 0) &&
+         ((reinterpret_cast<uintptr_t>(p.a) | reinterpret_cast<uintptr_t>(p.b) |
+           reinterpret_cast<uintptr_t>(p.weight) | reinterpret_cast<uintptr_t>(p.h)) % 16 == 0) &&
+         reinterpret_cast<uintptr_t>(p.q) % 8 == 0;
+}
+
+template <typename T, int P, int kMode>
+cudaError_t launch_mode(const NormQuantArgs& p, dim3 threads, cudaStream_t stream) {
+  if (vector_access<T>(p))
+    return launch_maybe_pdl(rms_norm_quant_kernel<T, P, kMode, sizeof(T) == 2>, dim3(p.M), threads, 0, stream, true, p);
+  return launch_maybe_pdl(rms_norm_quant_kernel<T, P, kMode, false>, dim3(p.M), threads, 0, stream, true, p);
+}
+
+template <typename T, int P>
+cudaError_t launch_pieces(const NormQuantArgs& p, dim3 threads, cudaStream_t stream) {
+  if (p.mode == 1) return launch_mode<T, P, 1>(p, threads, stream);
+  if (p.mode == 2) return launch_mode<T, P, 2>(p, threads, stream);
+  return launch_mode<T, P, 0>(p, threads, stream);
+}
+
 template <typename T>
 cudaError_t launch_typed(const NormQuantArgs& p, cudaStream_t stream) {
   // One piece of 8 values per thread (K <= 8192 with 1024 threads), else up to four (512 threads).
@@ -175,15 +197,15 @@ cudaError_t launch_typed(const NormQuantArgs& p, cudaStream_t stream) {
   int threads = (p.K + per - 1) / per;
   threads = (threads + 31) / 32 * 32;
   threads = threads < 64 ? 64 : threads;
-  if (per == 8) return launch_maybe_pdl(rms_norm_quant_kernel<T, 1>, dim3(p.M), dim3(threads), 0, stream, true, p);
-  return launch_maybe_pdl(rms_norm_quant_kernel<T, 4>, dim3(p.M), dim3(threads), 0, stream, true, p);
+  if (per == 8) return launch_pieces<T, 1>(p, dim3(threads), stream);
+  return launch_pieces<T, 4>(p, dim3(threads), stream);
 }
 
 }  // namespace
 
 cudaError_t launch_rms_norm_quant(const NormQuantArgs& p, cudaStream_t stream) {
   if (p.M == 0) return cudaSuccess;
-  if (p.K > kNormQuantMaxK || p.K < 1) return cudaErrorInvalidValue;
+  if (p.K > kNormQuantMaxK || p.K < 1 || p.mode < 0 || p.mode > 2) return cudaErrorInvalidValue;
   if (p.dtype == kDtypeHalf) return launch_typed<__half>(p, stream);
   if (p.dtype == kDtypeBFloat16) return launch_typed<__nv_bfloat16>(p, stream);
   return launch_typed<float>(p, stream);
