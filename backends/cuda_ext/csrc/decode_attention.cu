@@ -13,7 +13,8 @@
 //      chunk's loads leave with the rotary inputs and `slot` itself (one round trip); the next chunk's
 //      keys are loaded while this chunk's softmax and values run;
 //   1. rotate the G = H / KVH queries and the new key (float32, rounded to T as the cache stores it);
-//      block 0 writes the new key and value at `slot`; every block uses them from shared memory there;
+//      block 0 writes the new key and value at `slot`; every block takes their T bits from shared memory
+//      in place of the (stale) cache row it loaded for `slot`, and runs them through the same code as any key;
 //   2. scores: TPK threads per key (each a D / TPK part), q . k in float32 (queries pre-scaled);
 //   3. online softmax across the block's chunks (running max m and sum l per head);
 //   4. acc = sum p v: each warp over its keys of the chunk, rescaled when m grows;
@@ -74,7 +75,8 @@ template <typename T, int D, int G, int TPK>
 struct AttentionShared {
   static constexpr int PART = D / TPK, QP = PART + 4;  // +4: the parts on different banks, 16-byte rows
   float qs[G][TPK][QP];   // rotated queries times the softmax scale
-  float kn[D], vn[D];     // the new key (rotated) and value
+  alignas(16) T kn[D];    // the new key (rotated, in T as the cache stores it)
+  alignas(16) T vn[D];    // and the new value
   float pr[G][2 * D / TPK];  // a chunk's scores, then exp(s - m)
   float m_run[G], l_run[G], alpha[G];
   float acc[G][D];        // pull merges: the block's sum over its warps (read by the merging blocks)
@@ -166,8 +168,8 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
     }
     const T knew = from_float<T>(to_float(kx[d]) * c + sign * to_float(kx[pd]) * sn);
     const T vnew = vx[d];
-    sh.kn[d] = to_float(knew);
-    sh.vn[d] = to_float(vnew);
+    sh.kn[d] = knew;
+    sh.vn[d] = vnew;
     if (rank == 0) {
       kc[slot * D + d] = knew;
       vc[slot * D + d] = vnew;
@@ -197,13 +199,11 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
       float s[G];
 #pragma unroll
       for (int g = 0; g < G; ++g) s[g] = 0.f;
-      if (valid && key == slot) {
-        for (int i = 0; i < PART; ++i) {
-          const float kv = sh.kn[hf * PART + i];
+      if (valid && key == slot) {  // this step's key: its bits from shared memory (the loaded row is stale)
 #pragma unroll
-          for (int g = 0; g < G; ++g) s[g] += sh.qs[g][hf][i] * kv;
-        }
-      } else if (valid) {
+        for (int u = 0; u < KU; ++u) kraw[u] = reinterpret_cast<const uint4*>(sh.kn + hf * PART)[u];
+      }
+      if (valid) {
 #pragma unroll
         for (int u = 0; u < KU; ++u) {
           const T* e = reinterpret_cast<const T*>(&kraw[u]);
@@ -267,13 +267,9 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
     for (int i = 0; i < KPW; ++i) {
       const int jj = warp * KPW + i;
       if (jj < nk) {
+        if (k0 + jj == slot) vraw[i] = *reinterpret_cast<const VRaw*>(sh.vn + lane * DPL);  // this step's value
         float vv[DPL];
-        if (k0 + jj == slot) {
-#pragma unroll
-          for (int e = 0; e < DPL; ++e) vv[e] = sh.vn[lane * DPL + e];
-        } else {
-          raw_to_float<T, DPL>(vraw[i], vv);
-        }
+        raw_to_float<T, DPL>(vraw[i], vv);
 #pragma unroll
         for (int g = 0; g < G; ++g) {
           const float p = sh.pr[g][jj];
