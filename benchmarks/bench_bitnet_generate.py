@@ -289,6 +289,18 @@ def head_agreement(model, bits: int, vocab: int, seed: int, activations: str = "
             "gpu_gb": model.weight_memory()["quantized_lm_head_gpu"] / GB}
 
 
+def parse_env_variant(text: str) -> tuple:
+    """``NAME:VAR=VALUE`` -> (NAME, VAR, VALUE), with an error that names the malformed part."""
+    name, sep, assignment = text.partition(":")
+    var, eq, value = assignment.partition("=")
+    if not (sep and eq and name and var):
+        raise SystemExit(f"--env-variant: got {text!r}; expected NAME:VAR=VALUE, e.g. "
+                         "bitlab_norm_generic:BITLAB_NORM_KERNEL=generic")
+    if not var.startswith("BITLAB_"):
+        raise SystemExit(f"--env-variant: {var!r} is not one of BitLab's switches (BITLAB_...)")
+    return name, var, value
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=30)
@@ -323,6 +335,10 @@ def main(argv=None) -> int:
     ap.add_argument("--gemm-past-16", action="store_true",
                     help="also run batches > 16 as before the wide cluster GEMV: the GEMM past 16 tokens "
                          "(BITLAB_CUDA_GEMV=oneshot) and norm-side quantization up to 16 tokens")
+    ap.add_argument("--env-variant", action="append", default=[], metavar="NAME:VAR=VALUE",
+                    help="one more row, NAME: the default model with the environment variable VAR set to VALUE while "
+                         "its graphs are captured (the kernels' A/B switches, e.g. "
+                         "bitlab_norm_generic:BITLAB_NORM_KERNEL=generic); repeatable")
     ap.add_argument("--profile", action="store_true", help="also list the top kernels of a batch-1 decode step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test the script with --tiny")
@@ -341,6 +357,7 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not cuda_available():
         return 2
     batches = [int(b) for b in args.batches.split(",")]
+    variants = [parse_env_variant(v) for v in args.env_variant]
     shape = dict(vocab_size=1000, hidden_size=128, intermediate_size=344, num_attention_heads=4,
                  num_key_value_heads=2) if args.tiny else {}
     cfg = BitNetConfig(num_hidden_layers=args.layers, max_position_embeddings=4096, **shape)
@@ -385,6 +402,21 @@ def main(argv=None) -> int:
         _free(device)
         os.environ.pop("BITLAB_CUDA_GEMV")
         model.quantize_in_norms_max_tokens = QUANTIZE_IN_NORMS_MAX_TOKENS
+    for name, var, value in variants:
+        # the same model and bindings; the kernels read their A/B switch at each launch, so at graph capture
+        old = os.environ.get(var)
+        os.environ[var] = value
+        try:
+            gen_v = Generator(model, compile=not args.no_compile, bind=False)
+            result["runs"][name] = run_batches(name, gen_v, batches, args, cfg.vocab_size)
+            result.setdefault("env_variants", {})[name] = f"{var}={value}"
+            del gen_v
+            _free(device)
+        finally:
+            if old is None:
+                os.environ.pop(var)
+            else:
+                os.environ[var] = old
     layers = model.model.layers
     if not args.no_separate_mlp and any(layer.fused_mlp is not None for layer in layers):
         # the same model and bindings; each MLP as three kernels (GEMV, norm + quantization, GEMV)

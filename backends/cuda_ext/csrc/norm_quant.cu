@@ -47,17 +47,17 @@ __device__ __forceinline__ float block_reduce(float v, float* shared) {
 }
 
 // x of one element from a and b by mode (file comment).
-template <typename T, int kMode>
-__device__ __forceinline__ float norm_input_value(float a, float b) {
-  if (kMode == 1) return round_t<T>(a + b);
-  if (kMode == 2) return relu2_gate<T>(a, b);
+template <typename T>
+__device__ __forceinline__ float norm_input_value(float a, float b, int mode) {
+  if (mode == 1) return round_t<T>(a + b);
+  if (mode == 2) return relu2_gate<T>(a, b);
   return a;
 }
 
-// Eight consecutive values of a row from column k0 (zeros past K): one 16-byte load when kVec.
-template <typename T, bool kVec>
-__device__ __forceinline__ void load8(float (&v)[8], const T* __restrict__ row, int k0, int K) {
-  if (kVec) {
+// Eight consecutive values of a row from column k0 (zeros past K): one 16-byte load when vec.
+template <typename T>
+__device__ __forceinline__ void load8(float (&v)[8], const T* __restrict__ row, int k0, int K, bool vec) {
+  if (vec) {
     if (k0 < K) {
       const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + k0));
       const T* e = reinterpret_cast<const T*>(&raw);
@@ -74,20 +74,23 @@ __device__ __forceinline__ void load8(float (&v)[8], const T* __restrict__ row, 
 }
 
 // Each thread owns P pieces of 8 consecutive columns (piece threadIdx.x + j * blockDim.x): with half /
-// bf16 rows, K % 8 == 0 and 16-byte alignment (kVec, vector_access) every load and store is one vector access
-// per piece (one 2-byte access per element made the 6912-column norm of BitNet's MLP the slowest of its four).
-// The mode and the access width are template arguments, so a kernel holds only the code its launch runs: code
-// that runs once per launch is fetched again at every launch of the decode step, and the one kernel for every
-// mode and width was 15 KB of it.
-template <typename T, int P, int kMode, bool kVec>
-__global__ void __launch_bounds__(P == 1 ? 1024 : 512) rms_norm_quant_kernel(NormQuantArgs p) {
+// bf16 rows, K % 8 == 0 and 16-byte alignment (vector_access) every load and store is one vector access per
+// piece (one 2-byte access per element made the 6912-column norm of BitNet's MLP the slowest of its four).
+// The mode and the access width are template arguments (kMode 0-2, kVec 0 / 1), so a kernel holds only the code
+// its launch runs: 8-10 KB instead of 14 for BitNet's norms.  kMode = kVec = -1 is the one kernel for all of
+// them, both decided per launch (BITLAB_NORM_KERNEL=generic, for A/B timing: whether a launch pays for the
+// code it fetches, or the step for the distinct code of two kernels).
+template <typename T, int P, int kMode, int kVec>
+__global__ void __launch_bounds__(P == 1 ? 1024 : 512) rms_norm_quant_kernel(NormQuantArgs p, bool vec_access) {
   __shared__ float shared[32];
   const int K = p.K;
+  const int mode = kMode >= 0 ? kMode : p.mode;
+  const bool vec = kVec >= 0 ? kVec != 0 : vec_access;
   const T* __restrict__ w = static_cast<const T*>(p.weight);
   // The norm's weight is written by no kernel: it loads before the wait for the kernel before this one.
   float vw[P][8];
 #pragma unroll
-  for (int j = 0; j < P; ++j) load8<T, kVec>(vw[j], w, 8 * (threadIdx.x + j * blockDim.x), K);
+  for (int j = 0; j < P; ++j) load8<T>(vw[j], w, 8 * (threadIdx.x + j * blockDim.x), K, vec);
   pdl_wait();               // launched as a dependent: every other read and every write comes after this
   pdl_launch_dependents();  // the projection after it may start fetching its weights now
   const T* __restrict__ a = static_cast<const T*>(p.a) + static_cast<long>(blockIdx.x) * p.lda;
@@ -97,9 +100,9 @@ __global__ void __launch_bounds__(P == 1 ? 1024 : 512) rms_norm_quant_kernel(Nor
 #pragma unroll
   for (int j = 0; j < P; ++j) {
     const int k0 = 8 * (threadIdx.x + j * blockDim.x);
-    load8<T, kVec>(va[j], a, k0, K);
-    if (kMode != 0) {
-      load8<T, kVec>(vb[j], b, k0, K);
+    load8<T>(va[j], a, k0, K, vec);
+    if (mode != 0) {
+      load8<T>(vb[j], b, k0, K, vec);
     } else {
 #pragma unroll
       for (int i = 0; i < 8; ++i) vb[j][i] = 0.f;
@@ -110,15 +113,15 @@ __global__ void __launch_bounds__(P == 1 ? 1024 : 512) rms_norm_quant_kernel(Nor
   for (int j = 0; j < P; ++j)
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      va[j][i] = norm_input_value<T, kMode>(va[j][i], vb[j][i]);  // x (zero past K)
+      va[j][i] = norm_input_value<T>(va[j][i], vb[j][i], mode);  // x (zero past K)
       ss = __fmaf_rn(va[j][i], va[j][i], ss);
     }
-  if (kMode == 1) {
+  if (mode == 1) {
     T* __restrict__ h = static_cast<T*>(p.h) + static_cast<long>(blockIdx.x) * K;
 #pragma unroll
     for (int j = 0; j < P; ++j) {
       const int k0 = 8 * (threadIdx.x + j * blockDim.x);
-      if (kVec) {
+      if (vec) {
         if (k0 < K) {
           uint4 raw;
           T* e = reinterpret_cast<T*>(&raw);
@@ -150,7 +153,7 @@ __global__ void __launch_bounds__(P == 1 ? 1024 : 512) rms_norm_quant_kernel(Nor
 #pragma unroll
   for (int j = 0; j < P; ++j) {
     const int k0 = 8 * (threadIdx.x + j * blockDim.x);
-    if (kVec) {
+    if (vec) {
       if (k0 < K) {
         uint32_t packed[2] = {0u, 0u};
 #pragma unroll
@@ -178,13 +181,18 @@ bool vector_access(const NormQuantArgs& p) {
 
 template <typename T, int P, int kMode>
 cudaError_t launch_mode(const NormQuantArgs& p, dim3 threads, cudaStream_t stream) {
-  if (vector_access<T>(p))
-    return launch_maybe_pdl(rms_norm_quant_kernel<T, P, kMode, sizeof(T) == 2>, dim3(p.M), threads, 0, stream, true, p);
-  return launch_maybe_pdl(rms_norm_quant_kernel<T, P, kMode, false>, dim3(p.M), threads, 0, stream, true, p);
+  const bool vec = vector_access<T>(p);  // (never for float rows: no float kernel with kVec = 1 is built)
+  if (vec)
+    return launch_maybe_pdl(rms_norm_quant_kernel<T, P, kMode, sizeof(T) == 2>, dim3(p.M), threads, 0, stream, true,
+                            p, vec);
+  return launch_maybe_pdl(rms_norm_quant_kernel<T, P, kMode, 0>, dim3(p.M), threads, 0, stream, true, p, vec);
 }
 
 template <typename T, int P>
 cudaError_t launch_pieces(const NormQuantArgs& p, dim3 threads, cudaStream_t stream) {
+  if (env_is("BITLAB_NORM_KERNEL", "generic"))  // read per launch (a graph keeps what its capture read)
+    return launch_maybe_pdl(rms_norm_quant_kernel<T, P, -1, -1>, dim3(p.M), threads, 0, stream, true, p,
+                            vector_access<T>(p));
   if (p.mode == 1) return launch_mode<T, P, 1>(p, threads, stream);
   if (p.mode == 2) return launch_mode<T, P, 2>(p, threads, stream);
   return launch_mode<T, P, 0>(p, threads, stream);
