@@ -81,6 +81,8 @@ class NormLinear:
         if why:
             raise ValueError(f"NormLinear: {why}")
         weight = norm_weight.detach().to(prepared.wq.device).contiguous()
+        if bias is not None:  # the kernel's epilogue reads it on the weight's device
+            bias = bias.detach().to(prepared.wq.device)
         return cls(prepared, weight, float(eps), bias, out_dtype)
 
     @property
