@@ -1,12 +1,16 @@
 """CI guard: every cuda_ext kernel file compiles with nvcc for sm_80 and sm_90a (no GPU needed).
 
 The kernel files include no torch headers (csrc/bitlab_launch.h is their whole host
-interface), so a bare nvcc compiles them to object files. bindings.cpp needs a CUDA
-build of torch and is compiled by the GPU tests' extension build instead.
+interface), so a bare nvcc compiles them to object files. bindings.cpp needs torch's
+headers: the host compiler checks it (syntax and types; linking needs a CUDA build of
+torch and happens in the GPU tests' extension build).
 """
+import os
 import shutil
 import subprocess
+import sysconfig
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +82,29 @@ def test_benchmark_probe_compiles(tmp_path, probe):
     assert proc.returncode == 0, f"nvcc failed on {source.name}:\n{proc.stderr[-4000:]}"
     assert "warning" not in proc.stderr.lower(), f"nvcc warned on {source.name}:\n{proc.stderr[-4000:]}"
 
+
+
+def test_bindings_parse_against_this_torchs_headers(tmp_path):
+    # bindings.cpp (the ops' schemas and their checks) is otherwise first compiled on the GPU machine, where a
+    # typo costs a device call.  A CPU build of torch ships the c10/cuda headers but not the one cmake generates
+    # for CUDA builds; a stub stands in for it, and the host compiler checks the syntax and the types.
+    from torch.utils import cpp_extension
+
+    gxx = shutil.which("g++")
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME, "/usr/local/cuda",
+             Path(NVCC).resolve().parents[1] if NVCC else None]
+    includes = [Path(h) / "include" for h in homes if h and (Path(h) / "include" / "cuda_runtime.h").exists()]
+    if gxx is None or not includes:
+        pytest.skip("needs g++ and the CUDA toolkit's headers (CUDA_HOME, or /usr/local/cuda)")
+    cuda_include = includes[0]
+
+    headers = cpp_extension.include_paths()
+    if not any((Path(h) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists() for h in headers):
+        stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+        stub.parent.mkdir(parents=True)
+        stub.write_text("#pragma once\n")
+    cmd = [gxx, "-std=c++17", "-fsyntax-only", "-w", f"-I{tmp_path}", f"-I{CSRC}", f"-I{cuda_include}",
+           *(f"-I{h}" for h in headers), f"-I{sysconfig.get_paths()['include']}", "-DTORCH_EXTENSION_NAME=bitlab_check",
+           str(CSRC / "bindings.cpp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"bindings.cpp does not compile:\n{proc.stderr[-4000:]}"
