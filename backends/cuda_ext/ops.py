@@ -13,6 +13,8 @@
   (:mod:`backends.cuda_ext.bitnet_mlp`);
 * ``bitlab::cuda_ext_gather_host_rows``: rows of a pinned host table gathered by GPU indices (an embedding
   kept off the GPU, :mod:`backends.cuda_ext.host_embedding`).
+* ``bitlab::cuda_ext_argmax_rows``: the index of each row's maximum, torch.argmax's answer in one kernel
+  (greedy decoding, :mod:`backends.cuda_ext.argmax`).
 
 The schema and CUDA implementation live in ``csrc/bindings.cpp``; the fake (meta)
 implementation is registered here, so ``torch.compile`` traces the op and CUDA graphs
@@ -69,8 +71,9 @@ def load():
             torch.library.register_fake("bitlab::cuda_ext_linear")(_linear_fake)
             torch.library.register_fake("bitlab::cuda_ext_linear_int8")(_linear_int8_fake)
             torch.library.register_fake("bitlab::cuda_ext_rms_norm_quant")(_rms_norm_quant_fake)
-            from backends.cuda_ext import bitnet_mlp, decode_attention, host_embedding, norm_linear
+            from backends.cuda_ext import argmax, bitnet_mlp, decode_attention, host_embedding, norm_linear
 
+            argmax.register_fake()
             decode_attention.register_fake()
             norm_linear.register_fake()
             bitnet_mlp.register_fake()

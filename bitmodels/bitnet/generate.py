@@ -57,7 +57,7 @@ from bitmodels.bitnet.ops import (
     compiled_ops,
     fused_decode_attention_status,
 )
-from bitmodels.bitnet.sampling import SamplingConfig, sample
+from bitmodels.bitnet.sampling import SamplingConfig, sample, use_argmax_kernel
 
 log = logging.getLogger("bitlab.bitnet.generate")
 
@@ -179,6 +179,7 @@ class Generator:
                 model.offload_embedding(True)
         self.embedding = "pinned host memory (GPU lookup)" if model.host_embedding is not None else f"on {self.device}"
         self.head_kernel = model.head_kernel
+        self.argmax_kernel = use_argmax_kernel(self.device)  # greedy picks, and the sampling race's argmax
         self.mlp_kernel = model.mlp_kernel
         self.norm_gemv = model.norm_gemv
         self.kernels = {

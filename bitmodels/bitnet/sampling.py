@@ -55,16 +55,38 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 ARGMAX_CHUNK = 1024
+_ARGMAX_KERNEL = {"cuda": False}
+
+
+def use_argmax_kernel(device) -> str:
+    """Resolve whether :func:`argmax_rows` on ``device`` runs cuda_ext's one-kernel argmax; returns what runs
+    it, with the reason."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "torch.argmax (not a CUDA device)"
+    from backends.cuda_ext import ops as cuda_ops
+
+    status = cuda_ops.availability()
+    _ARGMAX_KERNEL["cuda"] = bool(status)
+    if status:
+        return f"cuda_ext.argmax_rows (one kernel; {status.reason})"
+    return f"torch, chunked (cuda_ext unavailable: {status.reason})"
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """``torch.argmax(x, dim=-1)`` for ``x [B, V]`` (the first maximal index), in two passes over chunks.
+    """``torch.argmax(x, dim=-1)`` for ``x [B, V]`` (the first maximal index; NaN counts as the largest).
 
     Why: on a GPU, torch's argmax of a few long rows reduces each row in one block; over a 128256-token
-    vocabulary that took 39 us per decode step on the H100 (2.6 % of BitNet 2B's batch-1 step).  Here
-    the row is cut into chunks of ``ARGMAX_CHUNK`` (padded with -inf), each chunk's maximum and its first
-    index are found in parallel, then the first chunk holding the row's maximum wins: the same index.
+    vocabulary that took 39 us per decode step on the H100 (2.6 % of BitNet 2B's batch-1 step).  Where
+    :func:`use_argmax_kernel` found cuda_ext, one kernel answers (``backends/cuda_ext/csrc/argmax.cu``);
+    otherwise the row is cut into chunks of ``ARGMAX_CHUNK`` (padded with -inf), each chunk's maximum and
+    its first index are found in parallel, then the first chunk holding the row's maximum wins: the same
+    index.
     """
+    if x.is_cuda and _ARGMAX_KERNEL["cuda"] and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        from backends.cuda_ext.argmax import argmax_rows as argmax_kernel
+
+        return argmax_kernel(x)
     B, V = x.shape
     if V <= 4 * ARGMAX_CHUNK:
         return torch.argmax(x, dim=-1)

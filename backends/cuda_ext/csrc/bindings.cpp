@@ -588,6 +588,26 @@ at::Tensor cuda_ext_gather_host_rows(const at::Tensor& table, const at::Tensor& 
   return out;
 }
 
+// The index of each row's maximum (argmax.cu): x [B, V] half / bf16 / float with contiguous rows -> int64 [B].
+at::Tensor cuda_ext_argmax_rows(const at::Tensor& x) {
+  const char* op = "cuda_ext_argmax_rows";
+  TORCH_CHECK(x.is_cuda(), op, ": x must be on a CUDA device, got ", x.device());
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, op, ": x must be [B, V] with contiguous rows, got ", x.sizes(),
+              " strides ", x.strides());
+  TORCH_CHECK(x.size(1) >= 1 && x.size(1) < (int64_t{1} << 31) && x.size(0) < (int64_t{1} << 31), op,
+              ": rows of 1 to 2^31 - 1 values, at most 2^31 - 1 rows; got ", x.sizes());
+  const at::ScalarType dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, op, ": x dtype ", dt,
+              " is not supported; expected float16, bfloat16 or float32");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+  check_cuda(bitlab::launch_argmax_rows(x.data_ptr(), dtype_code(dt), x.stride(0), static_cast<int>(x.size(0)),
+                                        static_cast<int>(x.size(1)), out.data_ptr<int64_t>(),
+                                        c10::cuda::getCurrentCUDAStream()),
+             "argmax_rows kernel");
+  return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(bitlab, m) {
   m.def(
       "cuda_ext_bitnet_mlp(Tensor xq, Tensor x_scale, Tensor gate_wq, Tensor up_wq, Tensor down_wq, "
@@ -603,6 +623,7 @@ TORCH_LIBRARY_FRAGMENT(bitlab, m) {
       "cuda_ext_decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
       "Tensor(b!) v_cache, Tensor slot, Tensor mask, float scale, bool dependent_launch=False) -> Tensor");
   m.def("cuda_ext_gather_host_rows(Tensor table, Tensor ids) -> Tensor");
+  m.def("cuda_ext_argmax_rows(Tensor x) -> Tensor");
   m.def("cuda_ext_rms_norm_quant(Tensor a, Tensor? b, Tensor weight, float eps, int mode) -> (Tensor, Tensor, Tensor)");
   m.def(
       "cuda_ext_linear_int8_norm(Tensor a, Tensor? b, Tensor norm_weight, float eps, int mode, Tensor wq, "
@@ -624,6 +645,7 @@ TORCH_LIBRARY_IMPL(bitlab, CUDA, m) {
   m.impl("cuda_ext_bitnet_mlp", &cuda_ext_bitnet_mlp);
   m.impl("cuda_ext_bitnet_mlp_norm", &cuda_ext_bitnet_mlp_norm);
   m.impl("cuda_ext_gather_host_rows", &cuda_ext_gather_host_rows);
+  m.impl("cuda_ext_argmax_rows", &cuda_ext_argmax_rows);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "BitLab cuda_ext kernels (op: torch.ops.bitlab.cuda_ext_linear)"; }

@@ -265,4 +265,8 @@ bool wide_gemv_runs(int M, int nchunks, bool int8_activations);
 cudaError_t launch_gather_host_rows(const void* table, const int64_t* ids, int64_t count, int64_t rows,
                                     int64_t row_bytes, void* out, cudaStream_t stream);
 
+// argmax.cu: out[b] = torch.argmax(row b) for B rows of V values (dtype kDtypeHalf / kDtypeBFloat16 /
+// kDtypeFloat, row stride ldx elements, columns contiguous): NaN counts as the largest, ties go to the first.
+cudaError_t launch_argmax_rows(const void* x, int dtype, long ldx, int B, int V, int64_t* out, cudaStream_t stream);
+
 }  // namespace bitlab

@@ -328,6 +328,16 @@ def test_chunked_argmax_is_torchs_argmax_ties_included(vocab):
             assert torch.equal(argmax_rows(x), torch.argmax(x, dim=-1))
 
 
+def test_argmax_dispatch_says_what_runs_it():
+    from bitmodels.bitnet.sampling import use_argmax_kernel
+
+    assert use_argmax_kernel("cpu") == "torch.argmax (not a CUDA device)"
+    if not torch.cuda.is_available():
+        assert use_argmax_kernel("cuda").startswith("torch, chunked (cuda_ext unavailable: ")
+    gen = Generator(_model(seed=12))
+    assert gen.argmax_kernel == "torch.argmax (not a CUDA device)"
+
+
 def test_greedy_is_argmax():
     logits = torch.randn(4, 33, generator=torch.Generator().manual_seed(8))
     assert torch.equal(sample(logits, SamplingConfig()), logits.argmax(-1))

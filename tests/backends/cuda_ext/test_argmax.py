@@ -1,0 +1,85 @@
+"""The one-kernel argmax (bitlab::cuda_ext_argmax_rows) against torch.argmax, on a CUDA device (skipped where
+there is none): torch's index exactly, ties, -inf rows, NaN, strided and unaligned rows included."""
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def argmax_rows(cuda_ext_ops):
+    from backends.cuda_ext.argmax import argmax_rows
+
+    return argmax_rows
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("vocab", [1, 7, 1000, 4097, 32001, 128256])
+def test_matches_torch_argmax(argmax_rows, dtype, vocab):
+    gen = torch.Generator(device="cuda").manual_seed(vocab)
+    for rows in (1, 3, 64):
+        spread = torch.randn(rows, vocab, device="cuda", generator=gen).to(dtype)
+        ties = torch.randint(-3, 3, (rows, vocab), device="cuda", generator=gen).to(dtype)  # maxima repeat
+        for x in (spread, ties):
+            got = argmax_rows(x)
+            assert got.dtype == torch.long and got.shape == (rows,)
+            assert torch.equal(got, torch.argmax(x, dim=-1)), (dtype, vocab, rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_special_values_give_torchs_index(argmax_rows, dtype):
+    V = 5003
+    x = torch.randn(6, V, device="cuda").to(dtype)
+    x[0] = float("-inf")  # all -inf: index 0
+    x[1] = float("-inf")
+    x[1, V - 1] = -1e30 if dtype == torch.float32 else -1e20  # the only finite value is the last one
+    x[2, 17] = float("nan")  # NaN wins over any number
+    x[3, 4000] = float("nan")
+    x[3, 11] = float("nan")  # the first NaN wins
+    x[4, 123] = float("inf")
+    x[4, 4999] = float("inf")  # the first +inf
+    x[5] = 2.5  # a constant row: index 0
+    assert torch.equal(argmax_rows(x), torch.argmax(x, dim=-1))
+
+
+def test_strided_and_unaligned_rows(argmax_rows):
+    base = torch.randn(4, 3 * 4099, device="cuda", dtype=torch.bfloat16)
+    strided = base[:, 5:4104]  # row stride 12297 elements, the rows start off any 16-byte boundary
+    assert torch.equal(argmax_rows(strided), torch.argmax(strided, dim=-1))
+    logits = torch.randn(3, 1, 128256, device="cuda", dtype=torch.bfloat16)[:, -1]  # a decode step's last position
+    assert torch.equal(argmax_rows(logits), torch.argmax(logits, dim=-1))
+    columns = base.t()[:7]  # columns not contiguous: copied first
+    assert torch.equal(argmax_rows(columns), torch.argmax(columns, dim=-1))
+
+
+def test_bad_input_is_named(argmax_rows):
+    with pytest.raises(ValueError, match="must be on a CUDA device"):
+        argmax_rows(torch.randn(2, 5))
+    with pytest.raises(ValueError, match=r"\[B, V\] with V >= 1"):
+        argmax_rows(torch.randn(2, 3, 5, device="cuda"))
+    with pytest.raises(ValueError, match=r"\[B, V\] with V >= 1"):
+        argmax_rows(torch.randn(2, 0, device="cuda"))
+    with pytest.raises(ValueError, match="torch.int32 is not served"):
+        argmax_rows(torch.ones(2, 5, device="cuda", dtype=torch.int32))
+    x = torch.randn(2, 300, device="cuda", dtype=torch.float16)
+    torch.library.opcheck(torch.ops.bitlab.cuda_ext_argmax_rows.default, (x,))
+
+
+def test_replays_in_a_cuda_graph(argmax_rows):
+    x = torch.randn(2, 128256, device="cuda", dtype=torch.bfloat16)
+    argmax_rows(x)  # load and warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = argmax_rows(x)
+    for seed in range(3):
+        x.copy_(torch.randn(x.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed)))
+        graph.replay()
+        assert torch.equal(out, torch.argmax(x, dim=-1))
+
+
+def test_greedy_decoding_uses_it(cuda_ext_ops):
+    from bitmodels.bitnet.sampling import SamplingConfig, sample, use_argmax_kernel
+
+    assert use_argmax_kernel("cuda").startswith("cuda_ext.argmax_rows")
+    logits = torch.randn(4, 128256, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(sample(logits, SamplingConfig()), torch.argmax(logits, dim=-1))
