@@ -11,6 +11,7 @@ Example::
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -59,11 +60,14 @@ _ARGMAX_KERNEL = {"cuda": False}
 
 
 def use_argmax_kernel(device) -> str:
-    """Resolve whether :func:`argmax_rows` on ``device`` runs cuda_ext's one-kernel argmax; returns what runs
-    it, with the reason."""
+    """Resolve whether :func:`argmax_rows` on ``device`` runs cuda_ext's one-kernel argmax (``BITLAB_ARGMAX=torch``
+    keeps torch's chunked form, for A/B timing); returns what runs it, with the reason."""
     device = torch.device(device)
     if device.type != "cuda":
         return "torch.argmax (not a CUDA device)"
+    if os.environ.get("BITLAB_ARGMAX") == "torch":  # A/B timing
+        _ARGMAX_KERNEL["cuda"] = False
+        return "torch, chunked (BITLAB_ARGMAX=torch)"
     from backends.cuda_ext import ops as cuda_ops
 
     status = cuda_ops.availability()

@@ -328,10 +328,13 @@ def test_chunked_argmax_is_torchs_argmax_ties_included(vocab):
             assert torch.equal(argmax_rows(x), torch.argmax(x, dim=-1))
 
 
-def test_argmax_dispatch_says_what_runs_it():
+def test_argmax_dispatch_says_what_runs_it(monkeypatch):
     from bitmodels.bitnet.sampling import use_argmax_kernel
 
     assert use_argmax_kernel("cpu") == "torch.argmax (not a CUDA device)"
+    monkeypatch.setenv("BITLAB_ARGMAX", "torch")
+    assert use_argmax_kernel("cuda") == "torch, chunked (BITLAB_ARGMAX=torch)"
+    monkeypatch.delenv("BITLAB_ARGMAX")
     if not torch.cuda.is_available():
         assert use_argmax_kernel("cuda").startswith("torch, chunked (cuda_ext unavailable: ")
     gen = Generator(_model(seed=12))
