@@ -13,6 +13,8 @@
   (:mod:`backends.cuda_ext.bitnet_mlp`);
 * ``bitlab::cuda_ext_gather_host_rows``: rows of a pinned host table gathered by GPU indices (an embedding
   kept off the GPU, :mod:`backends.cuda_ext.host_embedding`).
+* ``bitlab::cuda_ext_decode_advance``: a decode step's bookkeeping after its tokens are picked
+  (:mod:`backends.cuda_ext.decode_advance`);
 * ``bitlab::cuda_ext_argmax_rows``: the index of each row's maximum, torch.argmax's answer in one kernel
   (greedy decoding, :mod:`backends.cuda_ext.argmax`).
 
@@ -71,9 +73,11 @@ def load():
             torch.library.register_fake("bitlab::cuda_ext_linear")(_linear_fake)
             torch.library.register_fake("bitlab::cuda_ext_linear_int8")(_linear_int8_fake)
             torch.library.register_fake("bitlab::cuda_ext_rms_norm_quant")(_rms_norm_quant_fake)
-            from backends.cuda_ext import argmax, bitnet_mlp, decode_attention, host_embedding, norm_linear
+            from backends.cuda_ext import (argmax, bitnet_mlp, decode_advance, decode_attention, host_embedding,
+                                           norm_linear)
 
             argmax.register_fake()
+            decode_advance.register_fake()
             decode_attention.register_fake()
             norm_linear.register_fake()
             bitnet_mlp.register_fake()

@@ -42,9 +42,10 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -110,6 +111,53 @@ class _DecodeState:
         self.key_index = torch.arange(seq, device=device)
         self.stop_ids = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
         self.pad_id = torch.tensor(pad_id, dtype=torch.long, device=device)
+        # the next step's rotary positions and attention mask, written when the slot advances
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.mask = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+
+    def refresh_inputs(self) -> None:
+        """The next step's positions and mask from ``pos`` and ``pad`` (after a prefill)."""
+        self.positions.copy_((self.pos - self.pad).unsqueeze(1))
+        self.mask.copy_((self.key_index[None, :] >= self.pad[:, None]) & (self.key_index[None, :] <= self.pos))
+
+    @property
+    def mutable(self) -> tuple:
+        """What a decode step writes (saved around a graph capture's warm-up steps; ``out`` is rewritten)."""
+        return self.tokens, self.pos, self.done, self.positions, self.mask
+
+
+def advance_torch(ids, done, pad_id, stop_ids, out, pos, prompt_len: int, tokens, pad, positions, mask) -> None:
+    """A decode step's bookkeeping after its tokens ``ids [B]`` are picked, in place, in torch ops:
+    ``t = where(done, pad_id, ids)`` goes to ``out[:, pos - prompt_len + 1]`` and ``tokens``; ``done |= t in
+    stop_ids``; ``pos += 1``; then the next step's ``positions = pos - pad`` and ``mask = pad <= slot <= pos``.
+    (``backends.cuda_ext.decode_advance.advance`` is the same in one kernel.)"""
+    batch = ids.shape[0]
+    nxt = torch.where(done, pad_id, ids)
+    out.index_copy_(1, (pos - prompt_len + 1).view(1), nxt.view(batch, 1))
+    done.logical_or_((nxt[:, None] == stop_ids[None, :]).any(dim=-1))
+    tokens.copy_(nxt)
+    pos.add_(1)
+    positions.copy_((pos - pad).view(positions.shape))
+    slots = torch.arange(mask.shape[-1], device=mask.device)
+    mask.copy_(((slots[None, :] >= pad[:, None]) & (slots[None, :] <= pos)).view(mask.shape))
+
+
+def use_advance_kernel(device) -> Tuple[Callable, str]:
+    """The decode step's bookkeeping for ``device``: cuda_ext's one kernel where it runs (``BITLAB_DECODE_ADVANCE
+    =torch`` keeps the torch ops, for A/B timing), else :func:`advance_torch`; and what runs it, with the reason."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return advance_torch, "torch (not a CUDA device)"
+    if os.environ.get("BITLAB_DECODE_ADVANCE") == "torch":
+        return advance_torch, "torch (BITLAB_DECODE_ADVANCE=torch)"
+    from backends.cuda_ext import ops as cuda_ops
+
+    status = cuda_ops.availability()
+    if not status:
+        return advance_torch, f"torch (cuda_ext unavailable: {status.reason})"
+    from backends.cuda_ext.decode_advance import advance
+
+    return advance, "cuda_ext.decode_advance (one kernel)"
 
 
 class Generator:
@@ -180,6 +228,7 @@ class Generator:
         self.embedding = "pinned host memory (GPU lookup)" if model.host_embedding is not None else f"on {self.device}"
         self.head_kernel = model.head_kernel
         self.argmax_kernel = use_argmax_kernel(self.device)  # greedy picks, and the sampling race's argmax
+        self._advance, self.advance_kernel = use_advance_kernel(self.device)  # the step's bookkeeping
         self.mlp_kernel = model.mlp_kernel
         self.norm_gemv = model.norm_gemv
         self.kernels = {
@@ -201,20 +250,15 @@ class Generator:
     def _decode_step(self, st: _DecodeState, sampling: SamplingConfig) -> None:
         """One token for every row, entirely from and into ``st``'s device buffers."""
         batch = st.tokens.shape[0]
-        positions = (st.pos - st.pad).unsqueeze(1)
-        mask = (st.key_index[None, :] >= st.pad[:, None]) & (st.key_index[None, :] <= st.pos)
         logits = self.model(
-            st.tokens.view(batch, 1), positions, st.cache, st.pos.view(1), mask.view(batch, 1, 1, -1),
+            st.tokens.view(batch, 1), st.positions, st.cache, st.pos.view(1), st.mask.view(batch, 1, 1, -1),
             ops=self.decode_ops,
         )[:, -1]
-        nxt = torch.where(st.done, st.pad_id, sample(logits, sampling))
-        st.out.index_copy_(1, (st.pos - st.prompt_len + 1).view(1), nxt.view(batch, 1))
-        st.done.logical_or_((nxt[:, None] == st.stop_ids[None, :]).any(dim=-1))
-        st.tokens.copy_(nxt)
-        st.pos.add_(1)
+        self._advance(sample(logits, sampling), st.done, st.pad_id, st.stop_ids, st.out, st.pos, st.prompt_len,
+                      st.tokens, st.pad, st.positions, st.mask)
 
     def _capture(self, st: _DecodeState, sampling: SamplingConfig) -> torch.cuda.CUDAGraph:
-        saved = [t.clone() for t in (st.tokens, st.pos, st.done)]
+        saved = [t.clone() for t in st.mutable]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -224,7 +268,7 @@ class Generator:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._decode_step(st, sampling)
-        for t, s in zip((st.tokens, st.pos, st.done), saved):
+        for t, s in zip(st.mutable, saved):
             t.copy_(s)  # capture does not run the step; undo the warm-up steps' state
         return graph
 
@@ -249,6 +293,7 @@ class Generator:
         st.out[:, 0].copy_(first)
         st.done.copy_((first[:, None] == st.stop_ids[None, :]).any(dim=-1))
         st.pos.fill_(t_len)
+        st.refresh_inputs()
 
     # ------------------------------------------------------------ public
     @torch.no_grad()

@@ -608,6 +608,51 @@ at::Tensor cuda_ext_argmax_rows(const at::Tensor& x) {
   return out;
 }
 
+// A decode step's bookkeeping after its tokens are picked (decode_advance.cu); mutates done, out, pos, tokens,
+// positions and mask.
+void cuda_ext_decode_advance(const at::Tensor& ids, const at::Tensor& done, const at::Tensor& pad_id,
+                             const at::Tensor& stop_ids, const at::Tensor& out, const at::Tensor& pos,
+                             int64_t prompt_len, const at::Tensor& tokens, const at::Tensor& pad,
+                             const at::Tensor& positions, const at::Tensor& mask) {
+  const char* op = "cuda_ext_decode_advance";
+  TORCH_CHECK(ids.is_cuda(), op, ": ids (and every other tensor) must be on a CUDA device, got ", ids.device());
+  const int64_t B = ids.numel();
+  TORCH_CHECK(B >= 1 && B <= (int64_t{1} << 30), op, ": ids must hold 1 to 2^30 rows, got ", ids.sizes());
+  const std::pair<const at::Tensor*, const char*> longs[] = {{&ids, "ids"}, {&pad_id, "pad_id"},
+      {&stop_ids, "stop_ids"}, {&out, "out"}, {&pos, "pos"}, {&tokens, "tokens"}, {&pad, "pad"},
+      {&positions, "positions"}};
+  for (const auto& [t, name] : longs)
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->device() == ids.device() && t->is_contiguous(), op, ": ", name,
+                " must be a contiguous int64 tensor on ", ids.device(), ", got ", t->scalar_type(), " on ", t->device());
+  for (const auto& [t, name] : {std::make_pair(&done, "done"), std::make_pair(&mask, "mask")})
+    TORCH_CHECK(t->scalar_type() == at::kBool && t->device() == ids.device() && t->is_contiguous(), op, ": ", name,
+                " must be a contiguous bool tensor on ", ids.device(), ", got ", t->scalar_type(), " on ", t->device());
+  TORCH_CHECK(pad_id.numel() == 1 && pos.numel() == 1, op, ": pad_id and pos must hold one value each");
+  TORCH_CHECK(done.numel() == B && tokens.numel() == B && pad.numel() == B && positions.numel() == B, op,
+              ": done, tokens, pad and positions must hold one value per row (", B, ")");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == B && mask.dim() >= 2 && mask.size(0) == B && mask.size(-1) >= 1 &&
+                  mask.numel() == B * mask.size(-1),
+              op, ": out must be [", B, ", columns] and mask [", B, ", slots], got ", out.sizes(), " and ", mask.sizes());
+  const c10::cuda::CUDAGuard guard(ids.device());
+  bitlab::DecodeAdvanceArgs a{};
+  a.ids = ids.data_ptr<int64_t>();
+  a.done = done.data_ptr<bool>();
+  a.pad_id = pad_id.data_ptr<int64_t>();
+  a.stop_ids = stop_ids.numel() ? stop_ids.data_ptr<int64_t>() : nullptr;
+  a.n_stop = static_cast<int>(stop_ids.numel());
+  a.out = out.data_ptr<int64_t>();
+  a.out_cols = out.size(1);
+  a.pos = pos.data_ptr<int64_t>();
+  a.prompt_len = prompt_len;
+  a.tokens = tokens.data_ptr<int64_t>();
+  a.pad = pad.data_ptr<int64_t>();
+  a.positions = positions.data_ptr<int64_t>();
+  a.mask = mask.data_ptr<bool>();
+  a.B = static_cast<int>(B);
+  a.S = mask.size(-1);
+  check_cuda(bitlab::launch_decode_advance(a, c10::cuda::getCurrentCUDAStream()), "decode_advance kernel");
+}
+
 TORCH_LIBRARY_FRAGMENT(bitlab, m) {
   m.def(
       "cuda_ext_bitnet_mlp(Tensor xq, Tensor x_scale, Tensor gate_wq, Tensor up_wq, Tensor down_wq, "
@@ -624,6 +669,9 @@ TORCH_LIBRARY_FRAGMENT(bitlab, m) {
       "Tensor(b!) v_cache, Tensor slot, Tensor mask, float scale, bool dependent_launch=False) -> Tensor");
   m.def("cuda_ext_gather_host_rows(Tensor table, Tensor ids) -> Tensor");
   m.def("cuda_ext_argmax_rows(Tensor x) -> Tensor");
+  m.def(
+      "cuda_ext_decode_advance(Tensor ids, Tensor(a!) done, Tensor pad_id, Tensor stop_ids, Tensor(b!) out, "
+      "Tensor(c!) pos, int prompt_len, Tensor(d!) tokens, Tensor pad, Tensor(e!) positions, Tensor(f!) mask) -> ()");
   m.def("cuda_ext_rms_norm_quant(Tensor a, Tensor? b, Tensor weight, float eps, int mode) -> (Tensor, Tensor, Tensor)");
   m.def(
       "cuda_ext_linear_int8_norm(Tensor a, Tensor? b, Tensor norm_weight, float eps, int mode, Tensor wq, "
@@ -646,6 +694,7 @@ TORCH_LIBRARY_IMPL(bitlab, CUDA, m) {
   m.impl("cuda_ext_bitnet_mlp_norm", &cuda_ext_bitnet_mlp_norm);
   m.impl("cuda_ext_gather_host_rows", &cuda_ext_gather_host_rows);
   m.impl("cuda_ext_argmax_rows", &cuda_ext_argmax_rows);
+  m.impl("cuda_ext_decode_advance", &cuda_ext_decode_advance);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "BitLab cuda_ext kernels (op: torch.ops.bitlab.cuda_ext_linear)"; }

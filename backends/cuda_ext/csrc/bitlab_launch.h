@@ -265,6 +265,27 @@ bool wide_gemv_runs(int M, int nchunks, bool int8_activations);
 cudaError_t launch_gather_host_rows(const void* table, const int64_t* ids, int64_t count, int64_t rows,
                                     int64_t row_bytes, void* out, cudaStream_t stream);
 
+// decode_advance.cu: a decode step's bookkeeping after its tokens are picked (the file comment has the math).
+// int64 tensors except done and mask (bool); out and mask contiguous [B, out_cols] / [B, S].
+struct DecodeAdvanceArgs {
+  const int64_t* ids;       // [B] the picked tokens
+  bool* done;               // [B]
+  const int64_t* pad_id;    // 0-d
+  const int64_t* stop_ids;  // [n_stop]
+  int n_stop;
+  int64_t* out;             // [B, out_cols]
+  long out_cols;
+  int64_t* pos;             // 0-d: this step's cache slot, advanced by one
+  long prompt_len;
+  int64_t* tokens;          // [B] the next step's input
+  const int64_t* pad;       // [B] left padding of each row
+  int64_t* positions;       // [B] the next step's rotary positions
+  bool* mask;               // [B, S] the next step's attention mask
+  int B;
+  long S;
+};
+cudaError_t launch_decode_advance(const DecodeAdvanceArgs& args, cudaStream_t stream);
+
 // argmax.cu: out[b] = torch.argmax(row b) for B rows of V values (dtype kDtypeHalf / kDtypeBFloat16 /
 // kDtypeFloat, row stride ldx elements, columns contiguous): NaN counts as the largest, ties go to the first.
 cudaError_t launch_argmax_rows(const void* x, int dtype, long ldx, int B, int V, int64_t* out, cudaStream_t stream);

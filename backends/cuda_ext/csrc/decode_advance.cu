@@ -1,0 +1,63 @@
+// BitLab cuda_ext: a decode step's bookkeeping after its tokens are picked, in one kernel.
+//
+// After the model and the sampler, a step records each row's token and moves on: the token (or the pad id
+// for a row that has stopped) goes to the output and becomes the next input, a stop token ends its row, the
+// cache slot advances, and the next step's rotary positions and attention mask follow from the new slot.
+// As torch ops that is a dozen small kernels in the step's CUDA graph (at batch 1 each costs more than its
+// work); here one block does all of it.  For every row b, with p the slot of this step's token (`*pos`):
+//
+//   t = done[b] ? *pad_id : ids[b];  out[b, p - prompt_len + 1] = t;  tokens[b] = t;
+//   done[b] = done[b] || t in stop_ids;  positions[b] = p + 1 - pad[b];
+//   mask[b, k] = pad[b] <= k <= p + 1 for every cache slot k;  and once: *pos = p + 1.
+//
+// One block, so every thread reads *pos before any writes it (a second block could start after the first
+// had moved it on).  An output column outside [0, out_cols) stops the kernel with a message, as torch's
+// index_copy does on CUDA.
+#include <stdint.h>
+#include <stdio.h>
+
+#include "bitlab_launch.h"
+
+namespace bitlab {
+namespace {
+
+constexpr int kAdvanceThreads = 1024;
+
+__global__ void __launch_bounds__(kAdvanceThreads) decode_advance_kernel(DecodeAdvanceArgs a) {
+  const int64_t p = *a.pos;
+  const int64_t col = p - a.prompt_len + 1;
+  if (col < 0 || col >= a.out_cols) {
+    if (threadIdx.x == 0)
+      printf("cuda_ext_decode_advance: output column %lld is outside [0, %lld)\n", static_cast<long long>(col),
+             static_cast<long long>(a.out_cols));
+    __trap();
+  }
+  const int64_t pad_id = *a.pad_id;
+  for (int b = threadIdx.x; b < a.B; b += kAdvanceThreads) {
+    const bool was_done = a.done[b];
+    const int64_t t = was_done ? pad_id : a.ids[b];
+    bool stop = false;
+    for (int j = 0; j < a.n_stop; ++j) stop = stop || t == a.stop_ids[j];
+    a.out[b * a.out_cols + col] = t;
+    a.tokens[b] = t;
+    a.done[b] = was_done || stop;
+    a.positions[b] = p + 1 - a.pad[b];
+  }
+  const long total = static_cast<long>(a.B) * a.S;
+  for (long i = threadIdx.x; i < total; i += kAdvanceThreads) {
+    const int64_t k = i % a.S;
+    a.mask[i] = k >= a.pad[i / a.S] && k <= p + 1;
+  }
+  __syncthreads();  // every thread has read *pos
+  if (threadIdx.x == 0) *a.pos = p + 1;
+}
+
+}  // namespace
+
+cudaError_t launch_decode_advance(const DecodeAdvanceArgs& a, cudaStream_t stream) {
+  if (a.B < 1 || a.S < 1 || a.out_cols < 1 || a.n_stop < 0) return cudaErrorInvalidValue;
+  decode_advance_kernel<<<1, kAdvanceThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace bitlab
