@@ -268,19 +268,7 @@ class BitNetForCausalLM(nn.Module):
             raise ValueError(
                 f"position {int(positions.max())} is beyond max_position_embeddings={self.rope_cos.shape[0]}"
             )
-        cos, sin = self._rope_tables(dtype)
-        return cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)
-
-    def _rope_tables(self, dtype: torch.dtype):
-        """The rotary tables in ``dtype``, cast once (a gather from them equals the gather then the cast, and
-        is one kernel instead of two in every decode step)."""
-        if dtype == self.rope_cos.dtype:
-            return self.rope_cos, self.rope_sin
-        cached = self.__dict__.get("_rope_cast")
-        if cached is None or cached[0].dtype != dtype or cached[0].device != self.rope_cos.device:
-            cached = (self.rope_cos.to(dtype), self.rope_sin.to(dtype))
-            self.__dict__["_rope_cast"] = cached
-        return cached
+        return self.rope_cos[positions].unsqueeze(2).to(dtype), self.rope_sin[positions].unsqueeze(2).to(dtype)
 
     def forward(
         self,

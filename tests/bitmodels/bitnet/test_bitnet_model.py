@@ -93,13 +93,3 @@ def test_training_mode_runs_backward_through_the_bitlinears():
     loss.backward()
     grad = model.model.layers[0].mlp.down_proj.weight.grad
     assert grad is not None and grad.abs().sum() > 0
-
-
-def test_rotary_tables_in_the_model_dtype_give_the_gathered_then_cast_values():
-    model = BitNetForCausalLM(BitNetConfig(**TINY))
-    positions = torch.tensor([[0, 5, 17], [3, 3, 40]])
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        cos, sin = model.rotary(positions, dtype)
-        assert cos.dtype == dtype and cos.shape == (2, 3, 1, model.config.head_dim)
-        assert torch.equal(cos, model.rope_cos[positions].unsqueeze(2).to(dtype))
-        assert torch.equal(sin, model.rope_sin[positions].unsqueeze(2).to(dtype))
