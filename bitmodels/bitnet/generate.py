@@ -227,7 +227,7 @@ class Generator:
                 model.offload_embedding(True)
         self.embedding = "pinned host memory (GPU lookup)" if model.host_embedding is not None else f"on {self.device}"
         self.head_kernel = model.head_kernel
-        self.argmax_kernel = use_argmax_kernel(self.device)  # greedy picks, and the sampling race's argmax
+        self._argmax, self.argmax_kernel = use_argmax_kernel(self.device)  # greedy picks and the sampling race
         self._advance, self.advance_kernel = use_advance_kernel(self.device)  # the step's bookkeeping
         self.mlp_kernel = model.mlp_kernel
         self.norm_gemv = model.norm_gemv
@@ -254,7 +254,7 @@ class Generator:
             st.tokens.view(batch, 1), st.positions, st.cache, st.pos.view(1), st.mask.view(batch, 1, 1, -1),
             ops=self.decode_ops,
         )[:, -1]
-        self._advance(sample(logits, sampling), st.done, st.pad_id, st.stop_ids, st.out, st.pos, st.prompt_len,
+        self._advance(sample(logits, sampling, self._argmax), st.done, st.pad_id, st.stop_ids, st.out, st.pos, st.prompt_len,
                       st.tokens, st.pad, st.positions, st.mask)
 
     def _capture(self, st: _DecodeState, sampling: SamplingConfig) -> torch.cuda.CUDAGraph:
@@ -287,7 +287,7 @@ class Generator:
         positions = (q_index[None, :] - pad[:, None]).clamp(min=0)
         logits = self.model(ids, positions, st.cache, q_index, mask.unsqueeze(1), last_only=True,
                             ops=self.prefill_ops)[:, -1]
-        first = sample(logits, sampling)
+        first = sample(logits, sampling, self._argmax)
         st.pad.copy_(pad)
         st.tokens.copy_(first)
         st.out[:, 0].copy_(first)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable, Tuple
 
 import torch
 
@@ -56,41 +57,17 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 ARGMAX_CHUNK = 1024
-_ARGMAX_KERNEL = {"cuda": False}
-
-
-def use_argmax_kernel(device) -> str:
-    """Resolve whether :func:`argmax_rows` on ``device`` runs cuda_ext's one-kernel argmax (``BITLAB_ARGMAX=torch``
-    keeps torch's chunked form, for A/B timing); returns what runs it, with the reason."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return "torch.argmax (not a CUDA device)"
-    if os.environ.get("BITLAB_ARGMAX") == "torch":  # A/B timing
-        _ARGMAX_KERNEL["cuda"] = False
-        return "torch, chunked (BITLAB_ARGMAX=torch)"
-    from backends.cuda_ext import ops as cuda_ops
-
-    status = cuda_ops.availability()
-    _ARGMAX_KERNEL["cuda"] = bool(status)
-    if status:
-        return f"cuda_ext.argmax_rows (one kernel; {status.reason})"
-    return f"torch, chunked (cuda_ext unavailable: {status.reason})"
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """``torch.argmax(x, dim=-1)`` for ``x [B, V]`` (the first maximal index; NaN counts as the largest).
+    """``torch.argmax(x, dim=-1)`` for ``x [B, V]`` (the first maximal index), in two passes over chunks.
 
     Why: on a GPU, torch's argmax of a few long rows reduces each row in one block; over a 128256-token
-    vocabulary that took 39 us per decode step on the H100 (2.6 % of BitNet 2B's batch-1 step).  Where
-    :func:`use_argmax_kernel` found cuda_ext, one kernel answers (``backends/cuda_ext/csrc/argmax.cu``);
-    otherwise the row is cut into chunks of ``ARGMAX_CHUNK`` (padded with -inf), each chunk's maximum and
-    its first index are found in parallel, then the first chunk holding the row's maximum wins: the same
-    index.
+    vocabulary that took 39 us per decode step on the H100 (2.6 % of BitNet 2B's batch-1 step).  Here
+    the row is cut into chunks of ``ARGMAX_CHUNK`` (padded with -inf), each chunk's maximum and its first
+    index are found in parallel, then the first chunk holding the row's maximum wins: the same index.
+    Where cuda_ext runs, :func:`use_argmax_kernel` gives one kernel instead.
     """
-    if x.is_cuda and _ARGMAX_KERNEL["cuda"] and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        from backends.cuda_ext.argmax import argmax_rows as argmax_kernel
-
-        return argmax_kernel(x)
     B, V = x.shape
     if V <= 4 * ARGMAX_CHUNK:
         return torch.argmax(x, dim=-1)
@@ -101,11 +78,32 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return (best * ARGMAX_CHUNK + index.gather(-1, best)).squeeze(-1)
 
 
-def sample(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
-    """Token ids ``[B]`` (int64) from logits ``[B, V]``."""
+def use_argmax_kernel(device) -> Tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """The argmax over rows for ``device``: cuda_ext's one kernel (``backends/cuda_ext/csrc/argmax.cu``, the same
+    index as torch.argmax, NaN and ties included) where it runs, else :func:`argmax_rows`
+    (``BITLAB_ARGMAX=torch`` keeps it, for A/B timing); and what runs it, with the reason."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return argmax_rows, "torch.argmax (not a CUDA device)"
+    if os.environ.get("BITLAB_ARGMAX") == "torch":
+        return argmax_rows, "torch, chunked (BITLAB_ARGMAX=torch)"
+    from backends.cuda_ext import ops as cuda_ops
+
+    status = cuda_ops.availability()
+    if not status:
+        return argmax_rows, f"torch, chunked (cuda_ext unavailable: {status.reason})"
+    from backends.cuda_ext.argmax import argmax_rows as argmax_kernel
+
+    return argmax_kernel, f"cuda_ext.argmax_rows (one kernel; {status.reason})"
+
+
+def sample(logits: torch.Tensor, config: SamplingConfig,
+           argmax: Callable[[torch.Tensor], torch.Tensor] = argmax_rows) -> torch.Tensor:
+    """Token ids ``[B]`` (int64) from logits ``[B, V]``; ``argmax`` picks the greedy token and the race's
+    winner (:func:`use_argmax_kernel` gives the device's fastest)."""
     if config.greedy:
-        return argmax_rows(logits)
+        return argmax(logits)
     scaled = filter_logits(logits.float() / config.temperature, config.top_k, config.top_p)
     probs = torch.softmax(scaled, dim=-1)
     race = torch.empty_like(probs).exponential_()
-    return argmax_rows(probs / race)
+    return argmax(probs / race)

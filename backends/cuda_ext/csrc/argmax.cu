@@ -108,7 +108,7 @@ cudaError_t launch_typed(const void* x, long ldx, int B, int V, int64_t* out, cu
 
 cudaError_t launch_argmax_rows(const void* x, int dtype, long ldx, int B, int V, int64_t* out, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
-  if (V < 1) return cudaErrorInvalidValue;
+  if (V < 1 || V > (1 << 30)) return cudaErrorInvalidValue;
   if (dtype == kDtypeHalf) return launch_typed<__half>(x, ldx, B, V, out, stream);
   if (dtype == kDtypeBFloat16) return launch_typed<__nv_bfloat16>(x, ldx, B, V, out, stream);
   return launch_typed<float>(x, ldx, B, V, out, stream);

@@ -592,10 +592,10 @@ at::Tensor cuda_ext_gather_host_rows(const at::Tensor& table, const at::Tensor& 
 at::Tensor cuda_ext_argmax_rows(const at::Tensor& x) {
   const char* op = "cuda_ext_argmax_rows";
   TORCH_CHECK(x.is_cuda(), op, ": x must be on a CUDA device, got ", x.device());
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, op, ": x must be [B, V] with contiguous rows, got ", x.sizes(),
-              " strides ", x.strides());
-  TORCH_CHECK(x.size(1) >= 1 && x.size(1) < (int64_t{1} << 31) && x.size(0) < (int64_t{1} << 31), op,
-              ": rows of 1 to 2^31 - 1 values, at most 2^31 - 1 rows; got ", x.sizes());
+  TORCH_CHECK(x.dim() == 2 && (x.stride(1) == 1 || x.size(1) == 1), op, ": x must be [B, V] with contiguous rows, got ",
+              x.sizes(), " strides ", x.strides());
+  TORCH_CHECK(x.size(1) >= 1 && x.size(1) <= (int64_t{1} << 30) && x.size(0) < (int64_t{1} << 31), op,
+              ": rows of 1 to 2^30 values, fewer than 2^31 rows; got ", x.sizes());
   const at::ScalarType dt = x.scalar_type();
   TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, op, ": x dtype ", dt,
               " is not supported; expected float16, bfloat16 or float32");

@@ -26,10 +26,10 @@ constexpr int kAdvanceThreads = 1024;
 __global__ void __launch_bounds__(kAdvanceThreads) decode_advance_kernel(DecodeAdvanceArgs a) {
   const int64_t p = *a.pos;
   const int64_t col = p - a.prompt_len + 1;
-  if (col < 0 || col >= a.out_cols) {
-    if (threadIdx.x == 0)
-      printf("cuda_ext_decode_advance: output column %lld is outside [0, %lld)\n", static_cast<long long>(col),
-             static_cast<long long>(a.out_cols));
+  if (col < 0 || col >= a.out_cols) {  // thread 0 says why before it stops the kernel; the others leave
+    if (threadIdx.x != 0) return;
+    printf("cuda_ext_decode_advance: output column %lld is outside [0, %lld)\n", static_cast<long long>(col),
+           static_cast<long long>(a.out_cols));
     __trap();
   }
   const int64_t pad_id = *a.pad_id;
@@ -43,10 +43,26 @@ __global__ void __launch_bounds__(kAdvanceThreads) decode_advance_kernel(DecodeA
     a.done[b] = was_done || stop;
     a.positions[b] = p + 1 - a.pad[b];
   }
-  const long total = static_cast<long>(a.B) * a.S;
-  for (long i = threadIdx.x; i < total; i += kAdvanceThreads) {
-    const int64_t k = i % a.S;
-    a.mask[i] = k >= a.pad[i / a.S] && k <= p + 1;
+  // The mask row by row (no division per element): 16 slots per store where the rows are 16-byte aligned
+  // (the generator's cache length is a multiple of 64), else one.
+  const bool wide = a.S % 16 == 0 && reinterpret_cast<uintptr_t>(a.mask) % 16 == 0;
+  const int64_t last = p + 1;
+  for (int b = 0; b < a.B; ++b) {
+    const int64_t first = a.pad[b];
+    bool* row = a.mask + static_cast<long>(b) * a.S;
+    if (wide) {
+      for (long k0 = 16L * threadIdx.x; k0 < a.S; k0 += 16L * kAdvanceThreads) {
+        union {
+          uint4 v;
+          bool e[16];
+        } piece;
+#pragma unroll
+        for (int e = 0; e < 16; ++e) piece.e[e] = k0 + e >= first && k0 + e <= last;
+        *reinterpret_cast<uint4*>(row + k0) = piece.v;
+      }
+    } else {
+      for (long k = threadIdx.x; k < a.S; k += kAdvanceThreads) row[k] = k >= first && k <= last;
+    }
   }
   __syncthreads();  // every thread has read *pos
   if (threadIdx.x == 0) *a.pos = p + 1;

@@ -27,8 +27,8 @@ def test_matches_torch_argmax(argmax_rows, dtype, vocab):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_special_values_give_torchs_index(argmax_rows, dtype):
-    V = 5003
+@pytest.mark.parametrize("V", [5003, 5000, 128256])  # the scalar path, then the vector path
+def test_special_values_give_torchs_index(argmax_rows, dtype, V):
     x = torch.randn(6, V, device="cuda").to(dtype)
     x[0] = float("-inf")  # all -inf: index 0
     x[1] = float("-inf")
@@ -50,6 +50,12 @@ def test_strided_and_unaligned_rows(argmax_rows):
     assert torch.equal(argmax_rows(logits), torch.argmax(logits, dim=-1))
     columns = base.t()[:7]  # columns not contiguous: copied first
     assert torch.equal(argmax_rows(columns), torch.argmax(columns, dim=-1))
+    tail = torch.randn(4, 4104, device="cuda", dtype=torch.bfloat16)[:, :4099]  # vector rows, a tail of three
+    assert torch.equal(argmax_rows(tail), torch.argmax(tail, dim=-1))
+    tail[2, 4098] = 100.0  # the maximum in the tail
+    assert torch.equal(argmax_rows(tail), torch.argmax(tail, dim=-1))
+    one = torch.randn(1, 5, device="cuda").t()  # V = 1 with a column stride of 5
+    assert torch.equal(argmax_rows(one), torch.zeros(5, dtype=torch.long, device="cuda"))
 
 
 def test_bad_input_is_named(argmax_rows):
@@ -80,6 +86,7 @@ def test_replays_in_a_cuda_graph(argmax_rows):
 def test_greedy_decoding_uses_it(cuda_ext_ops):
     from bitmodels.bitnet.sampling import SamplingConfig, sample, use_argmax_kernel
 
-    assert use_argmax_kernel("cuda").startswith("cuda_ext.argmax_rows")
+    argmax, why = use_argmax_kernel("cuda")
+    assert why.startswith("cuda_ext.argmax_rows")
     logits = torch.randn(4, 128256, device="cuda", dtype=torch.bfloat16)
-    assert torch.equal(sample(logits, SamplingConfig()), torch.argmax(logits, dim=-1))
+    assert torch.equal(sample(logits, SamplingConfig(), argmax), torch.argmax(logits, dim=-1))

@@ -329,16 +329,30 @@ def test_chunked_argmax_is_torchs_argmax_ties_included(vocab):
 
 
 def test_argmax_dispatch_says_what_runs_it(monkeypatch):
-    from bitmodels.bitnet.sampling import use_argmax_kernel
+    from bitmodels.bitnet.sampling import argmax_rows, use_argmax_kernel
 
-    assert use_argmax_kernel("cpu") == "torch.argmax (not a CUDA device)"
+    assert use_argmax_kernel("cpu") == (argmax_rows, "torch.argmax (not a CUDA device)")
     monkeypatch.setenv("BITLAB_ARGMAX", "torch")
-    assert use_argmax_kernel("cuda") == "torch, chunked (BITLAB_ARGMAX=torch)"
+    assert use_argmax_kernel("cuda") == (argmax_rows, "torch, chunked (BITLAB_ARGMAX=torch)")
     monkeypatch.delenv("BITLAB_ARGMAX")
     if not torch.cuda.is_available():
-        assert use_argmax_kernel("cuda").startswith("torch, chunked (cuda_ext unavailable: ")
+        fn, why = use_argmax_kernel("cuda")
+        assert fn is argmax_rows and why.startswith("torch, chunked (cuda_ext unavailable: ")
     gen = Generator(_model(seed=12))
     assert gen.argmax_kernel == "torch.argmax (not a CUDA device)"
+
+
+def test_sample_uses_the_argmax_it_is_given():
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(4))
+    calls = []
+
+    def argmax(x):
+        calls.append(tuple(x.shape))
+        return torch.argmax(x, dim=-1)
+
+    assert torch.equal(sample(logits, SamplingConfig(), argmax), logits.argmax(-1))
+    sample(logits, SamplingConfig(temperature=0.7), argmax)
+    assert calls == [(2, 50), (2, 50)]  # the greedy pick, then the race's winner
 
 
 def test_step_bookkeeping_in_torch_ops():
