@@ -42,7 +42,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -56,6 +55,7 @@ from bitmodels.bitnet.ops import (
     FusedDecodeAttentionOps,
     Ops,
     compiled_ops,
+    cuda_ext_or_torch,
     fused_decode_attention_status,
 )
 from bitmodels.bitnet.sampling import SamplingConfig, sample, use_argmax_kernel
@@ -145,19 +145,14 @@ def advance_torch(ids, done, pad_id, stop_ids, out, pos, prompt_len: int, tokens
 def use_advance_kernel(device) -> Tuple[Callable, str]:
     """The decode step's bookkeeping for ``device``: cuda_ext's one kernel where it runs (``BITLAB_DECODE_ADVANCE
     =torch`` keeps the torch ops, for A/B timing), else :func:`advance_torch`; and what runs it, with the reason."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return advance_torch, "torch (not a CUDA device)"
-    if os.environ.get("BITLAB_DECODE_ADVANCE") == "torch":
-        return advance_torch, "torch (BITLAB_DECODE_ADVANCE=torch)"
-    from backends.cuda_ext import ops as cuda_ops
 
-    status = cuda_ops.availability()
-    if not status:
-        return advance_torch, f"torch (cuda_ext unavailable: {status.reason})"
-    from backends.cuda_ext.decode_advance import advance
+    def load():
+        from backends.cuda_ext.decode_advance import advance
 
-    return advance, "cuda_ext.decode_advance (one kernel)"
+        return advance
+
+    return cuda_ext_or_torch(device, "BITLAB_DECODE_ADVANCE", advance_torch, "torch", load,
+                             "cuda_ext.decode_advance, one kernel")
 
 
 class Generator:

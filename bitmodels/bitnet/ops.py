@@ -18,7 +18,8 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+import os
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,24 @@ def use_fused_norm_quant(device) -> str:
     status = cuda_ops.availability()
     _FUSED_NORM_QUANT["cuda"] = bool(status)
     return f"cuda_ext ({status.reason})" if status else f"torch (cuda_ext unavailable: {status.reason})"
+
+
+def cuda_ext_or_torch(device, switch: str, torch_fn: Callable, torch_name: str, load_kernel: Callable[[], Callable],
+                      kernel_name: str) -> Tuple[Callable, str]:
+    """``(function, what runs it and why)`` for one step of the decode loop: the cuda_ext kernel that
+    ``load_kernel()`` returns where cuda_ext runs on ``device``, else ``torch_fn``; the environment variable
+    ``switch`` set to ``torch`` keeps ``torch_fn`` (for A/B timing)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch_fn, f"{torch_name} (not a CUDA device)"
+    if os.environ.get(switch) == "torch":
+        return torch_fn, f"{torch_name} ({switch}=torch)"
+    from backends.cuda_ext import ops as cuda_ops
+
+    status = cuda_ops.availability()
+    if not status:
+        return torch_fn, f"{torch_name} (cuda_ext unavailable: {status.reason})"
+    return load_kernel(), f"{kernel_name} ({status.reason})"
 
 
 def _fused_norm_quant(x: torch.Tensor, weight: torch.Tensor, other: Optional[torch.Tensor] = None) -> bool:

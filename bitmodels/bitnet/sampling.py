@@ -11,13 +11,13 @@ Example::
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Tuple
 
 import torch
 
 from bitcore.errors import ConfigError
+from bitmodels.bitnet.ops import cuda_ext_or_torch
 
 
 @dataclass(frozen=True)
@@ -82,19 +82,13 @@ def use_argmax_kernel(device) -> Tuple[Callable[[torch.Tensor], torch.Tensor], s
     """The argmax over rows for ``device``: cuda_ext's one kernel (``backends/cuda_ext/csrc/argmax.cu``, the same
     index as torch.argmax, NaN and ties included) where it runs, else :func:`argmax_rows`
     (``BITLAB_ARGMAX=torch`` keeps it, for A/B timing); and what runs it, with the reason."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return argmax_rows, "torch.argmax (not a CUDA device)"
-    if os.environ.get("BITLAB_ARGMAX") == "torch":
-        return argmax_rows, "torch, chunked (BITLAB_ARGMAX=torch)"
-    from backends.cuda_ext import ops as cuda_ops
+    def load():
+        from backends.cuda_ext.argmax import argmax_rows as argmax_kernel
 
-    status = cuda_ops.availability()
-    if not status:
-        return argmax_rows, f"torch, chunked (cuda_ext unavailable: {status.reason})"
-    from backends.cuda_ext.argmax import argmax_rows as argmax_kernel
+        return argmax_kernel
 
-    return argmax_kernel, f"cuda_ext.argmax_rows (one kernel; {status.reason})"
+    name = "torch.argmax" if torch.device(device).type != "cuda" else "torch, chunked"
+    return cuda_ext_or_torch(device, "BITLAB_ARGMAX", argmax_rows, name, load, "cuda_ext.argmax_rows, one kernel")
 
 
 def sample(logits: torch.Tensor, config: SamplingConfig,
