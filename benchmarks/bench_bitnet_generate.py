@@ -447,26 +447,6 @@ def main(argv=None) -> int:
                 layer.norm_in_mlp = False
         else:
             print(f"--norm-in-mlp: no layer's MLP kernel takes the norm ({model.mlp_kernel})")
-    if args.norm_in_gemv:
-        from bitmodels.bitnet.bindings import bind_norm_linears
-
-        for layer in layers:  # the same model and bindings; the norms before q/k/v and o inside their GEMVs
-            layer.norm_linears, why = bind_norm_linears(layer.bound, layer.norms_before_projections(), layer.eps)
-        if any(layer.norm_linears for layer in layers):
-            variants = [("bitlab_norm_in_gemv", False)]
-            if args.norm_in_mlp:
-                variants.append(("bitlab_norms_in_gemv_mlp", True))
-            for name, in_mlp in variants:
-                for layer in layers:
-                    layer.norm_in_mlp = in_mlp and layer.fused_mlp is not None and layer.fused_mlp.norm_max_tokens > 0
-                gen_g = Generator(model, compile=not args.no_compile, bind=False)
-                result["runs"][name] = run_batches(name, gen_g, batches, args, cfg.vocab_size)
-                del gen_g
-                _free(device)
-        else:
-            print(f"--norm-in-gemv: no projection takes its norm ({why})")
-        for layer in layers:
-            layer.norm_linears, layer.norm_in_mlp = {}, False
     heads = [(bits, act) for bits in args.lm_head_bits for act in ("float", "int8")[:2 if args.lm_head_a8 else 1]]
     for bits, act in heads:
         head = f"bitlab_head{bits}" + ("_a8" if act == "int8" else "")
@@ -488,6 +468,27 @@ def main(argv=None) -> int:
             del gen_e
             _free(device)
         model.bind_lm_head(None)  # brings an offloaded table back too
+    # the newest kernels last: a fault there ends the process, and the rows before it are measured by then
+    if args.norm_in_gemv:
+        from bitmodels.bitnet.bindings import bind_norm_linears
+
+        for layer in layers:  # the same model and bindings; the norms before q/k/v and o inside their GEMVs
+            layer.norm_linears, why = bind_norm_linears(layer.bound, layer.norms_before_projections(), layer.eps)
+        if any(layer.norm_linears for layer in layers):
+            variants = [("bitlab_norm_in_gemv", False)]
+            if args.norm_in_mlp:
+                variants.append(("bitlab_norms_in_gemv_mlp", True))
+            for name, in_mlp in variants:
+                for layer in layers:
+                    layer.norm_in_mlp = in_mlp and layer.fused_mlp is not None and layer.fused_mlp.norm_max_tokens > 0
+                gen_g = Generator(model, compile=not args.no_compile, bind=False)
+                result["runs"][name] = run_batches(name, gen_g, batches, args, cfg.vocab_size)
+                del gen_g
+                _free(device)
+        else:
+            print(f"--norm-in-gemv: no projection takes its norm ({why})")
+        for layer in layers:
+            layer.norm_linears, layer.norm_in_mlp = {}, False
     if not args.no_unfused_attention and gen_fused_attention(result):
         # the same model and bindings; one-token attention as compiled torch ops (rotary, cache write,
         # grouped matmul / softmax / matmul) instead of the fused kernel
