@@ -31,7 +31,9 @@ only the packed projections, the quantized head and the norms; ``embedding`` say
 one kernel (:mod:`backends.cuda_ext.bitnet_mlp`); ``fused_mlp=False`` keeps the three separate kernels;
 ``mlp_kernel`` says which runs, and why.  ``norm_in_gemv=True`` (or ``BITLAB_NORM_GEMV=in``) runs the norms
 before q/k/v and o inside those projections' GEMVs (:mod:`backends.cuda_ext.norm_linear`); ``norm_gemv`` says
-what runs them, and why.
+what runs them, and why.  The step's argmax and its bookkeeping after the sampler (output, stop rows, slot, the
+next step's positions and mask; :mod:`bitmodels.bitnet.decode_state`) are one cuda_ext kernel each where it runs;
+``argmax_kernel`` and ``advance_kernel`` say what runs them.
 
 Example::
 
@@ -44,7 +46,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -55,14 +57,13 @@ from bitmodels.bitnet.ops import (
     FusedDecodeAttentionOps,
     Ops,
     compiled_ops,
-    cuda_ext_or_torch,
     fused_decode_attention_status,
 )
+from bitmodels.bitnet.decode_state import WARMUP_STEPS, DecodeState, use_advance_kernel
 from bitmodels.bitnet.sampling import SamplingConfig, sample, use_argmax_kernel
 
 log = logging.getLogger("bitlab.bitnet.generate")
 
-WARMUP_STEPS = 2  # eager steps before capture: compile, cuBLAS handles, allocator pools
 
 
 @dataclass
@@ -94,65 +95,6 @@ class GenerationOutput:
     decode_s: float
     decode_steps: int
     stats: Dict[str, float] = field(default_factory=dict)
-
-
-class _DecodeState:
-    """Device buffers a decode step reads and writes; a captured graph is bound to them."""
-
-    def __init__(self, cache: KVCache, prompt_len: int, max_new: int, stop_ids: Sequence[int], pad_id: int, device) -> None:
-        batch, _, seq, _ = cache.shape
-        self.cache = cache
-        self.prompt_len = prompt_len
-        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
-        self.pos = torch.zeros((), dtype=torch.long, device=device)  # cache slot the next token is written to
-        self.pad = torch.zeros(batch, dtype=torch.long, device=device)  # left padding of each row
-        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.out = torch.zeros(batch, max_new + WARMUP_STEPS + 1, dtype=torch.long, device=device)
-        self.key_index = torch.arange(seq, device=device)
-        self.stop_ids = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-        self.pad_id = torch.tensor(pad_id, dtype=torch.long, device=device)
-        # the next step's rotary positions and attention mask, written when the slot advances
-        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.mask = torch.zeros(batch, seq, dtype=torch.bool, device=device)
-
-    def refresh_inputs(self) -> None:
-        """The next step's positions and mask from ``pos`` and ``pad`` (after a prefill)."""
-        self.positions.copy_((self.pos - self.pad).unsqueeze(1))
-        self.mask.copy_((self.key_index[None, :] >= self.pad[:, None]) & (self.key_index[None, :] <= self.pos))
-
-    @property
-    def mutable(self) -> tuple:
-        """What a decode step writes (saved around a graph capture's warm-up steps; ``out`` is rewritten)."""
-        return self.tokens, self.pos, self.done, self.positions, self.mask
-
-
-def advance_torch(ids, done, pad_id, stop_ids, out, pos, prompt_len: int, tokens, pad, positions, mask) -> None:
-    """A decode step's bookkeeping after its tokens ``ids [B]`` are picked, in place, in torch ops:
-    ``t = where(done, pad_id, ids)`` goes to ``out[:, pos - prompt_len + 1]`` and ``tokens``; ``done |= t in
-    stop_ids``; ``pos += 1``; then the next step's ``positions = pos - pad`` and ``mask = pad <= slot <= pos``.
-    (``backends.cuda_ext.decode_advance.advance`` is the same in one kernel.)"""
-    batch = ids.shape[0]
-    nxt = torch.where(done, pad_id, ids)
-    out.index_copy_(1, (pos - prompt_len + 1).view(1), nxt.view(batch, 1))
-    done.logical_or_((nxt[:, None] == stop_ids[None, :]).any(dim=-1))
-    tokens.copy_(nxt)
-    pos.add_(1)
-    positions.copy_((pos - pad).view(positions.shape))
-    slots = torch.arange(mask.shape[-1], device=mask.device)
-    mask.copy_(((slots[None, :] >= pad[:, None]) & (slots[None, :] <= pos)).view(mask.shape))
-
-
-def use_advance_kernel(device) -> Tuple[Callable, str]:
-    """The decode step's bookkeeping for ``device``: cuda_ext's one kernel where it runs (``BITLAB_DECODE_ADVANCE
-    =torch`` keeps the torch ops, for A/B timing), else :func:`advance_torch`; and what runs it, with the reason."""
-
-    def load():
-        from backends.cuda_ext.decode_advance import advance
-
-        return advance
-
-    return cuda_ext_or_torch(device, "BITLAB_DECODE_ADVANCE", advance_torch, "torch", load,
-                             "cuda_ext.decode_advance, one kernel")
 
 
 class Generator:
@@ -242,7 +184,7 @@ class Generator:
         return self._cache
 
     # ------------------------------------------------------------- steps
-    def _decode_step(self, st: _DecodeState, sampling: SamplingConfig) -> None:
+    def _decode_step(self, st: DecodeState, sampling: SamplingConfig) -> None:
         """One token for every row, entirely from and into ``st``'s device buffers."""
         batch = st.tokens.shape[0]
         logits = self.model(
@@ -252,7 +194,7 @@ class Generator:
         self._advance(sample(logits, sampling, self._argmax), st.done, st.pad_id, st.stop_ids, st.out, st.pos, st.prompt_len,
                       st.tokens, st.pad, st.positions, st.mask)
 
-    def _capture(self, st: _DecodeState, sampling: SamplingConfig) -> torch.cuda.CUDAGraph:
+    def _capture(self, st: DecodeState, sampling: SamplingConfig) -> torch.cuda.CUDAGraph:
         saved = [t.clone() for t in st.mutable]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -267,7 +209,7 @@ class Generator:
             t.copy_(s)  # capture does not run the step; undo the warm-up steps' state
         return graph
 
-    def _prefill(self, prompts: List[List[int]], st: _DecodeState, sampling: SamplingConfig) -> None:
+    def _prefill(self, prompts: List[List[int]], st: DecodeState, sampling: SamplingConfig) -> None:
         batch, t_len = len(prompts), st.prompt_len
         ids = torch.full((batch, t_len), int(st.pad_id), dtype=torch.long)
         pad = torch.empty(batch, dtype=torch.long)
@@ -334,7 +276,7 @@ class Generator:
         cache = self._cache_for(batch, seq)
         key = (t_len, max_new_tokens, tuple(stops), pad_id, sampling)
         if key not in self._decoders:
-            self._decoders[key] = (_DecodeState(cache, t_len, max_new_tokens, stops, pad_id, self.device), None)
+            self._decoders[key] = (DecodeState(cache, t_len, max_new_tokens, stops, pad_id, self.device), None)
         st, graph = self._decoders[key]
 
         sync = self._sync

@@ -1,9 +1,9 @@
 """The decode step's one-kernel bookkeeping (bitlab::cuda_ext_decode_advance) against the torch ops it
-replaces (bitmodels.bitnet.generate.advance_torch), on a CUDA device (skipped where there is none)."""
+replaces (bitmodels.bitnet.decode_state.advance_torch), on a CUDA device (skipped where there is none)."""
 import pytest
 import torch
 
-from bitmodels.bitnet.generate import advance_torch
+from bitmodels.bitnet.decode_state import advance_torch
 
 pytestmark = pytest.mark.gpu
 

@@ -340,6 +340,7 @@ def test_argmax_dispatch_says_what_runs_it(monkeypatch):
         assert fn is argmax_rows and why.startswith("torch, chunked (cuda_ext unavailable: ")
     gen = Generator(_model(seed=12))
     assert gen.argmax_kernel == "torch.argmax (not a CUDA device)"
+    assert gen.advance_kernel == "torch (not a CUDA device)"
 
 
 def test_sample_uses_the_argmax_it_is_given():
@@ -353,23 +354,6 @@ def test_sample_uses_the_argmax_it_is_given():
     assert torch.equal(sample(logits, SamplingConfig(), argmax), logits.argmax(-1))
     sample(logits, SamplingConfig(temperature=0.7), argmax)
     assert calls == [(2, 50), (2, 50)]  # the greedy pick, then the race's winner
-
-
-def test_step_bookkeeping_in_torch_ops():
-    from bitmodels.bitnet.generate import advance_torch, use_advance_kernel
-
-    done = torch.tensor([False, True, False])
-    out = torch.full((3, 6), -1)
-    pos, tokens, positions = torch.tensor(10), torch.zeros(3, dtype=torch.long), torch.zeros(3, 1, dtype=torch.long)
-    pad, mask = torch.tensor([0, 2, 4]), torch.zeros(3, 14, dtype=torch.bool)
-    advance_torch(torch.tensor([5, 6, 2]), done, torch.tensor(0), torch.tensor([2, 9]), out, pos, 8, tokens, pad,
-                  positions, mask)
-    assert tokens.tolist() == [5, 0, 2] and out[:, 3].tolist() == [5, 0, 2]  # a stopped row takes the pad id
-    assert done.tolist() == [False, True, True] and int(pos) == 11  # the third row produced a stop token
-    assert positions.view(-1).tolist() == [11, 9, 7]
-    assert mask.tolist() == [[pad_b <= k <= 11 for k in range(14)] for pad_b in (0, 2, 4)]
-    assert use_advance_kernel("cpu") == (advance_torch, "torch (not a CUDA device)")
-    assert Generator(_model(seed=12)).advance_kernel == "torch (not a CUDA device)"
 
 
 def test_greedy_is_argmax():
