@@ -65,7 +65,6 @@ from bitmodels.bitnet.sampling import SamplingConfig, sample, use_argmax_kernel
 log = logging.getLogger("bitlab.bitnet.generate")
 
 
-
 @dataclass
 class KVCache:
     """Per-layer key and value caches ``[batch, kv_heads, seq, head_dim]``, allocated once."""
@@ -191,8 +190,9 @@ class Generator:
             st.tokens.view(batch, 1), st.positions, st.cache, st.pos.view(1), st.mask.view(batch, 1, 1, -1),
             ops=self.decode_ops,
         )[:, -1]
-        self._advance(sample(logits, sampling, self._argmax), st.done, st.pad_id, st.stop_ids, st.out, st.pos, st.prompt_len,
-                      st.tokens, st.pad, st.positions, st.mask)
+        picked = sample(logits, sampling, self._argmax)
+        self._advance(picked, st.done, st.pad_id, st.stop_ids, st.out, st.pos, st.prompt_len, st.tokens, st.pad,
+                      st.positions, st.mask)
 
     def _capture(self, st: DecodeState, sampling: SamplingConfig) -> torch.cuda.CUDAGraph:
         saved = [t.clone() for t in st.mutable]

@@ -592,8 +592,8 @@ at::Tensor cuda_ext_gather_host_rows(const at::Tensor& table, const at::Tensor& 
 at::Tensor cuda_ext_argmax_rows(const at::Tensor& x) {
   const char* op = "cuda_ext_argmax_rows";
   TORCH_CHECK(x.is_cuda(), op, ": x must be on a CUDA device, got ", x.device());
-  TORCH_CHECK(x.dim() == 2 && (x.stride(1) == 1 || x.size(1) == 1), op, ": x must be [B, V] with contiguous rows, got ",
-              x.sizes(), " strides ", x.strides());
+  TORCH_CHECK(x.dim() == 2 && (x.stride(1) == 1 || x.size(1) == 1), op,
+              ": x must be [B, V] with contiguous rows, got ", x.sizes(), " strides ", x.strides());
   TORCH_CHECK(x.size(1) >= 1 && x.size(1) <= (int64_t{1} << 30) && x.size(0) < (int64_t{1} << 31), op,
               ": rows of 1 to 2^30 values, fewer than 2^31 rows; got ", x.sizes());
   const at::ScalarType dt = x.scalar_type();
@@ -623,16 +623,19 @@ void cuda_ext_decode_advance(const at::Tensor& ids, const at::Tensor& done, cons
       {&positions, "positions"}};
   for (const auto& [t, name] : longs)
     TORCH_CHECK(t->scalar_type() == at::kLong && t->device() == ids.device() && t->is_contiguous(), op, ": ", name,
-                " must be a contiguous int64 tensor on ", ids.device(), ", got ", t->scalar_type(), " on ", t->device());
+                " must be a contiguous int64 tensor on ", ids.device(), ", got ", t->scalar_type(), " on ",
+                t->device());
   for (const auto& [t, name] : {std::make_pair(&done, "done"), std::make_pair(&mask, "mask")})
     TORCH_CHECK(t->scalar_type() == at::kBool && t->device() == ids.device() && t->is_contiguous(), op, ": ", name,
-                " must be a contiguous bool tensor on ", ids.device(), ", got ", t->scalar_type(), " on ", t->device());
+                " must be a contiguous bool tensor on ", ids.device(), ", got ", t->scalar_type(), " on ",
+                t->device());
   TORCH_CHECK(pad_id.numel() == 1 && pos.numel() == 1, op, ": pad_id and pos must hold one value each");
   TORCH_CHECK(done.numel() == B && tokens.numel() == B && pad.numel() == B && positions.numel() == B, op,
               ": done, tokens, pad and positions must hold one value per row (", B, ")");
   TORCH_CHECK(out.dim() == 2 && out.size(0) == B && mask.dim() >= 2 && mask.size(0) == B && mask.size(-1) >= 1 &&
                   mask.numel() == B * mask.size(-1),
-              op, ": out must be [", B, ", columns] and mask [", B, ", slots], got ", out.sizes(), " and ", mask.sizes());
+              op, ": out must be [", B, ", columns] and mask [", B, ", slots], got ", out.sizes(), " and ",
+              mask.sizes());
   const c10::cuda::CUDAGuard guard(ids.device());
   bitlab::DecodeAdvanceArgs a{};
   a.ids = ids.data_ptr<int64_t>();
