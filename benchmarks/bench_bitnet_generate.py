@@ -140,32 +140,54 @@ def _free(device) -> None:
 
 
 def _print_profile(prof) -> None:
-    print(f"  device time {prof['kernel_us_per_step']:.0f} us/step in {prof['kernels_per_step']:.0f} kernels", flush=True)
+    print(f"  batch {prof['batch']}: device time {prof['kernel_us_per_step']:.0f} us/step in "
+          f"{prof['kernels_per_step']:.0f} kernels", flush=True)
     for row in prof["top"][:15]:
         print(f"  {row['us_per_step']:8.1f} us/step  x{row['calls_per_step']:.0f}  {row['kernel']}", flush=True)
 
 
-def profile_decode(model: BitNetForCausalLM, vocab: int, compile: bool, triton_attention: Optional[bool] = None,
-                   steps: int = 16) -> dict:
-    """Device time per kernel of an eager batch-1 decode step (the kernels the CUDA graph replays)."""
+def _kernel_times(model: BitNetForCausalLM, gen: Generator, prompts, new_tokens: int) -> dict:
+    """{kernel: (total us, calls)} of one eager ``generate`` (device kernels; host-side ops on a CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
-    gen = Generator(model, cuda_graph=False, compile=compile, bind=False, triton_attention=triton_attention)
-    prompt = [torch.randint(0, vocab, (8,), generator=torch.Generator().manual_seed(1)).tolist()]
-    gen.generate(prompt, steps + 1, stop_token_ids=[], sync_every=10**9)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        gen.generate(prompt, steps + 1, stop_token_ids=[], sync_every=10**9)
-    rows, total, launches = [], 0.0, 0
+    on_gpu = model.compute_device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+        gen.generate(prompts, new_tokens, stop_token_ids=[], sync_every=10**9)
+    times = {}
     for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-        if not t or e.key.startswith(("cuda", "Memcpy", "Memset")) or e.key.startswith("aten::"):
+        if on_gpu:
+            t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+            if not t or e.key.startswith(("cuda", "Memcpy", "Memset", "aten::")):
+                continue
+        else:
+            t = e.self_cpu_time_total
+            if not t or not e.key.startswith("aten::"):
+                continue
+        times[e.key[:120]] = (t, e.count)
+    return times
+
+
+def profile_decode(model: BitNetForCausalLM, vocab: int, compile: bool, triton_attention: Optional[bool] = None,
+                   steps: int = 16, batch: int = 1, prompt_len: int = 8) -> dict:
+    """Time per kernel of an eager decode step (the kernels the CUDA graph replays), decode steps only: the
+    profile of a prefill plus ``steps`` decode steps minus the profile of the same prefill alone."""
+    gen = Generator(model, cuda_graph=False, compile=compile, bind=False, triton_attention=triton_attention)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+    gen.generate(prompts, steps + 1, stop_token_ids=[], sync_every=10**9)  # warm-up (compile, allocator)
+    full = _kernel_times(model, gen, prompts, steps + 1)
+    prefill = _kernel_times(model, gen, prompts, 1)
+    rows, total, launches = [], 0.0, 0
+    for kernel, (t, count) in full.items():
+        t0, c0 = prefill.get(kernel, (0.0, 0))
+        if count - c0 <= 0:
             continue
-        total += t
-        launches += e.count
-        rows.append({"kernel": e.key[:120], "us_per_step": t / steps, "calls_per_step": e.count / steps})
+        total += t - t0
+        launches += count - c0
+        rows.append({"kernel": kernel, "us_per_step": (t - t0) / steps, "calls_per_step": (count - c0) / steps})
     rows.sort(key=lambda r: -r["us_per_step"])
-    # the prefill's kernels are in the totals too; with an 8-token prompt they are a small share
-    return {"kernel_us_per_step": total / steps, "kernels_per_step": launches / steps, "top": rows[:25]}
+    return {"batch": batch, "prompt_len": prompt_len, "steps": steps, "kernel_us_per_step": total / steps,
+            "kernels_per_step": launches / steps, "top": rows[:25]}
 
 
 def gen_fused_attention(result: dict) -> bool:
@@ -339,7 +361,9 @@ def main(argv=None) -> int:
                     help="one more row, NAME: the default model with the environment variable VAR set to VALUE while "
                          "its graphs are captured (the kernels' A/B switches, e.g. "
                          "bitlab_norm_generic:BITLAB_NORM_KERNEL=generic); repeatable")
-    ap.add_argument("--profile", action="store_true", help="also list the top kernels of a batch-1 decode step")
+    ap.add_argument("--profile", action="store_true",
+                    help="also list the top kernels of a decode step (decode steps only, eager) at --profile-batches")
+    ap.add_argument("--profile-batches", default="1", help="batches profiled with --profile (default 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test the script with --tiny")
     ap.add_argument("--tiny", action="store_true", help="a small shape instead of 2B4T (script smoke test)")
@@ -390,9 +414,12 @@ def main(argv=None) -> int:
           f"argmax: {gen.argmax_kernel}\nstep bookkeeping: {gen.advance_kernel}\n"
           f"norms before q/k/v and o: {gen.norm_gemv}\nweights: {result['weights']}", flush=True)
     result["runs"]["bitlab"] = run_batches("bitlab", gen, batches, args, cfg.vocab_size)
-    if args.profile and device.type == "cuda":
-        result["profile_batch1"] = profile_decode(model, cfg.vocab_size, not args.no_compile)
-        _print_profile(result["profile_batch1"])
+    if args.profile:
+        for b in (int(x) for x in args.profile_batches.split(",")):
+            key = f"profile_batch{b}"
+            result[key] = profile_decode(model, cfg.vocab_size, not args.no_compile, batch=b,
+                                         prompt_len=args.prompt_len)
+            _print_profile(result[key])
     del gen  # its KV cache and graphs
     _free(device)
     past16 = [b for b in batches if b > 16]
@@ -507,7 +534,8 @@ def main(argv=None) -> int:
             gen_t = Generator(model, compile=True, bind=False, triton_attention=True)
             result["runs"]["bitlab_triton_attn"] = run_batches("bitlab_triton_attn", gen_t, batches, args, cfg.vocab_size)
             if args.profile:
-                result["profile_batch1_triton_attn"] = profile_decode(model, cfg.vocab_size, True, True)
+                result["profile_batch1_triton_attn"] = profile_decode(model, cfg.vocab_size, True, True,
+                                                                      prompt_len=args.prompt_len)
                 _print_profile(result["profile_batch1_triton_attn"])
             del gen_t
         except Exception as exc:  # report, keep the rest of the run
@@ -610,12 +638,13 @@ def write_report(result: dict, out_dir: Path) -> None:
         a = result["logits_vs_transformers"]
         lines.append(f"Logits vs transformers' BitNetForCausalLM (bf16, same weights, 64 tokens): "
                      f"relative error {a['rel_err']:.2e}, top-1 agreement {a['top1_agree']:.3f}.")
-    for key, label in (("profile_batch1", "bitlab"), ("profile_batch1_triton_attn", "bitlab_triton_attn")):
-        if key in result:
-            prof = result[key]
-            top = ", ".join(f"{r['kernel'][:40]} {r['us_per_step']:.0f} us" for r in prof["top"][:4])
-            lines.append(f"Batch-1 decode step of {label}, eager, profiled: {prof['kernel_us_per_step']:.0f} us of "
-                         f"kernel time in {prof['kernels_per_step']:.0f} kernels (top: {top}).")
+    for key in sorted(k for k in result if k.startswith("profile_batch")):
+        prof = result[key]
+        label = "bitlab_triton_attn" if key.endswith("_triton_attn") else "bitlab"
+        top = ", ".join(f"{r['kernel'][:40]} {r['us_per_step']:.0f} us" for r in prof["top"][:4])
+        lines.append(f"Batch-{prof.get('batch', 1)} decode step of {label}, eager, decode steps only, profiled: "
+                     f"{prof['kernel_us_per_step']:.0f} us of kernel time in {prof['kernels_per_step']:.0f} kernels "
+                     f"(top: {top}).")
     for key in ("transformers_error", "triton_attn_error"):
         if key in result:
             lines.append(f"{key}: {result[key]}")

@@ -1,9 +1,11 @@
-"""bench_bitnet_generate.py's A/B rows by environment switch (--env-variant), on the CPU with the tiny shape."""
+"""bench_bitnet_generate.py on the CPU with small shapes: A/B rows by environment switch (--env-variant) and the
+decode-only profile."""
 import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
@@ -39,3 +41,17 @@ def test_env_variant_row_runs_with_the_switch_set_and_restores_it(monkeypatch, t
     assert seen == {"bitlab": "before", "bitlab_generic": "generic"}
     assert os.environ["BITLAB_NORM_KERNEL"] == "before"
     assert "| bitlab_generic | 1 |" in (tmp_path / "bitnet_generate.md").read_text()
+
+
+def test_profile_counts_decode_steps_only():
+    from bitmodels.bitnet import BitNetConfig
+
+    cfg = BitNetConfig(num_hidden_layers=1, max_position_embeddings=128, vocab_size=1000, hidden_size=128,
+                       intermediate_size=344, num_attention_heads=4, num_key_value_heads=2)
+    model = bench.build_model(cfg, torch.device("cpu"), 0)
+    model.prepare_for_inference("cpu")
+    prof = bench.profile_decode(model, cfg.vocab_size, compile=False, steps=3, batch=2, prompt_len=5)
+    calls = {r["kernel"]: r["calls_per_step"] for r in prof["top"]}
+    # one greedy pick per step: the prefill and its own pick are subtracted (else 4 picks over 3 steps)
+    assert calls.get("aten::argmax") == 1.0, calls
+    assert prof["batch"] == 2 and prof["steps"] == 3 and prof["kernels_per_step"] > 0
