@@ -66,9 +66,21 @@ def advance_torch(ids, done, pad_id, stop_ids, out, pos, prompt_len: int, tokens
     done.logical_or_((nxt[:, None] == stop_ids[None, :]).any(dim=-1))
     tokens.copy_(nxt)
     pos.add_(1)
-    positions.copy_((pos - pad).view(positions.shape))
-    slots = torch.arange(mask.shape[-1], device=mask.device)
-    mask.copy_(((slots[None, :] >= pad[:, None]) & (slots[None, :] <= pos)).view(mask.shape))
+    # written in place, no per-step allocation: the same kernels the step ran before the one-kernel form
+    torch.sub(pos, pad, out=positions.view(-1))
+    slots = _slots(mask.shape[-1], mask.device)
+    torch.logical_and(slots[None, :] >= pad[:, None], slots[None, :] <= pos, out=mask.view(pad.shape[0], -1))
+
+
+_SLOT_INDEX = {}
+
+
+def _slots(n: int, device) -> torch.Tensor:
+    """``arange(n)`` on ``device``, made once (a decode step reads it every step; a graph keeps its address)."""
+    key = (n, torch.device(device))
+    if key not in _SLOT_INDEX:
+        _SLOT_INDEX[key] = torch.arange(n, device=device)
+    return _SLOT_INDEX[key]
 
 
 def use_advance_kernel(device) -> Tuple[Callable, str]:
