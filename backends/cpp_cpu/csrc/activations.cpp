@@ -33,22 +33,39 @@ bool cpu_has_avx2() {
 #endif
 }
 
+// The AVX-512 kernels use 512-bit integer ops (avx512f, avx512bw), vpdpbusd (avx512vnni) and
+// its 256-bit form (avx512vl).
+bool cpu_has_avx512vnni() {
+#if BITLAB_X86
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
 int env_isa() {
   const char* v = std::getenv("BITLAB_CPU_ISA");
   if (!v || !*v) return -1;
   if (!std::strcmp(v, "scalar")) return 0;
   if (!std::strcmp(v, "avx2")) return 1;
+  if (!std::strcmp(v, "avx512vnni")) return 2;
   return -1;
+}
+
+const char* isa_name(Isa isa) {
+  return isa == Isa::Avx512Vnni ? "avx512vnni" : isa == Isa::Avx2 ? "avx2" : "scalar";
 }
 }  // namespace
 
 void set_isa_override(int isa) { g_override = isa; }
 
 Isa active_isa() {
-  static const bool has_avx2 = cpu_has_avx2();
+  static const int best = cpu_has_avx512vnni() ? 2 : cpu_has_avx2() ? 1 : 0;
   static const int from_env = env_isa();
-  int want = g_override >= 0 ? g_override : (from_env >= 0 ? from_env : 1);
-  return (want >= 1 && has_avx2) ? Isa::Avx2 : Isa::Scalar;
+  const int want = g_override >= 0 ? g_override : (from_env >= 0 ? from_env : best);
+  return static_cast<Isa>(want < best ? want : best);
 }
 
 const char* cpu_features() {
@@ -57,13 +74,15 @@ const char* cpu_features() {
   std::snprintf(text, sizeof(text), "not x86: no SIMD kernels (active: scalar)");
 #else
   __builtin_cpu_init();
-  std::snprintf(text, sizeof(text), "%s%s%s%s%s(active: %s)",
+  std::snprintf(text, sizeof(text), "%s%s%s%s%s%s%s(active: %s)",
                 __builtin_cpu_supports("avx2") ? "avx2 " : "",
                 __builtin_cpu_supports("fma") ? "fma " : "",
                 __builtin_cpu_supports("popcnt") ? "popcnt " : "",
                 __builtin_cpu_supports("avx512f") ? "avx512f " : "",
+                __builtin_cpu_supports("avx512bw") ? "avx512bw " : "",
+                __builtin_cpu_supports("avx512vl") ? "avx512vl " : "",
                 __builtin_cpu_supports("avx512vnni") ? "avx512vnni " : "",
-                active_isa() == Isa::Avx2 ? "avx2" : "scalar");
+                isa_name(active_isa()));
 #endif
   return text;
 }
@@ -139,7 +158,7 @@ int32_t quantize_row_avx2(const float* x, int64_t K, float s, int8_t* q) { retur
 
 void quantize_int8(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, bool per_token,
                    int8_t* q, int32_t* qsum, float* scale) {
-  const bool avx2 = active_isa() == Isa::Avx2;
+  const bool avx2 = active_isa() >= Isa::Avx2;
   auto absmax = [&](const float* row) { return avx2 ? row_absmax_avx2(row, K) : row_absmax_scalar(row, K); };
   float tensor_amax = 0.0f;
   if (!per_token) {

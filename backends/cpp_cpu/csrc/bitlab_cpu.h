@@ -10,8 +10,14 @@
 // once and produces that row's dot products with every token of the group.  Batch 1
 // (GEMV) is the same code with groups of one token.  Row blocks are spread over threads
 // by thread_pool.cpp.  The micro-kernels exist in an AVX2 version (compiled with
-// __attribute__((target(...))), chosen at run time) and a scalar version; the ISA is
-// detected once (see active_isa) and can be pinned with BITLAB_CPU_ISA=scalar|avx2.
+// __attribute__((target(...))), chosen at run time) and a scalar version, and the low-bit
+// kernels with int8 activations also in an AVX-512 VNNI version; the ISA is detected once
+// (see active_isa) and can be pinned with BITLAB_CPU_ISA=scalar|avx2|avx512vnni.  A kernel
+// without an AVX-512 version runs its AVX2 one at that level.
+//
+// Weight streams: a batch-1 call reads every weight byte once, so it runs at the speed the
+// weights arrive from memory.  Work items hold long contiguous runs of rows (rows_per_item)
+// and the low-bit loops prefetch kPrefetchBytes ahead of the byte they read.
 #pragma once
 
 #include <cstddef>
@@ -38,16 +44,31 @@ __attribute__((target("avx2"))) inline int32_t hsum_epi32_avx2(__m256i v) {
 }
 #endif
 
-enum class Isa : int { Scalar = 0, Avx2 = 1 };
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512Vnni = 2 };
 
 Isa active_isa();                  // best supported ISA, or BITLAB_CPU_ISA if set and supported
-void set_isa_override(int isa);    // -1: automatic; 0: scalar; 1: avx2 (clamped to what the CPU has)
-const char* cpu_features();        // e.g. "avx2 fma popcnt (active: avx2)"
+void set_isa_override(int isa);    // -1: automatic; 0: scalar; 1: avx2; 2: avx512vnni (clamped to what the CPU has)
+const char* cpu_features();        // e.g. "avx2 fma popcnt avx512f avx512vnni (active: avx512vnni)"
 
 enum Epilogue : int { kEpiNone = 0, kEpiRelu = 1, kEpiRelu2 = 2 };
 
-constexpr int kRowBlock = 16;    // rows per OpenMP work item
+constexpr int kRowBlock = 16;    // rows per work item at least (and the unit items are rounded to)
 constexpr int kTokenGroup = 4;   // tokens per micro-kernel call (accumulators stay in registers)
+constexpr int64_t kItemBytes = 128 * 1024;  // weight bytes per work item that rows_per_item aims at
+constexpr int kPrefetchBytes = 4096;        // how far ahead of its loads a weight stream prefetches
+
+// Rows per work item for rows of row_bytes: about kItemBytes of weights (one long contiguous
+// run per claim keeps the memory prefetchers busy: on the 2-core development box a batch-1
+// ternary GEMV from DRAM ran at 10 GB/s with 16-row items and no software prefetch, 22-26
+// GB/s with 128 KB items and prefetch), but at most N / (4 * threads) rows rounded up to
+// kRowBlock, so every thread still gets several items to balance with.
+inline int64_t rows_per_item(int64_t N, int64_t row_bytes, int threads) {
+  const int64_t by_bytes = kItemBytes / (row_bytes > 0 ? row_bytes : 1);
+  const int64_t share = (N + 4 * threads - 1) / (4 * (threads > 0 ? threads : 1));
+  int64_t rows = by_bytes < share ? by_bytes : share;
+  if (rows < kRowBlock) rows = kRowBlock;
+  return (rows + kRowBlock - 1) / kRowBlock * kRowBlock;
+}
 
 // Where results go and how accumulators become outputs:
 // y[t, r] = epilogue(acc * x_scale[t] * w_scale[r or 0] + bias[r]); with per-group weights
@@ -115,24 +136,25 @@ void xnor_gemm(const uint64_t* w, int64_t N, int64_t Kw, int64_t K, const uint64
 // thread_pool.cpp: run fn(ctx, i) for i in [0, items) on up to `threads` threads (caller included).
 void parallel_items(int64_t items, int threads, void (*fn)(void*, int64_t), void* ctx);
 
-// The shared loop nest: body(r0, r1, t0, t1) over row blocks (in parallel) and token groups.
+// The shared loop nest: body(r0, r1, t0, t1) over row blocks of `rows` rows (in parallel) and
+// token groups.
 template <typename Body>
-inline void for_row_blocks(int64_t N, int64_t M, int threads, Body body) {
+inline void for_row_blocks(int64_t N, int64_t M, int threads, Body body, int64_t rows = kRowBlock) {
   struct Job {
-    int64_t N, M;
+    int64_t N, M, rows;
     Body* body;
     static void run(void* ctx, int64_t b) {
       const Job& j = *static_cast<Job*>(ctx);
-      const int64_t r0 = b * kRowBlock;
-      const int64_t r1 = r0 + kRowBlock < j.N ? r0 + kRowBlock : j.N;
+      const int64_t r0 = b * j.rows;
+      const int64_t r1 = r0 + j.rows < j.N ? r0 + j.rows : j.N;
       for (int64_t t0 = 0; t0 < j.M; t0 += kTokenGroup) {
         const int64_t t1 = t0 + kTokenGroup < j.M ? t0 + kTokenGroup : j.M;
         (*j.body)(r0, r1, t0, t1);
       }
     }
   };
-  Job job{N, M, &body};
-  parallel_items((N + kRowBlock - 1) / kRowBlock, threads, &Job::run, &job);
+  Job job{N, M, rows, &body};
+  parallel_items((N + rows - 1) / rows, threads, &Job::run, &job);
 }
 
 }  // namespace bitlab_cpu

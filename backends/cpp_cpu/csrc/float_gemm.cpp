@@ -134,7 +134,7 @@ void run(const uint32_t* w, int64_t N, int64_t Kp, const float* x, int64_t M, co
 template <int NB, bool ODD>
 void dispatch(const uint32_t* w, int64_t N, int64_t Kp, const float* x, int64_t M, const OutputSpec& o,
               int threads) {
-  if (active_isa() == Isa::Avx2) return run<NB, ODD, true>(w, N, Kp, x, M, o, threads);
+  if (active_isa() >= Isa::Avx2) return run<NB, ODD, true>(w, N, Kp, x, M, o, threads);
   return run<NB, ODD, false>(w, N, Kp, x, M, o, threads);
 }
 

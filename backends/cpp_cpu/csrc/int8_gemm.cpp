@@ -23,6 +23,7 @@ __attribute__((target("avx2,fma"))) inline void accumulate_int8_avx2(const int8_
                                                                      const int8_t* const* x, __m256i* acc) {
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t k = k_begin; k < k_end; k += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetchBytes), _MM_HINT_T0);
     const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
     const __m256i aw = _mm256_abs_epi8(wv);
     for (int t = 0; t < T; ++t) {
@@ -143,14 +144,14 @@ void run(const int8_t* w, int64_t N, int64_t Kp, const Int8Activations& a, int64
       }
       for (int t = 0; t < T; ++t) o.y[(t0 + t) * o.ldy + r] = epilogue(dots[t] * a.scale[t0 + t], o, r);
     }
-  });
+  }, rows_per_item(N, Kp, threads));
 }
 
 }  // namespace
 
 void int8_int8_gemm(const int8_t* w, int64_t N, int64_t Kp, const Int8Activations& a, int64_t M,
                     const OutputSpec& o, int threads) {
-  if (active_isa() == Isa::Avx2) return run<true>(w, N, Kp, a, M, o, threads);
+  if (active_isa() >= Isa::Avx2) return run<true>(w, N, Kp, a, M, o, threads);
   return run<false>(w, N, Kp, a, M, o, threads);
 }
 

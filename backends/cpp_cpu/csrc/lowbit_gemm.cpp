@@ -23,6 +23,18 @@
 // widened to int32 every few blocks, well before they could overflow.  Then
 //   sum_k w_k x_k = alpha * sum_k u_k x_k - beta * sum_k x_k      (exact integers)
 // with sum_k x_k computed once per token when the activation is quantized.
+//
+// AVX-512 VNNI: one 64-byte load holds two blocks (b, b + 1 of a group) and vpdpbusd
+// multiplies 64 unsigned codes by 64 int8 activations, summing fours into int32 lanes (no
+// int16 stage, no widening).  The activations are first copied once per call into the order
+// those loads need (pair_activations): within each group, pair p of blocks takes 64 * PER
+// bytes, and for shift s its 64 bytes are block 2p's 32 inputs for s, then block 2p + 1's.
+// A group with an odd block count ends in a lone block, read with a 32-byte load and a zero
+// upper half (its activations' upper half is zero too).
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
 #include "bitlab_cpu.h"
 
 namespace bitlab_cpu {
@@ -49,6 +61,7 @@ __attribute__((target("avx2,fma"))) inline void accumulate_blocks_avx2(const uin
     __m256i s16[T];
     for (int t = 0; t < T; ++t) s16[t] = _mm256_setzero_si256();
     for (int64_t b = b0; b < b1; ++b) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + 32 * b + kPrefetchBytes), _MM_HINT_T0);
       __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * b));
       const int64_t k0 = b * 32 * PER;
 #pragma GCC unroll 8
@@ -95,6 +108,72 @@ __attribute__((target("avx2,fma"))) void dot_int8_grouped_avx2(const uint8_t* w,
   }
   for (int t = 0; t < T; ++t) out[t] = y[t];
 }
+
+#define BITLAB_AVX512_TARGET "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni"
+
+// acc[2t], acc[2t + 1] += the integer dot products of code blocks [0, nblocks) of one group of
+// a prepared row with the paired activations xp[t] of that group (two accumulators per token
+// so consecutive vpdpbusd do not wait on each other).
+template <int NB, int T>
+__attribute__((target(BITLAB_AVX512_TARGET))) inline void accumulate_pairs_avx512(const uint8_t* w, int64_t nblocks,
+                                                                                const int8_t* const* xp,
+                                                                                __m512i* acc) {
+  constexpr int PER = codes_per_byte<NB>();
+  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << NB) - 1));
+  int64_t b = 0;
+  for (; b + 1 < nblocks; b += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + 32 * b + kPrefetchBytes), _MM_HINT_T0);
+    const __m512i v = _mm512_loadu_si512(w + 32 * b);
+    const int64_t k0 = b * 32 * PER;  // pair b / 2 starts at (b / 2) * 64 * PER
+#pragma GCC unroll 8
+    for (int s = 0; s < PER; ++s) {
+      const __m512i u = _mm512_and_si512(_mm512_srli_epi16(v, NB * s), mask);
+      for (int t = 0; t < T; ++t)
+        acc[2 * t + (s & 1)] = _mm512_dpbusd_epi32(acc[2 * t + (s & 1)], u, _mm512_loadu_si512(xp[t] + k0 + 64 * s));
+    }
+  }
+  if (b < nblocks) {  // a lone last block: 32 bytes, upper half zero
+    const __m512i v = _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * b)));
+    const int64_t k0 = b * 32 * PER;
+#pragma GCC unroll 8
+    for (int s = 0; s < PER; ++s) {
+      const __m512i u = _mm512_and_si512(_mm512_srli_epi16(v, NB * s), mask);
+      for (int t = 0; t < T; ++t)
+        acc[2 * t + (s & 1)] = _mm512_dpbusd_epi32(acc[2 * t + (s & 1)], u, _mm512_loadu_si512(xp[t] + k0 + 64 * s));
+    }
+  }
+}
+
+template <int NB, int T>
+__attribute__((target(BITLAB_AVX512_TARGET))) void dot_int8_avx512(const uint8_t* w, int64_t nblocks,
+                                                                  const int8_t* const* xp, int32_t* out) {
+  __m512i acc[2 * T];
+  for (int i = 0; i < 2 * T; ++i) acc[i] = _mm512_setzero_si512();
+  accumulate_pairs_avx512<NB, T>(w, nblocks, xp, acc);
+  for (int t = 0; t < T; ++t) out[t] = _mm512_reduce_add_epi32(_mm512_add_epi32(acc[2 * t], acc[2 * t + 1]));
+}
+
+// per_group weights, as dot_int8_grouped_avx2: each group's exact integer total, then one rounding.
+// pair_len: paired activation bytes per group (group_blocks rounded up to even, times 32 * PER).
+template <int NB, int T>
+__attribute__((target(BITLAB_AVX512_TARGET))) void dot_int8_grouped_avx512(
+    const uint8_t* w, int64_t groups, int64_t group_blocks, int64_t pair_len, const float* scale,
+    const int8_t* const* xp, const int32_t* const* gsum, int alpha, int beta, float* out) {
+  float y[T];
+  for (int t = 0; t < T; ++t) y[t] = 0.0f;
+  const int8_t* xg[T];
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i acc[2 * T];
+    for (int i = 0; i < 2 * T; ++i) acc[i] = _mm512_setzero_si512();
+    for (int t = 0; t < T; ++t) xg[t] = xp[t] + g * pair_len;
+    accumulate_pairs_avx512<NB, T>(w + g * group_blocks * 32, group_blocks, xg, acc);
+    for (int t = 0; t < T; ++t) {
+      const int32_t dot = _mm512_reduce_add_epi32(_mm512_add_epi32(acc[2 * t], acc[2 * t + 1]));
+      y[t] += static_cast<float>(alpha * dot - beta * gsum[t][g]) * scale[g];
+    }
+  }
+  for (int t = 0; t < T; ++t) out[t] = y[t];
+}
 #endif
 
 template <int NB, int T>
@@ -127,6 +206,13 @@ void dot_int8_grouped_scalar(const uint8_t* w, int64_t groups, int64_t group_blo
 }
 
 #if !BITLAB_X86
+// Declared only: run_int8_on never instantiates the AVX-512 path off x86.
+template <int NB, int T>
+void dot_int8_avx512(const uint8_t* w, int64_t nblocks, const int8_t* const* x, int32_t* out);
+template <int NB, int T>
+void dot_int8_grouped_avx512(const uint8_t* w, int64_t groups, int64_t group_blocks, int64_t pair_len,
+                             const float* scale, const int8_t* const* x, const int32_t* const* gsum, int alpha,
+                             int beta, float* out);
 template <int NB, int T>
 void dot_int8_avx2(const uint8_t* w, int64_t nblocks, const int8_t* const* x, int32_t* out) {
   dot_int8_scalar<NB, T>(w, nblocks, x, out);
@@ -138,79 +224,108 @@ void dot_int8_grouped_avx2(const uint8_t* w, int64_t groups, int64_t group_block
 }
 #endif
 
-template <int NB, bool AVX2>
+// Calls f(std::integral_constant<int, T>{}) with T = n for n in 1..kTokenGroup.
+template <typename F>
+inline void with_token_count(int n, F f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+// The activations in the order of the AVX-512 kernels' 64-byte weight loads (see the top of
+// this file): returns the row stride of the copy, G * pair_len.
+template <int NB>
+int64_t pair_activations(const Int8Activations& a, int64_t M, int64_t pair_len, std::vector<int8_t>& out) {
+  constexpr int PER = codes_per_byte<NB>();
+  const int64_t nblocks = a.group_len / (32 * PER);
+  const int64_t ldp = a.groups * pair_len;
+  out.assign(static_cast<size_t>(M * ldp), 0);
+  for (int64_t t = 0; t < M; ++t)
+    for (int64_t g = 0; g < a.groups; ++g) {
+      const int8_t* src = a.q + t * a.ldq + g * a.group_len;
+      int8_t* dst = out.data() + t * ldp + g * pair_len;
+      for (int64_t b = 0; b < nblocks; ++b)
+        for (int s = 0; s < PER; ++s)
+          std::memcpy(dst + (b / 2) * 64 * PER + 64 * s + 32 * (b % 2), src + b * 32 * PER + 32 * s, 32);
+    }
+  return ldp;
+}
+
+template <int NB, Isa ISA>
 void run_int8(int alpha, int beta, const uint8_t* w, int64_t N, int64_t Kp, const Int8Activations& a,
               int64_t M, const OutputSpec& o, int threads) {
   constexpr int PER = codes_per_byte<NB>();
   const int64_t row_bytes = Kp / PER;
   const int64_t G = a.groups;
   const int64_t nblocks = a.group_len / (32 * PER);  // per group (the whole row when G == 1)
+  // The activations the dot products read: as quantized, or paired for the AVX-512 loads.
+  const int8_t* xq = a.q;
+  int64_t ldx = a.ldq;
+  const int64_t pair_len = (nblocks + 1) / 2 * 64 * PER;
+  static thread_local std::vector<int8_t> paired;
+  if (ISA == Isa::Avx512Vnni) {
+    ldx = pair_activations<NB>(a, M, pair_len, paired);
+    xq = paired.data();
+  }
   for_row_blocks(N, M, threads, [&](int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
-    const int T = static_cast<int>(t1 - t0);
-    const int8_t* xs[kTokenGroup];
-    for (int t = 0; t < T; ++t) xs[t] = a.q + (t0 + t) * a.ldq;
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* wr = w + r * row_bytes;
-      if (G == 1) {
-        int32_t dots[kTokenGroup];
-        if (AVX2) {
-          switch (T) {
-            case 1: dot_int8_avx2<NB, 1>(wr, nblocks, xs, dots); break;
-            case 2: dot_int8_avx2<NB, 2>(wr, nblocks, xs, dots); break;
-            case 3: dot_int8_avx2<NB, 3>(wr, nblocks, xs, dots); break;
-            default: dot_int8_avx2<NB, 4>(wr, nblocks, xs, dots); break;
+    with_token_count(static_cast<int>(t1 - t0), [&](auto token_count) {
+      constexpr int T = decltype(token_count)::value;
+      const int8_t* xs[T];
+      for (int t = 0; t < T; ++t) xs[t] = xq + (t0 + t) * ldx;
+      for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* wr = w + r * row_bytes;
+        if (G == 1) {
+          int32_t dots[T];
+          if constexpr (ISA == Isa::Avx512Vnni) dot_int8_avx512<NB, T>(wr, nblocks, xs, dots);
+          else if constexpr (ISA == Isa::Avx2) dot_int8_avx2<NB, T>(wr, nblocks, xs, dots);
+          else dot_int8_scalar<NB, T>(wr, nblocks, xs, dots);
+          for (int t = 0; t < T; ++t) {
+            const int32_t d = alpha * dots[t] - beta * a.qsum[t0 + t];
+            o.y[(t0 + t) * o.ldy + r] = finish(static_cast<float>(d), a.scale[t0 + t], o, r);
           }
-        } else {
-          switch (T) {
-            case 1: dot_int8_scalar<NB, 1>(wr, nblocks, xs, dots); break;
-            case 2: dot_int8_scalar<NB, 2>(wr, nblocks, xs, dots); break;
-            case 3: dot_int8_scalar<NB, 3>(wr, nblocks, xs, dots); break;
-            default: dot_int8_scalar<NB, 4>(wr, nblocks, xs, dots); break;
-          }
+          continue;
         }
-        for (int t = 0; t < T; ++t) {
-          const int32_t d = alpha * dots[t] - beta * a.qsum[t0 + t];
-          o.y[(t0 + t) * o.ldy + r] = finish(static_cast<float>(d), a.scale[t0 + t], o, r);
-        }
-        continue;
+        // per_group: sum_g s_g * (alpha * dot_g - beta * xsum_g)
+        const float* sr = o.w_scale + r * G;
+        const int32_t* gs[T];
+        for (int t = 0; t < T; ++t) gs[t] = a.qsum + (t0 + t) * G;
+        float dots[T];
+        if constexpr (ISA == Isa::Avx512Vnni)
+          dot_int8_grouped_avx512<NB, T>(wr, G, nblocks, pair_len, sr, xs, gs, alpha, beta, dots);
+        else if constexpr (ISA == Isa::Avx2)
+          dot_int8_grouped_avx2<NB, T>(wr, G, nblocks, sr, xs, gs, alpha, beta, dots);
+        else
+          dot_int8_grouped_scalar<NB, T>(wr, G, nblocks, sr, xs, gs, alpha, beta, dots);
+        for (int t = 0; t < T; ++t) o.y[(t0 + t) * o.ldy + r] = epilogue(dots[t] * a.scale[t0 + t], o, r);
       }
-      // per_group: sum_g s_g * (alpha * dot_g - beta * xsum_g)
-      const float* sr = o.w_scale + r * G;
-      const int32_t* gs[kTokenGroup];
-      for (int t = 0; t < T; ++t) gs[t] = a.qsum + (t0 + t) * G;
-      float dots[kTokenGroup];
-      if (AVX2) {
-        switch (T) {
-          case 1: dot_int8_grouped_avx2<NB, 1>(wr, G, nblocks, sr, xs, gs, alpha, beta, dots); break;
-          case 2: dot_int8_grouped_avx2<NB, 2>(wr, G, nblocks, sr, xs, gs, alpha, beta, dots); break;
-          case 3: dot_int8_grouped_avx2<NB, 3>(wr, G, nblocks, sr, xs, gs, alpha, beta, dots); break;
-          default: dot_int8_grouped_avx2<NB, 4>(wr, G, nblocks, sr, xs, gs, alpha, beta, dots); break;
-        }
-      } else {
-        switch (T) {
-          case 1: dot_int8_grouped_scalar<NB, 1>(wr, G, nblocks, sr, xs, gs, alpha, beta, dots); break;
-          case 2: dot_int8_grouped_scalar<NB, 2>(wr, G, nblocks, sr, xs, gs, alpha, beta, dots); break;
-          case 3: dot_int8_grouped_scalar<NB, 3>(wr, G, nblocks, sr, xs, gs, alpha, beta, dots); break;
-          default: dot_int8_grouped_scalar<NB, 4>(wr, G, nblocks, sr, xs, gs, alpha, beta, dots); break;
-        }
-      }
-      for (int t = 0; t < T; ++t) o.y[(t0 + t) * o.ldy + r] = epilogue(dots[t] * a.scale[t0 + t], o, r);
-    }
-  });
+    });
+  }, rows_per_item(N, row_bytes, threads));
+}
+
+template <int NB>
+void run_int8_on(Isa isa, int alpha, int beta, const uint8_t* w, int64_t N, int64_t Kp, const Int8Activations& a,
+                 int64_t M, const OutputSpec& o, int threads) {
+  switch (isa) {
+#if BITLAB_X86
+    case Isa::Avx512Vnni: return run_int8<NB, Isa::Avx512Vnni>(alpha, beta, w, N, Kp, a, M, o, threads);
+#endif
+    case Isa::Avx2: return run_int8<NB, Isa::Avx2>(alpha, beta, w, N, Kp, a, M, o, threads);
+    default: return run_int8<NB, Isa::Scalar>(alpha, beta, w, N, Kp, a, M, o, threads);
+  }
 }
 
 }  // namespace
 
 void lowbit_int8_gemm(int nbits, int alpha, int beta, const uint8_t* w, int64_t N, int64_t Kp,
                       const Int8Activations& a, int64_t M, const OutputSpec& o, int threads) {
-  const bool avx2 = active_isa() == Isa::Avx2;
+  const Isa isa = active_isa();
   switch (nbits) {
-    case 1: return avx2 ? run_int8<1, true>(alpha, beta, w, N, Kp, a, M, o, threads)
-                        : run_int8<1, false>(alpha, beta, w, N, Kp, a, M, o, threads);
-    case 2: return avx2 ? run_int8<2, true>(alpha, beta, w, N, Kp, a, M, o, threads)
-                        : run_int8<2, false>(alpha, beta, w, N, Kp, a, M, o, threads);
-    default: return avx2 ? run_int8<4, true>(alpha, beta, w, N, Kp, a, M, o, threads)
-                         : run_int8<4, false>(alpha, beta, w, N, Kp, a, M, o, threads);
+    case 1: return run_int8_on<1>(isa, alpha, beta, w, N, Kp, a, M, o, threads);
+    case 2: return run_int8_on<2>(isa, alpha, beta, w, N, Kp, a, M, o, threads);
+    default: return run_int8_on<4>(isa, alpha, beta, w, N, Kp, a, M, o, threads);
   }
 }
 

@@ -94,7 +94,7 @@ void run(const uint64_t* w, int64_t N, int64_t Kw, int64_t K, const uint64_t* xb
 
 void xnor_gemm(const uint64_t* w, int64_t N, int64_t Kw, int64_t K, const uint64_t* xbits,
                const float* x_scale, int64_t M, const OutputSpec& o, int threads) {
-  if (active_isa() == Isa::Avx2) return run<true>(w, N, Kw, K, xbits, x_scale, M, o, threads);
+  if (active_isa() >= Isa::Avx2) return run<true>(w, N, Kw, K, xbits, x_scale, M, o, threads);
   return run<false>(w, N, Kw, K, xbits, x_scale, M, o, threads);
 }
 

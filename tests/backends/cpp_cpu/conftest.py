@@ -7,7 +7,7 @@ import torch
 from backends.cpp_cpu.build import SPEC
 from bitcore.extensions import missing_requirements
 
-ISAS = {"avx2": 1, "scalar": 0}
+ISAS = {"avx512vnni": 2, "avx2": 1, "scalar": 0}
 
 
 @pytest.fixture(scope="session")
@@ -24,9 +24,12 @@ def cpp_ops():
 
 @pytest.fixture(params=sorted(ISAS))
 def isa(request, cpp_ops):
-    """Run the test once with the AVX2 kernels (where the CPU has them) and once with the scalar fallback."""
-    if request.param == "avx2" and "avx2" not in cpp_ops.cpu_features().split("(")[0]:
-        pytest.skip("this CPU has no AVX2")
+    """Run the test with the AVX-512 VNNI and the AVX2 kernels (where the CPU has them) and the scalar fallback."""
+    features = cpp_ops.cpu_features().split("(")[0].split()
+    needs = {"avx512vnni": ["avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni"], "avx2": ["avx2"], "scalar": []}
+    missing = [f for f in needs[request.param] if f not in features]
+    if missing:
+        pytest.skip(f"this CPU has no {' '.join(missing)}")
     cpp_ops.cpu_set_isa(ISAS[request.param])
     yield request.param
     cpp_ops.cpu_set_isa(-1)

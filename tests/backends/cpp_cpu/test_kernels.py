@@ -1,4 +1,4 @@
-"""cpp_cpu kernels against the reference backend, on both instruction sets (AVX2 and scalar).
+"""cpp_cpu kernels against the reference backend, on every instruction set (AVX-512 VNNI, AVX2, scalar).
 
 Integer-activation paths must agree bit for bit (exactness probe of
 backends/torch_ref/kernels.py, and in general, since the epilogue rounds in the
@@ -81,6 +81,56 @@ def test_int8_activations_bit_exact(isa, bits, wg, ag):
         assert y.shape == (batch, out_f) and y.dtype == x.dtype
         assert torch.equal(y, y_ref), f"{bits} {wg} {ag} shape {(batch, in_f, out_f)} {epilogue}: " \
             f"max diff {(y - y_ref).abs().max().item() if y.numel() else 0}"
+
+
+# Rows long enough for many 64-byte weight loads, block counts odd and even (a lone last block on
+# the AVX-512 path), outputs enough for several work items (rows_per_item), and every token-group
+# size (1-4 tokens and a partial group after full ones).
+LONG_SHAPES = [(1, 2600, 300), (5, 1500, 650), (2, 4099, 97), (3, 640, 1100)]
+
+
+@pytest.mark.parametrize("bits", [1, 1.58, 2, 4])
+def test_int8_activations_long_rows_bit_exact(isa, bits):
+    gen = torch.Generator().manual_seed(hash(("long", bits, isa)) % 2**31)
+    cfg = BitQuantConfig(weight_bits=bits, weight_granularity="per_channel", activation_granularity="per_token")
+    for batch, in_f, out_f in LONG_SHAPES:
+        probe = random_packed(cfg, out_f, in_f, gen, unit_scale=True)
+        y, y_ref = run_both(CppInt8ActivationKernel(), cfg, probe, probe_input(batch, in_f, gen), None, "none")
+        assert torch.equal(y, y_ref), f"probe {bits} shape {(batch, in_f, out_f)}"
+        packed = random_packed(cfg, out_f, in_f, gen)
+        x = torch.randn(batch, in_f, generator=gen)
+        y, y_ref = run_both(CppInt8ActivationKernel(), cfg, packed, x, torch.randn(out_f, generator=gen), "relu2")
+        assert torch.equal(y, y_ref), f"{bits} shape {(batch, in_f, out_f)}"
+
+
+@pytest.mark.parametrize("bits", [1.58, 4])
+@pytest.mark.parametrize("group_size", [384, 1000])
+def test_per_group_long_rows(isa, bits, group_size):
+    """Groups of 3 ternary blocks (odd: a lone block per group on the AVX-512 path) and of 1000 inputs."""
+    gen = torch.Generator().manual_seed(hash(("long-group", bits, group_size, isa)) % 2**31)
+    cfg = BitQuantConfig(weight_bits=bits, weight_granularity="per_group", group_size=group_size,
+                         activation_granularity="per_token")
+    choices = torch.tensor(WEIGHT_VALUES[bits], dtype=torch.int8)
+    for batch, in_f, out_f in LONG_SHAPES[:3]:
+        values = choices[torch.randint(len(choices), (out_f, in_f), generator=gen)]
+        groups = -(-in_f // group_size)
+        probe = pack_weight(values, torch.ones(out_f, groups), bits, "per_group", group_size)
+        y, y_ref = run_both(CppInt8ActivationKernel(), cfg, probe, probe_input(batch, in_f, gen), None, "none")
+        assert torch.equal(y, y_ref), f"probe shape {(batch, in_f, out_f)}"
+
+
+def test_isa_override_names_the_active_set(cpp_ops):
+    """cpu_set_isa pins the kernels and cpu_features says which run; a request above the CPU is clamped."""
+    try:
+        cpp_ops.cpu_set_isa(0)
+        assert cpp_ops.cpu_features().endswith("(active: scalar)")
+        cpp_ops.cpu_set_isa(2)
+        features = cpp_ops.cpu_features().split("(")[0].split()
+        best = "avx512vnni" if "avx512vnni" in features and "avx512bw" in features and "avx512vl" in features \
+            else "avx2" if "avx2" in features else "scalar"
+        assert cpp_ops.cpu_features().endswith(f"(active: {best})")
+    finally:
+        cpp_ops.cpu_set_isa(-1)
 
 
 @pytest.mark.parametrize("bits", [1, 4, 8])
