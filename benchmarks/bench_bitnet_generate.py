@@ -317,7 +317,7 @@ def parse_env_variant(text: str) -> tuple:
     var, eq, value = assignment.partition("=")
     if not (sep and eq and name and var):
         raise SystemExit(f"--env-variant: got {text!r}; expected NAME:VAR=VALUE, e.g. "
-                         "bitlab_norm_generic:BITLAB_NORM_KERNEL=generic")
+                         "bitlab_norm_per_mode:BITLAB_NORM_KERNEL=per_mode")
     if not var.startswith("BITLAB_"):
         raise SystemExit(f"--env-variant: {var!r} is not one of BitLab's switches (BITLAB_...)")
     return name, var, value
@@ -360,7 +360,7 @@ def main(argv=None) -> int:
     ap.add_argument("--env-variant", action="append", default=[], metavar="NAME:VAR=VALUE",
                     help="one more row, NAME: the default model with the environment variable VAR set to VALUE while "
                          "its graphs are captured (the kernels' A/B switches, e.g. "
-                         "bitlab_norm_generic:BITLAB_NORM_KERNEL=generic); repeatable")
+                         "bitlab_norm_per_mode:BITLAB_NORM_KERNEL=per_mode); repeatable")
     ap.add_argument("--profile", action="store_true",
                     help="also list the top kernels of a decode step (decode steps only, eager) at --profile-batches")
     ap.add_argument("--profile-batches", default="1", help="batches profiled with --profile (default 1)")

@@ -47,17 +47,17 @@ def test_matches_the_torch_definition(cuda_ops, mode, dtype):
 
 
 @pytest.mark.parametrize("mode", [0, 1, 2])
-def test_the_one_kernel_for_every_mode_gives_the_same_bits(cuda_ops, monkeypatch, mode):
-    # BITLAB_NORM_KERNEL=generic (A/B timing) launches one kernel that decides the mode and the access width per
-    # launch; the default launches a kernel per mode and width.  Same arithmetic, so the same bits.
+def test_the_kernel_per_mode_gives_the_same_bits(cuda_ops, monkeypatch, mode):
+    # The default launches one kernel that decides the mode and the access width per launch;
+    # BITLAB_NORM_KERNEL=per_mode (A/B timing) a kernel per mode and width.  Same arithmetic, so the same bits.
     for m, k, dtype in [(1, 2560, torch.bfloat16), (3, 7, torch.float16), (2, 6912, torch.bfloat16),
                         (5, 4097, torch.float32), (2, 9000, torch.bfloat16)]:
         a = torch.randn(m, k, device="cuda").to(dtype) * 3
         b = torch.randn(m, k, device="cuda").to(dtype)
         weight = (torch.rand(k, device="cuda") + 0.5).to(dtype)
-        monkeypatch.delenv("BITLAB_NORM_KERNEL", raising=False)
+        monkeypatch.setenv("BITLAB_NORM_KERNEL", "per_mode")
         per_mode = cuda_ops.rms_norm_quant(a, b if mode else None, weight, 1e-5, mode)
-        monkeypatch.setenv("BITLAB_NORM_KERNEL", "generic")
+        monkeypatch.delenv("BITLAB_NORM_KERNEL", raising=False)
         generic = cuda_ops.rms_norm_quant(a, b if mode else None, weight, 1e-5, mode)
         for x, y in zip(per_mode, generic):
             assert torch.equal(x, y), (m, k, dtype)
