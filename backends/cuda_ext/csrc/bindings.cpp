@@ -608,6 +608,29 @@ at::Tensor cuda_ext_argmax_rows(const at::Tensor& x) {
   return out;
 }
 
+// Throws, naming the tensor, unless t is a contiguous `dtype` tensor on `device`.
+void require_contiguous(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype,
+                        const char* dtype_name, const c10::Device& device) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.device() == device && t.is_contiguous(), op, ": ", name,
+              " must be a contiguous ", dtype_name, " tensor on ", device, ", got ", t.scalar_type(), " on ",
+              t.device());
+}
+
+// The shapes decode_advance needs (B rows): each check in its own statement, each message naming the tensors.
+void require_advance_shapes(const char* op, int64_t B, const at::Tensor& pad_id, const at::Tensor& pos,
+                            const at::Tensor& done, const at::Tensor& tokens, const at::Tensor& pad,
+                            const at::Tensor& positions, const at::Tensor& out, const at::Tensor& mask) {
+  TORCH_CHECK(pad_id.numel() == 1 && pos.numel() == 1, op, ": pad_id and pos must hold one value each");
+  const bool per_row =
+      done.numel() == B && tokens.numel() == B && pad.numel() == B && positions.numel() == B;
+  TORCH_CHECK(per_row, op, ": done, tokens, pad and positions must hold one value per row (", B, "), got ",
+              done.numel(), ", ", tokens.numel(), ", ", pad.numel(), ", ", positions.numel());
+  const bool out_ok = out.dim() == 2 && out.size(0) == B;
+  const bool mask_ok = mask.dim() >= 2 && mask.size(0) == B && mask.size(-1) >= 1 && mask.numel() == B * mask.size(-1);
+  TORCH_CHECK(out_ok && mask_ok, op, ": out must be [", B, ", columns] and mask [", B, ", slots], got ",
+              out.sizes(), " and ", mask.sizes());
+}
+
 // A decode step's bookkeeping after its tokens are picked (decode_advance.cu); mutates done, out, pos, tokens,
 // positions and mask.
 void cuda_ext_decode_advance(const at::Tensor& ids, const at::Tensor& done, const at::Tensor& pad_id,
@@ -618,24 +641,18 @@ void cuda_ext_decode_advance(const at::Tensor& ids, const at::Tensor& done, cons
   TORCH_CHECK(ids.is_cuda(), op, ": ids (and every other tensor) must be on a CUDA device, got ", ids.device());
   const int64_t B = ids.numel();
   TORCH_CHECK(B >= 1 && B <= (int64_t{1} << 30), op, ": ids must hold 1 to 2^30 rows, got ", ids.sizes());
-  const std::pair<const at::Tensor*, const char*> longs[] = {{&ids, "ids"}, {&pad_id, "pad_id"},
-      {&stop_ids, "stop_ids"}, {&out, "out"}, {&pos, "pos"}, {&tokens, "tokens"}, {&pad, "pad"},
-      {&positions, "positions"}};
-  for (const auto& [t, name] : longs)
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->device() == ids.device() && t->is_contiguous(), op, ": ", name,
-                " must be a contiguous int64 tensor on ", ids.device(), ", got ", t->scalar_type(), " on ",
-                t->device());
-  for (const auto& [t, name] : {std::make_pair(&done, "done"), std::make_pair(&mask, "mask")})
-    TORCH_CHECK(t->scalar_type() == at::kBool && t->device() == ids.device() && t->is_contiguous(), op, ": ", name,
-                " must be a contiguous bool tensor on ", ids.device(), ", got ", t->scalar_type(), " on ",
-                t->device());
-  TORCH_CHECK(pad_id.numel() == 1 && pos.numel() == 1, op, ": pad_id and pos must hold one value each");
-  TORCH_CHECK(done.numel() == B && tokens.numel() == B && pad.numel() == B && positions.numel() == B, op,
-              ": done, tokens, pad and positions must hold one value per row (", B, ")");
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == B && mask.dim() >= 2 && mask.size(0) == B && mask.size(-1) >= 1 &&
-                  mask.numel() == B * mask.size(-1),
-              op, ": out must be [", B, ", columns] and mask [", B, ", slots], got ", out.sizes(), " and ",
-              mask.sizes());
+  const c10::Device device = ids.device();
+  require_contiguous(ids, op, "ids", at::kLong, "int64", device);
+  require_contiguous(pad_id, op, "pad_id", at::kLong, "int64", device);
+  require_contiguous(stop_ids, op, "stop_ids", at::kLong, "int64", device);
+  require_contiguous(out, op, "out", at::kLong, "int64", device);
+  require_contiguous(pos, op, "pos", at::kLong, "int64", device);
+  require_contiguous(tokens, op, "tokens", at::kLong, "int64", device);
+  require_contiguous(pad, op, "pad", at::kLong, "int64", device);
+  require_contiguous(positions, op, "positions", at::kLong, "int64", device);
+  require_contiguous(done, op, "done", at::kBool, "bool", device);
+  require_contiguous(mask, op, "mask", at::kBool, "bool", device);
+  require_advance_shapes(op, B, pad_id, pos, done, tokens, pad, positions, out, mask);
   const c10::cuda::CUDAGuard guard(ids.device());
   bitlab::DecodeAdvanceArgs a{};
   a.ids = ids.data_ptr<int64_t>();
