@@ -59,6 +59,7 @@ from bitmodels.bitnet.ops import (
     compiled_ops,
     fused_decode_attention_status,
 )
+from bitmodels.bitnet.cpu_threads import DecodeThreads, HeadOnAllThreadsOps, split_status
 from bitmodels.bitnet.decode_state import WARMUP_STEPS, DecodeState, use_advance_kernel
 from bitmodels.bitnet.sampling import SamplingConfig, sample, use_argmax_kernel
 
@@ -171,6 +172,11 @@ class Generator:
             name: getattr(getattr(b, "kernel", None), "name", type(b).__name__)
             for name, b in model.model.layers[0].bound.items()
         }
+        # On a CPU the decode loop runs torch's ops on one thread and the cpp_cpu kernels on all (cpu_threads).
+        split, self.cpu_threads = split_status(model, self.device)
+        self._decode_threads = DecodeThreads(split)
+        if split:
+            self.decode_ops = HeadOnAllThreadsOps(self.decode_ops, self._decode_threads)
         self._cache: Optional[KVCache] = None
         self._decoders: Dict[tuple, tuple] = {}  # key -> (state, graph or None)
 
@@ -303,19 +309,20 @@ class Generator:
         steps = 0
         if stream is not None:
             stream(st.out[:, :1].tolist())
-        while emitted < max_new_tokens:
-            if graph is not None:
-                graph.replay()
-            else:
-                self._decode_step(st, sampling)
-            emitted += 1
-            steps += 1
-            if steps % sync_every == 0 or emitted == max_new_tokens:
-                if stream is not None:
-                    stream(st.out[:, streamed:emitted].tolist())
-                    streamed = emitted
-                if bool(st.done.all()):
-                    break
+        with self._decode_threads():
+            while emitted < max_new_tokens:
+                if graph is not None:
+                    graph.replay()
+                else:
+                    self._decode_step(st, sampling)
+                emitted += 1
+                steps += 1
+                if steps % sync_every == 0 or emitted == max_new_tokens:
+                    if stream is not None:
+                        stream(st.out[:, streamed:emitted].tolist())
+                        streamed = emitted
+                    if bool(st.done.all()):
+                        break
         sync()
         decode_s = time.perf_counter() - t1
         tokens = [_until_stop(row, stops) for row in st.out[:, :emitted].tolist()]

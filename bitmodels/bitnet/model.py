@@ -47,7 +47,7 @@ from bitmodels.bitnet.bindings import (
     device_bytes,
 )
 from bitmodels.bitnet.config import BitNetConfig
-from bitmodels.bitnet.ops import CompiledOps, Ops, compiled_ops, rms_norm, rotary_table, use_fused_norm_quant
+from bitmodels.bitnet.ops import CompiledOps, Ops, apply_head, compiled_ops, rms_norm, rotary_table, use_fused_norm_quant
 from bitmodels.configs import register_model
 from bitmodels.hf.build import empty_frozen_bitlinear
 
@@ -311,7 +311,8 @@ class BitNetForCausalLM(nn.Module):
             _, x = ops.add_rms_norm(h, delta, self.model.norm.weight, eps, quantize)
         if last_only:
             x = QuantizedActivation(x.q[:, -1:], x.scale[:, -1:]) if quantize else x[:, -1:]
-        return self.lm_head(x) if self.head_binding is None else self.head_binding(x)
+        head = self.lm_head if self.head_binding is None else self.head_binding
+        return getattr(ops, "head", apply_head)(head, x)
 
     # ------------------------------------------------------------ checkpoints
     @classmethod

@@ -194,6 +194,11 @@ def attention(
     return out if sub_norm_weight is None else norm_input(out, sub_norm_weight, eps, quantize)
 
 
+def apply_head(linear, x):
+    """The output head (``lm_head`` or its quantized binding) on ``x``."""
+    return linear(x)
+
+
 class Ops:
     """The decoder's float operations, eager."""
 
@@ -201,6 +206,7 @@ class Ops:
     add_rms_norm = staticmethod(add_rms_norm)
     relu2_gate_norm = staticmethod(relu2_gate_norm)
     attention = staticmethod(attention)
+    head = staticmethod(apply_head)
 
 
 class CompiledOps(Ops):
@@ -288,6 +294,7 @@ class FusedDecodeAttentionOps:
         self.max_batch = max_batch  # None: FUSED_ATTENTION_MAX_BATCH, read at every call
         self.norm_input, self.add_rms_norm = base.norm_input, base.add_rms_norm
         self.relu2_gate_norm = base.relu2_gate_norm
+        self.head = getattr(base, "head", apply_head)
 
     def attention(self, q, k, v, cos, sin, k_cache, v_cache, slots, mask, sub_norm_weight, eps, quantize=False):
         from backends.cuda_ext import decode_attention as fused

@@ -11,7 +11,10 @@
 //   cpu_linear_a1(x, weight, w_scale, bias, in_features, per_token, epilogue)
 //       binary activations, XNOR + popcount (xnor_gemm.cpp); weight is int64 words
 //   cpu_quantize_int8(x, per_token) -> (q, scale)      the activation quantizer, for tests
-//   cpu_features() -> str;  cpu_set_isa(isa)          ISA report / override (-1 auto, 0 scalar, 1 avx2)
+//   cpu_features() -> str;  cpu_set_isa(isa)          ISA report / override (-1 auto, 0 scalar, 1 avx2,
+//                                                     2 avx512vnni)
+//   cpu_set_threads(n);  cpu_threads() -> int         the kernels' thread count: n > 0 pins it, n <= 0 follows
+//                                                     torch.get_num_threads() (the default)
 //
 // x is [tokens, in_features] in any float dtype with unit inner stride (other inputs are
 // made so); the output is [tokens, out_features] in x's dtype.  Activation buffers are
@@ -21,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -92,6 +96,14 @@ Prepared prepare_output(int64_t M, int64_t N, const at::Tensor& w_scale, const c
   return p;
 }
 
+// Threads the kernels run on: pinned by cpu_set_threads, else torch's intra-op count (read per call).
+std::atomic<int> g_threads{0};
+
+int kernel_threads() {
+  const int pinned = g_threads.load(std::memory_order_relaxed);
+  return pinned > 0 ? pinned : at::get_num_threads();
+}
+
 at::Tensor finish_output(const at::Tensor& out, const at::Tensor& x) {
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
@@ -160,7 +172,7 @@ at::Tensor linear_a8(const at::Tensor& x, const at::Tensor& weight, const at::Te
   if (M == 0 || N == 0) return finish_output(p.out, x);
   static thread_local Int8Scratch s;
   const Int8Activations a = quantize_into(s, xf, Kp, per_token, groups, group_size, group_len);
-  const int threads = at::get_num_threads();
+  const int threads = kernel_threads();
   if (f.nbits == 8)
     int8_int8_gemm(weight.data_ptr<int8_t>(), N, Kw, a, M, p.spec, threads);
   else
@@ -187,7 +199,7 @@ at::Tensor linear_float(const at::Tensor& x, const at::Tensor& weight, const at:
   float* xp = scratch(buf, M * Kp);
   pad_float(xf.data_ptr<float>(), xf.stride(0), M, K, Kp, xp);
   lowbit_float_gemm(f.nbits, f.alpha == 2, reinterpret_cast<const uint32_t*>(weight.data_ptr<int32_t>()), N, Kp,
-                    xp, M, p.spec, at::get_num_threads());
+                    xp, M, p.spec, kernel_threads());
   return finish_output(p.out, x);
 }
 
@@ -209,7 +221,7 @@ at::Tensor linear_a1(const at::Tensor& x, const at::Tensor& weight, const at::Te
   float* xs = scratch(scale, M);
   pack_signs(xf.data_ptr<float>(), xf.stride(0), M, K, Kw, per_token, xb, xs);
   xnor_gemm(reinterpret_cast<const uint64_t*>(weight.data_ptr<int64_t>()), N, Kw, K, xb, xs, M, p.spec,
-            at::get_num_threads());
+            kernel_threads());
   return finish_output(p.out, x);
 }
 
@@ -229,6 +241,10 @@ std::string features_op() { return cpu_features(); }
 
 void set_isa_op(int64_t isa) { set_isa_override(static_cast<int>(isa)); }
 
+void set_threads_op(int64_t n) { g_threads.store(n > 0 ? static_cast<int>(n) : 0, std::memory_order_relaxed); }
+
+int64_t threads_op() { return kernel_threads(); }
+
 }  // namespace
 }  // namespace bitlab_cpu
 
@@ -242,6 +258,8 @@ TORCH_LIBRARY_FRAGMENT(bitlab, m) {
   m.def("cpu_quantize_int8(Tensor x, bool per_token) -> (Tensor, Tensor)");
   m.def("cpu_features() -> str", &bitlab_cpu::features_op);
   m.def("cpu_set_isa(int isa) -> ()", &bitlab_cpu::set_isa_op);
+  m.def("cpu_set_threads(int n) -> ()", &bitlab_cpu::set_threads_op);
+  m.def("cpu_threads() -> int", &bitlab_cpu::threads_op);
 }
 
 TORCH_LIBRARY_IMPL(bitlab, CPU, m) {
