@@ -5,7 +5,6 @@ import torch
 
 from bitmodels.bitnet.decode_state import advance_torch
 
-pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +38,7 @@ def _run(fn, state, device):
     return s
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("batch, slots, n_stop", [(1, 640, 2), (3, 77, 0), (8, 1024, 1), (64, 576, 3), (1100, 70, 2)])
 def test_matches_the_torch_ops(advance, batch, slots, n_stop):
     for seed in range(3):
@@ -50,6 +50,7 @@ def test_matches_the_torch_ops(advance, batch, slots, n_stop):
             assert torch.equal(got[name], want[name]), (name, batch, slots, n_stop, seed)
 
 
+@pytest.mark.gpu
 def test_replays_in_a_cuda_graph_and_advances_each_time(advance):
     s = {k: v.cuda() if torch.is_tensor(v) else v for k, v in _state(4, 128, 1, 0, cols=12, pos=5).items()}
     ref = {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
@@ -68,17 +69,31 @@ def test_replays_in_a_cuda_graph_and_advances_each_time(advance):
             assert torch.equal(s[name], ref[name]), (name, step)
 
 
+@pytest.mark.gpu
 def test_bad_input_is_named(advance):
     s = {k: v.cuda() if torch.is_tensor(v) else v for k, v in _state(2, 16, 1, 0).items()}
-    with pytest.raises(RuntimeError, match="tokens must be a contiguous int64 tensor"):
+    with pytest.raises(ValueError, match="tokens must be a contiguous int64 tensor"):
         advance(**{**s, "tokens": s["tokens"].int()})
-    with pytest.raises(RuntimeError, match="mask must be a contiguous bool tensor"):
+    with pytest.raises(ValueError, match="mask must be a contiguous bool tensor"):
         advance(**{**s, "mask": s["mask"].float()})
-    with pytest.raises(RuntimeError, match="one value per row"):
+    with pytest.raises(ValueError, match="one value per row"):
         advance(**{**s, "pad": s["pad"][:1]})
-    with pytest.raises(RuntimeError, match=r"out must be \[2, columns\]"):
+    with pytest.raises(ValueError, match=r"out must be \[2, columns\]"):
         advance(**{**s, "out": s["out"][:1]})
-    with pytest.raises(RuntimeError, match=r"ids \(and every other tensor\) must be on a CUDA device, got cpu"):
+    with pytest.raises(ValueError, match=r"ids \(and every other tensor\) must be on a CUDA device, got cpu"):
         advance(**{**s, "ids": s["ids"].cpu()})
-    with pytest.raises(RuntimeError, match="pad must be a contiguous int64 tensor on cuda"):
+    with pytest.raises(ValueError, match="pad must be a contiguous int64 tensor on cuda"):
         advance(**{**s, "pad": s["pad"].cpu()})
+    with pytest.raises(ValueError, match=r"one value per row \(2\), got done 1, tokens 2"):
+        advance(**{**s, "done": s["done"][:1]})
+
+
+
+def test_inputs_on_the_cpu_are_named_without_a_gpu():
+    """The wrapper's own check runs before the op (no extension needed to see it)."""
+    from backends.cuda_ext.decode_advance import check_inputs
+
+    s = _state(2, 16, 1, 0)
+    s.pop("prompt_len")
+    with pytest.raises(ValueError, match=r"ids \(and every other tensor\) must be on a CUDA device, got cpu"):
+        check_inputs(**s)
