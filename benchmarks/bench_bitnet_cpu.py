@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_bitnet_generate import bind_dense, build_model  # noqa: E402
+from bench_bitnet_generate import bind_dense, build_model, run_engine  # noqa: E402
 from bench_output import write_outputs  # noqa: E402
 from bitmodels.bitnet import BitNetConfig  # noqa: E402
 from bitmodels.bitnet.cpu_threads import SWITCH  # noqa: E402
@@ -42,13 +41,7 @@ ROWS = ["bitlab", "bitlab_torch_threads", "bitlab_avx2", "bitlab_head4_a8", "bit
         "bf16_dense"]
 
 
-def decode_ms(gen: Generator, prompt, new_tokens: int, repeats: int) -> list:
-    gen.generate([prompt], new_tokens, stop_token_ids=[])  # warm-up
-    outs = [gen.generate([prompt], new_tokens, stop_token_ids=[]) for _ in range(repeats)]
-    return [o.decode_s / o.decode_steps * 1e3 for o in outs]
-
-
-def run_row(name: str, cfg: BitNetConfig, prompt, args) -> dict:
+def run_row(name: str, cfg: BitNetConfig, args) -> dict:
     model = build_model(cfg, "cpu", args.seed)
     env_before = os.environ.get(SWITCH)
     if name.endswith("_torch_threads"):
@@ -61,7 +54,7 @@ def run_row(name: str, cfg: BitNetConfig, prompt, args) -> dict:
         gen = Generator(model, bind=name != "bf16_dense", **head)
         if name == "bf16_dense":
             bind_dense(model, torch.device("cpu"))
-        runs = decode_ms(gen, prompt, args.new_tokens, args.repeats)
+        timed = run_engine(gen, 1, args.prompt_len, args.new_tokens, cfg.vocab_size, args.seed, args.repeats)
         features = ops.cpu_features()
     finally:
         ops.cpu_set_isa(-1)
@@ -69,8 +62,8 @@ def run_row(name: str, cfg: BitNetConfig, prompt, args) -> dict:
             os.environ.pop(SWITCH, None)
         else:
             os.environ[SWITCH] = env_before
-    ms = statistics.median(runs)
-    row = {"model": name, "decode_ms_per_token": ms, "tokens_per_s": 1e3 / ms, "runs_ms": [round(r, 2) for r in runs],
+    ms = timed["decode_ms_per_step"]
+    row = {"model": name, "decode_ms_per_token": ms, "tokens_per_s": 1e3 / ms, "runs_ms": timed["decode_ms_per_step_runs"],
            "threads": gen.cpu_threads, "head": gen.head_kernel, "kernels": sorted(set(gen.kernels.values())),
            "cpu_features": features}
     print(f"{name:32s} {ms:8.1f} ms/token  {1e3 / ms:6.2f} tokens/s  runs {row['runs_ms']}", flush=True)
@@ -130,11 +123,10 @@ def main(argv=None) -> int:
     cfg = BitNetConfig(hidden_size=2560, num_hidden_layers=args.layers, intermediate_size=6912,
                        num_attention_heads=20, num_key_value_heads=5, vocab_size=128256,
                        max_position_embeddings=max(256, args.prompt_len + args.new_tokens + 64))
-    prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
     from backends.cpp_cpu.kernels import load_ops
 
     load_ops()
-    results = [run_row(name, cfg, prompt, args) for name in rows]
+    results = [run_row(name, cfg, args) for name in rows]
     meta = {"shape": f"hidden 2560, {args.layers} layers, intermediate 6912, vocab 128256",
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
