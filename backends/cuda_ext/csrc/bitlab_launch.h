@@ -248,6 +248,11 @@ struct BitnetMlpArgs {
   int down_tiles_apart, gate_up_apart;
   // set by the launcher: the grid barrier with __threadfence around a relaxed atomic (BITLAB_MLP_BARRIER=fence, A/B)
   int fenced_barrier;
+  // set by the launcher: the sub-norm in shared-memory passes even where it fits in registers
+  // (BITLAB_MLP_SUBNORM=passes, A/B)
+  int subnorm_passes;
+  // set by the launcher: bytes per bulk copy of the weight tiles (16384; BITLAB_MLP_COPY_PIECE for A/B)
+  int copy_piece;
 };
 // Dynamic shared memory the kernel needs for M tokens, or 0 where it cannot run (M out of range,
 // more than 4 tiles of 16 rows per block in either phase, or over the device's shared memory).

@@ -23,7 +23,8 @@
 //   * grid barrier (a counter that only grows: arrival `old`, a release, waits by acquire loads for the
 //     next multiple of G);
 //   * every block reads all of `mid`, computes the sub-norm's sums itself (same order in every block,
-//     so the same result) and quantizes the whole row into shared memory;
+//     so the same result) and quantizes the whole row into shared memory (one or two tokens: m held in
+//     registers, subnorm_in_registers; more: through shared memory, subnorm_in_passes);
 //   * phase B: block b owns down tiles [b PB / G, (b + 1) PB / G), already in shared memory (an even
 //     number of them multiplied two at a time).
 // Epilogues round exactly as the separate kernels do (epilogue_store_f, norm_quant.cu); only the
@@ -116,12 +117,16 @@ __device__ __forceinline__ void finish_block_reduce(int M, float* scratch) {
   __syncthreads();
 }
 
-// A bulk copy cut into pieces of at most kCopyPiece bytes (more copies in flight per multiprocessor).
-constexpr int kCopyPiece = 4096;
-__device__ __forceinline__ void copy_in_pieces(unsigned char* dst, const uint32_t* src, int bytes, uint64_t* bar) {
-  for (int off = 0; off < bytes; off += kCopyPiece)
+// A bulk copy cut into pieces of at most `piece` bytes (a multiple of 16; BitnetMlpArgs::copy_piece).  Thread 0
+// issues every copy, one instruction each: with 4 KB pieces (24 copies for BitNet 2B's four gate/up pair tiles)
+// they were all issued 1.53 us after the block started, with 16 KB pieces (8) 0.87 us, and the MLP timeline's
+// replay went 13.81 -> 13.55 us per (producer, MLP) pair (H200, notes v24); 2 KB pieces lost 19 tokens/s.
+constexpr int kCopyPiece = 16384;
+__device__ __forceinline__ void copy_in_pieces(unsigned char* dst, const uint32_t* src, int bytes, uint64_t* bar,
+                                               int piece) {
+  for (int off = 0; off < bytes; off += piece)
     bulk_copy_to_shared(dst + off, reinterpret_cast<const unsigned char*>(src) + off,
-                        bytes - off < kCopyPiece ? bytes - off : kCopyPiece, bar);
+                        bytes - off < piece ? bytes - off : piece, bar);
 }
 
 // The block's warps multiply its n tiles (MT m-tiles each, in shared memory at `tiles`, tile lt's m-tile
@@ -235,6 +240,94 @@ __device__ __forceinline__ void subnorm_in_passes(const MlpPlan& p, float eps, c
   finish_block_reduce<true>(p.M, scratch);
 }
 
+// Tokens and pieces of 8 columns per thread up to which the sub-norm runs in registers (subnorm_in_registers).
+constexpr int kRegisterTokens = 2, kRegisterPieces = 2;
+
+// Whether plan p's sub-norm fits subnorm_in_registers: at most kRegisterTokens tokens, and every piece of a
+// quantized row (its zero padding included) owned by one of kRegisterPieces per thread.
+__device__ __forceinline__ bool subnorm_fits_registers(const MlpPlan& p) {
+  return p.M <= kRegisterTokens && p.qp / 8 <= kRegisterPieces * kMlpThreads;
+}
+
+// The sum over the warps, in warp order, of per-warp values at slots[w * kMaxTok] (finish_block_reduce's order),
+// read by every thread: no second barrier.
+template <bool kMax>
+__device__ __forceinline__ float sum_of_warps(const float* slots) {
+  float s = slots[0];
+#pragma unroll
+  for (int w = 1; w < kMlpWarps; ++w) s = kMax ? fmaxf(s, slots[w * kMaxTok]) : s + slots[w * kMaxTok];
+  return s;
+}
+
+// ffn_sub_norm and the int8 quantization of m, with m held in registers: the same bits as subnorm_in_passes followed
+// by the kernel's quantization pass (same per-thread piece order, same warp and block orders of the sums), in three
+// barriers instead of six and without m or y in shared memory.  Each thread loads its pieces
+// p = threadIdx.x + k * kMlpThreads of every token at once, adds their squares, and after one barrier reads the
+// warps' sums itself; norms its pieces in place; after a second barrier reads the warps' maxima and writes its
+// pieces' int8 values (zeros in the padding past I) to qs (pitch p.qp), and the per-token scales to q_scale.
+template <typename T>
+__device__ __forceinline__ void subnorm_in_registers(const MlpPlan& p, float eps, const void* mid, const T* w_sub,
+                                                     unsigned char* qs, float* scratch, float* q_scale,
+                                                     TimelineMark loaded = {}, TimelineMark summed = {}) {
+  const int npieces = p.I / 8, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const uint4* src = static_cast<const uint4*>(mid);
+  uint4 v[kRegisterTokens][kRegisterPieces];
+#pragma unroll
+  for (int tok = 0; tok < kRegisterTokens; ++tok)
+#pragma unroll
+    for (int k = 0; k < kRegisterPieces; ++k) {
+      const int pc = threadIdx.x + k * kMlpThreads;
+      v[tok][k] = tok < p.M && pc < npieces ? __ldcg(src + tok * npieces + pc) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  float* sums = scratch;                          // [warp][token]
+  float* maxima = scratch + kMlpWarps * kMaxTok;  // [warp][token], apart: the sums may still be read
+#pragma unroll
+  for (int tok = 0; tok < kRegisterTokens; ++tok) {
+    if (tok >= p.M) break;
+    float ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < kRegisterPieces; ++k) {
+      if (threadIdx.x + k * kMlpThreads >= npieces) break;
+      const T* e = reinterpret_cast<const T*>(&v[tok][k]);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) ss = __fmaf_rn(to_f<T>(e[i]), to_f<T>(e[i]), ss);
+    }
+    warp_reduce_to<false>(ss, sums + warp * kMaxTok + tok, lane);
+  }
+  loaded();  // (this thread's part of m loaded and summed)
+  __syncthreads();
+  summed();  // the sub-norm's sums of squares
+#pragma unroll
+  for (int tok = 0; tok < kRegisterTokens; ++tok) {
+    if (tok >= p.M) break;
+    const float r = rsqrtf(__fadd_rn(__fdiv_rn(sum_of_warps<false>(sums + tok), static_cast<float>(p.I)), eps));
+    float amax = 0.f;
+#pragma unroll
+    for (int k = 0; k < kRegisterPieces; ++k) {
+      const int pc = threadIdx.x + k * kMlpThreads;
+      if (pc >= npieces) break;
+      amax = fmaxf(amax, rms_normed_piece<T>(v[tok][k], reinterpret_cast<const uint4*>(w_sub)[pc], r));
+    }
+    warp_reduce_to<true>(amax, maxima + warp * kMaxTok + tok, lane);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int tok = 0; tok < kRegisterTokens; ++tok) {
+    if (tok >= p.M) break;
+    const float amax = fmaxf(sum_of_warps<true>(maxima + tok), 1e-5f);
+    const float inv = quant_inverse(amax);
+    if (threadIdx.x == 0) q_scale[tok] = quant_scale(amax);
+#pragma unroll
+    for (int k = 0; k < kRegisterPieces; ++k) {
+      const int pc = threadIdx.x + k * kMlpThreads;
+      if (pc >= p.qp / 8) break;
+      const uint2 out = pc < npieces ? quantize_piece<T>(v[tok][k], inv) : make_uint2(0u, 0u);  // zeros past I
+      *reinterpret_cast<uint2*>(qs + tok * p.qp + 8 * pc) = out;
+    }
+  }
+  __syncthreads();
+}
+
 // The post-attention norm in the kernel (BitnetMlpArgs::norm_input): x = int8 per-token quantization of
 // RMSNorm(h) * w for h = T(res + delta), into the block's x rows (pitch p.xp, zeros past H) and x_scale, with
 // norm_quant.cu's bits (bitlab_norm_rows.cuh); block 0 writes h to res_out.  The rows and the weight are staged
@@ -259,7 +352,7 @@ __device__ __forceinline__ NormRowsSmem post_attention_norm_smem(const MlpPlan& 
 template <typename T>
 __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArgs a, MlpPlan p) {
   extern __shared__ __align__(128) unsigned char smem[];
-  __shared__ float scratch[(kMlpWarps + 1) * kMaxTok];
+  __shared__ float scratch[(2 * kMlpWarps + 1) * kMaxTok];  // per-warp sums and maxima, block results
   __shared__ float row_scale[3][kMlpMaxTiles * 16];  // gate, up, down scales of the block's rows
   __shared__ float token_scale[2][kMaxTok];  // x_scale, then m's quantization scale
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem);  // phase A tiles, then phase B tiles
@@ -278,8 +371,8 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
     for (int i = 0; i < na; ++i) {
       const long src = static_cast<long>(a0 + i) * p.C1 * kTileChunkWords;
       mbar_arrive_expect_bytes(&bars[i], 2 * bytes_a);
-      copy_in_pieces(smem + p.off_a + (2 * i) * bytes_a, a.gate_wq + src, bytes_a, &bars[i]);
-      copy_in_pieces(smem + p.off_a + (2 * i + 1) * bytes_a, a.up_wq + src, bytes_a, &bars[i]);
+      copy_in_pieces(smem + p.off_a + (2 * i) * bytes_a, a.gate_wq + src, bytes_a, &bars[i], a.copy_piece);
+      copy_in_pieces(smem + p.off_a + (2 * i + 1) * bytes_a, a.up_wq + src, bytes_a, &bars[i], a.copy_piece);
     }
   }
   BITLAB_STAMP(1);  // the gate/up copies issued
@@ -374,31 +467,37 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
       const long src = static_cast<long>(b0 + i) * p.C2 * kTileChunkWords;
       uint64_t* bar = &bars[na + (down_pairs ? i / 2 : i)];
       if (!down_pairs || i % 2 == 0) mbar_arrive_expect_bytes(bar, (down_pairs ? 2 : 1) * bytes_b);
-      copy_in_pieces(smem + p.off_b + i * bytes_b, a.down_wq + src, bytes_b, bar);
+      copy_in_pieces(smem + p.off_b + i * bytes_b, a.down_wq + src, bytes_b, bar, a.copy_piece);
     }
   }
   __syncthreads();
 
-  // ffn_sub_norm of all of m in every block, into shared memory as y, with y's absolute maximum per token.
-  T* staged = reinterpret_cast<T*>(smem + p.off_a);  // m, then y = the normed m
-  const int npieces = p.I / 8;  // 8 columns each
-  subnorm_in_passes<T>(p, a.eps, a.mid, w_sub, staged, scratch, BITLAB_MARK(8), BITLAB_MARK(9));
-  BITLAB_STAMP(10);  // normed, absolute maxima
-  const float* amax_of = scratch + kMlpWarps * kMaxTok;  // per token
+  // ffn_sub_norm of all of m in every block, and m's int8 quantization into qs: in registers where it fits
+  // (one or two tokens of BitNet 2B), else m and y pass through shared memory.
   unsigned char* qs = smem + p.off_q;
+  if (subnorm_fits_registers(p) && !a.subnorm_passes) {
+    subnorm_in_registers<T>(p, a.eps, a.mid, w_sub, qs, scratch, token_scale[1], BITLAB_MARK(8), BITLAB_MARK(9));
+    BITLAB_STAMP(10);  // (the stamps of this path: 8 summed in registers, 9 sums read, 10 = 11 quantized)
+  } else {
+    T* staged = reinterpret_cast<T*>(smem + p.off_a);  // m, then y = the normed m
+    const int npieces = p.I / 8;  // 8 columns each
+    subnorm_in_passes<T>(p, a.eps, a.mid, w_sub, staged, scratch, BITLAB_MARK(8), BITLAB_MARK(9));
+    BITLAB_STAMP(10);  // normed, absolute maxima
+    const float* amax_of = scratch + kMlpWarps * kMaxTok;  // per token
 #pragma unroll 1
-  for (int tok = 0; tok < p.M; ++tok) {
-    const float amax = fmaxf(amax_of[tok], 1e-5f);
-    const float inv = quant_inverse(amax);
-    if (threadIdx.x == 0) token_scale[1][tok] = quant_scale(amax);
+    for (int tok = 0; tok < p.M; ++tok) {
+      const float amax = fmaxf(amax_of[tok], 1e-5f);
+      const float inv = quant_inverse(amax);
+      if (threadIdx.x == 0) token_scale[1][tok] = quant_scale(amax);
 #pragma unroll 1
-    for (int pc = threadIdx.x; pc < p.qp / 8; pc += kMlpThreads) {
-      uint2 out = make_uint2(0u, 0u);  // zeros past I
-      if (pc < npieces) out = quantize_piece<T>(reinterpret_cast<const uint4*>(staged + tok * p.I)[pc], inv);
-      *reinterpret_cast<uint2*>(qs + tok * p.qp + 8 * pc) = out;
+      for (int pc = threadIdx.x; pc < p.qp / 8; pc += kMlpThreads) {
+        uint2 out = make_uint2(0u, 0u);  // zeros past I
+        if (pc < npieces) out = quantize_piece<T>(reinterpret_cast<const uint4*>(staged + tok * p.I)[pc], inv);
+        *reinterpret_cast<uint2*>(qs + tok * p.qp + 8 * pc) = out;
+      }
     }
+    __syncthreads();
   }
-  __syncthreads();
   BITLAB_STAMP(11);  // quantized
 
   // Phase B: down projection of the quantized m.
@@ -462,6 +561,14 @@ int bitnet_mlp_smem_bytes(int M, int H, int I, int dtype, bool norm) {
   return make_plan(M, H, I, 2, d.sms, d.smem_optin, norm).smem;
 }
 
+// Bytes per bulk copy of the weight tiles: kCopyPiece, or BITLAB_MLP_COPY_PIECE (for A/B timing; read per
+// launch; rounded down to a multiple of 16, at least 16).
+int copy_piece_bytes() {
+  const char* env = std::getenv("BITLAB_MLP_COPY_PIECE");
+  const long bytes = env ? std::atol(env) / 16 * 16 : kCopyPiece;
+  return bytes < 16 ? 16 : (bytes > (1 << 19) ? (1 << 19) : static_cast<int>(bytes));
+}
+
 cudaError_t launch_bitnet_mlp(const BitnetMlpArgs& a, cudaStream_t stream) {
   if (a.M == 0) return cudaSuccess;
   const DeviceLimits d = device_limits();
@@ -474,6 +581,8 @@ cudaError_t launch_bitnet_mlp(const BitnetMlpArgs& a, cudaStream_t stream) {
   args.down_tiles_apart = env_is("BITLAB_MLP_DOWN", "single");  // for A/B timing (read per launch)
   args.gate_up_apart = env_is("BITLAB_MLP_GATE_UP", "single");
   args.fenced_barrier = env_is("BITLAB_MLP_BARRIER", "fence");
+  args.subnorm_passes = env_is("BITLAB_MLP_SUBNORM", "passes");
+  args.copy_piece = copy_piece_bytes();
   if (a.dtype == kDtypeHalf) return launch_typed<__half>(args, p, stream);
   if (a.dtype == kDtypeBFloat16) return launch_typed<__nv_bfloat16>(args, p, stream);
   return cudaErrorInvalidValue;

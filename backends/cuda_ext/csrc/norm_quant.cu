@@ -24,25 +24,24 @@
 namespace bitlab {
 namespace {
 
+// The block's sum (kMax: maximum) of v: a xor-shuffle tree per warp, each warp's result to slots[warp], one
+// barrier, then every warp runs the same xor tree over the warps' results (so every thread gets the same bits
+// warp 0 alone would get, without the two barriers of handing its result out).  Two reductions in a row take
+// different slots: a warp may still read the first's while another writes the second's.
 template <bool kMax>
-__device__ __forceinline__ float block_reduce(float v, float* shared) {
+__device__ __forceinline__ float block_reduce(float v, float* slots) {
   for (int o = 16; o > 0; o >>= 1) {
     const float other = __shfl_xor_sync(0xffffffffu, v, o);
     v = kMax ? fmaxf(v, other) : v + other;
   }
-  if ((threadIdx.x & 31) == 0) shared[threadIdx.x >> 5] = v;
+  const int lane = threadIdx.x & 31;
+  if (lane == 0) slots[threadIdx.x >> 5] = v;
   __syncthreads();
-  if (threadIdx.x < 32) {
-    v = threadIdx.x < blockDim.x / 32 ? shared[threadIdx.x] : 0.f;
-    for (int o = 16; o > 0; o >>= 1) {
-      const float other = __shfl_xor_sync(0xffffffffu, v, o);
-      v = kMax ? fmaxf(v, other) : v + other;
-    }
-    if (threadIdx.x == 0) shared[0] = v;
+  v = lane < static_cast<int>(blockDim.x / 32) ? slots[lane] : 0.f;
+  for (int o = 16; o > 0; o >>= 1) {
+    const float other = __shfl_xor_sync(0xffffffffu, v, o);
+    v = kMax ? fmaxf(v, other) : v + other;
   }
-  __syncthreads();
-  v = shared[0];
-  __syncthreads();
   return v;
 }
 
@@ -83,7 +82,7 @@ __device__ __forceinline__ void load8(float (&v)[8], const T* __restrict__ row, 
 // batch 2: 1641 against 1600, same process): code that stays cached beats less code fetched again.
 template <typename T, int P, int kMode, int kVec>
 __global__ void __launch_bounds__(P == 1 ? 1024 : 512) rms_norm_quant_kernel(NormQuantArgs p, bool vec_access) {
-  __shared__ float shared[32];
+  __shared__ float shared[2][32];  // the two reductions' per-warp results
   const int K = p.K;
   const int mode = kMode >= 0 ? kMode : p.mode;
   const bool vec = kVec >= 0 ? kVec != 0 : vec_access;
@@ -137,7 +136,7 @@ __global__ void __launch_bounds__(P == 1 ? 1024 : 512) rms_norm_quant_kernel(Nor
       }
     }
   }
-  ss = block_reduce<false>(ss, shared);
+  ss = block_reduce<false>(ss, shared[0]);
   const float r = rsqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(K)), p.eps));
   float amax = 0.f;
 #pragma unroll
@@ -148,7 +147,7 @@ __global__ void __launch_bounds__(P == 1 ? 1024 : 512) rms_norm_quant_kernel(Nor
       va[j][i] = y;
       amax = fmaxf(amax, fabsf(y));
     }
-  amax = fmaxf(block_reduce<true>(amax, shared), 1e-5f);
+  amax = fmaxf(block_reduce<true>(amax, shared[1]), 1e-5f);
   const float inv = quant_inverse(amax);
   int8_t* q = p.q + static_cast<long>(blockIdx.x) * K;
 #pragma unroll

@@ -185,6 +185,28 @@ def test_tiles_in_pairs_equal_one_at_a_time(cuda_ops, monkeypatch, knob, value, 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hidden, inter, tokens", [(2560, 6912, 1), (2560, 6912, 2), (70, 48, 1), (300, 1040, 2),
+                                                    (129, 8064, 2), (1000, 16, 1), (2560, 6912, 3)])
+def test_subnorm_in_registers_equals_the_passes(cuda_ops, monkeypatch, hidden, inter, tokens, dtype):
+    """For one or two tokens and I <= ~8176 the sub-norm and m's quantization run on m held in registers;
+    BITLAB_MLP_SUBNORM=passes runs them through shared memory.  Same piece order, same sums: the same outputs
+    (at 3 tokens both runs take the passes).  8064 columns: a thread's second piece holds the padding's last
+    zero pieces; 16 and 48: most threads own no piece."""
+    gen, seed = fresh_generator()
+    gate_up, down = prepared_pair(hidden, inter, gen, torch.device("cuda"))
+    sub_weight = (torch.rand(inter, generator=gen) + 0.5).to(dtype).cuda()
+    fused = bitnet_mlp.prepare_bitnet_mlp(gate_up, down, sub_weight, 1e-5)
+    xq, xs = random_input(tokens, hidden, gen)
+    registers = fused(xq, xs).clone()
+    monkeypatch.setenv("BITLAB_MLP_SUBNORM", "passes")
+    passes = fused(xq, xs)
+    torch.cuda.synchronize()
+    assert torch.isfinite(passes.float()).all() and passes.abs().sum() > 0, f"seed {seed}"
+    assert torch.equal(registers, passes), f"seed {seed}: {(registers != passes).sum().item()} outputs differ"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hidden, inter, tokens", [(2560, 6912, 1), (2560, 6912, 2), (2560, 6912, 6), (72, 48, 1),
                                                     (1000, 16, 3), (8000, 64, 2)])
 def test_norm_and_mlp_match_the_norm_kernel_then_the_mlp(cuda_ops, hidden, inter, tokens, dtype):
