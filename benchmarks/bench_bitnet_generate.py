@@ -404,6 +404,7 @@ def main(argv=None) -> int:
     result["argmax_kernel"] = gen.argmax_kernel
     result["advance_kernel"] = gen.advance_kernel
     result["norm_gemv"] = gen.norm_gemv
+    result["norm_tail"] = gen.norm_tail
     result["weights"] = {
         "ternary_packed_gb": mem["packed"] / GB,
         "ternary_prepared_on_gpu_gb": mem["prepared_gpu"] / GB,
@@ -412,7 +413,8 @@ def main(argv=None) -> int:
     }
     print(f"kernels: {gen.kernels}\nattention: {gen.attention_kernel}\nMLP: {gen.mlp_kernel}\n"
           f"argmax: {gen.argmax_kernel}\nstep bookkeeping: {gen.advance_kernel}\n"
-          f"norms before q/k/v and o: {gen.norm_gemv}\nweights: {result['weights']}", flush=True)
+          f"norms before q/k/v and o: {gen.norm_gemv}\no projection and post-attention norm: {gen.norm_tail}\n"
+          f"weights: {result['weights']}", flush=True)
     result["runs"]["bitlab"] = run_batches("bitlab", gen, batches, args, cfg.vocab_size)
     if args.profile:
         for b in (int(x) for x in args.profile_batches.split(",")):

@@ -50,15 +50,22 @@ def max_rows(k: int) -> int:
 
 def why_not(prepared, norm_weight: torch.Tensor) -> str:
     """Empty when the kernel can take the norm before ``prepared`` (a cuda_ext :class:`CudaExtWeight`), else why not."""
+    return norm_weight_problem(prepared, norm_weight, "in_features", max_rows)
+
+
+def norm_weight_problem(prepared, norm_weight: torch.Tensor, side: str, rows_of) -> str:
+    """Why a kernel that runs a norm over ``prepared``'s ``side`` ("in_features" before the projection,
+    "out_features" after it) cannot take ``prepared`` and ``norm_weight`` ("" when it can); ``rows_of(size)``: the
+    rows the kernel takes of that size (0: none)."""
     if getattr(prepared, "act_mode", None) != ops.ACT_INT8_PER_TOKEN:
         return "the projection does not take int8 per-token activations"
-    k = prepared.in_features
-    if max_rows(k) == 0:
-        return f"in_features {k} is not a multiple of 8 up to {MAX_K}"
+    size = getattr(prepared, side)
+    if rows_of(size) == 0:
+        return f"{side} {size} is not a multiple of 8 up to {MAX_K}"
     if norm_weight.dtype not in (torch.float16, torch.bfloat16):
         return f"the norm's weight is {norm_weight.dtype}, not float16 / bfloat16"
-    if norm_weight.shape != (k,):
-        return f"the norm's weight has shape {tuple(norm_weight.shape)}, expected ({k},)"
+    if norm_weight.shape != (size,):
+        return f"the norm's weight has shape {tuple(norm_weight.shape)}, expected ({size},)"
     if not prepared.wq.is_cuda:
         return "the prepared weight is not on a CUDA device"
     return ""

@@ -7,6 +7,8 @@
   W*A8 projection, one kernel);
 * ``bitlab::cuda_ext_linear_int8_norm``: that norm and the projection after it in one kernel, for a few
   tokens (:mod:`backends.cuda_ext.norm_linear`);
+* ``bitlab::cuda_ext_linear_int8_norm_tail``: a projection, then the residual add and that norm of its output,
+  in one kernel, for a few tokens (:mod:`backends.cuda_ext.norm_tail`);
 * ``bitlab::cuda_ext_decode_attention``: one-token attention with rotary and the KV-cache write
   (:mod:`backends.cuda_ext.decode_attention`);
 * ``bitlab::cuda_ext_bitnet_mlp``: BitNet's MLP for up to 8 tokens in one kernel
@@ -74,12 +76,13 @@ def load():
             torch.library.register_fake("bitlab::cuda_ext_linear_int8")(_linear_int8_fake)
             torch.library.register_fake("bitlab::cuda_ext_rms_norm_quant")(_rms_norm_quant_fake)
             from backends.cuda_ext import (argmax, bitnet_mlp, decode_advance, decode_attention, host_embedding,
-                                           norm_linear)
+                                           norm_linear, norm_tail)
 
             argmax.register_fake()
             decode_advance.register_fake()
             decode_attention.register_fake()
             norm_linear.register_fake()
+            norm_tail.register_fake()
             bitnet_mlp.register_fake()
             host_embedding.register_fake()
             _fake_registered = True

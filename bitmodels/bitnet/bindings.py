@@ -281,6 +281,27 @@ def bind_norm_linears(bound: Dict[str, PreparedLinear], norms: Dict[str, torch.T
     return fused, "; ".join(why)
 
 
+def bind_norm_tail(binding: Optional[PreparedLinear], norm_weight: torch.Tensor, eps: float) -> Tuple[Any, str]:
+    """``(o projection with the residual add and the norm after it in one kernel, "")`` where cuda_ext serves it
+    (:class:`backends.cuda_ext.norm_tail.NormTailLinear`), else ``(None, why not)``."""
+    if binding is None:
+        return None, "o_proj is not bound"
+    if binding.kernel.backend != "cuda_ext":
+        return None, f"o_proj runs on {binding.kernel.name}, not cuda_ext"
+    if not binding.takes_quantized:
+        return None, "o_proj does not take int8 per-token input"
+    if binding.bias is not None:
+        return None, "o_proj has a bias"
+    if binding.out_dtype != norm_weight.dtype:
+        return None, f"o_proj outputs {binding.out_dtype}, the norm's weight is {norm_weight.dtype}"
+    from backends.cuda_ext import norm_tail
+
+    why = norm_tail.why_not(binding.prepared, norm_weight)
+    if why:
+        return None, why
+    return norm_tail.NormTailLinear.prepare(binding.prepared, norm_weight, eps), ""
+
+
 def describe_norm_linears(fused: Dict[str, Any], why: str) -> str:
     """What runs the norms before the projections, e.g. for ``model.norm_gemv``."""
     if not fused:

@@ -31,7 +31,9 @@ only the packed projections, the quantized head and the norms; ``embedding`` say
 one kernel (:mod:`backends.cuda_ext.bitnet_mlp`); ``fused_mlp=False`` keeps the three separate kernels;
 ``mlp_kernel`` says which runs, and why.  ``norm_in_gemv=True`` (or ``BITLAB_NORM_GEMV=in``) runs the norms
 before q/k/v and o inside those projections' GEMVs (:mod:`backends.cuda_ext.norm_linear`); ``norm_gemv`` says
-what runs them, and why.  The step's argmax and its bookkeeping after the sampler (output, stop rows, slot, the
+what runs them, and why.  ``norm_tail=True`` (or ``BITLAB_NORM_TAIL=on``) runs the o projection, the residual add
+and ``post_attention_layernorm`` as one kernel (:mod:`backends.cuda_ext.norm_tail`); ``norm_tail`` says what runs
+them, and why.  The step's argmax and its bookkeeping after the sampler (output, stop rows, slot, the
 next step's positions and mask; :mod:`bitmodels.bitnet.decode_state`) are one cuda_ext kernel each where it runs;
 ``argmax_kernel`` and ``advance_kernel`` say what runs them.
 
@@ -116,6 +118,7 @@ class Generator:
         embedding_on_host: bool = False,
         norm_in_gemv: Optional[bool] = None,
         lm_head_activations: str = "float",
+        norm_tail: Optional[bool] = None,
     ) -> None:
         self.model = model.eval()
         self.device = model.compute_device
@@ -156,7 +159,7 @@ class Generator:
             model.prepare_for_inference(self.device, fuse=fuse, offload_packed=offload_packed,
                                         lm_head_bits=lm_head_bits, fused_mlp=fused_mlp,
                                         embedding_on_host=embedding_on_host, norm_in_gemv=norm_in_gemv,
-                                        lm_head_activations=lm_head_activations)
+                                        lm_head_activations=lm_head_activations, norm_tail=norm_tail)
         else:
             if lm_head_bits is not None:
                 model.bind_lm_head(lm_head_bits, self.device, activations=lm_head_activations)
@@ -168,6 +171,7 @@ class Generator:
         self._advance, self.advance_kernel = use_advance_kernel(self.device)  # the step's bookkeeping
         self.mlp_kernel = model.mlp_kernel
         self.norm_gemv = model.norm_gemv
+        self.norm_tail = model.norm_tail
         self.kernels = {
             name: getattr(getattr(b, "kernel", None), "name", type(b).__name__)
             for name, b in model.model.layers[0].bound.items()

@@ -42,6 +42,7 @@ from bitmodels.bitnet.bindings import (
     bind_fused_mlp,
     bind_group,
     bind_norm_linears,
+    bind_norm_tail,
     describe_norm_linears,
     bind_quantized_dense,
     device_bytes,
@@ -60,6 +61,12 @@ QUANTIZE_IN_NORMS_MAX_TOKENS = 64
 FUSED_MLP_MAX_TOKENS = 2
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+
+
+def norm_tail_enabled() -> bool:
+    """False where ``BITLAB_NORM_TAIL=off``: layers then run the o projection and the post-attention norm as two
+    kernels even where one is bound (read at each forward, so a CUDA graph keeps what its capture read)."""
+    return os.environ.get("BITLAB_NORM_TAIL", "") != "off"
 
 
 def make_bitlinear(in_features: int, out_features: int, bias: bool, config: BitNetConfig, packed_only: bool) -> BitLinear:
@@ -123,6 +130,9 @@ class BitNetDecoderLayer(nn.Module):
         # Projections that take the norm before them in their own kernel (prepare_for_inference(norm_in_gemv=True)):
         # "qkv" with input_layernorm (and the residual add), "o_proj" with attn_sub_norm.
         self.norm_linears: Dict[str, object] = {}
+        # The o projection with the residual add and post_attention_layernorm in its own kernel (its last block runs
+        # the norm; prepare_for_inference(norm_tail=True)), or None.
+        self.o_norm_tail = None
 
     def _mlp(self, x, ops, quantize: bool) -> torch.Tensor:
         """``down_proj(ffn_sub_norm(relu(gate_proj(x))**2 * up_proj(x)))``: one kernel where the fused MLP
@@ -164,6 +174,10 @@ class BitNetDecoderLayer(nn.Module):
         )
         if fold_o is not None and not fold_o.serves(a):  # e.g. a view the kernel cannot read: the norm apart
             a, fold_o = ops.norm_input(a, attn.attn_sub_norm.weight, self.eps, quantize), None
+        tail = self._o_norm_tail(a, h, quantize, fold_o)
+        if tail is not None:  # o, the residual add and the norm in one kernel
+            h, x = tail(a, h)
+            return h, self._mlp(QuantizedActivation(*x), ops, quantize)
         o = fold_o(a)[1] if fold_o is not None else self._linear("o_proj", attn, a)
         both = self._norm_and_mlp(h, o, quantize)
         if both is None:
@@ -172,6 +186,17 @@ class BitNetDecoderLayer(nn.Module):
         else:
             h, y = both
         return h, y
+
+    def _o_norm_tail(self, a, h: torch.Tensor, quantize: bool, fold_o):
+        """The bound o projection with the residual add and post_attention_layernorm after it in one kernel, where
+        it takes ``a`` (quantized rows) and ``h`` and ``BITLAB_NORM_TAIL`` is not ``off``, else None."""
+        tail = self.o_norm_tail
+        if (tail is None or not quantize or fold_o is not None or self.norm_in_mlp
+                or not isinstance(a, QuantizedActivation)):
+            return None  # (norm_in_mlp, opted into, takes the same norm in the MLP kernel)
+        if not tail.serves(a.q, h) or not norm_tail_enabled():
+            return None
+        return tail
 
     def _norm_and_qkv(self, h, delta, ops, quantize: bool):
         """``(h + delta, (q, k, v))`` of ``input_layernorm(h + delta)``: one kernel where the q/k/v projection
@@ -255,6 +280,7 @@ class BitNetForCausalLM(nn.Module):
         self.norm_quant = "none"  # what runs the quantizing norms (prepare_for_inference sets it)
         self.mlp_kernel = "separate kernels (not prepared)"  # what runs the MLPs (prepare_for_inference sets it)
         self.norm_gemv = "separate kernels (not prepared)"  # what runs the norms before q/k/v and o (likewise)
+        self.norm_tail = "separate kernels (not prepared)"  # what runs o_proj's post-attention norm (likewise)
         # The lm_head quantized per row to 2 / 4 / 8 bits, when bind_lm_head asked for it (else the dense one).
         self.head_binding: Optional[PreparedLinear] = None
         self.head_kernel = "dense (nn.Linear)"  # what runs the lm_head (bind_lm_head sets it)
@@ -337,6 +363,7 @@ class BitNetForCausalLM(nn.Module):
         self, device=None, *, fuse: bool = True, offload_packed: bool = False, quantize_in_norms: bool = True,
         lm_head_bits: Optional[int] = None, fused_mlp: bool = True, embedding_on_host: bool = False,
         norm_in_mlp: Optional[bool] = None, norm_in_gemv: Optional[bool] = None, lm_head_activations: str = "float",
+        norm_tail: Optional[bool] = None,
     ) -> Dict[str, str]:
         """Resolve every projection's kernel and prepared weight once for ``device`` (see bindings).
 
@@ -358,6 +385,12 @@ class BitNetForCausalLM(nn.Module):
         (with the residual add) inside the q/k/v GEMV and ``attn_sub_norm`` inside the o GEMV, for as many
         tokens as :mod:`backends.cuda_ext.norm_linear` takes (two kernels fewer per layer; the same bits);
         None reads ``BITLAB_NORM_GEMV=in`` from the environment.  ``self.norm_gemv`` says what runs and why.
+        ``norm_tail``: where the norms quantize and cuda_ext serves the o projection, run it with the residual add
+        and ``post_attention_layernorm`` after it in one kernel whose last block runs the norm, for as many tokens
+        as :mod:`backends.cuda_ext.norm_tail` takes (one kernel fewer per layer; the same bits).  Timed on the H200
+        it lost (881 against 887 tokens/s at batch 1, 1594 against 1685 at batch 2; notes v24), so it is off by
+        default; None reads ``BITLAB_NORM_TAIL=on`` from the environment.  ``self.norm_tail`` says what runs and
+        why; ``BITLAB_NORM_TAIL=off`` turns a bound one off at run time.
         ``embedding_on_host``: keep the embedding table in pinned host memory (see :meth:`offload_embedding`;
         with a tied table this needs ``lm_head_bits``).
         Returns ``{binding name: kernel name}`` for layer 0, e.g. ``{"qkv": "cuda_ext.Ternary...", ...}``.
@@ -368,6 +401,8 @@ class BitNetForCausalLM(nn.Module):
             norm_in_mlp = os.environ.get("BITLAB_MLP_NORM", "") == "in"
         if norm_in_gemv is None:
             norm_in_gemv = os.environ.get("BITLAB_NORM_GEMV", "") == "in"
+        if norm_tail is None:
+            norm_tail = os.environ.get("BITLAB_NORM_TAIL", "") == "on"
         self.eval()
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -389,7 +424,17 @@ class BitNetForCausalLM(nn.Module):
             elif norm_in_gemv:
                 norms = layer.norms_before_projections()
                 layer.norm_linears, norm_why = bind_norm_linears(layer.bound, norms, layer.eps)
+            layer.o_norm_tail, tail_why = None, "norm_tail=False"
+            if norm_tail and not layer.quantized_inputs:
+                tail_why = "the norms do not quantize"
+            elif norm_tail:
+                layer.o_norm_tail, tail_why = bind_norm_tail(layer.bound.get("o_proj"),
+                                                             layer.post_attention_layernorm.weight, layer.eps)
         self.norm_gemv = describe_norm_linears(self.model.layers[0].norm_linears, norm_why)
+        tail = self.model.layers[0].o_norm_tail
+        self.norm_tail = (f"cuda_ext.linear_int8_norm_tail (o_proj, the residual add and post_attention_layernorm in "
+                          f"one kernel up to {tail.max_tokens} tokens)" if tail is not None
+                          else f"separate kernels ({tail_why})")
         first = self.model.layers[0]
         self.mlp_kernel = f"separate kernels ({why})"
         if first.fused_mlp is not None:
@@ -467,12 +512,14 @@ class BitNetForCausalLM(nn.Module):
         self.head_kernel = "dense (nn.Linear)"
         self.mlp_kernel = "separate kernels (not prepared)"
         self.norm_gemv = "separate kernels (not prepared)"
+        self.norm_tail = "separate kernels (not prepared)"
         for layer in self.model.layers:
             layer.bound = {}
             layer.quantized_inputs = False
             layer.fused_mlp = None
             layer.norm_in_mlp = False
             layer.norm_linears = {}
+            layer.o_norm_tail = None
 
     def use_compiled_ops(self, enabled: bool = True, **compile_kwargs) -> None:
         """Run the float operations through ``torch.compile`` (fused kernels) or eagerly."""

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "bitlab_launch.h"
@@ -26,6 +27,38 @@
 
 namespace {
 
+// Check messages are built here, without iostreams, and reach TORCH_CHECK as one std::string.  On the GPU
+// machine's build (torch 2.11 and that machine's g++) a TORCH_CHECK whose message streamed an integer or a shape
+// crashed the process (SIGSEGV) instead of raising: cuda-gdb put the fault in this extension's own copy of
+// std::ostream::_M_insert<long>, in a locale facet call (std::codecvt<char16_t>::do_unshift): the number formatting
+// reached the wrong facet.  Messages with only strings, dtypes and devices (formatted inside libc10) raised as they
+// should.  Numbers are formatted with std::to_string (docs/backends/cuda_ext_notes.md, v24).
+namespace msg {
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, char v) { s += v; }
+inline void append(std::string& s, bool v) { s += v ? "true" : "false"; }
+template <typename T, std::enable_if_t<std::is_arithmetic<T>::value, int> = 0>
+inline void append(std::string& s, T v) { s += std::to_string(v); }
+inline void append(std::string& s, c10::ScalarType v) { s += c10::toString(v); }
+inline void append(std::string& s, const c10::Device& v) { s += v.str(); }
+inline void append(std::string& s, at::IntArrayRef v) {
+  s += "[";
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(v[i]);
+  }
+  s += "]";
+}
+template <typename... A>
+std::string text(const A&... parts) {
+  std::string s;
+  (append(s, parts), ...);
+  return s;
+}
+}  // namespace msg
+#define BITLAB_CHECK(cond, ...) TORCH_CHECK(cond, msg::text(__VA_ARGS__))
+
 // Activation modes (kept in step with backends/cuda_ext/kernels.py).
 enum ActMode { kActFloat = 0, kActInt8PerTensor = 1, kActInt8PerToken = 2, kActBinaryPerTensor = 3, kActBinaryPerToken = 4 };
 
@@ -34,13 +67,13 @@ int dtype_code(at::ScalarType t) {
     case at::kHalf: return bitlab::kDtypeHalf;
     case at::kBFloat16: return bitlab::kDtypeBFloat16;
     case at::kFloat: return bitlab::kDtypeFloat;
-    default: TORCH_CHECK(false, "cuda_ext_linear: x dtype ", t, " is not supported; expected float16, bfloat16 or float32");
+    default: BITLAB_CHECK(false, "cuda_ext_linear: x dtype ", t, " is not supported; expected float16, bfloat16 or float32");
   }
   return 0;
 }
 
 void check_cuda(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "cuda_ext_linear: ", what, " failed: ", cudaGetErrorString(err));
+  BITLAB_CHECK(err == cudaSuccess, "cuda_ext_linear: ", what, " failed: ", cudaGetErrorString(err));
 }
 
 // x as [M, Kp] contiguous, zero-padded past K, 16-byte aligned (a copy only when needed).
@@ -139,7 +172,7 @@ void gemm_via_cublas(const bitlab::LinearArgs& a, const at::Tensor& x, cudaStrea
 #if BITLAB_HAS_MM_OUT_DTYPE
       at::mm_out(out, x, w, at::kFloat);
 #else
-      TORCH_CHECK(false, "cuda_ext_linear: the float GEMM on cuBLAS needs torch >= 2.8 (at::mm with out_dtype)");
+      BITLAB_CHECK(false, "cuda_ext_linear: the float GEMM on cuBLAS needs torch >= 2.8 (at::mm with out_dtype)");
 #endif
       check_cuda(bitlab::launch_float_epilogue(a, out.data_ptr<float>(), static_cast<int>(rows), static_cast<int>(n0),
                                                cols, stream),
@@ -162,14 +195,14 @@ void run_int8_linear(const bitlab::LinearArgs& a, const at::Tensor& xq, cudaStre
 at::Tensor cuda_ext_linear(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& w_scale,
                            const c10::optional<at::Tensor>& bias, int64_t fmt, int64_t act_mode, int64_t epilogue,
                            int64_t N, int64_t K, at::ScalarType out_dtype) {
-  TORCH_CHECK(x.is_cuda() && wq.is_cuda() && w_scale.is_cuda(), "cuda_ext_linear: tensors must be on a CUDA device");
-  TORCH_CHECK(x.dim() == 2, "cuda_ext_linear: x must be 2-D [tokens, in_features], got ", x.sizes());
-  TORCH_CHECK(x.size(1) >= K, "cuda_ext_linear: x has ", x.size(1), " columns, expected at least in_features=", K);
-  TORCH_CHECK(fmt >= 0 && fmt <= 4, "cuda_ext_linear: fmt ", fmt, " not in [0, 4]");
-  TORCH_CHECK(act_mode >= 0 && act_mode <= 4, "cuda_ext_linear: act_mode ", act_mode, " not in [0, 4]");
-  TORCH_CHECK(epilogue >= 0 && epilogue <= 2, "cuda_ext_linear: epilogue ", epilogue, " not in [0, 2]");
-  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous(), "cuda_ext_linear: w_scale must be contiguous float32");
-  TORCH_CHECK(w_scale.numel() == 1 || w_scale.numel() == N, "cuda_ext_linear: w_scale has ", w_scale.numel(),
+  BITLAB_CHECK(x.is_cuda() && wq.is_cuda() && w_scale.is_cuda(), "cuda_ext_linear: tensors must be on a CUDA device");
+  BITLAB_CHECK(x.dim() == 2, "cuda_ext_linear: x must be 2-D [tokens, in_features], got ", x.sizes());
+  BITLAB_CHECK(x.size(1) >= K, "cuda_ext_linear: x has ", x.size(1), " columns, expected at least in_features=", K);
+  BITLAB_CHECK(fmt >= 0 && fmt <= 4, "cuda_ext_linear: fmt ", fmt, " not in [0, 4]");
+  BITLAB_CHECK(act_mode >= 0 && act_mode <= 4, "cuda_ext_linear: act_mode ", act_mode, " not in [0, 4]");
+  BITLAB_CHECK(epilogue >= 0 && epilogue <= 2, "cuda_ext_linear: epilogue ", epilogue, " not in [0, 2]");
+  BITLAB_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous(), "cuda_ext_linear: w_scale must be contiguous float32");
+  BITLAB_CHECK(w_scale.numel() == 1 || w_scale.numel() == N, "cuda_ext_linear: w_scale has ", w_scale.numel(),
               " elements, expected 1 or out_features=", N);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0);
@@ -179,15 +212,15 @@ at::Tensor cuda_ext_linear(const at::Tensor& x, const at::Tensor& wq, const at::
   const int out_code = dtype_code(out_dtype);
   at::Tensor bias_f;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == N, "cuda_ext_linear: bias has ", bias->numel(), " elements, expected out_features=", N);
+    BITLAB_CHECK(bias->numel() == N, "cuda_ext_linear: bias has ", bias->numel(), " elements, expected out_features=", N);
     bias_f = bias->to(at::kFloat).contiguous();
   }
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous();
 
   if (act_mode == kActBinaryPerTensor || act_mode == kActBinaryPerToken) {
-    TORCH_CHECK(fmt == 0, "cuda_ext_linear: binary activations need binary weights (fmt 0), got fmt ", fmt);
-    TORCH_CHECK(wq.scalar_type() == at::kInt && wq.numel() >= N * (Kp / 32),
+    BITLAB_CHECK(fmt == 0, "cuda_ext_linear: binary activations need binary weights (fmt 0), got fmt ", fmt);
+    BITLAB_CHECK(wq.scalar_type() == at::kInt && wq.numel() >= N * (Kp / 32),
                 "cuda_ext_linear: W1A1 weight bits must be int32 [Npad, Kp/32]");
     at::Tensor xb = at::empty({M, Kp / 32}, x.options().dtype(at::kInt));
     at::Tensor rowmean = at::empty({M + 1}, x.options().dtype(at::kFloat));
@@ -210,12 +243,12 @@ at::Tensor cuda_ext_linear(const at::Tensor& x, const at::Tensor& wq, const at::
     return y;
   }
 
-  TORCH_CHECK(wq.scalar_type() == at::kInt, "cuda_ext_linear: prepared weight must be int32 lane tiles");
+  BITLAB_CHECK(wq.scalar_type() == at::kInt, "cuda_ext_linear: prepared weight must be int32 lane tiles");
   bitlab::LinearArgs a = weight_args(wq, w_scale, bias_f, y, fmt, epilogue, M, N, Kp);
 
   if (act_mode == kActFloat) {
     const at::ScalarType t = x.scalar_type();
-    TORCH_CHECK(t == at::kHalf || t == at::kBFloat16, "cuda_ext_linear: float activations must be float16 or bfloat16, got ", t);
+    BITLAB_CHECK(t == at::kHalf || t == at::kBFloat16, "cuda_ext_linear: float activations must be float16 or bfloat16, got ", t);
     at::Tensor xp = padded_activations(xs, K, Kp);
     a.x = xp.data_ptr();
     if (gemm_on_cublas(kFloatGemmEnv, a)) {
@@ -252,20 +285,20 @@ at::Tensor cuda_ext_linear(const at::Tensor& x, const at::Tensor& wq, const at::
 at::Tensor cuda_ext_linear_int8(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& wq,
                                 const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, int64_t fmt,
                                 int64_t epilogue, int64_t N, int64_t K, at::ScalarType out_dtype) {
-  TORCH_CHECK(xq.is_cuda() && x_scale.is_cuda() && wq.is_cuda() && w_scale.is_cuda(),
+  BITLAB_CHECK(xq.is_cuda() && x_scale.is_cuda() && wq.is_cuda() && w_scale.is_cuda(),
               "cuda_ext_linear_int8: tensors must be on a CUDA device");
-  TORCH_CHECK(xq.dim() == 2 && xq.scalar_type() == at::kChar, "cuda_ext_linear_int8: xq must be 2-D int8, got ",
+  BITLAB_CHECK(xq.dim() == 2 && xq.scalar_type() == at::kChar, "cuda_ext_linear_int8: xq must be 2-D int8, got ",
               xq.scalar_type(), " ", xq.sizes());
-  TORCH_CHECK(xq.size(1) == K, "cuda_ext_linear_int8: xq has ", xq.size(1), " columns, expected in_features=", K);
-  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && (x_scale.numel() == 1 || x_scale.numel() == xq.size(0)),
+  BITLAB_CHECK(xq.size(1) == K, "cuda_ext_linear_int8: xq has ", xq.size(1), " columns, expected in_features=", K);
+  BITLAB_CHECK(x_scale.scalar_type() == at::kFloat && (x_scale.numel() == 1 || x_scale.numel() == xq.size(0)),
               "cuda_ext_linear_int8: x_scale must be float32 with 1 or ", xq.size(0), " elements, got ",
               x_scale.scalar_type(), " with ", x_scale.numel());
-  TORCH_CHECK(fmt >= 0 && fmt <= 4, "cuda_ext_linear_int8: fmt ", fmt, " not in [0, 4]");
-  TORCH_CHECK(epilogue >= 0 && epilogue <= 2, "cuda_ext_linear_int8: epilogue ", epilogue, " not in [0, 2]");
-  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
+  BITLAB_CHECK(fmt >= 0 && fmt <= 4, "cuda_ext_linear_int8: fmt ", fmt, " not in [0, 4]");
+  BITLAB_CHECK(epilogue >= 0 && epilogue <= 2, "cuda_ext_linear_int8: epilogue ", epilogue, " not in [0, 2]");
+  BITLAB_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
                   (w_scale.numel() == 1 || w_scale.numel() == N),
               "cuda_ext_linear_int8: w_scale must be contiguous float32 with 1 or out_features=", N, " elements");
-  TORCH_CHECK(wq.scalar_type() == at::kInt, "cuda_ext_linear_int8: prepared weight must be int32 lane tiles");
+  BITLAB_CHECK(wq.scalar_type() == at::kInt, "cuda_ext_linear_int8: prepared weight must be int32 lane tiles");
   const c10::cuda::CUDAGuard guard(xq.device());
   const int64_t M = xq.size(0);
   const int64_t Kp = (K + 127) / 128 * 128;
@@ -273,7 +306,7 @@ at::Tensor cuda_ext_linear_int8(const at::Tensor& xq, const at::Tensor& x_scale,
   if (M == 0 || N == 0) return y;
   at::Tensor bias_f;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == N, "cuda_ext_linear_int8: bias has ", bias->numel(), " elements, expected ", N);
+    BITLAB_CHECK(bias->numel() == N, "cuda_ext_linear_int8: bias has ", bias->numel(), " elements, expected ", N);
     bias_f = bias->to(at::kFloat).contiguous();
   }
   at::Tensor xp = padded_activations(xq.stride(1) == 1 ? xq : xq.contiguous(), K, Kp);
@@ -287,6 +320,69 @@ at::Tensor cuda_ext_linear_int8(const at::Tensor& xq, const at::Tensor& x_scale,
   return y;
 }
 
+// An int8 projection and the residual add + norm + quantization after it in one kernel (linear_norm_tail.cu):
+// y = the projection of (xq, x_scale), h = T(res + y), (q, q_scale) = per-token int8 of RMSNorm(h) * norm_weight;
+// returns (h, q, q_scale), the same bits as cuda_ext_linear_int8 then cuda_ext_rms_norm_quant (mode 1).  counter:
+// one int32, zero between launches (the kernel's last block resets it).  Inputs checked in Python first
+// (backends/cuda_ext/norm_tail.py), again here.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_ext_linear_int8_norm_tail(
+    const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& wq, const at::Tensor& w_scale, int64_t fmt,
+    int64_t N, const at::Tensor& res, const at::Tensor& norm_weight, double eps, const at::Tensor& counter) {
+  const char* op = "cuda_ext_linear_int8_norm_tail";
+  BITLAB_CHECK(xq.is_cuda() && x_scale.is_cuda() && wq.is_cuda() && w_scale.is_cuda() && res.is_cuda() &&
+                  norm_weight.is_cuda() && counter.is_cuda(),
+              op, ": tensors must be on a CUDA device");
+  BITLAB_CHECK(xq.dim() == 2 && xq.scalar_type() == at::kChar, op, ": xq must be 2-D int8");
+  const int64_t M = xq.size(0), K = xq.size(1);
+  BITLAB_CHECK(x_scale.scalar_type() == at::kFloat && (x_scale.numel() == 1 || x_scale.numel() == M), op,
+              ": x_scale must be float32 with 1 or ", M, " elements");
+  BITLAB_CHECK(bitlab::norm_tail_serves(static_cast<int>(M), static_cast<int>(N)), op, ": ", M, " rows of ", N,
+              " outputs not served");
+  BITLAB_CHECK(res.dim() == 2 && res.size(0) == M && res.size(1) == N && res.is_contiguous() &&
+                  (res.scalar_type() == at::kHalf || res.scalar_type() == at::kBFloat16),
+              op, ": res must be contiguous [", M, ", ", N, "] float16 / bfloat16");
+  BITLAB_CHECK(norm_weight.dim() == 1 && norm_weight.numel() == N && norm_weight.is_contiguous() &&
+                  norm_weight.scalar_type() == res.scalar_type(),
+              op, ": norm_weight must be contiguous [", N, "] in the dtype of res");
+  BITLAB_CHECK((reinterpret_cast<uintptr_t>(res.data_ptr()) | reinterpret_cast<uintptr_t>(norm_weight.data_ptr())) %
+                      16 == 0,
+              op, ": res and norm_weight must be 16-byte aligned");
+  BITLAB_CHECK(counter.scalar_type() == at::kInt && counter.numel() == 1, op, ": counter must be one int32");
+  BITLAB_CHECK(fmt >= 0 && fmt <= 4, op, ": fmt not in [0, 4]");
+  BITLAB_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
+                  (w_scale.numel() == 1 || w_scale.numel() == N),
+              op, ": w_scale must be contiguous float32 with 1 or ", N, " elements");
+  BITLAB_CHECK(wq.scalar_type() == at::kInt, op, ": prepared weight must be int32 lane tiles");
+  const c10::cuda::CUDAGuard guard(xq.device());
+  at::Tensor h = at::empty_like(res);
+  at::Tensor q = at::empty({M, N}, res.options().dtype(at::kChar));
+  at::Tensor q_scale = at::empty({M}, res.options().dtype(at::kFloat));
+  if (M == 0) return {h, q, q_scale};
+  at::Tensor y = at::empty({M, N}, res.options());  // the projection's output, read back by the last block
+  const int64_t Kp = (K + 127) / 128 * 128;
+  at::Tensor xp = padded_activations(xq.stride(1) == 1 ? xq : xq.contiguous(), K, Kp);
+  at::Tensor xsc = x_scale.contiguous();
+  bitlab::LinearArgs args = weight_args(wq, w_scale, at::Tensor(), y, fmt, 0, M, N, Kp);
+  args.x = xp.data_ptr();
+  args.x_scale = xsc.data_ptr<float>();
+  args.x_scale_per_row = x_scale.numel() == M && M > 1;
+  args.pdl = 1;  // behind the kernel that produced xq
+  bitlab::NormTailArgs t{};
+  t.norm.a = res.data_ptr();
+  t.norm.b = y.data_ptr();
+  t.norm.weight = norm_weight.data_ptr();
+  t.norm.h = h.data_ptr();
+  t.norm.dtype = dtype_code(res.scalar_type());
+  t.norm.mode = 1;
+  t.norm.K = static_cast<int>(N);
+  t.norm.eps = static_cast<float>(eps);
+  t.xq = q.data_ptr<int8_t>();
+  t.x_scale = q_scale.data_ptr<float>();
+  t.counter = reinterpret_cast<unsigned int*>(counter.data_ptr<int>());
+  check_cuda(bitlab::launch_linear_int8_norm_tail(args, t, c10::cuda::getCurrentCUDAStream()), "norm tail kernel");
+  return {h, q, q_scale};
+}
+
 // The norm before an int8 projection and the projection in one kernel (linear_norm.cu): x = per-token int8 of
 // RMSNorm(a) * norm_weight (mode 0) or of RMSNorm(h) * norm_weight with h = a + b (mode 1); returns (h or an
 // empty tensor, y), the same bits as cuda_ext_rms_norm_quant then cuda_ext_linear_int8.  Inputs checked in
@@ -297,39 +393,39 @@ std::tuple<at::Tensor, at::Tensor> cuda_ext_linear_int8_norm(const at::Tensor& a
                                                             const c10::optional<at::Tensor>& bias, int64_t fmt,
                                                             int64_t epilogue, int64_t N, at::ScalarType out_dtype) {
   const char* op = "cuda_ext_linear_int8_norm";
-  TORCH_CHECK(a.is_cuda() && norm_weight.is_cuda() && wq.is_cuda() && w_scale.is_cuda(), op,
+  BITLAB_CHECK(a.is_cuda() && norm_weight.is_cuda() && wq.is_cuda() && w_scale.is_cuda(), op,
               ": tensors must be on a CUDA device");
-  TORCH_CHECK(a.dim() == 2 && a.is_contiguous() && (a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16),
+  BITLAB_CHECK(a.dim() == 2 && a.is_contiguous() && (a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16),
               op, ": a must be contiguous 2-D float16 / bfloat16, got ", a.scalar_type(), " ", a.sizes());
-  TORCH_CHECK(mode == 0 || mode == 1, op, ": mode ", mode, " not 0 (norm) or 1 (add, norm)");
+  BITLAB_CHECK(mode == 0 || mode == 1, op, ": mode ", mode, " not 0 (norm) or 1 (add, norm)");
   const int64_t M = a.size(0), K = a.size(1);
-  TORCH_CHECK(bitlab::norm_gemv_serves(static_cast<int>(M), static_cast<int>(K)), op, ": ", M, " rows of ", K,
+  BITLAB_CHECK(bitlab::norm_gemv_serves(static_cast<int>(M), static_cast<int>(K)), op, ": ", M, " rows of ", K,
               " columns not served (at most ", bitlab::kNormGemvMaxTokens, " rows, K a multiple of 8 up to ",
               bitlab::kNormGemvMaxK, ", rows x K up to ", bitlab::kNormGemvMaxElements, ")");
-  TORCH_CHECK(norm_weight.dim() == 1 && norm_weight.numel() == K && norm_weight.is_contiguous() &&
+  BITLAB_CHECK(norm_weight.dim() == 1 && norm_weight.numel() == K && norm_weight.is_contiguous() &&
                   norm_weight.scalar_type() == a.scalar_type(),
               op, ": norm_weight must be contiguous [", K, "] in ", a.scalar_type());
   if (mode == 1) {
-    TORCH_CHECK(b.has_value() && b->is_cuda() && b->sizes() == a.sizes() && b->is_contiguous() &&
+    BITLAB_CHECK(b.has_value() && b->is_cuda() && b->sizes() == a.sizes() && b->is_contiguous() &&
                     b->scalar_type() == a.scalar_type(),
                 op, ": mode 1 needs b contiguous and shaped like a");
   }
   const bool aligned = (reinterpret_cast<uintptr_t>(a.data_ptr()) | reinterpret_cast<uintptr_t>(norm_weight.data_ptr()) |
                         (mode == 1 ? reinterpret_cast<uintptr_t>(b->data_ptr()) : 0)) % 16 == 0;
-  TORCH_CHECK(aligned, op, ": a, b and norm_weight must be 16-byte aligned");
-  TORCH_CHECK(fmt >= 0 && fmt <= 4, op, ": fmt ", fmt, " not in [0, 4]");
-  TORCH_CHECK(epilogue >= 0 && epilogue <= 2, op, ": epilogue ", epilogue, " not in [0, 2]");
-  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
+  BITLAB_CHECK(aligned, op, ": a, b and norm_weight must be 16-byte aligned");
+  BITLAB_CHECK(fmt >= 0 && fmt <= 4, op, ": fmt ", fmt, " not in [0, 4]");
+  BITLAB_CHECK(epilogue >= 0 && epilogue <= 2, op, ": epilogue ", epilogue, " not in [0, 2]");
+  BITLAB_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() &&
                   (w_scale.numel() == 1 || w_scale.numel() == N),
               op, ": w_scale must be contiguous float32 with 1 or out_features=", N, " elements");
-  TORCH_CHECK(wq.scalar_type() == at::kInt, op, ": prepared weight must be int32 lane tiles");
+  BITLAB_CHECK(wq.scalar_type() == at::kInt, op, ": prepared weight must be int32 lane tiles");
   const c10::cuda::CUDAGuard guard(a.device());
   at::Tensor h = mode == 1 ? at::empty_like(a) : at::empty({0}, a.options());
   at::Tensor y = at::empty({M, N}, a.options().dtype(out_dtype));
   if (M == 0 || N == 0) return {h, y};
   at::Tensor bias_f;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == N, op, ": bias has ", bias->numel(), " elements, expected ", N);
+    BITLAB_CHECK(bias->numel() == N, op, ": bias has ", bias->numel(), " elements, expected ", N);
     bias_f = bias->to(at::kFloat).contiguous();
   }
   bitlab::LinearArgs args = weight_args(wq, w_scale, bias_f, y, fmt, epilogue, M, N, (K + 127) / 128 * 128);
@@ -352,19 +448,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_ext_rms_norm_quant(const at:
                                                                        const c10::optional<at::Tensor>& b,
                                                                        const at::Tensor& weight, double eps,
                                                                        int64_t mode) {
-  TORCH_CHECK(a.is_cuda() && weight.is_cuda(), "cuda_ext_rms_norm_quant: tensors must be on a CUDA device");
-  TORCH_CHECK(a.dim() == 2 && a.stride(1) == 1, "cuda_ext_rms_norm_quant: a must be 2-D with contiguous rows, got ",
+  BITLAB_CHECK(a.is_cuda() && weight.is_cuda(), "cuda_ext_rms_norm_quant: tensors must be on a CUDA device");
+  BITLAB_CHECK(a.dim() == 2 && a.stride(1) == 1, "cuda_ext_rms_norm_quant: a must be 2-D with contiguous rows, got ",
               a.sizes(), " strides ", a.strides());
-  TORCH_CHECK(mode >= 0 && mode <= 2, "cuda_ext_rms_norm_quant: mode ", mode, " not in [0, 2]");
+  BITLAB_CHECK(mode >= 0 && mode <= 2, "cuda_ext_rms_norm_quant: mode ", mode, " not in [0, 2]");
   const int64_t M = a.size(0), K = a.size(1);
-  TORCH_CHECK(K >= 1 && K <= bitlab::kNormQuantMaxK, "cuda_ext_rms_norm_quant: row length ", K, " not in [1, ",
+  BITLAB_CHECK(K >= 1 && K <= bitlab::kNormQuantMaxK, "cuda_ext_rms_norm_quant: row length ", K, " not in [1, ",
               bitlab::kNormQuantMaxK, "]");
-  TORCH_CHECK(weight.dim() == 1 && weight.numel() == K && weight.is_contiguous() &&
+  BITLAB_CHECK(weight.dim() == 1 && weight.numel() == K && weight.is_contiguous() &&
                   weight.scalar_type() == a.scalar_type(),
               "cuda_ext_rms_norm_quant: weight must be contiguous [", K, "] in ", a.scalar_type(), ", got ",
               weight.scalar_type(), " ", weight.sizes());
   if (mode != 0) {
-    TORCH_CHECK(b.has_value() && b->is_cuda() && b->dim() == 2 && b->size(0) == M && b->size(1) == K &&
+    BITLAB_CHECK(b.has_value() && b->is_cuda() && b->dim() == 2 && b->size(0) == M && b->size(1) == K &&
                     b->stride(1) == 1 && b->scalar_type() == a.scalar_type(),
                 "cuda_ext_rms_norm_quant: mode ", mode, " needs b shaped like a with contiguous rows");
   }
@@ -396,19 +492,19 @@ at::Tensor cuda_ext_decode_attention(const at::Tensor& q, const at::Tensor& k, c
                                      const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
                                      at::Tensor& v_cache, const at::Tensor& slot, const at::Tensor& mask,
                                      double scale, bool dependent_launch) {
-  TORCH_CHECK(q.is_cuda() && q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "cuda_ext_decode_attention: q, k, v must be 3-D CUDA tensors");
+  BITLAB_CHECK(q.is_cuda() && q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "cuda_ext_decode_attention: q, k, v must be 3-D CUDA tensors");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k.size(1), S = k_cache.size(2);
-  TORCH_CHECK(D == 64 || D == 128, "cuda_ext_decode_attention: head_dim ", D, " not 64 or 128");
+  BITLAB_CHECK(D == 64 || D == 128, "cuda_ext_decode_attention: head_dim ", D, " not 64 or 128");
   const int64_t G = KVH > 0 && H % KVH == 0 ? H / KVH : 0;
-  TORCH_CHECK(G == 1 || G == 2 || G == 4 || G == 8, "cuda_ext_decode_attention: heads ", H, " / kv heads ", KVH);
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
+  BITLAB_CHECK(G == 1 || G == 2 || G == 4 || G == 8, "cuda_ext_decode_attention: heads ", H, " / kv heads ", KVH);
+  BITLAB_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
                   k_cache.size(0) == B && k_cache.size(1) == KVH && k_cache.size(3) == D,
               "cuda_ext_decode_attention: caches must be contiguous [B, KVH, S, D]");
-  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == D && k.stride(2) == 1 && k.stride(1) == D && v.stride(2) == 1 &&
+  BITLAB_CHECK(q.stride(2) == 1 && q.stride(1) == D && k.stride(2) == 1 && k.stride(1) == D && v.stride(2) == 1 &&
                   v.stride(1) == D, "cuda_ext_decode_attention: q, k, v need contiguous heads");
-  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == S && mask.stride(1) == 1 &&
+  BITLAB_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == S && mask.stride(1) == 1 &&
                   mask.element_size() == 1, "cuda_ext_decode_attention: mask must be [B, S] bool/uint8");
-  TORCH_CHECK(slot.scalar_type() == at::kLong && slot.numel() == 1, "cuda_ext_decode_attention: slot must be int64 [1]");
+  BITLAB_CHECK(slot.scalar_type() == at::kLong && slot.numel() == 1, "cuda_ext_decode_attention: slot must be int64 [1]");
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({B, H * D}, q.options());
   at::Tensor cs = cos.contiguous(), sn = sin.contiguous();
@@ -442,31 +538,31 @@ bitlab::BitnetMlpArgs bitnet_mlp_args(const char* op, int64_t M, const at::Tenso
                                       const at::Tensor& up_scale, const at::Tensor& down_scale,
                                       const at::Tensor& sub_weight, at::Tensor& mid, at::Tensor& barrier, double eps,
                                       int64_t H, int64_t I) {
-  TORCH_CHECK(M <= bitlab::kBitnetMlpMaxTokens, op, ": ", M, " tokens; at most ", bitlab::kBitnetMlpMaxTokens);
-  TORCH_CHECK(I % 16 == 0, op, ": intermediate size ", I, " is not a multiple of 16");
+  BITLAB_CHECK(M <= bitlab::kBitnetMlpMaxTokens, op, ": ", M, " tokens; at most ", bitlab::kBitnetMlpMaxTokens);
+  BITLAB_CHECK(I % 16 == 0, op, ": intermediate size ", I, " is not a multiple of 16");
   const int64_t tile_words = (H + 127) / 128 * 128;  // words per 16-row tile of gate / up (ternary)
   const int64_t down_words = (I + 127) / 128 * 128;
   for (const auto& w : {gate_wq, up_wq, down_wq})
-    TORCH_CHECK(w.is_cuda() && w.scalar_type() == at::kInt && w.is_contiguous() &&
+    BITLAB_CHECK(w.is_cuda() && w.scalar_type() == at::kInt && w.is_contiguous() &&
                     reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
                 op, ": prepared weights must be contiguous, 16-byte aligned int32 lane tiles on the GPU");
-  TORCH_CHECK(gate_wq.numel() >= I / 16 * tile_words && up_wq.numel() >= I / 16 * tile_words &&
+  BITLAB_CHECK(gate_wq.numel() >= I / 16 * tile_words && up_wq.numel() >= I / 16 * tile_words &&
                   down_wq.numel() >= (H + 15) / 16 * down_words,
               op, ": prepared weights are smaller than ternary lane tiles of [", I, ", ", H, "] and [", H, ", ", I, "]");
-  TORCH_CHECK(gate_scale.scalar_type() == at::kFloat && up_scale.scalar_type() == at::kFloat &&
+  BITLAB_CHECK(gate_scale.scalar_type() == at::kFloat && up_scale.scalar_type() == at::kFloat &&
                   down_scale.scalar_type() == at::kFloat && gate_scale.is_contiguous() && up_scale.is_contiguous() &&
                   down_scale.is_contiguous() && gate_scale.numel() == I && up_scale.numel() == I &&
                   down_scale.numel() == H,
               op, ": scales must be contiguous float32 per row ([", I, "], [", I, "], [", H, "])");
   const at::ScalarType dt = sub_weight.scalar_type();
-  TORCH_CHECK((dt == at::kHalf || dt == at::kBFloat16) && sub_weight.is_contiguous() && sub_weight.numel() == I &&
+  BITLAB_CHECK((dt == at::kHalf || dt == at::kBFloat16) && sub_weight.is_contiguous() && sub_weight.numel() == I &&
                   reinterpret_cast<uintptr_t>(sub_weight.data_ptr()) % 16 == 0,
               op, ": sub-norm weight must be contiguous, 16-byte aligned float16 / bfloat16 [", I, "], got ", dt, " ",
               sub_weight.sizes());
-  TORCH_CHECK(mid.scalar_type() == dt && mid.is_contiguous() && mid.numel() >= M * I &&
+  BITLAB_CHECK(mid.scalar_type() == dt && mid.is_contiguous() && mid.numel() >= M * I &&
                   reinterpret_cast<uintptr_t>(mid.data_ptr()) % 16 == 0,
               op, ": mid scratch must be contiguous, 16-byte aligned ", dt, " with at least ", M * I, " elements");
-  TORCH_CHECK(barrier.scalar_type() == at::kLong && barrier.numel() == 1 && barrier.is_cuda(), op,
+  BITLAB_CHECK(barrier.scalar_type() == at::kLong && barrier.numel() == 1 && barrier.is_cuda(), op,
               ": barrier must be one int64 on the GPU");
   bitlab::BitnetMlpArgs a = {};
   a.gate_wq = reinterpret_cast<const uint32_t*>(gate_wq.data_ptr<int>());
@@ -493,11 +589,11 @@ at::Tensor cuda_ext_bitnet_mlp(const at::Tensor& xq, const at::Tensor& x_scale, 
                                const at::Tensor& up_scale, const at::Tensor& down_scale, const at::Tensor& sub_weight,
                                at::Tensor mid, at::Tensor barrier, double eps, int64_t H, int64_t I) {
   const char* op = "cuda_ext_bitnet_mlp";
-  TORCH_CHECK(xq.is_cuda() && xq.dim() == 2 && xq.scalar_type() == at::kChar && xq.size(1) == H && xq.stride(1) == 1,
+  BITLAB_CHECK(xq.is_cuda() && xq.dim() == 2 && xq.scalar_type() == at::kChar && xq.size(1) == H && xq.stride(1) == 1,
               op, ": xq must be int8 [M, ", H, "] with contiguous rows on a CUDA device, got ", xq.scalar_type(), " ",
               xq.sizes());
   const int64_t M = xq.size(0);
-  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.is_contiguous() && x_scale.numel() == M, op,
+  BITLAB_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.is_contiguous() && x_scale.numel() == M, op,
               ": x_scale must be contiguous float32 with ", M, " elements");
   bitlab::BitnetMlpArgs a = bitnet_mlp_args(op, M, gate_wq, up_wq, down_wq, gate_scale, up_scale, down_scale,
                                             sub_weight, mid, barrier, eps, H, I);
@@ -521,18 +617,18 @@ std::tuple<at::Tensor, at::Tensor> cuda_ext_bitnet_mlp_norm(
     at::Tensor barrier, double eps, int64_t H, int64_t I) {
   const char* op = "cuda_ext_bitnet_mlp_norm";
   const at::ScalarType dt = sub_weight.scalar_type();
-  TORCH_CHECK(H % 8 == 0 && H <= bitlab::kNormGemvMaxK, op, ": hidden size ", H, " is not a multiple of 8 up to ",
+  BITLAB_CHECK(H % 8 == 0 && H <= bitlab::kNormGemvMaxK, op, ": hidden size ", H, " is not a multiple of 8 up to ",
               bitlab::kNormGemvMaxK);
   for (const auto& t : {res, delta})
-    TORCH_CHECK(t.is_cuda() && t.dim() == 2 && t.scalar_type() == dt && t.size(1) == H && t.is_contiguous() &&
+    BITLAB_CHECK(t.is_cuda() && t.dim() == 2 && t.scalar_type() == dt && t.size(1) == H && t.is_contiguous() &&
                     reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
                 op, ": res and delta must be contiguous, 16-byte aligned ", dt, " [M, ", H, "] on a CUDA device, got ",
                 t.scalar_type(), " ", t.sizes());
   const int64_t M = res.size(0);
-  TORCH_CHECK(delta.size(0) == M, op, ": res has ", M, " rows, delta ", delta.size(0));
-  TORCH_CHECK(M * H <= bitlab::kBitnetMlpNormElements, op, ": ", M, " x ", H, " values to norm; at most ",
+  BITLAB_CHECK(delta.size(0) == M, op, ": res has ", M, " rows, delta ", delta.size(0));
+  BITLAB_CHECK(M * H <= bitlab::kBitnetMlpNormElements, op, ": ", M, " x ", H, " values to norm; at most ",
               bitlab::kBitnetMlpNormElements);
-  TORCH_CHECK(norm_weight.scalar_type() == dt && norm_weight.is_contiguous() && norm_weight.numel() == H &&
+  BITLAB_CHECK(norm_weight.scalar_type() == dt && norm_weight.is_contiguous() && norm_weight.numel() == H &&
                   reinterpret_cast<uintptr_t>(norm_weight.data_ptr()) % 16 == 0,
               op, ": norm weight must be contiguous, 16-byte aligned ", dt, " [", H, "]");
   bitlab::BitnetMlpArgs a = bitnet_mlp_args(op, M, gate_wq, up_wq, down_wq, gate_scale, up_scale, down_scale,
@@ -563,19 +659,19 @@ int64_t cuda_ext_bitnet_mlp_smem(int64_t M, int64_t H, int64_t I, at::ScalarType
 // Rows of a pinned host table gathered by CUDA indices (host_gather.cu): [*ids.shape, H] on ids' device.
 at::Tensor cuda_ext_gather_host_rows(const at::Tensor& table, const at::Tensor& ids) {
   const char* op = "cuda_ext_gather_host_rows";
-  TORCH_CHECK(table.device().is_cpu() && table.is_pinned(), op, ": table must be in pinned host memory "
+  BITLAB_CHECK(table.device().is_cpu() && table.is_pinned(), op, ": table must be in pinned host memory "
               "(tensor.pin_memory()), got a tensor on ", table.device(), table.device().is_cpu() ? " (not pinned)" : "");
-  TORCH_CHECK(table.dim() == 2 && table.is_contiguous(), op, ": table must be contiguous [rows, H], got ", table.sizes());
+  BITLAB_CHECK(table.dim() == 2 && table.is_contiguous(), op, ": table must be contiguous [rows, H], got ", table.sizes());
   const at::ScalarType dt = table.scalar_type();
-  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, op, ": table dtype ", dt,
+  BITLAB_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, op, ": table dtype ", dt,
               " is not supported; expected float16, bfloat16 or float32");
-  TORCH_CHECK(ids.is_cuda() && ids.scalar_type() == at::kLong, op, ": ids must be int64 on a CUDA device, got ",
+  BITLAB_CHECK(ids.is_cuda() && ids.scalar_type() == at::kLong, op, ": ids must be int64 on a CUDA device, got ",
               ids.scalar_type(), " on ", ids.device());
   const c10::cuda::CUDAGuard guard(ids.device());
   void* mapped = nullptr;
   const cudaError_t err = cudaHostGetDevicePointer(&mapped, table.data_ptr(), 0);
   if (err != cudaSuccess) cudaGetLastError();  // clear it; the check below names the problem
-  TORCH_CHECK(err == cudaSuccess && mapped != nullptr, op, ": the table's pinned memory is not mapped into the ",
+  BITLAB_CHECK(err == cudaSuccess && mapped != nullptr, op, ": the table's pinned memory is not mapped into the ",
               "GPU's address space (", cudaGetErrorString(err), ")");
   const at::Tensor flat = ids.contiguous().view(-1);
   std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
@@ -591,13 +687,13 @@ at::Tensor cuda_ext_gather_host_rows(const at::Tensor& table, const at::Tensor& 
 // The index of each row's maximum (argmax.cu): x [B, V] half / bf16 / float with contiguous rows -> int64 [B].
 at::Tensor cuda_ext_argmax_rows(const at::Tensor& x) {
   const char* op = "cuda_ext_argmax_rows";
-  TORCH_CHECK(x.is_cuda(), op, ": x must be on a CUDA device, got ", x.device());
-  TORCH_CHECK(x.dim() == 2 && (x.stride(1) == 1 || x.size(1) == 1), op,
+  BITLAB_CHECK(x.is_cuda(), op, ": x must be on a CUDA device, got ", x.device());
+  BITLAB_CHECK(x.dim() == 2 && (x.stride(1) == 1 || x.size(1) == 1), op,
               ": x must be [B, V] with contiguous rows, got ", x.sizes(), " strides ", x.strides());
-  TORCH_CHECK(x.size(1) >= 1 && x.size(1) <= (int64_t{1} << 30) && x.size(0) < (int64_t{1} << 31), op,
+  BITLAB_CHECK(x.size(1) >= 1 && x.size(1) <= (int64_t{1} << 30) && x.size(0) < (int64_t{1} << 31), op,
               ": rows of 1 to 2^30 values, fewer than 2^31 rows; got ", x.sizes());
   const at::ScalarType dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, op, ": x dtype ", dt,
+  BITLAB_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, op, ": x dtype ", dt,
               " is not supported; expected float16, bfloat16 or float32");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
@@ -611,7 +707,7 @@ at::Tensor cuda_ext_argmax_rows(const at::Tensor& x) {
 // Throws, naming the tensor, unless t is a contiguous `dtype` tensor on `device`.
 void require_contiguous(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype,
                         const char* dtype_name, const c10::Device& device) {
-  TORCH_CHECK(t.scalar_type() == dtype && t.device() == device && t.is_contiguous(), op, ": ", name,
+  BITLAB_CHECK(t.scalar_type() == dtype && t.device() == device && t.is_contiguous(), op, ": ", name,
               " must be a contiguous ", dtype_name, " tensor on ", device, ", got ", t.scalar_type(), " on ",
               t.device());
 }
@@ -620,14 +716,14 @@ void require_contiguous(const at::Tensor& t, const char* op, const char* name, a
 void require_advance_shapes(const char* op, int64_t B, const at::Tensor& pad_id, const at::Tensor& pos,
                             const at::Tensor& done, const at::Tensor& tokens, const at::Tensor& pad,
                             const at::Tensor& positions, const at::Tensor& out, const at::Tensor& mask) {
-  TORCH_CHECK(pad_id.numel() == 1 && pos.numel() == 1, op, ": pad_id and pos must hold one value each");
+  BITLAB_CHECK(pad_id.numel() == 1 && pos.numel() == 1, op, ": pad_id and pos must hold one value each");
   const bool per_row =
       done.numel() == B && tokens.numel() == B && pad.numel() == B && positions.numel() == B;
-  TORCH_CHECK(per_row, op, ": done, tokens, pad and positions must hold one value per row (", B, "), got ",
+  BITLAB_CHECK(per_row, op, ": done, tokens, pad and positions must hold one value per row (", B, "), got ",
               done.numel(), ", ", tokens.numel(), ", ", pad.numel(), ", ", positions.numel());
   const bool out_ok = out.dim() == 2 && out.size(0) == B;
   const bool mask_ok = mask.dim() >= 2 && mask.size(0) == B && mask.size(-1) >= 1 && mask.numel() == B * mask.size(-1);
-  TORCH_CHECK(out_ok && mask_ok, op, ": out must be [", B, ", columns] and mask [", B, ", slots], got ",
+  BITLAB_CHECK(out_ok && mask_ok, op, ": out must be [", B, ", columns] and mask [", B, ", slots], got ",
               out.sizes(), " and ", mask.sizes());
 }
 
@@ -638,9 +734,9 @@ void cuda_ext_decode_advance(const at::Tensor& ids, const at::Tensor& done, cons
                              int64_t prompt_len, const at::Tensor& tokens, const at::Tensor& pad,
                              const at::Tensor& positions, const at::Tensor& mask) {
   const char* op = "cuda_ext_decode_advance";
-  TORCH_CHECK(ids.is_cuda(), op, ": ids (and every other tensor) must be on a CUDA device, got ", ids.device());
+  BITLAB_CHECK(ids.is_cuda(), op, ": ids (and every other tensor) must be on a CUDA device, got ", ids.device());
   const int64_t B = ids.numel();
-  TORCH_CHECK(B >= 1 && B <= (int64_t{1} << 30), op, ": ids must hold 1 to 2^30 rows, got ", ids.sizes());
+  BITLAB_CHECK(B >= 1 && B <= (int64_t{1} << 30), op, ": ids must hold 1 to 2^30 rows, got ", ids.sizes());
   const c10::Device device = ids.device();
   require_contiguous(ids, op, "ids", at::kLong, "int64", device);
   require_contiguous(pad_id, op, "pad_id", at::kLong, "int64", device);
@@ -697,6 +793,9 @@ TORCH_LIBRARY_FRAGMENT(bitlab, m) {
       "cuda_ext_linear_int8_norm(Tensor a, Tensor? b, Tensor norm_weight, float eps, int mode, Tensor wq, "
       "Tensor w_scale, Tensor? bias, int fmt, int epilogue, int N, ScalarType out_dtype) -> (Tensor, Tensor)");
   m.def(
+      "cuda_ext_linear_int8_norm_tail(Tensor xq, Tensor x_scale, Tensor wq, Tensor w_scale, int fmt, int N, "
+      "Tensor res, Tensor norm_weight, float eps, Tensor(a!) counter) -> (Tensor, Tensor, Tensor)");
+  m.def(
       "cuda_ext_linear_int8(Tensor xq, Tensor x_scale, Tensor wq, Tensor w_scale, Tensor? bias, int fmt, "
       "int epilogue, int N, int K, ScalarType out_dtype) -> Tensor");
   m.def(
@@ -709,6 +808,7 @@ TORCH_LIBRARY_IMPL(bitlab, CUDA, m) {
   m.impl("cuda_ext_linear_int8", &cuda_ext_linear_int8);
   m.impl("cuda_ext_rms_norm_quant", &cuda_ext_rms_norm_quant);
   m.impl("cuda_ext_linear_int8_norm", &cuda_ext_linear_int8_norm);
+  m.impl("cuda_ext_linear_int8_norm_tail", &cuda_ext_linear_int8_norm_tail);
   m.impl("cuda_ext_decode_attention", &cuda_ext_decode_attention);
   m.impl("cuda_ext_bitnet_mlp", &cuda_ext_bitnet_mlp);
   m.impl("cuda_ext_bitnet_mlp_norm", &cuda_ext_bitnet_mlp_norm);

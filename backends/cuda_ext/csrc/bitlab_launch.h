@@ -174,6 +174,21 @@ struct NormInputArgs {
 bool norm_gemv_serves(int M, int K);
 cudaError_t launch_linear_int8_norm(const LinearArgs& args, const NormInputArgs& norm, cudaStream_t stream);
 
+// The int8 GEMV followed, in the same kernel, by the residual add, RMSNorm and per-token int8 quantization of its
+// output (linear_norm_tail.cu): norm.a = the residual [M, N], norm.b = args.y (the GEMV's output, scratch),
+// norm.h = h out [M, N], norm.mode = 1, norm.K = N; xq [M, N] int8 and x_scale [M] out; counter: one unsigned int,
+// zero before the launch and zero again after it (the last block resets it).  The same bits as
+// launch_linear_int8 then launch_rms_norm_quant (mode 1).
+struct NormTailArgs {
+  NormInputArgs norm;
+  int8_t* xq;
+  float* x_scale;
+  unsigned int* counter;
+};
+// Whether launch_linear_int8_norm_tail serves M tokens of N outputs.
+bool norm_tail_serves(int M, int N);
+cudaError_t launch_linear_int8_norm_tail(const LinearArgs& args, const NormTailArgs& tail, cudaStream_t stream);
+
 // One-token grouped-query attention with rotary embedding and KV-cache write (decode_attention.cu,
 // sm_90). q [B, H, D], k, v [B, KVH, D] (row strides below; heads contiguous, D unit stride),
 // cos / sin [B, D], caches [B, KVH, S, D] contiguous, mask [B, S] (nonzero = attend), all of dtype

@@ -40,8 +40,11 @@ struct GemvDepth {
   static constexpr bool wide = NT > 1 || (MT > 1 && sizeof(X) == 2);
   static constexpr int value = (wide && base > 2) ? 2 : base;
 };
+// The one-shot GEMV's work for one block (gemv_oneshot_kernel; also the first part of linear_norm_tail.cu's
+// kernel): y rows of the block's MT m-tiles stored with a's epilogue.  Uses the dynamic shared memory
+// (launch_gemv_oneshot's size) and leaves it free at its end only after a block barrier.
 template <int FMT, typename X, int MT, int NT, bool PIPE>
-__global__ void __launch_bounds__(256, PIPE ? 2 : 1) gemv_oneshot_kernel(LinearArgs a, int nchunks) {
+__device__ __forceinline__ void gemv_oneshot_block(const LinearArgs& a, int nchunks) {
   using PT = PathTraits<X>;
   using Acc = typename PT::Acc;
   using L = LaneTile<FMT>;
@@ -106,6 +109,11 @@ __global__ void __launch_bounds__(256, PIPE ? 2 : 1) gemv_oneshot_kernel(LinearA
   sum_acc_sets(accs, acc);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   reduce_warps_and_store(a, acc, reinterpret_cast<Acc*>(smem_raw), kw, tile0);
+}
+
+template <int FMT, typename X, int MT, int NT, bool PIPE>
+__global__ void __launch_bounds__(256, PIPE ? 2 : 1) gemv_oneshot_kernel(LinearArgs a, int nchunks) {
+  gemv_oneshot_block<FMT, X, MT, NT, PIPE>(a, nchunks);
 }
 
 // ------------------------------------------------------------------------ GEMM

@@ -90,10 +90,11 @@ __device__ __forceinline__ float token_tree(const float* units, int tok, int nw,
   return warp_tree<kMax>(lane < nw ? units[tok * 32 + lane] : 0.f);
 }
 
-// x and the per-token scales into shared memory from the rows a (and b) of NormInputArgs; see the file comment.
-// Every thread of the block calls it (block barriers inside); block 0 writes h in mode 1.
+// x and the per-token scales (into shared memory, or global memory where s points there) from the rows a (and b)
+// of NormInputArgs; see the file comment.  Every thread of the block calls it (block barriers inside); in mode 1
+// the block with writes_h set writes h (one block of the grid).
 template <typename T>
-__device__ void norm_rows_into_x(const NormInputArgs& n, int M, const NormRowsSmem& s) {
+__device__ void norm_rows_into_x(const NormInputArgs& n, int M, const NormRowsSmem& s, bool writes_h) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, kw = blockDim.x >> 5;
   const int np = n.K / 8, nw = (np + 31) / 32 < 2 ? 2 : (np + 31) / 32;  // pieces per row, norm_quant's warps
   float* stat = s.stat;
@@ -115,7 +116,7 @@ __device__ void norm_rows_into_x(const NormInputArgs& n, int M, const NormRowsSm
   cp_async_commit();
   cp_async_wait<0>();  // this thread's copies (and, from before the wait, its pieces of the norm's weight)
 
-  // Pass 1: r = a or T(a + b) in place (block 0 writes h), each unit's sum of squares.
+  // Pass 1: r = a or T(a + b) in place (writes_h: also to h), each unit's sum of squares.
 #pragma unroll 1
   for (int tok = 0; tok < M; ++tok)
 #pragma unroll 1
@@ -135,7 +136,7 @@ __device__ void norm_rows_into_x(const NormInputArgs& n, int M, const NormRowsSm
       }
       if (n.mode == 1) {
         ra[at] = va;
-        if (blockIdx.x == 0) static_cast<uint4*>(n.h)[at] = va;
+        if (writes_h) static_cast<uint4*>(n.h)[at] = va;
       }
     }
     ss = warp_tree<false>(ss);

@@ -392,7 +392,8 @@ __global__ void __launch_bounds__(kMlpThreads, 1) bitnet_mlp_kernel(BitnetMlpArg
   // x into shared memory, zero-padded to Hp columns: the int8 rows given, or the post-attention norm's.
   unsigned char* xs = smem + p.off_x;
   const bool vec = a.ldx % 16 == 0 && reinterpret_cast<uintptr_t>(a.xq) % 16 == 0;
-  if (a.norm_input) norm_rows_into_x<T>(post_attention_norm(a), p.M, post_attention_norm_smem(p, smem, token_scale[0]));
+  if (a.norm_input)
+    norm_rows_into_x<T>(post_attention_norm(a), p.M, post_attention_norm_smem(p, smem, token_scale[0]), blockIdx.x == 0);
 #pragma unroll 1
   for (int idx = threadIdx.x; !a.norm_input && idx < p.M * (p.xp / 16); idx += kMlpThreads) {
     const int tok = idx / (p.xp / 16), c = (idx % (p.xp / 16)) * 16;

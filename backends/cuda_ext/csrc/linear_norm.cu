@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(256) gemv_norm_kernel(LinearArgs a, NormInputA
   pdl_launch_dependents();  // the kernel after this one may start fetching its weights
   pdl_wait();               // the input comes from the kernel before this one
 
-  norm_rows_into_x<T>(n, a.M, stage);
+  norm_rows_into_x<T>(n, a.M, stage, blockIdx.x == 0);
   const unsigned char* xs = smem_raw + L.off_x;
   while (c0 < nchunks) {
     uint32_t xb[D][1][8];

@@ -89,6 +89,21 @@ def test_bad_input_is_named(advance):
 
 
 
+
+@pytest.mark.gpu
+def test_the_op_itself_raises_on_bad_shapes(advance):
+    """The C++ checks behind the Python ones raise too: their messages once streamed integers and shapes, which
+    crashed the GPU machine's build (a wrong locale facet in the extension's number formatting); now built with
+    std::to_string."""
+    s = {k: v.cuda() if torch.is_tensor(v) else v for k, v in _state(2, 16, 1, 0).items()}
+    op = torch.ops.bitlab.cuda_ext_decode_advance
+    names = ["ids", "done", "pad_id", "stop_ids", "out", "pos", "prompt_len", "tokens", "pad", "positions", "mask"]
+    for bad, match in [("pad", r"one value per row \(2\), got 2, 2, 1, 2"), ("done", "one value per row"),
+                       ("out", r"out must be \[2, columns\] and mask \[2, slots\], got \[1, 9\] and \[2, 16\]")]:
+        args = {**s, bad: s[bad][:1]}
+        with pytest.raises(RuntimeError, match=match):
+            op(*[args[n] for n in names])
+
 def test_inputs_on_the_cpu_are_named_without_a_gpu():
     """The wrapper's own check runs before the op (no extension needed to see it)."""
     from backends.cuda_ext.decode_advance import check_inputs

@@ -1,33 +1,13 @@
 """The norm + int8 GEMV kernel (backends/cuda_ext/norm_linear.py) against the two kernels it replaces
 (cuda_ext_rms_norm_quant, then cuda_ext_linear_int8): the same bits, on fresh random inputs of odd and
 BitNet shapes; the input checks and the reasons it is not used run without a GPU."""
-import os
-from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from backends.cuda_ext import norm_linear, ops
-from backends.cuda_ext.kernels import CudaExtInt8Kernel
-from bitcore.config import BitQuantConfig
-from bitcore.packing import pack_weight
-from bitcore.quantize import quantize_weight
-
-
-def fresh_generator():
-    seed = int.from_bytes(os.urandom(4), "little")
-    return torch.Generator().manual_seed(seed), seed
-
-
-def prepared_weight(out_f, in_f, gen, bits=1.58):
-    """Random weights of ``bits`` quantized per row and prepared by the cuda_ext int8 kernel, on the GPU."""
-    cfg = BitQuantConfig(weight_bits=bits, activation_dtype="int8", activation_granularity="per_token",
-                         weight_granularity="per_channel")
-    values, scale = quantize_weight(torch.randn(out_f, in_f, generator=gen), cfg)
-    packed = pack_weight(values, scale, bits, "per_channel")
-    packed = replace(packed, data=packed.data.cuda(), scale=packed.scale.cuda())
-    return CudaExtInt8Kernel().prepare(packed, cfg)
+from tests.backends.cuda_ext.int8_weights import fresh_generator, prepared_weight
 
 
 # ----------------------------------------------------------------------------- no GPU needed

@@ -670,6 +670,53 @@ def test_norms_in_the_gemvs_give_the_same_logits_and_tokens(cuda_device, monkeyp
     assert graph.generate(prompts, 10, stop_token_ids=[]).tokens == want
 
 
+def test_the_o_norm_tail_on_cpu_says_why_not(monkeypatch):
+    model = _model(seed=22)
+    monkeypatch.delenv("BITLAB_NORM_TAIL", raising=False)
+    assert Generator(model).norm_tail == "separate kernels (norm_tail=False)"
+    why = Generator(model, norm_tail=True).norm_tail
+    assert why.startswith("separate kernels (") and why != "separate kernels (norm_tail=False)", why
+    assert all(layer.o_norm_tail is None for layer in model.model.layers)
+    monkeypatch.setenv("BITLAB_NORM_TAIL", "on")
+    assert Generator(model).norm_tail == why
+
+
+@pytest.mark.gpu
+def test_the_o_norm_tail_gives_the_same_logits_and_tokens(cuda_device, monkeypatch):
+    """o_proj, the residual add and post_attention_layernorm in one kernel (its last block runs the norm): the same
+    bits as the projection and then the norm kernel, so the same logits and tokens, eager and replayed."""
+    from backends.cuda_ext import ops as cuda_ops
+
+    if not cuda_ops.availability():
+        pytest.skip("needs cuda_ext")
+    monkeypatch.delenv("BITLAB_NORM_GEMV", raising=False)
+    monkeypatch.delenv("BITLAB_MLP_NORM", raising=False)
+    model = _model(seed=23, hidden_size=256, intermediate_size=688, num_attention_heads=4,
+                   num_key_value_heads=2).to(cuda_device, torch.bfloat16)
+    prompts = _prompts(23, (5, 9))
+    monkeypatch.setenv("BITLAB_NORM_TAIL", "off")  # bound (norm_tail=True), switched off at run time
+    separate = Generator(model, cuda_graph=True, norm_tail=True)
+    assert separate.norm_tail == ("cuda_ext.linear_int8_norm_tail (o_proj, the residual add and "
+                                  "post_attention_layernorm in one kernel up to 8 tokens)"), separate.norm_tail
+    want = separate.generate(prompts, 10, stop_token_ids=[]).tokens
+    ids = torch.tensor([prompts[1][:2]], device=cuda_device)
+    from backends.cuda_ext.norm_tail import NormTailLinear
+
+    calls, original = [], NormTailLinear.__call__
+    monkeypatch.setattr(NormTailLinear, "__call__", lambda self, x, res: calls.append(res.shape) or original(self, x, res))
+    with torch.no_grad():
+        want_logits = [model(ids[:, :1]), model(ids.view(2, 1))]
+    assert calls == []  # switched off
+    monkeypatch.delenv("BITLAB_NORM_TAIL")
+    with torch.no_grad():
+        got_logits = [model(ids[:, :1]), model(ids.view(2, 1))]
+    assert len(calls) == 2 * len(model.model.layers)  # every layer, two forwards
+    for got, logits in zip(got_logits, want_logits):
+        assert torch.equal(got, logits)
+    assert Generator(model, cuda_graph=False, bind=False).generate(prompts, 10, stop_token_ids=[]).tokens == want
+    assert Generator(model, cuda_graph=True, bind=False).generate(prompts, 10, stop_token_ids=[]).tokens == want
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("norm_in", [False, True])
 def test_fused_mlp_generation_is_used_and_replays_deterministically(cuda_device, monkeypatch, norm_in):
