@@ -306,8 +306,14 @@ cudaError_t launch_linear_fmt(const LinearArgs& a, cudaStream_t stream) {
     // eight; W1.58A8 11.8 -> 11.4, 12.4 -> 11.9); two or one elsewhere (four lost at 3840x2560,
     // 2560x6912, 8192x8192, and on the int8 path at 14336x4096).  BITLAB_CUDA_ONESHOT_MT=1/2/4 forces one.
     const bool four_tiles = FormatBits<FMT>::value <= 2 && tiles >= 6 * device_sm_count() && nchunks <= 24;
+    // Two m-tiles per block also for int8 activations, 1- or 2-bit weights, one or two tokens and K <= 3072 once
+    // the grid holds a block per multiprocessor at one m-tile (H200, BitNet 2B decode, q/k/v 3840x2560 and o
+    // 2560x2560: batch 1 889 -> 927 tokens/s, twice; batch 2 1681 -> 1690; four m-tiles lost, 814; notes v24).
+    // Longer K and other token counts were not measured.
+    const bool int8_pair = sizeof(X) == 1 && FormatBits<FMT>::value <= 2 && a.M <= 2 && nchunks <= 24 &&
+                           tiles >= device_sm_count();
     const char* mt_env = std::getenv("BITLAB_CUDA_ONESHOT_MT");
-    const int mt = mt_env ? mt_env[0] - '0' : (four_tiles ? 4 : (two_tiles ? 2 : 1));
+    const int mt = mt_env ? mt_env[0] - '0' : (four_tiles ? 4 : (two_tiles || int8_pair ? 2 : 1));
     if (mt == 4) return launch_gemv_oneshot<FMT, X, 4, 1>(a, nchunks, stream);
     if (mt == 2) return launch_gemv_oneshot<FMT, X, 2, 1>(a, nchunks, stream);
     return launch_gemv_oneshot<FMT, X, 1, 1>(a, nchunks, stream);
