@@ -37,15 +37,18 @@ from bitmodels.bitnet import BitNetConfig  # noqa: E402
 from bitmodels.bitnet.cpu_threads import SWITCH  # noqa: E402
 from bitmodels.bitnet.generate import Generator  # noqa: E402
 
-ROWS = ["bitlab", "bitlab_torch_threads", "bitlab_avx2", "bitlab_head4_a8", "bitlab_head4_a8_torch_threads",
-        "bf16_dense"]
+ROWS = ["bitlab", "bitlab_torch_threads", "bitlab_torch_norms", "bitlab_avx2", "bitlab_head4_a8",
+        "bitlab_head4_a8_torch_threads", "bf16_dense"]
+NORM_SWITCH = "BITLAB_CPU_NORM"  # torch: the norms as torch operations (the bf16 dense row does not prepare: torch)
 
 
 def run_row(name: str, cfg: BitNetConfig, args) -> dict:
     model = build_model(cfg, "cpu", args.seed)
-    env_before = os.environ.get(SWITCH)
+    env_before = {var: os.environ.get(var) for var in (SWITCH, NORM_SWITCH)}
     if name.endswith("_torch_threads"):
         os.environ[SWITCH] = "torch"
+    if name.endswith("_torch_norms"):
+        os.environ[NORM_SWITCH] = "torch"
     ops = torch.ops.bitlab
     try:
         if name == "bitlab_avx2":
@@ -58,13 +61,15 @@ def run_row(name: str, cfg: BitNetConfig, args) -> dict:
         features = ops.cpu_features()
     finally:
         ops.cpu_set_isa(-1)
-        if env_before is None:
-            os.environ.pop(SWITCH, None)
-        else:
-            os.environ[SWITCH] = env_before
+        for var, value in env_before.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
     ms = timed["decode_ms_per_step"]
     row = {"model": name, "decode_ms_per_token": ms, "tokens_per_s": 1e3 / ms, "runs_ms": timed["decode_ms_per_step_runs"],
            "threads": gen.cpu_threads, "head": gen.head_kernel, "kernels": sorted(set(gen.kernels.values())),
+           "norms": gen.cpu_norm,
            "cpu_features": features}
     print(f"{name:32s} {ms:8.1f} ms/token  {1e3 / ms:6.2f} tokens/s  runs {row['runs_ms']}", flush=True)
     del gen, model
@@ -85,8 +90,8 @@ def markdown(meta: dict, rows: list) -> str:
         threads = f"1 / {meta['threads']}" if split else f"{meta['threads']} / {meta['threads']}"
         lines.append(f"| {r['model']} | {r['decode_ms_per_token']:.1f} | {r['tokens_per_s']:.2f} | {ratio} | "
                      f"{threads} |")
-    lines += ["", "Threads during decode, as `Generator.cpu_threads` says it:", ""]
-    lines += [f"* {r['model']}: {r['threads']}; head: {r['head']}" for r in rows]
+    lines += ["", "Threads during decode (as `Generator.cpu_threads` says it), the head and what runs the norms:", ""]
+    lines += [f"* {r['model']}: {r['threads']}; head: {r['head']}; norms: {r.get('norms', 'torch')}" for r in rows]
     lines += ["", f"Kernels: {rows[0]['kernels'] if rows else ''}; CPU features: "
               f"{rows[0]['cpu_features'] if rows else ''}", "", f"Command: `{meta['args']}`", ""]
     return "\n".join(lines)

@@ -54,6 +54,7 @@ import torch
 
 from bitmodels.bitnet.model import BitNetForCausalLM
 from bitmodels.bitnet.ops import (
+    CpuNormOps,
     FUSED_ATTENTION_MAX_BATCH,
     FUSED_ATTENTION_MAX_BATCH_BEFORE_TRITON,
     FusedDecodeAttentionOps,
@@ -172,6 +173,11 @@ class Generator:
         self.mlp_kernel = model.mlp_kernel
         self.norm_gemv = model.norm_gemv
         self.norm_tail = model.norm_tail
+        self.cpu_norm = model.cpu_norm
+        if isinstance(model.ops, CpuNormOps):  # prepared on a CPU with cpp_cpu: the norms as one call each
+            self.prefill_ops = CpuNormOps(self.prefill_ops)
+            if not isinstance(self.decode_ops, CpuNormOps):
+                self.decode_ops = CpuNormOps(self.decode_ops)
         self.kernels = {
             name: getattr(getattr(b, "kernel", None), "name", type(b).__name__)
             for name, b in model.model.layers[0].bound.items()

@@ -48,7 +48,8 @@ from bitmodels.bitnet.bindings import (
     device_bytes,
 )
 from bitmodels.bitnet.config import BitNetConfig
-from bitmodels.bitnet.ops import CompiledOps, Ops, apply_head, compiled_ops, rms_norm, rotary_table, use_fused_norm_quant
+from bitmodels.bitnet.ops import (CompiledOps, CpuNormOps, Ops, apply_head, compiled_ops, rms_norm, rotary_table,
+                                  use_cpu_norm, use_fused_norm_quant)
 from bitmodels.configs import register_model
 from bitmodels.hf.build import empty_frozen_bitlinear
 
@@ -281,6 +282,7 @@ class BitNetForCausalLM(nn.Module):
         self.mlp_kernel = "separate kernels (not prepared)"  # what runs the MLPs (prepare_for_inference sets it)
         self.norm_gemv = "separate kernels (not prepared)"  # what runs the norms before q/k/v and o (likewise)
         self.norm_tail = "separate kernels (not prepared)"  # what runs o_proj's post-attention norm (likewise)
+        self.cpu_norm = "torch (not prepared)"  # what runs the norms on a CPU (likewise)
         # The lm_head quantized per row to 2 / 4 / 8 bits, when bind_lm_head asked for it (else the dense one).
         self.head_binding: Optional[PreparedLinear] = None
         self.head_kernel = "dense (nn.Linear)"  # what runs the lm_head (bind_lm_head sets it)
@@ -447,6 +449,11 @@ class BitNetForCausalLM(nn.Module):
                 norm = f", the post-attention norm apart (hidden {first.fused_mlp.hidden} is not a multiple of 8)"
             self.mlp_kernel = f"cuda_ext.bitnet_mlp (one kernel up to {limit} tokens{norm})"
         self.norm_quant = use_fused_norm_quant(device) if self.model.layers[0].quantized_inputs else "none"
+        fused_norms, self.cpu_norm = use_cpu_norm(device)
+        if fused_norms and not isinstance(self.ops, CpuNormOps):
+            self.ops = CpuNormOps(self.ops)
+        elif not fused_norms and isinstance(self.ops, CpuNormOps):
+            self.ops = self.ops.base
         self.bind_lm_head(lm_head_bits, device, activations=lm_head_activations)
         if embedding_on_host:
             self.offload_embedding(True)
@@ -513,6 +520,9 @@ class BitNetForCausalLM(nn.Module):
         self.mlp_kernel = "separate kernels (not prepared)"
         self.norm_gemv = "separate kernels (not prepared)"
         self.norm_tail = "separate kernels (not prepared)"
+        self.cpu_norm = "torch (not prepared)"
+        if isinstance(self.ops, CpuNormOps):
+            self.ops = self.ops.base
         for layer in self.model.layers:
             layer.bound = {}
             layer.quantized_inputs = False

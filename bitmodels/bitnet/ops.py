@@ -55,6 +55,68 @@ def use_fused_norm_quant(device) -> str:
     return f"cuda_ext ({status.reason})" if status else f"torch (cuda_ext unavailable: {status.reason})"
 
 
+def use_cpu_norm(device) -> Tuple[bool, str]:
+    """``(whether, what runs them and why)``: the norms of a model prepared for ``device`` (a CPU) run as one cpp_cpu
+    call each (:class:`CpuNormOps`) instead of torch's ~8 operations; ``BITLAB_CPU_NORM=torch`` keeps torch's (for
+    A/B timing)."""
+    if torch.device(device).type != "cpu":
+        return False, "torch (not a CPU device)"
+    if os.environ.get("BITLAB_CPU_NORM") == "torch":
+        return False, "torch (BITLAB_CPU_NORM=torch)"
+    from backends.cpp_cpu.kernels import backend_availability
+
+    status = backend_availability()
+    if not status:
+        return False, f"torch (cpp_cpu unavailable: {status.reason})"
+    return True, "cpp_cpu.cpu_rms_norm (one call per norm)"
+
+
+def cpu_norm_serves(x: torch.Tensor, weight: torch.Tensor, other: Optional[torch.Tensor] = None) -> bool:
+    """cpu_rms_norm takes it: CPU float32 / bfloat16 rows, one dtype and shape throughout, nothing to differentiate."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if weight.dtype != x.dtype or weight.device.type != "cpu" or (other is not None and (
+            other.dtype != x.dtype or other.shape != x.shape or other.device.type != "cpu")):
+        return False
+    tensors = (x, weight) if other is None else (x, weight, other)
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+class CpuNormOps:
+    """An ops set whose norms run as one ``cpu_rms_norm`` call each where it takes the rows (else the base set's);
+    the other operations are the base set's.  The sum of squares is added in another order than torch's, so the
+    normed rows can differ from torch's in the last bit (``backends/cpp_cpu/csrc/norms.cpp``)."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def norm_input(self, x, weight, eps, quantize=False):
+        if not cpu_norm_serves(x, weight):
+            return self.base.norm_input(x, weight, eps, quantize)
+        y = torch.ops.bitlab.cpu_rms_norm(x, None, weight, eps, 0)[1]
+        return quantize_tokens(y) if quantize else y
+
+    def add_rms_norm(self, residual, delta, weight, eps, quantize=False):
+        if not cpu_norm_serves(residual, weight, delta):
+            return self.base.add_rms_norm(residual, delta, weight, eps, quantize)
+        h, y = torch.ops.bitlab.cpu_rms_norm(residual, delta, weight, eps, 1)
+        return h, (quantize_tokens(y) if quantize else y)
+
+    def attention(self, q, k, v, cos, sin, k_cache, v_cache, slots, mask, sub_norm_weight, eps, quantize=False):
+        """The base set's attention with ``attn_sub_norm`` taken here where cpu_rms_norm serves it."""
+        out = self.base.attention(q, k, v, cos, sin, k_cache, v_cache, slots, mask, None, eps, quantize)
+        return out if sub_norm_weight is None else self.norm_input(out, sub_norm_weight, eps, quantize)
+
+    def relu2_gate_norm(self, gate, up, weight, eps, quantize=False):
+        if not cpu_norm_serves(gate, weight, up):
+            return self.base.relu2_gate_norm(gate, up, weight, eps, quantize)
+        y = torch.ops.bitlab.cpu_rms_norm(gate, up, weight, eps, 2)[1]
+        return quantize_tokens(y) if quantize else y
+
+
 def cuda_ext_or_torch(device, switch: str, torch_fn: Callable, torch_name: str, load_kernel: Callable[[], Callable],
                       kernel_name: str) -> Tuple[Callable, str]:
     """``(function, what runs it and why)`` for one step of the decode loop: the cuda_ext kernel that

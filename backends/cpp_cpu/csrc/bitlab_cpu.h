@@ -1,7 +1,7 @@
 // Shared declarations of the cpp_cpu kernels: ISA dispatch, activation buffers, epilogue.
 //
 // The kernel translation units (lowbit_gemm.cpp, float_gemm.cpp, int8_gemm.cpp,
-// xnor_gemm.cpp, activations.cpp, thread_pool.cpp) include only this header, never
+// xnor_gemm.cpp, activations.cpp, norms.cpp, thread_pool.cpp) include only this header, never
 // torch: they compile in a second or two.  ops.cpp binds them to torch.library ops.
 //
 // Every kernel runs the same loop nest (see for_row_blocks below): threads over blocks
@@ -106,6 +106,14 @@ inline float epilogue(float y, const OutputSpec& o, int64_t r) {
 inline float finish(float acc, float x_scale, const OutputSpec& o, int64_t r) {
   return epilogue(acc * x_scale * o.w_scale[o.w_per_channel ? r : 0], o, r);
 }
+
+// ---- norms.cpp: RMSNorm of M contiguous rows of K (float32, or bfloat16 as uint16 bits when bf16) in two passes:
+// rms_norm_inputs writes x (float32) from a, after the residual add h = a + b (mode 1, h written) or BitNet's
+// squared-ReLU gate of a and b (mode 2); the caller takes mean_sq [M] = mean(x^2) per row; rms_norm_outputs writes
+// y = the normed rows times weight [K], rounded as torch's operations round ----
+void rms_norm_inputs(const void* a, const void* b, void* h, float* x, int64_t M, int64_t K, int mode, bool bf16);
+void rms_norm_outputs(const float* x, const float* mean_sq, const void* weight, void* y, int64_t M, int64_t K,
+                      float eps, bool bf16);
 
 // ---- activations.cpp: fill padded activation buffers (rows of x may be strided) ----
 // int8 absmax quantization exactly as bitcore.quantize.quantize_activation_int8.

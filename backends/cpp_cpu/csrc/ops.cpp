@@ -11,6 +11,9 @@
 //   cpu_linear_a1(x, weight, w_scale, bias, in_features, per_token, epilogue)
 //       binary activations, XNOR + popcount (xnor_gemm.cpp); weight is int64 words
 //   cpu_quantize_int8(x, per_token) -> (q, scale)      the activation quantizer, for tests
+//   cpu_rms_norm(a, b, weight, eps, mode) -> (h, y)    RMSNorm of a's rows (mode 0), of h = a + b (mode 1) or of
+//                                                     BitNet's relu(a)^2 * b (mode 2); float32 / bfloat16 (norms.cpp),
+//                                                     torch's bits
 //   cpu_features() -> str;  cpu_set_isa(isa)          ISA report / override (-1 auto, 0 scalar, 1 avx2,
 //                                                     2 avx512vnni)
 //   cpu_set_threads(n);  cpu_threads() -> int         the kernels' thread count: n > 0 pins it, n <= 0 follows
@@ -237,6 +240,37 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_op(const at::Tensor& x, bool pe
   return {q, scale};
 }
 
+std::tuple<at::Tensor, at::Tensor> rms_norm_op(const at::Tensor& a, const c10::optional<at::Tensor>& b,
+                                               const at::Tensor& weight, double eps, int64_t mode) {
+  TORCH_CHECK(mode >= 0 && mode <= 2, "cpu_rms_norm: mode ", mode, " is not 0 (norm), 1 (add, norm) or 2 (gate, norm)");
+  TORCH_CHECK(a.device().is_cpu() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16) && a.dim() >= 1,
+              "cpu_rms_norm: a must be a float32 or bfloat16 CPU tensor, got ", a.scalar_type(), " on ", a.device());
+  const int64_t K = a.size(-1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == K && weight.scalar_type() == a.scalar_type() &&
+                  weight.device().is_cpu(),
+              "cpu_rms_norm: weight must be [", K, "] ", a.scalar_type(), " on the CPU, got ", weight.scalar_type(), " ",
+              weight.sizes());
+  TORCH_CHECK(mode == 0 || (b.has_value() && b->sizes() == a.sizes() && b->scalar_type() == a.scalar_type() &&
+                            b->device().is_cpu()),
+              "cpu_rms_norm: mode ", mode, " needs b shaped like a (", a.sizes(), ") in ", a.scalar_type());
+  const at::Tensor rows = a.contiguous();
+  const at::Tensor other = mode == 0 ? at::Tensor() : b->contiguous();
+  const at::Tensor w = weight.contiguous();
+  at::Tensor y = at::empty_like(rows);
+  at::Tensor h = mode == 1 ? at::empty_like(rows) : at::empty({0}, rows.options());
+  const int64_t M = K ? rows.numel() / K : 0;
+  if (M == 0 || K == 0) return {h, y};
+  const bool bf16 = rows.scalar_type() == at::kBFloat16;
+  at::Tensor x = at::empty({M, K}, rows.options().dtype(at::kFloat));
+  rms_norm_inputs(rows.data_ptr(), mode == 0 ? nullptr : other.data_ptr(), mode == 1 ? h.data_ptr() : nullptr,
+                  x.data_ptr<float>(), M, K, static_cast<int>(mode), bf16);
+  // The mean of squares by torch's own operations (bitmodels.bitnet.ops.rms_norm): the same bits.
+  const at::Tensor mean_sq = x.pow(2).mean(-1).contiguous();
+  rms_norm_outputs(x.data_ptr<float>(), mean_sq.data_ptr<float>(), w.data_ptr(), y.data_ptr(), M, K,
+                   static_cast<float>(eps), bf16);
+  return {h, y};
+}
+
 std::string features_op() { return cpu_features(); }
 
 void set_isa_op(int64_t isa) { set_isa_override(static_cast<int>(isa)); }
@@ -256,6 +290,7 @@ TORCH_LIBRARY_FRAGMENT(bitlab, m) {
   m.def("cpu_linear_a1(Tensor x, Tensor weight, Tensor w_scale, Tensor? bias, int in_features, "
         "bool per_token, str epilogue) -> Tensor");
   m.def("cpu_quantize_int8(Tensor x, bool per_token) -> (Tensor, Tensor)");
+  m.def("cpu_rms_norm(Tensor a, Tensor? b, Tensor weight, float eps, int mode) -> (Tensor, Tensor)");
   m.def("cpu_features() -> str", &bitlab_cpu::features_op);
   m.def("cpu_set_isa(int isa) -> ()", &bitlab_cpu::set_isa_op);
   m.def("cpu_set_threads(int n) -> ()", &bitlab_cpu::set_threads_op);
@@ -267,4 +302,5 @@ TORCH_LIBRARY_IMPL(bitlab, CPU, m) {
   m.impl("cpu_linear_float", &bitlab_cpu::linear_float);
   m.impl("cpu_linear_a1", &bitlab_cpu::linear_a1);
   m.impl("cpu_quantize_int8", &bitlab_cpu::quantize_int8_op);
+  m.impl("cpu_rms_norm", &bitlab_cpu::rms_norm_op);
 }

@@ -670,6 +670,30 @@ def test_norms_in_the_gemvs_give_the_same_logits_and_tokens(cuda_device, monkeyp
     assert graph.generate(prompts, 10, stop_token_ids=[]).tokens == want
 
 
+def test_cpu_norms_run_as_one_call_each(monkeypatch):
+    """On a CPU the norms run as cpp_cpu.cpu_rms_norm (one call per norm); BITLAB_CPU_NORM=torch keeps torch's
+    operations.  The same bits, so the same logits."""
+    pytest.importorskip("backends.cpp_cpu.kernels")
+    from backends.cpp_cpu.kernels import backend_availability
+
+    if not backend_availability():
+        pytest.skip("cpp_cpu unavailable")
+    model = _model(seed=24)
+    ids = torch.tensor([_prompts(24, (7,))[0]])
+    monkeypatch.setenv("BITLAB_CPU_NORM", "torch")
+    assert Generator(model).cpu_norm == "torch (BITLAB_CPU_NORM=torch)"
+    with torch.no_grad():
+        want = model(ids)
+    monkeypatch.delenv("BITLAB_CPU_NORM")
+    assert Generator(model).cpu_norm == "cpp_cpu.cpu_rms_norm (one call per norm)"
+    calls, op = [], torch.ops.bitlab.cpu_rms_norm
+    monkeypatch.setattr(torch.ops.bitlab, "cpu_rms_norm", lambda *a: calls.append(a[-1]) or op(*a))
+    with torch.no_grad():
+        got = model(ids)
+    assert sorted(set(calls)) == [0, 1, 2] and len(calls) == 4 * len(model.model.layers) + 1  # + the final norm
+    assert torch.equal(got, want)
+
+
 def test_the_o_norm_tail_on_cpu_says_why_not(monkeypatch):
     model = _model(seed=22)
     monkeypatch.delenv("BITLAB_NORM_TAIL", raising=False)
