@@ -50,18 +50,22 @@ def max_rows(k: int) -> int:
 
 def why_not(prepared, norm_weight: torch.Tensor) -> str:
     """Empty when the kernel can take the norm before ``prepared`` (a cuda_ext :class:`CudaExtWeight`), else why not."""
-    return norm_weight_problem(prepared, norm_weight, "in_features", max_rows)
+    def size_problem(k: int) -> str:
+        return "" if max_rows(k) else f"in_features {k} is not a multiple of 8 up to {MAX_K}"
+
+    return norm_weight_problem(prepared, norm_weight, "in_features", size_problem)
 
 
-def norm_weight_problem(prepared, norm_weight: torch.Tensor, side: str, rows_of) -> str:
+def norm_weight_problem(prepared, norm_weight: torch.Tensor, side: str, size_problem) -> str:
     """Why a kernel that runs a norm over ``prepared``'s ``side`` ("in_features" before the projection,
-    "out_features" after it) cannot take ``prepared`` and ``norm_weight`` ("" when it can); ``rows_of(size)``: the
-    rows the kernel takes of that size (0: none)."""
+    "out_features" after it) cannot take ``prepared`` and ``norm_weight`` ("" when it can); ``size_problem(size)``:
+    why the kernel takes no rows of that size ("" when it takes some)."""
     if getattr(prepared, "act_mode", None) != ops.ACT_INT8_PER_TOKEN:
         return "the projection does not take int8 per-token activations"
     size = getattr(prepared, side)
-    if rows_of(size) == 0:
-        return f"{side} {size} is not a multiple of 8 up to {MAX_K}"
+    why = size_problem(size)
+    if why:
+        return why
     if norm_weight.dtype not in (torch.float16, torch.bfloat16):
         return f"the norm's weight is {norm_weight.dtype}, not float16 / bfloat16"
     if norm_weight.shape != (size,):

@@ -61,10 +61,12 @@ def max_rows(n: int) -> int:
 
 def why_not(prepared, norm_weight: torch.Tensor) -> str:
     """Empty when the kernel can take the norm after ``prepared`` (a cuda_ext :class:`CudaExtWeight`), else why not."""
-    why = norm_weight_problem(prepared, norm_weight, "out_features", max_rows)
-    if why.startswith("out_features") and max_rows(prepared.out_features) == 0 and prepared.out_features % 8 == 0:
-        return f"out_features {prepared.out_features}: one row's staged norm is over {MAX_STAGE_BYTES} bytes"
-    return why
+    def size_problem(n: int) -> str:
+        if n < 8 or n % 8 or n > MAX_N:
+            return f"out_features {n} is not a multiple of 8 up to {MAX_N}"
+        return "" if max_rows(n) else f"out_features {n}: one row's staged norm is over {MAX_STAGE_BYTES} bytes"
+
+    return norm_weight_problem(prepared, norm_weight, "out_features", size_problem)
 
 
 @dataclass

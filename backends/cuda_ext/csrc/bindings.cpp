@@ -357,7 +357,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_ext_linear_int8_norm_tail(
   at::Tensor h = at::empty_like(res);
   at::Tensor q = at::empty({M, N}, res.options().dtype(at::kChar));
   at::Tensor q_scale = at::empty({M}, res.options().dtype(at::kFloat));
-  if (M == 0) return {h, q, q_scale};
   at::Tensor y = at::empty({M, N}, res.options());  // the projection's output, read back by the last block
   const int64_t Kp = (K + 127) / 128 * 128;
   at::Tensor xp = padded_activations(xq.stride(1) == 1 ? xq : xq.contiguous(), K, Kp);

@@ -30,6 +30,8 @@ def test_reasons_it_does_not_run():
     assert "expected (64,)" in norm_tail.why_not(int8, torch.ones(32, dtype=torch.bfloat16))
     odd = SimpleNamespace(act_mode=ops.ACT_INT8_PER_TOKEN, out_features=60, wq=int8.wq)
     assert "60 is not a multiple of 8" in norm_tail.why_not(odd, torch.ones(60, dtype=torch.bfloat16))
+    wide = SimpleNamespace(act_mode=ops.ACT_INT8_PER_TOKEN, out_features=8192, wq=int8.wq)
+    assert "staged norm is over 49152 bytes" in norm_tail.why_not(wide, torch.ones(8192, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="not on a CUDA device"):
         norm_tail.NormTailLinear.prepare(int8, weight, 1e-5)
 
