@@ -10,11 +10,13 @@ from pathlib import Path
 from bitcore.extensions import ExtensionSpec
 
 CSRC = Path(__file__).resolve().parent / "csrc"
+CHECK_INCLUDE = Path(__file__).resolve().parents[2] / "bitcore" / "csrc"  # bitlab_check.h
 
 SPEC = ExtensionSpec(
     name="bitlab_cpp_cpu",
     sources=tuple(sorted(CSRC.glob("*.cpp"))),
     extra_cflags=("-O3", "-ffp-contract=off", "-fno-math-errno"),
+    extra_include_paths=(str(CHECK_INCLUDE),),
     python_module=False,
 )
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from bitcore.extensions import ExtensionSpec
 
 CSRC = Path(__file__).resolve().parent / "csrc"
+CHECK_INCLUDE = Path(__file__).resolve().parents[2] / "bitcore" / "csrc"  # bitlab_check.h
 ARCHS_ENV = "BITLAB_CUDA_ARCHS"
 DEFAULT_ARCHS = ("80", "90a")
 KERNEL_SOURCES = tuple(sorted(CSRC.glob("*.cu")))
@@ -32,7 +33,7 @@ SPEC = ExtensionSpec(
     sources=[CSRC / "bindings.cpp", *KERNEL_SOURCES],
     extra_cflags=["-O3"],
     extra_cuda_cflags=NVCC_FLAGS + gencode_flags(),
-    extra_include_paths=[str(CSRC)],
+    extra_include_paths=[str(CSRC), str(CHECK_INCLUDE)],
     cuda=True,
     requirements=("nvcc",),
 )

@@ -32,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "bitlab_check.h"
 #include "bitlab_cpu.h"
 
 namespace bitlab_cpu {
@@ -49,14 +50,14 @@ Format parse_format(const std::string& name) {
   if (name == "int2") return {2, 2, 3};
   if (name == "int4") return {4, 1, 8};
   if (name == "int8") return {8, 1, 0};
-  TORCH_CHECK(false, "weight_format: got '", name, "'; allowed values are binary, ternary, int2, int4, int8");
+  BITLAB_CHECK(false, "weight_format: got '", name, "'; allowed values are binary, ternary, int2, int4, int8");
 }
 
 int parse_epilogue(const std::string& name) {
   if (name == "none") return kEpiNone;
   if (name == "relu") return kEpiRelu;
   if (name == "relu2") return kEpiRelu2;
-  TORCH_CHECK(false, "epilogue: got '", name, "'; allowed values are none, relu, relu2");
+  BITLAB_CHECK(false, "epilogue: got '", name, "'; allowed values are none, relu, relu2");
 }
 
 // Inputs padded to the next multiple of this many values per weight row.
@@ -66,10 +67,10 @@ int64_t padded_k(int64_t K, int nbits) {
 }
 
 at::Tensor as_float_rows(const at::Tensor& x, int64_t in_features) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "x must be 2-D [tokens, in_features=", in_features,
+  BITLAB_CHECK(x.dim() == 2 && x.size(1) == in_features, "x must be 2-D [tokens, in_features=", in_features,
               "], got shape ", x.sizes());
-  TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU, got ", x.device());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating point, got ", x.scalar_type());
+  BITLAB_CHECK(x.device().is_cpu(), "x must be on the CPU, got ", x.device());
+  BITLAB_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating point, got ", x.scalar_type());
   at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
   if (xf.size(1) > 1 && xf.stride(1) != 1) xf = xf.contiguous();  // rows may be strided
   return xf;
@@ -87,10 +88,10 @@ Prepared prepare_output(int64_t M, int64_t N, const at::Tensor& w_scale, const c
                         const std::string& epilogue, int64_t scale_numel = -1) {
   Prepared p;
   p.w_scale = w_scale.to(at::kFloat).contiguous();
-  TORCH_CHECK(scale_numel >= 0 || p.w_scale.numel() == 1 || p.w_scale.numel() == N,
+  BITLAB_CHECK(scale_numel >= 0 || p.w_scale.numel() == 1 || p.w_scale.numel() == N,
               "w_scale must have 1 or out_features=", N, " elements, got ", p.w_scale.numel());
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == N, "bias must have out_features=", N, " elements, got ", bias->numel());
+    BITLAB_CHECK(bias->numel() == N, "bias must have out_features=", N, " elements, got ", bias->numel());
     p.bias = bias->to(at::kFloat).contiguous();
   }
   p.out = at::empty({M, N}, at::TensorOptions().dtype(at::kFloat));
@@ -157,19 +158,19 @@ at::Tensor linear_a8(const at::Tensor& x, const at::Tensor& weight, const at::Te
   const Format f = parse_format(weight_format);
   at::Tensor xf = as_float_rows(x, in_features);
   const int64_t M = xf.size(0), K = xf.size(1), N = weight.size(0);
-  TORCH_CHECK(group_size >= 0, "group_size: got ", group_size, "; expected 0 (not per_group) or a positive size");
+  BITLAB_CHECK(group_size >= 0, "group_size: got ", group_size, "; expected 0 (not per_group) or a positive size");
   // per_group: each group is padded to group_len, a whole number of the kernel's blocks
   const int64_t groups = group_size > 0 ? (K + group_size - 1) / group_size : 1;
   const int64_t group_len = group_size > 0 ? padded_k(group_size, f.nbits) : padded_k(K, f.nbits);
   const int64_t Kp = padded_k(K, f.nbits);
   const int64_t Kw = groups * group_len;  // padded inputs per weight row
   const int64_t row_bytes = f.nbits == 8 ? Kw : Kw / (8 / f.nbits);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == row_bytes && weight.is_contiguous(),
+  BITLAB_CHECK(weight.dim() == 2 && weight.size(1) == row_bytes && weight.is_contiguous(),
               "prepared ", weight_format, " weight for in_features=", K, ", group_size=", group_size,
               " must be contiguous [out_features, ", row_bytes, "], got shape ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == (f.nbits == 8 ? at::kChar : at::kByte), "prepared ", weight_format,
+  BITLAB_CHECK(weight.scalar_type() == (f.nbits == 8 ? at::kChar : at::kByte), "prepared ", weight_format,
               " weight has dtype ", weight.scalar_type(), ", expected ", f.nbits == 8 ? "int8" : "uint8");
-  TORCH_CHECK(group_size == 0 || w_scale.numel() == N * groups, "per_group w_scale must have out_features * groups = ",
+  BITLAB_CHECK(group_size == 0 || w_scale.numel() == N * groups, "per_group w_scale must have out_features * groups = ",
               N * groups, " elements, got ", w_scale.numel());
   Prepared p = prepare_output(M, N, w_scale, bias, epilogue, group_size > 0 ? N * groups : -1);
   if (M == 0 || N == 0) return finish_output(p.out, x);
@@ -187,12 +188,12 @@ at::Tensor linear_float(const at::Tensor& x, const at::Tensor& weight, const at:
                         const c10::optional<at::Tensor>& bias, int64_t in_features, std::string weight_format,
                         std::string epilogue) {
   const Format f = parse_format(weight_format);
-  TORCH_CHECK(f.nbits != 8, "cpu_linear_float serves binary, ternary, int2 and int4 weights, got ", weight_format);
+  BITLAB_CHECK(f.nbits != 8, "cpu_linear_float serves binary, ternary, int2 and int4 weights, got ", weight_format);
   at::Tensor xf = as_float_rows(x, in_features);
   const int64_t M = xf.size(0), K = xf.size(1), N = weight.size(0);
   const int64_t Kp = padded_k(K, f.nbits);
   const int64_t row_words = Kp / (32 / f.nbits);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == row_words && weight.is_contiguous() &&
+  BITLAB_CHECK(weight.dim() == 2 && weight.size(1) == row_words && weight.is_contiguous() &&
                   weight.scalar_type() == at::kInt,
               "prepared ", weight_format, " weight for in_features=", K, " must be contiguous int32 [out_features, ",
               row_words, "], got ", weight.scalar_type(), " ", weight.sizes());
@@ -212,7 +213,7 @@ at::Tensor linear_a1(const at::Tensor& x, const at::Tensor& weight, const at::Te
   at::Tensor xf = as_float_rows(x, in_features);
   const int64_t M = xf.size(0), K = xf.size(1), N = weight.size(0);
   const int64_t Kw = (K + 255) / 256 * 4;
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == Kw && weight.is_contiguous() &&
+  BITLAB_CHECK(weight.dim() == 2 && weight.size(1) == Kw && weight.is_contiguous() &&
                   weight.scalar_type() == at::kLong,
               "prepared binary sign words for in_features=", K, " must be contiguous int64 [out_features, ", Kw,
               "], got ", weight.scalar_type(), " ", weight.sizes());
@@ -242,15 +243,15 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_op(const at::Tensor& x, bool pe
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_op(const at::Tensor& a, const c10::optional<at::Tensor>& b,
                                                const at::Tensor& weight, double eps, int64_t mode) {
-  TORCH_CHECK(mode >= 0 && mode <= 2, "cpu_rms_norm: mode ", mode, " is not 0 (norm), 1 (add, norm) or 2 (gate, norm)");
-  TORCH_CHECK(a.device().is_cpu() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16) && a.dim() >= 1,
+  BITLAB_CHECK(mode >= 0 && mode <= 2, "cpu_rms_norm: mode ", mode, " is not 0 (norm), 1 (add, norm) or 2 (gate, norm)");
+  BITLAB_CHECK(a.device().is_cpu() && (a.scalar_type() == at::kFloat || a.scalar_type() == at::kBFloat16) && a.dim() >= 1,
               "cpu_rms_norm: a must be a float32 or bfloat16 CPU tensor, got ", a.scalar_type(), " on ", a.device());
   const int64_t K = a.size(-1);
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == K && weight.scalar_type() == a.scalar_type() &&
+  BITLAB_CHECK(weight.dim() == 1 && weight.size(0) == K && weight.scalar_type() == a.scalar_type() &&
                   weight.device().is_cpu(),
               "cpu_rms_norm: weight must be [", K, "] ", a.scalar_type(), " on the CPU, got ", weight.scalar_type(), " ",
               weight.sizes());
-  TORCH_CHECK(mode == 0 || (b.has_value() && b->sizes() == a.sizes() && b->scalar_type() == a.scalar_type() &&
+  BITLAB_CHECK(mode == 0 || (b.has_value() && b->sizes() == a.sizes() && b->scalar_type() == a.scalar_type() &&
                             b->device().is_cpu()),
               "cpu_rms_norm: mode ", mode, " needs b shaped like a (", a.sizes(), ") in ", a.scalar_type());
   const at::Tensor rows = a.contiguous();

@@ -12,9 +12,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
-#include <type_traits>
 #include <vector>
 
+#include "bitlab_check.h"
 #include "bitlab_launch.h"
 
 // at::mm with an output dtype (float32 from half / bf16 inputs) exists from torch 2.8; before it the float
@@ -27,37 +27,6 @@
 
 namespace {
 
-// Check messages are built here, without iostreams, and reach TORCH_CHECK as one std::string.  On the GPU
-// machine's build (torch 2.11 and that machine's g++) a TORCH_CHECK whose message streamed an integer or a shape
-// crashed the process (SIGSEGV) instead of raising: cuda-gdb put the fault in this extension's own copy of
-// std::ostream::_M_insert<long>, in a locale facet call (std::codecvt<char16_t>::do_unshift): the number formatting
-// reached the wrong facet.  Messages with only strings, dtypes and devices (formatted inside libc10) raised as they
-// should.  Numbers are formatted with std::to_string (docs/backends/cuda_ext_notes.md, v24).
-namespace msg {
-inline void append(std::string& s, const char* v) { s += v; }
-inline void append(std::string& s, const std::string& v) { s += v; }
-inline void append(std::string& s, char v) { s += v; }
-inline void append(std::string& s, bool v) { s += v ? "true" : "false"; }
-template <typename T, std::enable_if_t<std::is_arithmetic<T>::value, int> = 0>
-inline void append(std::string& s, T v) { s += std::to_string(v); }
-inline void append(std::string& s, c10::ScalarType v) { s += c10::toString(v); }
-inline void append(std::string& s, const c10::Device& v) { s += v.str(); }
-inline void append(std::string& s, at::IntArrayRef v) {
-  s += "[";
-  for (size_t i = 0; i < v.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(v[i]);
-  }
-  s += "]";
-}
-template <typename... A>
-std::string text(const A&... parts) {
-  std::string s;
-  (append(s, parts), ...);
-  return s;
-}
-}  // namespace msg
-#define BITLAB_CHECK(cond, ...) TORCH_CHECK(cond, msg::text(__VA_ARGS__))
 
 // Activation modes (kept in step with backends/cuda_ext/kernels.py).
 enum ActMode { kActFloat = 0, kActInt8PerTensor = 1, kActInt8PerToken = 2, kActBinaryPerTensor = 3, kActBinaryPerToken = 4 };

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.cuda_ext.build import CSRC, KERNEL_SOURCES, NVCC_FLAGS, gencode_flags
+from backends.cuda_ext.build import CHECK_INCLUDE, CSRC, KERNEL_SOURCES, NVCC_FLAGS, gencode_flags
 
 NVCC = shutil.which("nvcc")
 
@@ -103,7 +103,7 @@ def test_bindings_parse_against_this_torchs_headers(tmp_path):
         stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
         stub.parent.mkdir(parents=True)
         stub.write_text("#pragma once\n")
-    cmd = [gxx, "-std=c++17", "-fsyntax-only", "-w", f"-I{tmp_path}", f"-I{CSRC}", f"-I{cuda_include}",
+    cmd = [gxx, "-std=c++17", "-fsyntax-only", "-w", f"-I{tmp_path}", f"-I{CSRC}", f"-I{CHECK_INCLUDE}", f"-I{cuda_include}",
            *(f"-I{h}" for h in headers), f"-I{sysconfig.get_paths()['include']}", "-DTORCH_EXTENSION_NAME=bitlab_check",
            str(CSRC / "bindings.cpp")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
