@@ -39,7 +39,7 @@ from bitmodels.bitnet.generate import Generator  # noqa: E402
 
 ROWS = ["bitlab", "bitlab_torch_threads", "bitlab_torch_norms", "bitlab_avx2", "bitlab_head4_a8",
         "bitlab_head4_a8_torch_threads", "bf16_dense"]
-NORM_SWITCH = "BITLAB_CPU_NORM"  # torch: the norms as torch operations (the bf16 dense row does not prepare: torch)
+NORM_SWITCH = "BITLAB_CPU_NORM"  # torch: the norms as torch operations (the bf16 dense row never prepares, so torch)
 
 
 def run_row(name: str, cfg: BitNetConfig, args) -> dict:

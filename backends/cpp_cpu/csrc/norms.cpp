@@ -10,7 +10,6 @@
 // added in any other order could move y by a bit, so torch's operations on the same x give the same bits.
 #include <cmath>
 #include <cstring>
-#include <vector>
 
 #include "bitlab_cpu.h"
 
