@@ -143,6 +143,10 @@ void xnor_gemm(const uint64_t* w, int64_t N, int64_t Kw, int64_t K, const uint64
 
 // thread_pool.cpp: run fn(ctx, i) for i in [0, items) on up to `threads` threads (caller included).
 void parallel_items(int64_t items, int threads, void (*fn)(void*, int64_t), void* ctx);
+// How long idle workers spin for the next job before sleeping, in microseconds (us < 0: the default,
+// BITLAB_CPU_POOL_SPIN_US or 40); set_ returns the previous setting.
+int64_t set_pool_spin_us(int64_t us);
+int64_t pool_spin_us();
 
 // The shared loop nest: body(r0, r1, t0, t1) over row blocks of `rows` rows (in parallel) and
 // token groups.

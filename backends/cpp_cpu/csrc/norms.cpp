@@ -23,13 +23,14 @@ inline float bf16_to_float(uint16_t v) {
   return f;
 }
 
-// Round to nearest even, as c10::BFloat16 does (NaN stays NaN).
+// Round to nearest even, as c10::BFloat16 does (NaN stays NaN, made quiet).  Without branches, so that the
+// loops below vectorize: a 6912-wide gate-and-norm row took 46 us with the branch.
 inline uint16_t float_to_bf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t nan = (u >> 16) | 0x40u;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
 
 struct Float32 {
@@ -45,23 +46,35 @@ struct BFloat16 {
   static float round(float v) { return bf16_to_float(float_to_bf16(v)); }
 };
 
+// One loop per mode (no branch inside: the compiler vectorizes each).
+template <typename D, int kMode>
+void inputs_mode(const typename D::Storage* a, const typename D::Storage* b, typename D::Storage* h, float* x,
+                 int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    float v = D::load(a[i]);
+    if (kMode == 1) {
+      v = D::round(v + D::load(b[i]));
+      h[i] = D::store(v);
+    } else if (kMode == 2) {
+      const float g = v > 0.f ? v : 0.f;
+      v = D::round(D::round(g * g) * D::load(b[i]));
+    }
+    x[i] = v;
+  }
+}
+
 template <typename D>
 void inputs(const void* a_, const void* b_, void* h_, float* x, int64_t M, int64_t K, int mode) {
   using S = typename D::Storage;
   const S* a = static_cast<const S*>(a_);
   const S* b = static_cast<const S*>(b_);
   S* h = static_cast<S*>(h_);
-  for (int64_t i = 0; i < M * K; ++i) {
-    float v = D::load(a[i]);
-    if (mode == 1) {
-      v = D::round(v + D::load(b[i]));
-      h[i] = D::store(v);
-    } else if (mode == 2) {
-      const float g = v > 0.f ? v : 0.f;
-      v = D::round(D::round(g * g) * D::load(b[i]));
-    }
-    x[i] = v;
-  }
+  if (mode == 1)
+    inputs_mode<D, 1>(a, b, h, x, M * K);
+  else if (mode == 2)
+    inputs_mode<D, 2>(a, b, h, x, M * K);
+  else
+    inputs_mode<D, 0>(a, b, h, x, M * K);
 }
 
 template <typename D>

@@ -16,6 +16,9 @@
 //                                                     torch's bits
 //   cpu_features() -> str;  cpu_set_isa(isa)          ISA report / override (-1 auto, 0 scalar, 1 avx2,
 //                                                     2 avx512vnni)
+//   cpu_set_pool_spin(us) -> int;  cpu_pool_spin() -> int
+//                                                     how long idle kernel threads spin for the next call before
+//                                                     sleeping, in us (us < 0: the default); set_ returns the previous
 //   cpu_set_threads(n);  cpu_threads() -> int         the kernels' thread count: n > 0 pins it, n <= 0 follows
 //                                                     torch.get_num_threads() (the default)
 //
@@ -280,6 +283,10 @@ void set_threads_op(int64_t n) { g_threads.store(n > 0 ? static_cast<int>(n) : 0
 
 int64_t threads_op() { return kernel_threads(); }
 
+int64_t set_pool_spin_op(int64_t us) { return set_pool_spin_us(us); }
+
+int64_t pool_spin_op() { return pool_spin_us(); }
+
 }  // namespace
 }  // namespace bitlab_cpu
 
@@ -296,6 +303,8 @@ TORCH_LIBRARY_FRAGMENT(bitlab, m) {
   m.def("cpu_set_isa(int isa) -> ()", &bitlab_cpu::set_isa_op);
   m.def("cpu_set_threads(int n) -> ()", &bitlab_cpu::set_threads_op);
   m.def("cpu_threads() -> int", &bitlab_cpu::threads_op);
+  m.def("cpu_set_pool_spin(int us) -> int", &bitlab_cpu::set_pool_spin_op);
+  m.def("cpu_pool_spin() -> int", &bitlab_cpu::pool_spin_op);
 }
 
 TORCH_LIBRARY_IMPL(bitlab, CPU, m) {

@@ -13,7 +13,9 @@
 #include <pthread.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -28,6 +30,28 @@ inline void cpu_relax() {
   _mm_pause();
 #endif
 }
+
+// How long an idle worker spins for the next job before it sleeps on the condition variable.
+// Waking a sleeping worker costs more than a short job: on the 2-core development VM the
+// futex wake-up arrived after the caller had done most of a 60 us GEMV alone, so in BitNet
+// decode (torch's operations on one thread for 0.1-1 ms between the projections) every
+// projection ran on one core.  A long spin only pays where nothing else needs the core: a
+// decode loop that holds torch's operations to one thread sets it for its duration
+// (backends/cpp_cpu/threads.py, pool_spin), since a worker spinning beside torch's own
+// OpenMP threads stalls their parallel regions (a 16-token prefill's copies went from
+// 5 us to 1.8 ms).  The default is short: ~40 us, what 4000 pauses took before.
+// BITLAB_CPU_POOL_SPIN_US sets the default; cpu_set_pool_spin changes the setting.
+constexpr int64_t kDefaultSpinUs = 40;
+
+int64_t spin_from_env() {
+  const char* v = std::getenv("BITLAB_CPU_POOL_SPIN_US");
+  if (v == nullptr || *v == '\0') return kDefaultSpinUs;
+  char* end = nullptr;
+  const long long us = std::strtoll(v, &end, 10);
+  return end != v && *end == '\0' && us >= 0 ? us : kDefaultSpinUs;
+}
+
+std::atomic<int64_t> g_spin_us{spin_from_env()};
 
 class Pool {
  public:
@@ -87,8 +111,8 @@ class Pool {
       void* ctx;
       int64_t items;
       {
-        // Spin briefly first: back-to-back layers find the worker awake.
-        for (int spin = 0; spin < 4000 && published_.load(std::memory_order_acquire) == seen; ++spin) cpu_relax();
+        // Spin first (g_spin_us): the next projection finds the worker awake.
+        spin_until_published(seen);
         std::unique_lock<std::mutex> lock(mutex_);
         cv_.wait(lock, [&] { return generation_ != seen; });
         gen = seen = generation_;
@@ -98,6 +122,20 @@ class Pool {
         items = items_;
       }
       work(gen, fn, ctx, items);
+    }
+  }
+
+  // The setting is read again at every clock read, so lowering it (before torch's threads run
+  // a parallel op) sends a spinning worker to sleep at once.
+  void spin_until_published(uint64_t seen) const {
+    const auto start = std::chrono::steady_clock::now();
+    for (;;) {
+      const int64_t us = g_spin_us.load(std::memory_order_relaxed);
+      if (std::chrono::steady_clock::now() - start >= std::chrono::microseconds(us)) return;
+      for (int i = 0; i < 64; ++i) {  // ~0.6 us of pauses between clock reads
+        if (published_.load(std::memory_order_acquire) != seen) return;
+        cpu_relax();
+      }
     }
   }
 
@@ -133,5 +171,11 @@ Pool& pool() {
 void parallel_items(int64_t items, int threads, void (*fn)(void*, int64_t), void* ctx) {
   pool().run(items, threads, fn, ctx);
 }
+
+int64_t set_pool_spin_us(int64_t us) {
+  return g_spin_us.exchange(us < 0 ? spin_from_env() : us, std::memory_order_relaxed);
+}
+
+int64_t pool_spin_us() { return g_spin_us.load(std::memory_order_relaxed); }
 
 }  // namespace bitlab_cpu

@@ -1,11 +1,12 @@
-"""The cpp_cpu kernels' thread count: following torch by default, pinned inside pinned_threads, same results."""
+"""The cpp_cpu kernels' thread count (following torch by default, pinned inside pinned_threads, same results) and
+their helpers' spin between calls (pool_spin)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from backends.cpp_cpu.kernels import CppInt8ActivationKernel
-from backends.cpp_cpu.threads import kernel_threads, pinned_threads
+from backends.cpp_cpu.threads import kernel_threads, pinned_threads, pool_spin, pool_spin_us
 from bitcore.config import BitQuantConfig
 from bitcore.packing import pack_weight
 
@@ -45,15 +46,59 @@ def test_bad_counts_are_named(cpp_ops, n):
             pass
 
 
-def test_results_do_not_depend_on_the_thread_count(cpp_ops):
-    cfg = BitQuantConfig(weight_bits=1.58)
-    gen = torch.Generator().manual_seed(5)
-    values = torch.randint(-1, 2, (700, 1300), generator=gen, dtype=torch.int8)
+def _ternary_problem(seed: int, out_features: int, in_features: int, tokens: int):
+    """(kernel, prepared weight, x): a W1.58A8 cpp_cpu layer of random ternary weights and random inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randint(-1, 2, (out_features, in_features), generator=gen, dtype=torch.int8)
     kernel = CppInt8ActivationKernel()
-    prepared = kernel.prepare(pack_weight(values, torch.tensor([0.03]), 1.58, "per_tensor"), cfg)
-    x = torch.randn(3, 1300, generator=gen)
+    packed = pack_weight(values, torch.tensor([0.03]), 1.58, "per_tensor")
+    return kernel, kernel.prepare(packed, BitQuantConfig(weight_bits=1.58)), torch.randn(tokens, in_features, generator=gen)
+
+
+def test_results_do_not_depend_on_the_thread_count(cpp_ops):
+    kernel, prepared, x = _ternary_problem(5, 700, 1300, 3)
     with pinned_threads(1):
         one = kernel.forward(x, prepared)
     with pinned_threads(3):
         three = kernel.forward(x, prepared)
     assert torch.equal(one, three)
+
+
+def test_pool_spin_is_set_inside_the_block_and_restored(cpp_ops):
+    default = pool_spin_us()
+    assert default >= 0
+    with pool_spin(1500) as us:
+        assert us == 1500 and pool_spin_us() == 1500
+        with pool_spin(0):
+            assert pool_spin_us() == 0
+        assert pool_spin_us() == 1500
+    assert pool_spin_us() == default
+    with pytest.raises(RuntimeError, match="inside"):
+        with pool_spin(700):
+            raise RuntimeError("inside")
+    assert pool_spin_us() == default
+
+
+def test_the_default_spin_comes_back_for_a_negative_setting(cpp_ops):
+    default = pool_spin_us()
+    before = torch.ops.bitlab.cpu_set_pool_spin(123)
+    assert before == default and pool_spin_us() == 123
+    assert torch.ops.bitlab.cpu_set_pool_spin(-1) == 123
+    assert pool_spin_us() == default
+
+
+@pytest.mark.parametrize("us", [-1, 2.5, True, "100"])
+def test_bad_spins_are_named(cpp_ops, us):
+    with pytest.raises(ValueError, match="non-negative int"):
+        with pool_spin(us):
+            pass
+
+
+@pytest.mark.parametrize("us", [0, 5000])
+def test_results_do_not_depend_on_the_spin(cpp_ops, us):
+    kernel, prepared, x = _ternary_problem(6, 900, 517, 2)
+    with pinned_threads(2):
+        expected = kernel.forward(x, prepared)
+        with pool_spin(us):
+            got = [kernel.forward(x, prepared) for _ in range(3)]
+    assert all(torch.equal(g, expected) for g in got)

@@ -74,6 +74,32 @@ def test_decode_runs_torch_on_one_thread_and_the_head_on_all(two_threads):
     assert torch.get_num_threads() == 2 and kernel_threads() == 2  # both restored (the kernels follow torch)
 
 
+def test_decode_keeps_the_kernel_helpers_spinning_but_not_beside_a_dense_head(two_threads):
+    gen = Generator(_model())
+    if not _cpp_cpu_bound(gen):
+        pytest.skip(f"cpp_cpu does not serve the projections here: {gen.kernels}")
+    from backends.cpp_cpu.threads import DECODE_SPIN_US, pool_spin_us
+
+    outside = pool_spin_us()
+    seen = {"attention": set(), "head": set()}
+    ops = gen.decode_ops
+    base_attention, base_head = ops.attention, ops.base.head
+
+    def attention(*args, **kwargs):
+        seen["attention"].add(pool_spin_us())
+        return base_attention(*args, **kwargs)
+
+    def head(linear, x):
+        seen["head"].add(pool_spin_us())
+        return base_head(linear, x)
+
+    ops.attention = attention
+    ops.base.head = head
+    gen.generate([[5, 6, 7]], max_new_tokens=4, stop_token_ids=[])
+    assert seen == {"attention": {DECODE_SPIN_US}, "head": {0}}  # this model's head is dense (nn.Linear)
+    assert pool_spin_us() == outside
+
+
 def test_same_tokens_as_without_the_split(two_threads, monkeypatch):
     prompts = [[5, 9, 11, 3], [7, 8]]
     split = Generator(_model()).generate(prompts, max_new_tokens=8, stop_token_ids=[]).tokens
@@ -95,3 +121,6 @@ def test_threads_restored_when_a_step_fails(two_threads):
     with pytest.raises(RuntimeError, match="step failed"):
         gen.generate([[5, 6]], max_new_tokens=3, stop_token_ids=[])
     assert torch.get_num_threads() == 2
+    from backends.cpp_cpu.threads import DECODE_SPIN_US, pool_spin_us
+
+    assert pool_spin_us() != DECODE_SPIN_US
