@@ -58,6 +58,73 @@ def test_leading_dimensions_and_strided_rows(cpp_ops):
     assert torch.equal(y_view, y_copy), f"seed {seed}"
 
 
+# bf16 bit patterns a norm must carry through.  "finite": zeros of both signs, subnormals, the smallest normal, large
+# values (their squares still finite), so the rows' norms stay finite; "nonfinite": also the extremes, infinities,
+# quiet and signalling NaNs (a row holding one has a NaN or infinite mean of squares).
+SPECIAL_BF16 = {
+    "finite": [0x0000, 0x8000, 0x0001, 0x807F, 0x0080, 0x8080, 0x4F00, 0xCF00],
+    "nonfinite": [0x0000, 0x8000, 0x0001, 0x7F7F, 0xFF7F, 0x7F80, 0xFF80, 0x7FC0, 0xFFC1, 0x7F81],
+}
+
+
+def special_rows(gen, rows, k, kind):
+    """bf16 rows of random values with the `kind` special patterns scattered in."""
+    a = (torch.randn(rows, k, generator=gen) * 4).bfloat16()
+    patterns = SPECIAL_BF16[kind] * 3
+    where = torch.randint(0, rows * k, (len(patterns),), generator=gen)
+    a.view(torch.int16).view(-1)[where] = torch.tensor(patterns, dtype=torch.int32).to(torch.int16)
+    return a
+
+
+def same_bits(x, y):
+    """Bit for bit (signed zeros apart), NaN where the other has NaN (which NaN a product of two NaNs gives
+    depends on operand order, so payloads are not compared)."""
+    nan = x.isnan()
+    return torch.equal(nan, y.isnan()) and torch.equal(x.view(torch.int16)[~nan], y.view(torch.int16)[~nan])
+
+
+@pytest.mark.parametrize("kind", ["finite", "nonfinite"])
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("rows, k", [(1, 6912), (2, 2560), (3, 13), (1, 7), (4, 1003)])
+def test_the_avx2_loops_give_the_scalar_bits(cpp_ops, rows, k, mode, kind):
+    """bfloat16 rows run through AVX2 loops where the CPU has AVX2: the same bits as the scalar loops, special
+    values (NaN, infinities, subnormals, signed zeros) and tails of fewer than eight values included."""
+    if "avx2" not in torch.ops.bitlab.cpu_features().split(" (")[0].split():
+        pytest.skip("the CPU has no AVX2: only the scalar loops run")
+    gen, seed = fresh_generator()
+    a = special_rows(gen, rows, k, kind)
+    b = special_rows(gen, rows, k, kind) if mode else None
+    weight = (torch.rand(k, generator=gen) + 0.5).bfloat16()
+    if kind == "nonfinite":
+        weight.view(torch.int16)[k // 2] = 0x7FC0  # a NaN weight too
+    try:
+        torch.ops.bitlab.cpu_set_isa(0)
+        h_scalar, y_scalar = torch.ops.bitlab.cpu_rms_norm(a, b, weight, 1e-5, mode)
+        torch.ops.bitlab.cpu_set_isa(1)
+        h_avx2, y_avx2 = torch.ops.bitlab.cpu_rms_norm(a, b, weight, 1e-5, mode)
+    finally:
+        torch.ops.bitlab.cpu_set_isa(-1)
+    assert same_bits(h_avx2, h_scalar), f"seed {seed}"
+    assert same_bits(y_avx2, y_scalar), f"seed {seed}"
+    if kind == "finite":
+        assert not y_avx2.isnan().any(), f"seed {seed}"  # the comparison above was of numbers
+
+
+@pytest.mark.parametrize("kind", ["finite", "nonfinite"])
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_special_values_as_the_torch_operations(cpp_ops, mode, kind):
+    """Against torch on rows with special values: the same numbers, NaN where torch has NaN."""
+    gen, seed = fresh_generator()
+    a = special_rows(gen, 3, 300, kind)
+    b = special_rows(gen, 3, 300, kind) if mode else None
+    weight = (torch.rand(300, generator=gen) + 0.5).bfloat16()
+    h, y = torch.ops.bitlab.cpu_rms_norm(a, b, weight, 1e-5, mode)
+    h_want, y_want = torch_reference(a, b, weight, 1e-5, mode)
+    if mode == 1:
+        assert same_bits(h, h_want), f"seed {seed}"
+    assert same_bits(y, y_want), f"seed {seed}"
+
+
 def test_bad_inputs_are_named(cpp_ops):
     a = torch.randn(2, 16).bfloat16()
     w = torch.ones(16).bfloat16()
