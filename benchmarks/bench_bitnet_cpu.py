@@ -6,6 +6,8 @@ Rows, all in one process, each the median over ``--repeats`` generations after a
 * ``bitlab``: the generation engine as it runs by default on a CPU (cpp_cpu kernels on the CPU's best
   instruction set, torch's ops on one thread during decode and the kernels on all: ``Generator.cpu_threads``);
 * ``bitlab_torch_threads``: the same with ``BITLAB_CPU_DECODE_THREADS=torch`` (torch's thread setting for all);
+* ``bitlab_short_spin``: the kernels' helper threads sleeping after the default ~40 us spin during decode too,
+  instead of the decode loop's ``DECODE_SPIN_US`` (``backends/cpp_cpu/threads.py``);
 * ``bitlab_avx2``: the kernels pinned to AVX2 (``cpu_set_isa(1)``), where the CPU has AVX-512 VNNI;
 * ``bitlab_head4_a8`` (and ``..._torch_threads``): the lm_head quantized per row to 4 bits on int8 activations;
 * ``bf16_dense``: every projection a dense bf16 ``F.linear`` of the dequantized weights (the same engine).
@@ -37,13 +39,18 @@ from bitmodels.bitnet import BitNetConfig  # noqa: E402
 from bitmodels.bitnet.cpu_threads import SWITCH  # noqa: E402
 from bitmodels.bitnet.generate import Generator  # noqa: E402
 
-ROWS = ["bitlab", "bitlab_torch_threads", "bitlab_torch_norms", "bitlab_avx2", "bitlab_head4_a8",
+ROWS = ["bitlab", "bitlab_torch_threads", "bitlab_short_spin", "bitlab_torch_norms", "bitlab_avx2", "bitlab_head4_a8",
         "bitlab_head4_a8_torch_threads", "bf16_dense"]
 NORM_SWITCH = "BITLAB_CPU_NORM"  # torch: the norms as torch operations (the bf16 dense row never prepares, so torch)
 
 
 def run_row(name: str, cfg: BitNetConfig, args) -> dict:
+    import backends.cpp_cpu.threads as cpu_threads
+
     model = build_model(cfg, "cpu", args.seed)
+    decode_spin = cpu_threads.DECODE_SPIN_US
+    spin = cpu_threads.pool_spin_us() if name.endswith("_short_spin") else decode_spin  # short: the default outside
+    cpu_threads.DECODE_SPIN_US = spin
     env_before = {var: os.environ.get(var) for var in (SWITCH, NORM_SWITCH)}
     if name.endswith("_torch_threads"):
         os.environ[SWITCH] = "torch"
@@ -60,6 +67,7 @@ def run_row(name: str, cfg: BitNetConfig, args) -> dict:
         timed = run_engine(gen, 1, args.prompt_len, args.new_tokens, cfg.vocab_size, args.seed, args.repeats)
         features = ops.cpu_features()
     finally:
+        cpu_threads.DECODE_SPIN_US = decode_spin
         ops.cpu_set_isa(-1)
         for var, value in env_before.items():
             if value is None:
@@ -67,9 +75,11 @@ def run_row(name: str, cfg: BitNetConfig, args) -> dict:
             else:
                 os.environ[var] = value
     ms = timed["decode_ms_per_step"]
+    if not gen.cpu_threads.startswith("torch ops on 1 thread"):  # no decode loop setting: the default spin
+        spin = cpu_threads.pool_spin_us()
     row = {"model": name, "decode_ms_per_token": ms, "tokens_per_s": 1e3 / ms, "runs_ms": timed["decode_ms_per_step_runs"],
            "threads": gen.cpu_threads, "head": gen.head_kernel, "kernels": sorted(set(gen.kernels.values())),
-           "norms": gen.cpu_norm,
+           "norms": gen.cpu_norm, "decode_spin_us": spin,
            "cpu_features": features}
     print(f"{name:32s} {ms:8.1f} ms/token  {1e3 / ms:6.2f} tokens/s  runs {row['runs_ms']}", flush=True)
     del gen, model
@@ -91,7 +101,8 @@ def markdown(meta: dict, rows: list) -> str:
         lines.append(f"| {r['model']} | {r['decode_ms_per_token']:.1f} | {r['tokens_per_s']:.2f} | {ratio} | "
                      f"{threads} |")
     lines += ["", "Threads during decode (as `Generator.cpu_threads` says it), the head and what runs the norms:", ""]
-    lines += [f"* {r['model']}: {r['threads']}; head: {r['head']}; norms: {r.get('norms', 'torch')}" for r in rows]
+    lines += [f"* {r['model']}: {r['threads']}; head: {r['head']}; norms: {r.get('norms', 'torch')}; kernel helpers "
+              f"spin {r.get('decode_spin_us', '?')} us between calls" for r in rows]
     lines += ["", f"Kernels: {rows[0]['kernels'] if rows else ''}; CPU features: "
               f"{rows[0]['cpu_features'] if rows else ''}", "", f"Command: `{meta['args']}`", ""]
     return "\n".join(lines)
