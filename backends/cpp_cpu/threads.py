@@ -29,7 +29,7 @@ _pinned = 0  # what the extension was last told (0: follow torch)
 
 # The spin a decode loop sets (pool_spin): longer than the gaps between a step's projections (torch ops on one
 # thread, 0.1-1 ms) and between steps.  BitNet 2B on the 2-core development machine, decode ms per token with the
-# default ~40 us spin against this one: 86.1 -> 79.7 (bf16 head), 66.2 -> 63.0 (4-bit head on int8 activations).
+# default ~40 us spin against this one: 90.2 -> 78.2 (bf16 head; benchmarks/bench_bitnet_cpu.py, same run).
 DECODE_SPIN_US = 2000
 
 

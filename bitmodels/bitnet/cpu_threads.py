@@ -11,9 +11,9 @@ count (:class:`HeadOnAllThreadsOps`).  ``BITLAB_CPU_DECODE_THREADS=torch`` leave
 
 Inside the loop the kernels' helper threads also spin between calls for ``DECODE_SPIN_US`` instead of sleeping
 after ~40 us (:func:`backends.cpp_cpu.threads.pool_spin`): a step's torch ops on one thread leave them a core, and
-a sleeping helper woke too late to share a projection (86.1 -> 79.7 ms per token with the bf16 head, 66.2 -> 63.0
-with the 4-bit head, same process).  Around a dense head, whose matmul needs that core for torch's threads, the
-spin is 0.
+a sleeping helper woke too late to share a projection (90.2 -> 78.2 ms per token with the bf16 head,
+``bench_bitnet_cpu.py``'s ``bitlab_short_spin`` row against ``bitlab``).  Around a dense head, whose matmul needs
+that core for torch's threads, the spin is 0.
 """
 from __future__ import annotations
 
