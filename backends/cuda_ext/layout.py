@@ -61,13 +61,25 @@ def _lane_element_map(path: str, bits: int):
     return rows, cols, shifts
 
 
+# Ternary codes of each path, indexed by the canonical code (0 -> 0, 1 -> +1, 2 -> -1; 3 is unused).
+# float: u = value + 1, so one fma maps it to the value.  int8: +1 -> 0, -1 -> 1, 0 -> 2, the order
+# bitlab_mma.cuh's decode_s8 reads with prmt without shifting an odd slot's codes.
+TERNARY_FLOAT_CODES = (1, 2, 0, 0)
+TERNARY_INT8_CODES = (2, 0, 1, 2)
+
+
 def _codes_for_path(packed: PackedWeight, path: str) -> torch.Tensor:
     codes = unpack_codes(packed.data, packed.storage_bits, packed.in_features)
-    if path == "float" and packed.weight_bits == 1.58:
-        # The float path stores u = value + 1 so one fma maps it to the value (0->1, 1->2, 2->0).
-        lut = torch.tensor([1, 2, 0, 0], dtype=torch.uint8, device=codes.device)
+    if packed.weight_bits == 1.58:
+        table = TERNARY_FLOAT_CODES if path == "float" else TERNARY_INT8_CODES
+        lut = torch.tensor(table, dtype=torch.uint8, device=codes.device)
         codes = lut[codes.long()]
     return codes
+
+
+def padding_code(weight_bits, path: str) -> int:
+    """The code padded rows and columns hold: 0, except int8-path ternary, whose zero-value code is 2."""
+    return TERNARY_INT8_CODES[0] if weight_bits == 1.58 and path == "int8" else 0
 
 
 def lane_tiles(packed: PackedWeight, path: str) -> torch.Tensor:
@@ -77,7 +89,7 @@ def lane_tiles(packed: PackedWeight, path: str) -> torch.Tensor:
     bits = storage_bits(packed.weight_bits)
     n, k = packed.out_features, packed.in_features
     npad, kp = padded_n(n), padded_k(k)
-    codes = torch.zeros(npad, kp, dtype=torch.uint8, device=packed.device)
+    codes = torch.full((npad, kp), padding_code(packed.weight_bits, path), dtype=torch.uint8, device=packed.device)
     codes[:n, :k] = _codes_for_path(packed, path)
     n_tiles, n_chunks = npad // 16, kp // CHUNK
     wpl = 2 * bits
