@@ -8,6 +8,8 @@ Rows, all in one process, each the median over ``--repeats`` generations after a
 * ``bitlab_torch_threads``: the same with ``BITLAB_CPU_DECODE_THREADS=torch`` (torch's thread setting for all);
 * ``bitlab_short_spin``: the kernels' helper threads sleeping after the default ~40 us spin during decode too,
   instead of the decode loop's ``DECODE_SPIN_US`` (``backends/cpp_cpu/threads.py``);
+* ``bitlab_torch_norms`` / ``bitlab_torch_attention``: the norms / the one-token attention as torch operations
+  (``BITLAB_CPU_NORM=torch`` / ``BITLAB_CPU_ATTENTION=torch``) instead of one cpp_cpu call each;
 * ``bitlab_avx2``: the kernels pinned to AVX2 (``cpu_set_isa(1)``), where the CPU has AVX-512 VNNI;
 * ``bitlab_head4_a8`` (and ``..._torch_threads``): the lm_head quantized per row to 4 bits on int8 activations;
 * ``bf16_dense``: every projection a dense bf16 ``F.linear`` of the dequantized weights (the same engine).
@@ -39,9 +41,10 @@ from bitmodels.bitnet import BitNetConfig  # noqa: E402
 from bitmodels.bitnet.cpu_threads import SWITCH  # noqa: E402
 from bitmodels.bitnet.generate import Generator  # noqa: E402
 
-ROWS = ["bitlab", "bitlab_torch_threads", "bitlab_short_spin", "bitlab_torch_norms", "bitlab_avx2", "bitlab_head4_a8",
-        "bitlab_head4_a8_torch_threads", "bf16_dense"]
+ROWS = ["bitlab", "bitlab_torch_threads", "bitlab_short_spin", "bitlab_torch_norms", "bitlab_torch_attention",
+        "bitlab_avx2", "bitlab_head4_a8", "bitlab_head4_a8_torch_threads", "bf16_dense"]
 NORM_SWITCH = "BITLAB_CPU_NORM"  # torch: the norms as torch operations (the bf16 dense row never prepares, so torch)
+ATTENTION_SWITCH = "BITLAB_CPU_ATTENTION"  # torch: one-token attention as torch operations
 
 
 def run_row(name: str, cfg: BitNetConfig, args) -> dict:
@@ -51,11 +54,13 @@ def run_row(name: str, cfg: BitNetConfig, args) -> dict:
     decode_spin = cpu_threads.DECODE_SPIN_US
     spin = cpu_threads.pool_spin_us() if name.endswith("_short_spin") else decode_spin  # short: the default outside
     cpu_threads.DECODE_SPIN_US = spin
-    env_before = {var: os.environ.get(var) for var in (SWITCH, NORM_SWITCH)}
+    env_before = {var: os.environ.get(var) for var in (SWITCH, NORM_SWITCH, ATTENTION_SWITCH)}
     if name.endswith("_torch_threads"):
         os.environ[SWITCH] = "torch"
     if name.endswith("_torch_norms"):
         os.environ[NORM_SWITCH] = "torch"
+    if name.endswith("_torch_attention"):
+        os.environ[ATTENTION_SWITCH] = "torch"
     ops = torch.ops.bitlab
     try:
         if name == "bitlab_avx2":
@@ -79,7 +84,7 @@ def run_row(name: str, cfg: BitNetConfig, args) -> dict:
         spin = cpu_threads.pool_spin_us()
     row = {"model": name, "decode_ms_per_token": ms, "tokens_per_s": 1e3 / ms, "runs_ms": timed["decode_ms_per_step_runs"],
            "threads": gen.cpu_threads, "head": gen.head_kernel, "kernels": sorted(set(gen.kernels.values())),
-           "norms": gen.cpu_norm, "decode_spin_us": spin,
+           "norms": gen.cpu_norm, "attention": gen.attention_kernel, "decode_spin_us": spin,
            "cpu_features": features}
     print(f"{name:32s} {ms:8.1f} ms/token  {1e3 / ms:6.2f} tokens/s  runs {row['runs_ms']}", flush=True)
     del gen, model
@@ -100,9 +105,11 @@ def markdown(meta: dict, rows: list) -> str:
         threads = f"1 / {meta['threads']}" if split else f"{meta['threads']} / {meta['threads']}"
         lines.append(f"| {r['model']} | {r['decode_ms_per_token']:.1f} | {r['tokens_per_s']:.2f} | {ratio} | "
                      f"{threads} |")
-    lines += ["", "Threads during decode (as `Generator.cpu_threads` says it), the head and what runs the norms:", ""]
-    lines += [f"* {r['model']}: {r['threads']}; head: {r['head']}; norms: {r.get('norms', 'torch')}; kernel helpers "
-              f"spin {r.get('decode_spin_us', '?')} us between calls" for r in rows]
+    lines += ["", "Threads during decode (as `Generator.cpu_threads` says it), the head and what runs the norms and the "
+              "one-token attention:", ""]
+    lines += [f"* {r['model']}: {r['threads']}; head: {r['head']}; norms: {r.get('norms', 'torch')}; attention: "
+              f"{r.get('attention', 'torch')}; kernel helpers spin {r.get('decode_spin_us', '?')} us between calls"
+              for r in rows]
     lines += ["", f"Kernels: {rows[0]['kernels'] if rows else ''}; CPU features: "
               f"{rows[0]['cpu_features'] if rows else ''}", "", f"Command: `{meta['args']}`", ""]
     return "\n".join(lines)

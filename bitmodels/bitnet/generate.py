@@ -54,6 +54,7 @@ import torch
 
 from bitmodels.bitnet.model import BitNetForCausalLM
 from bitmodels.bitnet.ops import (
+    CpuDecodeAttentionOps,
     CpuNormOps,
     FUSED_ATTENTION_MAX_BATCH,
     FUSED_ATTENTION_MAX_BATCH_BEFORE_TRITON,
@@ -61,6 +62,7 @@ from bitmodels.bitnet.ops import (
     Ops,
     compiled_ops,
     fused_decode_attention_status,
+    use_cpu_attention,
 )
 from bitmodels.bitnet.cpu_threads import DecodeThreads, HeadOnAllThreadsOps, split_status
 from bitmodels.bitnet.decode_state import WARMUP_STEPS, DecodeState, use_advance_kernel
@@ -178,6 +180,11 @@ class Generator:
             self.prefill_ops = CpuNormOps(self.prefill_ops)
             if not isinstance(self.decode_ops, CpuNormOps):
                 self.decode_ops = CpuNormOps(self.decode_ops)
+        if self.device.type == "cpu":  # one-token attention as one cpp_cpu call per layer where it runs
+            cpu_attention, why = use_cpu_attention(self.device)
+            self.attention_kernel = why
+            if cpu_attention:
+                self.decode_ops = CpuDecodeAttentionOps(self.decode_ops)
         self.kernels = {
             name: getattr(getattr(b, "kernel", None), "name", type(b).__name__)
             for name, b in model.model.layers[0].bound.items()

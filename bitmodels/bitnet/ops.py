@@ -55,20 +55,26 @@ def use_fused_norm_quant(device) -> str:
     return f"cuda_ext ({status.reason})" if status else f"torch (cuda_ext unavailable: {status.reason})"
 
 
-def use_cpu_norm(device) -> Tuple[bool, str]:
-    """``(whether, what runs them and why)``: the norms of a model prepared for ``device`` (a CPU) run as one cpp_cpu
-    call each (:class:`CpuNormOps`) instead of torch's ~8 operations; ``BITLAB_CPU_NORM=torch`` keeps torch's (for
+def cpp_cpu_or_torch(device, switch: str, what: str) -> Tuple[bool, str]:
+    """``(whether, what runs it and why)`` for one CPU step of the decoder: the cpp_cpu op ``what`` where the model
+    runs on a CPU and cpp_cpu is available, else torch's operations; ``switch`` set to ``torch`` keeps torch's (for
     A/B timing)."""
     if torch.device(device).type != "cpu":
         return False, "torch (not a CPU device)"
-    if os.environ.get("BITLAB_CPU_NORM") == "torch":
-        return False, "torch (BITLAB_CPU_NORM=torch)"
+    if os.environ.get(switch) == "torch":
+        return False, f"torch ({switch}=torch)"
     from backends.cpp_cpu.kernels import backend_availability
 
     status = backend_availability()
     if not status:
         return False, f"torch (cpp_cpu unavailable: {status.reason})"
-    return True, "cpp_cpu.cpu_rms_norm (one call per norm)"
+    return True, what
+
+
+def use_cpu_norm(device) -> Tuple[bool, str]:
+    """Whether the norms of a model prepared for ``device`` (a CPU) run as one cpp_cpu call each
+    (:class:`CpuNormOps`) instead of torch's ~8 operations; ``BITLAB_CPU_NORM=torch`` keeps torch's."""
+    return cpp_cpu_or_torch(device, "BITLAB_CPU_NORM", "cpp_cpu.cpu_rms_norm (one call per norm)")
 
 
 def cpu_norm_serves(x: torch.Tensor, weight: torch.Tensor, other: Optional[torch.Tensor] = None) -> bool:
@@ -115,6 +121,48 @@ class CpuNormOps:
             return self.base.relu2_gate_norm(gate, up, weight, eps, quantize)
         y = torch.ops.bitlab.cpu_rms_norm(gate, up, weight, eps, 2)[1]
         return quantize_tokens(y) if quantize else y
+
+
+def use_cpu_attention(device) -> Tuple[bool, str]:
+    """Whether one-token attention on ``device`` (a CPU) runs as one cpp_cpu call per layer
+    (:class:`CpuDecodeAttentionOps`) instead of torch's ~15 operations; ``BITLAB_CPU_ATTENTION=torch`` keeps torch's."""
+    return cpp_cpu_or_torch(device, "BITLAB_CPU_ATTENTION", "cpp_cpu.cpu_decode_attention (rotary + cache write + "
+                            "attention, one call per layer) for one-token steps")
+
+
+def cpu_attention_serves(q, k, v, cos, k_cache, v_cache, slots, mask) -> bool:
+    """cpu_decode_attention takes it: a one-token CPU step over a contiguous float32 / bfloat16 cache, one dtype
+    throughout, an even head_dim, a bool mask, nothing to differentiate."""
+    if q.device.type != "cpu" or q.shape[1] != 1 or k_cache is None or mask is None or slots is None:
+        return False
+    tensors = (q, k, v, cos, k_cache, v_cache)
+    if q.dtype not in (torch.float32, torch.bfloat16) or any(t.dtype != q.dtype for t in tensors):
+        return False
+    if mask.dtype != torch.bool or q.shape[-1] % 2 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+class CpuDecodeAttentionOps:
+    """An ops set whose one-token attention over a CPU cache runs as one ``cpu_decode_attention`` call (rotary, cache
+    write, grouped-query attention; ``backends/cpp_cpu/csrc/decode_attention.cpp``), then ``attn_sub_norm`` through
+    the set's own ``norm_input``; everything else (prefill included) is the base set's.  Its dot products are added
+    in another order than torch's matmul, so an output can differ from torch's in the last bit."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def attention(self, q, k, v, cos, sin, k_cache, v_cache, slots, mask, sub_norm_weight, eps, quantize=False):
+        if not cpu_attention_serves(q, k, v, cos, k_cache, v_cache, slots, mask):
+            return self.base.attention(q, k, v, cos, sin, k_cache, v_cache, slots, mask, sub_norm_weight, eps,
+                                       quantize)
+        B, S = q.shape[0], k_cache.shape[2]
+        out = torch.ops.bitlab.cpu_decode_attention(q, k, v, cos, sin, k_cache, v_cache, slots.reshape(1),
+                                                    mask.reshape(B, 1, 1, S), 1.0 / math.sqrt(q.shape[-1]))
+        return out if sub_norm_weight is None else self.base.norm_input(out, sub_norm_weight, eps, quantize)
 
 
 def cuda_ext_or_torch(device, switch: str, torch_fn: Callable, torch_name: str, load_kernel: Callable[[], Callable],

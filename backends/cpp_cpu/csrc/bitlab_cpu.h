@@ -1,7 +1,7 @@
 // Shared declarations of the cpp_cpu kernels: ISA dispatch, activation buffers, epilogue.
 //
 // The kernel translation units (lowbit_gemm.cpp, float_gemm.cpp, int8_gemm.cpp,
-// xnor_gemm.cpp, activations.cpp, norms.cpp, thread_pool.cpp) include only this header, never
+// xnor_gemm.cpp, activations.cpp, norms.cpp, decode_attention.cpp, thread_pool.cpp) include only this header, never
 // torch: they compile in a second or two.  ops.cpp binds them to torch.library ops.
 //
 // Every kernel runs the same loop nest (see for_row_blocks below): threads over blocks
@@ -114,6 +114,33 @@ inline float finish(float acc, float x_scale, const OutputSpec& o, int64_t r) {
 void rms_norm_inputs(const void* a, const void* b, void* h, float* x, int64_t M, int64_t K, int mode, bool bf16);
 void rms_norm_outputs(const float* x, const float* mean_sq, const void* weight, void* y, int64_t M, int64_t K,
                       float eps, bool bf16);
+
+// ---- decode_attention.cpp: one-token grouped-query attention with rotary and the cache write (bitmodels.bitnet) ----
+// Tensors of dtype T (float32, or bfloat16 as uint16 bits when bf16); the last two dimensions of q / k / v are
+// contiguous heads of D values, rows b apart by the *_stride element counts.
+struct DecodeAttentionArgs {
+  const void* q;             // [B, H, D] new queries, before rotary
+  const void* k;             // [B, KVH, D] new keys, before rotary
+  const void* v;             // [B, KVH, D] new values
+  const void* cos;           // [B, D]
+  const void* sin;           // [B, D]
+  void* k_cache;             // [B, KVH, S, D] contiguous; slot `slot` is written
+  void* v_cache;             // [B, KVH, S, D] contiguous
+  const bool* mask;          // [B, S] (rows mask_stride apart): true = attend
+  int64_t q_stride, k_stride, v_stride, cos_stride, sin_stride, mask_stride;
+  int64_t B, H, KVH, S, D, slot;
+  float scale;
+  bool bf16;
+  float* q_rot;              // scratch [B, H, D]: the rotated queries
+  float* k_rot;              // scratch [B * KVH, D]
+  float* scores;             // [B, H, S]: written by decode_attention_scores
+  const float* probs;        // [B, H, S]: float32 softmax of the scores, read by decode_attention_values
+  void* out;                 // [B, H, D] in T
+  int threads;
+};
+// Rotary, cache write and scores T(T(q . k) * scale) (-inf where not attended); then, with probs, the outputs.
+void decode_attention_scores(const DecodeAttentionArgs& a);
+void decode_attention_values(const DecodeAttentionArgs& a);
 
 // ---- activations.cpp: fill padded activation buffers (rows of x may be strided) ----
 // int8 absmax quantization exactly as bitcore.quantize.quantize_activation_int8.

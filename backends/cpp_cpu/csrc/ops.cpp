@@ -14,6 +14,9 @@
 //   cpu_rms_norm(a, b, weight, eps, mode) -> (h, y)    RMSNorm of a's rows (mode 0), of h = a + b (mode 1) or of
 //                                                     BitNet's relu(a)^2 * b (mode 2); float32 / bfloat16 (norms.cpp),
 //                                                     torch's bits
+//   cpu_decode_attention(q, k, v, cos, sin, k_cache, v_cache, slots, mask, scale) -> out
+//                                                     one-token rotary + cache write + grouped-query attention
+//                                                     (decode_attention.cpp); writes the caches at slots[0]
 //   cpu_features() -> str;  cpu_set_isa(isa)          ISA report / override (-1 auto, 0 scalar, 1 avx2,
 //                                                     2 avx512vnni)
 //   cpu_set_pool_spin(us) -> int;  cpu_pool_spin() -> int
@@ -275,6 +278,67 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_op(const at::Tensor& a, const c10::o
   return {h, y};
 }
 
+// Shape checks of cpu_decode_attention's one-token tensors [B, 1, heads, D]: unit strides within the heads.
+void check_heads(const at::Tensor& t, const char* name, int64_t B, int64_t heads, int64_t D, at::ScalarType dtype) {
+  BITLAB_CHECK(t.dim() == 4 && t.size(0) == B && t.size(1) == 1 && t.size(2) == heads && t.size(3) == D &&
+                   t.scalar_type() == dtype && t.device().is_cpu(),
+               "cpu_decode_attention: ", name, " must be [", B, ", 1, ", heads, ", ", D, "] ", dtype,
+               " on the CPU, got ", t.sizes(), " ", t.scalar_type(), " on ", t.device());
+  BITLAB_CHECK(t.stride(3) == 1 && (heads == 1 || t.stride(2) == D),
+               "cpu_decode_attention: ", name, " needs contiguous heads (strides ", t.strides(), ")");
+}
+
+at::Tensor decode_attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                               const at::Tensor& sin, at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
+                               const at::Tensor& mask, double scale) {
+  BITLAB_CHECK(q.dim() == 4 && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+               "cpu_decode_attention: q must be [B, 1, H, D] float32 or bfloat16, got ", q.sizes(), " ", q.scalar_type());
+  const auto dtype = q.scalar_type();
+  const int64_t B = q.size(0), H = q.size(2), D = q.size(3);
+  BITLAB_CHECK(k_cache.dim() == 4 && k_cache.size(0) == B && k_cache.size(3) == D && k_cache.size(1) > 0 &&
+                   H % k_cache.size(1) == 0 && k_cache.is_contiguous() && k_cache.scalar_type() == dtype &&
+                   k_cache.device().is_cpu(),
+               "cpu_decode_attention: k_cache must be a contiguous [", B, ", KVH, S, ", D, "] ", dtype,
+               " CPU tensor with KVH dividing H=", H, ", got ", k_cache.sizes(), " ", k_cache.scalar_type());
+  const int64_t KVH = k_cache.size(1), S = k_cache.size(2);
+  BITLAB_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous() && v_cache.scalar_type() == dtype &&
+                   v_cache.device().is_cpu(),
+               "cpu_decode_attention: v_cache must be contiguous and shaped like k_cache (", k_cache.sizes(), ") in ",
+               dtype, ", got ", v_cache.sizes(), " ", v_cache.scalar_type());
+  check_heads(q, "q", B, H, D, dtype);
+  check_heads(k, "k", B, KVH, D, dtype);
+  check_heads(v, "v", B, KVH, D, dtype);
+  check_heads(cos, "cos", B, 1, D, dtype);
+  check_heads(sin, "sin", B, 1, D, dtype);
+  BITLAB_CHECK(D % 2 == 0, "cpu_decode_attention: head_dim ", D, " must be even (rotary halves)");
+  BITLAB_CHECK(slots.numel() == 1 && slots.scalar_type() == at::kLong && slots.device().is_cpu(),
+               "cpu_decode_attention: slots must hold one int64 cache position on the CPU, got ", slots.sizes(), " ",
+               slots.scalar_type());
+  const int64_t slot = slots.reshape({-1})[0].item<int64_t>();
+  BITLAB_CHECK(slot >= 0 && slot < S, "cpu_decode_attention: slot ", slot, " is outside the cache's ", S, " positions");
+  BITLAB_CHECK(mask.scalar_type() == at::kBool && mask.device().is_cpu() && mask.numel() == B * S &&
+                   mask.size(0) == B && mask.size(-1) == S && mask.stride(-1) == 1,
+               "cpu_decode_attention: mask must be bool [", B, ", 1, 1, ", S, "] on the CPU with unit stride along S, got ",
+               mask.sizes(), " ", mask.scalar_type());
+  at::Tensor out = at::empty({B, 1, H * D}, q.options());
+  if (B == 0 || H == 0 || D == 0) return out;
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor q_rot = at::empty({B, H, D}, f32), k_rot = at::empty({B * KVH, D}, f32);
+  at::Tensor scores = at::empty({B, H, S}, f32);
+  DecodeAttentionArgs a{q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                        k_cache.data_ptr(), v_cache.data_ptr(), mask.data_ptr<bool>(),
+                        q.stride(0), k.stride(0), v.stride(0), cos.stride(0), sin.stride(0), mask.stride(0),
+                        B, H, KVH, S, D, slot, static_cast<float>(scale), dtype == at::kBFloat16,
+                        q_rot.data_ptr<float>(), k_rot.data_ptr<float>(), scores.data_ptr<float>(), nullptr,
+                        out.data_ptr(), kernel_threads()};
+  decode_attention_scores(a);
+  // torch's own softmax on the same float32 scores: the torch path's probabilities, bit for bit.
+  const at::Tensor probs = at::_softmax(scores, -1, false);
+  a.probs = probs.data_ptr<float>();
+  decode_attention_values(a);
+  return out;
+}
+
 std::string features_op() { return cpu_features(); }
 
 void set_isa_op(int64_t isa) { set_isa_override(static_cast<int>(isa)); }
@@ -299,6 +363,8 @@ TORCH_LIBRARY_FRAGMENT(bitlab, m) {
         "bool per_token, str epilogue) -> Tensor");
   m.def("cpu_quantize_int8(Tensor x, bool per_token) -> (Tensor, Tensor)");
   m.def("cpu_rms_norm(Tensor a, Tensor? b, Tensor weight, float eps, int mode) -> (Tensor, Tensor)");
+  m.def("cpu_decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, Tensor slots, Tensor mask, float scale) -> Tensor");
   m.def("cpu_features() -> str", &bitlab_cpu::features_op);
   m.def("cpu_set_isa(int isa) -> ()", &bitlab_cpu::set_isa_op);
   m.def("cpu_set_threads(int n) -> ()", &bitlab_cpu::set_threads_op);
@@ -313,4 +379,5 @@ TORCH_LIBRARY_IMPL(bitlab, CPU, m) {
   m.impl("cpu_linear_a1", &bitlab_cpu::linear_a1);
   m.impl("cpu_quantize_int8", &bitlab_cpu::quantize_int8_op);
   m.impl("cpu_rms_norm", &bitlab_cpu::rms_norm_op);
+  m.impl("cpu_decode_attention", &bitlab_cpu::decode_attention_op);
 }

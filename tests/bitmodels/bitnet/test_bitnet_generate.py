@@ -9,6 +9,7 @@ import torch
 from bitcore.errors import ConfigError
 from bitmodels.bitnet import BitNetConfig, BitNetForCausalLM
 from bitmodels.bitnet.generate import Generator
+from bitmodels.bitnet.ops import use_cpu_attention
 from bitmodels.bitnet.sampling import SamplingConfig, filter_logits, sample
 
 
@@ -572,7 +573,7 @@ def test_fused_attention_on_cpu_is_refused_with_the_reason():
     model = _model(seed=16)
     with pytest.raises(ValueError, match="not a CUDA device"):
         Generator(model, fused_attention=True)
-    assert Generator(model).attention_kernel == "torch (not a CUDA device)"
+    assert Generator(model).attention_kernel == use_cpu_attention("cpu")[1]
 
 
 @pytest.mark.gpu
@@ -692,6 +693,32 @@ def test_cpu_norms_run_as_one_call_each(monkeypatch):
         got = model(ids)
     assert sorted(set(calls)) == [0, 1, 2] and len(calls) == 4 * len(model.model.layers) + 1  # + the final norm
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_decode_attention_runs_as_one_call_per_layer(monkeypatch, dtype):
+    """On a CPU one-token attention runs as cpp_cpu.cpu_decode_attention (one call per layer and step);
+    BITLAB_CPU_ATTENTION=torch keeps torch's operations.  Prompts of different lengths (left padding in the mask):
+    the same tokens (the op's outputs against torch's: tests/backends/cpp_cpu/test_decode_attention.py)."""
+    from backends.cpp_cpu.kernels import backend_availability
+
+    if not backend_availability():
+        pytest.skip("cpp_cpu unavailable")
+    model = _model(seed=25).to(dtype)
+    prompts = _prompts(25, (4, 9, 6))
+    monkeypatch.setenv("BITLAB_CPU_ATTENTION", "torch")
+    torch_gen = Generator(model)
+    assert torch_gen.attention_kernel == "torch (BITLAB_CPU_ATTENTION=torch)"
+    want = torch_gen.generate(prompts, 8, stop_token_ids=[])
+    monkeypatch.delenv("BITLAB_CPU_ATTENTION")
+    gen = Generator(model)
+    assert gen.attention_kernel.startswith("cpp_cpu.cpu_decode_attention"), gen.attention_kernel
+    calls, op = [], torch.ops.bitlab.cpu_decode_attention
+    monkeypatch.setattr(torch.ops.bitlab, "cpu_decode_attention", lambda *a: calls.append(a[0].shape) or op(*a))
+    got = gen.generate(prompts, 8, stop_token_ids=[])
+    steps = 8 - 1  # the first token comes from the prefill
+    assert len(calls) == steps * len(model.model.layers) and all(shape[:2] == (3, 1) for shape in calls)
+    assert got.tokens == want.tokens
 
 
 def test_the_o_norm_tail_on_cpu_says_why_not(monkeypatch):
