@@ -102,6 +102,10 @@ def _register_fakes() -> None:
         def _fake_rms_norm(a, b, weight, eps, mode):
             return (torch.empty_like(a) if mode == 1 else a.new_empty((0,))), torch.empty_like(a)
 
+        @torch.library.register_fake("bitlab::cpu_decode_attention")
+        def _fake_decode_attention(q, k, v, cos, sin, k_cache, v_cache, slots, mask, scale):
+            return q.new_empty((q.shape[0], 1, q.shape[2] * q.shape[3]))
+
         _fakes_registered = True
 
 

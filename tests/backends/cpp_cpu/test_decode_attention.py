@@ -167,3 +167,18 @@ def test_bad_inputs_name_the_problem(cpp_ops, case, match):
     with pytest.raises(RuntimeError, match=match):
         torch.ops.bitlab.cpu_decode_attention(q, k, v, cos, sin, k_cache, v_cache, slot, mask, 0.25)
     assert torch.equal(k_cache, before), "a refused call must not write the cache"
+
+
+def test_traces_under_torch_compile(cpp_ops):
+    """A fake implementation is registered: torch.compile(fullgraph=True) traces through the op (mutating the
+    caches as the eager call does)."""
+    gen, seed = fresh_generator()
+    q, k, v, cos, sin, k_cache, v_cache, slot, mask = make_inputs(gen, 2, 8, 2, 24, 32, torch.bfloat16)
+
+    def step(kc, vc):
+        return torch.ops.bitlab.cpu_decode_attention(q, k, v, cos, sin, kc, vc, slot, mask, 0.17)
+
+    kc_e, vc_e, kc_c, vc_c = k_cache.clone(), v_cache.clone(), k_cache.clone(), v_cache.clone()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(kc_c, vc_c), step(kc_e, vc_e)), f"seed {seed}"
+    assert torch.equal(kc_c, kc_e) and torch.equal(vc_c, vc_e)
