@@ -1,8 +1,8 @@
 // Shared declarations of the cpp_cpu kernels: ISA dispatch, activation buffers, epilogue.
 //
-// The kernel translation units (lowbit_gemm.cpp, float_gemm.cpp, int8_gemm.cpp,
-// xnor_gemm.cpp, activations.cpp, norms.cpp, decode_attention.cpp, thread_pool.cpp) include only this header, never
-// torch: they compile in a second or two.  ops.cpp binds them to torch.library ops.
+// The kernel translation units (lowbit_gemm.cpp, float_gemm.cpp, int8_gemm.cpp, xnor_gemm.cpp, activations.cpp,
+// bf16_rows.cpp, norms.cpp, decode_attention.cpp, thread_pool.cpp) include only this header (and bitlab_bf16.h),
+// never torch: they compile in a second or two.  ops.cpp binds them to torch.library ops.
 //
 // Every kernel runs the same loop nest (see for_row_blocks below): threads over blocks
 // of kRowBlock output rows; inside a block, tokens in groups of up to kTokenGroup, and
@@ -141,6 +141,11 @@ struct DecodeAttentionArgs {
 // Rotary, cache write and scores T(T(q . k) * scale) (-inf where not attended); then, with probs, the outputs.
 void decode_attention_scores(const DecodeAttentionArgs& a);
 void decode_attention_values(const DecodeAttentionArgs& a);
+
+// ---- bf16_rows.cpp: bfloat16 (as uint16 bits) <-> float32 with torch's values ----
+// M rows of K, ldx apart, widened into out [M, K]; n floats rounded to bfloat16 (nearest even, NaN kept quiet).
+void widen_bf16_rows(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, float* out);
+void narrow_to_bf16(const float* x, int64_t n, uint16_t* out);
 
 // ---- activations.cpp: fill padded activation buffers (rows of x may be strided) ----
 // int8 absmax quantization exactly as bitcore.quantize.quantize_activation_int8.

@@ -72,11 +72,27 @@ int64_t padded_k(int64_t K, int nbits) {
   return (K + block - 1) / block * block;
 }
 
+template <typename T>
+T* scratch(std::vector<T>& buf, int64_t n) {
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+  return buf.data();
+}
+
+// x as float32 rows with unit inner stride.  bfloat16 rows (the BitNet decode step's) are widened into a buffer of
+// the calling thread (bf16_rows.cpp), which the returned tensor views until the thread's next call: torch's x.to()
+// cost ~10 us per call at one thread.
 at::Tensor as_float_rows(const at::Tensor& x, int64_t in_features) {
   BITLAB_CHECK(x.dim() == 2 && x.size(1) == in_features, "x must be 2-D [tokens, in_features=", in_features,
               "], got shape ", x.sizes());
   BITLAB_CHECK(x.device().is_cpu(), "x must be on the CPU, got ", x.device());
   BITLAB_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating point, got ", x.scalar_type());
+  if (x.scalar_type() == at::kBFloat16 && (x.size(1) <= 1 || x.stride(1) == 1)) {
+    static thread_local std::vector<float> widened;
+    const int64_t M = x.size(0), K = x.size(1);
+    float* out = scratch(widened, M * K);
+    widen_bf16_rows(reinterpret_cast<const uint16_t*>(x.data_ptr()), x.stride(0), M, K, out);
+    return at::from_blob(out, {M, K}, at::TensorOptions().dtype(at::kFloat));
+  }
   at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
   if (xf.size(1) > 1 && xf.stride(1) != 1) xf = xf.contiguous();  // rows may be strided
   return xf;
@@ -115,13 +131,12 @@ int kernel_threads() {
 }
 
 at::Tensor finish_output(const at::Tensor& out, const at::Tensor& x) {
+  if (x.scalar_type() == at::kBFloat16) {  // one rounding loop instead of torch's out.to() (see as_float_rows)
+    at::Tensor y = at::empty(out.sizes(), out.options().dtype(at::kBFloat16));
+    narrow_to_bf16(out.data_ptr<float>(), out.numel(), reinterpret_cast<uint16_t*>(y.data_ptr()));
+    return y;
+  }
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
-}
-
-template <typename T>
-T* scratch(std::vector<T>& buf, int64_t n) {
-  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
-  return buf.data();
 }
 
 struct Int8Scratch {

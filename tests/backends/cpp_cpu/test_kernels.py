@@ -83,6 +83,23 @@ def test_int8_activations_bit_exact(isa, bits, wg, ag):
             f"max diff {(y - y_ref).abs().max().item() if y.numel() else 0}"
 
 
+@pytest.mark.parametrize("bits", [1.58, 4, 8])
+def test_bfloat16_rows_in_and_out_bit_exact(isa, bits):
+    """bfloat16 x is widened and the output rounded by the op's own loops (bf16_rows.cpp), not torch's .to(): the
+    reference's values exactly, strided rows, odd lengths (AVX2 tails), NaN-free and special rows alike."""
+    gen = torch.Generator().manual_seed(hash(("bf16", bits, isa)) % 2**31)
+    cfg = BitQuantConfig(weight_bits=bits, weight_granularity="per_channel", activation_granularity="per_token")
+    for i, (batch, in_f, out_f) in enumerate(SHAPES + [(2, 2560, 77), (1, 19, 3)]):
+        packed = random_packed(cfg, out_f, in_f, gen)
+        wide = (torch.randn(batch, in_f + 5, generator=gen) * 3).to(torch.bfloat16)
+        # contiguous, a transposed view, or rows further apart than in_features
+        x = [wide[:, :in_f].contiguous(), wide[:, :in_f].T.contiguous().T, wide[:, 2 : 2 + in_f]][i % 3]
+        bias = torch.randn(out_f, generator=gen) if i % 2 else None
+        y, y_ref = run_both(CppInt8ActivationKernel(), cfg, packed, x, bias, EPILOGUES[i % 3])
+        assert y.dtype == torch.bfloat16 and y.shape == (batch, out_f)
+        assert torch.equal(y, y_ref), f"{bits} shape {(batch, in_f, out_f)}: {(y != y_ref).sum().item()} differ"
+
+
 # Rows long enough for many 64-byte weight loads, block counts odd and even (a lone last block on
 # the AVX-512 path), outputs enough for several work items (rows_per_item), and every token-group
 # size (1-4 tokens and a partial group after full ones).
