@@ -15,6 +15,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include <vector>
+
 #include "bitlab_cpu.h"
 
 namespace bitlab_cpu {
@@ -157,23 +159,31 @@ int32_t quantize_row_avx2(const float* x, int64_t K, float s, int8_t* q) { retur
 }  // namespace
 
 void quantize_int8(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, bool per_token,
-                   int8_t* q, int32_t* qsum, float* scale) {
+                   int8_t* q, int32_t* qsum, float* scale, int threads) {
   const bool avx2 = active_isa() >= Isa::Avx2;
   auto absmax = [&](const float* row) { return avx2 ? row_absmax_avx2(row, K) : row_absmax_scalar(row, K); };
   float tensor_amax = 0.0f;
-  if (!per_token) {
-    for (int64_t t = 0; t < M; ++t) tensor_amax = std::max(tensor_amax, absmax(x + t * ldx));
+  if (!per_token) {  // the maximum over row chunks, in any order: the same value
+    std::vector<float> chunk_amax(static_cast<size_t>((M + kRowChunk - 1) / kRowChunk), 0.0f);
+    for_row_chunks(M, threads, [&](int64_t t0, int64_t t1) {
+      float m = 0.0f;
+      for (int64_t t = t0; t < t1; ++t) m = std::max(m, absmax(x + t * ldx));
+      chunk_amax[static_cast<size_t>(t0 / kRowChunk)] = m;
+    });
+    for (float m : chunk_amax) tensor_amax = std::max(tensor_amax, m);
   }
-  for (int64_t t = 0; t < M; ++t) {
-    const float* row = x + t * ldx;
-    float a = std::max(per_token ? absmax(row) : tensor_amax, 1e-5f);
-    float inv = 1.0f / a;
-    float s = inv * 127.0f;
-    int8_t* qr = q + t * Kp;
-    qsum[t] = avx2 ? quantize_row_avx2(row, K, s, qr) : quantize_row_scalar(row, K, s, qr);
-    std::memset(qr + K, 0, static_cast<size_t>(Kp - K));
-    scale[t] = a / 127.0f;
-  }
+  for_row_chunks(M, threads, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* row = x + t * ldx;
+      float a = std::max(per_token ? absmax(row) : tensor_amax, 1e-5f);
+      float inv = 1.0f / a;
+      float s = inv * 127.0f;
+      int8_t* qr = q + t * Kp;
+      qsum[t] = avx2 ? quantize_row_avx2(row, K, s, qr) : quantize_row_scalar(row, K, s, qr);
+      std::memset(qr + K, 0, static_cast<size_t>(Kp - K));
+      scale[t] = a / 127.0f;
+    }
+  });
 }
 
 void pad_float(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, float* out) {

@@ -24,23 +24,30 @@ BITLAB_BF16_AVX2 void narrow_avx2(const float* x, int64_t n, uint16_t* out) {
 
 }  // namespace
 
-void widen_bf16_rows(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, float* out) {
-  for (int64_t m = 0; m < M; ++m) {
+void widen_bf16_rows(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, float* out, int threads) {
+  const bool avx2 = BITLAB_X86 && active_isa() >= Isa::Avx2;
+  for_row_chunks(M, threads, [&](int64_t t0, int64_t t1) {
+    for (int64_t m = t0; m < t1; ++m) {
 #if BITLAB_X86
-    if (active_isa() >= Isa::Avx2) {
-      widen_row_avx2(x + m * ldx, K, out + m * K);
-      continue;
-    }
+      if (avx2) {
+        widen_row_avx2(x + m * ldx, K, out + m * K);
+        continue;
+      }
 #endif
-    for (int64_t k = 0; k < K; ++k) out[m * K + k] = bf16_to_float(x[m * ldx + k]);
-  }
+      for (int64_t k = 0; k < K; ++k) out[m * K + k] = bf16_to_float(x[m * ldx + k]);
+    }
+  });
 }
 
-void narrow_to_bf16(const float* x, int64_t n, uint16_t* out) {
+void narrow_to_bf16(const float* x, int64_t M, int64_t N, uint16_t* out, int threads) {
+  const bool avx2 = BITLAB_X86 && active_isa() >= Isa::Avx2;
+  for_row_chunks(M, threads, [&](int64_t t0, int64_t t1) {
+    const int64_t begin = t0 * N, n = (t1 - t0) * N;
 #if BITLAB_X86
-  if (active_isa() >= Isa::Avx2) return narrow_avx2(x, n, out);
+    if (avx2) return narrow_avx2(x + begin, n, out + begin);
 #endif
-  for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(x[i]);
+    for (int64_t i = begin; i < begin + n; ++i) out[i] = float_to_bf16(x[i]);
+  });
 }
 
 }  // namespace bitlab_cpu

@@ -111,9 +111,11 @@ inline float finish(float acc, float x_scale, const OutputSpec& o, int64_t r) {
 // rms_norm_inputs writes x (float32) from a, after the residual add h = a + b (mode 1, h written) or BitNet's
 // squared-ReLU gate of a and b (mode 2); the caller takes mean_sq [M] = mean(x^2) per row; rms_norm_outputs writes
 // y = the normed rows times weight [K], rounded as torch's operations round ----
-void rms_norm_inputs(const void* a, const void* b, void* h, float* x, int64_t M, int64_t K, int mode, bool bf16);
+// Rows are spread over `threads` threads in chunks (for_row_chunks) where there are many (a prefill's).
+void rms_norm_inputs(const void* a, const void* b, void* h, float* x, int64_t M, int64_t K, int mode, bool bf16,
+                     int threads = 1);
 void rms_norm_outputs(const float* x, const float* mean_sq, const void* weight, void* y, int64_t M, int64_t K,
-                      float eps, bool bf16);
+                      float eps, bool bf16, int threads = 1);
 
 // ---- decode_attention.cpp: one-token grouped-query attention with rotary and the cache write (bitmodels.bitnet) ----
 // Tensors of dtype T (float32, or bfloat16 as uint16 bits when bf16); the last two dimensions of q / k / v are
@@ -143,14 +145,15 @@ void decode_attention_scores(const DecodeAttentionArgs& a);
 void decode_attention_values(const DecodeAttentionArgs& a);
 
 // ---- bf16_rows.cpp: bfloat16 (as uint16 bits) <-> float32 with torch's values ----
-// M rows of K, ldx apart, widened into out [M, K]; n floats rounded to bfloat16 (nearest even, NaN kept quiet).
-void widen_bf16_rows(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, float* out);
-void narrow_to_bf16(const float* x, int64_t n, uint16_t* out);
+// M rows of K, ldx apart, widened into out [M, K]; M rows of N floats (contiguous) rounded to bfloat16 (nearest
+// even, NaN kept quiet).  Rows in chunks over `threads` threads where there are many.
+void widen_bf16_rows(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, float* out, int threads = 1);
+void narrow_to_bf16(const float* x, int64_t M, int64_t N, uint16_t* out, int threads = 1);
 
 // ---- activations.cpp: fill padded activation buffers (rows of x may be strided) ----
 // int8 absmax quantization exactly as bitcore.quantize.quantize_activation_int8.
 void quantize_int8(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, bool per_token,
-                   int8_t* q, int32_t* qsum, float* scale);
+                   int8_t* q, int32_t* qsum, float* scale, int threads = 1);
 // float32 copy, zero-padded to Kp.
 void pad_float(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp, float* out);
 // sign bits (x >= 0 -> 1) packed 64 per word, zero-padded to Kw words; scale = mean|x|.
@@ -199,6 +202,29 @@ inline void for_row_blocks(int64_t N, int64_t M, int threads, Body body, int64_t
   };
   Job job{N, M, rows, &body};
   parallel_items((N + rows - 1) / rows, threads, &Job::run, &job);
+}
+
+// body(t0, t1) over rows [0, M) in chunks of kRowChunk rows spread over `threads` threads (the caller included);
+// fewer than 2 * kRowChunk rows run on the calling thread, so a decode step's single row costs no hand-off.  For
+// the row-wise passes around the GEMMs (quantization, norms, dtype copies), which a 512-token prefill ran on one core.
+constexpr int64_t kRowChunk = 16;
+template <typename Body>
+inline void for_row_chunks(int64_t M, int threads, Body body) {
+  if (M < 2 * kRowChunk || threads <= 1) {
+    body(int64_t{0}, M);
+    return;
+  }
+  struct Job {
+    int64_t M;
+    Body* body;
+    static void run(void* ctx, int64_t i) {
+      const Job& j = *static_cast<Job*>(ctx);
+      const int64_t t0 = i * kRowChunk;
+      (*j.body)(t0, t0 + kRowChunk < j.M ? t0 + kRowChunk : j.M);
+    }
+  };
+  Job job{M, &body};
+  parallel_items((M + kRowChunk - 1) / kRowChunk, threads, &Job::run, &job);
 }
 
 }  // namespace bitlab_cpu

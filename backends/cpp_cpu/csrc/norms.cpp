@@ -115,19 +115,30 @@ void outputs(const float* x, const float* mean_sq, const void* w_, void* y_, int
 
 }  // namespace
 
-void rms_norm_inputs(const void* a, const void* b, void* h, float* x, int64_t M, int64_t K, int mode, bool bf16) {
-  if (bf16)
-    inputs<BFloat16>(a, b, h, x, M, K, mode);
-  else
-    inputs<Float32>(a, b, h, x, M, K, mode);
+void rms_norm_inputs(const void* a, const void* b, void* h, float* x, int64_t M, int64_t K, int mode, bool bf16,
+                     int threads) {
+  const int64_t elem = bf16 ? 2 : 4;  // bytes per value of a, b and h
+  const auto at = [&](const void* p, int64_t t0) -> void* {
+    return p ? const_cast<char*>(static_cast<const char*>(p)) + t0 * K * elem : nullptr;
+  };
+  for_row_chunks(M, threads, [&](int64_t t0, int64_t t1) {
+    if (bf16)
+      inputs<BFloat16>(at(a, t0), at(b, t0), at(h, t0), x + t0 * K, t1 - t0, K, mode);
+    else
+      inputs<Float32>(at(a, t0), at(b, t0), at(h, t0), x + t0 * K, t1 - t0, K, mode);
+  });
 }
 
 void rms_norm_outputs(const float* x, const float* mean_sq, const void* weight, void* y, int64_t M, int64_t K,
-                      float eps, bool bf16) {
-  if (bf16)
-    outputs<BFloat16>(x, mean_sq, weight, y, M, K, eps);
-  else
-    outputs<Float32>(x, mean_sq, weight, y, M, K, eps);
+                      float eps, bool bf16, int threads) {
+  const int64_t elem = bf16 ? 2 : 4;
+  for_row_chunks(M, threads, [&](int64_t t0, int64_t t1) {
+    void* yt = static_cast<char*>(y) + t0 * K * elem;
+    if (bf16)
+      outputs<BFloat16>(x + t0 * K, mean_sq + t0, weight, yt, t1 - t0, K, eps);
+    else
+      outputs<Float32>(x + t0 * K, mean_sq + t0, weight, yt, t1 - t0, K, eps);
+  });
 }
 
 }  // namespace bitlab_cpu

@@ -72,6 +72,14 @@ int64_t padded_k(int64_t K, int nbits) {
   return (K + block - 1) / block * block;
 }
 
+// Threads the kernels run on: pinned by cpu_set_threads, else torch's intra-op count (read per call).
+std::atomic<int> g_threads{0};
+
+int kernel_threads() {
+  const int pinned = g_threads.load(std::memory_order_relaxed);
+  return pinned > 0 ? pinned : at::get_num_threads();
+}
+
 template <typename T>
 T* scratch(std::vector<T>& buf, int64_t n) {
   if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
@@ -90,7 +98,7 @@ at::Tensor as_float_rows(const at::Tensor& x, int64_t in_features) {
     static thread_local std::vector<float> widened;
     const int64_t M = x.size(0), K = x.size(1);
     float* out = scratch(widened, M * K);
-    widen_bf16_rows(reinterpret_cast<const uint16_t*>(x.data_ptr()), x.stride(0), M, K, out);
+    widen_bf16_rows(reinterpret_cast<const uint16_t*>(x.data_ptr()), x.stride(0), M, K, out, kernel_threads());
     return at::from_blob(out, {M, K}, at::TensorOptions().dtype(at::kFloat));
   }
   at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
@@ -122,18 +130,11 @@ Prepared prepare_output(int64_t M, int64_t N, const at::Tensor& w_scale, const c
   return p;
 }
 
-// Threads the kernels run on: pinned by cpu_set_threads, else torch's intra-op count (read per call).
-std::atomic<int> g_threads{0};
-
-int kernel_threads() {
-  const int pinned = g_threads.load(std::memory_order_relaxed);
-  return pinned > 0 ? pinned : at::get_num_threads();
-}
-
 at::Tensor finish_output(const at::Tensor& out, const at::Tensor& x) {
   if (x.scalar_type() == at::kBFloat16) {  // one rounding loop instead of torch's out.to() (see as_float_rows)
     at::Tensor y = at::empty(out.sizes(), out.options().dtype(at::kBFloat16));
-    narrow_to_bf16(out.data_ptr<float>(), out.numel(), reinterpret_cast<uint16_t*>(y.data_ptr()));
+    narrow_to_bf16(out.data_ptr<float>(), out.size(0), out.size(1), reinterpret_cast<uint16_t*>(y.data_ptr()),
+                   kernel_threads());
     return y;
   }
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
@@ -155,7 +156,7 @@ Int8Activations quantize_into(Int8Scratch& s, const at::Tensor& xf, int64_t Kp, 
   int8_t* q = scratch(s.q, M * Kp);
   int32_t* qsum = scratch(s.qsum, M);
   float* scale = scratch(s.scale, M);
-  quantize_int8(xf.data_ptr<float>(), xf.stride(0), M, K, Kp, per_token, q, qsum, scale);
+  quantize_int8(xf.data_ptr<float>(), xf.stride(0), M, K, Kp, per_token, q, qsum, scale, kernel_threads());
   if (groups == 1) return Int8Activations{q, Kp, qsum, scale, 1, Kp};
   const int64_t ldg = groups * group_len;
   int8_t* qg = scratch(s.grouped, M * ldg);
@@ -285,11 +286,11 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_op(const at::Tensor& a, const c10::o
   const bool bf16 = rows.scalar_type() == at::kBFloat16;
   at::Tensor x = at::empty({M, K}, rows.options().dtype(at::kFloat));
   rms_norm_inputs(rows.data_ptr(), mode == 0 ? nullptr : other.data_ptr(), mode == 1 ? h.data_ptr() : nullptr,
-                  x.data_ptr<float>(), M, K, static_cast<int>(mode), bf16);
+                  x.data_ptr<float>(), M, K, static_cast<int>(mode), bf16, kernel_threads());
   // The mean of squares by torch's own operations (bitmodels.bitnet.ops.rms_norm): the same bits.
   const at::Tensor mean_sq = x.pow(2).mean(-1).contiguous();
   rms_norm_outputs(x.data_ptr<float>(), mean_sq.data_ptr<float>(), w.data_ptr(), y.data_ptr(), M, K,
-                   static_cast<float>(eps), bf16);
+                   static_cast<float>(eps), bf16, kernel_threads());
   return {h, y};
 }
 

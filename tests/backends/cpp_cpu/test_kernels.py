@@ -228,6 +228,25 @@ def test_activation_quantizer_matches_bitcore(isa, cpp_ops, per_token):
     assert torch.equal(scale, scale_ref)
 
 
+@pytest.mark.parametrize("per_token", [False, True])
+def test_many_rows_quantize_and_convert_in_chunks_on_two_threads(cpp_ops, per_token):
+    """Past 2 * 16 rows the quantizer and the bf16 copies run in row chunks on the kernel threads (a prefill):
+    the same values as bitcore.quantize and as torch_ref, the tensor absmax taken over every chunk (here in the
+    last row, outside the first chunk)."""
+    from backends.cpp_cpu.threads import pinned_threads
+
+    gen = torch.Generator().manual_seed(21 + per_token)
+    x = torch.randn(70, 301, generator=gen) * torch.logspace(-3, 2, 70).view(-1, 1)
+    with pinned_threads(2):
+        q, scale = cpp_ops.cpu_quantize_int8(x, per_token)
+        cfg = BitQuantConfig(weight_bits=1.58, activation_granularity="per_token" if per_token else "per_tensor")
+        packed = random_packed(cfg, 37, 301, gen)
+        y, y_ref = run_both(CppInt8ActivationKernel(), cfg, packed, x.bfloat16(), None, "none")
+    q_ref, scale_ref = quantize_activation_int8(x, "per_token" if per_token else "per_tensor")
+    assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+
+
 def test_multithreaded_equals_single_threaded(cpp_ops):
     cfg = BitQuantConfig(weight_bits=1.58, activation_granularity="per_token")
     gen = torch.Generator().manual_seed(11)

@@ -44,6 +44,24 @@ def test_matches_the_torch_operations(cpp_ops, rows, k, mode, dtype):
     assert torch.equal(y, y_want), f"seed {seed}: {(y != y_want).sum().item()} of {y.numel()} differ"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_many_rows_in_chunks_on_two_threads(cpp_ops, mode, dtype):
+    """Past 2 * 16 rows (a prefill) the passes run in row chunks on the kernel threads: torch's bits still."""
+    from backends.cpp_cpu.threads import pinned_threads
+
+    gen, seed = fresh_generator()
+    a = (torch.randn(83, 517, generator=gen) * 3).to(dtype)
+    b = torch.randn(83, 517, generator=gen).to(dtype) if mode else None
+    weight = (torch.rand(517, generator=gen) + 0.5).to(dtype)
+    with pinned_threads(2):
+        h, y = torch.ops.bitlab.cpu_rms_norm(a, b, weight, 1e-5, mode)
+    h_want, y_want = torch_reference(a, b, weight, 1e-5, mode)
+    if mode == 1:
+        assert torch.equal(h, h_want), f"seed {seed}"
+    assert torch.equal(y, y_want), f"seed {seed}"
+
+
 def test_leading_dimensions_and_strided_rows(cpp_ops):
     gen, seed = fresh_generator()
     a = torch.randn(2, 3, 64, generator=gen).bfloat16()
