@@ -108,6 +108,15 @@ def own_sample(op_name: str):
         gen = torch.Generator().manual_seed(4)
         a, b = (torch.randn(3, 45, generator=gen).bfloat16() for _ in range(2))
         return torch.ops.bitlab.cpu_rms_norm.default, [a, b, torch.rand(45, generator=gen).bfloat16(), 1e-5, 1], {}
+    if op_name == f"{NAMESPACE}::cpu_decode_attention":  # bitmodels.bitnet's CPU one-token attention (writes the caches)
+        gen = torch.Generator().manual_seed(5)
+        B, H, KVH, S, D = 2, 4, 2, 7, 8
+        r = lambda *shape: torch.randn(*shape, generator=gen).bfloat16()  # noqa: E731
+        mask = torch.rand(B, 1, 1, S, generator=gen) > 0.3
+        mask[..., 3] = True
+        args = [r(B, 1, H, D), r(B, 1, KVH, D), r(B, 1, KVH, D), r(B, 1, 1, D), r(B, 1, 1, D), r(B, KVH, S, D),
+                r(B, KVH, S, D), torch.tensor([3]), mask, D ** -0.5]
+        return torch.ops.bitlab.cpu_decode_attention.default, args, {}
     return None
 
 
