@@ -116,6 +116,8 @@ void rms_norm_inputs(const void* a, const void* b, void* h, float* x, int64_t M,
                      int threads = 1);
 void rms_norm_outputs(const float* x, const float* mean_sq, const void* weight, void* y, int64_t M, int64_t K,
                       float eps, bool bf16, int threads = 1);
+// out = x * x elementwise (M rows of K): torch's x.pow(2), without a torch operation per norm.
+void squares(const float* x, int64_t M, int64_t K, float* out, int threads = 1);
 
 // ---- decode_attention.cpp: one-token grouped-query attention with rotary and the cache write (bitmodels.bitnet) ----
 // Tensors of dtype T (float32, or bfloat16 as uint16 bits when bf16); the last two dimensions of q / k / v are

@@ -6,7 +6,8 @@
 //   mode 1: x = h = T(a + b)                           (h is written)
 //   mode 2: x = T(T(relu(a)^2) * b)                    (BitNet's squared-ReLU gate)
 //   y = T(w * T(x * (1 / sqrt(mean(x^2) + eps))))
-// in two passes around the mean of squares, which the caller (ops.cpp) takes with torch's own pow and mean: a sum
+// in two passes around the mean of squares, which the caller (ops.cpp) takes with torch's own mean of the squares
+// x * x (squares below; torch's pow(x, 2) computes x * x): a sum
 // added in any other order could move y by a bit, so torch's operations on the same x give the same bits.
 #include <cmath>
 #include <cstring>
@@ -126,6 +127,12 @@ void rms_norm_inputs(const void* a, const void* b, void* h, float* x, int64_t M,
       inputs<BFloat16>(at(a, t0), at(b, t0), at(h, t0), x + t0 * K, t1 - t0, K, mode);
     else
       inputs<Float32>(at(a, t0), at(b, t0), at(h, t0), x + t0 * K, t1 - t0, K, mode);
+  });
+}
+
+void squares(const float* x, int64_t M, int64_t K, float* out, int threads) {
+  for_row_chunks(M, threads, [&](int64_t t0, int64_t t1) {
+    for (int64_t i = t0 * K; i < t1 * K; ++i) out[i] = x[i] * x[i];  // torch's pow(x, 2) is x * x: the same bits
   });
 }
 

@@ -287,8 +287,11 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_op(const at::Tensor& a, const c10::o
   at::Tensor x = at::empty({M, K}, rows.options().dtype(at::kFloat));
   rms_norm_inputs(rows.data_ptr(), mode == 0 ? nullptr : other.data_ptr(), mode == 1 ? h.data_ptr() : nullptr,
                   x.data_ptr<float>(), M, K, static_cast<int>(mode), bf16, kernel_threads());
-  // The mean of squares by torch's own operations (bitmodels.bitnet.ops.rms_norm): the same bits.
-  const at::Tensor mean_sq = x.pow(2).mean(-1).contiguous();
+  // The mean of squares by torch's own mean (bitmodels.bitnet.ops.rms_norm): the same bits.  The squares are
+  // x * x here, which is what torch's pow(x, 2) computes (one torch operation less per norm: ~8 us at one thread).
+  at::Tensor sq = at::empty_like(x);
+  squares(x.data_ptr<float>(), M, K, sq.data_ptr<float>(), kernel_threads());
+  const at::Tensor mean_sq = sq.mean(-1).contiguous();
   rms_norm_outputs(x.data_ptr<float>(), mean_sq.data_ptr<float>(), w.data_ptr(), y.data_ptr(), M, K,
                    static_cast<float>(eps), bf16, kernel_threads());
   return {h, y};
