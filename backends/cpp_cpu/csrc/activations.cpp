@@ -47,27 +47,60 @@ bool cpu_has_avx512vnni() {
 #endif
 }
 
+// The 256-bit vpdpbusd of AVX-VNNI (Intel client CPUs since Alder Lake, which lack AVX-512), on top of AVX2.
+bool cpu_has_avxvnni() {
+#if BITLAB_X86
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avxvnni");
+#else
+  return false;
+#endif
+}
+
 int env_isa() {
   const char* v = std::getenv("BITLAB_CPU_ISA");
   if (!v || !*v) return -1;
   if (!std::strcmp(v, "scalar")) return 0;
   if (!std::strcmp(v, "avx2")) return 1;
   if (!std::strcmp(v, "avx512vnni")) return 2;
+  if (!std::strcmp(v, "avxvnni")) return 3;
   return -1;
 }
 
 const char* isa_name(Isa isa) {
-  return isa == Isa::Avx512Vnni ? "avx512vnni" : isa == Isa::Avx2 ? "avx2" : "scalar";
+  switch (isa) {
+    case Isa::Avx512Vnni: return "avx512vnni";
+    case Isa::AvxVnni: return "avxvnni";
+    case Isa::Avx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+bool supported(int isa) {
+  switch (isa) {
+    case 0: return true;
+    case 1: return cpu_has_avx2();
+    case 2: return cpu_has_avx512vnni();
+    case 3: return cpu_has_avxvnni();
+    default: return false;
+  }
+}
+
+// Where a requested set is missing, the one below it that the CPU has (avx512vnni -> avxvnni -> avx2 -> scalar).
+int clamp_to_cpu(int want) {
+  static const int below[] = {-1, 0, 3, 1};  // scalar, avx2, avx512vnni, avxvnni
+  while (want > 0 && !supported(want)) want = below[want];
+  return want < 0 ? 0 : want;
 }
 }  // namespace
 
 void set_isa_override(int isa) { g_override = isa; }
 
 Isa active_isa() {
-  static const int best = cpu_has_avx512vnni() ? 2 : cpu_has_avx2() ? 1 : 0;
+  static const int best = clamp_to_cpu(2);
   static const int from_env = env_isa();
   const int want = g_override >= 0 ? g_override : (from_env >= 0 ? from_env : best);
-  return static_cast<Isa>(want < best ? want : best);
+  return static_cast<Isa>(want > 3 ? best : clamp_to_cpu(want));
 }
 
 const char* cpu_features() {
@@ -76,10 +109,11 @@ const char* cpu_features() {
   std::snprintf(text, sizeof(text), "not x86: no SIMD kernels (active: scalar)");
 #else
   __builtin_cpu_init();
-  std::snprintf(text, sizeof(text), "%s%s%s%s%s%s%s(active: %s)",
+  std::snprintf(text, sizeof(text), "%s%s%s%s%s%s%s%s(active: %s)",
                 __builtin_cpu_supports("avx2") ? "avx2 " : "",
                 __builtin_cpu_supports("fma") ? "fma " : "",
                 __builtin_cpu_supports("popcnt") ? "popcnt " : "",
+                __builtin_cpu_supports("avxvnni") ? "avxvnni " : "",
                 __builtin_cpu_supports("avx512f") ? "avx512f " : "",
                 __builtin_cpu_supports("avx512bw") ? "avx512bw " : "",
                 __builtin_cpu_supports("avx512vl") ? "avx512vl " : "",

@@ -44,10 +44,13 @@ __attribute__((target("avx2"))) inline int32_t hsum_epi32_avx2(__m256i v) {
 }
 #endif
 
-enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512Vnni = 2 };
+// AvxVnni (3) sits between Avx2 and Avx512Vnni in what it offers (AVX2 plus the 256-bit vpdpbusd); its number
+// came last, so compare with == or with >= Isa::Avx2 (every level from AVX2 up), never with < between the two.
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512Vnni = 2, AvxVnni = 3 };
 
 Isa active_isa();                  // best supported ISA, or BITLAB_CPU_ISA if set and supported
-void set_isa_override(int isa);    // -1: automatic; 0: scalar; 1: avx2; 2: avx512vnni (clamped to what the CPU has)
+void set_isa_override(int isa);    // -1: automatic; 0: scalar; 1: avx2; 2: avx512vnni; 3: avxvnni (a set the CPU
+                                   // lacks falls to the best one below it: avx512vnni -> avxvnni -> avx2 -> scalar)
 const char* cpu_features();        // e.g. "avx2 fma popcnt avx512f avx512vnni (active: avx512vnni)"
 
 enum Epilogue : int { kEpiNone = 0, kEpiRelu = 1, kEpiRelu2 = 2 };

@@ -7,7 +7,7 @@ import torch
 from backends.cpp_cpu.build import SPEC
 from bitcore.extensions import missing_requirements
 
-ISAS = {"avx512vnni": 2, "avx2": 1, "scalar": 0}
+ISAS = {"avx512vnni": 2, "avxvnni": 3, "avx2": 1, "scalar": 0}
 
 
 @pytest.fixture(scope="session")
@@ -24,9 +24,11 @@ def cpp_ops():
 
 @pytest.fixture(params=sorted(ISAS))
 def isa(request, cpp_ops):
-    """Run the test with the AVX-512 VNNI and the AVX2 kernels (where the CPU has them) and the scalar fallback."""
+    """Run the test with the AVX-512 VNNI, AVX-VNNI and AVX2 kernels (where the CPU has them) and the scalar
+    fallback."""
     features = cpp_ops.cpu_features().split("(")[0].split()
-    needs = {"avx512vnni": ["avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni"], "avx2": ["avx2"], "scalar": []}
+    needs = {"avx512vnni": ["avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni"], "avxvnni": ["avx2", "avxvnni"],
+             "avx2": ["avx2"], "scalar": []}
     missing = [f for f in needs[request.param] if f not in features]
     if missing:
         pytest.skip(f"this CPU has no {' '.join(missing)}")

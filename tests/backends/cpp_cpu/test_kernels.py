@@ -137,17 +137,25 @@ def test_per_group_long_rows(isa, bits, group_size):
 
 
 def test_isa_override_names_the_active_set(cpp_ops):
-    """cpu_set_isa pins the kernels and cpu_features says which run; a request above the CPU is clamped."""
+    """cpu_set_isa pins the kernels and cpu_features says which run; a set the CPU lacks falls to the best one below
+    it (avx512vnni -> avxvnni -> avx2 -> scalar)."""
+    features = cpp_ops.cpu_features().split("(")[0].split()
+    has = {"avx512vnni": all(f in features for f in ("avx2", "avx512bw", "avx512vl", "avx512vnni")),
+           "avxvnni": "avx2" in features and "avxvnni" in features, "avx2": "avx2" in features}
+    below = {"avx512vnni": "avxvnni", "avxvnni": "avx2", "avx2": "scalar"}
+
+    def expected(name):
+        while name != "scalar" and not has[name]:
+            name = below[name]
+        return name
+
     try:
-        cpp_ops.cpu_set_isa(0)
-        assert cpp_ops.cpu_features().endswith("(active: scalar)")
-        cpp_ops.cpu_set_isa(2)
-        features = cpp_ops.cpu_features().split("(")[0].split()
-        best = "avx512vnni" if "avx512vnni" in features and "avx512bw" in features and "avx512vl" in features \
-            else "avx2" if "avx2" in features else "scalar"
-        assert cpp_ops.cpu_features().endswith(f"(active: {best})")
+        for number, name in ((0, "scalar"), (1, "avx2"), (2, "avx512vnni"), (3, "avxvnni")):
+            cpp_ops.cpu_set_isa(number)
+            assert cpp_ops.cpu_features().endswith(f"(active: {expected(name)})"), (number, cpp_ops.cpu_features())
     finally:
         cpp_ops.cpu_set_isa(-1)
+    assert cpp_ops.cpu_features().endswith(f"(active: {expected('avx512vnni')})")  # the default: the best set
 
 
 @pytest.mark.parametrize("bits", [1, 4, 8])
