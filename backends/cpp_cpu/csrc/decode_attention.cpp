@@ -118,7 +118,7 @@ struct Pass {
     const int64_t b = item / a.KVH, kv = item % a.KVH, G = a.H / a.KVH, n = a.D;
     const S* cos = static_cast<const S*>(a.cos) + b * a.cos_stride;
     const S* sin = static_cast<const S*>(a.sin) + b * a.sin_stride;
-    float* rot = a.q_rot + (b * a.H + kv * G) * n;  // G heads of rotated q, then scratch for k
+    float* rot = a.q_rot + (b * a.H + kv * G) * n;  // the G rotated query heads of this KV head
     S* kc = const_cast<S*>(cache(a.k_cache, b, kv, a.slot));
     S* vc = const_cast<S*>(cache(a.v_cache, b, kv, a.slot));
     const S* k = static_cast<const S*>(a.k) + b * a.k_stride + kv * n;

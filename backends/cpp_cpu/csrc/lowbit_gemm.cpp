@@ -376,30 +376,25 @@ void run_int8(int alpha, int beta, const uint8_t* w, int64_t N, int64_t Kp, cons
       constexpr int T = decltype(token_count)::value;
       const int8_t* xs[T];
       for (int t = 0; t < T; ++t) xs[t] = xq + (t0 + t) * ldx;
+      // Rows [r, r + n) of the dot products dots[i * T + t] -> outputs (the code-offset correction, the epilogue).
+      const auto store_rows = [&](int64_t r, int n, const int32_t* dots) {
+        for (int i = 0; i < n; ++i)
+          for (int t = 0; t < T; ++t) {
+            const int32_t d = alpha * dots[i * T + t] - beta * a.qsum[t0 + t];
+            o.y[(t0 + t) * o.ldy + r + i] = finish(static_cast<float>(d), a.scale[t0 + t], o, r + i);
+          }
+      };
       int64_t r = r0;
-      if constexpr (ISA == Isa::AvxVnni && T > 1) {
-        // Two or more tokens: two rows per call share each activation load (8 accumulators at 4 tokens).
-        for (; G == 1 && r + 2 <= r1; r += 2) {
-          int32_t dots[2 * T];
-          dot_int8_rows_avxvnni<NB, 2, T>(w + r * row_bytes, row_bytes, nblocks, xs, dots);
-          for (int i = 0; i < 2; ++i)
-            for (int t = 0; t < T; ++t) {
-              const int32_t d = alpha * dots[i * T + t] - beta * a.qsum[t0 + t];
-              o.y[(t0 + t) * o.ldy + r + i] = finish(static_cast<float>(d), a.scale[t0 + t], o, r + i);
-            }
-        }
-      }
-      if constexpr (ISA == Isa::Avx512Vnni && T > 1) {
-        // Two or more tokens: kMultiRows rows per call share each activation load (dot_int8_rows_avx512).
-        constexpr int R = kMultiRows;
+      if constexpr ((ISA == Isa::Avx512Vnni || ISA == Isa::AvxVnni) && T > 1) {
+        // Two or more tokens: R rows per call share each activation load (R * T accumulators: 16 zmm, 8 ymm).
+        constexpr int R = ISA == Isa::Avx512Vnni ? kMultiRows : 2;
         for (; G == 1 && r + R <= r1; r += R) {
           int32_t dots[R * T];
-          dot_int8_rows_avx512<NB, R, T>(w + r * row_bytes, row_bytes, nblocks, xs, dots);
-          for (int i = 0; i < R; ++i)
-            for (int t = 0; t < T; ++t) {
-              const int32_t d = alpha * dots[i * T + t] - beta * a.qsum[t0 + t];
-              o.y[(t0 + t) * o.ldy + r + i] = finish(static_cast<float>(d), a.scale[t0 + t], o, r + i);
-            }
+          if constexpr (ISA == Isa::Avx512Vnni)
+            dot_int8_rows_avx512<NB, R, T>(w + r * row_bytes, row_bytes, nblocks, xs, dots);
+          else
+            dot_int8_rows_avxvnni<NB, R, T>(w + r * row_bytes, row_bytes, nblocks, xs, dots);
+          store_rows(r, R, dots);
         }
       }
       for (; r < r1; ++r) {
@@ -410,10 +405,7 @@ void run_int8(int alpha, int beta, const uint8_t* w, int64_t N, int64_t Kp, cons
           else if constexpr (ISA == Isa::AvxVnni) dot_int8_rows_avxvnni<NB, 1, T>(wr, row_bytes, nblocks, xs, dots);
           else if constexpr (ISA == Isa::Avx2) dot_int8_avx2<NB, T>(wr, nblocks, xs, dots);
           else dot_int8_scalar<NB, T>(wr, nblocks, xs, dots);
-          for (int t = 0; t < T; ++t) {
-            const int32_t d = alpha * dots[t] - beta * a.qsum[t0 + t];
-            o.y[(t0 + t) * o.ldy + r] = finish(static_cast<float>(d), a.scale[t0 + t], o, r);
-          }
+          store_rows(r, 1, dots);
           continue;
         }
         // per_group: sum_g s_g * (alpha * dot_g - beta * xsum_g)

@@ -341,18 +341,19 @@ at::Tensor decode_attention_op(const at::Tensor& q, const at::Tensor& k, const a
                mask.sizes(), " ", mask.scalar_type());
   at::Tensor out = at::empty({B, 1, H * D}, q.options());
   if (B == 0 || H == 0 || D == 0) return out;
-  const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor q_rot = at::empty({B, H, D}, f32), k_rot = at::empty({B * KVH, D}, f32);
-  at::Tensor scores = at::empty({B, H, S}, f32);
+  // Scratch of the calling thread, reused across calls (one call per layer and decode step).
+  static thread_local std::vector<float> q_rot, k_rot, score_buf;
+  float* scores = scratch(score_buf, B * H * S);
   DecodeAttentionArgs a{q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                         k_cache.data_ptr(), v_cache.data_ptr(), mask.data_ptr<bool>(),
                         q.stride(0), k.stride(0), v.stride(0), cos.stride(0), sin.stride(0), mask.stride(0),
                         B, H, KVH, S, D, slot, static_cast<float>(scale), dtype == at::kBFloat16,
-                        q_rot.data_ptr<float>(), k_rot.data_ptr<float>(), scores.data_ptr<float>(), nullptr,
+                        scratch(q_rot, B * H * D), scratch(k_rot, B * KVH * D), scores, nullptr,
                         out.data_ptr(), kernel_threads()};
   decode_attention_scores(a);
   // torch's own softmax on the same float32 scores: the torch path's probabilities, bit for bit.
-  const at::Tensor probs = at::_softmax(scores, -1, false);
+  const at::Tensor probs =
+      at::_softmax(at::from_blob(scores, {B, H, S}, at::TensorOptions().dtype(at::kFloat)), -1, false);
   a.probs = probs.data_ptr<float>();
   decode_attention_values(a);
   return out;
