@@ -193,6 +193,46 @@ __attribute__((target(BITLAB_AVX512_TARGET))) void dot_int8_avx512(const uint8_t
   for (int t = 0; t < T; ++t) out[t] = _mm512_reduce_add_epi32(_mm512_add_epi32(acc[2 * t], acc[2 * t + 1]));
 }
 
+// One row against one token without shifting the codes: slot s of each byte is masked in place, so vpdpbusd
+// multiplies u * 2^(NB*s) (at most 128, 192 or 240 for 1-, 2- and 4-bit codes: still an unsigned byte) by the
+// activation.  Each slot keeps its own accumulator, which holds exactly 2^(NB*s) times that slot's dot product, so
+// the arithmetic shift back is exact.  Per 64 weight bytes: PER and + PER vpdpbusd, where the shifting loop adds
+// PER - 1 shifts on the port vpdpbusd uses.  That port bounds the batch-1 loop, and its rate sets how well the
+// weight stream from memory overlaps the arithmetic.  Lane bound: one vpdpbusd adds at most 4 * 240 * 128 < 2^17,
+// so up to kInplaceMaxBlocks blocks per row (2^14 pairs) stay below 2^31.  For 2- and 4-bit codes only: binary rows
+// (8 slots, 8 accumulators to fold per row) measured no faster.
+constexpr int64_t kInplaceMaxBlocks = int64_t{1} << 15;
+
+template <int NB>
+__attribute__((target(BITLAB_AVX512_TARGET))) inline void inplace_step_avx512(const __m512i v, const int8_t* x,
+                                                                             const __m512i* mask, __m512i* acc) {
+#pragma GCC unroll 8
+  for (int s = 0; s < codes_per_byte<NB>(); ++s)
+    acc[s] = _mm512_dpbusd_epi32(acc[s], _mm512_and_si512(v, mask[s]), _mm512_loadu_si512(x + 64 * s));
+}
+
+template <int NB>
+__attribute__((target(BITLAB_AVX512_TARGET))) int32_t dot_int8_inplace_avx512(const uint8_t* w, int64_t nblocks,
+                                                                             const int8_t* xp) {
+  constexpr int PER = codes_per_byte<NB>();
+  __m512i mask[PER], acc[PER];
+  for (int s = 0; s < PER; ++s) {
+    mask[s] = _mm512_set1_epi8(static_cast<char>(((1 << NB) - 1) << (NB * s)));
+    acc[s] = _mm512_setzero_si512();
+  }
+  int64_t b = 0;
+  for (; b + 1 < nblocks; b += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + 32 * b + kPrefetchBytes), _MM_HINT_T0);
+    inplace_step_avx512<NB>(_mm512_loadu_si512(w + 32 * b), xp + b * 32 * PER, mask, acc);
+  }
+  if (b < nblocks)  // a lone last block: 32 bytes, upper half zero (its activations' upper half is zero too)
+    inplace_step_avx512<NB>(_mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * b))),
+                            xp + b * 32 * PER, mask, acc);
+  __m512i total = acc[0];
+  for (int s = 1; s < PER; ++s) total = _mm512_add_epi32(total, _mm512_srai_epi32(acc[s], NB * s));
+  return _mm512_reduce_add_epi32(total);
+}
+
 // R consecutive rows (row_bytes apart) against T tokens at once: out[r * T + t].  Each 64-byte load of activations
 // serves R rows, so a token group costs R * T vpdpbusd per R activation loads and R shift-and-masks, where the one-row
 // kernel spends one activation load per vpdpbusd.  Used for two or more tokens (GEMM): a 2560x2560 ternary layer at
@@ -300,6 +340,9 @@ void dot_int8_grouped_scalar(const uint8_t* w, int64_t groups, int64_t group_blo
 
 #if !BITLAB_X86
 // Declared only: run_int8_on never instantiates the AVX-512 and AVX-VNNI paths off x86.
+constexpr int64_t kInplaceMaxBlocks = 0;
+template <int NB>
+int32_t dot_int8_inplace_avx512(const uint8_t* w, int64_t nblocks, const int8_t* xp);
 template <int NB, int T>
 void dot_int8_avx512(const uint8_t* w, int64_t nblocks, const int8_t* const* x, int32_t* out);
 template <int NB, int R, int T>
@@ -401,8 +444,10 @@ void run_int8(int alpha, int beta, const uint8_t* w, int64_t N, int64_t Kp, cons
         const uint8_t* wr = w + r * row_bytes;
         if (G == 1) {
           int32_t dots[T];
-          if constexpr (ISA == Isa::Avx512Vnni) dot_int8_avx512<NB, T>(wr, nblocks, xs, dots);
-          else if constexpr (ISA == Isa::AvxVnni) dot_int8_rows_avxvnni<NB, 1, T>(wr, row_bytes, nblocks, xs, dots);
+          if constexpr (ISA == Isa::Avx512Vnni) {
+            if (T == 1 && NB > 1 && nblocks <= kInplaceMaxBlocks) dots[0] = dot_int8_inplace_avx512<NB>(wr, nblocks, xs[0]);
+            else dot_int8_avx512<NB, T>(wr, nblocks, xs, dots);
+          } else if constexpr (ISA == Isa::AvxVnni) dot_int8_rows_avxvnni<NB, 1, T>(wr, row_bytes, nblocks, xs, dots);
           else if constexpr (ISA == Isa::Avx2) dot_int8_avx2<NB, T>(wr, nblocks, xs, dots);
           else dot_int8_scalar<NB, T>(wr, nblocks, xs, dots);
           store_rows(r, 1, dots);

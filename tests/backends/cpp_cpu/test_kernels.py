@@ -158,16 +158,19 @@ def test_isa_override_names_the_active_set(cpp_ops):
     assert cpp_ops.cpu_features().endswith(f"(active: {expected('avx512vnni')})")  # the default: the best set
 
 
-@pytest.mark.parametrize("bits", [1, 4, 8])
-def test_extreme_values_do_not_overflow(isa, bits):
-    """Largest codes times +-127 over 4099 inputs: int16 partial sums must be widened in time."""
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("bits", [1, 1.58, 2, 4, 8])
+def test_extreme_values_do_not_overflow(isa, bits, tokens):
+    """Largest codes times +-127 over 4099 inputs: int16 partial sums must be widened in time, and the one-token
+    kernel's slots masked in place (codes times up to 2^6) must not overflow their int32 lanes."""
     cfg = BitQuantConfig(weight_bits=bits, activation_granularity="per_token")
     lo, hi = WEIGHT_VALUES[bits][0], WEIGHT_VALUES[bits][-1]
     values = torch.tensor([[hi] * 4099, [lo] * 4099, [hi, lo] * 2049 + [hi]], dtype=torch.int8)
     packed = pack_weight(values, torch.ones(1), bits, "per_tensor")
     x = torch.tensor([[127.0] * 4099, [-127.0] * 4099, [127.0, -127.0] * 2049 + [127.0]])
-    y, y_ref = run_both(CppInt8ActivationKernel(), cfg, packed, x, None, "none")
-    assert torch.equal(y, y_ref), (y, y_ref)
+    for rows in ([x] if tokens == 3 else x.split(1)):
+        y, y_ref = run_both(CppInt8ActivationKernel(), cfg, packed, rows, None, "none")
+        assert torch.equal(y, y_ref), (y, y_ref)
 
 
 @pytest.mark.parametrize("bits", [1, 1.58, 2, 4])
