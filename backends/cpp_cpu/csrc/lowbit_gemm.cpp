@@ -43,6 +43,12 @@ namespace {
 template <int NB>
 constexpr int codes_per_byte() { return 8 / NB; }
 
+// The one-token kernels that mask code slots in place (dot_int8_inplace_*) multiply codes scaled by up to 2^6: one
+// vpdpbusd then adds at most 4 * 240 * 128 < 2^17 to a lane, so a row may take up to 2^14 of them per accumulator
+// (one per 32-byte block on AVX-VNNI, one per 64-byte pair on AVX-512) before a lane could pass 2^31.  Longer rows
+// (over 2^20 inputs) take the shifting loops.
+constexpr int64_t kInplaceMaxSteps = int64_t{1} << 14;
+
 // ------------------------------------------------------------------ int8 activations
 #if BITLAB_X86
 // acc[t] += the integer dot products of code blocks [b_begin, b_end) of one prepared row with
@@ -127,6 +133,31 @@ __attribute__((target(BITLAB_AVXVNNI_TARGET))) void dot_int8_rows_avxvnni(const 
       out[r * T + t] = hsum_epi32_avx2(A == 2 ? _mm256_add_epi32(acc[r][t][0], acc[r][t][A - 1]) : acc[r][t][0]);
 }
 
+// One row against one token with the slots masked in place, as dot_int8_inplace_avx512 below explains: 32 codes per
+// load, PER and + PER vpdpbusd, where dot_int8_rows_avxvnni adds PER - 1 shifts.
+template <int NB>
+__attribute__((target(BITLAB_AVXVNNI_TARGET))) int32_t dot_int8_inplace_avxvnni(const uint8_t* w, int64_t nblocks,
+                                                                               const int8_t* x) {
+  constexpr int PER = codes_per_byte<NB>();
+  __m256i mask[PER], acc[PER];
+  for (int s = 0; s < PER; ++s) {
+    mask[s] = _mm256_set1_epi8(static_cast<char>(((1 << NB) - 1) << (NB * s)));
+    acc[s] = _mm256_setzero_si256();
+  }
+  for (int64_t b = 0; b < nblocks; ++b) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + 32 * b + kPrefetchBytes), _MM_HINT_T0);
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * b));
+    const int8_t* xb = x + b * 32 * PER;
+#pragma GCC unroll 8
+    for (int s = 0; s < PER; ++s)
+      acc[s] = _mm256_dpbusd_avx_epi32(acc[s], _mm256_and_si256(v, mask[s]),
+                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32 * s)));
+  }
+  __m256i total = acc[0];
+  for (int s = 1; s < PER; ++s) total = _mm256_add_epi32(total, _mm256_srai_epi32(acc[s], NB * s));
+  return hsum_epi32_avx2(total);
+}
+
 // per_group weights: out[t] = sum_g scale[g] * (alpha * sum_{k in g} u_k x_k - beta * gsum[t][g]).
 // Each group's integer total is formed exactly before its one float rounding, as in the
 // reference (scaling partial lanes instead could round far worse under cancellation).
@@ -198,11 +229,8 @@ __attribute__((target(BITLAB_AVX512_TARGET))) void dot_int8_avx512(const uint8_t
 // activation.  Each slot keeps its own accumulator, which holds exactly 2^(NB*s) times that slot's dot product, so
 // the arithmetic shift back is exact.  Per 64 weight bytes: PER and + PER vpdpbusd, where the shifting loop adds
 // PER - 1 shifts on the port vpdpbusd uses.  That port bounds the batch-1 loop, and its rate sets how well the
-// weight stream from memory overlaps the arithmetic.  Lane bound: one vpdpbusd adds at most 4 * 240 * 128 < 2^17,
-// so up to kInplaceMaxBlocks blocks per row (2^14 pairs) stay below 2^31.  For 2- and 4-bit codes only: binary rows
-// (8 slots, 8 accumulators to fold per row) measured no faster.
-constexpr int64_t kInplaceMaxBlocks = int64_t{1} << 15;
-
+// weight stream from memory overlaps the arithmetic.  Lane bound: kInplaceMaxSteps.  For 2- and 4-bit codes only:
+// binary rows (8 slots, 8 accumulators to fold per row) measured no faster.
 template <int NB>
 __attribute__((target(BITLAB_AVX512_TARGET))) inline void inplace_step_avx512(const __m512i v, const int8_t* x,
                                                                              const __m512i* mask, __m512i* acc) {
@@ -340,9 +368,10 @@ void dot_int8_grouped_scalar(const uint8_t* w, int64_t groups, int64_t group_blo
 
 #if !BITLAB_X86
 // Declared only: run_int8_on never instantiates the AVX-512 and AVX-VNNI paths off x86.
-constexpr int64_t kInplaceMaxBlocks = 0;
 template <int NB>
 int32_t dot_int8_inplace_avx512(const uint8_t* w, int64_t nblocks, const int8_t* xp);
+template <int NB>
+int32_t dot_int8_inplace_avxvnni(const uint8_t* w, int64_t nblocks, const int8_t* x);
 template <int NB, int T>
 void dot_int8_avx512(const uint8_t* w, int64_t nblocks, const int8_t* const* x, int32_t* out);
 template <int NB, int R, int T>
@@ -444,12 +473,19 @@ void run_int8(int alpha, int beta, const uint8_t* w, int64_t N, int64_t Kp, cons
         const uint8_t* wr = w + r * row_bytes;
         if (G == 1) {
           int32_t dots[T];
+          // One token, 2- or 4-bit codes: the kernels that mask code slots in place.
+          const bool inplace = T == 1 && NB > 1;
           if constexpr (ISA == Isa::Avx512Vnni) {
-            if (T == 1 && NB > 1 && nblocks <= kInplaceMaxBlocks) dots[0] = dot_int8_inplace_avx512<NB>(wr, nblocks, xs[0]);
+            if (inplace && nblocks <= 2 * kInplaceMaxSteps) dots[0] = dot_int8_inplace_avx512<NB>(wr, nblocks, xs[0]);
             else dot_int8_avx512<NB, T>(wr, nblocks, xs, dots);
-          } else if constexpr (ISA == Isa::AvxVnni) dot_int8_rows_avxvnni<NB, 1, T>(wr, row_bytes, nblocks, xs, dots);
-          else if constexpr (ISA == Isa::Avx2) dot_int8_avx2<NB, T>(wr, nblocks, xs, dots);
-          else dot_int8_scalar<NB, T>(wr, nblocks, xs, dots);
+          } else if constexpr (ISA == Isa::AvxVnni) {
+            if (inplace && nblocks <= kInplaceMaxSteps) dots[0] = dot_int8_inplace_avxvnni<NB>(wr, nblocks, xs[0]);
+            else dot_int8_rows_avxvnni<NB, 1, T>(wr, row_bytes, nblocks, xs, dots);
+          } else if constexpr (ISA == Isa::Avx2) {
+            dot_int8_avx2<NB, T>(wr, nblocks, xs, dots);
+          } else {
+            dot_int8_scalar<NB, T>(wr, nblocks, xs, dots);
+          }
           store_rows(r, 1, dots);
           continue;
         }
