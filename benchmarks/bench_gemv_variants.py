@@ -38,6 +38,9 @@ from gpu_timing import n_copies, time_graph  # noqa: E402
 from bitcore.config import BitQuantConfig  # noqa: E402
 from bitcore.kernels import KernelRegistry  # noqa: E402
 
+# A quantized lm_head on int8 activations (bitmodels.bitnet's --lm-head-a8) runs W4A8 / W8A8.
+CONFIGS = {**CONFIGS, **{f"W{b}A8": {**CONFIGS["W1.58A8"], "weight_bits": b} for b in (4, 8)}}
+
 # The shapes, then the BitNet 2B projections (2560 hidden, 6912 intermediate).
 SHAPES = [(4096, 4096), (8192, 8192), (14336, 4096), (13824, 2560), (28672, 8192),
           (2560, 2560), (3840, 2560), (2560, 6912)]

@@ -1,7 +1,10 @@
 """The index of each row's maximum on the GPU in one kernel (``bitlab::cuda_ext_argmax_rows``).
 
 Greedy decoding takes ``argmax`` over the vocabulary every step (128256 logits a row for BitNet 2B).  The
-kernel (``csrc/argmax.cu``) gives a row one block of 1024 threads with 16-byte loads; its answer is
+kernel (``csrc/argmax.cu``) reads a row with 16-byte loads: on sm_90, for rows of at least 8192 values and
+batches whose clusters are all resident at once (``B * 8 <= 4 * multiprocessors``), a cluster of 8 blocks per
+row, each taking one slice and block 0 reducing the slices; else one block of 1024 threads per row
+(``BITLAB_CUDA_ARGMAX=block`` / ``cluster`` forces one, read per launch).  Its answer is
 ``torch.argmax(x, dim=-1)``'s: NaN counts as the largest value and among equal maxima the first index wins.
 
 Example::

@@ -11,11 +11,13 @@
 //   mask[b, k] = pad[b] <= k <= p + 1 for every cache slot k;  and once: *pos = p + 1.
 //
 // One block, so every thread reads *pos before any writes it (a second block could start after the first
-// had moved it on).  An output column outside [0, out_cols) stops the kernel with a message, as torch's
+// had moved it on).  Launched as a programmatic dependent of the sampler's last kernel (sm_90): its launch
+// overlaps that kernel's tail, and it waits for it before reading anything.  An output column outside [0, out_cols) stops the kernel with a message, as torch's
 // index_copy does on CUDA.
 #include <stdint.h>
 #include <stdio.h>
 
+#include "bitlab_cp_async.cuh"
 #include "bitlab_launch.h"
 
 namespace bitlab {
@@ -24,6 +26,7 @@ namespace {
 constexpr int kAdvanceThreads = 1024;
 
 __global__ void __launch_bounds__(kAdvanceThreads) decode_advance_kernel(DecodeAdvanceArgs a) {
+  pdl_wait();  // the picked tokens come from the kernel before this one
   const int64_t p = *a.pos;
   const int64_t col = p - a.prompt_len + 1;
   if (col < 0 || col >= a.out_cols) {  // thread 0 says why before it stops the kernel; the others leave
@@ -72,8 +75,7 @@ __global__ void __launch_bounds__(kAdvanceThreads) decode_advance_kernel(DecodeA
 
 cudaError_t launch_decode_advance(const DecodeAdvanceArgs& a, cudaStream_t stream) {
   if (a.B < 1 || a.S < 1 || a.out_cols < 1 || a.n_stop < 0) return cudaErrorInvalidValue;
-  decode_advance_kernel<<<1, kAdvanceThreads, 0, stream>>>(a);
-  return cudaGetLastError();
+  return launch_maybe_pdl(decode_advance_kernel, dim3(1), dim3(kAdvanceThreads), 0, stream, true, a);
 }
 
 }  // namespace bitlab

@@ -1,5 +1,6 @@
 """The one-kernel argmax (bitlab::cuda_ext_argmax_rows) against torch.argmax, on a CUDA device (skipped where
-there is none): torch's index exactly, ties, -inf rows, NaN, strided and unaligned rows included."""
+there is none): torch's index exactly, ties, -inf rows, NaN, strided and unaligned rows included, in both of
+the kernel's layouts (a block per row; a cluster of blocks per row on sm_90)."""
 import pytest
 import torch
 
@@ -56,6 +57,40 @@ def test_strided_and_unaligned_rows(argmax_rows):
     assert torch.equal(argmax_rows(tail), torch.argmax(tail, dim=-1))
     one = torch.randn(1, 5, device="cuda").t()  # V = 1 with a column stride of 5
     assert torch.equal(argmax_rows(one), torch.zeros(5, dtype=torch.long, device="cuda"))
+
+
+def _slice_starts(V: int, itemsize: int, vector: bool) -> list:
+    """Where the cluster layout's slices start (csrc/argmax.cu: whole 16-byte loads per slice)."""
+    per_load = 16 // itemsize if vector else 1
+    units = V // per_load
+    per = -(-units // 8)
+    return [min(r * per, units) * per_load for r in range(1, 8)]
+
+
+@pytest.mark.parametrize("layout", ["block", "cluster"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_both_layouts_give_torchs_index(argmax_rows, monkeypatch, layout, dtype):
+    if layout == "cluster" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
+    monkeypatch.setenv("BITLAB_CUDA_ARGMAX", layout)
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for V, width in ((1, 1), (7, 7), (100, 104), (4099, 4104), (16033, 16040), (128256, 128256), (128259, 128264)):
+        x = torch.randn(5, width, device="cuda", generator=gen).to(dtype)[:, :V]
+        vector = (width * itemsize) % 16 == 0
+        starts = [s for s in _slice_starts(V, itemsize, vector) if 0 < s < V]
+        if starts:
+            s = starts[len(starts) // 2]
+            x[1, s - 1] = x[1, s] = 50.0  # equal maxima on both sides of a slice boundary: the first wins
+            x[2, starts[-1]] = float("nan")  # a NaN in a later slice and one in an earlier: the first wins
+            x[2, starts[0] - 1] = float("nan")
+        x[3] = float("-inf")  # all -inf: index 0
+        x[4, V - 1] = 1e4  # the maximum is the last value (the last slice's tail past the whole loads)
+        got = argmax_rows(x)
+        assert torch.equal(got, torch.argmax(x, dim=-1)), (layout, dtype, V, got.tolist())
+        for rows in (1, 40):  # one row; more rows than the cluster layout takes unforced
+            y = torch.randn(rows, V, device="cuda", generator=gen).to(dtype)
+            assert torch.equal(argmax_rows(y), torch.argmax(y, dim=-1)), (layout, dtype, V, rows)
 
 
 def test_bad_input_is_named(argmax_rows):
