@@ -403,6 +403,7 @@ def main(argv=None) -> int:
     result["mlp_kernel"] = gen.mlp_kernel
     result["argmax_kernel"] = gen.argmax_kernel
     result["advance_kernel"] = gen.advance_kernel
+    result["inputs_kernel"] = gen.inputs_kernel
     result["norm_gemv"] = gen.norm_gemv
     result["norm_tail"] = gen.norm_tail
     result["weights"] = {
@@ -412,7 +413,7 @@ def main(argv=None) -> int:
         "gpu_allocated_after_load_gb": torch.cuda.memory_allocated() / GB if device.type == "cuda" else float("nan"),
     }
     print(f"kernels: {gen.kernels}\nattention: {gen.attention_kernel}\nMLP: {gen.mlp_kernel}\n"
-          f"argmax: {gen.argmax_kernel}\nstep bookkeeping: {gen.advance_kernel}\n"
+          f"argmax: {gen.argmax_kernel}\nstep bookkeeping: {gen.advance_kernel}\nstep inputs: {gen.inputs_kernel}\n"
           f"norms before q/k/v and o: {gen.norm_gemv}\no projection and post-attention norm: {gen.norm_tail}\n"
           f"weights: {result['weights']}", flush=True)
     result["runs"]["bitlab"] = run_batches("bitlab", gen, batches, args, cfg.vocab_size)
@@ -586,7 +587,8 @@ def write_report(result: dict, out_dir: Path) -> None:
         f"{result.get('norm_quant', 'none')}; "
         f"one-token attention: {result.get('attention_kernel', 'torch')}; MLP: {result.get('mlp_kernel', 'separate')}"
         + (f"; greedy argmax: {result['argmax_kernel']}" if "argmax_kernel" in result else "")
-        + (f"; step bookkeeping: {result['advance_kernel']}." if "advance_kernel" in result else "."),
+        + (f"; step bookkeeping: {result['advance_kernel']}" if "advance_kernel" in result else "")
+        + (f"; step inputs: {result['inputs_kernel']}." if "inputs_kernel" in result else "."),
         "",
         "| model | batch | decode tokens/s | ms / step | x bf16 | prefill tokens/s | peak GPU GB | CUDA graph |",
         "|---|---:|---:|---:|---:|---:|---:|---|",

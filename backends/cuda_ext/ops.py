@@ -14,7 +14,9 @@
 * ``bitlab::cuda_ext_bitnet_mlp``: BitNet's MLP for up to 8 tokens in one kernel
   (:mod:`backends.cuda_ext.bitnet_mlp`);
 * ``bitlab::cuda_ext_gather_host_rows``: rows of a pinned host table gathered by GPU indices (an embedding
-  kept off the GPU, :mod:`backends.cuda_ext.host_embedding`).
+  kept off the GPU, :mod:`backends.cuda_ext.host_embedding`);
+* ``bitlab::cuda_ext_gather_step_inputs``: a decode step's embedding rows and rotary rows in one kernel
+  (:mod:`backends.cuda_ext.step_inputs`);
 * ``bitlab::cuda_ext_decode_advance``: a decode step's bookkeeping after its tokens are picked
   (:mod:`backends.cuda_ext.decode_advance`);
 * ``bitlab::cuda_ext_argmax_rows``: the index of each row's maximum, torch.argmax's answer in one kernel
@@ -76,7 +78,7 @@ def load():
             torch.library.register_fake("bitlab::cuda_ext_linear_int8")(_linear_int8_fake)
             torch.library.register_fake("bitlab::cuda_ext_rms_norm_quant")(_rms_norm_quant_fake)
             from backends.cuda_ext import (argmax, bitnet_mlp, decode_advance, decode_attention, host_embedding,
-                                           norm_linear, norm_tail)
+                                           norm_linear, norm_tail, step_inputs)
 
             argmax.register_fake()
             decode_advance.register_fake()
@@ -85,6 +87,7 @@ def load():
             norm_tail.register_fake()
             bitnet_mlp.register_fake()
             host_embedding.register_fake()
+            step_inputs.register_fake()
             _fake_registered = True
     return module
 

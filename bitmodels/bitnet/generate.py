@@ -35,7 +35,9 @@ what runs them, and why.  ``norm_tail=True`` (or ``BITLAB_NORM_TAIL=on``) runs t
 and ``post_attention_layernorm`` as one kernel (:mod:`backends.cuda_ext.norm_tail`); ``norm_tail`` says what runs
 them, and why.  The step's argmax and its bookkeeping after the sampler (output, stop rows, slot, the
 next step's positions and mask; :mod:`bitmodels.bitnet.decode_state`) are one cuda_ext kernel each where it runs;
-``argmax_kernel`` and ``advance_kernel`` say what runs them.
+``argmax_kernel`` and ``advance_kernel`` say what runs them.  Each step's input rows (the tokens' embedding rows and
+rotary rows) are one cuda_ext kernel where it runs (:mod:`backends.cuda_ext.step_inputs`); ``inputs_kernel`` says
+what runs them.
 
 Example::
 
@@ -59,10 +61,12 @@ from bitmodels.bitnet.ops import (
     FUSED_ATTENTION_MAX_BATCH,
     FUSED_ATTENTION_MAX_BATCH_BEFORE_TRITON,
     FusedDecodeAttentionOps,
+    GatheredInputsOps,
     Ops,
     compiled_ops,
     fused_decode_attention_status,
     use_cpu_attention,
+    use_step_inputs_kernel,
 )
 from bitmodels.bitnet.cpu_threads import DecodeThreads, HeadOnAllThreadsOps, split_status
 from bitmodels.bitnet.decode_state import WARMUP_STEPS, DecodeState, use_advance_kernel
@@ -185,6 +189,10 @@ class Generator:
             self.attention_kernel = why
             if cpu_attention:
                 self.decode_ops = CpuDecodeAttentionOps(self.decode_ops)
+        gather, self.inputs_kernel = use_step_inputs_kernel(self.device)  # embedding + rotary rows of a step
+        if gather is not None:
+            self.decode_ops = GatheredInputsOps(self.decode_ops, gather)
+            self.prefill_ops = GatheredInputsOps(self.prefill_ops, gather)
         self.kernels = {
             name: getattr(getattr(b, "kernel", None), "name", type(b).__name__)
             for name, b in model.model.layers[0].bound.items()

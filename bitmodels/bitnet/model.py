@@ -27,7 +27,7 @@ Example::
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -288,6 +288,7 @@ class BitNetForCausalLM(nn.Module):
         self.head_kernel = "dense (nn.Linear)"  # what runs the lm_head (bind_lm_head sets it)
         # The embedding table in pinned host memory, looked up by the GPU (offload_embedding), else None.
         self.host_embedding = None
+        self._rope_cast = None  # (key, (cos, sin)) of rotary_tables
 
     # ---------------------------------------------------------------- forward
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype):
@@ -297,6 +298,28 @@ class BitNetForCausalLM(nn.Module):
                 f"position {int(positions.max())} is beyond max_position_embeddings={self.rope_cos.shape[0]}"
             )
         return self.rope_cos[positions].unsqueeze(2).to(dtype), self.rope_sin[positions].unsqueeze(2).to(dtype)
+
+    def rotary_tables(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables ``cos, sin [max_position_embeddings, D]`` cast to ``dtype`` (cached per dtype and
+        table storage): the rows :meth:`rotary` returns, for a lookup kernel that copies them."""
+        key = (dtype, self.rope_cos.device, self.rope_cos.data_ptr())
+        if self._rope_cast is None or self._rope_cast[0] != key:
+            self._rope_cast = (key, (self.rope_cos.to(dtype).contiguous(), self.rope_sin.to(dtype).contiguous()))
+        return self._rope_cast[1]
+
+    def _step_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor, ops):
+        """The first hidden states ``[B, T, H]`` and the rotary rows ``[B, T, 1, D]``: from the ops set's one-kernel
+        lookup where it has one (``step_inputs``, :class:`~bitmodels.bitnet.ops.GatheredInputsOps`) and the ids
+        are on the GPU, else the embedding (or its host copy) and :meth:`rotary`; the same values."""
+        gather = getattr(ops, "step_inputs", None)
+        if gather is not None and input_ids.is_cuda:
+            table = self.model.embed_tokens.weight  # the pinned host table itself after offload_embedding
+            cos_table, sin_table = self.rotary_tables(table.dtype)
+            h, cos, sin = gather(table, input_ids, cos_table, sin_table, positions)
+            return h, cos.unsqueeze(2), sin.unsqueeze(2)
+        h = self.model.embed_tokens(input_ids) if self.host_embedding is None else self.host_embedding(input_ids)
+        cos, sin = self.rotary(positions, h.dtype)
+        return h, cos, sin
 
     def forward(
         self,
@@ -321,8 +344,7 @@ class BitNetForCausalLM(nn.Module):
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        h = self.model.embed_tokens(input_ids) if self.host_embedding is None else self.host_embedding(input_ids)
-        cos, sin = self.rotary(positions, h.dtype)
+        h, cos, sin = self._step_inputs(input_ids, positions, ops)
         # Quantizing in the norms pays where the projections are GEMVs (decode); a prefill's GEMMs
         # quantize inside their own op (measured: norm-side quantization made prefill slower).
         small = B * T <= self.quantize_in_norms_max_tokens

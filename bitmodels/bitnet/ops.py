@@ -392,6 +392,33 @@ FUSED_ATTENTION_MAX_BATCH = 32
 FUSED_ATTENTION_MAX_BATCH_BEFORE_TRITON = 4
 
 
+class GatheredInputsOps:
+    """Another ops set whose step inputs (each token's embedding row and rotary rows) come from one lookup
+    ``gather(table, ids, cos_table, sin_table, positions) -> (h, cos, sin)`` (cuda_ext's kernel,
+    :mod:`backends.cuda_ext.step_inputs`: one launch instead of three at the head of every step); everything else is
+    the base set's.  The rows are the tables', bit for bit."""
+
+    def __init__(self, base, gather: Callable) -> None:
+        self.base = base
+        self.step_inputs = gather
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+
+def use_step_inputs_kernel(device) -> Tuple[Optional[Callable], str]:
+    """The step inputs' lookup for ``device``: cuda_ext's one kernel where it runs (``BITLAB_STEP_INPUTS=torch``
+    keeps torch's embedding and index ops, for A/B timing), else None; and what runs it, with the reason."""
+
+    def load():
+        from backends.cuda_ext.step_inputs import gather_step_inputs
+
+        return gather_step_inputs
+
+    return cuda_ext_or_torch(device, "BITLAB_STEP_INPUTS", None, "torch (embedding, then rotary rows by index)", load,
+                             "cuda_ext.gather_step_inputs (embedding and rotary rows, one kernel)")
+
+
 class FusedDecodeAttentionOps:
     """Another ops set (eager or compiled) whose one-token attention over a CUDA cache runs as one
     cuda_ext kernel (rotary + cache write + attention, :mod:`backends.cuda_ext.decode_attention`), then

@@ -624,32 +624,97 @@ int64_t cuda_ext_bitnet_mlp_smem(int64_t M, int64_t H, int64_t I, at::ScalarType
                                        norm);
 }
 
-// Rows of a pinned host table gathered by CUDA indices (host_gather.cu): [*ids.shape, H] on ids' device.
-at::Tensor cuda_ext_gather_host_rows(const at::Tensor& table, const at::Tensor& ids) {
-  const char* op = "cuda_ext_gather_host_rows";
-  BITLAB_CHECK(table.device().is_cpu() && table.is_pinned(), op, ": table must be in pinned host memory "
-              "(tensor.pin_memory()), got a tensor on ", table.device(), table.device().is_cpu() ? " (not pinned)" : "");
-  BITLAB_CHECK(table.dim() == 2 && table.is_contiguous(), op, ": table must be contiguous [rows, H], got ", table.sizes());
-  const at::ScalarType dt = table.scalar_type();
-  BITLAB_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, op, ": table dtype ", dt,
-              " is not supported; expected float16, bfloat16 or float32");
-  BITLAB_CHECK(ids.is_cuda() && ids.scalar_type() == at::kLong, op, ": ids must be int64 on a CUDA device, got ",
-              ids.scalar_type(), " on ", ids.device());
-  const c10::cuda::CUDAGuard guard(ids.device());
+// The device address of a pinned host table (its mapped address), naming the problem if it has none.
+void* mapped_host_address(const at::Tensor& table, const char* op) {
   void* mapped = nullptr;
   const cudaError_t err = cudaHostGetDevicePointer(&mapped, table.data_ptr(), 0);
   if (err != cudaSuccess) cudaGetLastError();  // clear it; the check below names the problem
   BITLAB_CHECK(err == cudaSuccess && mapped != nullptr, op, ": the table's pinned memory is not mapped into the ",
               "GPU's address space (", cudaGetErrorString(err), ")");
-  const at::Tensor flat = ids.contiguous().view(-1);
+  return mapped;
+}
+
+void check_gather_table(const at::Tensor& table, const char* op, const char* name) {
+  BITLAB_CHECK(table.dim() == 2 && table.is_contiguous(), op, ": ", name, " must be contiguous [rows, width], got ",
+              table.sizes());
+  const at::ScalarType dt = table.scalar_type();
+  BITLAB_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, op, ": ", name, " dtype ", dt,
+              " is not supported; expected float16, bfloat16 or float32");
+}
+
+// out [*ids.shape, width] on ids' device for rows of table.
+at::Tensor gather_output(const at::Tensor& table, const at::Tensor& ids) {
   std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
   shape.push_back(table.size(1));
-  at::Tensor out = at::empty(shape, ids.options().dtype(dt));
+  return at::empty(shape, ids.options().dtype(table.scalar_type()));
+}
+
+bitlab::RowGather row_gather(const at::Tensor& table, const void* address, const at::Tensor& flat_ids,
+                             const at::Tensor& out) {
+  return {address, flat_ids.data_ptr<int64_t>(), table.size(0), table.size(1) * table.element_size(), out.data_ptr()};
+}
+
+// Rows of a pinned host table gathered by CUDA indices (host_gather.cu): [*ids.shape, H] on ids' device.
+at::Tensor cuda_ext_gather_host_rows(const at::Tensor& table, const at::Tensor& ids) {
+  const char* op = "cuda_ext_gather_host_rows";
+  BITLAB_CHECK(table.device().is_cpu() && table.is_pinned(), op, ": table must be in pinned host memory "
+              "(tensor.pin_memory()), got a tensor on ", table.device(), table.device().is_cpu() ? " (not pinned)" : "");
+  check_gather_table(table, op, "table");
+  BITLAB_CHECK(ids.is_cuda() && ids.scalar_type() == at::kLong, op, ": ids must be int64 on a CUDA device, got ",
+              ids.scalar_type(), " on ", ids.device());
+  const c10::cuda::CUDAGuard guard(ids.device());
+  void* mapped = mapped_host_address(table, op);
+  const at::Tensor flat = ids.contiguous().view(-1);
+  at::Tensor out = gather_output(table, ids);
   check_cuda(bitlab::launch_gather_host_rows(mapped, flat.data_ptr<int64_t>(), flat.numel(), table.size(0),
                                              table.size(1) * table.element_size(), out.data_ptr(),
                                              c10::cuda::getCurrentCUDAStream()),
              "gather_host_rows kernel");
   return out;
+}
+
+// A decode step's inputs in one kernel (host_gather.cu): table[ids] (the embedding rows; table on ids' device or
+// in pinned host memory), cos_table[positions] and sin_table[positions] (the rotary rows, tables on ids' device
+// in the embedding's dtype).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_ext_gather_step_inputs(const at::Tensor& table,
+                                                                          const at::Tensor& ids,
+                                                                          const at::Tensor& cos_table,
+                                                                          const at::Tensor& sin_table,
+                                                                          const at::Tensor& positions) {
+  const char* op = "cuda_ext_gather_step_inputs";
+  BITLAB_CHECK(ids.is_cuda() && ids.scalar_type() == at::kLong, op, ": ids must be int64 on a CUDA device, got ",
+              ids.scalar_type(), " on ", ids.device());
+  BITLAB_CHECK(positions.device() == ids.device() && positions.scalar_type() == at::kLong &&
+                   positions.sizes() == ids.sizes(), op, ": positions must be int64 on ", ids.device(),
+              " with ids' shape ", ids.sizes(), ", got ", positions.scalar_type(), " on ", positions.device(), " shape ",
+              positions.sizes());
+  const bool on_host = table.device().is_cpu();
+  BITLAB_CHECK(table.device() == ids.device() || (on_host && table.is_pinned()), op, ": table must be on ",
+              ids.device(), " or in pinned host memory, got a tensor on ", table.device(),
+              on_host ? " (not pinned)" : "");
+  check_gather_table(table, op, "table");
+  check_gather_table(cos_table, op, "cos_table");
+  check_gather_table(sin_table, op, "sin_table");
+  BITLAB_CHECK(cos_table.device() == ids.device() && sin_table.device() == ids.device() &&
+                   cos_table.sizes() == sin_table.sizes() && cos_table.scalar_type() == table.scalar_type() &&
+                   sin_table.scalar_type() == table.scalar_type(), op,
+              ": cos_table and sin_table must be one shape on ", ids.device(), " in table's dtype ",
+              table.scalar_type(), ", got ", cos_table.sizes(), " ", cos_table.scalar_type(), " on ",
+              cos_table.device(), " and ", sin_table.sizes(), " ", sin_table.scalar_type(), " on ",
+              sin_table.device());
+  const c10::cuda::CUDAGuard guard(ids.device());
+  const void* address = on_host ? mapped_host_address(table, op) : table.data_ptr();
+  const at::Tensor flat_ids = ids.contiguous().view(-1), flat_pos = positions.contiguous().view(-1);
+  at::Tensor h = gather_output(table, ids), cos = gather_output(cos_table, positions),
+             sin = gather_output(sin_table, positions);
+  bitlab::RowGathers g = {};
+  g.t[0] = row_gather(table, address, flat_ids, h);
+  g.t[1] = row_gather(cos_table, cos_table.data_ptr(), flat_pos, cos);
+  g.t[2] = row_gather(sin_table, sin_table.data_ptr(), flat_pos, sin);
+  g.n = 3;
+  g.count = flat_ids.numel();
+  check_cuda(bitlab::launch_gather_rows(g, c10::cuda::getCurrentCUDAStream()), "gather_step_inputs kernel");
+  return {h, cos, sin};
 }
 
 // The index of each row's maximum (argmax.cu): x [B, V] half / bf16 / float with contiguous rows -> int64 [B].
@@ -752,6 +817,9 @@ TORCH_LIBRARY_FRAGMENT(bitlab, m) {
       "cuda_ext_decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
       "Tensor(b!) v_cache, Tensor slot, Tensor mask, float scale, bool dependent_launch=False) -> Tensor");
   m.def("cuda_ext_gather_host_rows(Tensor table, Tensor ids) -> Tensor");
+  m.def(
+      "cuda_ext_gather_step_inputs(Tensor table, Tensor ids, Tensor cos_table, Tensor sin_table, Tensor positions) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def("cuda_ext_argmax_rows(Tensor x) -> Tensor");
   m.def(
       "cuda_ext_decode_advance(Tensor ids, Tensor(a!) done, Tensor pad_id, Tensor stop_ids, Tensor(b!) out, "
@@ -781,6 +849,7 @@ TORCH_LIBRARY_IMPL(bitlab, CUDA, m) {
   m.impl("cuda_ext_bitnet_mlp", &cuda_ext_bitnet_mlp);
   m.impl("cuda_ext_bitnet_mlp_norm", &cuda_ext_bitnet_mlp_norm);
   m.impl("cuda_ext_gather_host_rows", &cuda_ext_gather_host_rows);
+  m.impl("cuda_ext_gather_step_inputs", &cuda_ext_gather_step_inputs);
   m.impl("cuda_ext_argmax_rows", &cuda_ext_argmax_rows);
   m.impl("cuda_ext_decode_advance", &cuda_ext_decode_advance);
 }

@@ -280,8 +280,23 @@ cudaError_t launch_bitnet_mlp(const BitnetMlpArgs& args, cudaStream_t stream);
 // of either type stage the same bytes.
 bool wide_gemv_runs(int M, int nchunks, bool int8_activations);
 
-// host_gather.cu: out[i] = table[ids[i]] for count indices; table is pinned host memory (its device-mapped
-// address), rows of row_bytes bytes (even); the kernel traps on an index outside [0, rows).
+// host_gather.cu: out[i] = table[ids[i]] for count indices, for up to kMaxRowGathers tables in one kernel; a
+// table is device memory or pinned host memory (its device-mapped address), rows of row_bytes bytes (even); the
+// kernel traps on an index outside [0, rows).
+struct RowGather {
+  const void* table;    // [rows, row_bytes]
+  const int64_t* ids;   // [count]
+  int64_t rows;
+  int64_t row_bytes;
+  void* out;            // [count, row_bytes]
+};
+constexpr int kMaxRowGathers = 3;
+struct RowGathers {
+  RowGather t[kMaxRowGathers];
+  int n;          // tables used
+  int64_t count;  // indices per table
+};
+cudaError_t launch_gather_rows(const RowGathers& gathers, cudaStream_t stream);
 cudaError_t launch_gather_host_rows(const void* table, const int64_t* ids, int64_t count, int64_t rows,
                                     int64_t row_bytes, void* out, cudaStream_t stream);
 

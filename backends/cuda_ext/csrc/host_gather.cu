@@ -1,9 +1,12 @@
-// BitLab cuda_ext: rows of a table in pinned host memory gathered into GPU memory by index.
+// BitLab cuda_ext: rows of tables gathered by index, several tables in one kernel.
 //
-// For an embedding table kept off the GPU (BitNet with a quantized lm_head: the float table is then read only
-// for the lookup, a few rows per step).  The GPU reads the rows over the bus through the table's mapped
-// address, so the lookup is one kernel on the current stream and a CUDA graph captures it like any other.
-// An index outside [0, rows) stops the kernel with a message, as torch's embedding does on CUDA.
+// Two users: an embedding table kept off the GPU (BitNet with a quantized lm_head: the float table is then read
+// only for the lookup, a few rows per step), whose rows the GPU reads over the bus through the table's mapped
+// address; and a decode step's inputs, the embedding row of each token and its rotary cos / sin rows, which
+// as torch ops are three kernels at the head of every step (an index_select and two index kernels), here one.
+// Each lookup is one kernel on the current stream, so a CUDA graph captures it like any other; values are the
+// tables', bit for bit (a copy, no arithmetic).  An index outside [0, rows) stops the kernel with a message, as
+// torch's embedding does on CUDA.
 #include <stdint.h>
 #include <stdio.h>
 
@@ -14,41 +17,53 @@ namespace {
 
 constexpr int kGatherThreads = 128;
 
-// One block per index; each thread copies units of U bytes (16 when every row is 16-byte aligned, else 2).
+// Table t's rows copied in units of U bytes.
 template <typename U>
-__global__ void __launch_bounds__(kGatherThreads) gather_host_rows_kernel(const U* __restrict__ table,
-                                                                        const int64_t* __restrict__ ids, int64_t rows,
-                                                                        int units_per_row, U* __restrict__ out) {
-  const int64_t id = ids[blockIdx.x];
-  if (id < 0 || id >= rows) {
+__device__ __forceinline__ void copy_row(const RowGather& t, int64_t id, int64_t pos) {
+  const int units = static_cast<int>(t.row_bytes / sizeof(U));
+  const U* src = static_cast<const U*>(t.table) + id * units;
+  U* dst = static_cast<U*>(t.out) + pos * units;
+  for (int i = threadIdx.x; i < units; i += kGatherThreads) dst[i] = src[i];
+}
+
+// Block (position p, table blockIdx.y): out[p] = table[ids[p]], in 16-byte units where the table's rows and the
+// output are 16-byte aligned, else 2-byte units.
+__global__ void __launch_bounds__(kGatherThreads) gather_rows_kernel(RowGathers a) {
+  const RowGather& t = a.t[blockIdx.y];
+  const int64_t id = t.ids[blockIdx.x];
+  if (id < 0 || id >= t.rows) {
     if (threadIdx.x == 0)
-      printf("cuda_ext_gather_host_rows: index %lld at position %d is outside [0, %lld)\n",
-             static_cast<long long>(id), static_cast<int>(blockIdx.x), static_cast<long long>(rows));
+      printf("cuda_ext gather: index %lld at position %d of table %d is outside [0, %lld)\n",
+             static_cast<long long>(id), static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
+             static_cast<long long>(t.rows));
     __trap();
   }
-  const U* src = table + id * units_per_row;
-  U* dst = out + static_cast<int64_t>(blockIdx.x) * units_per_row;
-  for (int i = threadIdx.x; i < units_per_row; i += kGatherThreads) dst[i] = src[i];
+  const bool wide = t.row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(t.table) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(t.out) % 16 == 0;
+  if (wide)
+    copy_row<uint4>(t, id, blockIdx.x);
+  else
+    copy_row<uint16_t>(t, id, blockIdx.x);
 }
 
 }  // namespace
 
+cudaError_t launch_gather_rows(const RowGathers& gathers, cudaStream_t stream) {
+  if (gathers.count == 0) return cudaSuccess;
+  if (gathers.count > 0x7fffffff || gathers.n < 1 || gathers.n > kMaxRowGathers) return cudaErrorInvalidValue;
+  for (int i = 0; i < gathers.n; ++i)
+    if (gathers.t[i].row_bytes % 2 || gathers.t[i].row_bytes / 16 > 0x7fffffff) return cudaErrorInvalidValue;
+  gather_rows_kernel<<<dim3(static_cast<unsigned>(gathers.count), gathers.n), kGatherThreads, 0, stream>>>(gathers);
+  return cudaGetLastError();
+}
+
 cudaError_t launch_gather_host_rows(const void* table, const int64_t* ids, int64_t count, int64_t rows,
                                     int64_t row_bytes, void* out, cudaStream_t stream) {
-  if (count == 0) return cudaSuccess;
-  if (count > 0x7fffffff || row_bytes % 2) return cudaErrorInvalidValue;
-  const bool wide = row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(table) % 16 == 0 &&
-                    reinterpret_cast<uintptr_t>(out) % 16 == 0;
-  const dim3 grid(static_cast<unsigned>(count)), block(kGatherThreads);
-  if (wide)
-    gather_host_rows_kernel<uint4><<<grid, block, 0, stream>>>(static_cast<const uint4*>(table), ids, rows,
-                                                               static_cast<int>(row_bytes / 16),
-                                                               static_cast<uint4*>(out));
-  else
-    gather_host_rows_kernel<uint16_t><<<grid, block, 0, stream>>>(static_cast<const uint16_t*>(table), ids, rows,
-                                                                   static_cast<int>(row_bytes / 2),
-                                                                   static_cast<uint16_t*>(out));
-  return cudaGetLastError();
+  RowGathers g = {};
+  g.t[0] = {table, ids, rows, row_bytes, out};
+  g.n = 1;
+  g.count = count;
+  return launch_gather_rows(g, stream);
 }
 
 }  // namespace bitlab

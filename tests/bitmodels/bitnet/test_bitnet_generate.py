@@ -342,6 +342,29 @@ def test_argmax_dispatch_says_what_runs_it(monkeypatch):
     gen = Generator(_model(seed=12))
     assert gen.argmax_kernel == "torch.argmax (not a CUDA device)"
     assert gen.advance_kernel == "torch (not a CUDA device)"
+    assert gen.inputs_kernel == "torch (embedding, then rotary rows by index) (not a CUDA device)"
+
+
+@pytest.mark.gpu
+def test_step_inputs_in_one_kernel_give_the_same_logits_and_tokens(cuda_device, monkeypatch):
+    from bitmodels.bitnet.ops import GatheredInputsOps, Ops
+
+    model = _model(seed=14, vocab_size=1000).to(cuda_device, torch.bfloat16)
+    prompts = _prompts(14, (4, 11), vocab=1000)
+    ids = torch.tensor([prompts[1]], device=cuda_device)
+    monkeypatch.setenv("BITLAB_STEP_INPUTS", "torch")
+    with torch.no_grad():
+        plain = Generator(model)
+        assert plain.inputs_kernel.endswith("(BITLAB_STEP_INPUTS=torch)")
+        expected = plain.generate(prompts, 12, stop_token_ids=[]).tokens
+        monkeypatch.delenv("BITLAB_STEP_INPUTS")
+        gen = Generator(model)
+        assert gen.inputs_kernel.startswith("cuda_ext.gather_step_inputs")
+        assert isinstance(gen.decode_ops, GatheredInputsOps) and isinstance(gen.prefill_ops, GatheredInputsOps)
+        positions = torch.arange(ids.shape[1], device=cuda_device)[None] + 7  # rows past position 0 too
+        assert torch.equal(model(ids, positions, ops=GatheredInputsOps(Ops(), gen.decode_ops.step_inputs)),
+                           model(ids, positions, ops=Ops()))
+        assert gen.generate(prompts, 12, stop_token_ids=[]).tokens == expected  # prefill and graph-replayed decode
 
 
 def test_sample_uses_the_argmax_it_is_given():
