@@ -133,14 +133,6 @@ __device__ __forceinline__ void copy_in_pieces(unsigned char* dst, const uint32_
 // m at (lt * MT + m) * C chunks) by the int8 rows at `xs` (pitch `pitch`) and write each warp's partial
 // sums of the M real tokens to `part` (partial_index; not over the tiles).  One tile at a time and no
 // unrolled copies per tile: the code runs once per launch, so its size is instruction-cache misses.
-//
-// Each m-tile of a tile gets kMlpWarps / MT warps, which split its C chunks: every warp multiplies the same
-// number of (m-tile, chunk) pieces to within one.  (All warps splitting the chunks of all MT m-tiles left
-// BitNet 2B's 20 gate/up chunks at two per warp for 4 warps and one for 12: at MT = 4, 8 pieces for the
-// slowest warp where 5 is the mean.)  A warp's pieces rotate over kSets accumulator sets (one per k-step of a
-// chunk) so that its mma chain is one deep per chunk; a warp writes zeros for the m-tiles it does not own,
-// so `reduced` sums all warps' slots as before.
-constexpr int kSets = 4;
 __device__ __forceinline__ int partial_index(int warp, int n, int MT, int lt, int m, int row, int tok, int M) {
   return (((warp * n + lt) * MT + m) * 16 + row) * M + tok;
 }
@@ -150,37 +142,32 @@ template <int MT, int BARS = 1>
 __device__ __forceinline__ void block_tiles_gemv(const unsigned char* tiles, int n, int C, uint64_t* bars,
                                                  const unsigned char* xs, int pitch, int M, int* part,
                                                  TimelineMark landed = {}) {
-  static_assert(kMlpWarps % MT == 0, "the warps split evenly over the m-tiles");
-  constexpr int kWarpsPerTile = kMlpWarps / MT;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int own = warp / kWarpsPerTile;  // the m-tile this warp multiplies
 #pragma unroll 1
   for (int lt = 0; lt < n; ++lt) {
-    int accs[kSets][1][1][4];
+    int acc[1][MT][1][4];
 #pragma unroll
-    for (int q = 0; q < kSets; ++q)
+    for (int m = 0; m < MT; ++m)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) accs[q][0][0][i] = 0;
+      for (int i = 0; i < 4; ++i) acc[0][m][0][i] = 0;
 #pragma unroll
     for (int b = 0; b < BARS; ++b) mbar_wait(&bars[lt * BARS + b], 0);
     if (lt == 0) landed();
-    const unsigned char* tile = tiles + static_cast<long>((lt * MT + own) * C) * kTileChunkBytes;
-#pragma unroll 1
-    for (int c = warp % kWarpsPerTile; c < C; c += kWarpsPerTile) {
-      uint32_t w[1][4];
-      load_lane_tile_shared<kTernary>(w[0], tile + static_cast<long>(c) * kTileChunkBytes, lane);
+    for (int c = warp; c < C; c += kMlpWarps) {
+      uint32_t w[MT][4];
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+        load_lane_tile_shared<kTernary>(w[m], tiles + static_cast<long>((lt * MT + m) * C + c) * kTileChunkBytes, lane);
       uint32_t xb[1][8];
       load_x_shared<int8_t>(xb[0], xs + g * pitch + c * 128, g < M, t);
-      mma_chunk<kTernary, int8_t>(accs, w, xb);
+      mma_chunk<kTernary, int8_t>(acc, w, xb);
     }
-    int acc[1][1][4];
-    sum_acc_sets(accs, acc);
 #pragma unroll
     for (int m = 0; m < MT; ++m)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int tok = 2 * t + (i & 1), row = g + 8 * (i >> 1);
-        if (tok < M) part[partial_index(warp, n, MT, lt, m, row, tok, M)] = m == own ? acc[0][0][i] : 0;
+        if (tok < M) part[partial_index(warp, n, MT, lt, m, row, tok, M)] = acc[0][m][0][i];
       }
   }
   __syncthreads();

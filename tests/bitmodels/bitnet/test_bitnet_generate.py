@@ -578,9 +578,12 @@ def test_triton_kernel_takes_the_rows_past_the_fused_limit(cuda_device):
     plain = Generator(model, cuda_graph=True, compile=True, triton_attention=False)
     limit = ops.FUSED_ATTENTION_MAX_BATCH_BEFORE_TRITON
     assert auto.attention_kernel.endswith(f"up to {limit} rows, the split-KV Triton kernel above")
-    assert isinstance(auto.decode_ops.base, ops.TritonDecodeOps) and auto.decode_ops.max_batch == limit
+    # the attention set under the one-kernel step inputs' wrapper (GatheredInputsOps, where cuda_ext runs)
+    fused = auto.decode_ops.base if isinstance(auto.decode_ops, ops.GatheredInputsOps) else auto.decode_ops
+    assert isinstance(fused.base, ops.TritonDecodeOps) and fused.max_batch == limit
     assert plain.attention_kernel.endswith(f"up to {ops.FUSED_ATTENTION_MAX_BATCH} rows, torch above")
-    assert not isinstance(plain.decode_ops.base, ops.TritonDecodeOps)
+    fused_plain = plain.decode_ops.base if isinstance(plain.decode_ops, ops.GatheredInputsOps) else plain.decode_ops
+    assert isinstance(fused_plain, ops.FusedDecodeAttentionOps) and not isinstance(fused_plain.base, ops.TritonDecodeOps)
     assert Generator(model, compile=False).attention_kernel.endswith("torch above")  # Triton needs compile
     # 6 rows, past the limit: the same Triton attention as triton_attention=True, token for token; 3 rows: the
     # fused kernel, as without Triton
