@@ -13,7 +13,9 @@ A call ``generate(prompts, max_new_tokens)``:
    the position -- all on the device.  On CUDA the step is captured once in a CUDA graph and
    replayed, so a token costs one graph launch and no allocation, no host sync.  The host looks
    at the ``done`` flags (one sync) only every ``sync_every`` steps, which is also when the
-   ``stream`` callback gets the new tokens.
+   ``stream`` callback gets the new tokens.  ``steps_per_graph=n`` (or ``BITLAB_GRAPH_STEPS=n``) captures n
+   steps in one graph (one launch per n tokens, and the steps' kernels chain across step boundaries); the
+   last ``(max_new_tokens - 1) % n`` steps replay a one-step graph.  ``graph_steps`` says what runs.
 
 ``compile=True`` runs the model's float operations through ``torch.compile`` (fused RMSNorm,
 rotary, residual adds) in the decode step; the BitLinear kernels are the registry's.
@@ -48,6 +50,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -126,6 +129,7 @@ class Generator:
         norm_in_gemv: Optional[bool] = None,
         lm_head_activations: str = "float",
         norm_tail: Optional[bool] = None,
+        steps_per_graph: Optional[int] = None,
     ) -> None:
         self.model = model.eval()
         self.device = model.compute_device
@@ -133,6 +137,7 @@ class Generator:
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {self.device}")
+        self.steps_per_graph, self.graph_steps = graph_steps_choice(steps_per_graph, self.cuda_graph)
         from bitmodels.bitnet import triton_attention as ta
 
         if triton_attention:
@@ -203,7 +208,7 @@ class Generator:
         if split:
             self.decode_ops = HeadOnAllThreadsOps(self.decode_ops, self._decode_threads)
         self._cache: Optional[KVCache] = None
-        self._decoders: Dict[tuple, tuple] = {}  # key -> (state, graph or None)
+        self._decoders: Dict[tuple, tuple] = {}  # key -> (state, {steps: graph} or None)
 
     # ------------------------------------------------------------ buffers
     def _cache_for(self, batch: int, seq: int) -> KVCache:
@@ -225,7 +230,8 @@ class Generator:
         self._advance(picked, st.done, st.pad_id, st.stop_ids, st.out, st.pos, st.prompt_len, st.tokens, st.pad,
                       st.positions, st.mask)
 
-    def _capture(self, st: DecodeState, sampling: SamplingConfig) -> torch.cuda.CUDAGraph:
+    def _capture(self, st: DecodeState, sampling: SamplingConfig, steps: int = 1) -> torch.cuda.CUDAGraph:
+        """A graph of ``steps`` decode steps in a row; the state is as before the call."""
         saved = [t.clone() for t in st.mutable]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -235,7 +241,8 @@ class Generator:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._decode_step(st, sampling)
+            for _ in range(steps):
+                self._decode_step(st, sampling)
         for t, s in zip(st.mutable, saved):
             t.copy_(s)  # capture does not run the step; undo the warm-up steps' state
         return graph
@@ -308,7 +315,7 @@ class Generator:
         key = (t_len, max_new_tokens, tuple(stops), pad_id, sampling)
         if key not in self._decoders:
             self._decoders[key] = (DecodeState(cache, t_len, max_new_tokens, stops, pad_id, self.device), None)
-        st, graph = self._decoders[key]
+        st, graphs = self._decoders[key]
 
         sync = self._sync
         sync()
@@ -317,16 +324,18 @@ class Generator:
         sync()
         prefill_s = time.perf_counter() - t0
         capture_s = 0.0
-        if self.cuda_graph and graph is None and max_new_tokens > 1:
+        sizes = graph_sizes(max_new_tokens - 1, self.steps_per_graph)
+        if self.cuda_graph and graphs is None and sizes:
             t_cap = time.perf_counter()
             try:
-                graph = self._capture(st, sampling)
+                graphs = {n: self._capture(st, sampling, n) for n in sizes}
             except Exception as exc:  # a kernel that cannot be captured: say so, decode eagerly
                 log.warning("CUDA-graph capture of the decode step failed (%s: %s); decoding eagerly",
                             type(exc).__name__, exc)
                 self.cuda_graph = False
+                graphs = None
                 self._prefill(prompts, st, sampling)  # the failed capture may have left state half-written
-            self._decoders[key] = (st, graph)
+            self._decoders[key] = (st, graphs)
             sync()
             capture_s = time.perf_counter() - t_cap
         t1 = time.perf_counter()
@@ -336,13 +345,15 @@ class Generator:
             stream(st.out[:, :1].tolist())
         with self._decode_threads():
             while emitted < max_new_tokens:
-                if graph is not None:
-                    graph.replay()
+                n = 1
+                if graphs is not None:
+                    n = self.steps_per_graph if max_new_tokens - emitted >= self.steps_per_graph else 1
+                    graphs[n].replay()
                 else:
                     self._decode_step(st, sampling)
-                emitted += 1
-                steps += 1
-                if steps % sync_every == 0 or emitted == max_new_tokens:
+                emitted += n
+                before, steps = steps, steps + n
+                if steps // sync_every != before // sync_every or emitted == max_new_tokens:
                     if stream is not None:
                         stream(st.out[:, streamed:emitted].tolist())
                         streamed = emitted
@@ -351,12 +362,44 @@ class Generator:
         sync()
         decode_s = time.perf_counter() - t1
         tokens = [_until_stop(row, stops) for row in st.out[:, :emitted].tolist()]
-        stats = {"capture_s": capture_s, "cuda_graph": graph is not None}
+        stats = {"capture_s": capture_s, "cuda_graph": graphs is not None,
+                 "steps_per_graph": self.steps_per_graph if graphs is not None else 0}
         return GenerationOutput(tokens, prefill_s, decode_s, steps, stats)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def graph_steps_choice(steps_per_graph: Optional[int], cuda_graph: bool) -> tuple:
+    """``(steps per graph, what runs and why)`` from the argument, else ``BITLAB_GRAPH_STEPS``, else 1."""
+    source = "steps_per_graph"
+    if steps_per_graph is None:
+        env = os.environ.get("BITLAB_GRAPH_STEPS")
+        if env is None:
+            steps_per_graph, source = 1, "default"
+        else:
+            try:
+                steps_per_graph, source = int(env), "BITLAB_GRAPH_STEPS"
+            except ValueError:
+                raise ValueError(f"BITLAB_GRAPH_STEPS={env!r}: expected a positive integer") from None
+    if isinstance(steps_per_graph, bool) or not isinstance(steps_per_graph, int) or steps_per_graph < 1:
+        raise ValueError(f"{source}: got {steps_per_graph!r}; expected a positive integer")
+    if not cuda_graph:
+        return steps_per_graph, "no CUDA graph: one eager step at a time"
+    plural = "step" if steps_per_graph == 1 else "steps"
+    return steps_per_graph, f"{steps_per_graph} decode {plural} per CUDA graph ({source})"
+
+
+def graph_sizes(decode_steps: int, steps_per_graph: int) -> List[int]:
+    """The graph sizes ``generate`` replays for ``decode_steps`` steps: ``steps_per_graph`` while that many are
+    left, then one step at a time."""
+    sizes = []
+    if decode_steps >= steps_per_graph:
+        sizes.append(steps_per_graph)
+    if decode_steps % steps_per_graph and 1 not in sizes:
+        sizes.append(1)
+    return sizes
 
 
 def _until_stop(row: List[int], stops: Sequence[int]) -> List[int]:

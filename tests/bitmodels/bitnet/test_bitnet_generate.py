@@ -8,7 +8,7 @@ import torch
 
 from bitcore.errors import ConfigError
 from bitmodels.bitnet import BitNetConfig, BitNetForCausalLM
-from bitmodels.bitnet.generate import Generator
+from bitmodels.bitnet.generate import Generator, graph_sizes, graph_steps_choice
 from bitmodels.bitnet.ops import use_cpu_attention
 from bitmodels.bitnet.sampling import SamplingConfig, filter_logits, sample
 
@@ -421,6 +421,66 @@ def test_cuda_graph_decode_equals_eager_decode(cuda_device, compile):
     assert graph.tokens == eager.tokens == again.tokens
     sampled = fast.generate(prompts, 12, SamplingConfig(temperature=0.9, top_p=0.9), seed=3, stop_token_ids=[])
     assert all(len(t) == 12 for t in sampled.tokens)
+
+
+def test_graph_sizes_cover_every_decode_step():
+    assert graph_sizes(127, 8) == [8, 1]  # 15 graphs of 8, then 7 of 1
+    assert graph_sizes(16, 8) == [8]
+    assert graph_sizes(5, 8) == [1]
+    assert graph_sizes(0, 8) == []
+    assert graph_sizes(9, 1) == [1]
+
+
+def test_steps_per_graph_comes_from_the_argument_or_the_environment(monkeypatch):
+    monkeypatch.delenv("BITLAB_GRAPH_STEPS", raising=False)
+    assert graph_steps_choice(None, True) == (1, "1 decode step per CUDA graph (default)")
+    assert graph_steps_choice(4, True) == (4, "4 decode steps per CUDA graph (steps_per_graph)")
+    monkeypatch.setenv("BITLAB_GRAPH_STEPS", "8")
+    assert graph_steps_choice(None, True)[0] == 8
+    assert graph_steps_choice(2, True)[0] == 2  # the argument wins
+    assert graph_steps_choice(None, False) == (8, "no CUDA graph: one eager step at a time")
+    monkeypatch.setenv("BITLAB_GRAPH_STEPS", "eight")
+    with pytest.raises(ValueError, match="BITLAB_GRAPH_STEPS='eight'"):
+        graph_steps_choice(None, True)
+    for bad in (0, -2, True, 2.0):
+        with pytest.raises(ValueError, match="steps_per_graph: got"):
+            graph_steps_choice(bad, True)
+
+
+def test_generator_on_cpu_runs_eager_steps_whatever_the_graph_size():
+    model = _model(seed=12)
+    prompts = _prompts(12, (4, 7))
+    gen = Generator(model, steps_per_graph=4)
+    assert gen.graph_steps == "no CUDA graph: one eager step at a time"
+    out = gen.generate(prompts, max_new_tokens=7, stop_token_ids=[])
+    assert out.tokens == Generator(model).generate(prompts, max_new_tokens=7, stop_token_ids=[]).tokens
+    assert out.decode_steps == 6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("steps", [3, 8])
+def test_several_steps_per_graph_decode_as_one_step_graphs_do(cuda_device, steps):
+    model = _model(seed=13).to(cuda_device, torch.bfloat16)
+    prompts = _prompts(13, (6, 11, 2))
+    one = Generator(model, steps_per_graph=1)
+    many = Generator(model, steps_per_graph=steps, bind=False)
+    assert many.graph_steps == f"{steps} decode steps per CUDA graph (steps_per_graph)"
+    for n in (12, 17):  # 11 and 16 decode steps: a tail of one-step graphs, then none for 8
+        expected = one.generate(prompts, max_new_tokens=n, stop_token_ids=[])
+        got = many.generate(prompts, max_new_tokens=n, stop_token_ids=[])
+        again = many.generate(prompts, max_new_tokens=n, stop_token_ids=[])
+        assert got.tokens == expected.tokens == again.tokens
+        assert got.decode_steps == n - 1 and got.stats["steps_per_graph"] == steps
+    stop = expected.tokens[1][4]
+    chunks = []
+    stopped = many.generate(prompts, 17, stop_token_ids=[stop], stream=chunks.append, sync_every=steps)
+    want = one.generate(prompts, 17, stop_token_ids=[stop])
+    assert stopped.tokens == want.tokens
+    assert [sum((c[i] for c in chunks), []) for i in range(3)][1][: len(want.tokens[1])] == want.tokens[1]
+    sampling = SamplingConfig(temperature=0.9, top_k=20)
+    a = many.generate(prompts, 12, sampling, seed=5, stop_token_ids=[])
+    b = many.generate(prompts, 12, sampling, seed=5, stop_token_ids=[])
+    assert a.tokens == b.tokens and all(len(t) == 12 for t in a.tokens)
 
 
 @pytest.mark.gpu
