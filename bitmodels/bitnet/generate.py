@@ -231,8 +231,10 @@ class Generator:
                       st.positions, st.mask)
 
     def _capture(self, st: DecodeState, sampling: SamplingConfig, steps: int = 1) -> torch.cuda.CUDAGraph:
-        """A graph of ``steps`` decode steps in a row; the state is as before the call."""
+        """A graph of ``steps`` decode steps in a row; the state, the random generator's included, is as before the
+        call (so a seeded ``generate`` samples the same tokens whether or not it captured the graph)."""
         saved = [t.clone() for t in st.mutable]
+        rng = torch.cuda.get_rng_state(self.device)  # the warm-up steps' sampling draws from it
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -245,6 +247,7 @@ class Generator:
                 self._decode_step(st, sampling)
         for t, s in zip(st.mutable, saved):
             t.copy_(s)  # capture does not run the step; undo the warm-up steps' state
+        torch.cuda.set_rng_state(rng, self.device)
         return graph
 
     def _prefill(self, prompts: List[List[int]], st: DecodeState, sampling: SamplingConfig) -> None:
