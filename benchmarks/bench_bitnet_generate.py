@@ -405,6 +405,7 @@ def main(argv=None) -> int:
     result["advance_kernel"] = gen.advance_kernel
     result["inputs_kernel"] = gen.inputs_kernel
     result["graph_steps"] = gen.graph_steps
+    result["qkv_attention"] = gen.qkv_attention
     result["norm_gemv"] = gen.norm_gemv
     result["norm_tail"] = gen.norm_tail
     result["weights"] = {
@@ -415,7 +416,7 @@ def main(argv=None) -> int:
     }
     print(f"kernels: {gen.kernels}\nattention: {gen.attention_kernel}\nMLP: {gen.mlp_kernel}\n"
           f"argmax: {gen.argmax_kernel}\nstep bookkeeping: {gen.advance_kernel}\nstep inputs: {gen.inputs_kernel}\n"
-          f"graphs: {gen.graph_steps}\n"
+          f"graphs: {gen.graph_steps}\nq/k/v projection: {gen.qkv_attention}\n"
           f"norms before q/k/v and o: {gen.norm_gemv}\no projection and post-attention norm: {gen.norm_tail}\n"
           f"weights: {result['weights']}", flush=True)
     result["runs"]["bitlab"] = run_batches("bitlab", gen, batches, args, cfg.vocab_size)
@@ -591,7 +592,8 @@ def write_report(result: dict, out_dir: Path) -> None:
         + (f"; greedy argmax: {result['argmax_kernel']}" if "argmax_kernel" in result else "")
         + (f"; step bookkeeping: {result['advance_kernel']}" if "advance_kernel" in result else "")
         + (f"; step inputs: {result['inputs_kernel']}" if "inputs_kernel" in result else "")
-        + (f"; {result['graph_steps']}." if "graph_steps" in result else "."),
+        + (f"; {result['graph_steps']}" if "graph_steps" in result else "")
+        + (f"; q/k/v: {result['qkv_attention']}." if "qkv_attention" in result else "."),
         "",
         "| model | batch | decode tokens/s | ms / step | x bf16 | prefill tokens/s | peak GPU GB | CUDA graph |",
         "|---|---:|---:|---:|---:|---:|---:|---|",

@@ -302,6 +302,27 @@ def bind_norm_tail(binding: Optional[PreparedLinear], norm_weight: torch.Tensor,
     return norm_tail.NormTailLinear.prepare(binding.prepared, norm_weight, eps), ""
 
 
+def bind_qkv_attention(bound: Dict[str, PreparedLinear], config) -> Tuple[Any, str]:
+    """``(the fused q/k/v projection as the one-row attention kernel takes it, "")`` where cuda_ext serves it
+    (:func:`backends.cuda_ext.decode_attention.prepare_qkv_attention`), else ``(None, why not)``."""
+    binding = bound.get("qkv")
+    if binding is None:
+        return None, "q, k and v are not bound as one fused projection"
+    if binding.kernel.backend != "cuda_ext":
+        return None, f"the q/k/v projection runs on {binding.kernel.name}, not cuda_ext"
+    if not binding.takes_quantized:
+        return None, "the q/k/v projection does not take int8 per-token input"
+    if binding.bias is not None:
+        return None, "the q/k/v projection has a bias"
+    from backends.cuda_ext import decode_attention
+
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    why = decode_attention.qkv_why_not(binding.prepared, heads, kv_heads, head_dim)
+    if why:
+        return None, why
+    return decode_attention.prepare_qkv_attention(binding.prepared, heads, kv_heads, head_dim), ""
+
+
 def describe_norm_linears(fused: Dict[str, Any], why: str) -> str:
     """What runs the norms before the projections, e.g. for ``model.norm_gemv``."""
     if not fused:

@@ -37,7 +37,10 @@ what runs them, and why.  ``norm_tail=True`` (or ``BITLAB_NORM_TAIL=on``) runs t
 and ``post_attention_layernorm`` as one kernel (:mod:`backends.cuda_ext.norm_tail`); ``norm_tail`` says what runs
 them, and why.  The step's argmax and its bookkeeping after the sampler (output, stop rows, slot, the
 next step's positions and mask; :mod:`bitmodels.bitnet.decode_state`) are one cuda_ext kernel each where it runs;
-``argmax_kernel`` and ``advance_kernel`` say what runs them.  Each step's input rows (the tokens' embedding rows and
+``argmax_kernel`` and ``advance_kernel`` say what runs them.  ``qkv_in_attention=True`` (or
+``BITLAB_QKV_ATTENTION=on``) lets the fused attention kernel compute the q/k/v projection itself at batch 1
+(:func:`backends.cuda_ext.decode_attention.decode_qkv_attention`); ``qkv_attention`` says what runs.  Each step's
+input rows (the tokens' embedding rows and
 rotary rows) are one cuda_ext kernel where it runs (:mod:`backends.cuda_ext.step_inputs`); ``inputs_kernel`` says
 what runs them.
 
@@ -130,6 +133,7 @@ class Generator:
         lm_head_activations: str = "float",
         norm_tail: Optional[bool] = None,
         steps_per_graph: Optional[int] = None,
+        qkv_in_attention: Optional[bool] = None,
     ) -> None:
         self.model = model.eval()
         self.device = model.compute_device
@@ -171,7 +175,8 @@ class Generator:
             model.prepare_for_inference(self.device, fuse=fuse, offload_packed=offload_packed,
                                         lm_head_bits=lm_head_bits, fused_mlp=fused_mlp,
                                         embedding_on_host=embedding_on_host, norm_in_gemv=norm_in_gemv,
-                                        lm_head_activations=lm_head_activations, norm_tail=norm_tail)
+                                        lm_head_activations=lm_head_activations, norm_tail=norm_tail,
+                                        qkv_in_attention=qkv_in_attention)
         else:
             if lm_head_bits is not None:
                 model.bind_lm_head(lm_head_bits, self.device, activations=lm_head_activations)
@@ -184,6 +189,8 @@ class Generator:
         self.mlp_kernel = model.mlp_kernel
         self.norm_gemv = model.norm_gemv
         self.norm_tail = model.norm_tail
+        self.qkv_attention = model.qkv_attention_kernel if fused else (
+            f"separate q/k/v projection (the fused attention kernel does not run: {self.attention_kernel})")
         self.cpu_norm = model.cpu_norm
         if isinstance(model.ops, CpuNormOps):  # prepared on a CPU with cpp_cpu: the norms as one call each
             self.prefill_ops = CpuNormOps(self.prefill_ops)

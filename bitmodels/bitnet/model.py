@@ -43,6 +43,7 @@ from bitmodels.bitnet.bindings import (
     bind_group,
     bind_norm_linears,
     bind_norm_tail,
+    bind_qkv_attention,
     describe_norm_linears,
     bind_quantized_dense,
     device_bytes,
@@ -62,6 +63,14 @@ QUANTIZE_IN_NORMS_MAX_TOKENS = 64
 FUSED_MLP_MAX_TOKENS = 2
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+
+
+def qkv_attention_wanted(default: bool) -> bool:
+    """Whether layers with the q/k/v projection bound inside the attention kernel use it: ``BITLAB_QKV_ATTENTION=on``
+    / ``off`` decides, else ``default`` (what prepare_for_inference was asked; read at each forward, so a CUDA
+    graph keeps what its capture read)."""
+    env = os.environ.get("BITLAB_QKV_ATTENTION", "")
+    return True if env == "on" else False if env == "off" else default
 
 
 def norm_tail_enabled() -> bool:
@@ -134,6 +143,10 @@ class BitNetDecoderLayer(nn.Module):
         # The o projection with the residual add and post_attention_layernorm in its own kernel (its last block runs
         # the norm; prepare_for_inference(norm_tail=True)), or None.
         self.o_norm_tail = None
+        # The fused q/k/v projection as the one-row attention kernel takes it (backends.cuda_ext.decode_attention
+        # .FusedQkv, bound by prepare_for_inference where cuda_ext serves it), and whether to use it by default.
+        self.qkv_attention = None
+        self.use_qkv_attention = False
 
     def _mlp(self, x, ops, quantize: bool) -> torch.Tensor:
         """``down_proj(ffn_sub_norm(relu(gate_proj(x))**2 * up_proj(x)))``: one kernel where the fused MLP
@@ -165,14 +178,24 @@ class BitNetDecoderLayer(nn.Module):
         attn = self.self_attn
         quantize = self.quantized_inputs and quantize_here
         B, T, _ = h.shape
-        h, (q, k, v) = self._norm_and_qkv(h, delta, ops, quantize)
         fold_o = self._norm_linear("o_proj", quantize, h)
-        a = ops.attention(
-            q.view(B, T, attn.n_heads, attn.head_dim),
-            k.view(B, T, attn.n_kv_heads, attn.head_dim),
-            v.view(B, T, attn.n_kv_heads, attn.head_dim),
-            cos, sin, k_cache, v_cache, slots, mask, None if fold_o else attn.attn_sub_norm.weight, self.eps, quantize,
-        )
+        sub_weight = None if fold_o else attn.attn_sub_norm.weight
+        a = None
+        if self._qkv_in_attention(ops, quantize, B * T):  # one row: the attention kernel projects q, k, v itself
+            h, x = self._input_norm(h, delta, ops, quantize)
+            a = ops.qkv_attention(x, self.qkv_attention, cos, sin, k_cache, v_cache, slots, mask, sub_weight, self.eps,
+                                  quantize)
+            if a is None:  # (the kernel does not take this cache or input: the projection's own kernel)
+                q, k, v = self._project("qkv", ("q_proj", "k_proj", "v_proj"), attn, x)
+        else:
+            h, (q, k, v) = self._norm_and_qkv(h, delta, ops, quantize)
+        if a is None:
+            a = ops.attention(
+                q.view(B, T, attn.n_heads, attn.head_dim),
+                k.view(B, T, attn.n_kv_heads, attn.head_dim),
+                v.view(B, T, attn.n_kv_heads, attn.head_dim),
+                cos, sin, k_cache, v_cache, slots, mask, sub_weight, self.eps, quantize,
+            )
         if fold_o is not None and not fold_o.serves(a):  # e.g. a view the kernel cannot read: the norm apart
             a, fold_o = ops.norm_input(a, attn.attn_sub_norm.weight, self.eps, quantize), None
         tail = self._o_norm_tail(a, h, quantize, fold_o)
@@ -206,12 +229,22 @@ class BitNetDecoderLayer(nn.Module):
         if fold is not None and fold.serves(h, delta):
             summed, out = fold(h, delta)
             return (h if delta is None else summed), out.split(self.bound["qkv"].splits, dim=-1)
+        h, x = self._input_norm(h, delta, ops, quantize)
+        return h, self._project("qkv", ("q_proj", "k_proj", "v_proj"), self.self_attn, x)
+
+    def _input_norm(self, h, delta, ops, quantize: bool):
+        """``(h + delta, input_layernorm(h + delta))`` (``delta`` None: ``h`` and its norm), quantized where asked."""
         weight = self.input_layernorm.weight
         if delta is None:
-            x = ops.norm_input(h, weight, self.eps, quantize)
-        else:
-            h, x = ops.add_rms_norm(h, delta, weight, self.eps, quantize)
-        return h, self._project("qkv", ("q_proj", "k_proj", "v_proj"), self.self_attn, x)
+            return h, ops.norm_input(h, weight, self.eps, quantize)
+        return ops.add_rms_norm(h, delta, weight, self.eps, quantize)
+
+    def _qkv_in_attention(self, ops, quantize: bool, tokens: int) -> bool:
+        """Whether this step's q/k/v projection goes to the attention kernel: bound and wanted
+        (:func:`qkv_attention_wanted`), the norms quantize, one token in all, an ops set that has the kernel, and the
+        q/k/v projection not already folded with its norm (``norm_in_gemv``)."""
+        return (self.qkv_attention is not None and quantize and tokens == 1 and hasattr(ops, "qkv_attention")
+                and "qkv" not in self.norm_linears and qkv_attention_wanted(self.use_qkv_attention))
 
     def norms_before_projections(self) -> Dict[str, torch.Tensor]:
         """``{binding name: weight of the norm right before it}`` for the projections that can take their norm."""
@@ -282,6 +315,7 @@ class BitNetForCausalLM(nn.Module):
         self.mlp_kernel = "separate kernels (not prepared)"  # what runs the MLPs (prepare_for_inference sets it)
         self.norm_gemv = "separate kernels (not prepared)"  # what runs the norms before q/k/v and o (likewise)
         self.norm_tail = "separate kernels (not prepared)"  # what runs o_proj's post-attention norm (likewise)
+        self.qkv_attention_kernel = "separate q/k/v projection (not prepared)"  # (likewise)
         self.cpu_norm = "torch (not prepared)"  # what runs the norms on a CPU (likewise)
         # The lm_head quantized per row to 2 / 4 / 8 bits, when bind_lm_head asked for it (else the dense one).
         self.head_binding: Optional[PreparedLinear] = None
@@ -387,7 +421,7 @@ class BitNetForCausalLM(nn.Module):
         self, device=None, *, fuse: bool = True, offload_packed: bool = False, quantize_in_norms: bool = True,
         lm_head_bits: Optional[int] = None, fused_mlp: bool = True, embedding_on_host: bool = False,
         norm_in_mlp: Optional[bool] = None, norm_in_gemv: Optional[bool] = None, lm_head_activations: str = "float",
-        norm_tail: Optional[bool] = None,
+        norm_tail: Optional[bool] = None, qkv_in_attention: Optional[bool] = None,
     ) -> Dict[str, str]:
         """Resolve every projection's kernel and prepared weight once for ``device`` (see bindings).
 
@@ -415,6 +449,12 @@ class BitNetForCausalLM(nn.Module):
         it lost (881 against 887 tokens/s at batch 1, 1594 against 1685 at batch 2; notes v24), so it is off by
         default; None reads ``BITLAB_NORM_TAIL=on`` from the environment.  ``self.norm_tail`` says what runs and
         why; ``BITLAB_NORM_TAIL=off`` turns a bound one off at run time.
+        ``qkv_in_attention``: where the norms quantize and cuda_ext serves the fused q/k/v projection (sm_90), let the
+        one-row decode attention kernel compute q, k, v itself (:func:`backends.cuda_ext.decode_attention.
+        decode_qkv_attention`: one kernel fewer per layer at batch 1; the same bits).  Not yet timed, so off by
+        default; None reads ``BITLAB_QKV_ATTENTION=on`` from the environment.  The projection is bound wherever it
+        can run, so ``BITLAB_QKV_ATTENTION=on`` / ``off`` also decides at run time.  ``self.qkv_attention_kernel``
+        says what runs and why.
         ``embedding_on_host``: keep the embedding table in pinned host memory (see :meth:`offload_embedding`;
         with a tied table this needs ``lm_head_bits``).
         Returns ``{binding name: kernel name}`` for layer 0, e.g. ``{"qkv": "cuda_ext.Ternary...", ...}``.
@@ -427,6 +467,8 @@ class BitNetForCausalLM(nn.Module):
             norm_in_gemv = os.environ.get("BITLAB_NORM_GEMV", "") == "in"
         if norm_tail is None:
             norm_tail = os.environ.get("BITLAB_NORM_TAIL", "") == "on"
+        if qkv_in_attention is None:
+            qkv_in_attention = os.environ.get("BITLAB_QKV_ATTENTION", "") == "on"
         self.eval()
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -454,12 +496,22 @@ class BitNetForCausalLM(nn.Module):
             elif norm_tail:
                 layer.o_norm_tail, tail_why = bind_norm_tail(layer.bound.get("o_proj"),
                                                              layer.post_attention_layernorm.weight, layer.eps)
+            layer.qkv_attention, qkv_why = None, "the norms do not quantize"
+            if layer.quantized_inputs:
+                layer.qkv_attention, qkv_why = bind_qkv_attention(layer.bound, self.config)
+            layer.use_qkv_attention = bool(qkv_in_attention)
         self.norm_gemv = describe_norm_linears(self.model.layers[0].norm_linears, norm_why)
         tail = self.model.layers[0].o_norm_tail
         self.norm_tail = (f"cuda_ext.linear_int8_norm_tail (o_proj, the residual add and post_attention_layernorm in "
                           f"one kernel up to {tail.max_tokens} tokens)" if tail is not None
                           else f"separate kernels ({tail_why})")
         first = self.model.layers[0]
+        if first.qkv_attention is None:
+            self.qkv_attention_kernel = f"separate q/k/v projection ({qkv_why})"
+        else:
+            use = "on" if qkv_in_attention else "off by default (BITLAB_QKV_ATTENTION=on turns it on)"
+            self.qkv_attention_kernel = ("cuda_ext.decode_qkv_attention (the q/k/v projection inside the one-row "
+                                         f"attention kernel): {use}")
         self.mlp_kernel = f"separate kernels ({why})"
         if first.fused_mlp is not None:
             limit = min(first.fused_mlp.max_tokens, FUSED_MLP_MAX_TOKENS)
@@ -542,6 +594,7 @@ class BitNetForCausalLM(nn.Module):
         self.mlp_kernel = "separate kernels (not prepared)"
         self.norm_gemv = "separate kernels (not prepared)"
         self.norm_tail = "separate kernels (not prepared)"
+        self.qkv_attention_kernel = "separate q/k/v projection (not prepared)"
         self.cpu_norm = "torch (not prepared)"
         if isinstance(self.ops, CpuNormOps):
             self.ops = self.ops.base
@@ -552,6 +605,7 @@ class BitNetForCausalLM(nn.Module):
             layer.norm_in_mlp = False
             layer.norm_linears = {}
             layer.o_norm_tail = None
+            layer.qkv_attention = None
 
     def use_compiled_ops(self, enabled: bool = True, **compile_kwargs) -> None:
         """Run the float operations through ``torch.compile`` (fused kernels) or eagerly."""

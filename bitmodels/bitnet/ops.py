@@ -449,6 +449,26 @@ class FusedDecodeAttentionOps:
             return out.view(B, 1, -1)
         return self.base.norm_input(out.view(B, 1, -1), sub_norm_weight, eps, quantize)
 
+    def qkv_attention(self, x, qkv, cos, sin, k_cache, v_cache, slots, mask, sub_norm_weight, eps, quantize=False):
+        """The attention of one row whose q/k/v projection (``qkv``, a bound ``FusedQkv``) runs inside the kernel on
+        ``x``, the input norm's int8 output (:func:`backends.cuda_ext.decode_attention.decode_qkv_attention`), then
+        ``attn_sub_norm`` as :meth:`attention`; None where the kernel does not take them (the caller then projects
+        and calls :meth:`attention`)."""
+        from backends.cuda_ext import decode_attention as fused
+        from bitmodels.bitnet.bindings import QuantizedActivation
+
+        if not isinstance(x, QuantizedActivation) or k_cache is None or mask is None or k_cache.shape[0] != 1:
+            return None
+        xq = x.q.reshape(-1, x.q.shape[-1])
+        if xq.shape != (1, qkv.in_features) or fused.qkv_cluster(qkv, k_cache.dtype, k_cache.shape[2]) == 0:
+            return None
+        out = fused.decode_qkv_attention(xq, x.scale.reshape(1), qkv, cos.reshape(1, -1), sin.reshape(1, -1),
+                                         k_cache, v_cache, slots.reshape(1), mask.reshape(1, -1),
+                                         dependent_launch=True)  # after the input norm, which writes no cache
+        if sub_norm_weight is None:
+            return out.view(1, 1, -1)
+        return self.base.norm_input(out.view(1, 1, -1), sub_norm_weight, eps, quantize)
+
 
 _SHARED: dict = {}
 

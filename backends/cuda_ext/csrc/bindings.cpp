@@ -454,6 +454,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_ext_rms_norm_quant(const at:
   return {h, q, scale};
 }
 
+// The arguments both attention ops fill alike (rows B and heads KVH, S, D from the caches).  dependent_launch (the
+// caller's promise that no kernel still running when this one starts writes the caches: not the one before it on
+// the stream, nor one that kernel lets start early; BitNet's q/k/v projection and the norm before it write none):
+// launched as a programmatic dependent, the first chunk's cache loads (and the QKV kernel's weight tiles) leave
+// before the wait for its input (decode_attention.cu).  BITLAB_ATTN_PDL=0 launches it plainly all the same (read
+// per call; a CUDA graph keeps what its capture saw).
+bitlab::DecodeAttentionArgs attention_args(const at::Tensor& cs, const at::Tensor& sn, at::Tensor& k_cache,
+                                           at::Tensor& v_cache, const at::Tensor& slot, const at::Tensor& mask,
+                                           at::Tensor& out, int64_t H, double scale, bool dependent_launch) {
+  bitlab::DecodeAttentionArgs a{};
+  a.cos = cs.data_ptr(); a.sin = sn.data_ptr();
+  a.k_cache = k_cache.data_ptr(); a.v_cache = v_cache.data_ptr();
+  a.slot = slot.data_ptr<int64_t>();
+  a.mask = static_cast<const uint8_t*>(mask.data_ptr());
+  a.mask_row = mask.stride(0);
+  a.out = out.data_ptr();
+  a.dtype = dtype_code(k_cache.scalar_type());
+  a.B = k_cache.size(0); a.H = H; a.KVH = k_cache.size(1); a.D = k_cache.size(3); a.S = k_cache.size(2);
+  a.scale = static_cast<float>(scale);
+  a.pdl = dependent_launch && !bitlab::env_is("BITLAB_ATTN_PDL", "0");
+  return a;
+}
+
 // One-token attention with rotary + cache write (decode_attention.cu, sm_90); inputs checked in Python
 // first (backends/cuda_ext/decode_attention.py), again here.
 at::Tensor cuda_ext_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -476,26 +499,67 @@ at::Tensor cuda_ext_decode_attention(const at::Tensor& q, const at::Tensor& k, c
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({B, H * D}, q.options());
   at::Tensor cs = cos.contiguous(), sn = sin.contiguous();
-  bitlab::DecodeAttentionArgs a{};
+  bitlab::DecodeAttentionArgs a = attention_args(cs, sn, k_cache, v_cache, slot, mask, out, H, scale, dependent_launch);
   a.q = q.data_ptr(); a.k = k.data_ptr(); a.v = v.data_ptr();
   a.q_row = q.stride(0); a.k_row = k.stride(0); a.v_row = v.stride(0);
-  a.cos = cs.data_ptr(); a.sin = sn.data_ptr();
-  a.k_cache = k_cache.data_ptr(); a.v_cache = v_cache.data_ptr();
-  a.slot = slot.data_ptr<int64_t>();
-  a.mask = static_cast<const uint8_t*>(mask.data_ptr());
-  a.mask_row = mask.stride(0);
-  a.out = out.data_ptr();
-  a.dtype = dtype_code(q.scalar_type());
-  a.B = B; a.H = H; a.KVH = KVH; a.D = D; a.S = S;
-  a.scale = static_cast<float>(scale);
-  // dependent_launch (the caller's promise that no kernel still running when this one starts writes the
-  // caches: not the one before it on the stream, nor one that kernel lets start early; BitNet's q/k/v
-  // projection and the norm before it write none): launched as a programmatic dependent, the first
-  // chunk's cache loads leave before the wait for q, k, v (decode_attention.cu).  BITLAB_ATTN_PDL=0 launches
-  // it plainly all the same (read per call; a CUDA graph keeps what its capture saw).
-  a.pdl = dependent_launch && !bitlab::env_is("BITLAB_ATTN_PDL", "0");
   check_cuda(bitlab::launch_decode_attention(a, c10::cuda::getCurrentCUDAStream()), "decode_attention kernel");
   return out;
+}
+
+// The same attention for one row with the fused q/k/v projection inside (decode_attention.cu, QKV): xq [1, K] int8
+// and its scale [1], the projection's ternary lane tiles wq and per-row scales w_scale [(H + 2 KVH) D].  Inputs
+// checked in Python first (backends/cuda_ext/decode_attention.py), again here.
+at::Tensor cuda_ext_decode_qkv_attention(const at::Tensor& xq, const at::Tensor& x_scale, const at::Tensor& wq,
+                                         const at::Tensor& w_scale, const at::Tensor& cos, const at::Tensor& sin,
+                                         at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot,
+                                         const at::Tensor& mask, double scale, int64_t H, bool dependent_launch) {
+  const char* op = "cuda_ext_decode_qkv_attention";
+  BITLAB_CHECK(k_cache.is_cuda() && k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == 1,
+              op, ": caches must be contiguous CUDA [1, KVH, S, D]");
+  const int64_t KVH = k_cache.size(1), S = k_cache.size(2), D = k_cache.size(3);
+  BITLAB_CHECK(D == 64 || D == 128, op, ": head_dim ", D, " not 64 or 128");
+  const int64_t G = KVH > 0 && H % KVH == 0 ? H / KVH : 0;
+  BITLAB_CHECK(G == 1 || G == 2 || G == 4 || G == 8, op, ": heads ", H, " / kv heads ", KVH);
+  BITLAB_CHECK(xq.scalar_type() == at::kChar && xq.dim() == 2 && xq.size(0) == 1 && xq.stride(1) == 1 &&
+                  xq.device() == k_cache.device() && reinterpret_cast<uintptr_t>(xq.data_ptr()) % 16 == 0,
+              op, ": xq must be one 16-byte aligned int8 row [1, K] on the caches' device");
+  const int64_t K = xq.size(1), Kp = (K + 127) / 128 * 128, N = (H + 2 * KVH) * D;
+  BITLAB_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.numel() == 1 && x_scale.device() == xq.device(), op,
+              ": x_scale must be one float32 on the GPU");
+  BITLAB_CHECK(wq.scalar_type() == at::kInt && wq.is_contiguous() && wq.device() == xq.device() &&
+                  reinterpret_cast<uintptr_t>(wq.data_ptr()) % 16 == 0 && wq.numel() >= N / 16 * (Kp / 128) * 128,
+              op, ": wq must be contiguous, 16-byte aligned int32 lane tiles of [", N, ", ", K, "] on the GPU");
+  BITLAB_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() && w_scale.numel() == N &&
+                  w_scale.device() == xq.device(),
+              op, ": w_scale must be contiguous float32 per row [", N, "]");
+  const at::ScalarType dt = k_cache.scalar_type();
+  BITLAB_CHECK((dt == at::kHalf || dt == at::kBFloat16) && cos.scalar_type() == dt && sin.scalar_type() == dt &&
+                  cos.numel() == D && sin.numel() == D,
+              op, ": caches float16 / bfloat16, cos and sin [1, ", D, "] of that dtype");
+  BITLAB_CHECK(mask.dim() == 2 && mask.size(0) == 1 && mask.size(1) == S && mask.stride(1) == 1 &&
+                  mask.element_size() == 1, op, ": mask must be [1, S] bool/uint8");
+  BITLAB_CHECK(slot.scalar_type() == at::kLong && slot.numel() == 1, op, ": slot must be int64 [1]");
+  const c10::cuda::CUDAGuard guard(xq.device());
+  at::Tensor out = at::empty({1, H * D}, k_cache.options());
+  at::Tensor cs = cos.contiguous(), sn = sin.contiguous();
+  bitlab::DecodeAttentionArgs a = attention_args(cs, sn, k_cache, v_cache, slot, mask, out, H, scale, dependent_launch);
+  a.xq = static_cast<const int8_t*>(xq.data_ptr());
+  a.x_scale = x_scale.data_ptr<float>();
+  a.wq = reinterpret_cast<const uint32_t*>(wq.data_ptr<int32_t>());
+  a.w_scale = w_scale.data_ptr<float>();
+  a.K = static_cast<int>(K);
+  a.Kp = static_cast<int>(Kp);
+  check_cuda(bitlab::launch_decode_qkv_attention(a, c10::cuda::getCurrentCUDAStream()), "decode_qkv_attention kernel");
+  return out;
+}
+
+// Blocks per cluster the q/k/v attention kernel takes for these sizes on the current device (0: it does not run them).
+int64_t cuda_ext_decode_qkv_attention_cluster(at::ScalarType dtype, int64_t H, int64_t KVH, int64_t D, int64_t K,
+                                              int64_t S) {
+  if (dtype != at::kHalf && dtype != at::kBFloat16) return 0;
+  return bitlab::decode_qkv_attention_cluster(dtype_code(dtype), static_cast<int>(H), static_cast<int>(KVH),
+                                              static_cast<int>(D), static_cast<int>(K), static_cast<int>(S));
 }
 
 // BitNet's MLP in one kernel (bitnet_mlp.cu, sm_90); inputs checked in Python first
@@ -816,6 +880,12 @@ TORCH_LIBRARY_FRAGMENT(bitlab, m) {
   m.def(
       "cuda_ext_decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
       "Tensor(b!) v_cache, Tensor slot, Tensor mask, float scale, bool dependent_launch=False) -> Tensor");
+  m.def(
+      "cuda_ext_decode_qkv_attention(Tensor xq, Tensor x_scale, Tensor wq, Tensor w_scale, Tensor cos, Tensor sin, "
+      "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot, Tensor mask, float scale, int H, "
+      "bool dependent_launch=False) -> Tensor");
+  m.def("cuda_ext_decode_qkv_attention_cluster(ScalarType dtype, int H, int KVH, int D, int K, int S) -> int",
+        &cuda_ext_decode_qkv_attention_cluster);
   m.def("cuda_ext_gather_host_rows(Tensor table, Tensor ids) -> Tensor");
   m.def(
       "cuda_ext_gather_step_inputs(Tensor table, Tensor ids, Tensor cos_table, Tensor sin_table, Tensor positions) "
@@ -846,6 +916,7 @@ TORCH_LIBRARY_IMPL(bitlab, CUDA, m) {
   m.impl("cuda_ext_linear_int8_norm", &cuda_ext_linear_int8_norm);
   m.impl("cuda_ext_linear_int8_norm_tail", &cuda_ext_linear_int8_norm_tail);
   m.impl("cuda_ext_decode_attention", &cuda_ext_decode_attention);
+  m.impl("cuda_ext_decode_qkv_attention", &cuda_ext_decode_qkv_attention);
   m.impl("cuda_ext_bitnet_mlp", &cuda_ext_bitnet_mlp);
   m.impl("cuda_ext_bitnet_mlp_norm", &cuda_ext_bitnet_mlp_norm);
   m.impl("cuda_ext_gather_host_rows", &cuda_ext_gather_host_rows);

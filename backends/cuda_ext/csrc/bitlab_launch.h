@@ -212,6 +212,14 @@ struct DecodeAttentionArgs {
   float scale;
   int pdl;               // launch as a programmatic dependent of the kernel before it
   int merge;             // set by the launcher: kAttentionMergePush, or for A/B (BITLAB_ATTN_MERGE) a pull merge
+  // launch_decode_qkv_attention only (B == 1; q, k, v unused): the kernel computes this step's q, k, v itself,
+  // q/k/v = T(acc * x_scale * w_scale[row]) of the fused q/k/v projection (rows: H D queries, KVH D keys, KVH D
+  // values) on the int8 input, as the int8 GEMV's epilogue rounds them.
+  const int8_t* xq;      // [Kp] int8, zero past the input length
+  const float* x_scale;  // [1]
+  const uint32_t* wq;    // ternary int8-path lane tiles of the fused projection ((H + 2 KVH) D / 16 m-tiles)
+  const float* w_scale;  // [(H + 2 KVH) D] float32, per row
+  int K, Kp;             // input length, and padded: a multiple of 128
 };
 // How the blocks of an attention cluster combine their partial sums (decode_attention.cu).
 enum AttentionMerge : int {
@@ -220,6 +228,14 @@ enum AttentionMerge : int {
   kAttentionMergeBlock0 = 2,  // BITLAB_ATTN_MERGE=block0: block 0 reads every output from every block
 };
 cudaError_t launch_decode_attention(const DecodeAttentionArgs& args, cudaStream_t stream);
+// The same attention for one row (B == 1) with the q/k/v projection inside (DecodeAttentionArgs::xq ...): each
+// cluster computes its KV head's (G + 2) D rows from weight tiles copied into shared memory before the wait.
+cudaError_t launch_decode_qkv_attention(const DecodeAttentionArgs& args, cudaStream_t stream);
+// Blocks per cluster launch_decode_qkv_attention would take for these sizes (dtype kDtypeHalf / kDtypeBFloat16,
+// K inputs, S cache positions) on the current device, or 0 where it cannot run them (sm_90, D 64 / 128, groups
+// 1-8, the block's weight tiles within kQkvAttentionTileBytes).
+int decode_qkv_attention_cluster(int dtype, int H, int KVH, int D, int K, int S);
+constexpr int kQkvAttentionTileBytes = 96 * 1024;  // most weight-tile bytes one block of the cluster holds
 
 // BitNet's MLP for up to kBitnetMlpMaxTokens tokens in one persistent kernel (bitnet_mlp.cu, sm_90):
 //   g = T(xq . gate * x_scale * gate_scale), u likewise, m = T(T(relu(g)^2) * u)   (phase A)

@@ -29,6 +29,15 @@
 // It lets the next kernel (attn_sub_norm) launch at its start and, when launched as a programmatic
 // dependent of the q/k/v projection (bindings.cpp), starts the first chunk's cache loads, which do not
 // depend on that kernel, before it waits.
+//
+// With the q/k/v projection inside (QKV; launch_decode_qkv_attention, one row): the cluster of KV head h
+// computes that head's G D query rows, D key rows and D value rows of the fused projection itself.  Block r
+// owns m-tiles [r T / C, (r + 1) T / C) of those T = (G + 2) D / 16, copies their weight tiles into shared
+// memory before the wait (the weights are written by no kernel), and after it multiplies them by the int8
+// input (the int8 GEMV's decode + mma and epilogue rounding: the same q, k, v bits as the projection's kernel)
+// and writes the rows into every block of the cluster (distributed shared memory, one cluster barrier).  Steps
+// 1-5 then read q, k, v from shared memory.  This takes the projection's kernel, its launch and its output's
+// round trip through L2 out of the step.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -37,7 +46,9 @@
 #include <cstdlib>
 
 #include "bitlab_cp_async.cuh"
+#include "bitlab_gemv_bulk.cuh"
 #include "bitlab_launch.h"
+#include "bitlab_mma.cuh"
 #include "bitlab_timeline.cuh"
 
 // 2 D threads per block, two blocks per multiprocessor (registers capped at 128: batch 8 of the
@@ -90,7 +101,19 @@ struct AttentionShared {
 // TPK threads per key in the score pass (each a D / TPK part of the row): a chunk is 2 D / TPK keys.
 // PUSH: the push merge (below); without it a pull merge, a.merge (for A/B: a kernel of its own, as the pull
 // merge's registers made the push kernel spill).
-template <typename T, int D, int G, int TPK, bool PUSH>
+// (G + 2) D rows of the fused q/k/v projection serve KV head h: its local row i is global row qkv_row(i).
+template <int D, int G>
+__device__ __forceinline__ int qkv_row(int i, int h, int H, int KVH) {
+  if (i < G * D) return h * G * D + i;
+  if (i < (G + 1) * D) return H * D + h * D + (i - G * D);
+  return (H + KVH) * D + h * D + (i - (G + 1) * D);
+}
+
+// Dynamic shared memory of the QKV kernel for nt weight tiles per block: the input, the tiles, the warps'
+// partial sums.
+inline int qkv_smem_bytes(int Kp, int nt, int warps) { return Kp + nt * (Kp / 128) * 512 + warps * nt * 16 * 4; }
+
+template <typename T, int D, int G, int TPK, bool PUSH, bool QKV = false>
 __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttentionArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
@@ -109,6 +132,34 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
   BITLAB_TIMELINE_BEGIN(a.k_cache);  // (benchmarks/csrc/attention_timeline.cu)
   BITLAB_STAMP(0);
   pdl_launch_dependents();
+  // QKV: this block's m-tiles [qt0, qt0 + nqt) of the cluster's q/k/v rows; their weight tiles leave now.
+  constexpr int QTILES = (G + 2) * D / 16;
+  __shared__ __align__(16) T qkv_rows[QKV ? (G + 2) * D : 8];  // this step's q, k, v (every block: all rows)
+  __shared__ __align__(8) uint64_t qkv_bar[1];
+  int qt0 = 0, nqt = 0, qchunks = 0;
+  unsigned char *qkv_x = nullptr, *qkv_tiles = nullptr;
+  int* qkv_part = nullptr;
+  if constexpr (QKV) {
+    extern __shared__ __align__(128) unsigned char qkv_dynamic[];
+    qt0 = rank * QTILES / C;
+    nqt = (rank + 1) * QTILES / C - qt0;
+    qchunks = a.Kp / 128;
+    const int tile_bytes = qchunks * 512;
+    qkv_x = qkv_dynamic;
+    qkv_tiles = qkv_dynamic + a.Kp;
+    qkv_part = reinterpret_cast<int*>(qkv_tiles + nqt * tile_bytes);
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");  // waited on before the row exchange
+    if (t == 0 && nqt > 0) {
+      mbar_init(qkv_bar, 1);
+      mbar_init_fence();
+      mbar_arrive_expect_bytes(qkv_bar, nqt * tile_bytes);
+#pragma unroll 1
+      for (int lt = 0; lt < nqt; ++lt) {
+        const long tile = qkv_row<D, G>((qt0 + lt) * 16, h, a.H, a.KVH) / 16;
+        bulk_copy_to_shared(qkv_tiles + lt * tile_bytes, a.wq + tile * qchunks * 128, tile_bytes, qkv_bar);
+      }
+    }
+  }
   T* kc = static_cast<T*>(a.k_cache) + static_cast<long>(bh) * a.S * D;
   T* vc = static_cast<T*>(a.v_cache) + static_cast<long>(bh) * a.S * D;
   const int j = t / TPK, hf = t % TPK;  // score pass: key j of the chunk, part hf of its row
@@ -149,13 +200,71 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
   BITLAB_STAMP(2);  // the wait returned
   if (first_chunk) load_mask(rank);
 
+  if constexpr (QKV) {
+    // 0'. q, k, v of KV head h: the int8 input into shared memory (zeros past K), the block's m-tiles multiplied
+    // (warp w takes chunks w, w + WARPS, ... of each tile), then its rows into every block of the cluster.
+#pragma unroll 1
+    for (int i = t; i < a.Kp / 16; i += NT) {
+      uint4 piece;
+      if (16 * i + 16 <= a.K) {
+        piece = __ldg(reinterpret_cast<const uint4*>(a.xq) + i);
+      } else {  // the row's tail: bytes one at a time, zeros past K
+        uint32_t words[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+        for (int k = 0; k < 16; ++k)
+          if (16 * i + k < a.K)
+            words[k >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(a.xq[16 * i + k])) << (8 * (k & 3));
+        piece = make_uint4(words[0], words[1], words[2], words[3]);
+      }
+      reinterpret_cast<uint4*>(qkv_x)[i] = piece;
+    }
+    __syncthreads();  // (also: the tiles' barrier is initialised before any thread waits on it)
+    if (nqt > 0) {
+      mbar_wait(qkv_bar, 0);
+      const int g8 = lane >> 2, t4 = lane & 3;
+#pragma unroll 1
+      for (int lt = 0; lt < nqt; ++lt) {
+        int acc[1][1][1][4] = {};
+#pragma unroll 1
+        for (int c = warp; c < qchunks; c += WARPS) {
+          uint32_t w[1][2 * FormatBits<kTernary>::value];
+          load_lane_tile_shared<kTernary>(w[0], qkv_tiles + (static_cast<long>(lt) * qchunks + c) * 512, lane);
+          uint32_t xb[1][PathTraits<int8_t>::xwords];
+          load_x_shared<int8_t>(xb[0], qkv_x + c * 128, g8 == 0, t4);
+          mma_chunk<kTernary, int8_t>(acc, w, xb);
+        }
+        if (t4 == 0) {  // token 0: rows g8 and g8 + 8 of the tile
+          qkv_part[(warp * nqt + lt) * 16 + g8] = acc[0][0][0][0];
+          qkv_part[(warp * nqt + lt) * 16 + g8 + 8] = acc[0][0][0][2];
+        }
+      }
+    }
+    __syncthreads();
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");  // every block of the cluster has started
+    const float xsc = *a.x_scale;
+#pragma unroll 1
+    for (int idx = t; idx < nqt * 16; idx += NT) {
+      const int lt = idx / 16, r = idx % 16, i = (qt0 + lt) * 16 + r;
+      int sum = 0;
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) sum += qkv_part[(w * nqt + lt) * 16 + r];
+      // the int8 GEMV's epilogue (epilogue_value): acc * x_scale, then * w_scale[row], rounded to T
+      const float w_scale = a.w_scale[qkv_row<D, G>(i, h, a.H, a.KVH)];
+      const T v = from_float<T>(__fmul_rn(__fmul_rn(static_cast<float>(sum), xsc), w_scale));
+#pragma unroll 1
+      for (int k = 0; k < C; ++k) cluster.map_shared_rank(qkv_rows, k)[i] = v;
+    }
+    cluster.sync();  // every block holds all (G + 2) D rows
+    BITLAB_STAMP(2);  // (QKV: the rows exchanged)
+  }
+
   // 1. rotary (x * cos + rotate_half(x) * sin) of the queries and the new key; cache write.
   const long slot = *a.slot;
   if (t < D) {
     const int d = t;
-    const T* q = static_cast<const T*>(a.q) + b * a.q_row + static_cast<long>(h) * G * D;
-    const T* kx = static_cast<const T*>(a.k) + b * a.k_row + static_cast<long>(h) * D;
-    const T* vx = static_cast<const T*>(a.v) + b * a.v_row + static_cast<long>(h) * D;
+    const T* q = QKV ? qkv_rows : static_cast<const T*>(a.q) + b * a.q_row + static_cast<long>(h) * G * D;
+    const T* kx = QKV ? qkv_rows + G * D : static_cast<const T*>(a.k) + b * a.k_row + static_cast<long>(h) * D;
+    const T* vx = QKV ? qkv_rows + (G + 1) * D : static_cast<const T*>(a.v) + b * a.v_row + static_cast<long>(h) * D;
     const float c = to_float(static_cast<const T*>(a.cos)[static_cast<long>(b) * D + d]);
     const float sn = to_float(static_cast<const T*>(a.sin)[static_cast<long>(b) * D + d]);
     constexpr int HALF = D / 2;
@@ -445,7 +554,120 @@ cudaError_t launch_decode_attention_d(const DecodeAttentionArgs& a, cudaStream_t
   }
 }
 
+// The QKV kernel's layout for one row: the attention kernel's chunk layout and cluster size
+// (launch_decode_attention_g), with at least the blocks that hold the cluster's weight tiles within
+// kQkvAttentionTileBytes each (more blocks than chunks is allowed: a block past the last chunk adds nothing to the
+// merge); past 8 blocks the half-chunk layout (up to 16).  C = 0 where no cluster of that kernel fits.
+struct QkvLayout {
+  int C = 0, tpk = 0, smem = 0;
+};
+
+// Whether clusters of C blocks of the QKV kernel with smem bytes of dynamic shared memory can be resident; the
+// kernel's attributes are set on the way (cached per C for the last smem asked).
+template <typename T, int D, int G, int TPK>
+bool qkv_cluster_fits(int C, int smem) {
+  static int fits_smem[kMaxCluster + 1] = {}, fits[kMaxCluster + 1] = {};
+  if (fits_smem[C] != smem) {
+    auto kernel = decode_attention_kernel<T, D, G, TPK, true, true>;
+    bool ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess &&
+              (C <= kMaxPortableCluster ||
+               cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess);
+    if (ok) {
+      const ClusterLaunch launch(dim3(C), C, smem, nullptr, 2 * D);
+      int n = 0;
+      ok = cudaOccupancyMaxActiveClusters(&n, kernel, &launch.cfg) == cudaSuccess && n > 0;
+    }
+    cudaGetLastError();  // a refused query leaves no error behind for the launch
+    fits[C] = ok ? 1 : -1;
+    fits_smem[C] = smem;
+  }
+  return fits[C] == 1;
+}
+
+template <typename T, int D, int G>
+QkvLayout qkv_layout(int KVH, int K, int S) {
+  constexpr int TILES = (G + 2) * D / 16, WARPS = 2 * D / 32;
+  const int Kp = (K + 127) / 128 * 128, tile_bytes = Kp / 128 * 512;
+  const int need = (TILES * tile_bytes + kQkvAttentionTileBytes - 1) / kQkvAttentionTileBytes;
+  const int chunks = (S + D - 1) / D, half_chunks = (S + D / 2 - 1) / (D / 2);
+  const bool force_full = env_is("BITLAB_ATTN_KEYS", "full"), force_half = env_is("BITLAB_ATTN_KEYS", "half");
+  const int C_half = attention_cluster_size(KVH, half_chunks, kMaxCluster);
+  bool half = !force_full && (force_half || C_half == half_chunks);
+  int C = half ? C_half : attention_cluster_size(KVH, chunks, kMaxPortableCluster);
+  if (C < need) C = need;
+  if (C > kMaxPortableCluster) half = true;
+  QkvLayout L;
+  if (C > kMaxCluster || C > TILES) return L;
+  const int smem = qkv_smem_bytes(Kp, (TILES + C - 1) / C, WARPS);
+  if (!(half ? qkv_cluster_fits<T, D, G, 4>(C, smem) : qkv_cluster_fits<T, D, G, 2>(C, smem))) return L;
+  L.C = C;
+  L.tpk = half ? 4 : 2;
+  L.smem = smem;
+  return L;
+}
+
+template <typename T, int D, int G>
+cudaError_t launch_decode_qkv_attention_g(const DecodeAttentionArgs& args, cudaStream_t stream) {
+  const QkvLayout L = qkv_layout<T, D, G>(args.KVH, args.K, args.S);
+  if (L.C == 0) return cudaErrorNotSupported;
+  DecodeAttentionArgs a = args;
+  a.merge = kAttentionMergePush;
+  ClusterLaunch launch(dim3(a.KVH * L.C), L.C, L.smem, stream, 2 * D);
+  if (a.pdl && device_has_pdl()) launch.as_dependent();
+  return L.tpk == 4 ? cudaLaunchKernelEx(&launch.cfg, decode_attention_kernel<T, D, G, 4, true, true>, a)
+                    : cudaLaunchKernelEx(&launch.cfg, decode_attention_kernel<T, D, G, 2, true, true>, a);
+}
+
+// The QKV kernel's dispatch over the head dim and group size (the instantiations launch_decode_attention has):
+// its cluster size (0: not served) or its launch.
+template <typename T, int D>
+int qkv_cluster_d(int G, int KVH, int K, int S) {
+  switch (G) {
+    case 1: return qkv_layout<T, D, 1>(KVH, K, S).C;
+    case 2: return qkv_layout<T, D, 2>(KVH, K, S).C;
+    case 4: return qkv_layout<T, D, 4>(KVH, K, S).C;
+    case 8: return qkv_layout<T, D, 8>(KVH, K, S).C;
+    default: return 0;
+  }
+}
+template <typename T>
+int qkv_cluster_t(int D, int G, int KVH, int K, int S) {
+  return D == 128 ? qkv_cluster_d<T, 128>(G, KVH, K, S) : D == 64 ? qkv_cluster_d<T, 64>(G, KVH, K, S) : 0;
+}
+template <typename T, int D>
+cudaError_t launch_qkv_d(const DecodeAttentionArgs& a, cudaStream_t stream) {
+  switch (a.H / a.KVH) {
+    case 1: return launch_decode_qkv_attention_g<T, D, 1>(a, stream);
+    case 2: return launch_decode_qkv_attention_g<T, D, 2>(a, stream);
+    case 4: return launch_decode_qkv_attention_g<T, D, 4>(a, stream);
+    case 8: return launch_decode_qkv_attention_g<T, D, 8>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+template <typename T>
+cudaError_t launch_qkv_t(const DecodeAttentionArgs& a, cudaStream_t stream) {
+  if (a.D == 128) return launch_qkv_d<T, 128>(a, stream);
+  return a.D == 64 ? launch_qkv_d<T, 64>(a, stream) : cudaErrorInvalidValue;
+}
+
 }  // namespace
+
+int decode_qkv_attention_cluster(int dtype, int H, int KVH, int D, int K, int S) {
+  if (device_major() < 9 || KVH < 1 || H % KVH != 0 || K < 1 || S < 1) return 0;
+  if (dtype == kDtypeHalf) return qkv_cluster_t<__half>(D, H / KVH, KVH, K, S);
+  if (dtype == kDtypeBFloat16) return qkv_cluster_t<__nv_bfloat16>(D, H / KVH, KVH, K, S);
+  return 0;
+}
+
+cudaError_t launch_decode_qkv_attention(const DecodeAttentionArgs& a, cudaStream_t stream) {
+  if (device_major() < 9) return cudaErrorNotSupported;
+  if (a.B != 1 || a.xq == nullptr || a.wq == nullptr || a.Kp % 128 != 0 || a.K < 1 || a.K > a.Kp ||
+      a.KVH < 1 || a.H % a.KVH != 0)
+    return cudaErrorInvalidValue;
+  if (a.dtype == kDtypeHalf) return launch_qkv_t<__half>(a, stream);
+  if (a.dtype == kDtypeBFloat16) return launch_qkv_t<__nv_bfloat16>(a, stream);
+  return cudaErrorInvalidValue;
+}
 
 cudaError_t launch_decode_attention(const DecodeAttentionArgs& a, cudaStream_t stream) {
   if (a.B == 0) return cudaSuccess;

@@ -7,6 +7,7 @@ import torch
 
 from backends.cuda_ext import decode_attention as fused
 from bitmodels.bitnet.ops import rotary_table
+from tests.backends.cuda_ext.int8_weights import fresh_generator, prepared_weight
 
 
 def reference(q, k, v, cos, sin, k_cache, v_cache, slot, mask):
@@ -28,6 +29,19 @@ def reference(q, k, v, cos, sin, k_cache, v_cache, slot, mask):
     scores = scores.masked_fill(~attend[:, None, None], float("-inf"))
     out = torch.einsum("bhgs,bhsd->bhgd", scores.softmax(-1), vc.float())
     return out.reshape(B, H * D), kc, vc
+
+
+def capture(step):
+    """``(graph, output)`` of ``step`` captured after one run on a side stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
 
 
 def make_inputs(B, H, KVH, D, S, slot, dtype, seed, pads=None):
@@ -157,14 +171,7 @@ def test_dependent_launch_after_the_projection_equals_a_plain_launch(cuda_ext_op
         torch.mul(source, 0.5, out=qkv)  # the "projection": writes q, k, v right before the attention
         return fused.decode_attention(q, k, v, cos, sin, k_cache, v_cache, slot_t, mask, dependent_launch=True)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture(step)
     for i in range(3):
         source.copy_(torch.randn_like(source))
         k_cache.copy_(kc0)
@@ -215,3 +222,105 @@ def test_bad_inputs_are_named_before_the_op():
     with pytest.raises(ValueError, match="dtype torch.float32"):
         fused.decode_attention(q.float(), k, v, *rest)
     assert fused.supports(q, cache) == "queries on cpu, not CUDA"
+
+
+def qkv_case(H, KVH, D, K, S, slot, dtype, gen):
+    """A prepared ternary q/k/v projection, an int8 input row and a cache: the kernel's inputs."""
+    from bitcore.quantize import quantize_activation_int8
+
+    w = prepared_weight((H + 2 * KVH) * D, K, gen)
+    x = torch.randn(1, K, generator=gen).to("cuda", dtype)
+    xq, xs = quantize_activation_int8(x, "per_token")
+    cos, sin = rotary_table(D, 500000.0, S)
+    cos, sin = cos[slot:slot + 1].to("cuda", dtype), sin[slot:slot + 1].to("cuda", dtype)
+    k_cache = torch.randn(1, KVH, S, D, generator=gen).to("cuda", dtype)
+    v_cache = torch.randn(1, KVH, S, D, generator=gen).to("cuda", dtype)
+    mask = (torch.arange(S) <= slot)[None].cuda()
+    slot_t = torch.tensor([slot], device="cuda")
+    return w, xq.contiguous(), xs.reshape(1).float(), cos, sin, k_cache, v_cache, slot_t, mask
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H,KVH,D,K,S,slot,exact", [
+    (20, 5, 128, 2560, 640, 600, True),   # BitNet 2B: 10 blocks of 64 keys per KV head, 4-5 m-tiles each
+    (20, 5, 128, 2560, 2500, 2400, True),  # long cache: chunks of 128 keys over clusters of 8
+    (8, 8, 64, 1000, 300, 299, True),      # groups of 1, an input length that is not a multiple of 128
+    (16, 2, 128, 512, 64, 10, False),      # groups of 8, one chunk of keys: more blocks than chunks for the tiles
+    (4, 2, 64, 4096, 40, 39, False),       # long rows: the tiles need more blocks than the keys
+])
+def test_qkv_inside_equals_the_projection_then_the_kernel(cuda_ext_ops, dtype, H, KVH, D, K, S, slot, exact):
+    from backends.cuda_ext.kernels import CudaExtInt8Kernel
+
+    gen, seed = fresh_generator()
+    w, xq, xs, cos, sin, k_cache, v_cache, slot_t, mask = qkv_case(H, KVH, D, K, S, slot, dtype, gen)
+    qkv = fused.prepare_qkv_attention(w, H, KVH, D)
+    assert fused.qkv_cluster(qkv, dtype, S) > 0
+    proj = CudaExtInt8Kernel().forward_quantized(xq, xs.view(1, 1), w, out_dtype=dtype)  # [1, (H + 2 KVH) D]
+    q = proj[:, : H * D].view(1, H, D)
+    k = proj[:, H * D: (H + KVH) * D].view(1, KVH, D)
+    v = proj[:, (H + KVH) * D:].view(1, KVH, D)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    want = fused.decode_attention(q, k, v, cos, sin, kc, vc, slot_t, mask)
+    got = fused.decode_qkv_attention(xq, xs, qkv, cos, sin, k_cache, v_cache, slot_t, mask)
+    torch.cuda.synchronize()
+    assert torch.equal(k_cache, kc) and torch.equal(v_cache, vc), seed  # the same key and value written
+    if exact:
+        assert torch.equal(got, want), seed
+    else:  # another cluster size: the partial softmax sums merge in another order
+        assert float((got.float() - want.float()).norm() / want.float().norm()) < 2e-3, seed
+
+
+@pytest.mark.gpu
+def test_qkv_inside_replays_in_a_graph_after_its_input(cuda_ext_ops):
+    # As in the model: the input norm writes xq right before the kernel, which launches as its programmatic
+    # dependent (weight tiles and the first cache rows copied before the wait); new inputs each replay.
+    from backends.cuda_ext.kernels import CudaExtInt8Kernel
+
+    gen, seed = fresh_generator()
+    H, KVH, D, K, S, slot = 20, 5, 128, 2560, 640, 600
+    w, xq, xs, cos, sin, k_cache, v_cache, slot_t, mask = qkv_case(H, KVH, D, K, S, slot, torch.bfloat16, gen)
+    qkv = fused.prepare_qkv_attention(w, H, KVH, D)
+    source = xq.clone()
+    kc0, vc0 = k_cache.clone(), v_cache.clone()
+
+    def step():
+        xq.copy_(source)
+        return fused.decode_qkv_attention(xq, xs, qkv, cos, sin, k_cache, v_cache, slot_t, mask, dependent_launch=True)
+
+    graph, out = capture(step)
+    for i in range(3):
+        source.copy_(torch.randint(-127, 128, source.shape, generator=gen).to(source.device, torch.int8))
+        k_cache.copy_(kc0)
+        v_cache.copy_(vc0)
+        graph.replay()
+        got = out.clone()
+        proj = CudaExtInt8Kernel().forward_quantized(source, xs.view(1, 1), w, out_dtype=torch.bfloat16)
+        kc, vc = kc0.clone(), vc0.clone()
+        want = fused.decode_attention(proj[:, : H * D].view(1, H, D), proj[:, H * D: (H + KVH) * D].view(1, KVH, D),
+                                      proj[:, (H + KVH) * D:].view(1, KVH, D), cos, sin, kc, vc, slot_t, mask)
+        torch.cuda.synchronize()
+        assert torch.equal(got, want), (i, seed)
+        assert torch.equal(k_cache, kc) and torch.equal(v_cache, vc), (i, seed)
+
+
+@pytest.mark.gpu
+def test_qkv_inside_names_bad_input(cuda_ext_ops):
+    gen, _ = fresh_generator()
+    w, xq, xs, cos, sin, k_cache, v_cache, slot_t, mask = qkv_case(8, 4, 64, 256, 32, 5, torch.bfloat16, gen)
+    qkv = fused.prepare_qkv_attention(w, 8, 4, 64)
+    rest = (cos, sin, k_cache, v_cache, slot_t, mask)
+    with pytest.raises(ValueError, match=r"xq must be one contiguous int8 row \[1, 256\]"):
+        fused.decode_qkv_attention(xq.float(), xs, qkv, *rest)
+    with pytest.raises(ValueError, match="x_scale must be one float32"):
+        fused.decode_qkv_attention(xq, xs.repeat(2), qkv, *rest)
+    with pytest.raises(ValueError, match=r"caches must be contiguous \[1, 4, S, 64\]"):
+        fused.decode_qkv_attention(xq, xs, qkv, cos, sin, k_cache[:, :2], v_cache[:, :2], slot_t, mask)
+    with pytest.raises(ValueError, match="q, k, v of 8 / 2 heads"):
+        fused.prepare_qkv_attention(w, 8, 2, 64)
+
+
+def test_qkv_inside_refuses_weights_it_cannot_take():
+    assert fused.qkv_why_not(object(), 20, 5, 128) == "the q/k/v projection is not prepared by the cuda_ext kernels"
+    with pytest.raises(ValueError, match="not prepared by the cuda_ext kernels"):
+        fused.prepare_qkv_attention(object(), 20, 5, 128)

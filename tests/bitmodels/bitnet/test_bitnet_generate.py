@@ -723,6 +723,93 @@ def test_norms_in_the_gemvs_on_cpu_say_why_not(monkeypatch):
     assert all(layer.norm_linears == {} for layer in model.model.layers)
 
 
+def test_qkv_in_attention_on_cpu_says_why_not(monkeypatch):
+    model = _model(seed=22)
+    monkeypatch.delenv("BITLAB_QKV_ATTENTION", raising=False)
+    gen = Generator(model, qkv_in_attention=True)
+    assert gen.qkv_attention.startswith("separate q/k/v projection ("), gen.qkv_attention
+    assert model.qkv_attention_kernel.startswith("separate q/k/v projection ("), model.qkv_attention_kernel
+    assert all(layer.qkv_attention is None for layer in model.model.layers)
+
+
+def test_layer_hands_q_k_v_to_the_attention_only_where_it_takes_it(monkeypatch):
+    """One token, quantizing norms, a binding that is wanted and an ops set with the kernel: the layer offers the
+    input norm's int8 rows to ``qkv_attention``; where that declines (None), the projection's path runs, so the
+    tokens are those of a plain generator."""
+    from bitcore.kernels import KernelRegistry
+    from bitmodels.bitnet.bindings import QuantizedActivation
+
+    monkeypatch.delenv("BITLAB_QKV_ATTENTION", raising=False)
+    model = _model(seed=23)
+    prompts = _prompts(23, (5,))
+    with KernelRegistry.force_backend("torch_ref"):  # kernels that take int8 input: the norms quantize
+        model.prepare_for_inference("cpu")
+    assert all(layer.quantized_inputs for layer in model.model.layers)
+    want = Generator(model, bind=False).generate(prompts, 6, stop_token_ids=[]).tokens
+
+    class Offered:
+        calls = []
+
+        def __init__(self, base):
+            self.base = base
+
+        def __getattr__(self, name):
+            return getattr(self.base, name)
+
+        def qkv_attention(self, x, qkv, *rest):
+            self.calls.append((type(x), tuple(x.q.shape), qkv))
+            return None
+
+    for layer in model.model.layers:
+        layer.qkv_attention, layer.use_qkv_attention = "bound", True
+    gen = Generator(model, bind=False)
+    gen.decode_ops = Offered(gen.decode_ops)
+    assert gen.generate(prompts, 6, stop_token_ids=[]).tokens == want
+    assert len(Offered.calls) == 5 * len(model.model.layers)  # each decode step, each layer
+    assert all(c == (QuantizedActivation, (1, 1, 48), "bound") for c in Offered.calls)
+    Offered.calls.clear()
+    gen.generate(_prompts(24, (5, 3)), 4, stop_token_ids=[])  # two rows: not offered
+    monkeypatch.setenv("BITLAB_QKV_ATTENTION", "off")
+    gen.generate(prompts, 4, stop_token_ids=[])  # switched off at run time
+    assert Offered.calls == []
+    monkeypatch.delenv("BITLAB_QKV_ATTENTION")
+    for layer in model.model.layers:
+        layer.use_qkv_attention = False
+    gen.generate(prompts, 4, stop_token_ids=[])  # bound but not wanted
+    assert Offered.calls == []
+    monkeypatch.setenv("BITLAB_QKV_ATTENTION", "on")
+    gen.generate(prompts, 3, stop_token_ids=[])  # turned on at run time
+    assert len(Offered.calls) == 2 * len(model.model.layers)
+
+
+@pytest.mark.gpu
+def test_q_k_v_inside_the_attention_kernel_gives_the_same_logits_and_tokens(cuda_device, monkeypatch):
+    """The q/k/v projection inside the attention kernel: the same bits as the projection's kernel then the attention
+    kernel (where both take the same cluster size), so the same logits and tokens, eager and replayed."""
+    from backends.cuda_ext import ops as cuda_ops
+
+    if not cuda_ops.availability():
+        pytest.skip("needs cuda_ext")
+    monkeypatch.delenv("BITLAB_QKV_ATTENTION", raising=False)
+    model = _model(seed=25, hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=2,
+                   vocab_size=1000, max_position_embeddings=512).to(cuda_device, torch.bfloat16)
+    prompts = [_prompts(25, (300,), vocab=1000)[0]]  # 5 chunks of 64 keys: the cluster size both kernels take
+    plain = Generator(model, cuda_graph=True)
+    assert plain.qkv_attention.endswith("off by default (BITLAB_QKV_ATTENTION=on turns it on)"), plain.qkv_attention
+    want = plain.generate(prompts, 10, stop_token_ids=[]).tokens
+    eager_want = Generator(model, cuda_graph=False, bind=False).generate(prompts, 10, stop_token_ids=[]).tokens
+    inside = Generator(model, cuda_graph=True, qkv_in_attention=True)
+    assert inside.qkv_attention.startswith("cuda_ext.decode_qkv_attention"), inside.qkv_attention
+    assert all(layer.qkv_attention is not None and layer.use_qkv_attention for layer in model.model.layers)
+    assert inside.generate(prompts, 10, stop_token_ids=[]).tokens == want
+    eager = Generator(model, cuda_graph=False, bind=False)
+    calls = []
+    real = eager.decode_ops.qkv_attention
+    eager.decode_ops.qkv_attention = lambda *a, **k: calls.append(1) or real(*a, **k)
+    assert eager.generate(prompts, 10, stop_token_ids=[]).tokens == eager_want
+    assert len(calls) == 9 * len(model.model.layers)
+
+
 @pytest.mark.gpu
 def test_norms_in_the_gemvs_give_the_same_logits_and_tokens(cuda_device, monkeypatch):
     """input_layernorm inside the q/k/v GEMV and attn_sub_norm inside the o GEMV: the same bits as the norm
