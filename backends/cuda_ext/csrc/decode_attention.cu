@@ -255,7 +255,6 @@ __global__ void __launch_bounds__(2 * D, 2) decode_attention_kernel(DecodeAttent
       for (int k = 0; k < C; ++k) cluster.map_shared_rank(qkv_rows, k)[i] = v;
     }
     cluster.sync();  // every block holds all (G + 2) D rows
-    BITLAB_STAMP(2);  // (QKV: the rows exchanged)
   }
 
   // 1. rotary (x * cos + rotate_half(x) * sin) of the queries and the new key; cache write.
