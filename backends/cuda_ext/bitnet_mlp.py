@@ -173,11 +173,9 @@ def why_not(gate_up, down, sub_weight: torch.Tensor) -> str:
     if sub_weight.dtype not in (torch.float16, torch.bfloat16):
         return f"model dtype {sub_weight.dtype}; the kernel takes float16 or bfloat16"
     device = gate_up.wq.device
-    if device.type != "cuda":
-        return f"weights on {device}, not CUDA"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 9:
-        return f"GPU compute capability {major}.{minor}: the kernel needs 9.0 (bulk copies into shared memory)"
+    why = ops.sm90_why_not(device, "weights", "bulk copies into shared memory")
+    if why:
+        return why
     with torch.cuda.device(device):
         if smem_bytes(1, hidden, intermediate, sub_weight.dtype) == 0:
             return (f"hidden {hidden} x intermediate {intermediate} needs more than 4 tiles of 16 rows per "

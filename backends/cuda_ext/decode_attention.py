@@ -64,12 +64,7 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> str:
         return f"head_dim {d} not in {HEAD_DIMS}"
     if heads % kv_heads or heads // kv_heads not in GROUPS:
         return f"{heads} query heads over {kv_heads} KV heads: the kernel takes groups of {GROUPS}"
-    if not q.is_cuda:
-        return f"queries on {q.device}, not CUDA"
-    major, minor = torch.cuda.get_device_capability(q.device)
-    if major < 9:
-        return f"GPU compute capability {major}.{minor}: the kernel needs 9.0 (thread-block clusters)"
-    return ""
+    return ops.sm90_why_not(q.device, "queries", "thread-block clusters")
 
 
 def check_inputs(q, k, v, cos, sin, k_cache, v_cache, slot, mask) -> None:
@@ -148,13 +143,7 @@ def qkv_why_not(prepared, heads: int, kv_heads: int, head_dim: int) -> str:
     if prepared.out_features != (heads + 2 * kv_heads) * head_dim:
         return (f"the fused projection has {prepared.out_features} rows; q, k, v of {heads} / {kv_heads} heads of "
                 f"{head_dim} need {(heads + 2 * kv_heads) * head_dim}")
-    device = prepared.wq.device
-    if device.type != "cuda":
-        return f"weights on {device}, not CUDA"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 9:
-        return f"GPU compute capability {major}.{minor}: the kernel needs 9.0 (thread-block clusters, bulk copies)"
-    return ""
+    return ops.sm90_why_not(prepared.wq.device, "weights", "thread-block clusters, bulk copies")
 
 
 def prepare_qkv_attention(prepared, heads: int, kv_heads: int, head_dim: int) -> FusedQkv:

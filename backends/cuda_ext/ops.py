@@ -66,6 +66,17 @@ def cheap_availability() -> Availability:
     return Availability.yes(f"{torch.cuda.get_device_name()} (sm_{major}{minor})")
 
 
+def sm90_why_not(device: torch.device, holder: str, needs: str) -> str:
+    """``""`` where ``device`` is a CUDA GPU of compute capability 9.0 or later; else why not (``holder``: what
+    lies on ``device``; ``needs``: the sm_90 features the kernel uses)."""
+    if device.type != "cuda":
+        return f"{holder} on {device}, not CUDA"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        return f"GPU compute capability {major}.{minor}: the kernel needs 9.0 ({needs})"
+    return ""
+
+
 def load():
     """Load (compiling on first use) the extension and register the op's fake implementation."""
     global _fake_registered

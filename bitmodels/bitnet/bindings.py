@@ -228,6 +228,18 @@ def bind_group(
     return bound
 
 
+def cuda_ext_int8_why_not(binding: PreparedLinear, label: str, bias_allowed: bool = False) -> str:
+    """``""`` where ``binding`` runs on cuda_ext on int8 per-token input (and has no bias, unless
+    ``bias_allowed``): what the fused kernels below take; else why not, naming ``label``."""
+    if binding.kernel.backend != "cuda_ext":
+        return f"{label} runs on {binding.kernel.name}, not cuda_ext"
+    if not binding.takes_quantized:
+        return f"{label} does not take int8 per-token input"
+    if binding.bias is not None and not bias_allowed:
+        return f"{label} has a bias"
+    return ""
+
+
 def bind_fused_mlp(bound: Dict[str, PreparedLinear], sub_norm_weight: torch.Tensor, eps: float,
                    norm_weight: Optional[torch.Tensor] = None):
     """BitNet's MLP (gate/up, squared-ReLU gate, sub-norm + quantization, down) as one cuda_ext kernel over
@@ -265,15 +277,10 @@ def bind_norm_linears(bound: Dict[str, PreparedLinear], norms: Dict[str, torch.T
         if binding is None:
             why.append(f"{name} is not bound as one projection")
             continue
-        if binding.kernel.backend != "cuda_ext":
-            why.append(f"{name} runs on {binding.kernel.name}, not cuda_ext")
-            continue
-        if not binding.takes_quantized:
-            why.append(f"{name} does not take int8 per-token input")
-            continue
         from backends.cuda_ext import norm_linear
 
-        reason = norm_linear.why_not(binding.prepared, weight)
+        reason = (cuda_ext_int8_why_not(binding, name, bias_allowed=True)
+                  or norm_linear.why_not(binding.prepared, weight))
         if reason:
             why.append(f"{name}: {reason}")
             continue
@@ -286,12 +293,9 @@ def bind_norm_tail(binding: Optional[PreparedLinear], norm_weight: torch.Tensor,
     (:class:`backends.cuda_ext.norm_tail.NormTailLinear`), else ``(None, why not)``."""
     if binding is None:
         return None, "o_proj is not bound"
-    if binding.kernel.backend != "cuda_ext":
-        return None, f"o_proj runs on {binding.kernel.name}, not cuda_ext"
-    if not binding.takes_quantized:
-        return None, "o_proj does not take int8 per-token input"
-    if binding.bias is not None:
-        return None, "o_proj has a bias"
+    why = cuda_ext_int8_why_not(binding, "o_proj")
+    if why:
+        return None, why
     if binding.out_dtype != norm_weight.dtype:
         return None, f"o_proj outputs {binding.out_dtype}, the norm's weight is {norm_weight.dtype}"
     from backends.cuda_ext import norm_tail
@@ -308,16 +312,11 @@ def bind_qkv_attention(bound: Dict[str, PreparedLinear], config) -> Tuple[Any, s
     binding = bound.get("qkv")
     if binding is None:
         return None, "q, k and v are not bound as one fused projection"
-    if binding.kernel.backend != "cuda_ext":
-        return None, f"the q/k/v projection runs on {binding.kernel.name}, not cuda_ext"
-    if not binding.takes_quantized:
-        return None, "the q/k/v projection does not take int8 per-token input"
-    if binding.bias is not None:
-        return None, "the q/k/v projection has a bias"
     from backends.cuda_ext import decode_attention
 
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    why = decode_attention.qkv_why_not(binding.prepared, heads, kv_heads, head_dim)
+    why = (cuda_ext_int8_why_not(binding, "the q/k/v projection")
+           or decode_attention.qkv_why_not(binding.prepared, heads, kv_heads, head_dim))
     if why:
         return None, why
     return decode_attention.prepare_qkv_attention(binding.prepared, heads, kv_heads, head_dim), ""

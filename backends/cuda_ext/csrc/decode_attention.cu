@@ -44,6 +44,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <type_traits>
 
 #include "bitlab_cp_async.cuh"
 #include "bitlab_gemv_bulk.cuh"
@@ -542,15 +543,23 @@ cudaError_t launch_decode_attention_g(const DecodeAttentionArgs& a, cudaStream_t
   return launch_decode_attention_tpk<T, D, G, 2>(a, attention_cluster_size(rows, chunks, kMaxPortableCluster), stream);
 }
 
+// f(std::integral_constant<int, G>{}) for the group sizes G = H / KVH the kernels are instantiated for, else
+// `unserved`: the one dispatch over G of the attention launch and the QKV kernel's layout and launch.
+template <typename R, typename F>
+R with_group_size(int G, R unserved, F&& f) {
+  switch (G) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    default: return unserved;
+  }
+}
+
 template <typename T, int D>
 cudaError_t launch_decode_attention_d(const DecodeAttentionArgs& a, cudaStream_t stream) {
-  switch (a.H / a.KVH) {
-    case 1: return launch_decode_attention_g<T, D, 1>(a, stream);
-    case 2: return launch_decode_attention_g<T, D, 2>(a, stream);
-    case 4: return launch_decode_attention_g<T, D, 4>(a, stream);
-    case 8: return launch_decode_attention_g<T, D, 8>(a, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_group_size(a.H / a.KVH, cudaErrorInvalidValue,
+                         [&](auto g) { return launch_decode_attention_g<T, D, decltype(g)::value>(a, stream); });
 }
 
 // The QKV kernel's layout for one row: the attention kernel's chunk layout and cluster size
@@ -621,13 +630,7 @@ cudaError_t launch_decode_qkv_attention_g(const DecodeAttentionArgs& args, cudaS
 // its cluster size (0: not served) or its launch.
 template <typename T, int D>
 int qkv_cluster_d(int G, int KVH, int K, int S) {
-  switch (G) {
-    case 1: return qkv_layout<T, D, 1>(KVH, K, S).C;
-    case 2: return qkv_layout<T, D, 2>(KVH, K, S).C;
-    case 4: return qkv_layout<T, D, 4>(KVH, K, S).C;
-    case 8: return qkv_layout<T, D, 8>(KVH, K, S).C;
-    default: return 0;
-  }
+  return with_group_size(G, 0, [&](auto g) { return qkv_layout<T, D, decltype(g)::value>(KVH, K, S).C; });
 }
 template <typename T>
 int qkv_cluster_t(int D, int G, int KVH, int K, int S) {
@@ -635,13 +638,8 @@ int qkv_cluster_t(int D, int G, int KVH, int K, int S) {
 }
 template <typename T, int D>
 cudaError_t launch_qkv_d(const DecodeAttentionArgs& a, cudaStream_t stream) {
-  switch (a.H / a.KVH) {
-    case 1: return launch_decode_qkv_attention_g<T, D, 1>(a, stream);
-    case 2: return launch_decode_qkv_attention_g<T, D, 2>(a, stream);
-    case 4: return launch_decode_qkv_attention_g<T, D, 4>(a, stream);
-    case 8: return launch_decode_qkv_attention_g<T, D, 8>(a, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_group_size(a.H / a.KVH, cudaErrorInvalidValue,
+                         [&](auto g) { return launch_decode_qkv_attention_g<T, D, decltype(g)::value>(a, stream); });
 }
 template <typename T>
 cudaError_t launch_qkv_t(const DecodeAttentionArgs& a, cudaStream_t stream) {
